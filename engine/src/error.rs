@@ -1,0 +1,170 @@
+//! Typed errors. Every variant says what failed, where (path, offset), and what to do.
+
+use std::path::PathBuf;
+
+/// Result alias of the engine.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Every failure the engine reports.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An operating-system call failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// The operation (`create`, `fdatasync`, ...).
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// An earlier fsync/fdatasync (or write) failed; the kernel may have dropped dirty pages,
+    /// so nothing written since the last good sync can be trusted. Reopen the store.
+    #[error("store is poisoned by an earlier I/O failure ({cause}); reopen it to recover")]
+    Poisoned {
+        /// The failure that poisoned the store.
+        cause: String,
+    },
+
+    /// Another process holds the writer lock.
+    #[error("store {path} is locked by another writer (pid {pid}); open it read-only or stop that process")]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+        /// The pid written by the holder, if readable.
+        pid: String,
+    },
+
+    /// The store was opened read-only and a write was attempted.
+    #[error("store {path} is open read-only")]
+    ReadOnly {
+        /// The store directory.
+        path: PathBuf,
+    },
+
+    /// A file was written by a newer version of ckptstore.
+    #[error("{path}: format version {found} is newer than this build supports ({supported}); upgrade ckptstore")]
+    UnsupportedVersion {
+        /// The file.
+        path: PathBuf,
+        /// Version found on disk.
+        found: u32,
+        /// Highest version this build reads.
+        supported: u32,
+    },
+
+    /// A file does not start with the expected magic bytes.
+    #[error("{path}: not a ckptstore {what} file (bad magic or header checksum)")]
+    BadHeader {
+        /// The file.
+        path: PathBuf,
+        /// What kind of file was expected.
+        what: &'static str,
+    },
+
+    /// A WAL record before the tail is corrupt: committed data may be lost.
+    #[error("{path}: corrupt WAL record at offset {offset} ({reason}), with valid records after it; \
+             refusing to open (use RecoveryMode::PointInTime / `ckptstore recover --salvage` to keep \
+             only what precedes it)")]
+    WalCorrupt {
+        /// The WAL file.
+        path: PathBuf,
+        /// Byte offset of the bad record.
+        offset: u64,
+        /// Why the record was rejected.
+        reason: String,
+    },
+
+    /// The WAL ends in a torn record and the recovery mode forbids truncating it.
+    #[error("{path}: torn WAL tail at offset {offset} ({reason}); RecoveryMode::AbsoluteConsistency refuses to truncate it")]
+    WalTornTail {
+        /// The WAL file.
+        path: PathBuf,
+        /// Byte offset of the torn record.
+        offset: u64,
+        /// Why the record was rejected.
+        reason: String,
+    },
+
+    /// `CURRENT` is missing although WAL files with committed records exist.
+    #[error("{path}: CURRENT is missing but WAL files hold committed records; refusing to guess (restore CURRENT or copy the store elsewhere)")]
+    CurrentMissing {
+        /// The store directory.
+        path: PathBuf,
+    },
+
+    /// `CURRENT` names a WAL file that does not exist.
+    #[error("{path}: CURRENT points to {target}, which does not exist")]
+    CurrentDangling {
+        /// The CURRENT file.
+        path: PathBuf,
+        /// The missing WAL file.
+        target: String,
+    },
+
+    /// A committed checkpoint references a segment that is missing or too short.
+    #[error("segment {path} is {problem} (checkpoint {checkpoint} needs {needed} bytes)")]
+    SegmentMissing {
+        /// The segment file.
+        path: PathBuf,
+        /// `missing` or `truncated to N bytes`.
+        problem: String,
+        /// A checkpoint that references it.
+        checkpoint: u64,
+        /// Bytes the committed records say it holds.
+        needed: u64,
+    },
+
+    /// A decoded manifest or record breaks an invariant.
+    #[error("{context}: invalid manifest: {reason}")]
+    BadManifest {
+        /// Where it was read from.
+        context: String,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// A chunk's bytes do not hash to the BLAKE3 recorded for them.
+    #[error("checkpoint {checkpoint} {kind} {name:?} chunk {chunk} (segment {segment}, offset {offset}): {reason}")]
+    ChunkCorrupt {
+        /// Checkpoint id.
+        checkpoint: u64,
+        /// `tensor` or `blob`.
+        kind: &'static str,
+        /// Tensor or blob name.
+        name: String,
+        /// Chunk index within it.
+        chunk: usize,
+        /// Segment id.
+        segment: u64,
+        /// Payload offset.
+        offset: u64,
+        /// `BLAKE3 mismatch` or the read error.
+        reason: String,
+    },
+
+    /// Bad input from the caller.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// No checkpoint matches the request.
+    #[error("no checkpoint {0}")]
+    NotFound(String),
+}
+
+impl Error {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn invalid(msg: impl Into<String>) -> Self {
+        Error::InvalidArgument(msg.into())
+    }
+}

@@ -1,0 +1,273 @@
+//! `MemIo`: a small in-memory file system for unit tests, with injectable faults (a failing
+//! sync, a read-only file system). It keeps no crash images: the power-loss simulator is a
+//! separate, fuller backend.
+
+use super::{Storage, StorageFile};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+
+type Data = Arc<Mutex<Vec<u8>>>;
+
+#[derive(Debug, Default)]
+struct Tree {
+    files: BTreeMap<PathBuf, Data>,
+    dirs: BTreeSet<PathBuf>,
+    locks: BTreeSet<PathBuf>,
+}
+
+/// Faults a test can arm on a [`MemIo`].
+#[derive(Debug, Default)]
+pub struct MemFaults {
+    /// Counts down on every `sync_data`/`sync_all`/`sync_dir`; the call that takes it from 1
+    /// to 0 fails with EIO (and so does every later one while it stays at 0 after being armed).
+    pub fail_sync_countdown: AtomicI64,
+    /// When set, every call that would modify the tree or a file fails with EROFS.
+    pub read_only: AtomicBool,
+}
+
+/// In-memory file system. Clones share the same tree.
+#[derive(Debug, Default, Clone)]
+pub struct MemIo {
+    tree: Arc<Mutex<Tree>>,
+    /// Armed faults, shared by all clones and open files.
+    pub faults: Arc<MemFaults>,
+}
+
+struct MemFile {
+    data: Data,
+    writable: bool,
+    faults: Arc<MemFaults>,
+    lock: Option<(Arc<Mutex<Tree>>, PathBuf)>,
+}
+
+fn not_found(p: &Path) -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, format!("{} not found", p.display()))
+}
+
+fn check_sync(faults: &MemFaults) -> io::Result<()> {
+    let armed = faults.fail_sync_countdown.load(Ordering::SeqCst);
+    if armed > 0 {
+        let left = faults.fail_sync_countdown.fetch_sub(1, Ordering::SeqCst) - 1;
+        if left == 0 {
+            // Stay armed (at a negative marker) so every later sync fails too.
+            faults.fail_sync_countdown.store(-1, Ordering::SeqCst);
+            return Err(io::Error::other("injected EIO on sync"));
+        }
+    } else if armed < 0 {
+        return Err(io::Error::other("injected EIO on sync"));
+    }
+    Ok(())
+}
+
+fn check_writable(faults: &MemFaults) -> io::Result<()> {
+    if faults.read_only.load(Ordering::SeqCst) {
+        return Err(io::Error::from_raw_os_error(30)); // EROFS
+    }
+    Ok(())
+}
+
+impl MemIo {
+    /// A new empty file system.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A copy of a file's bytes, for tests that inspect or corrupt the image.
+    pub fn read_file(&self, path: &Path) -> Option<Vec<u8>> {
+        let tree = self.tree.lock().unwrap();
+        tree.files.get(path).map(|d| d.lock().unwrap().clone())
+    }
+
+    /// Replaces a file's bytes (creating it), for tests that corrupt the image.
+    pub fn write_file(&self, path: &Path, bytes: Vec<u8>) {
+        let mut tree = self.tree.lock().unwrap();
+        tree.files
+            .insert(path.to_path_buf(), Arc::new(Mutex::new(bytes)));
+    }
+
+    fn parent_exists(tree: &Tree, path: &Path) -> io::Result<()> {
+        match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() && !tree.dirs.contains(p) => Err(not_found(p)),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Storage for MemIo {
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        let mut tree = self.tree.lock().unwrap();
+        let mut missing = Vec::new();
+        for anc in path.ancestors() {
+            if anc.as_os_str().is_empty() || tree.dirs.contains(anc) {
+                break;
+            }
+            missing.push(anc.to_path_buf());
+        }
+        if !missing.is_empty() {
+            check_writable(&self.faults)?;
+        }
+        tree.dirs.extend(missing);
+        Ok(())
+    }
+
+    fn create_new(&self, path: &Path) -> io::Result<Box<dyn StorageFile>> {
+        check_writable(&self.faults)?;
+        let mut tree = self.tree.lock().unwrap();
+        Self::parent_exists(&tree, path)?;
+        if tree.files.contains_key(path) || tree.dirs.contains(path) {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "exists"));
+        }
+        let data = Data::default();
+        tree.files.insert(path.to_path_buf(), data.clone());
+        Ok(Box::new(MemFile {
+            data,
+            writable: true,
+            faults: self.faults.clone(),
+            lock: None,
+        }))
+    }
+
+    fn open(&self, path: &Path, write: bool) -> io::Result<Box<dyn StorageFile>> {
+        let tree = self.tree.lock().unwrap();
+        let data = tree.files.get(path).ok_or_else(|| not_found(path))?.clone();
+        Ok(Box::new(MemFile {
+            data,
+            writable: write,
+            faults: self.faults.clone(),
+            lock: None,
+        }))
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        check_writable(&self.faults)?;
+        let mut tree = self.tree.lock().unwrap();
+        Self::parent_exists(&tree, to)?;
+        let data = tree.files.remove(from).ok_or_else(|| not_found(from))?;
+        tree.files.insert(to.to_path_buf(), data);
+        Ok(())
+    }
+
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        check_writable(&self.faults)?;
+        let mut tree = self.tree.lock().unwrap();
+        tree.files.remove(path).map(|_| ()).ok_or_else(|| not_found(path))
+    }
+
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        if !self.tree.lock().unwrap().dirs.contains(path) {
+            return Err(not_found(path));
+        }
+        check_sync(&self.faults)
+    }
+
+    fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        let tree = self.tree.lock().unwrap();
+        if !tree.dirs.contains(dir) {
+            return Err(not_found(dir));
+        }
+        let children = tree.files.keys().chain(tree.dirs.iter());
+        Ok(children
+            .filter(|p| p.parent() == Some(dir))
+            .filter_map(|p| p.file_name()?.to_str().map(str::to_owned))
+            .collect())
+    }
+
+    fn exists(&self, path: &Path) -> io::Result<bool> {
+        let tree = self.tree.lock().unwrap();
+        Ok(tree.files.contains_key(path) || tree.dirs.contains(path))
+    }
+
+    fn try_lock(&self, path: &Path) -> io::Result<Option<Box<dyn StorageFile>>> {
+        let mut tree = self.tree.lock().unwrap();
+        if tree.locks.contains(path) {
+            return Ok(None);
+        }
+        let data = match tree.files.get(path) {
+            Some(d) => d.clone(),
+            None => {
+                check_writable(&self.faults)?;
+                Self::parent_exists(&tree, path)?;
+                let d = Data::default();
+                tree.files.insert(path.to_path_buf(), d.clone());
+                d
+            }
+        };
+        tree.locks.insert(path.to_path_buf());
+        Ok(Some(Box::new(MemFile {
+            data,
+            writable: true,
+            faults: self.faults.clone(),
+            lock: Some((self.tree.clone(), path.to_path_buf())),
+        })))
+    }
+}
+
+impl Drop for MemFile {
+    fn drop(&mut self) {
+        if let Some((tree, path)) = self.lock.take() {
+            tree.lock().unwrap().locks.remove(&path);
+        }
+    }
+}
+
+impl MemFile {
+    fn check_write(&self) -> io::Result<()> {
+        if !self.writable {
+            return Err(io::Error::from_raw_os_error(9)); // EBADF
+        }
+        check_writable(&self.faults)
+    }
+}
+
+impl StorageFile for MemFile {
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.check_write()?;
+        let mut d = self.data.lock().unwrap();
+        let end = offset as usize + buf.len();
+        if d.len() < end {
+            d.resize(end, 0);
+        }
+        d[offset as usize..end].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let d = self.data.lock().unwrap();
+        let start = offset as usize;
+        if start.checked_add(buf.len()).is_none_or(|end| end > d.len()) {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
+        buf.copy_from_slice(&d[start..start + buf.len()]);
+        Ok(())
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        check_sync(&self.faults)
+    }
+
+    fn sync_all(&self) -> io::Result<()> {
+        check_sync(&self.faults)
+    }
+
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        self.check_write()?;
+        let mut d = self.data.lock().unwrap();
+        if (d.len() as u64) < len {
+            d.resize(len as usize, 0);
+        }
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.data.lock().unwrap().len() as u64)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.check_write()?;
+        self.data.lock().unwrap().resize(len as usize, 0);
+        Ok(())
+    }
+}

@@ -1,0 +1,24 @@
+//! ckptstore-engine: a crash-consistent checkpoint store for ML training.
+//!
+//! Layers, each calling only the one below: [`io`] (the only code that touches the file
+//! system), [`segment`] and [`wal`] (on-disk framing), [`manifest`] (the data model), and
+//! [`store`] (transactions, the commit protocol, recovery). The byte-level format is in
+//! `docs/FORMAT.md`, the durability contract in `docs/GUARANTEES.md`.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod current;
+pub mod error;
+pub mod io;
+pub mod manifest;
+pub mod segment;
+pub mod store;
+pub mod wal;
+
+pub use ckptstore_proto as proto;
+pub use error::{Error, Result};
+pub use manifest::{DType, MetaValue};
+pub use store::{
+    CheckpointInfo, CheckpointReader, CommitInfo, DeleteInfo, Options, RecoveryMode, RecoveryReport,
+    Selector, Store, StoreStats, Tensor, Transaction,
+};

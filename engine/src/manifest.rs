@@ -1,0 +1,316 @@
+//! The checkpoint data model (dtype, metadata values, tensors) and the checks every manifest
+//! passes before the store trusts it, whether it was just built or decoded from the WAL.
+
+use crate::error::{Error, Result};
+use ckptstore_proto::v1 as pb;
+use std::collections::HashSet;
+
+pub use pb::Manifest;
+
+/// Largest stored chunk a manifest may name; larger lengths are corruption, never allocations.
+pub const MAX_CHUNK_LEN: u64 = 1 << 30;
+
+/// Element type of a tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DType {
+    /// IEEE binary64.
+    F64,
+    /// IEEE binary32.
+    F32,
+    /// IEEE binary16.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// float8 e4m3.
+    F8E4M3,
+    /// float8 e5m2.
+    F8E5M2,
+    /// Signed 64-bit integer.
+    I64,
+    /// Signed 32-bit integer.
+    I32,
+    /// Signed 16-bit integer.
+    I16,
+    /// Signed 8-bit integer.
+    I8,
+    /// Unsigned 8-bit integer.
+    U8,
+    /// Boolean, one byte each.
+    Bool,
+}
+
+const ALL: [DType; 12] = [
+    DType::F64,
+    DType::F32,
+    DType::F16,
+    DType::BF16,
+    DType::F8E4M3,
+    DType::F8E5M2,
+    DType::I64,
+    DType::I32,
+    DType::I16,
+    DType::I8,
+    DType::U8,
+    DType::Bool,
+];
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F64 | DType::I64 => 8,
+            DType::F32 | DType::I32 => 4,
+            DType::F16 | DType::BF16 | DType::I16 => 2,
+            DType::F8E4M3 | DType::F8E5M2 | DType::I8 | DType::U8 | DType::Bool => 1,
+        }
+    }
+
+    /// Lower-case name (`f32`, `bf16`, ...), as the CLI prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F64 => "f64",
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::F8E4M3 => "f8e4m3",
+            DType::F8E5M2 => "f8e5m2",
+            DType::I64 => "i64",
+            DType::I32 => "i32",
+            DType::I16 => "i16",
+            DType::I8 => "i8",
+            DType::U8 => "u8",
+            DType::Bool => "bool",
+        }
+    }
+
+    /// Parses a name printed by [`DType::name`].
+    pub fn from_name(s: &str) -> Option<Self> {
+        ALL.into_iter().find(|d| d.name() == s)
+    }
+
+    pub(crate) fn to_pb(self) -> pb::DType {
+        match self {
+            DType::F64 => pb::DType::F64,
+            DType::F32 => pb::DType::F32,
+            DType::F16 => pb::DType::F16,
+            DType::BF16 => pb::DType::Bf16,
+            DType::F8E4M3 => pb::DType::F8e4m3,
+            DType::F8E5M2 => pb::DType::F8e5m2,
+            DType::I64 => pb::DType::I64,
+            DType::I32 => pb::DType::I32,
+            DType::I16 => pb::DType::I16,
+            DType::I8 => pb::DType::I8,
+            DType::U8 => pb::DType::U8,
+            DType::Bool => pb::DType::Bool,
+        }
+    }
+
+    pub(crate) fn from_pb(v: i32) -> Option<Self> {
+        ALL.into_iter().find(|d| d.to_pb() as i32 == v)
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A user metadata value (learning rate, RNG state, data-loader position, ...).
+#[derive(Debug, Clone, PartialEq)]
+pub enum MetaValue {
+    /// Raw bytes.
+    Bytes(Vec<u8>),
+    /// UTF-8 text.
+    Str(String),
+    /// Integer.
+    Int(i64),
+    /// Floating point.
+    Float(f64),
+}
+
+impl MetaValue {
+    pub(crate) fn to_pb(&self) -> pb::MetaValue {
+        use pb::meta_value::Kind;
+        let kind = match self {
+            MetaValue::Bytes(b) => Kind::BytesValue(b.clone()),
+            MetaValue::Str(s) => Kind::StrValue(s.clone()),
+            MetaValue::Int(i) => Kind::IntValue(*i),
+            MetaValue::Float(f) => Kind::FloatValue(*f),
+        };
+        pb::MetaValue { kind: Some(kind) }
+    }
+
+    pub(crate) fn from_pb(v: &pb::MetaValue) -> Option<Self> {
+        use pb::meta_value::Kind;
+        Some(match v.kind.as_ref()? {
+            Kind::BytesValue(b) => MetaValue::Bytes(b.clone()),
+            Kind::StrValue(s) => MetaValue::Str(s.clone()),
+            Kind::IntValue(i) => MetaValue::Int(*i),
+            Kind::FloatValue(f) => MetaValue::Float(*f),
+        })
+    }
+}
+
+impl From<f64> for MetaValue {
+    fn from(v: f64) -> Self {
+        MetaValue::Float(v)
+    }
+}
+impl From<i64> for MetaValue {
+    fn from(v: i64) -> Self {
+        MetaValue::Int(v)
+    }
+}
+impl From<&str> for MetaValue {
+    fn from(v: &str) -> Self {
+        MetaValue::Str(v.to_owned())
+    }
+}
+impl From<String> for MetaValue {
+    fn from(v: String) -> Self {
+        MetaValue::Str(v)
+    }
+}
+impl From<Vec<u8>> for MetaValue {
+    fn from(v: Vec<u8>) -> Self {
+        MetaValue::Bytes(v)
+    }
+}
+
+/// Byte length of a tensor of `dtype` and `shape`, or `None` on overflow.
+pub fn tensor_nbytes(dtype: DType, shape: &[u64]) -> Option<u64> {
+    shape
+        .iter()
+        .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d))
+}
+
+fn bad(context: &str, reason: impl Into<String>) -> Error {
+    Error::BadManifest {
+        context: context.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn check_chunks(context: &str, name: &str, nbytes: u64, chunks: &[pb::ChunkRef]) -> Result<()> {
+    let mut sum = 0u64;
+    for (i, c) in chunks.iter().enumerate() {
+        if c.blake3.len() != 32 {
+            return Err(bad(context, format!("{name:?} chunk {i}: BLAKE3 is not 32 bytes")));
+        }
+        if c.codec != pb::Codec::None as i32 || c.stored_len != c.raw_len {
+            return Err(bad(context, format!("{name:?} chunk {i}: unknown codec {}", c.codec)));
+        }
+        if c.stored_len == 0 || c.stored_len > MAX_CHUNK_LEN {
+            return Err(bad(
+                context,
+                format!("{name:?} chunk {i}: length {} outside 1..={MAX_CHUNK_LEN}", c.stored_len),
+            ));
+        }
+        if c.offset.checked_add(c.stored_len).is_none() {
+            return Err(bad(context, format!("{name:?} chunk {i}: offset overflows")));
+        }
+        sum = sum
+            .checked_add(c.raw_len)
+            .ok_or_else(|| bad(context, "chunk lengths overflow"))?;
+    }
+    if sum != nbytes {
+        return Err(bad(
+            context,
+            format!("{name:?}: chunks hold {sum} bytes, entry says {nbytes}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the invariants of a manifest: known dtypes, byte lengths matching dtype × shape and
+/// the chunks, bounded chunk lengths, unique names, sorted unique metadata keys.
+pub fn validate(m: &Manifest, context: &str) -> Result<()> {
+    let mut names = HashSet::new();
+    for t in &m.tensors {
+        let dtype = DType::from_pb(t.dtype)
+            .ok_or_else(|| bad(context, format!("tensor {:?}: unknown dtype {}", t.name, t.dtype)))?;
+        if !names.insert(t.name.as_str()) {
+            return Err(bad(context, format!("duplicate tensor {:?}", t.name)));
+        }
+        if tensor_nbytes(dtype, &t.shape) != Some(t.nbytes) {
+            return Err(bad(
+                context,
+                format!("tensor {:?}: {} bytes do not match {dtype} × {:?}", t.name, t.nbytes, t.shape),
+            ));
+        }
+        check_chunks(context, &t.name, t.nbytes, &t.chunks)?;
+    }
+    names.clear();
+    for b in &m.blobs {
+        if !names.insert(b.name.as_str()) {
+            return Err(bad(context, format!("duplicate blob {:?}", b.name)));
+        }
+        check_chunks(context, &b.name, b.nbytes, &b.chunks)?;
+    }
+    for w in m.metadata.windows(2) {
+        if w[0].key >= w[1].key {
+            return Err(bad(context, "metadata keys not sorted and unique"));
+        }
+    }
+    if m.metadata.iter().any(|e| e.value.as_ref().and_then(MetaValue::from_pb).is_none()) {
+        return Err(bad(context, "metadata value without a kind"));
+    }
+    Ok(())
+}
+
+/// Sum of the raw bytes of all tensors and blobs.
+pub fn logical_bytes(m: &Manifest) -> u64 {
+    m.tensors.iter().map(|t| t.nbytes).sum::<u64>() + m.blobs.iter().map(|b| b.nbytes).sum::<u64>()
+}
+
+/// Every chunk of a manifest, tensors first, then blobs.
+pub fn all_chunks(m: &Manifest) -> impl Iterator<Item = &pb::ChunkRef> {
+    m.tensors
+        .iter()
+        .flat_map(|t| t.chunks.iter())
+        .chain(m.blobs.iter().flat_map(|b| b.chunks.iter()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dtype_names_round_trip() {
+        for d in ALL {
+            assert_eq!(DType::from_name(d.name()), Some(d));
+            assert_eq!(DType::from_pb(d.to_pb() as i32), Some(d));
+        }
+        assert_eq!(DType::from_pb(0), None);
+    }
+
+    #[test]
+    fn nbytes_overflow_is_none() {
+        assert_eq!(tensor_nbytes(DType::F32, &[2, 3]), Some(24));
+        assert_eq!(tensor_nbytes(DType::F32, &[]), Some(4));
+        assert_eq!(tensor_nbytes(DType::F64, &[1 << 62, 4]), None);
+    }
+
+    #[test]
+    fn validate_rejects_huge_chunk_length() {
+        let m = Manifest {
+            blobs: vec![pb::BlobEntry {
+                name: "b".into(),
+                nbytes: 1 << 60,
+                chunks: vec![pb::ChunkRef {
+                    segment: 1,
+                    offset: 4096,
+                    stored_len: 1 << 60,
+                    raw_len: 1 << 60,
+                    codec: 0,
+                    blake3: vec![0; 32],
+                }],
+            }],
+            ..Default::default()
+        };
+        let e = validate(&m, "test").unwrap_err().to_string();
+        assert!(e.contains("outside"), "{e}");
+    }
+}

@@ -1,0 +1,281 @@
+//! Segment files: append-only containers of chunk frames, never rewritten once referenced.
+//!
+//! A segment starts with a 4096-byte header block (so data starts aligned for O_DIRECT):
+//! `magic "CKPTSEG\0" | version u16 | flags u16 = 0 | data_offset u32 = 4096 | segment_id u64 |
+//! reserved u32 = 0 | crc32c(bytes 0..28) u32 | zeros to 4096`.
+//!
+//! Frames follow at 64-byte aligned offsets. A frame holds a run of chunks whose payloads are
+//! contiguous, so a tensor written in one run can be read as one contiguous byte range:
+//! ```text
+//! 0  magic "CKFR"        4  version u8 = 1   5  codec u8   6  reserved u16 = 0
+//! 8  chunk_count u32     12 header_len u32 (64 + 48 × count, rounded up to 64)
+//! 16 payload_len u64     24 segment_id u64   32 reserved [u8; 28] = 0
+//! 60 crc32c(bytes 0..60 ‖ chunk table) u32
+//! 64 chunk table: count × { blake3 [u8; 32] | stored_len u64 | raw_len u64 }
+//! .. zero padding to header_len, then payload_len bytes of payload, then zeros to 64-alignment
+//! ```
+//! The manifest, not the frame, is what a reader trusts: it names each chunk's segment, offset,
+//! length and BLAKE3. Frames make a segment self-describing for scrubbing, salvage and fuzzing.
+
+/// Bytes reserved for the segment header; the first frame starts here.
+pub const SEGMENT_DATA_OFFSET: u64 = 4096;
+/// Alignment of every frame start (and so of every first payload byte).
+pub const FRAME_ALIGN: u64 = 64;
+/// Fixed part of a frame header.
+pub const FRAME_FIXED_LEN: usize = 64;
+/// One chunk-table entry.
+pub const CHUNK_ENTRY_LEN: usize = 48;
+/// Highest segment format version this build reads and the one it writes.
+pub const SEGMENT_VERSION: u16 = 1;
+const SEG_MAGIC: &[u8; 8] = b"CKPTSEG\0";
+const FRAME_MAGIC: &[u8; 4] = b"CKFR";
+const FRAME_VERSION: u8 = 1;
+
+/// Rounds `x` up to a multiple of [`FRAME_ALIGN`].
+pub fn align_up(x: u64) -> u64 {
+    x.div_ceil(FRAME_ALIGN) * FRAME_ALIGN
+}
+
+/// File name of segment `id`: `NNNNNNNN.seg` (8+ decimal digits).
+pub fn file_name(id: u64) -> String {
+    format!("{id:08}.seg")
+}
+
+/// Parses a segment file name back to its id; foreign names give `None`.
+pub fn parse_file_name(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(".seg")?;
+    if digits.len() < 8 || !digits.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Encodes the header block of segment `id`.
+pub fn encode_header(id: u64) -> Vec<u8> {
+    let mut b = vec![0u8; SEGMENT_DATA_OFFSET as usize];
+    b[0..8].copy_from_slice(SEG_MAGIC);
+    b[8..10].copy_from_slice(&SEGMENT_VERSION.to_le_bytes());
+    b[12..16].copy_from_slice(&(SEGMENT_DATA_OFFSET as u32).to_le_bytes());
+    b[16..24].copy_from_slice(&id.to_le_bytes());
+    let crc = crc32c::crc32c(&b[0..28]);
+    b[28..32].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// Why a segment header or frame did not decode.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Bad magic, checksum, or an impossible field.
+    Corrupt(&'static str),
+    /// Written by a newer version.
+    NewerVersion(u16),
+}
+
+/// Decodes a segment header, returning the segment id.
+pub fn decode_header(b: &[u8]) -> Result<u64, DecodeError> {
+    if b.len() < 32 || &b[0..8] != SEG_MAGIC {
+        return Err(DecodeError::Corrupt("bad segment magic"));
+    }
+    if u32::from_le_bytes(b[28..32].try_into().unwrap()) != crc32c::crc32c(&b[0..28]) {
+        return Err(DecodeError::Corrupt("segment header checksum"));
+    }
+    let version = u16::from_le_bytes([b[8], b[9]]);
+    if version > SEGMENT_VERSION {
+        return Err(DecodeError::NewerVersion(version));
+    }
+    if u32::from_le_bytes(b[12..16].try_into().unwrap()) as u64 != SEGMENT_DATA_OFFSET {
+        return Err(DecodeError::Corrupt("unexpected data offset"));
+    }
+    Ok(u64::from_le_bytes(b[16..24].try_into().unwrap()))
+}
+
+/// One chunk as listed in a frame's table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkEntry {
+    /// BLAKE3 of the raw bytes.
+    pub blake3: [u8; 32],
+    /// Bytes on disk.
+    pub stored_len: u64,
+    /// Bytes after decoding.
+    pub raw_len: u64,
+}
+
+/// A decoded frame header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// Codec of every chunk in the frame (0 = none).
+    pub codec: u8,
+    /// Segment the frame was written to.
+    pub segment_id: u64,
+    /// The chunks, in payload order.
+    pub chunks: Vec<ChunkEntry>,
+}
+
+impl FrameHeader {
+    /// Bytes from the frame start to the first payload byte.
+    pub fn header_len(&self) -> u64 {
+        align_up((FRAME_FIXED_LEN + CHUNK_ENTRY_LEN * self.chunks.len()) as u64)
+    }
+
+    /// Sum of the stored chunk lengths.
+    pub fn payload_len(&self) -> u64 {
+        self.chunks.iter().map(|c| c.stored_len).sum()
+    }
+
+    /// Bytes the whole frame occupies, padding included.
+    pub fn frame_len(&self) -> u64 {
+        align_up(self.header_len() + self.payload_len())
+    }
+
+    /// Encodes the header, chunk table and padding (everything before the payload).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; self.header_len() as usize];
+        b[0..4].copy_from_slice(FRAME_MAGIC);
+        b[4] = FRAME_VERSION;
+        b[5] = self.codec;
+        b[8..12].copy_from_slice(&(self.chunks.len() as u32).to_le_bytes());
+        b[12..16].copy_from_slice(&(self.header_len() as u32).to_le_bytes());
+        b[16..24].copy_from_slice(&self.payload_len().to_le_bytes());
+        b[24..32].copy_from_slice(&self.segment_id.to_le_bytes());
+        for (i, c) in self.chunks.iter().enumerate() {
+            let e = &mut b[FRAME_FIXED_LEN + i * CHUNK_ENTRY_LEN..][..CHUNK_ENTRY_LEN];
+            e[0..32].copy_from_slice(&c.blake3);
+            e[32..40].copy_from_slice(&c.stored_len.to_le_bytes());
+            e[40..48].copy_from_slice(&c.raw_len.to_le_bytes());
+        }
+        let table_end = FRAME_FIXED_LEN + CHUNK_ENTRY_LEN * self.chunks.len();
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&b[0..60]), &b[64..table_end]);
+        b[60..64].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// Decodes a frame header from `b` (which starts at the frame). `b` must hold at least
+    /// the fixed header; `Ok(None)` asks for `n` bytes in total when the table is longer.
+    pub fn decode(b: &[u8]) -> Result<Result<Self, usize>, DecodeError> {
+        if b.len() < FRAME_FIXED_LEN || &b[0..4] != FRAME_MAGIC {
+            return Err(DecodeError::Corrupt("bad frame magic"));
+        }
+        if b[4] > FRAME_VERSION {
+            return Err(DecodeError::NewerVersion(b[4] as u16));
+        }
+        let count = u32::from_le_bytes(b[8..12].try_into().unwrap()) as u64;
+        let header_len = u32::from_le_bytes(b[12..16].try_into().unwrap()) as u64;
+        if count == 0 || header_len != align_up(FRAME_FIXED_LEN as u64 + CHUNK_ENTRY_LEN as u64 * count)
+        {
+            return Err(DecodeError::Corrupt("frame chunk count / header length"));
+        }
+        let table_end = FRAME_FIXED_LEN + CHUNK_ENTRY_LEN * count as usize;
+        if b.len() < table_end {
+            return Ok(Err(table_end));
+        }
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&b[0..60]), &b[64..table_end]);
+        if u32::from_le_bytes(b[60..64].try_into().unwrap()) != crc {
+            return Err(DecodeError::Corrupt("frame header checksum"));
+        }
+        let chunks: Vec<ChunkEntry> = b[FRAME_FIXED_LEN..table_end]
+            .chunks_exact(CHUNK_ENTRY_LEN)
+            .map(|e| ChunkEntry {
+                blake3: e[0..32].try_into().unwrap(),
+                stored_len: u64::from_le_bytes(e[32..40].try_into().unwrap()),
+                raw_len: u64::from_le_bytes(e[40..48].try_into().unwrap()),
+            })
+            .collect();
+        let sum = chunks
+            .iter()
+            .try_fold(0u64, |acc, c| acc.checked_add(c.stored_len));
+        if sum != Some(u64::from_le_bytes(b[16..24].try_into().unwrap())) {
+            return Err(DecodeError::Corrupt("frame payload length"));
+        }
+        Ok(Ok(FrameHeader {
+            codec: b[5],
+            segment_id: u64::from_le_bytes(b[24..32].try_into().unwrap()),
+            chunks,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names() {
+        assert_eq!(file_name(42), "00000042.seg");
+        assert_eq!(parse_file_name("00000042.seg"), Some(42));
+        assert_eq!(parse_file_name("123456789.seg"), Some(123456789));
+        assert_eq!(parse_file_name("42.seg"), None);
+        assert_eq!(parse_file_name("0000004x.seg"), None);
+        assert_eq!(parse_file_name("notes.txt"), None);
+    }
+
+    /// Pins the segment header and frame layout to docs/FORMAT.md.
+    #[test]
+    fn golden_bytes() {
+        let h = encode_header(3);
+        assert_eq!(h.len(), 4096);
+        let mut want = b"CKPTSEG\0".to_vec();
+        want.extend_from_slice(&[1, 0, 0, 0]); // version 1, flags 0
+        want.extend_from_slice(&[0x00, 0x10, 0, 0]); // data offset 4096
+        want.extend_from_slice(&[3, 0, 0, 0, 0, 0, 0, 0]); // id
+        want.extend_from_slice(&[0, 0, 0, 0]);
+        let crc = crc32c::crc32c(&want);
+        want.extend_from_slice(&crc.to_le_bytes());
+        assert_eq!(&h[..32], &want[..]);
+        assert!(h[32..].iter().all(|&x| x == 0));
+        assert_eq!(decode_header(&h), Ok(3));
+
+        let f = FrameHeader {
+            codec: 0,
+            segment_id: 3,
+            chunks: vec![ChunkEntry {
+                blake3: [0xab; 32],
+                stored_len: 5,
+                raw_len: 5,
+            }],
+        };
+        let b = f.encode();
+        assert_eq!(b.len(), 128); // 64 + 48 rounded up to 64
+        let mut want = b"CKFR".to_vec();
+        want.extend_from_slice(&[1, 0, 0, 0]); // version, codec, reserved
+        want.extend_from_slice(&[1, 0, 0, 0]); // chunk count
+        want.extend_from_slice(&[128, 0, 0, 0]); // header len
+        want.extend_from_slice(&[5, 0, 0, 0, 0, 0, 0, 0]); // payload len
+        want.extend_from_slice(&[3, 0, 0, 0, 0, 0, 0, 0]); // segment id
+        want.extend_from_slice(&[0u8; 28]);
+        let mut table = vec![0xab; 32];
+        table.extend_from_slice(&[5, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0]);
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&want), &table);
+        want.extend_from_slice(&crc.to_le_bytes());
+        want.extend_from_slice(&table);
+        want.resize(128, 0);
+        assert_eq!(b, want);
+        assert_eq!(FrameHeader::decode(&b), Ok(Ok(f.clone())));
+        assert_eq!(f.frame_len(), 192);
+    }
+
+    #[test]
+    fn frame_decode_rejects_damage() {
+        let f = FrameHeader {
+            codec: 0,
+            segment_id: 1,
+            chunks: vec![
+                ChunkEntry {
+                    blake3: [1; 32],
+                    stored_len: 10,
+                    raw_len: 10,
+                };
+                3
+            ],
+        };
+        let b = f.encode();
+        for i in 0..(64 + 48 * 3) {
+            let mut c = b.clone();
+            c[i] ^= 0x40;
+            assert!(
+                !matches!(FrameHeader::decode(&c), Ok(Ok(ref g)) if *g == f),
+                "flip at {i} accepted"
+            );
+        }
+        assert_eq!(FrameHeader::decode(&b[..64]), Ok(Err(64 + 48 * 3)));
+    }
+}

@@ -1,0 +1,480 @@
+//! The store: open (with recovery), write transactions, listing, reading, deletion,
+//! verification and WAL compaction. See docs/GUARANTEES.md for the contract.
+
+mod files;
+mod reader;
+mod recovery;
+mod state;
+mod txn;
+
+pub use files::{parse_wal_file_name, wal_file_name, LOCK_NAME, SEGMENTS_DIR};
+pub use reader::{CheckpointReader, Tensor};
+pub use recovery::RecoveryReport;
+pub use txn::{CommitInfo, Transaction};
+
+use crate::error::{Error, Result};
+use crate::io::{StdIo, Storage, StorageFile};
+use crate::manifest::{self, Manifest, MetaValue};
+use crate::segment;
+use crate::wal::{self, RecordType};
+use ckptstore_proto::v1 as pb;
+use files::WalWriter;
+use prost::Message;
+use state::State;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// How recovery treats a damaged WAL or missing segments (names as in RocksDB).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RecoveryMode {
+    /// Refuse to open on any damage, even a torn tail left by a crash mid-commit, and on a
+    /// missing or truncated segment.
+    AbsoluteConsistency,
+    /// Default. Cut a torn tail (the one record being written when the writer died, never
+    /// acknowledged); refuse to open on corruption before it. Checkpoints whose segments are
+    /// missing or short stay listed, fail verification and are skipped by `latest_valid`.
+    #[default]
+    TolerateTailCorruption,
+    /// Salvage: keep every record before the first corrupt one and drop the rest, even if
+    /// valid records follow it. Committed checkpoints after the damage are lost.
+    PointInTime,
+}
+
+/// Options of [`Store::open`].
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Open without the writer lock; never modifies the directory. Default `false`.
+    pub read_only: bool,
+    /// See [`RecoveryMode`]. Default `TolerateTailCorruption`.
+    pub recovery_mode: RecoveryMode,
+    /// Tensors are cut into chunks of this many bytes (the unit of hashing and
+    /// deduplication). Default 4 MiB; bounds 4 KiB ..= 1 GiB.
+    pub chunk_size: usize,
+    /// A transaction starts a new segment file once the current one reaches this size.
+    /// Default 1 GiB; at least 1 MiB.
+    pub segment_max_bytes: u64,
+    /// The WAL is rewritten (compacted) when it is larger than this and more than twice the
+    /// size of the live records. Default 8 MiB.
+    pub wal_compact_min_bytes: u64,
+    /// The file system. Default [`StdIo`].
+    pub io: Arc<dyn Storage>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            read_only: false,
+            recovery_mode: RecoveryMode::default(),
+            chunk_size: 4 << 20,
+            segment_max_bytes: 1 << 30,
+            wal_compact_min_bytes: 8 << 20,
+            io: Arc::new(StdIo),
+        }
+    }
+}
+
+impl Options {
+    /// Read-only options with defaults otherwise.
+    pub fn read_only() -> Self {
+        Options {
+            read_only: true,
+            ..Default::default()
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if !(4096..=1 << 30).contains(&self.chunk_size) {
+            return Err(Error::invalid(format!(
+                "chunk_size {} outside 4096..=1073741824",
+                self.chunk_size
+            )));
+        }
+        if self.segment_max_bytes < 1 << 20 {
+            return Err(Error::invalid(format!(
+                "segment_max_bytes {} below 1 MiB",
+                self.segment_max_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// How to pick a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Selector {
+    /// The newest committed checkpoint.
+    Latest,
+    /// By id (assigned at commit, increasing).
+    Id(u64),
+    /// The newest checkpoint with this training step.
+    Step(u64),
+}
+
+/// Summary of a committed checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointInfo {
+    /// Id, increasing with commit order.
+    pub id: u64,
+    /// Training step.
+    pub step: u64,
+    /// Epoch.
+    pub epoch: u64,
+    /// Commit time, nanoseconds since the Unix epoch.
+    pub wall_time_unix_ns: i64,
+    /// Number of tensors.
+    pub tensors: usize,
+    /// Number of blobs.
+    pub blobs: usize,
+    /// Raw bytes of all tensors and blobs (before deduplication).
+    pub bytes: u64,
+    /// User metadata.
+    pub metadata: BTreeMap<String, MetaValue>,
+}
+
+impl CheckpointInfo {
+    fn of(m: &Manifest) -> Self {
+        CheckpointInfo {
+            id: m.id,
+            step: m.step,
+            epoch: m.epoch,
+            wall_time_unix_ns: m.wall_time_unix_ns,
+            tensors: m.tensors.len(),
+            blobs: m.blobs.len(),
+            bytes: manifest::logical_bytes(m),
+            metadata: m
+                .metadata
+                .iter()
+                .filter_map(|e| Some((e.key.clone(), MetaValue::from_pb(e.value.as_ref()?)?)))
+                .collect(),
+        }
+    }
+}
+
+/// What a deletion did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeleteInfo {
+    /// Segment files freed (no live checkpoint referenced them any more).
+    pub segments_freed: Vec<u64>,
+    /// Their bytes.
+    pub bytes_freed: u64,
+}
+
+/// Sizes of the store's files.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Live checkpoints.
+    pub checkpoints: usize,
+    /// Live segment files.
+    pub segments: usize,
+    /// Their committed bytes.
+    pub segment_bytes: u64,
+    /// Bytes of the live WAL file.
+    pub wal_bytes: u64,
+}
+
+/// A checkpoint store in one directory. One writer at a time (a lock file); read-only opens
+/// may coexist with it.
+pub struct Store {
+    dir: PathBuf,
+    opts: Options,
+    _lock: Option<Box<dyn StorageFile>>,
+    wal: Option<WalWriter>,
+    state: State,
+    poisoned: Option<String>,
+    report: RecoveryReport,
+    open_segments: Mutex<HashMap<u64, Arc<dyn StorageFile>>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.dir)
+            .field("read_only", &self.opts.read_only)
+            .field("checkpoints", &self.state.checkpoints.len())
+            .field("poisoned", &self.poisoned)
+            .finish()
+    }
+}
+
+/// Encoded size of the WAL record that commits `m`.
+pub(crate) fn commit_record_len(m: &Manifest) -> u64 {
+    let rec = pb::CommitRecord {
+        manifest: Some(m.clone()),
+    };
+    (wal::RECORD_HEADER_LEN + rec.encoded_len()) as u64
+}
+
+impl Store {
+    /// Opens the store in `dir`, creating it if absent (unless read-only), and runs recovery.
+    pub fn open(dir: impl AsRef<Path>, opts: Options) -> Result<Store> {
+        opts.validate()?;
+        let dir = dir.as_ref().to_path_buf();
+        let io = opts.io.clone();
+        let lock = if opts.read_only {
+            None
+        } else {
+            io.create_dir_all(&dir)
+                .map_err(|e| Error::io("create dir", &dir, e))?;
+            Some(take_lock(&*io, &dir)?)
+        };
+        let rec = recovery::recover(&*io, &dir, &opts)?;
+        Ok(Store {
+            dir,
+            opts,
+            _lock: lock,
+            wal: rec.wal,
+            state: rec.state,
+            poisoned: None,
+            report: rec.report,
+            open_segments: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The store directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The options it was opened with.
+    pub fn options(&self) -> &Options {
+        &self.opts
+    }
+
+    /// What recovery found and did when this store was opened.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.report
+    }
+
+    /// Why the store refuses writes, if an earlier I/O failure poisoned it.
+    pub fn poisoned(&self) -> Option<&str> {
+        self.poisoned.as_deref()
+    }
+
+    /// All live checkpoints, oldest first.
+    pub fn list(&self) -> Vec<CheckpointInfo> {
+        self.state.checkpoints.values().map(|m| CheckpointInfo::of(m)).collect()
+    }
+
+    /// The newest checkpoint (not verified; see [`Store::latest_valid`]).
+    pub fn latest(&self) -> Option<CheckpointInfo> {
+        self.state
+            .checkpoints
+            .values()
+            .next_back()
+            .map(|m| CheckpointInfo::of(m))
+    }
+
+    /// The newest checkpoint whose every chunk verifies, walking back past damaged ones.
+    pub fn latest_valid(&self) -> Result<Option<CheckpointInfo>> {
+        for m in self.state.checkpoints.values().rev() {
+            match self.verify(m.id) {
+                Ok(()) => return Ok(Some(CheckpointInfo::of(m))),
+                Err(Error::ChunkCorrupt { .. } | Error::SegmentMissing { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+
+    fn find(&self, sel: Selector) -> Result<&Arc<Manifest>> {
+        let found = match sel {
+            Selector::Latest => self.state.checkpoints.values().next_back(),
+            Selector::Id(id) => self.state.checkpoints.get(&id),
+            Selector::Step(step) => self.state.checkpoints.values().rev().find(|m| m.step == step),
+        };
+        found.ok_or_else(|| {
+            Error::NotFound(match sel {
+                Selector::Latest => format!("in {} (the store is empty)", self.dir.display()),
+                Selector::Id(id) => format!("with id {id} in {}", self.dir.display()),
+                Selector::Step(s) => format!("at step {s} in {}", self.dir.display()),
+            })
+        })
+    }
+
+    /// Summary of one checkpoint.
+    pub fn info(&self, sel: Selector) -> Result<CheckpointInfo> {
+        self.find(sel).map(|m| CheckpointInfo::of(m))
+    }
+
+    /// Opens a checkpoint for reading.
+    pub fn checkpoint(&self, sel: Selector) -> Result<CheckpointReader<'_>> {
+        Ok(CheckpointReader::new(self, self.find(sel)?.clone()))
+    }
+
+    /// Reads and hashes every chunk of checkpoint `id`. The error names the first bad
+    /// tensor/blob and chunk.
+    pub fn verify(&self, id: u64) -> Result<()> {
+        self.checkpoint(Selector::Id(id))?.verify()
+    }
+
+    /// Verifies every live checkpoint; one result per checkpoint, oldest first.
+    pub fn verify_all(&self) -> Vec<(u64, Result<()>)> {
+        self.state
+            .checkpoints
+            .keys()
+            .map(|&id| (id, self.verify(id)))
+            .collect()
+    }
+
+    /// Sizes of the store's files.
+    pub fn stats(&self) -> StoreStats {
+        StoreStats {
+            checkpoints: self.state.checkpoints.len(),
+            segments: self.state.segments.len(),
+            segment_bytes: self.state.segments.values().map(|s| s.len).sum(),
+            wal_bytes: self.wal.as_ref().map_or(0, |w| w.end),
+        }
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if let Some(cause) = &self.poisoned {
+            return Err(Error::Poisoned {
+                cause: cause.clone(),
+            });
+        }
+        if self.wal.is_none() {
+            return Err(Error::ReadOnly {
+                path: self.dir.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Marks the store unusable for writes after `e`, returning `e`.
+    fn poison(&mut self, e: Error) -> Error {
+        if self.poisoned.is_none() {
+            self.poisoned = Some(e.to_string());
+        }
+        e
+    }
+
+    /// Starts a write transaction for a checkpoint at training step `step`. Nothing is
+    /// visible until [`Transaction::commit`] returns; dropping the transaction aborts it.
+    pub fn begin(&mut self, step: u64) -> Result<Transaction<'_>> {
+        self.check_writable()?;
+        Ok(Transaction::new(self, step))
+    }
+
+    /// Deletes checkpoint `id`: the delete record is made durable first, then segment files
+    /// no live checkpoint references are removed.
+    pub fn delete(&mut self, id: u64) -> Result<DeleteInfo> {
+        self.check_writable()?;
+        self.find(Selector::Id(id))?;
+        let payload = pb::DeleteRecord { ids: vec![id] }.encode_to_vec();
+        let wal = self.wal.as_mut().expect("checked writable");
+        if let Err(e) = wal.append_durable(RecordType::Delete, &payload) {
+            return Err(self.poison(e));
+        }
+        let lens: BTreeMap<u64, u64> = self.state.segments.iter().map(|(&k, s)| (k, s.len)).collect();
+        let dead = self.state.apply_delete(id, commit_record_len);
+        let mut info = DeleteInfo::default();
+        let seg_dir = self.dir.join(SEGMENTS_DIR);
+        for s in dead {
+            self.open_segments.lock().unwrap().remove(&s);
+            let path = seg_dir.join(segment::file_name(s));
+            // The record is durable: a failed unlink only leaves an orphan that the next
+            // recovery removes.
+            if self.opts.io.remove_file(&path).is_ok() {
+                info.bytes_freed += lens.get(&s).copied().unwrap_or(0);
+            }
+            info.segments_freed.push(s);
+        }
+        self.maybe_compact_wal()?;
+        Ok(info)
+    }
+
+    fn maybe_compact_wal(&mut self) -> Result<()> {
+        let end = self.wal.as_ref().map_or(0, |w| w.end);
+        if end > self.opts.wal_compact_min_bytes && end > 2 * self.state.live_record_bytes + 4096 {
+            self.compact_wal()?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites the WAL as a snapshot of the live state: a new WAL file (durable, with its
+    /// directory entry), then an atomic switch of `CURRENT`, then removal of the old file.
+    pub fn compact_wal(&mut self) -> Result<()> {
+        self.check_writable()?;
+        let old = self.wal.as_ref().expect("checked writable");
+        let (old_path, number) = (old.path.clone(), old.number + 1);
+        let mut records = vec![(RecordType::Snapshot, self.state.snapshot().encode_to_vec())];
+        for m in self.state.checkpoints.values() {
+            let rec = pb::CommitRecord {
+                manifest: Some((**m).clone()),
+            };
+            records.push((RecordType::Commit, rec.encode_to_vec()));
+        }
+        let io = self.opts.io.clone();
+        let new = match WalWriter::create_durable(&*io, &self.dir, number, &records) {
+            Ok(w) => w,
+            Err(e) => return Err(self.poison(e)),
+        };
+        if let Err(e) = files::switch_current_atomically(&*io, &self.dir, number) {
+            return Err(self.poison(e));
+        }
+        self.wal = Some(new);
+        // CURRENT no longer names it; a failed unlink leaves a stale file recovery removes.
+        let _ = io.remove_file(&old_path);
+        Ok(())
+    }
+
+    pub(crate) fn segment_file(&self, id: u64) -> Result<Arc<dyn StorageFile>> {
+        if let Some(f) = self.open_segments.lock().unwrap().get(&id) {
+            return Ok(f.clone());
+        }
+        let path = self.segment_path(id);
+        let f: Arc<dyn StorageFile> = Arc::from(
+            self.opts
+                .io
+                .open(&path, false)
+                .map_err(|e| Error::io("open", &path, e))?,
+        );
+        self.open_segments.lock().unwrap().insert(id, f.clone());
+        Ok(f)
+    }
+
+    pub(crate) fn segment_path(&self, id: u64) -> PathBuf {
+        self.dir.join(SEGMENTS_DIR).join(segment::file_name(id))
+    }
+
+    pub(crate) fn segment_damage(&self, id: u64) -> Option<Error> {
+        if !self.state.damaged_segments.contains(&id) {
+            return None;
+        }
+        let problem = self
+            .report
+            .damaged_segments
+            .iter()
+            .find(|(s, _)| *s == id)
+            .map_or_else(|| "damaged".to_string(), |(_, p)| p.clone());
+        Some(Error::SegmentMissing {
+            path: self.segment_path(id),
+            problem,
+            checkpoint: 0,
+            needed: self.state.segments.get(&id).map_or(0, |s| s.len),
+        })
+    }
+}
+
+/// Takes the writer lock, writing our pid into it; names the holder's pid if it is taken.
+fn take_lock(io: &dyn Storage, dir: &Path) -> Result<Box<dyn StorageFile>> {
+    let path = dir.join(LOCK_NAME);
+    match io.try_lock(&path).map_err(|e| Error::io("lock", &path, e))? {
+        Some(f) => {
+            let pid = format!("{}\n", std::process::id());
+            f.set_len(0).map_err(|e| Error::io("write", &path, e))?;
+            f.write_at(pid.as_bytes(), 0)
+                .map_err(|e| Error::io("write", &path, e))?;
+            Ok(f)
+        }
+        None => {
+            let pid = files::read_all(io, &path)
+                .ok()
+                .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "unknown".into());
+            Err(Error::Locked { path, pid })
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! Reading a committed checkpoint: tensors, blobs, metadata; every chunk verified against its
+//! BLAKE3 unless the caller opts out.
+
+use super::{CheckpointInfo, Store};
+use crate::error::{Error, Result};
+use crate::manifest::{DType, Manifest, MetaValue};
+use ckptstore_proto::v1 as pb;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// A tensor read back from a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tensor {
+    /// Element type.
+    pub dtype: DType,
+    /// Shape.
+    pub shape: Vec<u64>,
+    /// Row-major bytes, `dtype.size() × product(shape)` of them.
+    pub data: Vec<u8>,
+}
+
+/// A committed checkpoint, open for reading.
+pub struct CheckpointReader<'s> {
+    store: &'s Store,
+    manifest: Arc<Manifest>,
+}
+
+impl<'s> CheckpointReader<'s> {
+    pub(super) fn new(store: &'s Store, manifest: Arc<Manifest>) -> Self {
+        CheckpointReader { store, manifest }
+    }
+
+    /// Summary: id, step, epoch, time, counts, metadata.
+    pub fn info(&self) -> CheckpointInfo {
+        CheckpointInfo::of(&self.manifest)
+    }
+
+    /// User metadata.
+    pub fn metadata(&self) -> BTreeMap<String, MetaValue> {
+        self.info().metadata
+    }
+
+    /// The raw manifest (for inspection tools).
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Tensor names, in the order they were put.
+    pub fn tensor_names(&self) -> Vec<&str> {
+        self.manifest.tensors.iter().map(|t| t.name.as_str()).collect()
+    }
+
+    /// Blob names, in the order they were put.
+    pub fn blob_names(&self) -> Vec<&str> {
+        self.manifest.blobs.iter().map(|b| b.name.as_str()).collect()
+    }
+
+    fn tensor_entry(&self, name: &str) -> Result<&pb::TensorEntry> {
+        self.manifest
+            .tensors
+            .iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| Error::NotFound(format!("tensor {name:?} in checkpoint {}", self.manifest.id)))
+    }
+
+    /// Dtype and shape of a tensor, without reading it.
+    pub fn tensor_meta(&self, name: &str) -> Result<(DType, Vec<u64>)> {
+        let t = self.tensor_entry(name)?;
+        Ok((DType::from_pb(t.dtype).expect("validated dtype"), t.shape.clone()))
+    }
+
+    /// Reads a tensor, verifying every chunk.
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        self.tensor_with(name, true)
+    }
+
+    /// Reads a tensor; `verify = false` skips the BLAKE3 check (a trusted fast path).
+    pub fn tensor_with(&self, name: &str, verify: bool) -> Result<Tensor> {
+        let t = self.tensor_entry(name)?;
+        let mut data = vec![0u8; t.nbytes as usize];
+        self.read_chunks("tensor", &t.name, &t.chunks, &mut data, verify)?;
+        Ok(Tensor {
+            dtype: DType::from_pb(t.dtype).expect("validated dtype"),
+            shape: t.shape.clone(),
+            data,
+        })
+    }
+
+    /// Reads a blob, verifying every chunk.
+    pub fn blob(&self, name: &str) -> Result<Vec<u8>> {
+        let b = self
+            .manifest
+            .blobs
+            .iter()
+            .find(|b| b.name == name)
+            .ok_or_else(|| Error::NotFound(format!("blob {name:?} in checkpoint {}", self.manifest.id)))?;
+        let mut data = vec![0u8; b.nbytes as usize];
+        self.read_chunks("blob", &b.name, &b.chunks, &mut data, true)?;
+        Ok(data)
+    }
+
+    /// Reads and hashes every chunk; the error names the first bad tensor/blob and chunk.
+    pub fn verify(&self) -> Result<()> {
+        let mut buf = Vec::new();
+        let items = self
+            .manifest
+            .tensors
+            .iter()
+            .map(|t| ("tensor", &t.name, &t.chunks))
+            .chain(self.manifest.blobs.iter().map(|b| ("blob", &b.name, &b.chunks)));
+        for (kind, name, chunks) in items {
+            for (i, c) in chunks.iter().enumerate() {
+                buf.resize(c.stored_len as usize, 0);
+                self.read_chunk(kind, name, i, c, &mut buf, true)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn read_chunks(
+        &self,
+        kind: &'static str,
+        name: &str,
+        chunks: &[pb::ChunkRef],
+        out: &mut [u8],
+        verify: bool,
+    ) -> Result<()> {
+        let mut at = 0usize;
+        for (i, c) in chunks.iter().enumerate() {
+            let len = c.raw_len as usize;
+            self.read_chunk(kind, name, i, c, &mut out[at..at + len], verify)?;
+            at += len;
+        }
+        Ok(())
+    }
+
+    fn read_chunk(
+        &self,
+        kind: &'static str,
+        name: &str,
+        index: usize,
+        c: &pb::ChunkRef,
+        out: &mut [u8],
+        verify: bool,
+    ) -> Result<()> {
+        let id = self.manifest.id;
+        if let Some(Error::SegmentMissing {
+            path,
+            problem,
+            needed,
+            ..
+        }) = self.store.segment_damage(c.segment)
+        {
+            return Err(Error::SegmentMissing {
+                path,
+                problem,
+                checkpoint: id,
+                needed,
+            });
+        }
+        let corrupt = |reason: String| Error::ChunkCorrupt {
+            checkpoint: id,
+            kind,
+            name: name.to_owned(),
+            chunk: index,
+            segment: c.segment,
+            offset: c.offset,
+            reason,
+        };
+        let file = self.store.segment_file(c.segment)?;
+        file.read_at(out, c.offset)
+            .map_err(|e| corrupt(format!("read failed: {e}")))?;
+        if verify && blake3::hash(out).as_bytes()[..] != c.blake3[..] {
+            return Err(corrupt("BLAKE3 mismatch".into()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,184 @@
+//! The in-memory state rebuilt from the WAL: live checkpoints, the segment table with
+//! reference counts, and the content index used for deduplication.
+
+use crate::error::{Error, Result};
+use crate::manifest::{self, Manifest};
+use ckptstore_proto::v1 as pb;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+/// A live segment.
+#[derive(Debug, Clone)]
+pub(crate) struct SegmentState {
+    /// Length that was fdatasync'ed before the commit that created it.
+    pub len: u64,
+    /// Live checkpoints that reference at least one of its chunks.
+    pub refs: usize,
+}
+
+#[derive(Debug, Clone)]
+struct IndexEntry {
+    chunk: pb::ChunkRef,
+    refs: usize,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    pub checkpoints: BTreeMap<u64, Arc<Manifest>>,
+    pub segments: BTreeMap<u64, SegmentState>,
+    index: HashMap<[u8; 32], IndexEntry>,
+    /// Segments found missing or short at recovery: their chunks are never deduplicated against.
+    pub damaged_segments: BTreeSet<u64>,
+    pub next_checkpoint_id: u64,
+    pub next_segment_id: u64,
+    /// Sum of the encoded sizes of the live commit records (to decide WAL compaction).
+    pub live_record_bytes: u64,
+}
+
+fn key(c: &pb::ChunkRef) -> [u8; 32] {
+    c.blake3.as_slice().try_into().expect("validated 32-byte BLAKE3")
+}
+
+fn referenced_segments(m: &Manifest) -> BTreeSet<u64> {
+    manifest::all_chunks(m).map(|c| c.segment).collect()
+}
+
+impl State {
+    pub fn new() -> Self {
+        State {
+            next_checkpoint_id: 1,
+            next_segment_id: 1,
+            ..Default::default()
+        }
+    }
+
+    /// A live chunk with this BLAKE3 that can be referenced instead of written again.
+    pub fn lookup(&self, hash: &[u8; 32]) -> Option<&pb::ChunkRef> {
+        self.index
+            .get(hash)
+            .map(|e| &e.chunk)
+            .filter(|c| !self.damaged_segments.contains(&c.segment))
+    }
+
+    /// Applies a snapshot record: the state restarts from it.
+    pub fn apply_snapshot(&mut self, s: &pb::SnapshotRecord) {
+        *self = State::new();
+        self.next_checkpoint_id = s.next_checkpoint_id.max(1);
+        self.next_segment_id = s.next_segment_id.max(1);
+        for seg in &s.segments {
+            self.segments.insert(seg.id, SegmentState { len: seg.length, refs: 0 });
+        }
+    }
+
+    /// Applies a commit. `context` names the record for errors.
+    pub fn apply_commit(&mut self, m: Manifest, record_bytes: u64, context: &str) -> Result<()> {
+        manifest::validate(&m, context)?;
+        let bad = |reason: String| Error::BadManifest {
+            context: context.to_owned(),
+            reason,
+        };
+        if self.checkpoints.contains_key(&m.id) {
+            return Err(bad(format!("checkpoint id {} committed twice", m.id)));
+        }
+        for s in &m.new_segments {
+            self.segments
+                .entry(s.id)
+                .or_insert(SegmentState { len: s.length, refs: 0 });
+            self.next_segment_id = self.next_segment_id.max(s.id + 1);
+        }
+        for c in manifest::all_chunks(&m) {
+            let seg = self
+                .segments
+                .get(&c.segment)
+                .ok_or_else(|| bad(format!("chunk in unknown segment {}", c.segment)))?;
+            if c.offset + c.stored_len > seg.len {
+                return Err(bad(format!(
+                    "chunk at {}+{} past the end of segment {} ({} bytes)",
+                    c.offset, c.stored_len, c.segment, seg.len
+                )));
+            }
+        }
+        for s in referenced_segments(&m) {
+            self.segments.get_mut(&s).expect("checked above").refs += 1;
+        }
+        for c in manifest::all_chunks(&m) {
+            self.index
+                .entry(key(c))
+                .and_modify(|e| e.refs += 1)
+                .or_insert_with(|| IndexEntry {
+                    chunk: c.clone(),
+                    refs: 1,
+                });
+        }
+        self.next_checkpoint_id = self.next_checkpoint_id.max(m.id + 1);
+        self.live_record_bytes += record_bytes;
+        self.checkpoints.insert(m.id, Arc::new(m));
+        Ok(())
+    }
+
+    /// Removes a checkpoint; returns the segments no live checkpoint references any more.
+    pub fn apply_delete(&mut self, id: u64, record_bytes_of: impl Fn(&Manifest) -> u64) -> Vec<u64> {
+        let Some(m) = self.checkpoints.remove(&id) else {
+            return Vec::new();
+        };
+        self.live_record_bytes = self.live_record_bytes.saturating_sub(record_bytes_of(&m));
+        for c in manifest::all_chunks(&m) {
+            let k = key(c);
+            if let Some(e) = self.index.get_mut(&k) {
+                e.refs -= 1;
+                if e.refs == 0 {
+                    self.index.remove(&k);
+                }
+            }
+        }
+        let mut dead = Vec::new();
+        for s in referenced_segments(&m) {
+            if let Some(seg) = self.segments.get_mut(&s) {
+                seg.refs -= 1;
+                if seg.refs == 0 {
+                    dead.push(s);
+                }
+            }
+        }
+        // Segments a deleted checkpoint created but never referenced (all its chunks were
+        // deduplicated elsewhere) are dead too.
+        for s in &m.new_segments {
+            if self.segments.get(&s.id).is_some_and(|seg| seg.refs == 0) && !dead.contains(&s.id) {
+                dead.push(s.id);
+            }
+        }
+        for s in &dead {
+            self.segments.remove(s);
+            self.damaged_segments.remove(s);
+        }
+        dead
+    }
+
+    /// Drops segments that no live checkpoint references (left by a snapshot or by commits
+    /// whose chunks were all deduplicated). Returns them.
+    pub fn drop_unreferenced_segments(&mut self) -> Vec<u64> {
+        let dead: Vec<u64> = self
+            .segments
+            .iter()
+            .filter(|(_, s)| s.refs == 0)
+            .map(|(&id, _)| id)
+            .collect();
+        for s in &dead {
+            self.segments.remove(s);
+        }
+        dead
+    }
+
+    /// The snapshot record describing the whole live state.
+    pub fn snapshot(&self) -> pb::SnapshotRecord {
+        pb::SnapshotRecord {
+            next_checkpoint_id: self.next_checkpoint_id,
+            next_segment_id: self.next_segment_id,
+            segments: self
+                .segments
+                .iter()
+                .map(|(&id, s)| pb::SegmentInfo { id, length: s.len })
+                .collect(),
+        }
+    }
+}
