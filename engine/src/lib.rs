@@ -19,6 +19,6 @@ pub use ckptstore_proto as proto;
 pub use error::{Error, Result};
 pub use manifest::{DType, MetaValue};
 pub use store::{
-    CheckpointInfo, CheckpointReader, CommitInfo, DeleteInfo, Options, RecoveryMode, RecoveryReport,
-    Selector, Store, StoreStats, Tensor, Transaction,
+    CheckpointInfo, CheckpointReader, CommitInfo, DeleteInfo, Options, RecoveryMode,
+    RecoveryReport, Selector, Store, StoreStats, Tensor, Transaction,
 };

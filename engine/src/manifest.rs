@@ -197,19 +197,31 @@ fn check_chunks(context: &str, name: &str, nbytes: u64, chunks: &[pb::ChunkRef])
     let mut sum = 0u64;
     for (i, c) in chunks.iter().enumerate() {
         if c.blake3.len() != 32 {
-            return Err(bad(context, format!("{name:?} chunk {i}: BLAKE3 is not 32 bytes")));
+            return Err(bad(
+                context,
+                format!("{name:?} chunk {i}: BLAKE3 is not 32 bytes"),
+            ));
         }
         if c.codec != pb::Codec::None as i32 || c.stored_len != c.raw_len {
-            return Err(bad(context, format!("{name:?} chunk {i}: unknown codec {}", c.codec)));
+            return Err(bad(
+                context,
+                format!("{name:?} chunk {i}: unknown codec {}", c.codec),
+            ));
         }
         if c.stored_len == 0 || c.stored_len > MAX_CHUNK_LEN {
             return Err(bad(
                 context,
-                format!("{name:?} chunk {i}: length {} outside 1..={MAX_CHUNK_LEN}", c.stored_len),
+                format!(
+                    "{name:?} chunk {i}: length {} outside 1..={MAX_CHUNK_LEN}",
+                    c.stored_len
+                ),
             ));
         }
         if c.offset.checked_add(c.stored_len).is_none() {
-            return Err(bad(context, format!("{name:?} chunk {i}: offset overflows")));
+            return Err(bad(
+                context,
+                format!("{name:?} chunk {i}: offset overflows"),
+            ));
         }
         sum = sum
             .checked_add(c.raw_len)
@@ -229,15 +241,22 @@ fn check_chunks(context: &str, name: &str, nbytes: u64, chunks: &[pb::ChunkRef])
 pub fn validate(m: &Manifest, context: &str) -> Result<()> {
     let mut names = HashSet::new();
     for t in &m.tensors {
-        let dtype = DType::from_pb(t.dtype)
-            .ok_or_else(|| bad(context, format!("tensor {:?}: unknown dtype {}", t.name, t.dtype)))?;
+        let dtype = DType::from_pb(t.dtype).ok_or_else(|| {
+            bad(
+                context,
+                format!("tensor {:?}: unknown dtype {}", t.name, t.dtype),
+            )
+        })?;
         if !names.insert(t.name.as_str()) {
             return Err(bad(context, format!("duplicate tensor {:?}", t.name)));
         }
         if tensor_nbytes(dtype, &t.shape) != Some(t.nbytes) {
             return Err(bad(
                 context,
-                format!("tensor {:?}: {} bytes do not match {dtype} × {:?}", t.name, t.nbytes, t.shape),
+                format!(
+                    "tensor {:?}: {} bytes do not match {dtype} × {:?}",
+                    t.name, t.nbytes, t.shape
+                ),
             ));
         }
         check_chunks(context, &t.name, t.nbytes, &t.chunks)?;
@@ -254,7 +273,10 @@ pub fn validate(m: &Manifest, context: &str) -> Result<()> {
             return Err(bad(context, "metadata keys not sorted and unique"));
         }
     }
-    if m.metadata.iter().any(|e| e.value.as_ref().and_then(MetaValue::from_pb).is_none()) {
+    if m.metadata
+        .iter()
+        .any(|e| e.value.as_ref().and_then(MetaValue::from_pb).is_none())
+    {
         return Err(bad(context, "metadata value without a kind"));
     }
     Ok(())

@@ -160,7 +160,8 @@ impl FrameHeader {
         }
         let count = u32::from_le_bytes(b[8..12].try_into().unwrap()) as u64;
         let header_len = u32::from_le_bytes(b[12..16].try_into().unwrap()) as u64;
-        if count == 0 || header_len != align_up(FRAME_FIXED_LEN as u64 + CHUNK_ENTRY_LEN as u64 * count)
+        if count == 0
+            || header_len != align_up(FRAME_FIXED_LEN as u64 + CHUNK_ENTRY_LEN as u64 * count)
         {
             return Err(DecodeError::Corrupt("frame chunk count / header length"));
         }

@@ -103,7 +103,10 @@ fn record_crc(salt: u32, frame_fields: &[u8], payload: &[u8]) -> u32 {
 
 /// Appends one framed record to `out`.
 pub fn encode_record(out: &mut Vec<u8>, salt: u32, ty: RecordType, payload: &[u8]) {
-    assert!(payload.len() <= MAX_RECORD_LEN as usize, "WAL record too large");
+    assert!(
+        payload.len() <= MAX_RECORD_LEN as usize,
+        "WAL record too large"
+    );
     let mut fields = [0u8; 8];
     fields[0..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
     fields[4] = ty as u8;
@@ -267,7 +270,10 @@ mod tests {
 
     #[test]
     fn scan_clean_file() {
-        let b = file_with(9, &[(RecordType::Commit, b"abc"), (RecordType::Delete, b"")]);
+        let b = file_with(
+            9,
+            &[(RecordType::Commit, b"abc"), (RecordType::Delete, b"")],
+        );
         let s = scan(&b, 9);
         assert_eq!(s.records.len(), 2);
         assert_eq!(s.bad, None);
@@ -279,7 +285,10 @@ mod tests {
     fn torn_tail_at_every_offset_is_a_tail() {
         let full = file_with(
             5,
-            &[(RecordType::Commit, b"first"), (RecordType::Commit, b"second record")],
+            &[
+                (RecordType::Commit, b"first"),
+                (RecordType::Commit, b"second record"),
+            ],
         );
         let first_end = WAL_HEADER_LEN + RECORD_HEADER_LEN + 5;
         for cut in first_end + 1..full.len() {
@@ -295,7 +304,10 @@ mod tests {
     fn flipped_bit_before_tail_is_corruption() {
         let full = file_with(
             5,
-            &[(RecordType::Commit, b"first"), (RecordType::Commit, b"second")],
+            &[
+                (RecordType::Commit, b"first"),
+                (RecordType::Commit, b"second"),
+            ],
         );
         for byte in WAL_HEADER_LEN..WAL_HEADER_LEN + RECORD_HEADER_LEN + 5 {
             let mut b = full.clone();

@@ -44,7 +44,10 @@ struct MemFile {
 }
 
 fn not_found(p: &Path) -> io::Error {
-    io::Error::new(io::ErrorKind::NotFound, format!("{} not found", p.display()))
+    io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{} not found", p.display()),
+    )
 }
 
 fn check_sync(faults: &MemFaults) -> io::Result<()> {
@@ -153,7 +156,10 @@ impl Storage for MemIo {
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         check_writable(&self.faults)?;
         let mut tree = self.tree.lock().unwrap();
-        tree.files.remove(path).map(|_| ()).ok_or_else(|| not_found(path))
+        tree.files
+            .remove(path)
+            .map(|_| ())
+            .ok_or_else(|| not_found(path))
     }
 
     fn sync_dir(&self, path: &Path) -> io::Result<()> {

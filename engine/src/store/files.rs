@@ -28,10 +28,13 @@ pub fn parse_wal_file_name(name: &str) -> Option<u64> {
 
 /// Reads a whole (small, metadata-only) file.
 pub fn read_all(io: &dyn Storage, path: &Path) -> Result<Vec<u8>> {
-    let f = io.open(path, false).map_err(|e| Error::io("open", path, e))?;
+    let f = io
+        .open(path, false)
+        .map_err(|e| Error::io("open", path, e))?;
     let len = f.len().map_err(|e| Error::io("stat", path, e))?;
     let mut buf = vec![0u8; len as usize];
-    f.read_at(&mut buf, 0).map_err(|e| Error::io("read", path, e))?;
+    f.read_at(&mut buf, 0)
+        .map_err(|e| Error::io("read", path, e))?;
     Ok(buf)
 }
 
@@ -46,12 +49,15 @@ pub fn switch_current_atomically(io: &dyn Storage, dir: &Path, wal_number: u64) 
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(Error::io("remove", &tmp, e)),
     }
-    let f = io.create_new(&tmp).map_err(|e| Error::io("create", &tmp, e))?;
+    let f = io
+        .create_new(&tmp)
+        .map_err(|e| Error::io("create", &tmp, e))?;
     f.write_at(&current::encode(wal_number), 0)
         .map_err(|e| Error::io("write", &tmp, e))?;
     f.sync_data().map_err(|e| Error::io("fdatasync", &tmp, e))?;
     drop(f);
-    io.rename(&tmp, &dst).map_err(|e| Error::io("rename", &dst, e))?;
+    io.rename(&tmp, &dst)
+        .map_err(|e| Error::io("rename", &dst, e))?;
     io.sync_dir(dir).map_err(|e| Error::io("fsync dir", dir, e))
 }
 
@@ -89,11 +95,15 @@ impl WalWriter {
         for (ty, payload) in records {
             wal::encode_record(&mut buf, salt, *ty, payload);
         }
-        let file = io.create_new(&path).map_err(|e| Error::io("create", &path, e))?;
-        file.write_at(&buf, 0).map_err(|e| Error::io("write", &path, e))?;
+        let file = io
+            .create_new(&path)
+            .map_err(|e| Error::io("create", &path, e))?;
+        file.write_at(&buf, 0)
+            .map_err(|e| Error::io("write", &path, e))?;
         file.sync_data()
             .map_err(|e| Error::io("fdatasync", &path, e))?;
-        io.sync_dir(dir).map_err(|e| Error::io("fsync dir", dir, e))?;
+        io.sync_dir(dir)
+            .map_err(|e| Error::io("fsync dir", dir, e))?;
         Ok(WalWriter {
             file,
             path,

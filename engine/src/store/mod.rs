@@ -253,7 +253,11 @@ impl Store {
 
     /// All live checkpoints, oldest first.
     pub fn list(&self) -> Vec<CheckpointInfo> {
-        self.state.checkpoints.values().map(|m| CheckpointInfo::of(m)).collect()
+        self.state
+            .checkpoints
+            .values()
+            .map(|m| CheckpointInfo::of(m))
+            .collect()
     }
 
     /// The newest checkpoint (not verified; see [`Store::latest_valid`]).
@@ -281,7 +285,12 @@ impl Store {
         let found = match sel {
             Selector::Latest => self.state.checkpoints.values().next_back(),
             Selector::Id(id) => self.state.checkpoints.get(&id),
-            Selector::Step(step) => self.state.checkpoints.values().rev().find(|m| m.step == step),
+            Selector::Step(step) => self
+                .state
+                .checkpoints
+                .values()
+                .rev()
+                .find(|m| m.step == step),
         };
         found.ok_or_else(|| {
             Error::NotFound(match sel {
@@ -366,7 +375,12 @@ impl Store {
         if let Err(e) = wal.append_durable(RecordType::Delete, &payload) {
             return Err(self.poison(e));
         }
-        let lens: BTreeMap<u64, u64> = self.state.segments.iter().map(|(&k, s)| (k, s.len)).collect();
+        let lens: BTreeMap<u64, u64> = self
+            .state
+            .segments
+            .iter()
+            .map(|(&k, s)| (k, s.len))
+            .collect();
         let dead = self.state.apply_delete(id, commit_record_len);
         let mut info = DeleteInfo::default();
         let seg_dir = self.dir.join(SEGMENTS_DIR);
@@ -460,7 +474,10 @@ impl Store {
 /// Takes the writer lock, writing our pid into it; names the holder's pid if it is taken.
 fn take_lock(io: &dyn Storage, dir: &Path) -> Result<Box<dyn StorageFile>> {
     let path = dir.join(LOCK_NAME);
-    match io.try_lock(&path).map_err(|e| Error::io("lock", &path, e))? {
+    match io
+        .try_lock(&path)
+        .map_err(|e| Error::io("lock", &path, e))?
+    {
         Some(f) => {
             let pid = format!("{}\n", std::process::id());
             f.set_len(0).map_err(|e| Error::io("write", &path, e))?;

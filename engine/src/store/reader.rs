@@ -47,12 +47,20 @@ impl<'s> CheckpointReader<'s> {
 
     /// Tensor names, in the order they were put.
     pub fn tensor_names(&self) -> Vec<&str> {
-        self.manifest.tensors.iter().map(|t| t.name.as_str()).collect()
+        self.manifest
+            .tensors
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect()
     }
 
     /// Blob names, in the order they were put.
     pub fn blob_names(&self) -> Vec<&str> {
-        self.manifest.blobs.iter().map(|b| b.name.as_str()).collect()
+        self.manifest
+            .blobs
+            .iter()
+            .map(|b| b.name.as_str())
+            .collect()
     }
 
     fn tensor_entry(&self, name: &str) -> Result<&pb::TensorEntry> {
@@ -60,13 +68,21 @@ impl<'s> CheckpointReader<'s> {
             .tensors
             .iter()
             .find(|t| t.name == name)
-            .ok_or_else(|| Error::NotFound(format!("tensor {name:?} in checkpoint {}", self.manifest.id)))
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "tensor {name:?} in checkpoint {}",
+                    self.manifest.id
+                ))
+            })
     }
 
     /// Dtype and shape of a tensor, without reading it.
     pub fn tensor_meta(&self, name: &str) -> Result<(DType, Vec<u64>)> {
         let t = self.tensor_entry(name)?;
-        Ok((DType::from_pb(t.dtype).expect("validated dtype"), t.shape.clone()))
+        Ok((
+            DType::from_pb(t.dtype).expect("validated dtype"),
+            t.shape.clone(),
+        ))
     }
 
     /// Reads a tensor, verifying every chunk.
@@ -93,7 +109,9 @@ impl<'s> CheckpointReader<'s> {
             .blobs
             .iter()
             .find(|b| b.name == name)
-            .ok_or_else(|| Error::NotFound(format!("blob {name:?} in checkpoint {}", self.manifest.id)))?;
+            .ok_or_else(|| {
+                Error::NotFound(format!("blob {name:?} in checkpoint {}", self.manifest.id))
+            })?;
         let mut data = vec![0u8; b.nbytes as usize];
         self.read_chunks("blob", &b.name, &b.chunks, &mut data, true)?;
         Ok(data)
@@ -107,7 +125,12 @@ impl<'s> CheckpointReader<'s> {
             .tensors
             .iter()
             .map(|t| ("tensor", &t.name, &t.chunks))
-            .chain(self.manifest.blobs.iter().map(|b| ("blob", &b.name, &b.chunks)));
+            .chain(
+                self.manifest
+                    .blobs
+                    .iter()
+                    .map(|b| ("blob", &b.name, &b.chunks)),
+            );
         for (kind, name, chunks) in items {
             for (i, c) in chunks.iter().enumerate() {
                 buf.resize(c.stored_len as usize, 0);

@@ -233,7 +233,10 @@ fn initialize(
         Ok(n) => n,
         Err(e) if not_found(&e) && !opts.read_only => Vec::new(),
         Err(e) if not_found(&e) => {
-            return Err(Error::NotFound(format!("store at {} (no such directory)", dir.display())))
+            return Err(Error::NotFound(format!(
+                "store at {} (no such directory)",
+                dir.display()
+            )))
         }
         Err(e) => return Err(Error::io("list", dir, e)),
     };
@@ -308,7 +311,9 @@ fn check_segments(
         let problem = match on_disk.get(&id) {
             None => Some("missing".to_string()),
             Some(path) => {
-                let f = io.open(path, false).map_err(|e| Error::io("open", path, e))?;
+                let f = io
+                    .open(path, false)
+                    .map_err(|e| Error::io("open", path, e))?;
                 let len = f.len().map_err(|e| Error::io("stat", path, e))?;
                 (len < seg.len).then(|| format!("truncated to {len} bytes"))
             }
@@ -379,7 +384,8 @@ fn remove_leftovers(
         }
     }
     if removed {
-        io.sync_dir(dir).map_err(|e| Error::io("fsync dir", dir, e))?;
+        io.sync_dir(dir)
+            .map_err(|e| Error::io("fsync dir", dir, e))?;
     }
     Ok(())
 }

@@ -36,7 +36,10 @@ pub(crate) struct State {
 }
 
 fn key(c: &pb::ChunkRef) -> [u8; 32] {
-    c.blake3.as_slice().try_into().expect("validated 32-byte BLAKE3")
+    c.blake3
+        .as_slice()
+        .try_into()
+        .expect("validated 32-byte BLAKE3")
 }
 
 fn referenced_segments(m: &Manifest) -> BTreeSet<u64> {
@@ -66,7 +69,13 @@ impl State {
         self.next_checkpoint_id = s.next_checkpoint_id.max(1);
         self.next_segment_id = s.next_segment_id.max(1);
         for seg in &s.segments {
-            self.segments.insert(seg.id, SegmentState { len: seg.length, refs: 0 });
+            self.segments.insert(
+                seg.id,
+                SegmentState {
+                    len: seg.length,
+                    refs: 0,
+                },
+            );
         }
     }
 
@@ -81,9 +90,10 @@ impl State {
             return Err(bad(format!("checkpoint id {} committed twice", m.id)));
         }
         for s in &m.new_segments {
-            self.segments
-                .entry(s.id)
-                .or_insert(SegmentState { len: s.length, refs: 0 });
+            self.segments.entry(s.id).or_insert(SegmentState {
+                len: s.length,
+                refs: 0,
+            });
             self.next_segment_id = self.next_segment_id.max(s.id + 1);
         }
         for c in manifest::all_chunks(&m) {
@@ -117,7 +127,11 @@ impl State {
     }
 
     /// Removes a checkpoint; returns the segments no live checkpoint references any more.
-    pub fn apply_delete(&mut self, id: u64, record_bytes_of: impl Fn(&Manifest) -> u64) -> Vec<u64> {
+    pub fn apply_delete(
+        &mut self,
+        id: u64,
+        record_bytes_of: impl Fn(&Manifest) -> u64,
+    ) -> Vec<u64> {
         let Some(m) = self.checkpoints.remove(&id) else {
             return Vec::new();
         };

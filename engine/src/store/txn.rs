@@ -108,10 +108,18 @@ impl<'s> Transaction<'s> {
 
     /// Adds a tensor. `data` must hold exactly `dtype.size() × product(shape)` bytes. The
     /// bytes are written to a segment now (or referenced, if identical chunks are stored).
-    pub fn put_tensor(&mut self, name: &str, dtype: DType, shape: &[u64], data: &[u8]) -> Result<()> {
+    pub fn put_tensor(
+        &mut self,
+        name: &str,
+        dtype: DType,
+        shape: &[u64],
+        data: &[u8],
+    ) -> Result<()> {
         self.check_usable()?;
         if self.tensor_names.contains(name) {
-            return Err(Error::invalid(format!("duplicate tensor name {name:?} in one checkpoint")));
+            return Err(Error::invalid(format!(
+                "duplicate tensor name {name:?} in one checkpoint"
+            )));
         }
         let expected = manifest::tensor_nbytes(dtype, shape)
             .ok_or_else(|| Error::invalid(format!("tensor {name:?}: shape {shape:?} overflows")))?;
@@ -137,7 +145,9 @@ impl<'s> Transaction<'s> {
     pub fn put_blob(&mut self, name: &str, data: &[u8]) -> Result<()> {
         self.check_usable()?;
         if self.blob_names.contains(name) {
-            return Err(Error::invalid(format!("duplicate blob name {name:?} in one checkpoint")));
+            return Err(Error::invalid(format!(
+                "duplicate blob name {name:?} in one checkpoint"
+            )));
         }
         let chunks = self.write_chunks(data)?;
         self.blob_names.insert(name.to_owned());
@@ -205,23 +215,36 @@ impl<'s> Transaction<'s> {
                 };
                 for (k, r) in (start..end).zip(written) {
                     // A chunk repeated inside this run is stored twice; later ones dedup.
-                    self.local_index.entry(hashes[k]).or_insert_with(|| r.clone());
+                    self.local_index
+                        .entry(hashes[k])
+                        .or_insert_with(|| r.clone());
                     refs[k] = Some(r);
                 }
                 start = end;
             }
             i = j;
         }
-        Ok(refs.into_iter().map(|r| r.expect("every chunk placed")).collect())
+        Ok(refs
+            .into_iter()
+            .map(|r| r.expect("every chunk placed"))
+            .collect())
     }
 
     /// Makes sure a segment is open with room for at least chunk `start`; returns its id and
     /// how many of the chunks `start..limit` fit.
-    fn segment_with_room(&mut self, data: &[u8], cs: usize, start: usize, limit: usize) -> Result<(u64, usize)> {
+    fn segment_with_room(
+        &mut self,
+        data: &[u8],
+        cs: usize,
+        start: usize,
+        limit: usize,
+    ) -> Result<(u64, usize)> {
         let max = self.store.opts.segment_max_bytes;
         let chunk_len = |k: usize| data[k * cs..].len().min(cs) as u64;
         let frame_len = |n: usize, payload: u64| {
-            segment::align_up((segment::FRAME_FIXED_LEN + segment::CHUNK_ENTRY_LEN * n) as u64 + payload)
+            segment::align_up(
+                (segment::FRAME_FIXED_LEN + segment::CHUNK_ENTRY_LEN * n) as u64 + payload,
+            )
         };
         let fits = |end: u64, from: usize| -> usize {
             let mut payload = 0;
@@ -248,9 +271,15 @@ impl<'s> Transaction<'s> {
     fn open_segment(&mut self) -> Result<()> {
         let id = self.store.state.next_segment_id;
         self.store.state.next_segment_id += 1;
-        let path = self.store.dir.join(SEGMENTS_DIR).join(segment::file_name(id));
+        let path = self
+            .store
+            .dir
+            .join(SEGMENTS_DIR)
+            .join(segment::file_name(id));
         let io = self.store.opts.io.clone();
-        let file = io.create_new(&path).map_err(|e| Error::io("create", &path, e))?;
+        let file = io
+            .create_new(&path)
+            .map_err(|e| Error::io("create", &path, e))?;
         file.write_at(&segment::encode_header(id), 0)
             .map_err(|e| Error::io("write", &path, e))?;
         self.segment = Some(OpenSegment {
@@ -266,7 +295,8 @@ impl<'s> Transaction<'s> {
     fn finish_segment(&mut self) -> Result<()> {
         if let Some(seg) = self.segment.take() {
             let synced = seg.file.sync_data();
-            self.finished_segments.push((seg.id, seg.path.clone(), seg.end));
+            self.finished_segments
+                .push((seg.id, seg.path.clone(), seg.end));
             if let Err(e) = synced {
                 return Err(self.store.poison(Error::io("fdatasync", &seg.path, e)));
             }
@@ -302,14 +332,21 @@ impl<'s> Transaction<'s> {
         let seg = self.segment.as_mut().expect("segment open");
         let head = header.encode();
         let frame_start = seg.end;
-        let wr = |buf: &[u8], off: u64| seg.file.write_at(buf, off).map_err(|e| Error::io("write", &seg.path, e));
+        let wr = |buf: &[u8], off: u64| {
+            seg.file
+                .write_at(buf, off)
+                .map_err(|e| Error::io("write", &seg.path, e))
+        };
         wr(&head, frame_start)?;
         let payload_at = frame_start + head.len() as u64;
         wr(&data[lo..hi], payload_at)?;
         let frame_end = segment::align_up(payload_at + (hi - lo) as u64);
         let pad = (frame_end - (payload_at + (hi - lo) as u64)) as usize;
         if pad > 0 {
-            wr(&[0u8; segment::FRAME_ALIGN as usize][..pad], frame_end - pad as u64)?;
+            wr(
+                &[0u8; segment::FRAME_ALIGN as usize][..pad],
+                frame_end - pad as u64,
+            )?;
         }
         seg.end = frame_end;
         let mut off = payload_at;
@@ -362,7 +399,10 @@ impl<'s> Transaction<'s> {
         m.new_segments = self
             .finished_segments
             .iter()
-            .map(|(id, _, len)| pb::SegmentInfo { id: *id, length: *len })
+            .map(|(id, _, len)| pb::SegmentInfo {
+                id: *id,
+                length: *len,
+            })
             .collect();
         let context = format!("checkpoint at step {}", m.step);
         manifest::validate(&m, &context)?;
@@ -394,7 +434,13 @@ impl<'s> Transaction<'s> {
             .apply_commit(m, record_len, &context)
             .expect("a validated manifest applies");
         let info = {
-            let m = self.store.state.checkpoints.values().next_back().expect("just committed");
+            let m = self
+                .store
+                .state
+                .checkpoints
+                .values()
+                .next_back()
+                .expect("just committed");
             CheckpointInfo::of(m)
         };
         let out = CommitInfo {
