@@ -42,6 +42,11 @@ fn key(c: &pb::ChunkRef) -> [u8; 32] {
         .expect("validated 32-byte BLAKE3")
 }
 
+/// Whether chunks in segment `id` may be referenced by a new commit.
+fn usable(segments: &BTreeMap<u64, SegmentState>, damaged: &BTreeSet<u64>, id: u64) -> bool {
+    segments.contains_key(&id) && !damaged.contains(&id)
+}
+
 fn referenced_segments(m: &Manifest) -> BTreeSet<u64> {
     manifest::all_chunks(m).map(|c| c.segment).collect()
 }
@@ -55,12 +60,13 @@ impl State {
         }
     }
 
-    /// A live chunk with this BLAKE3 that can be referenced instead of written again.
+    /// A live chunk with this BLAKE3 that can be referenced instead of written again: only
+    /// one in a live segment that recovery did not find damaged.
     pub fn lookup(&self, hash: &[u8; 32]) -> Option<&pb::ChunkRef> {
         self.index
             .get(hash)
             .map(|e| &e.chunk)
-            .filter(|c| !self.damaged_segments.contains(&c.segment))
+            .filter(|c| usable(&self.segments, &self.damaged_segments, c.segment))
     }
 
     /// Applies a snapshot record: the state restarts from it.
@@ -111,10 +117,18 @@ impl State {
         for s in referenced_segments(&m) {
             self.segments.get_mut(&s).expect("checked above").refs += 1;
         }
+        let (segments, damaged) = (&self.segments, &self.damaged_segments);
         for c in manifest::all_chunks(&m) {
             self.index
                 .entry(key(c))
-                .and_modify(|e| e.refs += 1)
+                .and_modify(|e| {
+                    e.refs += 1;
+                    // A second copy exists only because the first was unusable (its segment
+                    // damaged, or since freed): point future deduplication at the new one.
+                    if !usable(segments, damaged, e.chunk.segment) {
+                        e.chunk = c.clone();
+                    }
+                })
                 .or_insert_with(|| IndexEntry {
                     chunk: c.clone(),
                     refs: 1,
@@ -194,5 +208,61 @@ impl State {
                 .map(|(&id, s)| pb::SegmentInfo { id, length: s.len })
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(id: u64, segment: u64, hash: u8) -> Manifest {
+        Manifest {
+            id,
+            tensors: vec![pb::TensorEntry {
+                name: "t".into(),
+                dtype: pb::DType::U8 as i32,
+                shape: vec![10],
+                nbytes: 10,
+                chunks: vec![pb::ChunkRef {
+                    segment,
+                    offset: 4096,
+                    stored_len: 10,
+                    raw_len: 10,
+                    codec: 0,
+                    blake3: vec![hash; 32],
+                }],
+            }],
+            new_segments: vec![pb::SegmentInfo {
+                id: segment,
+                length: 4106,
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// Deduplication never hands out a chunk in a damaged or freed segment, and moves to a
+    /// healthy copy once one is committed.
+    #[test]
+    fn lookup_skips_damaged_and_freed_segments() {
+        let mut s = State::new();
+        s.apply_commit(manifest(1, 1, 9), 0, "t").unwrap();
+        assert_eq!(s.lookup(&[9; 32]).unwrap().segment, 1);
+        s.damaged_segments.insert(1);
+        assert!(s.lookup(&[9; 32]).is_none());
+
+        // A healthy copy in segment 2: dedup now points there.
+        s.apply_commit(manifest(2, 2, 9), 0, "t").unwrap();
+        assert_eq!(s.lookup(&[9; 32]).unwrap().segment, 2);
+
+        // Freeing the healthy copy leaves only the damaged one: nothing to reuse.
+        assert_eq!(s.apply_delete(2, |_| 0), vec![2]);
+        assert!(s.lookup(&[9; 32]).is_none());
+
+        // A third copy, then the damaged checkpoint goes: segment 1 is freed, never reused.
+        s.apply_commit(manifest(3, 3, 9), 0, "t").unwrap();
+        assert_eq!(s.apply_delete(1, |_| 0), vec![1]);
+        assert_eq!(s.lookup(&[9; 32]).unwrap().segment, 3);
+        assert_eq!(s.apply_delete(3, |_| 0), vec![3]);
+        assert!(s.lookup(&[9; 32]).is_none());
     }
 }
