@@ -93,6 +93,7 @@ impl<'s> CheckpointReader<'s> {
     /// Reads a tensor; `verify = false` skips the BLAKE3 check (a trusted fast path).
     pub fn tensor_with(&self, name: &str, verify: bool) -> Result<Tensor> {
         let t = self.tensor_entry(name)?;
+        self.check_segments(&t.chunks)?;
         let mut data = vec![0u8; t.nbytes as usize];
         self.read_chunks("tensor", &t.name, &t.chunks, &mut data, verify)?;
         Ok(Tensor {
@@ -112,6 +113,7 @@ impl<'s> CheckpointReader<'s> {
             .ok_or_else(|| {
                 Error::NotFound(format!("blob {name:?} in checkpoint {}", self.manifest.id))
             })?;
+        self.check_segments(&b.chunks)?;
         let mut data = vec![0u8; b.nbytes as usize];
         self.read_chunks("blob", &b.name, &b.chunks, &mut data, true)?;
         Ok(data)
@@ -133,6 +135,7 @@ impl<'s> CheckpointReader<'s> {
             );
         for (kind, name, chunks) in items {
             for (i, c) in chunks.iter().enumerate() {
+                self.check_segment(c)?;
                 buf.resize(c.stored_len as usize, 0);
                 self.read_chunk(kind, name, i, c, &mut buf, true)?;
             }
@@ -157,6 +160,30 @@ impl<'s> CheckpointReader<'s> {
         Ok(())
     }
 
+    /// Fails with `SegmentMissing` if any chunk lies in a segment recovery found missing or
+    /// short. Called before allocating the output, so a manifest naming bytes that are not on
+    /// disk never turns into a huge allocation.
+    fn check_segments(&self, chunks: &[pb::ChunkRef]) -> Result<()> {
+        chunks.iter().try_for_each(|c| self.check_segment(c))
+    }
+
+    fn check_segment(&self, c: &pb::ChunkRef) -> Result<()> {
+        match self.store.segment_damage(c.segment) {
+            Some(Error::SegmentMissing {
+                path,
+                problem,
+                needed,
+                ..
+            }) => Err(Error::SegmentMissing {
+                path,
+                problem,
+                checkpoint: self.manifest.id,
+                needed,
+            }),
+            _ => Ok(()),
+        }
+    }
+
     fn read_chunk(
         &self,
         kind: &'static str,
@@ -167,20 +194,7 @@ impl<'s> CheckpointReader<'s> {
         verify: bool,
     ) -> Result<()> {
         let id = self.manifest.id;
-        if let Some(Error::SegmentMissing {
-            path,
-            problem,
-            needed,
-            ..
-        }) = self.store.segment_damage(c.segment)
-        {
-            return Err(Error::SegmentMissing {
-                path,
-                problem,
-                checkpoint: id,
-                needed,
-            });
-        }
+        self.check_segment(c)?;
         let corrupt = |reason: String| Error::ChunkCorrupt {
             checkpoint: id,
             kind,
