@@ -9,7 +9,7 @@ use crate::current::{self, CurrentDecodeError};
 use crate::error::{Error, Result};
 use crate::io::Storage;
 use crate::manifest;
-use crate::segment;
+use crate::segment::{self, DecodeError};
 use crate::wal::{self, HeaderError, RecordType, WalHeader};
 use ckptstore_proto::v1 as pb;
 use prost::Message;
@@ -315,7 +315,26 @@ fn check_segments(
                     .open(path, false)
                     .map_err(|e| Error::io("open", path, e))?;
                 let len = f.len().map_err(|e| Error::io("stat", path, e))?;
-                (len < seg.len).then(|| format!("truncated to {len} bytes"))
+                if len < seg.len.max(32) {
+                    Some(format!("truncated to {len} bytes"))
+                } else {
+                    // The header is metadata too: a newer format is refused, not misread.
+                    let mut h = [0u8; 32];
+                    f.read_at(&mut h, 0)
+                        .map_err(|e| Error::io("read", path, e))?;
+                    match segment::decode_header(&h) {
+                        Ok(found) if found == id => None,
+                        Ok(found) => Some(format!("header names segment {found}")),
+                        Err(DecodeError::Corrupt(why)) => Some(format!("bad header ({why})")),
+                        Err(DecodeError::NewerVersion(v)) => {
+                            return Err(Error::UnsupportedVersion {
+                                path: path.clone(),
+                                found: v as u32,
+                                supported: segment::SEGMENT_VERSION as u32,
+                            })
+                        }
+                    }
+                }
             }
         };
         if let Some(problem) = problem {
