@@ -1,0 +1,327 @@
+//! The `ckptstore` command line: one file per subcommand, shared helpers here (opening a
+//! store, checkpoint selection, human-readable sizes and times, JSON output, errors).
+
+mod demo;
+mod inspect;
+mod ls;
+mod recover;
+mod verify;
+
+use ckptstore::{CheckpointInfo, MetaValue, Options, Selector, Store};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Crash-consistent checkpoint store for ML training.
+///
+/// Exit status: 0 on success; 1 with a one-line reason on stderr (`ckptstore: ...`) when the
+/// command failed or found damage; 2 for a usage error.
+#[derive(Debug, Parser)]
+#[command(name = "ckptstore", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List the checkpoints of a store (read-only; safe while a writer runs).
+    Ls(ls::Args),
+    /// Show one checkpoint: info, metadata, every tensor and blob with its chunks.
+    Inspect(inspect::Args),
+    /// Read every chunk and check its BLAKE3; exits non-zero naming the first bad chunk.
+    Verify(verify::Args),
+    /// Open a store as its writer, run crash recovery, and report what it repaired.
+    Recover(recover::Args),
+    /// Run a synthetic training job, SIGKILL its writer mid-save, recover, verify, resume.
+    Demo(demo::Args),
+    /// Internal: the child writer process of `ckptstore demo`.
+    #[command(name = "__demo-writer", hide = true)]
+    DemoWriter(demo::WriterArgs),
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
+                || e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            {
+                // Help and version are output, not errors (the latter case exits 2).
+                let _ = e.print();
+                return if e.exit_code() == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(2)
+                };
+            }
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            let reason = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("ckptstore: {reason} (see `ckptstore --help`)");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command {
+        Command::Ls(a) => ls::run(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Verify(a) => verify::run(a),
+        Command::Recover(a) => recover::run(a),
+        Command::Demo(a) => demo::run(a),
+        Command::DemoWriter(a) => demo::run_writer(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(reason)) => {
+            let line = reason.split_whitespace().collect::<Vec<_>>().join(" ");
+            eprintln!("ckptstore: {line}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Why a command failed: one line, printed as `ckptstore: <reason>`.
+#[derive(Debug)]
+pub struct Failure(pub String);
+
+impl<E: std::error::Error> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure(e.to_string())
+    }
+}
+
+/// Result of a subcommand.
+pub type CliResult<T = ()> = Result<T, Failure>;
+
+/// A failure with a message.
+pub fn fail<T>(reason: impl Into<String>) -> CliResult<T> {
+    Err(Failure(reason.into()))
+}
+
+/// Checks that `dir` is an existing directory, so that a typo is reported as such rather
+/// than as a failed file-system call deep inside the engine.
+pub fn check_dir(dir: &Path) -> CliResult {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => fail(format!("{} is not a directory", dir.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fail(format!("{}: no such directory", dir.display()))
+        }
+        Err(e) => fail(format!("{}: {e}", dir.display())),
+    }
+}
+
+/// Opens a store read-only (no lock, no repair): works while a writer runs.
+pub fn open_read_only(dir: &Path) -> CliResult<Store> {
+    check_dir(dir)?;
+    Ok(Store::open(dir, Options::read_only())?)
+}
+
+/// The checkpoint picked by an optional positional STEP and an optional `--id`.
+pub fn selector(step: Option<u64>, id: Option<u64>) -> Selector {
+    match (id, step) {
+        (Some(id), _) => Selector::Id(id),
+        (None, Some(step)) => Selector::Step(step),
+        (None, None) => Selector::Latest,
+    }
+}
+
+/// `1536` → `1.5 KiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if v >= 100.0 {
+        format!("{v:.0} {}", UNITS[unit])
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// A duration for people: `850 µs`, `12.3 ms`, `4.56 s`.
+pub fn human_duration(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s < 1e-3 {
+        format!("{:.0} µs", s * 1e6)
+    } else if s < 1.0 {
+        format!("{:.1} ms", s * 1e3)
+    } else {
+        format!("{s:.2} s")
+    }
+}
+
+/// Nanoseconds since the Unix epoch → `2024-05-01T12:34:56.789Z` (UTC, RFC 3339).
+pub fn iso_time(unix_ns: i64) -> String {
+    let secs = unix_ns.div_euclid(1_000_000_000);
+    let millis = unix_ns.rem_euclid(1_000_000_000) / 1_000_000;
+    let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        sod / 3600,
+        sod / 60 % 60,
+        sod % 60
+    )
+}
+
+/// How long ago `unix_ns` was: `5s ago`, `3m ago`, `2h ago`, `4d ago`.
+pub fn age(unix_ns: i64) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64);
+    let secs = (now - unix_ns) / 1_000_000_000;
+    match secs {
+        s if s < 0 => "in the future".into(),
+        s if s < 120 => format!("{s}s ago"),
+        s if s < 7_200 => format!("{}m ago", s / 60),
+        s if s < 172_800 => format!("{}h ago", s / 3_600),
+        s => format!("{}d ago", s / 86_400),
+    }
+}
+
+/// Lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A metadata value as JSON: strings and numbers as themselves, bytes as `{"hex": "..."}`
+/// (a non-finite float becomes `null`).
+pub fn meta_json(v: &MetaValue) -> Value {
+    match v {
+        MetaValue::Str(s) => json!(s),
+        MetaValue::Int(i) => json!(i),
+        MetaValue::Float(f) => json!(f),
+        MetaValue::Bytes(b) => json!({ "hex": hex(b) }),
+    }
+}
+
+/// All metadata as a JSON object.
+pub fn metadata_json(m: &BTreeMap<String, MetaValue>) -> Value {
+    Value::Object(
+        m.iter()
+            .map(|(k, v)| (k.clone(), meta_json(v)))
+            .collect::<Map<_, _>>(),
+    )
+}
+
+/// A metadata value for a table: short, one line.
+pub fn meta_text(v: &MetaValue) -> String {
+    match v {
+        MetaValue::Str(s) => format!("{s:?}"),
+        MetaValue::Int(i) => i.to_string(),
+        MetaValue::Float(f) => format!("{f}"),
+        MetaValue::Bytes(b) if b.len() <= 8 => format!("0x{}", hex(b)),
+        MetaValue::Bytes(b) => format!("0x{}… ({} bytes)", hex(&b[..8]), b.len()),
+    }
+}
+
+/// One checkpoint's summary as JSON (the object `ls --json` prints per checkpoint).
+pub fn info_json(c: &CheckpointInfo) -> Value {
+    json!({
+        "id": c.id,
+        "step": c.step,
+        "epoch": c.epoch,
+        "time_unix_ns": c.wall_time_unix_ns,
+        "time": iso_time(c.wall_time_unix_ns),
+        "tensors": c.tensors,
+        "blobs": c.blobs,
+        "bytes": c.bytes,
+        "metadata": metadata_json(&c.metadata),
+    })
+}
+
+/// Writes `text` to stdout; a closed pipe (`ckptstore ls | head`) is not an error.
+pub fn emit(text: &str) -> CliResult {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => fail(format!("stdout: {e}")),
+        _ => Ok(()),
+    }
+}
+
+/// Pretty-prints a JSON value on stdout.
+pub fn emit_json(v: &Value) -> CliResult {
+    let mut s = serde_json::to_string_pretty(v)?;
+    s.push('\n');
+    emit(&s)
+}
+
+/// Left-aligned columns (right-aligned where `right[i]`), two spaces apart.
+pub fn table(header: &[&str], right: &[bool], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let n = cells.len();
+        let mut s = String::new();
+        for (i, c) in cells.into_iter().enumerate() {
+            let pad = widths[i].saturating_sub(c.chars().count());
+            if i > 0 {
+                s.push_str("  ");
+            }
+            if right.get(i).copied().unwrap_or(false) {
+                s.extend(std::iter::repeat_n(' ', pad));
+                s.push_str(c);
+            } else {
+                s.push_str(c);
+                if i + 1 < n {
+                    s.extend(std::iter::repeat_n(' ', pad));
+                }
+            }
+        }
+        s.push('\n');
+        s
+    };
+    let mut out = line(header.to_vec());
+    for r in rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iso_time_known_instants() {
+        assert_eq!(iso_time(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            iso_time(1_709_251_199_123_000_000),
+            "2024-02-29T23:59:59.123Z"
+        );
+        assert_eq!(iso_time(-1_000_000_000), "1969-12-31T23:59:59.000Z");
+    }
+
+    #[test]
+    fn human_bytes_units() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(256 << 20), "256 MiB");
+    }
+}

@@ -1,0 +1,182 @@
+//! `ckptstore recover`: open a store as its writer (which runs recovery) and report what
+//! recovery found and repaired.
+
+use super::CliResult;
+use super::{check_dir, emit, emit_json, fail, human_bytes, human_duration, info_json};
+use ckptstore::current::CURRENT_NAME;
+use ckptstore::store::{parse_wal_file_name, SEGMENTS_DIR};
+use ckptstore::{Options, RecoveryMode, RecoveryReport, Store};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+/// Arguments of `ckptstore recover`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The store directory. It must exist: `recover` never creates a store.
+    pub dir: PathBuf,
+    /// Salvage a store whose WAL is corrupt before its end (RecoveryMode::PointInTime):
+    /// keep every checkpoint committed before the damage, drop everything after it.
+    #[arg(long)]
+    pub salvage: bool,
+    /// Refuse to repair anything, even a torn tail left by a crash mid-commit
+    /// (RecoveryMode::AbsoluteConsistency): a check that the store is clean.
+    #[arg(long, conflicts_with = "salvage")]
+    pub strict: bool,
+    /// Print JSON: every field of the recovery report, plus `latest` (the newest checkpoint,
+    /// as in `ls --json`, or null).
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn looks_like_store(dir: &Path) -> bool {
+    dir.join(CURRENT_NAME).exists()
+        || dir.join(SEGMENTS_DIR).is_dir()
+        || std::fs::read_dir(dir).is_ok_and(|rd| {
+            rd.flatten()
+                .any(|e| parse_wal_file_name(&e.file_name().to_string_lossy()).is_some())
+        })
+}
+
+fn names(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| {
+            p.file_name()
+                .map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into())
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn report_json(r: &RecoveryReport, mode: &str, store: &Store) -> Value {
+    json!({
+        "dir": store.dir().display().to_string(),
+        "mode": mode,
+        "created": r.created,
+        "wal_file": r.wal_file.display().to_string(),
+        "records_replayed": r.records_replayed,
+        "truncated_tail_bytes": r.truncated_tail_bytes,
+        "truncated_tail_reason": r.truncated_tail_reason,
+        "salvaged_corruption": r.salvaged_corruption,
+        "orphan_segments": r.orphan_segments.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "orphan_bytes": r.orphan_bytes,
+        "stale_files": r.stale_files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        "damaged_segments": r.damaged_segments.iter().map(|(s, p)| json!({"segment": s, "problem": p})).collect::<Vec<_>>(),
+        "checkpoints": r.checkpoints,
+        "duration_ns": r.duration.as_nanos() as u64,
+        "latest": store.latest().as_ref().map(info_json),
+    })
+}
+
+/// Runs recovery as the writer and prints its report.
+pub fn run(a: Args) -> CliResult {
+    check_dir(&a.dir)?;
+    if !looks_like_store(&a.dir) {
+        return fail(format!(
+            "{} is not a ckptstore store (no CURRENT, WAL file or segments/); refusing to create one",
+            a.dir.display()
+        ));
+    }
+    let (mode, mode_name) = if a.salvage {
+        (RecoveryMode::PointInTime, "point-in-time (salvage)")
+    } else if a.strict {
+        (RecoveryMode::AbsoluteConsistency, "absolute-consistency")
+    } else {
+        (
+            RecoveryMode::TolerateTailCorruption,
+            "tolerate-tail-corruption",
+        )
+    };
+    let opts = Options {
+        recovery_mode: mode,
+        ..Default::default()
+    };
+    let store = Store::open(&a.dir, opts)?;
+    let r = store.recovery_report().clone();
+    if a.json {
+        emit_json(&report_json(&r, mode_name, &store))?;
+    } else {
+        let mut out = format!(
+            "recovered {} in {} (mode: {mode_name})\n",
+            a.dir.display(),
+            human_duration(r.duration)
+        );
+        let mut line = |k: &str, v: String| out += &format!("  {k:<18}{v}\n");
+        line(
+            "wal",
+            format!(
+                "{}, {} records replayed",
+                r.wal_file.display(),
+                r.records_replayed
+            ),
+        );
+        line(
+            "torn tail",
+            match (&r.truncated_tail_reason, r.truncated_tail_bytes) {
+                (_, 0) => "none".into(),
+                (Some(why), n) => format!("cut {n} bytes ({why})"),
+                (None, n) => format!("cut {n} bytes"),
+            },
+        );
+        if let Some(s) = &r.salvaged_corruption {
+            line("salvage", s.clone());
+        }
+        line(
+            "orphan segments",
+            if r.orphan_segments.is_empty() {
+                "none".into()
+            } else {
+                format!(
+                    "removed {} ({}): {}",
+                    r.orphan_segments.len(),
+                    human_bytes(r.orphan_bytes),
+                    names(&r.orphan_segments)
+                )
+            },
+        );
+        line(
+            "stale files",
+            if r.stale_files.is_empty() {
+                "none".into()
+            } else {
+                format!("removed {}: {}", r.stale_files.len(), names(&r.stale_files))
+            },
+        );
+        line(
+            "damaged segments",
+            if r.damaged_segments.is_empty() {
+                "none".into()
+            } else {
+                r.damaged_segments
+                    .iter()
+                    .map(|(s, p)| format!("{s} ({p})"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        );
+        line(
+            "checkpoints",
+            match store.latest() {
+                Some(l) => format!(
+                    "{} live, latest id {} at step {}",
+                    r.checkpoints, l.id, l.step
+                ),
+                None => format!("{} live", r.checkpoints),
+            },
+        );
+        emit(&out)?;
+    }
+    if !r.damaged_segments.is_empty() {
+        return fail(format!(
+            "recovered, but {} segment(s) referenced by committed checkpoints are damaged ({}); \
+             `ckptstore verify` names the affected checkpoints",
+            r.damaged_segments.len(),
+            r.damaged_segments
+                .iter()
+                .map(|(s, p)| format!("segment {s} {p}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    Ok(())
+}
