@@ -394,8 +394,18 @@ impl Store {
             }
             info.segments_freed.push(s);
         }
-        self.maybe_compact_wal()?;
+        self.compact_after_durable_write();
         Ok(info)
+    }
+
+    /// Compacts the WAL if it is due, after a commit or delete record is already durable. A
+    /// failure poisons the store (the next write reports its cause) but does not fail the
+    /// operation that triggered it: that one has happened and survives a reopen, and reporting
+    /// it as failed would invite a retry of something already done.
+    pub(crate) fn compact_after_durable_write(&mut self) {
+        if let Err(e) = self.maybe_compact_wal() {
+            self.poison(e);
+        }
     }
 
     fn maybe_compact_wal(&mut self) -> Result<()> {

@@ -451,7 +451,7 @@ impl<'s> Transaction<'s> {
             chunks_deduplicated: self.chunks_deduplicated,
             duration: self.started.elapsed(),
         };
-        self.store.maybe_compact_wal()?;
+        self.store.compact_after_durable_write();
         Ok(out)
     }
 
