@@ -580,58 +580,29 @@ fn demo(a: &Args, dir: &Path) -> CliResult {
     bar.set_prefix("writer");
     say(&bar, format!("demo: writer process {pid} started"));
 
+    // Lines the writer printed: `saving step S` (a save begins) and `committed ...` (its
+    // commit() returned: acknowledged). `in_flight` is the save begun and not acknowledged.
     let mut acked: Vec<Commit> = Vec::new();
-    let mut killed: Option<(u64, Duration)> = None;
-    for line in BufReader::new(stdout).lines() {
-        let line = line?;
+    let mut in_flight: Option<u64> = None;
+    let mut on_line = |line: &str, acked: &mut Vec<Commit>, quiet: bool| -> CliResult {
         if let Some(rest) = line.strip_prefix("saving step ") {
-            let step: u64 = rest
+            let step = rest
                 .trim()
                 .parse()
                 .map_err(|_| super::Failure(format!("bad writer line {line:?}")))?;
-            let save_started = Instant::now();
+            in_flight = Some(step);
             bar.set_message(format!("saving step {step}"));
-            if acked.len() as u64 >= a.kill_after {
-                let delay = match a.kill_delay_ms {
-                    Some(ms) => Duration::from_millis(ms),
-                    None if acked.is_empty() => Duration::from_millis(5),
-                    None => {
-                        let mean =
-                            acked.iter().map(|c| c.duration).sum::<Duration>() / acked.len() as u32;
-                        (mean * 2 / 5).max(Duration::from_millis(1))
-                    }
-                };
-                std::thread::sleep(delay.saturating_sub(save_started.elapsed()));
-                let child = reaper.0.as_mut().expect("running");
-                let at = save_started.elapsed();
-                child.kill()?; // SIGKILL
-                let status = child.wait()?;
-                reaper.0 = None;
-                use std::os::unix::process::ExitStatusExt;
-                if status.signal() != Some(9) {
-                    return fail(format!(
-                        "the writer exited ({status}) before the SIGKILL landed; use more --steps or a smaller --kill-delay-ms"
-                    ));
-                }
-                killed = Some((step, at));
-                say(
-                    &bar,
-                    format!(
-                        "demo: SIGKILLed writer {pid} {} into its save of step {step}",
-                        human_duration(at)
-                    ),
-                );
-                break;
-            }
         } else if line.starts_with("committed ") {
-            let c = Commit::parse(&line)
+            let c = Commit::parse(line)
                 .ok_or_else(|| super::Failure(format!("bad writer line {line:?}")))?;
+            in_flight = None;
             bar.set_position(c.step);
             bar.set_message(format!("committed step {} (checkpoint {})", c.step, c.id));
+            let late = if quiet { " (read after the kill)" } else { "" };
             say(
                 &bar,
                 format!(
-                    "demo: writer committed step {} as checkpoint {} in {} ({} written, {} deduplicated)",
+                    "demo: writer committed step {} as checkpoint {} in {} ({} written, {} deduplicated){late}",
                     c.step,
                     c.id,
                     human_duration(c.duration),
@@ -643,14 +614,72 @@ fn demo(a: &Args, dir: &Path) -> CliResult {
         } else {
             return fail(format!("unexpected line from the demo writer: {line:?}"));
         }
+        Ok(())
+    };
+    let mut lines = BufReader::new(stdout).lines();
+    let mut killed: Option<(u64, Duration)> = None;
+    for line in lines.by_ref() {
+        let line = line?;
+        on_line(&line, &mut acked, false)?;
+        let Some(step) = line.strip_prefix("saving step ") else {
+            continue;
+        };
+        if (acked.len() as u64) < a.kill_after {
+            continue;
+        }
+        let announced = Instant::now();
+        let delay = match a.kill_delay_ms {
+            Some(ms) => Duration::from_millis(ms),
+            None if acked.is_empty() => Duration::from_millis(5),
+            None => {
+                let mean = acked.iter().map(|c| c.duration).sum::<Duration>() / acked.len() as u32;
+                (mean * 2 / 5).max(Duration::from_millis(1))
+            }
+        };
+        std::thread::sleep(delay);
+        let child = reaper.0.as_mut().expect("running");
+        let at = announced.elapsed();
+        child.kill()?; // SIGKILL
+        let status = child.wait()?;
+        reaper.0 = None;
+        use std::os::unix::process::ExitStatusExt;
+        if status.signal() != Some(9) {
+            return fail(format!(
+                "the writer exited ({status}) before the SIGKILL landed; use more --steps or a smaller --kill-delay-ms"
+            ));
+        }
+        say(
+            &bar,
+            format!(
+                "demo: SIGKILL sent to writer {pid} {} after it announced the save of step {}",
+                human_duration(at),
+                step.trim()
+            ),
+        );
+        killed = Some((step.trim().parse().unwrap_or(0), at));
+        break;
     }
-    let Some((killed_step, killed_after)) = killed else {
+    let Some((announced_step, killed_after)) = killed else {
         let status = reaper.0.take().map(|mut c| c.wait()).transpose()?;
         return fail(format!(
             "the demo writer ended ({}) before the kill point",
             status.map_or_else(|| "unknown status".into(), |s| s.to_string())
         ));
     };
+    // The writer is dead; what it printed before dying still counts (a commit that returned
+    // is acknowledged even if we read its line only now).
+    for line in lines {
+        on_line(&line?, &mut acked, true)?;
+    }
+    let killed_step = in_flight;
+    match killed_step {
+        Some(s) if s != announced_step => say(
+            &bar,
+            format!("demo: the writer had moved on: it died saving step {s}"),
+        ),
+        Some(_) => {}
+        None => say(&bar, "demo: the writer died between saves"),
+    }
 
     // 2. Reopen: recovery.
     bar.set_prefix("recovery");
@@ -715,7 +744,7 @@ fn demo(a: &Args, dir: &Path) -> CliResult {
         }
         (Some(l), c) => {
             let acked_step = c.as_ref().map_or(0, |c| c.step);
-            if l.step != acked_step && l.step != killed_step {
+            if l.step != acked_step && Some(l.step) != killed_step {
                 return fail(format!(
                     "VIOLATION: latest checkpoint {} is step {}, which was neither acknowledged nor being saved",
                     l.id, l.step
@@ -727,10 +756,12 @@ fn demo(a: &Args, dir: &Path) -> CliResult {
     let (resume_step, exact) = match &resume_from {
         Some(l) => {
             let counts = model.check_exact(&store, l.id)?;
-            let how = if l.step == killed_step {
-                "the interrupted save had become durable before the kill (committed, not yet acknowledged)"
-            } else {
-                "the interrupted save was rolled back"
+            let how = match killed_step {
+                Some(s) if s == l.step => {
+                    "the interrupted save had become durable before the kill (committed, not yet acknowledged)"
+                }
+                Some(_) => "the interrupted save was rolled back",
+                None => "no save was in flight",
             };
             say(
                 &bar,
@@ -760,6 +791,17 @@ fn demo(a: &Args, dir: &Path) -> CliResult {
         let data = model.state(step);
         let c = Commit::of(&model.save(&mut store, step, &data)?);
         bar.set_position(step);
+        say(
+            &bar,
+            format!(
+                "demo: resumed training committed step {} as checkpoint {} in {} ({} written, {} deduplicated)",
+                c.step,
+                c.id,
+                human_duration(c.duration),
+                human_bytes(c.written),
+                human_bytes(c.dedup)
+            ),
+        );
         resumed.push(c);
     }
     bar.set_position(a.steps);
@@ -812,10 +854,20 @@ fn demo(a: &Args, dir: &Path) -> CliResult {
     );
     line(
         "killed",
-        format!(
-            "writer pid {pid} by SIGKILL at step {killed_step}, {} into its save",
-            human_duration(killed_after)
-        ),
+        match killed_step {
+            Some(step) if step == announced_step => format!(
+                "writer pid {pid} by SIGKILL at step {step}, {} into its save",
+                human_duration(killed_after)
+            ),
+            Some(step) => format!(
+                "writer pid {pid} by SIGKILL at step {step}, mid-save ({} after the save of step {announced_step} began)",
+                human_duration(killed_after)
+            ),
+            None => format!(
+                "writer pid {pid} by SIGKILL between saves ({} after the save of step {announced_step} began)",
+                human_duration(killed_after)
+            ),
+        },
     );
     line(
         "last acknowledged",

@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// Exit status: 0 on success; 1 with a one-line reason on stderr (`ckptstore: ...`) when the
 /// command failed or found damage; 2 for a usage error.
 #[derive(Debug, Parser)]
-#[command(name = "ckptstore", version, about, long_about = None)]
+#[command(name = "ckptstore", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -61,10 +61,17 @@ pub fn main() -> ExitCode {
                     ExitCode::from(2)
                 };
             }
+            // clap's message is a paragraph (e.g. "required arguments were not provided:"
+            // followed by the arguments), then usage and tips: keep the paragraph, one line.
             let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            let reason = first.strip_prefix("error: ").unwrap_or(first);
-            eprintln!("ckptstore: {reason} (see `ckptstore --help`)");
+            let paragraph: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let reason = paragraph.join(" ");
+            let reason = reason.strip_prefix("error: ").unwrap_or(&reason);
+            eprintln!("ckptstore: {reason} (see --help)");
             return ExitCode::from(2);
         }
     };

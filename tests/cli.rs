@@ -1,0 +1,367 @@
+//! The `ckptstore` binary end to end: ls, inspect, verify, recover on a small store built with
+//! the library; corruption named down to the chunk; one-line errors; --help; the demo.
+
+use ckptstore::{DType, Options, Selector, Store};
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ckptstore");
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run ckptstore")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs and expects success; returns stdout.
+fn ok(args: &[&str]) -> String {
+    let o = run(args);
+    assert!(
+        o.status.success(),
+        "ckptstore {args:?} failed: {}\n{}",
+        o.status,
+        stderr(&o)
+    );
+    stdout(&o)
+}
+
+/// Runs and expects failure with exactly one `ckptstore: ...` line on stderr; returns it.
+fn fails(args: &[&str]) -> String {
+    let o = run(args);
+    assert!(!o.status.success(), "ckptstore {args:?} succeeded");
+    let err = stderr(&o);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "not one line: {err:?}");
+    assert!(lines[0].starts_with("ckptstore: "), "{err:?}");
+    lines[0].to_owned()
+}
+
+fn bytes(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+const CHUNK: usize = 4096;
+
+/// Three checkpoints (steps 10, 20, 30): a frozen tensor, a tensor "w" of 3 chunks that
+/// changes every step, a blob, and metadata.
+fn make_store(dir: &Path) {
+    let opts = Options {
+        chunk_size: CHUNK,
+        ..Default::default()
+    };
+    let mut s = Store::open(dir, opts).unwrap();
+    let frozen = bytes(99, 2 * CHUNK);
+    for (i, step) in [10u64, 20, 30].into_iter().enumerate() {
+        let mut t = s.begin(step).unwrap();
+        t.set_epoch(i as u64);
+        t.set_metadata("lr", 0.1 / (i + 1) as f64);
+        t.set_metadata("note", "hello");
+        t.set_metadata("rng", vec![1u8, 2, 3, i as u8]);
+        t.put_tensor("frozen.embed", DType::F32, &[2, CHUNK as u64 / 4], &frozen)
+            .unwrap();
+        let w = bytes(step, 3 * CHUNK);
+        t.put_tensor("w", DType::BF16, &[3, CHUNK as u64 / 2], &w)
+            .unwrap();
+        t.put_blob("config.json", b"{\"layers\":2}").unwrap();
+        t.commit().unwrap();
+    }
+}
+
+fn store() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    make_store(d.path());
+    d
+}
+
+fn json(s: &str) -> Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("bad JSON ({e}): {s}"))
+}
+
+#[test]
+fn ls_table_and_json() {
+    let d = store();
+    let dir = d.path().to_str().unwrap();
+    let table = ok(&["ls", dir]);
+    assert!(table.starts_with("ID"), "{table}");
+    assert_eq!(table.lines().count(), 4, "{table}");
+    assert!(table.contains("note=\"hello\""), "{table}");
+
+    let v = json(&ok(&["ls", dir, "--json"]));
+    let a = v.as_array().unwrap();
+    assert_eq!(a.len(), 3);
+    for (i, c) in a.iter().enumerate() {
+        assert_eq!(c["id"], i as u64 + 1);
+        assert_eq!(c["step"], (i as u64 + 1) * 10);
+        assert_eq!(c["epoch"], i as u64);
+        assert_eq!(c["tensors"], 2);
+        assert_eq!(c["blobs"], 1);
+        assert_eq!(c["bytes"], (5 * CHUNK + 12) as u64);
+        assert!(c["time_unix_ns"].as_i64().unwrap() > 0);
+        assert!(c["time"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(c["metadata"]["note"], "hello");
+        assert_eq!(c["metadata"]["lr"], 0.1 / (i + 1) as f64);
+        assert_eq!(
+            c["metadata"]["rng"]["hex"],
+            format!("010203{:02x}", i as u8)
+        );
+    }
+}
+
+#[test]
+fn ls_works_while_a_writer_holds_the_store_and_recover_is_refused() {
+    let d = store();
+    let dir = d.path().to_str().unwrap();
+    let _writer = Store::open(d.path(), Options::default()).unwrap();
+    let v = json(&ok(&["ls", dir, "--json"]));
+    assert_eq!(v.as_array().unwrap().len(), 3);
+    ok(&["verify", dir]);
+    let e = fails(&["recover", dir]);
+    assert!(e.contains("locked"), "{e}");
+}
+
+#[test]
+fn inspect_latest_step_and_id() {
+    let d = store();
+    let dir = d.path().to_str().unwrap();
+    let text = ok(&["inspect", dir]);
+    assert!(text.starts_with("checkpoint 3  step 30  epoch 2"), "{text}");
+    assert!(text.contains("frozen.embed"), "{text}");
+    assert!(text.contains("bf16"), "{text}");
+    assert!(text.contains("config.json"), "{text}");
+
+    let v = json(&ok(&["inspect", dir, "20", "--json"]));
+    assert_eq!(v["id"], 2);
+    assert_eq!(v["step"], 20);
+    let t = v["tensors"].as_array().unwrap();
+    assert_eq!(t[0]["name"], "frozen.embed");
+    assert_eq!(t[0]["dtype"], "f32");
+    assert_eq!(t[0]["shape"], serde_json::json!([2, CHUNK / 4]));
+    assert_eq!(t[0]["chunks"], 2);
+    assert_eq!(t[0]["new_bytes"], 0, "the frozen tensor is deduplicated");
+    assert_eq!(t[1]["name"], "w");
+    assert_eq!(t[1]["dtype"], "bf16");
+    assert_eq!(t[1]["bytes"], 3 * CHUNK as u64);
+    assert_eq!(t[1]["chunks"], 3);
+    assert_eq!(t[1]["new_bytes"], 3 * CHUNK as u64);
+    assert_eq!(v["blobs"][0]["name"], "config.json");
+
+    let v = json(&ok(&["inspect", dir, "--id", "1", "--json", "--chunks"]));
+    assert_eq!(v["step"], 10);
+    let refs = v["tensors"][1]["chunk_refs"].as_array().unwrap();
+    assert_eq!(refs.len(), 3);
+    assert_eq!(refs[0]["blake3"].as_str().unwrap().len(), 64);
+
+    let e = fails(&["inspect", dir, "999"]);
+    assert!(e.contains("step 999"), "{e}");
+    let e = fails(&["inspect", dir, "--id", "42"]);
+    assert!(e.contains("id 42"), "{e}");
+}
+
+#[test]
+fn verify_names_the_corrupt_checkpoint_tensor_and_chunk() {
+    let d = store();
+    let dir = d.path().to_str().unwrap();
+    let out = ok(&["verify", dir]);
+    assert!(out.contains("verified 3 checkpoints"), "{out}");
+    ok(&["verify", dir, "20"]);
+
+    // Flip one payload byte of chunk 1 of "w" in checkpoint 2 (its own, not shared).
+    let (segment, offset) = {
+        let s = Store::open(d.path(), Options::read_only()).unwrap();
+        let ck = s.checkpoint(Selector::Id(2)).unwrap();
+        let t = ck
+            .manifest()
+            .tensors
+            .iter()
+            .find(|t| t.name == "w")
+            .unwrap();
+        (t.chunks[1].segment, t.chunks[1].offset)
+    };
+    let seg = d.path().join("segments").join(format!("{segment:08}.seg"));
+    let mut data = std::fs::read(&seg).unwrap();
+    data[offset as usize + 17] ^= 0x40;
+    std::fs::write(&seg, data).unwrap();
+
+    let e = fails(&["verify", dir]);
+    assert!(e.contains("checkpoint 2"), "{e}");
+    assert!(e.contains("tensor \"w\""), "{e}");
+    assert!(e.contains("chunk 1"), "{e}");
+    assert!(e.contains("BLAKE3"), "{e}");
+    let e = fails(&["verify", dir, "--id", "2"]);
+    assert!(e.contains("chunk 1"), "{e}");
+    ok(&["verify", dir, "--id", "1"]);
+    ok(&["verify", dir, "30"]);
+
+    let o = run(&["verify", dir, "--json"]);
+    assert!(!o.status.success());
+    let v = json(&stdout(&o));
+    assert_eq!(v["ok"], false);
+    let c = v["checkpoints"].as_array().unwrap();
+    assert_eq!(c.len(), 3);
+    assert_eq!(c[0]["ok"], true);
+    assert_eq!(c[1]["ok"], false);
+    assert!(c[1]["error"].as_str().unwrap().contains("chunk 1"));
+    assert_eq!(c[2]["ok"], true);
+}
+
+#[test]
+fn recover_reports_a_torn_tail_and_orphans() {
+    let d = store();
+    let dir = d.path().to_str().unwrap();
+    let clean = ok(&["recover", dir]);
+    assert!(clean.contains("torn tail         none"), "{clean}");
+    assert!(clean.contains("3 live, latest id 3 at step 30"), "{clean}");
+
+    // A crash mid-commit: half a record at the WAL's end and a segment nothing references.
+    let wal = std::fs::read_dir(d.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "wal"))
+        .expect("a WAL file");
+    let mut w = std::fs::read(&wal).unwrap();
+    w.extend_from_slice(&[0x01, 0x00, 0x00, 0x10, 0xde, 0xad, 0xbe, 0xef, 0x77]);
+    std::fs::write(&wal, w).unwrap();
+    std::fs::write(d.path().join("segments/00000077.seg"), vec![7u8; 5000]).unwrap();
+
+    let v = json(&ok(&["recover", dir, "--json"]));
+    assert_eq!(v["truncated_tail_bytes"], 9, "{v}");
+    assert!(v["truncated_tail_reason"].is_string(), "{v}");
+    assert_eq!(v["orphan_segments"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["orphan_bytes"], 5000);
+    assert_eq!(v["checkpoints"], 3);
+    assert_eq!(v["latest"]["step"], 30);
+    assert!(v["duration_ns"].as_u64().is_some());
+    assert!(!d.path().join("segments/00000077.seg").exists());
+
+    // Repaired: a second run has nothing to do, strict mode agrees.
+    let again = ok(&["recover", dir, "--strict"]);
+    assert!(again.contains("torn tail         none"), "{again}");
+    assert!(again.contains("orphan segments   none"), "{again}");
+    ok(&["verify", dir]);
+}
+
+#[test]
+fn bad_directories_and_usage_give_one_line_errors() {
+    let d = tempfile::tempdir().unwrap();
+    let missing = d.path().join("nope");
+    let missing = missing.to_str().unwrap();
+    for cmd in ["ls", "inspect", "verify", "recover"] {
+        let e = fails(&[cmd, missing]);
+        assert!(e.contains("no such directory"), "{cmd}: {e}");
+    }
+    // An empty directory is not a store; recover must not turn it into one.
+    let empty = d.path().to_str().unwrap();
+    let e = fails(&["ls", empty]);
+    assert!(e.contains("no CURRENT"), "{e}");
+    let e = fails(&["recover", empty]);
+    assert!(e.contains("not a ckptstore store"), "{e}");
+    assert!(!d.path().join("CURRENT").exists());
+    // A file, not a directory.
+    let file = d.path().join("f");
+    std::fs::write(&file, b"x").unwrap();
+    let e = fails(&["verify", file.to_str().unwrap()]);
+    assert!(e.contains("not a directory"), "{e}");
+
+    // Usage errors: one line, exit status 2.
+    let o = run(&["ls"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    let o = run(&["frobnicate"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+}
+
+#[test]
+fn help_for_every_subcommand() {
+    let top = ok(&["--help"]);
+    for cmd in ["ls", "inspect", "verify", "recover", "demo"] {
+        assert!(top.contains(cmd), "{top}");
+        let h = ok(&[cmd, "--help"]);
+        assert!(h.contains("Usage: ckptstore"), "{cmd}: {h}");
+        let h2 = ok(&["help", cmd]);
+        assert!(h2.contains("Usage"), "{cmd}: {h2}");
+    }
+    assert!(!top.contains("__demo-writer"), "{top}");
+    assert!(ok(&["ls", "--help"]).contains("--json"));
+    assert!(ok(&["recover", "--help"]).contains("--salvage"));
+}
+
+#[test]
+fn demo_kills_recovers_resumes() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("demo");
+    let dir_s = dir.to_str().unwrap();
+    let out = ok(&[
+        "demo",
+        "--dir",
+        dir_s,
+        "--state-mib",
+        "16",
+        "--steps",
+        "12",
+        "--save-every",
+        "3",
+        "--keep",
+    ]);
+    assert!(out.starts_with("ckptstore demo: ok"), "{out}");
+    // Killed during the save of step 9 (or, on a loaded machine, a later one).
+    assert!(out.contains("by SIGKILL"), "{out}");
+    assert!(out.contains("bit-exact"), "{out}");
+    let v = json(&ok(&["ls", dir_s, "--json"]));
+    let steps: Vec<u64> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [3, 6, 9, 12]);
+    ok(&["verify", dir_s]);
+    // The frozen embedding is stored once: every later checkpoint shares it.
+    let v = json(&ok(&["inspect", dir_s, "--json"]));
+    let embed = v["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "embed.weight")
+        .unwrap()
+        .clone();
+    assert_eq!(embed["new_bytes"], 0, "{embed}");
+
+    // The demo refuses a non-empty directory, and without --keep removes its own.
+    let e = fails(&["demo", "--dir", dir_s, "--state-mib", "1"]);
+    assert!(e.contains("not empty"), "{e}");
+    let fresh = d.path().join("fresh");
+    ok(&[
+        "demo",
+        "--dir",
+        fresh.to_str().unwrap(),
+        "--state-mib",
+        "1",
+        "--steps",
+        "4",
+        "--save-every",
+        "1",
+        "--kill-after",
+        "1",
+    ]);
+    assert!(!fresh.exists());
+}
