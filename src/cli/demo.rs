@@ -584,7 +584,7 @@ fn demo(a: &Args, dir: &Path) -> CliResult {
     // commit() returned: acknowledged). `in_flight` is the save begun and not acknowledged.
     let mut acked: Vec<Commit> = Vec::new();
     let mut in_flight: Option<u64> = None;
-    let mut on_line = |line: &str, acked: &mut Vec<Commit>, quiet: bool| -> CliResult {
+    let mut on_line = |line: &str, acked: &mut Vec<Commit>, late: bool| -> CliResult {
         if let Some(rest) = line.strip_prefix("saving step ") {
             let step = rest
                 .trim()
@@ -598,7 +598,7 @@ fn demo(a: &Args, dir: &Path) -> CliResult {
             in_flight = None;
             bar.set_position(c.step);
             bar.set_message(format!("committed step {} (checkpoint {})", c.step, c.id));
-            let late = if quiet { " (read after the kill)" } else { "" };
+            let late = if late { " (read after the kill)" } else { "" };
             say(
                 &bar,
                 format!(
@@ -683,6 +683,7 @@ fn demo(a: &Args, dir: &Path) -> CliResult {
 
     // 2. Reopen: recovery.
     bar.set_prefix("recovery");
+    bar.set_message("reopening the store");
     let t = Instant::now();
     let mut store = Store::open(dir, Options::default())?;
     let open_time = t.elapsed();
@@ -783,6 +784,7 @@ fn demo(a: &Args, dir: &Path) -> CliResult {
 
     // 3. Resume training in-process from the recovered step.
     bar.set_prefix("resumed");
+    bar.set_message("");
     bar.set_position(resume_step);
     let mut resumed: Vec<Commit> = Vec::new();
     let first_save = (resume_step / a.save_every + 1) * a.save_every;
