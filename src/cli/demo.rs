@@ -6,13 +6,14 @@
 //! The training state is a pure function of (seed, tensor name, step), so the state of any
 //! step can be regenerated to check a checkpoint byte for byte.
 
-use super::{fail, human_bytes, human_duration, CliResult};
+use super::synth::{self, splitmix, Role, Spec};
+use super::{fail, human_bytes, human_duration, say, CliResult, Reaper};
 use ckptstore::{CommitInfo, DType, MetaValue, Options, Selector, Store};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -78,58 +79,12 @@ const BATCH: i64 = 32;
 const OPTIMIZER_JSON: &[u8] =
     br#"{"type":"adamw","betas":[0.9,0.999],"eps":1e-8,"weight_decay":0.01}"#;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
-    /// Never changes (a frozen embedding): identical bytes at every step.
-    Frozen,
-    /// A trainable parameter.
-    Param,
-    /// Adam first moment.
-    ExpAvg,
-    /// Adam second moment (positive).
-    ExpAvgSq,
-    /// The optimizer's step counter (an i64 scalar).
-    Counter,
-}
-
-struct Spec {
-    name: String,
-    dtype: DType,
-    shape: Vec<u64>,
-    role: Role,
-}
-
-impl Spec {
-    fn nbytes(&self) -> usize {
-        self.shape.iter().product::<u64>() as usize * self.dtype.size()
-    }
-}
-
 struct Model {
     seed: u64,
     steps: u64,
     specs: Vec<Spec>,
     /// Frozen tensors are generated once.
     frozen: BTreeMap<String, Arc<Vec<u8>>>,
-}
-
-fn splitmix(x: &mut u64) -> u64 {
-    *x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *x;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-/// Uniform in [0, 1) from 24 random bits.
-fn unit(bits: u32) -> f32 {
-    (bits >> 8) as f32 * (1.0 / (1u32 << 24) as f32)
 }
 
 impl Model {
@@ -203,57 +158,7 @@ impl Model {
 
     /// The bytes of tensor `s` at `step` (a frozen tensor ignores the step).
     fn generate(&self, s: &Spec, step: u64) -> Vec<u8> {
-        let mut out = vec![0u8; s.nbytes()];
-        let step = if s.role == Role::Frozen { 0 } else { step };
-        let mut sm =
-            self.seed ^ fnv1a(&s.name).rotate_left(17) ^ step.wrapping_mul(0xd1b5_4a32_d192_ed03);
-        let mut x = splitmix(&mut sm) | 1;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
-        let value = |bits: u32| -> f32 {
-            let u = unit(bits);
-            match s.role {
-                Role::Frozen | Role::Param => (u * 2.0 - 1.0) * 0.02,
-                Role::ExpAvg => (u * 2.0 - 1.0) * 1e-3,
-                _ => u * 1e-6,
-            }
-        };
-        match (s.role, s.dtype) {
-            (Role::Counter, _) => out.copy_from_slice(&(step as i64).to_le_bytes()),
-            (_, DType::BF16) => {
-                let mut it = out.chunks_exact_mut(4);
-                for c in &mut it {
-                    let r = next();
-                    let a = (value(r as u32).to_bits() >> 16) as u16;
-                    let b = (value((r >> 32) as u32).to_bits() >> 16) as u16;
-                    c[..2].copy_from_slice(&a.to_le_bytes());
-                    c[2..].copy_from_slice(&b.to_le_bytes());
-                }
-                let rest = it.into_remainder();
-                if !rest.is_empty() {
-                    let a = (value(next() as u32).to_bits() >> 16) as u16;
-                    rest.copy_from_slice(&a.to_le_bytes()[..rest.len()]);
-                }
-            }
-            _ => {
-                let mut it = out.chunks_exact_mut(8);
-                for c in &mut it {
-                    let r = next();
-                    c[..4].copy_from_slice(&value(r as u32).to_le_bytes());
-                    c[4..].copy_from_slice(&value((r >> 32) as u32).to_le_bytes());
-                }
-                let rest = it.into_remainder();
-                if !rest.is_empty() {
-                    let v = value(next() as u32).to_le_bytes();
-                    rest.copy_from_slice(&v[..rest.len()]);
-                }
-            }
-        }
-        out
+        synth::generate(self.seed, s, step)
     }
 
     /// Every tensor at `step`, in spec order.
@@ -448,22 +353,6 @@ impl Commit {
             duration: Duration::from_nanos(field("ns")?),
         })
     }
-}
-
-/// Kills and reaps the child if the parent leaves early.
-struct Reaper(Option<Child>);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        if let Some(c) = self.0.as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn say(bar: &ProgressBar, msg: impl AsRef<str>) {
-    bar.suspend(|| eprintln!("{}", msg.as_ref()));
 }
 
 fn prepare_dir(dir: Option<PathBuf>) -> CliResult<PathBuf> {

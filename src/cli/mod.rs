@@ -1,10 +1,12 @@
 //! The `ckptstore` command line: one file per subcommand, shared helpers here (opening a
 //! store, checkpoint selection, human-readable sizes and times, JSON output, errors).
 
+mod crashtest;
 mod demo;
 mod inspect;
 mod ls;
 mod recover;
+mod synth;
 mod verify;
 
 use ckptstore::{CheckpointInfo, MetaValue, Options, Selector, Store};
@@ -39,9 +41,15 @@ enum Command {
     Recover(recover::Args),
     /// Run a synthetic training job, SIGKILL its writer mid-save, recover, verify, resume.
     Demo(demo::Args),
+    /// SIGKILL a writer again and again on this file system; check every acknowledged
+    /// checkpoint survives each recovery bit-exact.
+    Crashtest(crashtest::Args),
     /// Internal: the child writer process of `ckptstore demo`.
     #[command(name = "__demo-writer", hide = true)]
     DemoWriter(demo::WriterArgs),
+    /// Internal: the child writer process of `ckptstore crashtest`.
+    #[command(name = "__crash-writer", hide = true)]
+    CrashWriter(crashtest::WriterArgs),
 }
 
 /// Entry point of the binary.
@@ -82,6 +90,8 @@ pub fn main() -> ExitCode {
         Command::Recover(a) => recover::run(a),
         Command::Demo(a) => demo::run(a),
         Command::DemoWriter(a) => demo::run_writer(a),
+        Command::Crashtest(a) => crashtest::run(a),
+        Command::CrashWriter(a) => crashtest::run_writer(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -273,6 +283,23 @@ pub fn emit_json(v: &Value) -> CliResult {
     let mut s = serde_json::to_string_pretty(v)?;
     s.push('\n');
     emit(&s)
+}
+
+/// Kills (SIGKILL) and reaps a child process if the parent leaves early.
+pub struct Reaper(pub Option<std::process::Child>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Prints a line on stderr without tearing the progress bar.
+pub fn say(bar: &indicatif::ProgressBar, msg: impl AsRef<str>) {
+    bar.suspend(|| eprintln!("{}", msg.as_ref()));
 }
 
 /// Left-aligned columns (right-aligned where `right[i]`), two spaces apart.
