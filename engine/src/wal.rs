@@ -133,7 +133,8 @@ pub struct BadRecord {
     pub offset: u64,
     /// Why it was rejected.
     pub reason: String,
-    /// Whether a valid frame exists anywhere after it: then the damage is not a torn tail.
+    /// Whether the damage cannot be a torn tail: a valid frame exists anywhere after it, or it
+    /// is itself a valid frame of an unknown type, or another whole frame follows it.
     pub valid_record_after: bool,
 }
 
@@ -148,19 +149,28 @@ pub struct Scan {
     pub bad: Option<BadRecord>,
 }
 
-/// Validates the frame at `at`; returns (type, payload range, next offset) or why not.
-fn check_frame(
-    buf: &[u8],
-    at: usize,
-    salt: u32,
-) -> Result<(RecordType, std::ops::Range<usize>, usize), String> {
+/// Why a frame did not validate.
+enum FrameError {
+    /// Malformed: too short, an invalid type, nonzero reserved bytes, a bad length. A torn
+    /// write can look like this.
+    Shape(String),
+    /// Well-formed and complete, but the checksum does not match: a torn write, damage, or a
+    /// record written with another file's salt. Carries the offset just after the frame.
+    Checksum(usize),
+    /// Well-formed, complete, and the checksum matches, but the type is one this build does not
+    /// know: synced data from a newer version, never a torn write.
+    UnknownType(u8),
+}
+
+/// The payload range of a well-formed frame at `at` (header inside `buf`, reserved bytes zero,
+/// length within the cap and inside `buf`); the type byte is not checked.
+fn frame_shape(buf: &[u8], at: usize) -> Result<std::ops::Range<usize>, String> {
     let rest = buf.len() - at;
     if rest < RECORD_HEADER_LEN {
         return Err(format!("{rest} bytes, shorter than a record header"));
     }
     let h = &buf[at..at + RECORD_HEADER_LEN];
     let len = le32(&h[4..8]);
-    let ty = RecordType::from_u8(h[8]).ok_or_else(|| format!("record type {}", h[8]))?;
     if h[9..12] != [0, 0, 0] {
         return Err("nonzero reserved bytes".into());
     }
@@ -172,10 +182,36 @@ fn check_frame(
     if end > buf.len() {
         return Err(format!("length {len} runs past the end of the file"));
     }
-    if le32(&h[0..4]) != record_crc(salt, &h[4..12], &buf[start..end]) {
-        return Err("checksum mismatch".into());
+    Ok(start..end)
+}
+
+/// Validates the frame at `at`; returns (type, payload range, next offset) or why not.
+fn check_frame(
+    buf: &[u8],
+    at: usize,
+    salt: u32,
+) -> Result<(RecordType, std::ops::Range<usize>, usize), FrameError> {
+    let rest = buf.len() - at;
+    if rest < RECORD_HEADER_LEN {
+        return Err(FrameError::Shape(format!(
+            "{rest} bytes, shorter than a record header"
+        )));
     }
-    Ok((ty, start..end, end))
+    let h = &buf[at..at + RECORD_HEADER_LEN];
+    let shape = frame_shape(buf, at);
+    let crc_ok =
+        |p: &std::ops::Range<usize>| le32(&h[0..4]) == record_crc(salt, &h[4..12], &buf[p.clone()]);
+    match (RecordType::from_u8(h[8]), shape) {
+        // Type 0 never validates, whatever its checksum.
+        (None, Ok(p)) if h[8] != 0 && crc_ok(&p) => Err(FrameError::UnknownType(h[8])),
+        (None, _) => Err(FrameError::Shape(format!("record type {}", h[8]))),
+        (Some(_), Err(why)) => Err(FrameError::Shape(why)),
+        (Some(_), Ok(p)) if !crc_ok(&p) => Err(FrameError::Checksum(p.end)),
+        (Some(ty), Ok(p)) => {
+            let end = p.end;
+            Ok((ty, p, end))
+        }
+    }
 }
 
 /// Scans the records of a whole WAL file (`buf` starts with the file header).
@@ -183,6 +219,10 @@ fn check_frame(
 /// Stops at the first frame that does not validate. Then it looks for any valid frame at any
 /// later byte offset: each commit appends one record and syncs, so a crash can only damage the
 /// one unsynced record at the end; a valid frame after a bad one means synced data was damaged.
+/// Two more signs of damage rather than a torn write: a frame whose checksum is valid but whose
+/// type is unknown (a record of a newer version), and a whole frame with a bad checksum followed
+/// by another whole frame (more than one record would have been in flight, e.g. records copied
+/// from a WAL with another salt).
 pub fn scan(buf: &[u8], salt: u32) -> Scan {
     let mut records = Vec::new();
     let mut at = WAL_HEADER_LEN.min(buf.len());
@@ -203,9 +243,32 @@ pub fn scan(buf: &[u8], salt: u32) -> Scan {
                 });
                 at = next;
             }
-            Err(reason) => {
-                let valid_record_after =
-                    (at + 1..buf.len()).any(|p| check_frame(buf, p, salt).is_ok());
+            Err(e) => {
+                let any_valid_after =
+                    || (at + 1..buf.len()).any(|p| check_frame(buf, p, salt).is_ok());
+                let (reason, valid_record_after) = match e {
+                    FrameError::UnknownType(t) => (
+                        format!(
+                            "record type {t} with a valid checksum: written by a newer \
+                             ckptstore, upgrade it"
+                        ),
+                        true,
+                    ),
+                    FrameError::Checksum(next)
+                        if next < buf.len()
+                            && frame_shape(buf, next).is_ok()
+                            && RecordType::from_u8(buf[next + 8]).is_some() =>
+                    {
+                        (
+                            "checksum mismatch, and another whole record follows it (damaged \
+                             synced data, or records written with another WAL file's salt)"
+                                .to_string(),
+                            true,
+                        )
+                    }
+                    FrameError::Checksum(_) => ("checksum mismatch".to_string(), any_valid_after()),
+                    FrameError::Shape(why) => (why, any_valid_after()),
+                };
                 return Scan {
                     records,
                     valid_end: at as u64,
@@ -330,6 +393,43 @@ mod tests {
         // Records of a file with another salt do not validate under this one.
         let other = file_with(6, &[(RecordType::Commit, b"x")]);
         assert_eq!(scan(&other, 5).records.len(), 0);
+    }
+
+    #[test]
+    fn unknown_type_with_valid_crc_is_not_a_tail() {
+        let mut b = file_with(5, &[(RecordType::Commit, b"x")]);
+        let at = b.len();
+        encode_record(&mut b, 5, RecordType::Commit, b"future");
+        b[at + 8] = 9;
+        let crc = record_crc(5, &b[at + 4..at + 12], b"future");
+        b[at..at + 4].copy_from_slice(&crc.to_le_bytes());
+        let s = scan(&b, 5);
+        assert_eq!(s.records.len(), 1);
+        let bad = s.bad.unwrap();
+        assert!(
+            bad.valid_record_after && bad.reason.contains("record type 9"),
+            "{bad:?}"
+        );
+        // With a wrong checksum it is garbage like any other: a tail.
+        b[at] ^= 1;
+        assert!(!scan(&b, 5).bad.unwrap().valid_record_after);
+    }
+
+    #[test]
+    fn records_of_another_salt_are_not_a_tail() {
+        let two = [
+            (RecordType::Commit, &b"a"[..]),
+            (RecordType::Delete, &b"b"[..]),
+        ];
+        let mut b = file_with(5, &[]);
+        b.extend_from_slice(&file_with(6, &two)[WAL_HEADER_LEN..]);
+        let bad = scan(&b, 5).bad.unwrap();
+        assert_eq!(bad.offset, WAL_HEADER_LEN as u64);
+        assert!(bad.valid_record_after, "{bad:?}");
+        // One whole record with a bad checksum at the end may be a torn write.
+        let mut b = file_with(5, &[]);
+        b.extend_from_slice(&file_with(6, &two[..1])[WAL_HEADER_LEN..]);
+        assert!(!scan(&b, 5).bad.unwrap().valid_record_after);
     }
 
     #[test]
