@@ -360,6 +360,8 @@ fn check_segments(
         .filter(|(id, _)| !state.segments.contains_key(id))
         .collect();
     for (id, path) in &orphans {
+        // A file named like segment u64::MAX must not overflow the counter.
+        state.next_segment_id = state.next_segment_id.max(id.saturating_add(1));
         if let Ok(f) = io.open(path, false) {
             report.orphan_bytes += f.len().unwrap_or(0);
         }
@@ -370,7 +372,6 @@ fn check_segments(
                 Err(e) => return Err(Error::io("remove", path, e)),
             }
         }
-        state.next_segment_id = state.next_segment_id.max(id + 1);
         report.orphan_segments.push(path.clone());
     }
     if !opts.read_only && !orphans.is_empty() {

@@ -100,7 +100,9 @@ impl State {
                 len: s.length,
                 refs: 0,
             });
-            self.next_segment_id = self.next_segment_id.max(s.id + 1);
+            // Saturating: ids near u64::MAX in a record must not overflow; a transaction
+            // refuses to allocate past the end (see `Transaction`).
+            self.next_segment_id = self.next_segment_id.max(s.id.saturating_add(1));
         }
         for c in manifest::all_chunks(&m) {
             let seg = self
@@ -134,7 +136,7 @@ impl State {
                     refs: 1,
                 });
         }
-        self.next_checkpoint_id = self.next_checkpoint_id.max(m.id + 1);
+        self.next_checkpoint_id = self.next_checkpoint_id.max(m.id.saturating_add(1));
         self.live_record_bytes += record_bytes;
         self.checkpoints.insert(m.id, Arc::new(m));
         Ok(())

@@ -270,6 +270,12 @@ impl<'s> Transaction<'s> {
 
     fn open_segment(&mut self) -> Result<()> {
         let id = self.store.state.next_segment_id;
+        if id == u64::MAX {
+            // Only reachable through a WAL or a file name holding an id near u64::MAX.
+            return Err(Error::invalid(
+                "segment ids are exhausted (u64::MAX reached)",
+            ));
+        }
         self.store.state.next_segment_id += 1;
         let path = self
             .store
@@ -386,6 +392,14 @@ impl<'s> Transaction<'s> {
         }
         let mut m = std::mem::take(&mut self.manifest);
         m.id = self.store.state.next_checkpoint_id;
+        if m.id == u64::MAX || self.store.state.checkpoints.contains_key(&m.id) {
+            // Only reachable through a WAL holding a checkpoint id near u64::MAX; the record
+            // must not be written, as applying it would fail after it is durable.
+            return Err(Error::invalid(format!(
+                "checkpoint ids are exhausted (next id {})",
+                m.id
+            )));
+        }
         m.wall_time_unix_ns = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as i64);
