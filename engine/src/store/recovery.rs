@@ -360,7 +360,7 @@ fn check_segments(
         .filter(|(id, _)| !state.segments.contains_key(id))
         .collect();
     for (id, path) in &orphans {
-        // A file named like segment u64::MAX must not overflow the counter.
+        // Never reuse the id, even of a file that stays (a directory, see below).
         state.next_segment_id = state.next_segment_id.max(id.saturating_add(1));
         if let Ok(f) = io.open(path, false) {
             report.orphan_bytes += f.len().unwrap_or(0);
@@ -369,6 +369,9 @@ fn check_segments(
             match io.remove_file(path) {
                 Ok(()) => {}
                 Err(e) if not_found(&e) => {}
+                // A directory with a segment's name is foreign (docs/FORMAT.md): left alone,
+                // it must not stop the store from opening.
+                Err(e) if e.kind() == std::io::ErrorKind::IsADirectory => continue,
                 Err(e) => return Err(Error::io("remove", path, e)),
             }
         }
