@@ -1,6 +1,6 @@
 //! `MemIo`: a small in-memory file system for unit tests, with injectable faults (a failing
-//! sync, a read-only file system). It keeps no crash images: the power-loss simulator is a
-//! separate, fuller backend.
+//! sync, a read-only file system, a full disk, failing reads, denied permissions). It keeps no
+//! crash images: the power-loss simulator is a separate, fuller backend.
 
 use super::{Storage, StorageFile};
 use std::collections::{BTreeMap, BTreeSet};
@@ -26,6 +26,63 @@ pub struct MemFaults {
     pub fail_sync_countdown: AtomicI64,
     /// When set, every call that would modify the tree or a file fails with EROFS.
     pub read_only: AtomicBool,
+    /// Disk space: when positive, the bytes that `write_at`/`allocate`/`set_len` may still add
+    /// (each call is charged the bytes it writes or grows a file by). A call that needs more
+    /// fails with ENOSPC and writes nothing, and so does every later one that needs any space
+    /// (the budget sticks at -1) until the test sets it again. 0 means unlimited.
+    pub enospc_after_bytes: AtomicI64,
+    /// When set, every `read_at` fails with EIO (a bad sector, a dying disk).
+    pub fail_reads: AtomicBool,
+    /// Paths (and everything below them) that may not be opened, created, listed, renamed or
+    /// removed: such calls fail with EACCES, as on a directory or file whose mode denies the
+    /// process (root bypasses chmod, so tests of this use `MemIo`). Files opened before a path
+    /// was denied keep working.
+    pub denied: Mutex<Vec<PathBuf>>,
+}
+
+impl MemFaults {
+    /// Denies access to `path` and everything below it (see [`MemFaults::denied`]).
+    pub fn deny(&self, path: impl Into<PathBuf>) {
+        self.denied.lock().unwrap().push(path.into());
+    }
+
+    /// Lifts every denial.
+    pub fn allow_all(&self) {
+        self.denied.lock().unwrap().clear();
+    }
+
+    fn check_access(&self, path: &Path) -> io::Result<()> {
+        if self
+            .denied
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|d| path.starts_with(d))
+        {
+            return Err(io::Error::from_raw_os_error(13)); // EACCES
+        }
+        Ok(())
+    }
+
+    /// Charges `bytes` of new data against the space budget.
+    fn charge(&self, bytes: u64) -> io::Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        let left = self.enospc_after_bytes.load(Ordering::SeqCst);
+        if left == 0 {
+            return Ok(());
+        }
+        if left < 0 || (bytes as i64) > left {
+            self.enospc_after_bytes.store(-1, Ordering::SeqCst);
+            return Err(io::Error::from_raw_os_error(28)); // ENOSPC
+        }
+        let rest = left - bytes as i64;
+        // 0 would read as "unlimited": an exhausted budget is -1.
+        self.enospc_after_bytes
+            .store(if rest == 0 { -1 } else { rest }, Ordering::SeqCst);
+        Ok(())
+    }
 }
 
 /// In-memory file system. Clones share the same tree.
@@ -118,6 +175,7 @@ impl Storage for MemIo {
 
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn StorageFile>> {
         check_writable(&self.faults)?;
+        self.faults.check_access(path)?;
         let mut tree = self.tree.lock().unwrap();
         Self::parent_exists(&tree, path)?;
         if tree.files.contains_key(path) || tree.dirs.contains(path) {
@@ -134,6 +192,7 @@ impl Storage for MemIo {
     }
 
     fn open(&self, path: &Path, write: bool) -> io::Result<Box<dyn StorageFile>> {
+        self.faults.check_access(path)?;
         let tree = self.tree.lock().unwrap();
         let data = tree.files.get(path).ok_or_else(|| not_found(path))?.clone();
         Ok(Box::new(MemFile {
@@ -146,6 +205,8 @@ impl Storage for MemIo {
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         check_writable(&self.faults)?;
+        self.faults.check_access(from)?;
+        self.faults.check_access(to)?;
         let mut tree = self.tree.lock().unwrap();
         Self::parent_exists(&tree, to)?;
         let data = tree.files.remove(from).ok_or_else(|| not_found(from))?;
@@ -155,6 +216,7 @@ impl Storage for MemIo {
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         check_writable(&self.faults)?;
+        self.faults.check_access(path)?;
         let mut tree = self.tree.lock().unwrap();
         tree.files
             .remove(path)
@@ -163,6 +225,7 @@ impl Storage for MemIo {
     }
 
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        self.faults.check_access(path)?;
         if !self.tree.lock().unwrap().dirs.contains(path) {
             return Err(not_found(path));
         }
@@ -170,6 +233,7 @@ impl Storage for MemIo {
     }
 
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
+        self.faults.check_access(dir)?;
         let tree = self.tree.lock().unwrap();
         if !tree.dirs.contains(dir) {
             return Err(not_found(dir));
@@ -187,6 +251,7 @@ impl Storage for MemIo {
     }
 
     fn try_lock(&self, path: &Path) -> io::Result<Option<Box<dyn StorageFile>>> {
+        self.faults.check_access(path)?;
         let mut tree = self.tree.lock().unwrap();
         if tree.locks.contains(path) {
             return Ok(None);
@@ -232,6 +297,7 @@ impl StorageFile for MemFile {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.check_write()?;
         let mut d = self.data.lock().unwrap();
+        self.faults.charge(buf.len() as u64)?;
         let end = offset as usize + buf.len();
         if d.len() < end {
             d.resize(end, 0);
@@ -241,6 +307,9 @@ impl StorageFile for MemFile {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if self.faults.fail_reads.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(5)); // EIO
+        }
         let d = self.data.lock().unwrap();
         let start = offset as usize;
         if start.checked_add(buf.len()).is_none_or(|end| end > d.len()) {
@@ -262,6 +331,7 @@ impl StorageFile for MemFile {
         self.check_write()?;
         let mut d = self.data.lock().unwrap();
         if (d.len() as u64) < len {
+            self.faults.charge(len - d.len() as u64)?;
             d.resize(len as usize, 0);
         }
         Ok(())
@@ -273,7 +343,9 @@ impl StorageFile for MemFile {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.check_write()?;
-        self.data.lock().unwrap().resize(len as usize, 0);
+        let mut d = self.data.lock().unwrap();
+        self.faults.charge(len.saturating_sub(d.len() as u64))?;
+        d.resize(len as usize, 0);
         Ok(())
     }
 }
