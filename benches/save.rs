@@ -5,7 +5,8 @@
 //! each and the ratio store/baseline can be read off one run. Every iteration changes one
 //! `u64` in every chunk-sized region of every tensor (untimed), so the store never dedups
 //! against an earlier iteration; older checkpoints (and the baseline file) are deleted after
-//! each iteration (untimed) so the disk does not fill.
+//! each iteration (untimed) so the disk does not fill, and the directories are fsynced
+//! (untimed) so freeing those blocks is not charged to the next iteration.
 //!
 //! The files live under `target/bench-tmp/` (the project's disk, not tmpfs); set
 //! `CKPTSTORE_BENCH_DIR` to use another directory.
@@ -17,7 +18,7 @@ use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throug
 use std::fs::File;
 use std::hint::black_box;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 const MIB: usize = 1 << 20;
@@ -102,6 +103,25 @@ fn bench_root() -> PathBuf {
     dir
 }
 
+/// fsyncs `dir` and its subdirectories, untimed, after a deletion: the journal commit that
+/// frees the deleted file's blocks (and, on a `-o discard` mount, discards them) then happens
+/// here instead of inside the next iteration's timed fdatasync.
+fn settle(dir: &Path) {
+    let mut dirs = vec![dir.to_path_buf()];
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        dirs.extend(
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path()),
+        );
+    }
+    for d in dirs {
+        File::open(&d)
+            .and_then(|f| f.sync_all())
+            .expect("fsync dir");
+    }
+}
+
 fn save(c: &mut Criterion) {
     let mut tensors = make_tensors();
     let total: usize = tensors.iter().map(|t| t.bytes.len()).sum();
@@ -112,7 +132,9 @@ fn save(c: &mut Criterion) {
     group
         .sample_size(10)
         .sampling_mode(SamplingMode::Flat)
-        .warm_up_time(Duration::from_secs(1))
+        // At least three warm-up saves: the first saves fault in page-cache memory the VM never
+        // touched before (the store keeps the previous checkpoint cached: ~2 GiB in use).
+        .warm_up_time(Duration::from_secs(3))
         .measurement_time(Duration::from_secs(10))
         .throughput(Throughput::Bytes(total as u64));
 
@@ -150,6 +172,7 @@ fn save(c: &mut Criterion) {
                         store.delete(old.id).expect("delete");
                     }
                 }
+                settle(store.dir());
             }
             timed
         })
@@ -160,13 +183,14 @@ fn save(c: &mut Criterion) {
     // The machine's limit for the same durability through the page cache: one new file,
     // write_all of every tensor, fdatasync.
     let file_path = root.join("save-baseline.bin");
+    let _ = std::fs::remove_file(&file_path);
+    settle(&root);
     group.bench_function("write_all_fdatasync", |b| {
         b.iter_custom(|iters| {
             let mut timed = Duration::ZERO;
             for _ in 0..iters {
                 iteration += 1;
                 perturb(&mut tensors, iteration);
-                let _ = std::fs::remove_file(&file_path);
                 let start = Instant::now();
                 let mut f = File::create(&file_path).expect("create");
                 for x in &tensors {
@@ -176,6 +200,7 @@ fn save(c: &mut Criterion) {
                 timed += start.elapsed();
                 drop(f);
                 std::fs::remove_file(&file_path).expect("remove");
+                settle(&root);
             }
             timed
         })
