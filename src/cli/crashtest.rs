@@ -642,6 +642,9 @@ impl Run<'_> {
                 ));
             }
         }
+        // Only live checkpoints are compared again: forget the others' contents.
+        let steps: BTreeSet<u64> = self.ledger.live.values().copied().collect();
+        self.contents.retain(|s, _| steps.contains(s));
         // (d) After a writer's recovery, nothing left over.
         if writable {
             for why in leftovers(self.dir, &store) {
