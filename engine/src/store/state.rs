@@ -75,6 +75,9 @@ impl State {
         self.next_checkpoint_id = s.next_checkpoint_id.max(1);
         self.next_segment_id = s.next_segment_id.max(1);
         for seg in &s.segments {
+            // Never hand out an id the snapshot names, even if the snapshot's counter is lower:
+            // a reused id would collide with the old entry at the next replay.
+            self.next_segment_id = self.next_segment_id.max(seg.id.saturating_add(1));
             self.segments.insert(
                 seg.id,
                 SegmentState {
