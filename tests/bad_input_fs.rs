@@ -869,7 +869,10 @@ fn regression_snapshot_with_a_low_segment_counter_let_an_id_be_reused() {
     let snap = pb::SnapshotRecord {
         next_checkpoint_id: 1,
         next_segment_id: 1,
-        segments: vec![pb::SegmentInfo { id: 1, length: 5000 }],
+        segments: vec![pb::SegmentInfo {
+            id: 1,
+            length: 5000,
+        }],
     }
     .encode_to_vec();
     let salt = wal_salt(&bytes);
