@@ -5,9 +5,11 @@
 //! Errors here are plain `std::io::Error`; the layers above attach the path and operation.
 
 mod mem;
+mod sim;
 mod std_io;
 
 pub use mem::{MemFaults, MemIo};
+pub use sim::{CrashMode, Fault, OpKind, SimIo};
 pub use std_io::StdIo;
 
 use std::io;
