@@ -195,7 +195,15 @@ pub(crate) fn recover(io: &dyn Storage, dir: &Path, opts: &Options) -> Result<Re
                 .map_err(|e| Error::io("truncate", &wal_path, e))?;
         }
         // Make what was replayed durable before anything builds on it: a writer that crashed
-        // after a failed fdatasync may have left records that are only in the page cache.
+        // after a failed fdatasync may have left its last record only in the page cache. After
+        // a failed writeback the kernel marks those pages clean, so an fdatasync alone would
+        // report success without writing them (fsyncgate): rewrite the record first. Only the
+        // last one can be in that state — a writer appends nothing after a failed sync — and
+        // rewriting identical bytes leaves each sector old or new, i.e. unchanged.
+        if let Some(last) = scan.records.last() {
+            file.write_at(&buf[last.offset as usize..valid_end as usize], last.offset)
+                .map_err(|e| Error::io("write", &wal_path, e))?;
+        }
         file.sync_data()
             .map_err(|e| Error::io("fdatasync", &wal_path, e))?;
         Some(WalWriter {
@@ -384,7 +392,8 @@ fn check_segments(
     Ok(())
 }
 
-/// Removes WAL files other than the live one and a stale `CURRENT.tmp`.
+/// Removes WAL files other than the live one and a stale `CURRENT.tmp`, then makes the
+/// directory's entries durable.
 fn remove_leftovers(
     io: &dyn Storage,
     dir: &Path,
@@ -392,23 +401,21 @@ fn remove_leftovers(
     report: &mut RecoveryReport,
 ) -> Result<()> {
     let names = io.list(dir).map_err(|e| Error::io("list", dir, e))?;
-    let mut removed = false;
     for name in names {
         let stale = name == current::CURRENT_TMP_NAME
             || files::parse_wal_file_name(&name).is_some_and(|n| n != live_wal);
         if stale {
             let path = dir.join(&name);
             match io.remove_file(&path) {
-                Ok(()) => removed = true,
+                Ok(()) => {}
                 Err(e) if not_found(&e) => {}
                 Err(e) => return Err(Error::io("remove", &path, e)),
             }
             report.stale_files.push(path);
         }
     }
-    if removed {
-        io.sync_dir(dir)
-            .map_err(|e| Error::io("fsync dir", dir, e))?;
-    }
-    Ok(())
+    // Always, not only after a removal: `CURRENT` and the live WAL's entry were read from the
+    // page cache, and a writer whose directory fsync failed (say, while switching `CURRENT`)
+    // may have left them there only. Nothing may be built on them until they are durable.
+    io.sync_dir(dir).map_err(|e| Error::io("fsync dir", dir, e))
 }
