@@ -187,6 +187,13 @@ impl FrameHeader {
         if sum != Some(u64::from_le_bytes(b[16..24].try_into().unwrap())) {
             return Err(DecodeError::Corrupt("frame payload length"));
         }
+        // frame_len() = align_up(header_len + payload_len) must not overflow.
+        if sum
+            .and_then(|s| s.checked_add(header_len + FRAME_ALIGN - 1))
+            .is_none()
+        {
+            return Err(DecodeError::Corrupt("frame payload length overflows"));
+        }
         Ok(Ok(FrameHeader {
             codec: b[5],
             segment_id: u64::from_le_bytes(b[24..32].try_into().unwrap()),
@@ -278,5 +285,36 @@ mod tests {
             );
         }
         assert_eq!(FrameHeader::decode(&b[..64]), Ok(Err(64 + 48 * 3)));
+    }
+
+    /// Regression (fuzz target segment_frame, seed corpus/segment_frame/regress-frame-len-overflow):
+    /// a CRC-valid frame whose payload length was near u64::MAX decoded, and `frame_len()` then
+    /// overflowed (a panic in debug builds, a wrong, small length in release ones).
+    #[test]
+    fn regression_payload_length_near_u64_max_overflowed_frame_len() {
+        let f = FrameHeader {
+            codec: 0,
+            segment_id: 1,
+            chunks: vec![ChunkEntry {
+                blake3: [0; 32],
+                stored_len: u64::MAX - 100,
+                raw_len: u64::MAX - 100,
+            }],
+        };
+        let mut b = vec![0u8; 128];
+        b[0..4].copy_from_slice(FRAME_MAGIC);
+        b[4] = FRAME_VERSION;
+        b[8..12].copy_from_slice(&1u32.to_le_bytes());
+        b[12..16].copy_from_slice(&128u32.to_le_bytes());
+        b[16..24].copy_from_slice(&(u64::MAX - 100).to_le_bytes());
+        b[24..32].copy_from_slice(&1u64.to_le_bytes());
+        b[96..104].copy_from_slice(&f.chunks[0].stored_len.to_le_bytes());
+        b[104..112].copy_from_slice(&f.chunks[0].raw_len.to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&b[0..60]), &b[64..112]);
+        b[60..64].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            FrameHeader::decode(&b),
+            Err(DecodeError::Corrupt(_))
+        ));
     }
 }
