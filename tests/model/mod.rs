@@ -1,0 +1,309 @@
+//! A reference model of a store, driven by a list of operations. Shared by the proptest
+//! `tests/model_proptest.rs` and the cargo-fuzz target `fuzz/fuzz_targets/store_ops.rs`
+//! (which includes this file by path), so `cargo test` and the fuzzer check the same thing.
+//!
+//! The model is the set of live checkpoints (id → step and tensors). After every operation
+//! the store lists exactly the model's ids; on `Reopen`, `Verify` and at the end every tensor
+//! reads back bit-exact and `latest_valid()` is the newest model checkpoint. Any divergence,
+//! an unexpected error, or a panic is a failure.
+#![allow(dead_code)]
+
+use ckptstore::io::MemIo;
+use ckptstore::{DType, Error, Options, Selector, Store};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// One operation on the store.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Stage a tensor for the next commit. `name` comes from a small space (so duplicate names
+    /// happen), `seed` too (so identical contents, hence deduplication, happen).
+    Put {
+        /// Name index (`t0`..`t7`).
+        name: u8,
+        /// Byte length, taken modulo 20 000 (0 is a zero-sized tensor).
+        len: u16,
+        /// Content seed, taken modulo 6.
+        seed: u8,
+        /// Stored as `f32` with shape `[len/4]` when the length allows, else `u8`.
+        float: bool,
+    },
+    /// Commit the staged tensors (possibly none: an empty checkpoint).
+    Commit {
+        /// Training step.
+        step: u8,
+    },
+    /// Drop the staged tensors without committing (a transaction that is aborted).
+    Abort,
+    /// Delete a live checkpoint (`pick` modulo the live count), or, when `pick % 5 == 4`, an
+    /// id that does not exist (must be `NotFound` and change nothing).
+    Delete {
+        /// Which one.
+        pick: u8,
+    },
+    /// Rewrite the WAL as a snapshot.
+    Compact,
+    /// Drop the store and open it again (recovery over a clean shutdown).
+    Reopen,
+    /// Open a read-only view next to the writer: it lists the same checkpoints.
+    ReadOnlyView,
+    /// Read every tensor of one live checkpoint and compare with the model.
+    Verify {
+        /// Which one.
+        pick: u8,
+    },
+}
+
+/// Deterministic pseudo-random bytes (xorshift), different for every seed.
+pub fn bytes(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct ModelTensor {
+    name: String,
+    dtype: DType,
+    shape: Vec<u64>,
+    data: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+struct ModelCkpt {
+    step: u64,
+    tensors: Vec<ModelTensor>,
+}
+
+/// The store under test and the model it must match.
+pub struct Harness {
+    mem: MemIo,
+    store: Option<Store>,
+    model: BTreeMap<u64, ModelCkpt>,
+    /// Staged tensors; the flag marks a duplicate name that `put_tensor` must refuse.
+    pending: Vec<(ModelTensor, bool)>,
+    last_id: u64,
+}
+
+const DIR: &str = "/model-store";
+
+fn options(mem: &MemIo, read_only: bool) -> Options {
+    Options {
+        read_only,
+        chunk_size: 4096,
+        segment_max_bytes: 1 << 20,
+        // Small, so automatic compaction after commits and deletes happens often.
+        wal_compact_min_bytes: 4096,
+        io: std::sync::Arc::new(mem.clone()),
+        ..Default::default()
+    }
+}
+
+impl Default for Harness {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Harness {
+    /// A new, empty store on a fresh in-memory file system.
+    pub fn new() -> Self {
+        let mem = MemIo::new();
+        let store = Store::open(DIR, options(&mem, false)).expect("create store");
+        Harness {
+            mem,
+            store: Some(store),
+            model: BTreeMap::new(),
+            pending: Vec::new(),
+            last_id: 0,
+        }
+    }
+
+    fn store(&mut self) -> &mut Store {
+        self.store.as_mut().expect("store open")
+    }
+
+    /// Applies one operation and checks the listing against the model.
+    pub fn apply(&mut self, op: &Op) {
+        match *op {
+            Op::Put {
+                name,
+                len,
+                seed,
+                float,
+            } => {
+                let name = format!("t{}", name % 8);
+                let len = (len % 20_000) as usize;
+                let data = bytes(u64::from(seed % 6), len);
+                let (dtype, shape) = if float && len.is_multiple_of(4) {
+                    (DType::F32, vec![(len / 4) as u64])
+                } else {
+                    (DType::U8, vec![len as u64])
+                };
+                let dup = self.pending.iter().any(|(t, d)| !d && t.name == name);
+                self.pending.push((
+                    ModelTensor {
+                        name,
+                        dtype,
+                        shape,
+                        data,
+                    },
+                    dup,
+                ));
+            }
+            Op::Commit { step } => self.commit(u64::from(step)),
+            Op::Abort => {
+                let pending = std::mem::take(&mut self.pending);
+                let mut t = self.store().begin(0).expect("begin");
+                for (m, _) in pending.iter().take(3) {
+                    // Duplicates may fail here; the transaction is aborted anyway.
+                    let _ = t.put_tensor(&m.name, m.dtype, &m.shape, &m.data);
+                }
+                t.abort();
+            }
+            Op::Delete { pick } => {
+                let ids: Vec<u64> = self.model.keys().copied().collect();
+                if pick % 5 == 4 || ids.is_empty() {
+                    let missing = self.last_id + 1000;
+                    match self.store().delete(missing) {
+                        Err(Error::NotFound(_)) => {}
+                        other => panic!("delete of missing id {missing}: {other:?}"),
+                    }
+                } else {
+                    let id = ids[pick as usize % ids.len()];
+                    self.store()
+                        .delete(id)
+                        .unwrap_or_else(|e| panic!("delete {id}: {e}"));
+                    self.model.remove(&id);
+                }
+            }
+            Op::Compact => self.store().compact_wal().expect("compact"),
+            Op::Reopen => {
+                self.store = None;
+                let s = Store::open(DIR, options(&self.mem, false)).expect("reopen");
+                let r = s.recovery_report();
+                assert_eq!(r.truncated_tail_bytes, 0, "clean shutdown left a torn tail");
+                assert!(r.damaged_segments.is_empty(), "{:?}", r.damaged_segments);
+                assert!(r.orphan_segments.is_empty(), "{:?}", r.orphan_segments);
+                self.store = Some(s);
+                self.check_contents();
+            }
+            Op::ReadOnlyView => {
+                let ro = Store::open(DIR, options(&self.mem, true)).expect("read-only open");
+                let ids: Vec<u64> = ro.list().iter().map(|c| c.id).collect();
+                assert_eq!(ids, self.model.keys().copied().collect::<Vec<_>>());
+            }
+            Op::Verify { pick } => {
+                let ids: Vec<u64> = self.model.keys().copied().collect();
+                if !ids.is_empty() {
+                    self.check_one(ids[pick as usize % ids.len()]);
+                }
+            }
+        }
+        self.check_listing();
+        assert!(self.store().poisoned().is_none(), "healthy file system");
+    }
+
+    fn commit(&mut self, step: u64) {
+        let pending = std::mem::take(&mut self.pending);
+        let mut t = self.store().begin(step).expect("begin");
+        t.set_metadata("step", step as i64);
+        let mut kept = Vec::new();
+        for (m, dup) in pending {
+            let r = t.put_tensor(&m.name, m.dtype, &m.shape, &m.data);
+            match (r, dup) {
+                (Ok(()), false) => kept.push(m),
+                (Err(Error::InvalidArgument(msg)), true) => {
+                    assert!(msg.contains("duplicate"), "{msg}")
+                }
+                (r, dup) => panic!("put {:?} (duplicate: {dup}): {r:?}", m.name),
+            }
+        }
+        let info = t.commit().expect("commit");
+        let id = info.checkpoint.id;
+        assert!(
+            id > self.last_id,
+            "ids increase: {id} after {}",
+            self.last_id
+        );
+        assert_eq!(info.checkpoint.step, step);
+        assert_eq!(info.checkpoint.tensors, kept.len());
+        self.last_id = id;
+        self.model.insert(
+            id,
+            ModelCkpt {
+                step,
+                tensors: kept,
+            },
+        );
+    }
+
+    fn check_listing(&mut self) {
+        let listed: Vec<(u64, u64)> = self.store().list().iter().map(|c| (c.id, c.step)).collect();
+        let want: Vec<(u64, u64)> = self.model.iter().map(|(&id, c)| (id, c.step)).collect();
+        assert_eq!(listed, want, "listing diverged from the model");
+    }
+
+    fn check_one(&mut self, id: u64) {
+        let want = self.model[&id].clone();
+        let s = self.store.as_ref().expect("store open");
+        let ck = s
+            .checkpoint(Selector::Id(id))
+            .expect("listed checkpoint opens");
+        let names: Vec<&str> = want.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(ck.tensor_names(), names, "checkpoint {id}");
+        for m in &want.tensors {
+            let t = ck
+                .tensor(&m.name)
+                .unwrap_or_else(|e| panic!("checkpoint {id} tensor {}: {e}", m.name));
+            assert_eq!((t.dtype, &t.shape), (m.dtype, &m.shape), "{id} {}", m.name);
+            assert!(
+                t.data == m.data,
+                "checkpoint {id} tensor {} differs",
+                m.name
+            );
+        }
+        s.verify(id).expect("verify");
+    }
+
+    /// Every live checkpoint reads back bit-exact; `latest_valid` is the newest.
+    pub fn check_contents(&mut self) {
+        let ids: Vec<u64> = self.model.keys().copied().collect();
+        for id in ids {
+            self.check_one(id);
+        }
+        let latest = self
+            .store
+            .as_ref()
+            .expect("store open")
+            .latest_valid()
+            .expect("latest_valid")
+            .map(|c| c.id);
+        assert_eq!(latest, self.model.keys().next_back().copied());
+    }
+
+    /// The in-memory file system (for tests that inspect it).
+    pub fn mem(&self) -> &MemIo {
+        &self.mem
+    }
+
+    /// The store directory.
+    pub fn dir() -> &'static Path {
+        Path::new(DIR)
+    }
+}
+
+/// Runs `ops` on a fresh store, then reopens and checks everything.
+pub fn run(ops: &[Op]) {
+    let mut h = Harness::new();
+    for op in ops {
+        h.apply(op);
+    }
+    h.apply(&Op::Reopen);
+}
