@@ -58,6 +58,13 @@ pub trait StorageFile: Send + Sync {
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
     }
+    /// A hint: start writing `len` bytes from `offset` back to the disk now, without waiting,
+    /// and without keeping them cached afterwards. Makes nothing durable (only a sync does);
+    /// it lets the disk work while the caller produces the next bytes. Default: no-op.
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
     /// Sets the length (truncate or extend with zeros); durable only after a sync.
     fn set_len(&self, len: u64) -> io::Result<()>;
 }

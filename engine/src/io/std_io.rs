@@ -104,6 +104,17 @@ impl StorageFile for StdFile {
         }
     }
 
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        // POSIX_FADV_DONTNEED starts asynchronous writeback of the dirty pages in the range
+        // (Linux: filemap_fdatawrite_range with WB_SYNC_NONE) and drops the clean ones, so a
+        // checkpoint does not evict the trainer's page cache. It never waits for the disk.
+        let Some(len) = std::num::NonZeroU64::new(len) else {
+            return Ok(());
+        };
+        rustix::fs::fadvise(&self.0, offset, Some(len), rustix::fs::Advice::DontNeed)?;
+        Ok(())
+    }
+
     fn len(&self) -> io::Result<u64> {
         Ok(self.0.metadata()?.len())
     }
