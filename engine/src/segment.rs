@@ -109,12 +109,40 @@ pub struct FrameHeader {
     pub segment_id: u64,
     /// The chunks, in payload order.
     pub chunks: Vec<ChunkEntry>,
+    /// Bytes from the frame start to the first payload byte: at least
+    /// [`FrameHeader::min_header_len`]; more when the writer reserved table space for chunks
+    /// it then did not put in this frame (it writes payloads before it knows the run's length).
+    pub header_len: u64,
+}
+
+/// Largest header a frame may declare (a table of 65 536 chunks); larger is corruption.
+pub const MAX_FRAME_HEADER_LEN: u64 = FRAME_FIXED_LEN as u64 + CHUNK_ENTRY_LEN as u64 * 65_536;
+
+/// Header length of a frame whose table has room for `n` chunks.
+pub fn header_len_for(n: usize) -> u64 {
+    align_up((FRAME_FIXED_LEN + CHUNK_ENTRY_LEN * n) as u64)
 }
 
 impl FrameHeader {
+    /// A frame header with no reserved table space.
+    pub fn new(codec: u8, segment_id: u64, chunks: Vec<ChunkEntry>) -> Self {
+        let header_len = header_len_for(chunks.len());
+        FrameHeader {
+            codec,
+            segment_id,
+            chunks,
+            header_len,
+        }
+    }
+
+    /// The smallest header that holds this frame's chunk table.
+    pub fn min_header_len(&self) -> u64 {
+        header_len_for(self.chunks.len())
+    }
+
     /// Bytes from the frame start to the first payload byte.
     pub fn header_len(&self) -> u64 {
-        align_up((FRAME_FIXED_LEN + CHUNK_ENTRY_LEN * self.chunks.len()) as u64)
+        self.header_len
     }
 
     /// Sum of the stored chunk lengths.
@@ -129,6 +157,9 @@ impl FrameHeader {
 
     /// Encodes the header, chunk table and padding (everything before the payload).
     pub fn encode(&self) -> Vec<u8> {
+        debug_assert!(
+            self.header_len >= self.min_header_len() && self.header_len.is_multiple_of(FRAME_ALIGN)
+        );
         let mut b = vec![0u8; self.header_len() as usize];
         b[0..4].copy_from_slice(FRAME_MAGIC);
         b[4] = FRAME_VERSION;
@@ -161,7 +192,9 @@ impl FrameHeader {
         let count = u32::from_le_bytes(b[8..12].try_into().unwrap()) as u64;
         let header_len = u32::from_le_bytes(b[12..16].try_into().unwrap()) as u64;
         if count == 0
-            || header_len != align_up(FRAME_FIXED_LEN as u64 + CHUNK_ENTRY_LEN as u64 * count)
+            || header_len < align_up(FRAME_FIXED_LEN as u64 + CHUNK_ENTRY_LEN as u64 * count)
+            || header_len > MAX_FRAME_HEADER_LEN
+            || !header_len.is_multiple_of(FRAME_ALIGN)
         {
             return Err(DecodeError::Corrupt("frame chunk count / header length"));
         }
@@ -198,6 +231,7 @@ impl FrameHeader {
             codec: b[5],
             segment_id: u64::from_le_bytes(b[24..32].try_into().unwrap()),
             chunks,
+            header_len,
         }))
     }
 }
@@ -232,15 +266,15 @@ mod tests {
         assert!(h[32..].iter().all(|&x| x == 0));
         assert_eq!(decode_header(&h), Ok(3));
 
-        let f = FrameHeader {
-            codec: 0,
-            segment_id: 3,
-            chunks: vec![ChunkEntry {
+        let f = FrameHeader::new(
+            0,
+            3,
+            vec![ChunkEntry {
                 blake3: [0xab; 32],
                 stored_len: 5,
                 raw_len: 5,
             }],
-        };
+        );
         let b = f.encode();
         assert_eq!(b.len(), 128); // 64 + 48 rounded up to 64
         let mut want = b"CKFR".to_vec();
@@ -263,10 +297,10 @@ mod tests {
 
     #[test]
     fn frame_decode_rejects_damage() {
-        let f = FrameHeader {
-            codec: 0,
-            segment_id: 1,
-            chunks: vec![
+        let f = FrameHeader::new(
+            0,
+            1,
+            vec![
                 ChunkEntry {
                     blake3: [1; 32],
                     stored_len: 10,
@@ -274,7 +308,7 @@ mod tests {
                 };
                 3
             ],
-        };
+        );
         let b = f.encode();
         for i in 0..(64 + 48 * 3) {
             let mut c = b.clone();
@@ -287,20 +321,52 @@ mod tests {
         assert_eq!(FrameHeader::decode(&b[..64]), Ok(Err(64 + 48 * 3)));
     }
 
+    /// A writer may reserve table space it then does not use; the header length says where
+    /// the payload starts, and decoding keeps it.
+    #[test]
+    fn reserved_table_space_round_trips() {
+        let mut f = FrameHeader::new(
+            0,
+            2,
+            vec![ChunkEntry {
+                blake3: [7; 32],
+                stored_len: 9,
+                raw_len: 9,
+            }],
+        );
+        f.header_len = header_len_for(10);
+        let b = f.encode();
+        assert_eq!(b.len() as u64, header_len_for(10));
+        assert!(b[112..].iter().all(|&x| x == 0));
+        assert_eq!(FrameHeader::decode(&b), Ok(Ok(f.clone())));
+        assert_eq!(f.frame_len(), align_up(header_len_for(10) + 9));
+        // Not a multiple of 64, or shorter than the table: corrupt.
+        for bad in [f.min_header_len() - 64, header_len_for(10) + 8] {
+            let mut c = b.clone();
+            c[12..16].copy_from_slice(&(bad as u32).to_le_bytes());
+            let crc = crc32c::crc32c_append(crc32c::crc32c(&c[0..60]), &c[64..112]);
+            c[60..64].copy_from_slice(&crc.to_le_bytes());
+            assert!(
+                FrameHeader::decode(&c).is_err(),
+                "header_len {bad} accepted"
+            );
+        }
+    }
+
     /// Regression (fuzz target segment_frame, seed corpus/segment_frame/regress-frame-len-overflow):
     /// a CRC-valid frame whose payload length was near u64::MAX decoded, and `frame_len()` then
     /// overflowed (a panic in debug builds, a wrong, small length in release ones).
     #[test]
     fn regression_payload_length_near_u64_max_overflowed_frame_len() {
-        let f = FrameHeader {
-            codec: 0,
-            segment_id: 1,
-            chunks: vec![ChunkEntry {
+        let f = FrameHeader::new(
+            0,
+            1,
+            vec![ChunkEntry {
                 blake3: [0; 32],
                 stored_len: u64::MAX - 100,
                 raw_len: u64::MAX - 100,
             }],
-        };
+        );
         let mut b = vec![0u8; 128];
         b[0..4].copy_from_slice(FRAME_MAGIC);
         b[4] = FRAME_VERSION;

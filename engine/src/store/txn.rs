@@ -33,6 +33,22 @@ pub struct CommitInfo {
 
 /// Payload bytes written between two writeback hints.
 const WRITEBACK_SLICE: usize = 16 << 20;
+/// Hashes the hashing thread may compute ahead of the writer.
+const HASH_LOOKAHEAD: usize = 64;
+/// Most chunks one frame's table lists (the format's cap on a frame header).
+const MAX_FRAME_CHUNKS: usize = 65_536;
+
+/// A frame being filled: payloads are written as their chunks arrive; the header, with the
+/// chunk table, goes to `start` when the run ends.
+struct OpenFrame {
+    start: u64,
+    /// Bytes reserved for the header (table room for `capacity` chunks).
+    header_len: u64,
+    capacity: usize,
+    /// Where the next payload goes.
+    next: u64,
+    chunks: Vec<ChunkEntry>,
+}
 
 struct OpenSegment {
     id: u64,
@@ -63,17 +79,15 @@ pub struct Transaction<'s> {
     failed: Option<String>,
 }
 
-fn hash_chunks(data: &[u8], chunk_size: usize) -> Vec<[u8; 32]> {
-    let hash = |c: &[u8]| {
-        let mut h = blake3::Hasher::new();
-        if c.len() >= 256 << 10 {
-            h.update_rayon(c);
-        } else {
-            h.update(c);
-        }
-        *h.finalize().as_bytes()
-    };
-    data.chunks(chunk_size).map(hash).collect()
+/// BLAKE3 of a chunk hashed on its own (nothing else running): on all cores when it is big.
+fn hash_alone(chunk: &[u8]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    if chunk.len() >= 1 << 20 {
+        h.update_rayon(chunk);
+    } else {
+        h.update(chunk);
+    }
+    *h.finalize().as_bytes()
 }
 
 impl<'s> Transaction<'s> {
@@ -178,97 +192,171 @@ impl<'s> Transaction<'s> {
 
     /// Hashes `data` chunk by chunk, references stored chunks, and writes runs of new chunks
     /// as frames whose payloads are contiguous.
+    ///
+    /// A tensor of several chunks is hashed on a second thread while this one writes: BLAKE3
+    /// (~4.7 GB/s a core) runs ahead of the copy into the page cache, so hashing costs no
+    /// time on the trainer's path. Payloads go out as soon as their hash is known to be new;
+    /// the frame header, which lists the run's hashes, is written when the run ends.
     fn write_chunks(&mut self, data: &[u8]) -> Result<Vec<pb::ChunkRef>> {
         let cs = self.store.opts.chunk_size;
-        let hashes = hash_chunks(data, cs);
-        let mut refs: Vec<Option<pb::ChunkRef>> = Vec::with_capacity(hashes.len());
-        for (i, h) in hashes.iter().enumerate() {
-            let known = self
-                .local_index
-                .get(h)
-                .or_else(|| self.store.state.lookup(h))
-                .cloned();
-            let len = data[i * cs..].len().min(cs) as u64;
-            if known.is_some() {
-                self.bytes_deduplicated += len;
-                self.chunks_deduplicated += 1;
-            }
-            refs.push(known);
-        }
-        // Write each run of consecutive new chunks as one frame (split at segment limits).
-        let mut i = 0;
-        while i < refs.len() {
-            if refs[i].is_some() {
-                i += 1;
-                continue;
-            }
-            let mut j = i;
-            while j < refs.len() && refs[j].is_none() {
-                j += 1;
-            }
-            let mut start = i;
-            while start < j {
-                let (seg_id, end) = match self.segment_with_room(data, cs, start, j) {
-                    Ok(v) => v,
-                    Err(e) => return self.fail(e),
-                };
-                let written = match self.write_frame(data, cs, &hashes, start, end, seg_id) {
-                    Ok(r) => r,
-                    Err(e) => return self.fail(e),
-                };
-                for (k, r) in (start..end).zip(written) {
-                    // A chunk repeated inside this run is stored twice; later ones dedup.
-                    self.local_index
-                        .entry(hashes[k])
-                        .or_insert_with(|| r.clone());
-                    refs[k] = Some(r);
-                }
-                start = end;
-            }
-            i = j;
-        }
-        Ok(refs
-            .into_iter()
-            .map(|r| r.expect("every chunk placed"))
-            .collect())
+        let placed = if data.len() <= cs {
+            self.place_chunks(data, cs, data.chunks(cs).map(hash_alone))
+        } else {
+            std::thread::scope(|scope| {
+                let (tx, rx) = std::sync::mpsc::sync_channel(HASH_LOOKAHEAD);
+                scope.spawn(move || {
+                    for chunk in data.chunks(cs) {
+                        if tx.send(*blake3::hash(chunk).as_bytes()).is_err() {
+                            break; // the writer stopped on an error
+                        }
+                    }
+                });
+                self.place_chunks(data, cs, rx.into_iter())
+            })
+        };
+        placed.or_else(|e| self.fail(e))
     }
 
-    /// Makes sure a segment is open with room for at least chunk `start`; returns its id and
-    /// how many of the chunks `start..limit` fit.
-    fn segment_with_room(
+    fn place_chunks(
         &mut self,
         data: &[u8],
         cs: usize,
-        start: usize,
-        limit: usize,
-    ) -> Result<(u64, usize)> {
-        let max = self.store.opts.segment_max_bytes;
-        let chunk_len = |k: usize| data[k * cs..].len().min(cs) as u64;
-        let frame_len = |n: usize, payload: u64| {
-            segment::align_up(
-                (segment::FRAME_FIXED_LEN + segment::CHUNK_ENTRY_LEN * n) as u64 + payload,
-            )
-        };
-        let fits = |end: u64, from: usize| -> usize {
-            let mut payload = 0;
-            let mut k = from;
-            while k < limit && end + frame_len(k + 1 - from, payload + chunk_len(k)) <= max {
-                payload += chunk_len(k);
-                k += 1;
+        hashes: impl Iterator<Item = [u8; 32]>,
+    ) -> Result<Vec<pb::ChunkRef>> {
+        let mut refs = Vec::with_capacity(data.len().div_ceil(cs));
+        let mut frame: Option<OpenFrame> = None;
+        for (k, hash) in hashes.enumerate() {
+            let chunk = &data[k * cs..data.len().min((k + 1) * cs)];
+            let known = self
+                .local_index
+                .get(&hash)
+                .or_else(|| self.store.state.lookup(&hash))
+                .cloned();
+            if let Some(r) = known {
+                if let Some(f) = frame.take() {
+                    self.close_frame(f)?;
+                }
+                self.bytes_deduplicated += chunk.len() as u64;
+                self.chunks_deduplicated += 1;
+                refs.push(r);
+                continue;
             }
-            k
-        };
-        if let Some(seg) = &self.segment {
-            let k = fits(seg.end, start);
-            if k > start {
-                return Ok((seg.id, k));
+            if let Some(f) = frame.take_if(|f| f.chunks.len() == f.capacity) {
+                self.close_frame(f)?;
             }
-            self.finish_segment()?;
+            let f = match &mut frame {
+                Some(f) => f,
+                None => frame.insert(self.open_frame(data, cs, k)?),
+            };
+            let r = self.write_payload(f, chunk, hash)?;
+            self.local_index.entry(hash).or_insert_with(|| r.clone());
+            refs.push(r);
         }
-        self.open_segment()?;
-        let seg = self.segment.as_ref().expect("just opened");
-        // An empty segment takes at least one chunk even if it overflows the soft limit.
-        Ok((seg.id, fits(seg.end, start).max(start + 1)))
+        if let Some(f) = frame.take() {
+            self.close_frame(f)?;
+        }
+        Ok(refs)
+    }
+
+    /// Starts a frame for a run beginning at chunk `k`, in the open segment if the run's first
+    /// chunk fits there, else in a new one. Reserves table space for as many of the chunks
+    /// from `k` on as fit in the segment, since the run's length is not known yet.
+    fn open_frame(&mut self, data: &[u8], cs: usize, k: usize) -> Result<OpenFrame> {
+        let max = self.store.opts.segment_max_bytes;
+        let chunks_left = data.len().div_ceil(cs) - k;
+        let limit = chunks_left.min(MAX_FRAME_CHUNKS);
+        let fits = |end: u64| -> usize {
+            let mut payload = 0u64;
+            let mut n = 0;
+            while n < limit {
+                payload += data[(k + n) * cs..].len().min(cs) as u64;
+                if end + segment::align_up(segment::header_len_for(n + 1) + payload) > max {
+                    break;
+                }
+                n += 1;
+            }
+            n
+        };
+        let mut capacity = self.segment.as_ref().map_or(0, |seg| fits(seg.end));
+        if capacity == 0 {
+            self.finish_segment()?;
+            self.open_segment()?;
+            let seg = self.segment.as_ref().expect("just opened");
+            // An empty segment takes at least one chunk even if it overflows the soft limit.
+            capacity = fits(seg.end).max(1);
+        }
+        let start = self.segment.as_ref().expect("segment open").end;
+        let header_len = segment::header_len_for(capacity);
+        Ok(OpenFrame {
+            start,
+            header_len,
+            capacity,
+            next: start + header_len,
+            chunks: Vec::new(),
+        })
+    }
+
+    /// Writes one new chunk's payload at the end of the frame's run.
+    fn write_payload(
+        &mut self,
+        f: &mut OpenFrame,
+        chunk: &[u8],
+        hash: [u8; 32],
+    ) -> Result<pb::ChunkRef> {
+        let seg = self.segment.as_ref().expect("segment open");
+        // Write in slices and ask for writeback of each as soon as it is in the page cache, so
+        // the disk works while later slices are copied and the commit's fdatasync finds little
+        // left to do. The hint changes nothing about durability: the fdatasync still decides.
+        let mut at = f.next;
+        for slice in chunk.chunks(WRITEBACK_SLICE) {
+            seg.file
+                .write_at(slice, at)
+                .map_err(|e| Error::io("write", &seg.path, e))?;
+            // Only a hint: a file system that refuses it just flushes at fdatasync.
+            let _ = seg.file.start_writeback(at, slice.len() as u64);
+            at += slice.len() as u64;
+        }
+        let len = chunk.len() as u64;
+        f.chunks.push(ChunkEntry {
+            blake3: hash,
+            stored_len: len,
+            raw_len: len,
+        });
+        let r = pb::ChunkRef {
+            segment: seg.id,
+            offset: f.next,
+            stored_len: len,
+            raw_len: len,
+            codec: pb::Codec::None as i32,
+            blake3: hash.to_vec(),
+        };
+        f.next += len;
+        self.bytes_written += len;
+        self.chunks_written += 1;
+        Ok(r)
+    }
+
+    /// Ends a run: writes the frame header (with its chunk table) before the payloads, and the
+    /// zero padding after them.
+    fn close_frame(&mut self, f: OpenFrame) -> Result<()> {
+        let seg = self.segment.as_mut().expect("segment open");
+        let mut header = FrameHeader::new(0, seg.id, f.chunks);
+        header.header_len = f.header_len;
+        let wr = |buf: &[u8], off: u64| {
+            seg.file
+                .write_at(buf, off)
+                .map_err(|e| Error::io("write", &seg.path, e))
+        };
+        wr(&header.encode(), f.start)?;
+        let end = segment::align_up(f.next);
+        if end > f.next {
+            wr(
+                &[0u8; segment::FRAME_ALIGN as usize][..(end - f.next) as usize],
+                f.next,
+            )?;
+        }
+        seg.end = end;
+        Ok(())
     }
 
     fn open_segment(&mut self) -> Result<()> {
@@ -311,82 +399,6 @@ impl<'s> Transaction<'s> {
             }
         }
         Ok(())
-    }
-
-    fn write_frame(
-        &mut self,
-        data: &[u8],
-        cs: usize,
-        hashes: &[[u8; 32]],
-        start: usize,
-        end: usize,
-        seg_id: u64,
-    ) -> Result<Vec<pb::ChunkRef>> {
-        let lo = start * cs;
-        let hi = (end * cs).min(data.len());
-        let header = FrameHeader {
-            codec: 0,
-            segment_id: seg_id,
-            chunks: (start..end)
-                .map(|k| {
-                    let len = data[k * cs..].len().min(cs) as u64;
-                    ChunkEntry {
-                        blake3: hashes[k],
-                        stored_len: len,
-                        raw_len: len,
-                    }
-                })
-                .collect(),
-        };
-        let seg = self.segment.as_mut().expect("segment open");
-        let head = header.encode();
-        let frame_start = seg.end;
-        let wr = |buf: &[u8], off: u64| {
-            seg.file
-                .write_at(buf, off)
-                .map_err(|e| Error::io("write", &seg.path, e))
-        };
-        wr(&head, frame_start)?;
-        let payload_at = frame_start + head.len() as u64;
-        // Write in slices and ask for writeback of each as soon as it is in the page cache, so
-        // the disk works while later slices are copied and the commit's fdatasync finds little
-        // left to do. The hint changes nothing about durability: the fdatasync still decides.
-        let mut at = payload_at;
-        for slice in data[lo..hi].chunks(WRITEBACK_SLICE) {
-            wr(slice, at)?;
-            // Only a hint: a file system that refuses it just flushes at fdatasync.
-            let _ = seg.file.start_writeback(at, slice.len() as u64);
-            at += slice.len() as u64;
-        }
-        let frame_end = segment::align_up(payload_at + (hi - lo) as u64);
-        let pad = (frame_end - (payload_at + (hi - lo) as u64)) as usize;
-        if pad > 0 {
-            wr(
-                &[0u8; segment::FRAME_ALIGN as usize][..pad],
-                frame_end - pad as u64,
-            )?;
-        }
-        seg.end = frame_end;
-        let mut off = payload_at;
-        let refs = header
-            .chunks
-            .iter()
-            .map(|c| {
-                let r = pb::ChunkRef {
-                    segment: seg_id,
-                    offset: off,
-                    stored_len: c.stored_len,
-                    raw_len: c.raw_len,
-                    codec: pb::Codec::None as i32,
-                    blake3: c.blake3.to_vec(),
-                };
-                off += c.stored_len;
-                r
-            })
-            .collect();
-        self.bytes_written += (hi - lo) as u64;
-        self.chunks_written += (end - start) as u64;
-        Ok(refs)
     }
 
     /// Commits: fdatasync the segments written, fsync the segments directory (their entries),
