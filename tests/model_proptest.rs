@@ -1,5 +1,5 @@
-//! Invariant: under any sequence of puts, commits, aborts, deletes, WAL compactions, reopens
-//! and read-only views, the store lists exactly the checkpoints a reference model says are
+//! Invariant: under any sequence of puts, commits, aborts, deletes, WAL compactions, reopens,
+//! read-only views and power cuts in the middle of a commit (any crash mode), the store lists exactly the checkpoints a reference model says are
 //! live, every one reads back bit-exact, and `latest_valid()` is the newest. The model is
 //! `tests/model/mod.rs`, shared with the cargo-fuzz target `store_ops` (fuzz/), which explores
 //! the same space for longer; this test runs a bounded number of cases on every `cargo test`.
@@ -20,6 +20,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Reopen),
         1 => Just(Op::ReadOnlyView),
         1 => any::<u8>().prop_map(|pick| Op::Verify { pick }),
+        1 => (any::<u8>(), any::<u8>(), any::<u8>())
+            .prop_map(|(within, mode, seed)| Op::Crash { within, mode, seed }),
     ]
 }
 
@@ -90,5 +92,21 @@ fn every_operation_once() {
         Op::Delete { pick: 0 },
         Op::Delete { pick: 0 },
         Op::Commit { step: 4 },
+        Op::Put {
+            name: 3,
+            len: 13000,
+            seed: 5,
+            float: true,
+        },
+        Op::Crash {
+            within: 1,
+            mode: 1,
+            seed: 7,
+        },
+        Op::Crash {
+            within: 5,
+            mode: 4,
+            seed: 8,
+        },
     ]);
 }

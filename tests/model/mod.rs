@@ -3,12 +3,17 @@
 //! (which includes this file by path), so `cargo test` and the fuzzer check the same thing.
 //!
 //! The model is the set of live checkpoints (id → step and tensors). After every operation
-//! the store lists exactly the model's ids; on `Reopen`, `Verify` and at the end every tensor
-//! reads back bit-exact and `latest_valid()` is the newest model checkpoint. Any divergence,
-//! an unexpected error, or a panic is a failure.
+//! the store lists exactly the model's ids; on `Reopen`, `Crash`, `Verify` and at the end every
+//! tensor reads back bit-exact and `latest_valid()` is the newest model checkpoint. Any
+//! divergence, an unexpected error, or a panic is a failure.
+//!
+//! The file system is the power-loss simulator (`SimIo`): `Crash` cuts the power in the middle
+//! of a commit (at one of its syncs, or just after it) and reopens on the image a power cut
+//! could leave. An acknowledged commit must survive; the one in flight must be wholly there or
+//! wholly absent.
 #![allow(dead_code)]
 
-use ckptstore::io::MemIo;
+use ckptstore::io::{CrashMode, SimIo};
 use ckptstore::{DType, Error, Options, Selector, Store};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -52,6 +57,16 @@ pub enum Op {
         /// Which one.
         pick: u8,
     },
+    /// Commit the staged tensors and cut the power at the `within % 6`-th sync from now (past
+    /// the commit's last sync, the cut comes after it returned); reopen on a crash image.
+    Crash {
+        /// Which sync of the commit is the last one not to happen.
+        within: u8,
+        /// The crash mode (`CrashMode::ALL[mode % 5]`).
+        mode: u8,
+        /// Seed of the crash image.
+        seed: u8,
+    },
 }
 
 /// Deterministic pseudo-random bytes (xorshift), different for every seed.
@@ -83,7 +98,7 @@ struct ModelCkpt {
 
 /// The store under test and the model it must match.
 pub struct Harness {
-    mem: MemIo,
+    sim: SimIo,
     store: Option<Store>,
     model: BTreeMap<u64, ModelCkpt>,
     /// Staged tensors; the flag marks a duplicate name that `put_tensor` must refuse.
@@ -93,14 +108,14 @@ pub struct Harness {
 
 const DIR: &str = "/model-store";
 
-fn options(mem: &MemIo, read_only: bool) -> Options {
+fn options(sim: &SimIo, read_only: bool) -> Options {
     Options {
         read_only,
         chunk_size: 4096,
         segment_max_bytes: 1 << 20,
         // Small, so automatic compaction after commits and deletes happens often.
         wal_compact_min_bytes: 4096,
-        io: std::sync::Arc::new(mem.clone()),
+        io: std::sync::Arc::new(sim.clone()),
         ..Default::default()
     }
 }
@@ -114,10 +129,10 @@ impl Default for Harness {
 impl Harness {
     /// A new, empty store on a fresh in-memory file system.
     pub fn new() -> Self {
-        let mem = MemIo::new();
-        let store = Store::open(DIR, options(&mem, false)).expect("create store");
+        let sim = SimIo::new();
+        let store = Store::open(DIR, options(&sim, false)).expect("create store");
         Harness {
-            mem,
+            sim,
             store: Some(store),
             model: BTreeMap::new(),
             pending: Vec::new(),
@@ -186,7 +201,7 @@ impl Harness {
             Op::Compact => self.store().compact_wal().expect("compact"),
             Op::Reopen => {
                 self.store = None;
-                let s = Store::open(DIR, options(&self.mem, false)).expect("reopen");
+                let s = Store::open(DIR, options(&self.sim, false)).expect("reopen");
                 let r = s.recovery_report();
                 assert_eq!(r.truncated_tail_bytes, 0, "clean shutdown left a torn tail");
                 assert!(r.damaged_segments.is_empty(), "{:?}", r.damaged_segments);
@@ -195,7 +210,7 @@ impl Harness {
                 self.check_contents();
             }
             Op::ReadOnlyView => {
-                let ro = Store::open(DIR, options(&self.mem, true)).expect("read-only open");
+                let ro = Store::open(DIR, options(&self.sim, true)).expect("read-only open");
                 let ids: Vec<u64> = ro.list().iter().map(|c| c.id).collect();
                 assert_eq!(ids, self.model.keys().copied().collect::<Vec<_>>());
             }
@@ -205,6 +220,7 @@ impl Harness {
                     self.check_one(ids[pick as usize % ids.len()]);
                 }
             }
+            Op::Crash { within, mode, seed } => self.crash(within, mode, seed),
         }
         self.check_listing();
         assert!(self.store().poisoned().is_none(), "healthy file system");
@@ -242,6 +258,69 @@ impl Harness {
                 tensors: kept,
             },
         );
+    }
+
+    fn crash(&mut self, within: u8, mode: u8, seed: u8) {
+        let sim = self.sim.clone();
+        sim.crash_at_sync(sim.sync_count() + 1 + u64::from(within % 6));
+        let staged: Vec<ModelTensor> = std::mem::take(&mut self.pending)
+            .into_iter()
+            .filter(|(_, dup)| !dup)
+            .map(|(m, _)| m)
+            .collect();
+        let step = u64::from(within);
+        let result = (|| {
+            let mut t = self.store().begin(step)?;
+            for m in &staged {
+                t.put_tensor(&m.name, m.dtype, &m.shape, &m.data)?;
+            }
+            t.commit()
+        })();
+        if let Ok(info) = &result {
+            // Acknowledged: it must survive the power cut.
+            self.last_id = info.checkpoint.id;
+            let tensors = staged.clone();
+            self.model
+                .insert(info.checkpoint.id, ModelCkpt { step, tensors });
+        }
+        // The process is gone: nothing of it runs again (its drops see a dead file system).
+        self.store = None;
+        let mode = CrashMode::ALL[usize::from(mode) % CrashMode::ALL.len()];
+        let where_ = sim.crashed().unwrap_or_else(|| "after the commit".into());
+        self.sim = sim.crash_image(mode, u64::from(seed));
+        let s = Store::open(DIR, options(&self.sim, false))
+            .unwrap_or_else(|e| panic!("reopen after {mode} crash ({where_}): {e}"));
+        let listed: Vec<u64> = s.list().iter().map(|c| c.id).collect();
+        for id in self.model.keys() {
+            assert!(
+                listed.contains(id),
+                "acknowledged checkpoint {id} lost ({mode}, {where_})"
+            );
+        }
+        let extra: Vec<u64> = listed
+            .iter()
+            .copied()
+            .filter(|id| !self.model.contains_key(id))
+            .collect();
+        match (extra.as_slice(), &result) {
+            ([], _) => {}
+            // The commit in flight reached the disk whole before the cut.
+            ([id], Err(_)) if *id > self.last_id => {
+                self.last_id = *id;
+                self.model.insert(
+                    *id,
+                    ModelCkpt {
+                        step,
+                        tensors: staged,
+                    },
+                );
+            }
+            _ => panic!("unexpected checkpoints {extra:?} after {mode} crash ({where_})"),
+        }
+        let r = s.recovery_report();
+        assert!(r.damaged_segments.is_empty(), "{:?}", r.damaged_segments);
+        self.store = Some(s);
+        self.check_contents();
     }
 
     fn check_listing(&mut self) {
@@ -288,9 +367,9 @@ impl Harness {
         assert_eq!(latest, self.model.keys().next_back().copied());
     }
 
-    /// The in-memory file system (for tests that inspect it).
-    pub fn mem(&self) -> &MemIo {
-        &self.mem
+    /// The simulated file system (for tests that inspect it).
+    pub fn sim(&self) -> &SimIo {
+        &self.sim
     }
 
     /// The store directory.
