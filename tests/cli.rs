@@ -1,6 +1,8 @@
 //! The `ckptstore` binary end to end: ls, inspect, verify, recover on a small store built with
 //! the library; corruption named down to the chunk; one-line errors; --help; the demo.
 
+mod support;
+
 use ckptstore::{DType, Options, Selector, Store};
 use serde_json::Value;
 use std::path::Path;
@@ -46,28 +48,12 @@ fn fails(args: &[&str]) -> String {
     lines[0].to_owned()
 }
 
-fn bytes(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-const CHUNK: usize = 4096;
+use support::{data as bytes, opts, CHUNK};
 
 /// Three checkpoints (steps 10, 20, 30): a frozen tensor, a tensor "w" of 3 chunks that
 /// changes every step, a blob, and metadata.
 fn make_store(dir: &Path) {
-    let opts = Options {
-        chunk_size: CHUNK,
-        ..Default::default()
-    };
-    let mut s = Store::open(dir, opts).unwrap();
+    let mut s = Store::open(dir, opts()).unwrap();
     let frozen = bytes(99, 2 * CHUNK);
     for (i, step) in [10u64, 20, 30].into_iter().enumerate() {
         let mut t = s.begin(step).unwrap();

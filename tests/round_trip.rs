@@ -1,26 +1,10 @@
 //! Round trip through a real directory: put, commit, reopen, read back bit-exact; dedup of
 //! unchanged tensors across checkpoints; delete frees space; WAL compaction keeps everything.
 
+mod support;
+
 use ckptstore::{DType, MetaValue, Options, Selector, Store};
-
-fn bytes(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn small_chunks() -> Options {
-    Options {
-        chunk_size: 4096,
-        ..Default::default()
-    }
-}
+use support::{data as bytes, opts as small_chunks};
 
 #[test]
 fn commit_reopen_read_back() {

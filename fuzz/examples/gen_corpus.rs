@@ -2,23 +2,15 @@
 //! store built in memory. Run from `fuzz/`: `cargo run --example gen_corpus` (it replaces the
 //! `seed-*` files in `corpus/<target>/` and leaves any other file, e.g. `regress-*`, alone).
 
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
 use ckptstore::io::{MemIo, Storage};
 use ckptstore::wal::{self, RecordType};
 use ckptstore::{DType, Options, Store};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-
-fn bytes(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
+use support::data as bytes;
 
 /// A small store: three commits (one sharing a chunk), a delete, and optionally a compaction.
 fn store(compact: bool) -> (MemIo, PathBuf) {

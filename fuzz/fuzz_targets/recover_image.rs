@@ -12,12 +12,16 @@
 //! on the recovered store survives a reopen.
 #![no_main]
 
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
 use ckptstore::io::{MemIo, Storage};
 use ckptstore::{DType, Options, RecoveryMode, Selector, Store};
 use libfuzzer_sys::fuzz_target;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
+use support::data as bytes;
 
 const DIR: &str = "/s";
 /// Files never grow past this while being damaged.
@@ -29,18 +33,6 @@ type Contents = Vec<(String, Vec<u8>)>;
 struct Image {
     files: BTreeMap<PathBuf, Vec<u8>>,
     expected: BTreeMap<u64, (Contents, Contents)>,
-}
-
-fn bytes(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 fn opts(mem: &MemIo, read_only: bool, mode: RecoveryMode) -> Options {

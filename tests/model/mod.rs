@@ -13,6 +13,9 @@
 //! wholly absent.
 #![allow(dead_code)]
 
+#[path = "../support/mod.rs"]
+mod support;
+
 use ckptstore::io::{CrashMode, SimIo};
 use ckptstore::{DType, Error, Options, Selector, Store};
 use std::collections::BTreeMap;
@@ -69,18 +72,9 @@ pub enum Op {
     },
 }
 
-/// Deterministic pseudo-random bytes (xorshift), different for every seed.
-pub fn bytes(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
+/// Deterministic pseudo-random bytes (xorshift), different for every seed: the helper the
+/// behaviour tests share (included by path, so the fuzz crate compiles it too).
+pub use support::data as bytes;
 
 #[derive(Debug, Clone, PartialEq)]
 struct ModelTensor {
