@@ -122,22 +122,6 @@ fn io_errno<T: std::fmt::Debug>(r: Result<T, Error>, errno: i32) -> String {
     }
 }
 
-/// CRC-32C (Castagnoli), bitwise; independent of the engine's implementation.
-fn crc32c(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in bytes {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0x82f6_3b78
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
 fn wal_salt(bytes: &[u8]) -> u32 {
     wal::WalHeader::decode(bytes).unwrap().salt
 }

@@ -28,6 +28,16 @@ fn store_with(dir: &Path, n: u64) -> Vec<u64> {
     ends
 }
 
+/// `store_with(dir, 2)`; returns the id and path of the segment holding the first chunk of
+/// checkpoint 2's "w".
+fn store_with_segment_of_2(dir: &Path) -> (u64, PathBuf) {
+    store_with(dir, 2);
+    let s = Store::open(dir, opts()).unwrap();
+    let (seg, _) = chunk_location(&s, 2, "w", 0);
+    drop(s);
+    (seg, segment_path(dir, seg))
+}
+
 fn with_mode(mode: RecoveryMode) -> Options {
     Options {
         recovery_mode: mode,
@@ -63,22 +73,6 @@ fn set_version(path: &Path, at: usize, version: u16, crc_at: usize) {
     let crc = crc32c(&b[..crc_at]);
     b[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(path, b).unwrap();
-}
-
-/// CRC-32C (Castagnoli), bitwise; independent of the engine's implementation.
-fn crc32c(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in bytes {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0x82f6_3b78
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
 }
 
 // ---------------------------------------------------------------- WAL corruption
@@ -330,11 +324,7 @@ fn corrupt_chunk_names_checkpoint_tensor_and_chunk() {
 /// Damages the segment of checkpoint 2 with `damage`, then checks the whole contract.
 fn damaged_segment_case(damage: impl Fn(&Path), problem: &str) {
     let dir = tempfile::tempdir().unwrap();
-    store_with(dir.path(), 2);
-    let s = Store::open(dir.path(), opts()).unwrap();
-    let (seg, _) = chunk_location(&s, 2, "w", 0);
-    drop(s);
-    let seg_path = segment_path(dir.path(), seg);
+    let (seg, seg_path) = store_with_segment_of_2(dir.path());
     damage(&seg_path);
 
     let before = files_without_lock(dir.path());
@@ -438,11 +428,8 @@ fn segment_truncated_inside_its_header_is_reported() {
 #[test]
 fn damaged_segment_reopens_without_losing_the_damage_report() {
     let dir = tempfile::tempdir().unwrap();
-    store_with(dir.path(), 2);
-    let s = Store::open(dir.path(), opts()).unwrap();
-    let (seg, _) = chunk_location(&s, 2, "w", 0);
-    drop(s);
-    std::fs::remove_file(segment_path(dir.path(), seg)).unwrap();
+    let (seg, seg_path) = store_with_segment_of_2(dir.path());
+    std::fs::remove_file(&seg_path).unwrap();
     for _ in 0..2 {
         let s = Store::open(dir.path(), opts()).unwrap();
         assert_eq!(
@@ -641,11 +628,7 @@ fn newer_wal_version_is_unsupported() {
 #[test]
 fn newer_segment_version_is_unsupported() {
     let dir = tempfile::tempdir().unwrap();
-    store_with(dir.path(), 2);
-    let s = Store::open(dir.path(), opts()).unwrap();
-    let (seg, _) = chunk_location(&s, 2, "w", 0);
-    drop(s);
-    let seg_path = segment_path(dir.path(), seg);
+    let (_, seg_path) = store_with_segment_of_2(dir.path());
     set_version(&seg_path, 8, 2, 28);
     let before = files_without_lock(dir.path());
     expect_unsupported(dir.path(), &seg_path);
@@ -655,11 +638,8 @@ fn newer_segment_version_is_unsupported() {
 #[test]
 fn corrupt_segment_header_marks_the_segment_damaged() {
     let dir = tempfile::tempdir().unwrap();
-    store_with(dir.path(), 2);
-    let s = Store::open(dir.path(), opts()).unwrap();
-    let (seg, _) = chunk_location(&s, 2, "w", 0);
-    drop(s);
-    flip(&segment_path(dir.path(), seg), 3, 0x01);
+    let (seg, seg_path) = store_with_segment_of_2(dir.path());
+    flip(&seg_path, 3, 0x01);
     let s = Store::open(dir.path(), opts()).unwrap();
     assert_eq!(s.recovery_report().damaged_segments.len(), 1);
     assert_eq!(s.recovery_report().damaged_segments[0].0, seg);

@@ -37,7 +37,7 @@ fuzz_target!(|input: &[u8]| {
             again[8..10].copy_from_slice(&data[8..10]);
             again[10..12].copy_from_slice(&data[10..12]);
             again[24..28].copy_from_slice(&data[24..28]);
-            let crc = crc_of(&again[..28]);
+            let crc = crc32c::crc32c(&again[..28]);
             again[28..32].copy_from_slice(&crc.to_le_bytes());
             assert_eq!(&again[..], &data[..wal::WAL_HEADER_LEN]);
             h.salt
@@ -85,27 +85,11 @@ fuzz_target!(|input: &[u8]| {
     assert!(prefix.bad.is_none());
 });
 
-/// CRC-32C, bitwise; independent of the engine's implementation.
-fn crc_of(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in bytes {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0x82f6_3b78
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
 fn fix_crcs(b: &mut [u8]) {
     if b.len() < wal::WAL_HEADER_LEN {
         return;
     }
-    let c = crc_of(&b[..28]);
+    let c = crc32c::crc32c(&b[..28]);
     b[28..32].copy_from_slice(&c.to_le_bytes());
     let salt = u32::from_le_bytes(b[12..16].try_into().unwrap());
     let mut at = wal::WAL_HEADER_LEN;

@@ -129,3 +129,19 @@ pub fn chunk_location(store: &Store, id: u64, name: &str, chunk: usize) -> (u64,
 pub fn segment_path(dir: &Path, id: u64) -> PathBuf {
     dir.join("segments").join(ckptstore::segment::file_name(id))
 }
+
+/// CRC-32C (Castagnoli), bitwise; independent of the engine's implementation.
+pub fn crc32c(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
