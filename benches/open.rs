@@ -9,36 +9,17 @@
 //!
 //! Run: `cargo bench --bench open`
 
+mod common;
+
 use ckptstore::{DType, Options, Store};
+use common::{bench_root, splitmix64};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 const CHECKPOINTS: u64 = 1000;
 const TENSORS: u64 = 100;
 const CHUNK: usize = 4096;
-
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-fn bench_root() -> PathBuf {
-    let dir = match std::env::var_os("CKPTSTORE_BENCH_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => {
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
-            target.join("bench-stores")
-        }
-    };
-    std::fs::create_dir_all(&dir).expect("create bench dir");
-    dir
-}
 
 fn writer_options() -> Options {
     Options {
@@ -89,7 +70,7 @@ fn ensure_store(dir: &Path, tensor_bytes: usize) {
 }
 
 fn open(c: &mut Criterion) {
-    let root = bench_root();
+    let root = bench_root("bench-stores");
     let stores = [("16B", 16usize), ("4KiB", 4096usize)];
     for (label, size) in stores {
         let dir = root.join(format!("open-{CHECKPOINTS}x{TENSORS}-{label}"));

@@ -13,12 +13,15 @@
 //!
 //! Run: `cargo bench --bench save`
 
+mod common;
+
 use ckptstore::{DType, Options, Store};
+use common::{bench_root, splitmix64};
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use std::fs::File;
 use std::hint::black_box;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 const MIB: usize = 1 << 20;
@@ -47,14 +50,6 @@ struct Tensor {
     dtype: DType,
     shape: [u64; 1],
     bytes: Vec<u8>,
-}
-
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// Random-looking bytes: nothing dedups, within a tensor or across tensors.
@@ -87,20 +82,6 @@ fn perturb(tensors: &mut [Tensor], iteration: u64) {
             w.copy_from_slice(&v.to_le_bytes());
         }
     }
-}
-
-fn bench_root() -> PathBuf {
-    let dir = match std::env::var_os("CKPTSTORE_BENCH_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => {
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
-            target.join("bench-tmp")
-        }
-    };
-    std::fs::create_dir_all(&dir).expect("create bench dir");
-    dir
 }
 
 /// fsyncs `dir` and its subdirectories, untimed, after a deletion: the journal commit that
@@ -166,7 +147,7 @@ fn plain_save(path: &Path, tensors: &mut [Tensor], iteration: u64) -> Duration {
 fn save(c: &mut Criterion) {
     let mut tensors = make_tensors();
     let total: usize = tensors.iter().map(|t| t.bytes.len()).sum();
-    let root = bench_root();
+    let root = bench_root("bench-tmp");
     let mut iteration = 0u64;
 
     let mut group = c.benchmark_group("save_1GiB");
