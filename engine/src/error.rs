@@ -150,6 +150,16 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
+    /// A safetensors file (import or export) is malformed or could not be read or written.
+    #[error("{path}: safetensors: {error}")]
+    Safetensors {
+        /// The external file.
+        path: PathBuf,
+        /// What is wrong with it.
+        #[source]
+        error: crate::interop::safetensors::FormatError,
+    },
+
     /// No checkpoint matches the request.
     #[error("no checkpoint {0}")]
     NotFound(String),

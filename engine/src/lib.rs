@@ -9,6 +9,7 @@
 
 pub mod current;
 pub mod error;
+pub mod interop;
 pub mod io;
 pub mod manifest;
 pub mod segment;

@@ -3,6 +3,8 @@
 
 mod crashtest;
 mod demo;
+mod export;
+mod import;
 mod inspect;
 mod ls;
 mod recover;
@@ -39,6 +41,10 @@ enum Command {
     Verify(verify::Args),
     /// Open a store as its writer, run crash recovery, and report what it repaired.
     Recover(recover::Args),
+    /// Write one checkpoint to a file in another format (safetensors).
+    Export(export::Args),
+    /// Commit a file in another format (safetensors) to a store as a new checkpoint.
+    Import(import::Args),
     /// Run a synthetic training job, SIGKILL its writer mid-save, recover, verify, resume.
     Demo(demo::Args),
     /// SIGKILL a writer again and again on this file system; check every acknowledged
@@ -88,6 +94,8 @@ pub fn main() -> ExitCode {
         Command::Inspect(a) => inspect::run(a),
         Command::Verify(a) => verify::run(a),
         Command::Recover(a) => recover::run(a),
+        Command::Export(a) => export::run(a),
+        Command::Import(a) => import::run(a),
         Command::Demo(a) => demo::run(a),
         Command::DemoWriter(a) => demo::run_writer(a),
         Command::Crashtest(a) => crashtest::run(a),

@@ -1,0 +1,155 @@
+//! `ckptstore export`: write one checkpoint to a file in another format (safetensors).
+//!
+//! The output file is not store state: it is written with `std::fs` here, to `OUT.tmp`, then
+//! fsync'ed, renamed over `OUT`, and the directory fsync'ed, so `OUT` is either the old file or
+//! the whole new one, never a torn one.
+
+use super::{emit, emit_json, fail, human_bytes, human_duration, open_read_only, selector};
+use super::{CliResult, Failure};
+use ckptstore::interop;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Output formats of `export`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Hugging Face safetensors (`__metadata__` holds step, epoch, id and user metadata).
+    Safetensors,
+}
+
+/// Arguments of `ckptstore export`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The store directory, optionally the training STEP (default: the newest checkpoint),
+    /// and the output file.
+    #[arg(value_name = "DIR [STEP] OUT", num_args = 1.., required = true)]
+    pub args: Vec<String>,
+    /// Export the checkpoint with this id instead of by step.
+    #[arg(long)]
+    pub id: Option<u64>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "safetensors")]
+    pub format: Format,
+    /// Print JSON: {"format", "out", "id", "step", "tensors", "blobs", "data_bytes",
+    /// "file_bytes", "duration_ns"}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn tmp_path(out: &Path) -> PathBuf {
+    let mut s = out.as_os_str().to_owned();
+    s.push(".tmp");
+    PathBuf::from(s)
+}
+
+/// Writes `OUT.tmp`, fsyncs it, renames it to `OUT`, fsyncs the directory.
+fn write_atomically(
+    out: &Path,
+    write: impl FnOnce(&mut BufWriter<File>) -> CliResult<interop::ExportSummary>,
+) -> CliResult<interop::ExportSummary> {
+    let tmp = tmp_path(out);
+    let file = File::create(&tmp).map_err(|e| Failure(format!("create {}: {e}", tmp.display())))?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    let result = write(&mut w).and_then(|summary| {
+        let file = w
+            .into_inner()
+            .map_err(|e| Failure(format!("write {}: {}", tmp.display(), e.error())))?;
+        file.sync_all()
+            .map_err(|e| Failure(format!("fsync {}: {e}", tmp.display())))?;
+        drop(file);
+        std::fs::rename(&tmp, out).map_err(|e| {
+            Failure(format!(
+                "rename {} to {}: {e}",
+                tmp.display(),
+                out.display()
+            ))
+        })?;
+        let parent = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Failure(format!("fsync directory {}: {e}", parent.display())))?;
+        Ok(summary)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Exports one checkpoint.
+pub fn run(a: Args) -> CliResult {
+    let started = Instant::now();
+    let (dir, step, out) = match &a.args[..] {
+        [dir, out] => (dir, None, out),
+        [dir, step, out] => match step.parse::<u64>() {
+            Ok(s) => (dir, Some(s), out),
+            Err(_) => return fail(format!("STEP {step:?} is not a non-negative integer")),
+        },
+        _ => {
+            return fail(
+                "expected DIR [STEP] OUT: the store, optionally a step, and the output file",
+            )
+        }
+    };
+    if step.is_some() && a.id.is_some() {
+        return fail("give STEP or --id, not both");
+    }
+    let (dir, out) = (Path::new(dir), Path::new(out));
+    if out.is_dir() {
+        return fail(format!(
+            "{} is a directory; name the output file",
+            out.display()
+        ));
+    }
+    let store = open_read_only(dir)?;
+    let ck = store.checkpoint(selector(step, a.id))?;
+    let info = ck.info();
+    // Hidden automatically when stderr is not a terminal.
+    let bar = ProgressBar::new(info.bytes);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "exporting {msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(format!("checkpoint {} (step {})", info.id, info.step));
+    let summary = write_atomically(out, |w| {
+        Ok(interop::export_safetensors(&ck, w, out, &mut |n| {
+            bar.inc(n)
+        })?)
+    });
+    bar.finish_and_clear();
+    let s = summary?;
+    let elapsed = started.elapsed();
+    if a.json {
+        return emit_json(&json!({
+            "format": "safetensors",
+            "out": out.display().to_string(),
+            "id": s.id,
+            "step": s.step,
+            "tensors": s.tensors,
+            "blobs": s.blobs,
+            "data_bytes": s.data_bytes,
+            "file_bytes": s.file_bytes,
+            "duration_ns": elapsed.as_nanos() as u64,
+        }));
+    }
+    emit(&format!(
+        "exported checkpoint {} (step {}) to {}: {} tensors ({} of them blobs), {} in {}\n",
+        s.id,
+        s.step,
+        out.display(),
+        s.tensors,
+        s.blobs,
+        human_bytes(s.file_bytes),
+        human_duration(elapsed)
+    ))
+}
