@@ -1,4 +1,5 @@
-//! Invariant: under any sequence of puts, commits, aborts, deletes, WAL compactions, reopens,
+//! Invariant: under any sequence of puts, commits, aborts, deletes, pins and unpins,
+//! keep-last retention runs, WAL compactions, reopens,
 //! read-only views and power cuts in the middle of a commit (any crash mode), the store lists exactly the checkpoints a reference model says are
 //! live, every one reads back bit-exact, and `latest_valid()` is the newest. The model is
 //! `tests/model/mod.rs`, shared with the cargo-fuzz target `store_ops` (fuzz/), which explores
@@ -22,6 +23,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<u8>().prop_map(|pick| Op::Verify { pick }),
         1 => (any::<u8>(), any::<u8>(), any::<u8>())
             .prop_map(|(within, mode, seed)| Op::Crash { within, mode, seed }),
+        1 => (any::<u8>(), any::<bool>()).prop_map(|(pick, on)| Op::Pin { pick, on }),
+        1 => any::<u8>().prop_map(|keep| Op::Retain { keep }),
     ]
 }
 
@@ -36,6 +39,46 @@ proptest! {
     #[test]
     fn store_matches_the_model(ops in prop::collection::vec(op(), 1..40)) {
         model::run(&ops);
+    }
+}
+
+/// Pins survive a WAL compaction followed by a power cut mid-commit (every crash mode), block
+/// deletes and retention, and go away with an unpin.
+#[test]
+fn pin_then_compaction_then_crash() {
+    let put = |name, seed| Op::Put {
+        name,
+        len: 5000,
+        seed,
+        float: false,
+    };
+    for mode in 0..5 {
+        for within in 0..6 {
+            model::run(&[
+                put(0, 1),
+                Op::Commit { step: 1 },
+                put(0, 2),
+                Op::Commit { step: 2 },
+                put(1, 3),
+                Op::Commit { step: 3 },
+                Op::Pin { pick: 0, on: true },
+                Op::Pin { pick: 1, on: true },
+                Op::Pin { pick: 1, on: false },
+                Op::Compact,
+                put(2, 4),
+                Op::Crash {
+                    within,
+                    mode,
+                    seed: within,
+                },
+                Op::Delete { pick: 0 },
+                Op::Retain { keep: 0 },
+                Op::Reopen,
+                Op::Pin { pick: 0, on: false },
+                Op::Retain { keep: 0 },
+                Op::Compact,
+            ]);
+        }
     }
 }
 
@@ -108,5 +151,16 @@ fn every_operation_once() {
             mode: 4,
             seed: 8,
         },
+        Op::Pin { pick: 0, on: true },
+        Op::Compact,
+        Op::Retain { keep: 0 },
+        Op::Delete { pick: 0 },
+        Op::Crash {
+            within: 2,
+            mode: 2,
+            seed: 9,
+        },
+        Op::Pin { pick: 0, on: false },
+        Op::Retain { keep: 1 },
     ]);
 }

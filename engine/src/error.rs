@@ -163,6 +163,15 @@ pub enum Error {
     /// No checkpoint matches the request.
     #[error("no checkpoint {0}")]
     NotFound(String),
+
+    /// The checkpoint is pinned: it is never deleted until it is unpinned.
+    #[error(
+        "checkpoint {id} is pinned; unpin it first (`ckptstore unpin DIR {id}`, Store::unpin)"
+    )]
+    Pinned {
+        /// The checkpoint id.
+        id: u64,
+    },
 }
 
 impl Error {

@@ -12,6 +12,7 @@ pub mod error;
 pub mod interop;
 pub mod io;
 pub mod manifest;
+pub mod retention;
 pub mod segment;
 pub mod store;
 pub mod wal;
@@ -19,6 +20,7 @@ pub mod wal;
 pub use ckptstore_proto as proto;
 pub use error::{Error, Result};
 pub use manifest::{DType, MetaValue};
+pub use retention::{KeepReason, MetricMode, RetentionPlan, RetentionPolicy};
 pub use store::{
     CheckpointInfo, CheckpointReader, CommitInfo, DeleteInfo, Options, RecoveryMode,
     RecoveryReport, Selector, Store, StoreStats, Tensor, Transaction,

@@ -28,6 +28,9 @@ pub enum RecordType {
     Delete = 2,
     /// The whole live state; only ever the first record of a compacted file (`SnapshotRecord`).
     Snapshot = 3,
+    /// A checkpoint pinned or unpinned (`PinRecord`). A reader older than this type refuses
+    /// a WAL that holds one (a valid frame of an unknown type is corruption, never a tail).
+    Pin = 4,
 }
 
 impl RecordType {
@@ -36,6 +39,7 @@ impl RecordType {
             1 => Some(Self::Commit),
             2 => Some(Self::Delete),
             3 => Some(Self::Snapshot),
+            4 => Some(Self::Pin),
             _ => None,
         }
     }

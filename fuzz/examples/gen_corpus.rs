@@ -101,7 +101,7 @@ fn main() {
     );
     write("segment_frame", "header", &with_mode(2, &seg[..64]));
 
-    // manifest_decode: [type % 3: 0 commit, 1 delete, 2 snapshot][len u16][payload]...
+    // manifest_decode: [type % 4: 0 commit, 1 delete, 2 snapshot, 3 pin][len u16][payload]...
     let records = |w: &[u8]| {
         let salt = wal::WalHeader::decode(w).unwrap().salt;
         let mut out = Vec::new();
@@ -110,6 +110,7 @@ fn main() {
                 RecordType::Commit => 0u8,
                 RecordType::Delete => 1,
                 RecordType::Snapshot => 2,
+                RecordType::Pin => 3,
             };
             let p = &w[r.payload];
             out.push(ty);

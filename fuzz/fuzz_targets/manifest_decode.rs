@@ -34,15 +34,17 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = pb::SnapshotRecord::decode(data);
     let _ = pb::DeleteRecord::decode(data);
+    let _ = pb::PinRecord::decode(data);
 
     // 2. The input as a list of records: [type][len u16][payload]..., replayed by recovery.
     let mut records = Vec::new();
     let mut rest = data;
     while rest.len() >= 3 && records.len() < 16 {
-        let ty = match rest[0] % 3 {
+        let ty = match rest[0] % 4 {
             0 => RecordType::Commit,
             1 => RecordType::Delete,
-            _ => RecordType::Snapshot,
+            2 => RecordType::Snapshot,
+            _ => RecordType::Pin,
         };
         let len = (u16::from_le_bytes([rest[1], rest[2]]) as usize).min(rest.len() - 3);
         records.push((ty, &rest[3..3 + len]));
@@ -75,7 +77,7 @@ fuzz_target!(|data: &[u8]| {
                     segs = s.segments;
                 }
             }
-            RecordType::Delete => {}
+            RecordType::Delete | RecordType::Pin => {}
         }
         for s in segs.iter().take(4) {
             if s.length <= 64 << 10 {

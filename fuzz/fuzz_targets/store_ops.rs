@@ -1,4 +1,4 @@
-//! Structured operations (Put, Commit, Abort, Delete, Compact, Reopen, a read-only view,
+//! Structured operations (Put, Commit, Abort, Delete, Pin/unpin, keep-last retention, Compact, Reopen, a read-only view,
 //! Verify, and a power cut in the middle of a commit) against a reference model, on the
 //! power-loss simulator `SimIo`. The model and its checks live in
 //! `tests/model/mod.rs`, shared with the proptest `tests/model_proptest.rs`.
@@ -42,6 +42,13 @@ enum FuzzOp {
         mode: u8,
         seed: u8,
     },
+    Pin {
+        pick: u8,
+        on: bool,
+    },
+    Retain {
+        keep: u8,
+    },
 }
 
 impl From<&FuzzOp> for model::Op {
@@ -67,6 +74,8 @@ impl From<&FuzzOp> for model::Op {
             FuzzOp::ReadOnlyView => Op::ReadOnlyView,
             FuzzOp::Verify { pick } => Op::Verify { pick },
             FuzzOp::Crash { within, mode, seed } => Op::Crash { within, mode, seed },
+            FuzzOp::Pin { pick, on } => Op::Pin { pick, on },
+            FuzzOp::Retain { keep } => Op::Retain { keep },
         }
     }
 }

@@ -70,6 +70,9 @@ fuzz_target!(|input: &[u8]| {
             RecordType::Snapshot => {
                 let _ = pb::SnapshotRecord::decode(p);
             }
+            RecordType::Pin => {
+                let _ = pb::PinRecord::decode(p);
+            }
         }
     }
     assert_eq!(scan.valid_end, at);

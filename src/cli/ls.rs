@@ -10,7 +10,7 @@ pub struct Args {
     /// The store directory.
     pub dir: PathBuf,
     /// Print a JSON array, one object per checkpoint (oldest first): id, step, epoch,
-    /// time_unix_ns, time (RFC 3339 UTC), tensors, blobs, bytes, metadata.
+    /// time_unix_ns, time (RFC 3339 UTC), tensors, blobs, bytes, metadata, pinned.
     #[arg(long)]
     pub json: bool,
 }
@@ -45,6 +45,7 @@ pub fn run(a: Args) -> CliResult {
                 c.tensors.to_string(),
                 c.blobs.to_string(),
                 human_bytes(c.bytes),
+                if c.pinned { "yes" } else { "" }.into(),
                 meta,
             ]
         })
@@ -59,9 +60,12 @@ pub fn run(a: Args) -> CliResult {
             "TENSORS",
             "BLOBS",
             "SIZE",
+            "PINNED",
             "METADATA",
         ],
-        &[true, true, true, false, true, true, true, true, false],
+        &[
+            true, true, true, false, true, true, true, true, false, false,
+        ],
         &rows,
     ))
 }

@@ -4,9 +4,11 @@
 mod crashtest;
 mod demo;
 mod export;
+mod gc;
 mod import;
 mod inspect;
 mod ls;
+mod pin;
 mod recover;
 mod synth;
 mod verify;
@@ -41,6 +43,13 @@ enum Command {
     Verify(verify::Args),
     /// Open a store as its writer, run crash recovery, and report what it repaired.
     Recover(recover::Args),
+    /// Apply a retention policy: keep what any --keep-* rule keeps (and the newest and every
+    /// pinned checkpoint), delete the rest, free their space.
+    Gc(gc::Args),
+    /// Pin a checkpoint: gc always keeps it and delete refuses it until it is unpinned.
+    Pin(pin::Args),
+    /// Unpin a checkpoint pinned with `ckptstore pin`.
+    Unpin(pin::Args),
     /// Write one checkpoint to a file in another format (safetensors).
     Export(export::Args),
     /// Commit a file in another format (safetensors) to a store as a new checkpoint.
@@ -94,6 +103,9 @@ pub fn main() -> ExitCode {
         Command::Inspect(a) => inspect::run(a),
         Command::Verify(a) => verify::run(a),
         Command::Recover(a) => recover::run(a),
+        Command::Gc(a) => gc::run(a),
+        Command::Pin(a) => pin::run(a, true),
+        Command::Unpin(a) => pin::run(a, false),
         Command::Export(a) => export::run(a),
         Command::Import(a) => import::run(a),
         Command::Demo(a) => demo::run(a),
@@ -274,6 +286,7 @@ pub fn info_json(c: &CheckpointInfo) -> Value {
         "blobs": c.blobs,
         "bytes": c.bytes,
         "metadata": metadata_json(&c.metadata),
+        "pinned": c.pinned,
     })
 }
 

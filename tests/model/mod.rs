@@ -70,6 +70,21 @@ pub enum Op {
         /// Seed of the crash image.
         seed: u8,
     },
+    /// Pin (`on`) or unpin a live checkpoint (`pick` modulo the live count). A pinned one must
+    /// then refuse `Delete` with `Error::Pinned` and stay pinned through reopens, compactions
+    /// and crashes.
+    Pin {
+        /// Which one.
+        pick: u8,
+        /// Pin or unpin.
+        on: bool,
+    },
+    /// Apply a keep-last retention policy (`keep % 4 + 1`): the model keeps the newest that
+    /// many, every pinned one, and deletes the rest.
+    Retain {
+        /// How many newest to keep, modulo 4, plus 1.
+        keep: u8,
+    },
 }
 
 /// Deterministic pseudo-random bytes (xorshift), different for every seed: the helper the
@@ -88,6 +103,7 @@ struct ModelTensor {
 struct ModelCkpt {
     step: u64,
     tensors: Vec<ModelTensor>,
+    pinned: bool,
 }
 
 /// The store under test and the model it must match.
@@ -186,9 +202,49 @@ impl Harness {
                     }
                 } else {
                     let id = ids[pick as usize % ids.len()];
-                    self.store()
-                        .delete(id)
-                        .unwrap_or_else(|e| panic!("delete {id}: {e}"));
+                    let r = self.store().delete(id);
+                    match (r, self.model[&id].pinned) {
+                        (Err(Error::Pinned { id: p }), true) if p == id => {}
+                        (Ok(_), false) => {
+                            self.model.remove(&id);
+                        }
+                        (r, pinned) => panic!("delete {id} (pinned: {pinned}): {r:?}"),
+                    }
+                }
+            }
+            Op::Pin { pick, on } => {
+                let ids: Vec<u64> = self.model.keys().copied().collect();
+                if !ids.is_empty() {
+                    let id = ids[pick as usize % ids.len()];
+                    let was = self.model[&id].pinned;
+                    let s = self.store();
+                    let changed = if on { s.pin(id) } else { s.unpin(id) }
+                        .unwrap_or_else(|e| panic!("pin {id} {on}: {e}"));
+                    assert_eq!(
+                        changed,
+                        was != on,
+                        "pin {id} {on} reported the wrong change"
+                    );
+                    self.model.get_mut(&id).expect("live").pinned = on;
+                }
+            }
+            Op::Retain { keep } => {
+                let n = usize::from(keep % 4) + 1;
+                let policy = ckptstore::RetentionPolicy::new().keep_last(n);
+                let newest: Vec<u64> = self.model.keys().rev().take(n).copied().collect();
+                let want: Vec<u64> = self
+                    .model
+                    .iter()
+                    .filter(|(id, c)| !c.pinned && !newest.contains(id))
+                    .map(|(&id, _)| id)
+                    .collect();
+                let done = self
+                    .store()
+                    .apply_retention(&policy)
+                    .unwrap_or_else(|e| panic!("retain last {n}: {e}"));
+                let got: Vec<u64> = done.iter().map(|d| d.id).collect();
+                assert_eq!(got, want, "retain last {n} deleted the wrong checkpoints");
+                for id in got {
                     self.model.remove(&id);
                 }
             }
@@ -205,8 +261,10 @@ impl Harness {
             }
             Op::ReadOnlyView => {
                 let ro = Store::open(DIR, options(&self.sim, true)).expect("read-only open");
-                let ids: Vec<u64> = ro.list().iter().map(|c| c.id).collect();
-                assert_eq!(ids, self.model.keys().copied().collect::<Vec<_>>());
+                let ids: Vec<(u64, bool)> = ro.list().iter().map(|c| (c.id, c.pinned)).collect();
+                let want: Vec<(u64, bool)> =
+                    self.model.iter().map(|(&id, c)| (id, c.pinned)).collect();
+                assert_eq!(ids, want);
             }
             Op::Verify { pick } => {
                 let ids: Vec<u64> = self.model.keys().copied().collect();
@@ -250,6 +308,7 @@ impl Harness {
             ModelCkpt {
                 step,
                 tensors: kept,
+                pinned: false,
             },
         );
     }
@@ -274,8 +333,14 @@ impl Harness {
             // Acknowledged: it must survive the power cut.
             self.last_id = info.checkpoint.id;
             let tensors = staged.clone();
-            self.model
-                .insert(info.checkpoint.id, ModelCkpt { step, tensors });
+            self.model.insert(
+                info.checkpoint.id,
+                ModelCkpt {
+                    step,
+                    tensors,
+                    pinned: false,
+                },
+            );
         }
         // The process is gone: nothing of it runs again (its drops see a dead file system).
         self.store = None;
@@ -306,6 +371,7 @@ impl Harness {
                     ModelCkpt {
                         step,
                         tensors: staged,
+                        pinned: false,
                     },
                 );
             }
@@ -318,8 +384,17 @@ impl Harness {
     }
 
     fn check_listing(&mut self) {
-        let listed: Vec<(u64, u64)> = self.store().list().iter().map(|c| (c.id, c.step)).collect();
-        let want: Vec<(u64, u64)> = self.model.iter().map(|(&id, c)| (id, c.step)).collect();
+        let listed: Vec<(u64, u64, bool)> = self
+            .store()
+            .list()
+            .iter()
+            .map(|c| (c.id, c.step, c.pinned))
+            .collect();
+        let want: Vec<(u64, u64, bool)> = self
+            .model
+            .iter()
+            .map(|(&id, c)| (id, c.step, c.pinned))
+            .collect();
         assert_eq!(listed, want, "listing diverged from the model");
     }
 

@@ -12,6 +12,8 @@ pub use reader::{CheckpointReader, Tensor};
 pub use recovery::RecoveryReport;
 pub use txn::{CommitInfo, Transaction};
 
+use crate::retention::{self, RetentionPlan, RetentionPolicy};
+
 use crate::error::{Error, Result};
 use crate::io::{StdIo, Storage, StorageFile};
 use crate::manifest::{self, Manifest, MetaValue};
@@ -20,8 +22,8 @@ use crate::wal::{self, RecordType};
 use ckptstore_proto::v1 as pb;
 use files::WalWriter;
 use prost::Message;
-use state::State;
-use std::collections::{BTreeMap, HashMap};
+use state::{referenced_segments, State};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -130,11 +132,15 @@ pub struct CheckpointInfo {
     pub bytes: u64,
     /// User metadata.
     pub metadata: BTreeMap<String, MetaValue>,
+    /// Pinned ([`Store::pin`]): never deleted, by retention or by [`Store::delete`], until
+    /// unpinned.
+    pub pinned: bool,
 }
 
 impl CheckpointInfo {
-    fn of(m: &Manifest) -> Self {
+    fn of(m: &Manifest, state: &State) -> Self {
         CheckpointInfo {
+            pinned: state.pinned.contains(&m.id),
             id: m.id,
             step: m.step,
             epoch: m.epoch,
@@ -154,6 +160,8 @@ impl CheckpointInfo {
 /// What a deletion did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeleteInfo {
+    /// The checkpoint deleted.
+    pub id: u64,
     /// Segment files freed (no live checkpoint referenced them any more).
     pub segments_freed: Vec<u64>,
     /// Their bytes.
@@ -256,7 +264,7 @@ impl Store {
         self.state
             .checkpoints
             .values()
-            .map(|m| CheckpointInfo::of(m))
+            .map(|m| CheckpointInfo::of(m, &self.state))
             .collect()
     }
 
@@ -266,14 +274,14 @@ impl Store {
             .checkpoints
             .values()
             .next_back()
-            .map(|m| CheckpointInfo::of(m))
+            .map(|m| CheckpointInfo::of(m, &self.state))
     }
 
     /// The newest checkpoint whose every chunk verifies, walking back past damaged ones.
     pub fn latest_valid(&self) -> Result<Option<CheckpointInfo>> {
         for m in self.state.checkpoints.values().rev() {
             match self.verify(m.id) {
-                Ok(()) => return Ok(Some(CheckpointInfo::of(m))),
+                Ok(()) => return Ok(Some(CheckpointInfo::of(m, &self.state))),
                 Err(Error::ChunkCorrupt { .. } | Error::SegmentMissing { .. }) => continue,
                 Err(e) => return Err(e),
             }
@@ -303,7 +311,7 @@ impl Store {
 
     /// Summary of one checkpoint.
     pub fn info(&self, sel: Selector) -> Result<CheckpointInfo> {
-        self.find(sel).map(|m| CheckpointInfo::of(m))
+        self.find(sel).map(|m| CheckpointInfo::of(m, &self.state))
     }
 
     /// Opens a checkpoint for reading.
@@ -367,9 +375,14 @@ impl Store {
 
     /// Deletes checkpoint `id`: the delete record is made durable first, then segment files
     /// no live checkpoint references are removed.
+    ///
+    /// A pinned checkpoint is refused with [`Error::Pinned`]; unpin it first.
     pub fn delete(&mut self, id: u64) -> Result<DeleteInfo> {
         self.check_writable()?;
         self.find(Selector::Id(id))?;
+        if self.state.pinned.contains(&id) {
+            return Err(Error::Pinned { id });
+        }
         let payload = pb::DeleteRecord { ids: vec![id] }.encode_to_vec();
         let wal = self.wal.as_mut().expect("checked writable");
         if let Err(e) = wal.append_durable(RecordType::Delete, &payload) {
@@ -382,7 +395,10 @@ impl Store {
             .map(|(&k, s)| (k, s.len))
             .collect();
         let dead = self.state.apply_delete(id, commit_record_len);
-        let mut info = DeleteInfo::default();
+        let mut info = DeleteInfo {
+            id,
+            ..Default::default()
+        };
         let seg_dir = self.dir.join(SEGMENTS_DIR);
         for s in dead {
             self.open_segments.lock().unwrap().remove(&s);
@@ -396,6 +412,92 @@ impl Store {
         }
         self.compact_after_durable_write();
         Ok(info)
+    }
+
+    /// Pins checkpoint `id`: until [`Store::unpin`], [`Store::delete`] refuses it and
+    /// retention always keeps it. Durable when this returns (a `Pin` WAL record, fdatasync'ed).
+    /// Returns whether anything changed (`false`: it was pinned already, nothing written).
+    pub fn pin(&mut self, id: u64) -> Result<bool> {
+        self.set_pinned(id, true)
+    }
+
+    /// Unpins checkpoint `id` (durable when this returns). Returns whether anything changed
+    /// (`false`: it was not pinned, nothing written).
+    pub fn unpin(&mut self, id: u64) -> Result<bool> {
+        self.set_pinned(id, false)
+    }
+
+    fn set_pinned(&mut self, id: u64, pinned: bool) -> Result<bool> {
+        self.check_writable()?;
+        self.find(Selector::Id(id))?;
+        if self.state.pinned.contains(&id) == pinned {
+            return Ok(false);
+        }
+        let payload = pb::PinRecord { id, pinned }.encode_to_vec();
+        let wal = self.wal.as_mut().expect("checked writable");
+        if let Err(e) = wal.append_durable(RecordType::Pin, &payload) {
+            return Err(self.poison(e));
+        }
+        self.state
+            .apply_pin(id, pinned, "pin")
+            .expect("a live checkpoint pins");
+        self.compact_after_durable_write();
+        Ok(true)
+    }
+
+    /// Ids of the pinned checkpoints, oldest first.
+    pub fn pinned(&self) -> Vec<u64> {
+        self.state.pinned.iter().copied().collect()
+    }
+
+    /// What `policy` would keep (and why) and delete, and the space that would be freed.
+    /// Changes nothing (a read-only store plans too): the `--dry-run` of [`Store::apply_retention`].
+    pub fn plan_retention(&self, policy: &RetentionPolicy) -> Result<RetentionPlan> {
+        let mut plan = retention::plan(policy, &self.list())?;
+        let kept: BTreeSet<u64> = plan
+            .keep
+            .iter()
+            .flat_map(|k| referenced_segments(&self.state.checkpoints[&k.info.id]))
+            .collect();
+        let mut freed = BTreeSet::new();
+        for d in &plan.delete {
+            let m = &self.state.checkpoints[&d.id];
+            let created = m.new_segments.iter().map(|s| s.id);
+            freed.extend(
+                referenced_segments(m)
+                    .into_iter()
+                    .chain(created)
+                    .filter(|s| !kept.contains(s) && self.state.segments.contains_key(s)),
+            );
+        }
+        plan.bytes_freed = freed.iter().map(|s| self.state.segments[s].len).sum();
+        plan.segments_freed = freed.into_iter().collect();
+        Ok(plan)
+    }
+
+    /// Applies `policy`: deletes what [`Store::plan_retention`] says, oldest first, each through
+    /// [`Store::delete`] (a durable Delete record, then the space freed). The newest and every
+    /// pinned checkpoint are always kept, so every deletion comes after a newer committed one.
+    /// A crash part-way leaves the oldest of them deleted and the rest live; run it again.
+    pub fn apply_retention(&mut self, policy: &RetentionPolicy) -> Result<Vec<DeleteInfo>> {
+        self.apply_retention_with(policy, |_, _| {})
+    }
+
+    /// [`Store::apply_retention`], calling `progress(deleted so far, to delete)` after each
+    /// deletion (for a progress bar).
+    pub fn apply_retention_with(
+        &mut self,
+        policy: &RetentionPolicy,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Vec<DeleteInfo>> {
+        let plan = retention::plan(policy, &self.list())?;
+        let total = plan.delete.len();
+        let mut out = Vec::with_capacity(total);
+        for d in &plan.delete {
+            out.push(self.delete(d.id)?);
+            progress(out.len(), total);
+        }
+        Ok(out)
     }
 
     /// Compacts the WAL if it is due, after a commit or delete record is already durable. A
@@ -428,6 +530,12 @@ impl Store {
                 manifest: Some((**m).clone()),
             };
             records.push((RecordType::Commit, rec.encode_to_vec()));
+        }
+        // Pins follow the commits they name (docs/FORMAT.md): only pinned ones, so a store
+        // without pins compacts to a WAL an older reader still opens.
+        for &id in &self.state.pinned {
+            let rec = pb::PinRecord { id, pinned: true };
+            records.push((RecordType::Pin, rec.encode_to_vec()));
         }
         let io = self.opts.io.clone();
         let new = match WalWriter::create_durable(&*io, &self.dir, number, &records) {

@@ -32,7 +32,7 @@ impl<'s> CheckpointReader<'s> {
 
     /// Summary: id, step, epoch, time, counts, metadata.
     pub fn info(&self) -> CheckpointInfo {
-        CheckpointInfo::of(&self.manifest)
+        CheckpointInfo::of(&self.manifest, &self.store.state)
     }
 
     /// User metadata.

@@ -181,6 +181,10 @@ pub(crate) fn recover(io: &dyn Storage, dir: &Path, opts: &Options) -> Result<Re
                     state.apply_delete(id, super::commit_record_len);
                 }
             }
+            RecordType::Pin => {
+                let p = pb::PinRecord::decode(payload).map_err(decode_err)?;
+                state.apply_pin(p.id, p.pinned, &context)?;
+            }
         }
     }
     report.records_replayed = scan.records.len();

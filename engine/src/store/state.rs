@@ -31,8 +31,17 @@ pub(crate) struct State {
     pub damaged_segments: BTreeSet<u64>,
     pub next_checkpoint_id: u64,
     pub next_segment_id: u64,
-    /// Sum of the encoded sizes of the live commit records (to decide WAL compaction).
+    /// Sum of the encoded sizes of the live commit and pin records (to decide WAL compaction).
     pub live_record_bytes: u64,
+    /// Pinned checkpoints (all live): never deleted until unpinned.
+    pub pinned: BTreeSet<u64>,
+}
+
+/// Encoded size of the WAL record that pins checkpoint `id` (what a compacted WAL holds for it).
+pub(crate) fn pin_record_len(id: u64) -> u64 {
+    use prost::Message;
+    let rec = pb::PinRecord { id, pinned: true };
+    (crate::wal::RECORD_HEADER_LEN + rec.encoded_len()) as u64
 }
 
 fn key(c: &pb::ChunkRef) -> [u8; 32] {
@@ -47,7 +56,7 @@ fn usable(segments: &BTreeMap<u64, SegmentState>, damaged: &BTreeSet<u64>, id: u
     segments.contains_key(&id) && !damaged.contains(&id)
 }
 
-fn referenced_segments(m: &Manifest) -> BTreeSet<u64> {
+pub(crate) fn referenced_segments(m: &Manifest) -> BTreeSet<u64> {
     manifest::all_chunks(m).map(|c| c.segment).collect()
 }
 
@@ -155,6 +164,9 @@ impl State {
             return Vec::new();
         };
         self.live_record_bytes = self.live_record_bytes.saturating_sub(record_bytes_of(&m));
+        if self.pinned.remove(&id) {
+            self.live_record_bytes = self.live_record_bytes.saturating_sub(pin_record_len(id));
+        }
         for c in manifest::all_chunks(&m) {
             let k = key(c);
             if let Some(e) = self.index.get_mut(&k) {
@@ -185,6 +197,28 @@ impl State {
             self.damaged_segments.remove(s);
         }
         dead
+    }
+
+    /// Applies a pin record. `context` names the record for errors: a pin of a checkpoint that
+    /// is not live is refused (the writer never writes one; a WAL holding one is damaged).
+    pub fn apply_pin(&mut self, id: u64, pinned: bool, context: &str) -> Result<()> {
+        if !self.checkpoints.contains_key(&id) {
+            return Err(Error::BadManifest {
+                context: context.to_owned(),
+                reason: format!("pin record for checkpoint {id}, which is not live"),
+            });
+        }
+        let changed = if pinned {
+            self.pinned.insert(id)
+        } else {
+            self.pinned.remove(&id)
+        };
+        if changed && pinned {
+            self.live_record_bytes += pin_record_len(id);
+        } else if changed {
+            self.live_record_bytes = self.live_record_bytes.saturating_sub(pin_record_len(id));
+        }
+        Ok(())
     }
 
     /// Drops segments that no live checkpoint references (left by a snapshot or by commits

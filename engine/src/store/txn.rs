@@ -479,7 +479,7 @@ impl<'s> Transaction<'s> {
                 .values()
                 .next_back()
                 .expect("just committed");
-            CheckpointInfo::of(m)
+            CheckpointInfo::of(m, &self.store.state)
         };
         let out = CommitInfo {
             checkpoint: info,

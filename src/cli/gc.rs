@@ -1,0 +1,189 @@
+//! `ckptstore gc`: apply a retention policy — keep what any rule keeps (plus the newest and
+//! every pinned checkpoint), delete the rest oldest first, each deletion a durable WAL record
+//! before its space is freed. `--dry-run` only prints the plan.
+
+use super::{check_dir, emit, emit_json, fail, human_bytes, info_json, iso_time, table};
+use super::{open_read_only, CliResult};
+use ckptstore::current::CURRENT_NAME;
+use ckptstore::{CheckpointInfo, MetricMode, Options, RetentionPolicy, Store};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+
+/// Direction of the `--metric` of `--keep-best`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Mode {
+    /// Lower is better (a loss).
+    Min,
+    /// Higher is better (an accuracy).
+    Max,
+}
+
+/// Arguments of `ckptstore gc`.
+#[derive(Debug, clap::Args)]
+#[command(group(
+    clap::ArgGroup::new("policy")
+        .required(true)
+        .multiple(true)
+        .args(["keep_last", "keep_per_minutes", "keep_every_steps", "keep_best"])
+))]
+pub struct Args {
+    /// The store directory.
+    pub dir: PathBuf,
+    /// Keep the N newest checkpoints.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub keep_last: Option<u64>,
+    /// Keep the newest checkpoint of each M-minute window of wall time (windows aligned to
+    /// the Unix epoch; MindSpore's keep_checkpoint_per_n_minutes).
+    #[arg(long, value_name = "M", value_parser = clap::value_parser!(u64).range(1..))]
+    pub keep_per_minutes: Option<u64>,
+    /// Keep every checkpoint whose step is a multiple of S.
+    #[arg(long, value_name = "S", value_parser = clap::value_parser!(u64).range(1..))]
+    pub keep_every_steps: Option<u64>,
+    /// Keep the K best checkpoints by the metadata metric --metric (--mode min or max).
+    /// Checkpoints without a numeric value for it are never among the best.
+    #[arg(long, value_name = "K", requires_all = ["metric", "mode"],
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub keep_best: Option<u64>,
+    /// The metadata key --keep-best ranks by.
+    #[arg(long, value_name = "NAME", requires = "keep_best")]
+    pub metric: Option<String>,
+    /// Whether a lower (min) or higher (max) --metric is better.
+    #[arg(long, value_enum, requires = "keep_best")]
+    pub mode: Option<Mode>,
+    /// Also keep this checkpoint id on this run (repeatable); `ckptstore pin` keeps one for good.
+    #[arg(long = "keep-id", value_name = "ID")]
+    pub keep_ids: Vec<u64>,
+    /// Print what would be kept and deleted, change nothing (opens read-only, so it works
+    /// while a writer runs).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print JSON: {"dir", "dry_run", "kept": [checkpoint as in `ls --json` + "reasons":
+    /// [{"kind", "text"}]], "deleted": [checkpoint], "segments_freed", "bytes_freed"}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn policy(a: &Args) -> RetentionPolicy {
+    let mut p = RetentionPolicy::new();
+    p.keep_last = a.keep_last.map(|n| n as usize);
+    p.keep_one_per_minutes = a.keep_per_minutes;
+    p.keep_every_steps = a.keep_every_steps;
+    if let (Some(k), Some(metric), Some(mode)) = (a.keep_best, &a.metric, a.mode) {
+        let mode = match mode {
+            Mode::Min => MetricMode::Min,
+            Mode::Max => MetricMode::Max,
+        };
+        p = p.keep_best(k as usize, metric.clone(), mode);
+    }
+    p.pins.extend(a.keep_ids.iter().copied());
+    p
+}
+
+fn row(action: &str, c: &CheckpointInfo, why: String) -> Vec<String> {
+    vec![
+        action.into(),
+        c.id.to_string(),
+        c.step.to_string(),
+        iso_time(c.wall_time_unix_ns),
+        human_bytes(c.bytes),
+        why,
+    ]
+}
+
+/// Plans and (unless --dry-run) applies the retention policy.
+pub fn run(a: Args) -> CliResult {
+    let policy = policy(&a);
+    let mut store = if a.dry_run {
+        open_read_only(&a.dir)?
+    } else {
+        check_dir(&a.dir)?;
+        if !a.dir.join(CURRENT_NAME).exists() {
+            return fail(format!(
+                "{} is not a ckptstore store (no CURRENT file)",
+                a.dir.display()
+            ));
+        }
+        Store::open(&a.dir, Options::default())?
+    };
+    let plan = store.plan_retention(&policy)?;
+    let (mut segments_freed, mut bytes_freed) = (plan.segments_freed.len(), plan.bytes_freed);
+    if !a.dry_run && !plan.delete.is_empty() {
+        // Hidden automatically when stderr is not a terminal.
+        let bar = ProgressBar::new(plan.delete.len() as u64);
+        bar.set_style(
+            ProgressStyle::with_template("deleting [{bar:30}] {pos}/{len} checkpoints ({eta})")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        let done = store.apply_retention_with(&policy, |n, _| bar.set_position(n as u64));
+        bar.finish_and_clear();
+        let done = done?;
+        segments_freed = done.iter().map(|d| d.segments_freed.len()).sum();
+        bytes_freed = done.iter().map(|d| d.bytes_freed).sum();
+    }
+
+    if a.json {
+        let kept: Vec<Value> = plan
+            .keep
+            .iter()
+            .map(|k| {
+                let mut v = info_json(&k.info);
+                v["reasons"] = k
+                    .reasons
+                    .iter()
+                    .map(|r| json!({"kind": r.kind(), "text": r.to_string()}))
+                    .collect();
+                v
+            })
+            .collect();
+        return emit_json(&json!({
+            "dir": a.dir.display().to_string(),
+            "dry_run": a.dry_run,
+            "kept": kept,
+            "deleted": plan.delete.iter().map(info_json).collect::<Vec<_>>(),
+            "segments_freed": segments_freed,
+            "bytes_freed": bytes_freed,
+        }));
+    }
+    if plan.keep.is_empty() {
+        return emit(&format!("no checkpoints in {}\n", a.dir.display()));
+    }
+    let mut rows: Vec<Vec<String>> = plan
+        .keep
+        .iter()
+        .map(|k| {
+            let why = k.reasons.iter().map(|r| r.to_string()).collect::<Vec<_>>();
+            (k.info.id, row("keep", &k.info, why.join("; ")))
+        })
+        .chain(plan.delete.iter().map(|c| {
+            let action = if a.dry_run { "would delete" } else { "deleted" };
+            (c.id, row(action, c, "no rule keeps it".into()))
+        }))
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .into_values()
+        .collect();
+    rows.sort_by_key(|r| r[1].parse::<u64>().unwrap_or(0));
+    let mut out = table(
+        &["ACTION", "ID", "STEP", "TIME (UTC)", "SIZE", "WHY"],
+        &[false, true, true, false, true, false],
+        &rows,
+    );
+    let n = plan.delete.len();
+    let s = if n == 1 { "" } else { "s" };
+    out += &if a.dry_run {
+        format!(
+            "dry run: would delete {n} checkpoint{s} and free {} ({segments_freed} segment files); \
+             would keep {}\n",
+            human_bytes(bytes_freed),
+            plan.keep.len()
+        )
+    } else {
+        format!(
+            "deleted {n} checkpoint{s}, freed {} ({segments_freed} segment files); kept {}\n",
+            human_bytes(bytes_freed),
+            plan.keep.len()
+        )
+    };
+    emit(&out)
+}
