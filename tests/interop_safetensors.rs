@@ -17,21 +17,6 @@ use support::{data, opts};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ckptstore");
 
-const ALL_DTYPES: [DType; 12] = [
-    DType::F64,
-    DType::F32,
-    DType::F16,
-    DType::BF16,
-    DType::F8E4M3,
-    DType::F8E5M2,
-    DType::I64,
-    DType::I32,
-    DType::I16,
-    DType::I8,
-    DType::U8,
-    DType::Bool,
-];
-
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
@@ -69,7 +54,7 @@ fn rich_store(dir: &Path) -> Store {
     t.set_metadata("rng", vec![0u8, 1, 254, 255]);
     t.set_metadata("empty_bytes", Vec::<u8>::new());
     t.set_metadata("name", "lenet \"quoted\" ünïcode\n");
-    for (i, d) in ALL_DTYPES.into_iter().enumerate() {
+    for (i, d) in DType::ALL.into_iter().enumerate() {
         let n = d.size() * 3 * 5;
         t.put_tensor(&format!("{d}.matrix"), d, &[3, 5], &data(i as u64, n))
             .unwrap();

@@ -40,22 +40,23 @@ pub enum DType {
     Bool,
 }
 
-const ALL: [DType; 12] = [
-    DType::F64,
-    DType::F32,
-    DType::F16,
-    DType::BF16,
-    DType::F8E4M3,
-    DType::F8E5M2,
-    DType::I64,
-    DType::I32,
-    DType::I16,
-    DType::I8,
-    DType::U8,
-    DType::Bool,
-];
-
 impl DType {
+    /// Every dtype, in the order of their protobuf numbers.
+    pub const ALL: [DType; 12] = [
+        DType::F64,
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::F8E4M3,
+        DType::F8E5M2,
+        DType::I64,
+        DType::I32,
+        DType::I16,
+        DType::I8,
+        DType::U8,
+        DType::Bool,
+    ];
+
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
@@ -86,7 +87,7 @@ impl DType {
 
     /// Parses a name printed by [`DType::name`].
     pub fn from_name(s: &str) -> Option<Self> {
-        ALL.into_iter().find(|d| d.name() == s)
+        Self::ALL.into_iter().find(|d| d.name() == s)
     }
 
     pub(crate) fn to_pb(self) -> pb::DType {
@@ -107,7 +108,7 @@ impl DType {
     }
 
     pub(crate) fn from_pb(v: i32) -> Option<Self> {
-        ALL.into_iter().find(|d| d.to_pb() as i32 == v)
+        Self::ALL.into_iter().find(|d| d.to_pb() as i32 == v)
     }
 }
 
@@ -301,7 +302,7 @@ mod tests {
 
     #[test]
     fn dtype_names_round_trip() {
-        for d in ALL {
+        for d in DType::ALL {
             assert_eq!(DType::from_name(d.name()), Some(d));
             assert_eq!(DType::from_pb(d.to_pb() as i32), Some(d));
         }
