@@ -23,5 +23,5 @@ pub use manifest::{DType, MetaValue};
 pub use retention::{KeepReason, MetricMode, RetentionPlan, RetentionPolicy};
 pub use store::{
     CheckpointInfo, CheckpointReader, CommitInfo, DeleteInfo, Options, RecoveryMode,
-    RecoveryReport, Selector, Store, StoreStats, Tensor, Transaction,
+    RecoveryReport, Selector, Store, StoreStats, Tensor, TensorView, Transaction,
 };

@@ -5,15 +5,18 @@
 //! Errors here are plain `std::io::Error`; the layers above attach the path and operation.
 
 mod mem;
+mod mmap;
 mod sim;
 mod std_io;
 
 pub use mem::{MemFaults, MemIo};
+pub use mmap::MappedFile;
 pub use sim::{CrashMode, Fault, OpKind, SimIo};
 pub use std_io::StdIo;
 
 use std::io;
 use std::path::Path;
+use std::sync::Arc;
 
 /// A file system: directories, names, and the directory-level durability calls.
 pub trait Storage: Send + Sync + std::fmt::Debug {
@@ -67,4 +70,11 @@ pub trait StorageFile: Send + Sync {
     }
     /// Sets the length (truncate or extend with zeros); durable only after a sync.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// A read-only memory map of the whole file as it is now, for zero-copy reads of bytes
+    /// that never change (committed segment payloads; see `io::MappedFile` for the contract).
+    /// `Ok(None)`: this backend does not map (the default), or the file is empty; readers then
+    /// use [`StorageFile::read_at`].
+    fn map(&self) -> io::Result<Option<Arc<MappedFile>>> {
+        Ok(None)
+    }
 }

@@ -1,16 +1,23 @@
 //! `StdIo`: the reference backend on std::fs (pwrite, pread, fdatasync, fsync on directories).
 
-use super::{Storage, StorageFile};
+use super::{MappedFile, Storage, StorageFile};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 /// The real file system through std and rustix. Always available.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct StdIo;
 
-struct StdFile(File);
+struct StdFile(File, Mutex<Option<Arc<MappedFile>>>);
+
+impl StdFile {
+    fn boxed(f: File) -> Box<dyn StorageFile> {
+        Box::new(StdFile(f, Mutex::new(None)))
+    }
+}
 
 impl Storage for StdIo {
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
@@ -23,12 +30,12 @@ impl Storage for StdIo {
             .write(true)
             .create_new(true)
             .open(path)?;
-        Ok(Box::new(StdFile(f)))
+        Ok(StdFile::boxed(f))
     }
 
     fn open(&self, path: &Path, write: bool) -> io::Result<Box<dyn StorageFile>> {
         let f = OpenOptions::new().read(true).write(write).open(path)?;
-        Ok(Box::new(StdFile(f)))
+        Ok(StdFile::boxed(f))
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
@@ -65,7 +72,7 @@ impl Storage for StdIo {
             .truncate(false)
             .open(path)?;
         match f.try_lock() {
-            Ok(()) => Ok(Some(Box::new(StdFile(f)))),
+            Ok(()) => Ok(Some(StdFile::boxed(f))),
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
             Err(std::fs::TryLockError::Error(e)) => Err(e),
         }
@@ -121,5 +128,19 @@ impl StorageFile for StdFile {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.0.set_len(len)
+    }
+
+    fn map(&self) -> io::Result<Option<Arc<MappedFile>>> {
+        // One map per open file, reused while it covers the whole file; a file that grew since
+        // (the segment being appended to) gets a new, longer map. Views of the old one keep it
+        // alive through their Arc.
+        let len = self.len()?;
+        let mut cached = self.1.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = cached.as_ref().filter(|m| m.len() as u64 >= len) {
+            return Ok(Some(m.clone()));
+        }
+        let m = MappedFile::map(&self.0)?.map(Arc::new);
+        cached.clone_from(&m);
+        Ok(m)
     }
 }

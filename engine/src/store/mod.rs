@@ -6,11 +6,13 @@ mod reader;
 mod recovery;
 mod state;
 mod txn;
+mod view;
 
 pub use files::{parse_wal_file_name, wal_file_name, LOCK_NAME, SEGMENTS_DIR};
 pub use reader::{CheckpointReader, Tensor};
 pub use recovery::RecoveryReport;
 pub use txn::{CommitInfo, Transaction};
+pub use view::TensorView;
 
 use crate::retention::{self, RetentionPlan, RetentionPolicy};
 

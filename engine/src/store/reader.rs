@@ -21,8 +21,8 @@ pub struct Tensor {
 
 /// A committed checkpoint, open for reading.
 pub struct CheckpointReader<'s> {
-    store: &'s Store,
-    manifest: Arc<Manifest>,
+    pub(super) store: &'s Store,
+    pub(super) manifest: Arc<Manifest>,
 }
 
 impl<'s> CheckpointReader<'s> {
@@ -63,7 +63,7 @@ impl<'s> CheckpointReader<'s> {
             .collect()
     }
 
-    fn tensor_entry(&self, name: &str) -> Result<&pb::TensorEntry> {
+    pub(super) fn tensor_entry(&self, name: &str) -> Result<&pb::TensorEntry> {
         self.manifest
             .tensors
             .iter()
@@ -163,7 +163,7 @@ impl<'s> CheckpointReader<'s> {
     /// Fails with `SegmentMissing` if any chunk lies in a segment recovery found missing or
     /// short. Called before allocating the output, so a manifest naming bytes that are not on
     /// disk never turns into a huge allocation.
-    fn check_segments(&self, chunks: &[pb::ChunkRef]) -> Result<()> {
+    pub(super) fn check_segments(&self, chunks: &[pb::ChunkRef]) -> Result<()> {
         chunks.iter().try_for_each(|c| self.check_segment(c))
     }
 

@@ -1,0 +1,207 @@
+//! Zero-copy tensor views over memory-mapped segments.
+//!
+//! An uncompressed tensor whose chunks lie back to back in one segment (the writer lays out a
+//! tensor's new chunks as one run per segment, so this is the common case) is returned as a
+//! slice of the segment's read-only map: no copy, no allocation. Anything else (chunks spread
+//! over segments or frames, deduplicated chunks referenced where they already were, a backend
+//! that does not map such as `MemIo`/`SimIo`) falls back to the owned read path of
+//! [`CheckpointReader::tensor_with`].
+
+use super::reader::{CheckpointReader, Tensor};
+use crate::error::{Error, Result};
+use crate::io::MappedFile;
+use crate::manifest::DType;
+use ckptstore_proto::v1 as pb;
+use std::ops::Range;
+use std::sync::Arc;
+
+/// Below this many bytes a tensor's chunks are hashed on the calling thread.
+const PARALLEL_VERIFY_MIN_BYTES: u64 = 8 << 20;
+
+/// A tensor's bytes: borrowed from a segment's map (zero-copy) or owned.
+///
+/// A view keeps its map alive by itself (it holds an `Arc`), so it may outlive the reader and
+/// the store; the segment's pages stay readable even if GC unlinks the file meanwhile.
+#[derive(Debug, Clone)]
+pub struct TensorView {
+    dtype: DType,
+    shape: Vec<u64>,
+    data: ViewData,
+}
+
+#[derive(Debug, Clone)]
+enum ViewData {
+    Mapped {
+        map: Arc<MappedFile>,
+        range: Range<usize>,
+    },
+    Owned(Vec<u8>),
+}
+
+impl TensorView {
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Shape.
+    pub fn shape(&self) -> &[u64] {
+        &self.shape
+    }
+
+    /// Row-major bytes, `dtype.size() × product(shape)` of them.
+    pub fn data(&self) -> &[u8] {
+        match &self.data {
+            ViewData::Mapped { map, range } => &map.as_slice()[range.clone()],
+            ViewData::Owned(v) => v,
+        }
+    }
+
+    /// Whether the bytes are borrowed from a segment's map (no copy was made).
+    pub fn is_zero_copy(&self) -> bool {
+        matches!(self.data, ViewData::Mapped { .. })
+    }
+
+    /// An owned [`Tensor`] (copies the bytes of a zero-copy view).
+    pub fn into_tensor(self) -> Tensor {
+        let data = match self.data {
+            ViewData::Owned(v) => v,
+            ViewData::Mapped { map, range } => map.as_slice()[range].to_vec(),
+        };
+        Tensor {
+            dtype: self.dtype,
+            shape: self.shape,
+            data,
+        }
+    }
+}
+
+impl AsRef<[u8]> for TensorView {
+    fn as_ref(&self) -> &[u8] {
+        self.data()
+    }
+}
+
+impl std::ops::Deref for TensorView {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.data()
+    }
+}
+
+impl CheckpointReader<'_> {
+    /// A tensor's bytes without copying them where possible, every chunk verified.
+    pub fn tensor_view(&self, name: &str) -> Result<TensorView> {
+        self.tensor_view_with(name, true)
+    }
+
+    /// Like [`CheckpointReader::tensor_view`]; `verify = false` skips the BLAKE3 check (a
+    /// trusted fast path: the view is then returned without touching its pages).
+    pub fn tensor_view_with(&self, name: &str, verify: bool) -> Result<TensorView> {
+        let t = self.tensor_entry(name)?;
+        self.check_segments(&t.chunks)?;
+        let dtype = DType::from_pb(t.dtype).expect("validated dtype");
+        if let Some((map, range)) = self.mapped_run(&t.chunks)? {
+            if verify {
+                self.verify_mapped(&t.name, &t.chunks, &map, range.start)?;
+            }
+            return Ok(TensorView {
+                dtype,
+                shape: t.shape.clone(),
+                data: ViewData::Mapped { map, range },
+            });
+        }
+        let owned = self.tensor_with(name, verify)?;
+        Ok(TensorView {
+            dtype: owned.dtype,
+            shape: owned.shape,
+            data: ViewData::Owned(owned.data),
+        })
+    }
+
+    /// The map and byte range of `chunks` if they are uncompressed, in one segment, back to
+    /// back, and that segment's backend maps it (covering the whole range); else `None`.
+    fn mapped_run(
+        &self,
+        chunks: &[pb::ChunkRef],
+    ) -> Result<Option<(Arc<MappedFile>, Range<usize>)>> {
+        let Some(first) = chunks.first() else {
+            return Ok(None);
+        };
+        let mut end = first.offset;
+        for c in chunks {
+            if c.segment != first.segment
+                || c.offset != end
+                || c.codec != pb::Codec::None as i32
+                || c.stored_len != c.raw_len
+            {
+                return Ok(None);
+            }
+            end += c.stored_len;
+        }
+        let file = self.store.segment_file(first.segment)?;
+        // A backend that cannot map right now (an mmap failure, say) still reads by pread.
+        let Ok(Some(map)) = file.map() else {
+            return Ok(None);
+        };
+        let (Ok(start), Ok(end)) = (usize::try_from(first.offset), usize::try_from(end)) else {
+            return Ok(None);
+        };
+        if end > map.len() {
+            return Ok(None);
+        }
+        Ok(Some((map, start..end)))
+    }
+
+    /// Hashes each chunk in place in the map, across threads when the run is big; the error
+    /// names the first (lowest-index) bad chunk.
+    fn verify_mapped(
+        &self,
+        name: &str,
+        chunks: &[pb::ChunkRef],
+        map: &MappedFile,
+        start: usize,
+    ) -> Result<()> {
+        let bytes = map.as_slice();
+        let total: u64 = chunks.iter().map(|c| c.stored_len).sum();
+        map.will_need(start, total as usize);
+        let bad = |i: usize| -> bool {
+            let c = &chunks[i];
+            let at = c.offset as usize;
+            blake3::hash(&bytes[at..at + c.stored_len as usize]).as_bytes()[..] != c.blake3[..]
+        };
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(chunks.len());
+        let first_bad = if threads <= 1 || total < PARALLEL_VERIFY_MIN_BYTES {
+            (0..chunks.len()).find(|&i| bad(i))
+        } else {
+            // Chunk i goes to thread i % threads: neighbouring chunks are hashed at the same
+            // time, so the kernel's readahead of a cold map serves all threads.
+            std::thread::scope(|s| {
+                let handles: Vec<_> = (0..threads)
+                    .map(|k| {
+                        let bad = &bad;
+                        s.spawn(move || (k..chunks.len()).step_by(threads).find(|&i| bad(i)))
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .filter_map(|h| h.join().expect("verify thread panicked"))
+                    .min()
+            })
+        };
+        match first_bad {
+            None => Ok(()),
+            Some(i) => Err(Error::ChunkCorrupt {
+                checkpoint: self.manifest.id,
+                kind: "tensor",
+                name: name.to_owned(),
+                chunk: i,
+                segment: chunks[i].segment,
+                offset: chunks[i].offset,
+                reason: "BLAKE3 mismatch".into(),
+            }),
+        }
+    }
+}
