@@ -160,9 +160,45 @@ pub enum Error {
         error: crate::interop::safetensors::FormatError,
     },
 
-    /// No checkpoint matches the request.
+    /// No checkpoint (or no tensor or blob in it) matches the request. A missing tensor or
+    /// blob name comes with up to three close matches (`did you mean [...]?`).
     #[error("no checkpoint {0}")]
     NotFound(String),
+
+    /// A strict load ([`crate::CheckpointReader::load_into`] with `strict`) found expected
+    /// names the checkpoint lacks or checkpoint tensors the caller did not expect. Nothing was
+    /// read; load non-strict to get both lists and the tensors that match.
+    #[error("checkpoint {checkpoint}: strict load failed: {} missing {missing:?}, {} unexpected {unexpected:?}; \
+             load non-strict to load the rest", .missing.len(), .unexpected.len())]
+    StrictLoad {
+        /// Checkpoint id.
+        checkpoint: u64,
+        /// Expected names the checkpoint lacks, in the caller's order.
+        missing: Vec<String>,
+        /// Checkpoint tensors not expected, in checkpoint order.
+        unexpected: Vec<String>,
+    },
+
+    /// A tensor's dtype or shape differs from the caller's expectation
+    /// ([`crate::CheckpointReader::load_into`]). Nothing was read.
+    #[error(
+        "checkpoint {checkpoint} tensor {name:?}: expected {expected_dtype} {expected_shape:?}, \
+             found {found_dtype} {found_shape:?}"
+    )]
+    TensorMismatch {
+        /// Checkpoint id.
+        checkpoint: u64,
+        /// Tensor name.
+        name: String,
+        /// Dtype the caller expects.
+        expected_dtype: crate::manifest::DType,
+        /// Shape the caller expects.
+        expected_shape: Vec<u64>,
+        /// Dtype in the checkpoint.
+        found_dtype: crate::manifest::DType,
+        /// Shape in the checkpoint.
+        found_shape: Vec<u64>,
+    },
 
     /// The checkpoint is pinned: it is never deleted until it is unpinned.
     #[error(

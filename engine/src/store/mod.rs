@@ -4,6 +4,7 @@
 mod files;
 mod reader;
 mod recovery;
+mod select;
 mod state;
 mod txn;
 mod view;
@@ -11,6 +12,7 @@ mod view;
 pub use files::{parse_wal_file_name, wal_file_name, LOCK_NAME, SEGMENTS_DIR};
 pub use reader::{CheckpointReader, Tensor};
 pub use recovery::RecoveryReport;
+pub use select::{LoadReport, LoadSpec, NamePredicate};
 pub use txn::{CommitInfo, Transaction};
 pub use view::TensorView;
 

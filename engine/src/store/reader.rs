@@ -69,10 +69,8 @@ impl<'s> CheckpointReader<'s> {
             .iter()
             .find(|t| t.name == name)
             .ok_or_else(|| {
-                Error::NotFound(format!(
-                    "tensor {name:?} in checkpoint {}",
-                    self.manifest.id
-                ))
+                let names = self.manifest.tensors.iter().map(|t| t.name.as_str());
+                super::select::not_found("tensor", name, self.manifest.id, names)
             })
     }
 
@@ -111,7 +109,8 @@ impl<'s> CheckpointReader<'s> {
             .iter()
             .find(|b| b.name == name)
             .ok_or_else(|| {
-                Error::NotFound(format!("blob {name:?} in checkpoint {}", self.manifest.id))
+                let names = self.manifest.blobs.iter().map(|b| b.name.as_str());
+                super::select::not_found("blob", name, self.manifest.id, names)
             })?;
         self.check_segments(&b.chunks)?;
         let mut data = vec![0u8; b.nbytes as usize];
