@@ -22,6 +22,6 @@ pub use error::{Error, Result};
 pub use manifest::{DType, MetaValue};
 pub use retention::{KeepReason, MetricMode, RetentionPlan, RetentionPolicy};
 pub use store::{
-    CheckpointInfo, CheckpointReader, CommitInfo, DeleteInfo, Options, RecoveryMode,
-    RecoveryReport, Selector, Store, StoreStats, Tensor, TensorView, Transaction,
+    CheckpointInfo, CheckpointReader, CommitInfo, DeleteInfo, LoadReport, LoadSpec, Options,
+    RecoveryMode, RecoveryReport, Selector, Store, StoreStats, Tensor, TensorView, Transaction,
 };
