@@ -72,3 +72,63 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// `verify_all` reads a chunk shared by several checkpoints once, and a damaged shared chunk
+/// still fails every checkpoint that uses it.
+#[test]
+fn verify_all_reads_shared_chunks_once() {
+    use ckptstore::io::{OpKind, SimIo};
+    let sim = SimIo::new();
+    let o = || ckptstore::Options {
+        io: std::sync::Arc::new(sim.clone()),
+        ..opts()
+    };
+    let frozen = data(8, 8 * CHUNK);
+    let mut s = Store::open("/s", o()).unwrap();
+    for step in 0..4u64 {
+        let mut t = s.begin(step).unwrap();
+        t.put_tensor("frozen", DType::U8, &[frozen.len() as u64], &frozen)
+            .unwrap();
+        t.put_tensor("head", DType::U8, &[CHUNK as u64], &data(100 + step, CHUNK))
+            .unwrap();
+        t.commit().unwrap();
+    }
+    let reads = |f: &dyn Fn()| {
+        let before = sim.call_count(OpKind::Read);
+        f();
+        sim.call_count(OpKind::Read) - before
+    };
+    // 8 shared chunks + 4 own chunks, not 4 × 9.
+    let n = reads(&|| assert!(s.verify_all().iter().all(|(_, r)| r.is_ok())));
+    assert_eq!(n, 8 + 4);
+    assert_eq!(reads(&|| s.verify(1).unwrap()), 9);
+
+    // Damage one shared chunk: every checkpoint fails, each naming the frozen tensor.
+    let c = s.checkpoint(Selector::Id(1)).unwrap().manifest().tensors[0].chunks[3].clone();
+    drop(s);
+    let path = std::path::Path::new("/s/segments").join(format!("{:08}.seg", c.segment));
+    let mut b = sim.read_file(&path).unwrap();
+    b[c.offset as usize] ^= 1;
+    let img = sim.fork();
+    {
+        use ckptstore::io::Storage;
+        let f = img.open(&path, true).unwrap();
+        f.write_at(&b, 0).unwrap();
+    }
+    let s = Store::open(
+        "/s",
+        ckptstore::Options {
+            io: std::sync::Arc::new(img),
+            ..opts()
+        },
+    )
+    .unwrap();
+    for (id, r) in s.verify_all() {
+        match r {
+            Err(Error::ChunkCorrupt { name, chunk, .. }) => {
+                assert_eq!((name.as_str(), chunk), ("frozen", 3), "checkpoint {id}")
+            }
+            other => panic!("checkpoint {id}: {other:?}"),
+        }
+    }
+}

@@ -24,4 +24,5 @@ pub use retention::{KeepReason, MetricMode, RetentionPlan, RetentionPolicy};
 pub use store::{
     CheckpointInfo, CheckpointReader, CommitInfo, DeleteInfo, LoadReport, LoadSpec, Options,
     RecoveryMode, RecoveryReport, Selector, Store, StoreStats, Tensor, TensorView, Transaction,
+    VerifiedChunks,
 };

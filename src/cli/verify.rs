@@ -2,7 +2,7 @@
 
 use super::CliResult;
 use super::{emit, emit_json, fail, human_bytes, human_duration, open_read_only, selector};
-use ckptstore::CheckpointInfo;
+use ckptstore::{CheckpointInfo, VerifiedChunks};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -47,9 +47,11 @@ pub fn run(a: Args) -> CliResult {
         .progress_chars("=> "),
     );
     let mut results = Vec::new();
+    // Chunks shared between checkpoints (frozen layers) are hashed once for the whole run.
+    let mut seen = VerifiedChunks::default();
     for c in &targets {
         bar.set_message(format!("checkpoint {} (step {})", c.id, c.step));
-        let r = store.verify(c.id);
+        let r = store.verify_with(c.id, &mut seen);
         bar.inc(c.bytes);
         results.push((c, r));
     }

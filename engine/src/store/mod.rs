@@ -10,7 +10,7 @@ mod txn;
 mod view;
 
 pub use files::{parse_wal_file_name, wal_file_name, LOCK_NAME, SEGMENTS_DIR};
-pub use reader::{CheckpointReader, Tensor};
+pub use reader::{CheckpointReader, Tensor, VerifiedChunks};
 pub use recovery::RecoveryReport;
 pub use select::{LoadReport, LoadSpec, NamePredicate};
 pub use txn::{CommitInfo, Transaction};
@@ -329,12 +329,20 @@ impl Store {
         self.checkpoint(Selector::Id(id))?.verify()
     }
 
-    /// Verifies every live checkpoint; one result per checkpoint, oldest first.
+    /// [`Store::verify`] within a pass over several checkpoints: chunks `seen` holds as
+    /// intact are not read again (see [`VerifiedChunks`]).
+    pub fn verify_with(&self, id: u64, seen: &mut VerifiedChunks) -> Result<()> {
+        self.checkpoint(Selector::Id(id))?.verify_with(seen)
+    }
+
+    /// Verifies every live checkpoint, each shared chunk once; one result per checkpoint,
+    /// oldest first.
     pub fn verify_all(&self) -> Vec<(u64, Result<()>)> {
+        let mut seen = VerifiedChunks::default();
         self.state
             .checkpoints
             .keys()
-            .map(|&id| (id, self.verify(id)))
+            .map(|&id| (id, self.verify_with(id, &mut seen)))
             .collect()
     }
 

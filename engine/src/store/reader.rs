@@ -19,6 +19,12 @@ pub struct Tensor {
     pub data: Vec<u8>,
 }
 
+/// Chunks found intact during one verification pass over several checkpoints, by location
+/// (segments are never rewritten, so a location names the same bytes for the store's life):
+/// a chunk shared by deduplication is read and hashed once, not once per checkpoint.
+#[derive(Debug, Default)]
+pub struct VerifiedChunks(std::collections::HashSet<(u64, u64)>);
+
 /// A committed checkpoint, open for reading.
 pub struct CheckpointReader<'s> {
     pub(super) store: &'s Store,
@@ -120,6 +126,13 @@ impl<'s> CheckpointReader<'s> {
 
     /// Reads and hashes every chunk; the error names the first bad tensor/blob and chunk.
     pub fn verify(&self) -> Result<()> {
+        self.verify_with(&mut VerifiedChunks::default())
+    }
+
+    /// [`CheckpointReader::verify`], skipping chunks `seen` already holds as intact and adding
+    /// the ones this call finds intact. A damaged chunk is never recorded, so every checkpoint
+    /// that uses it fails.
+    pub fn verify_with(&self, seen: &mut VerifiedChunks) -> Result<()> {
         let mut buf = Vec::new();
         let items = self
             .manifest
@@ -134,9 +147,13 @@ impl<'s> CheckpointReader<'s> {
             );
         for (kind, name, chunks) in items {
             for (i, c) in chunks.iter().enumerate() {
+                if seen.0.contains(&(c.segment, c.offset)) {
+                    continue;
+                }
                 self.check_segment(c)?;
                 buf.resize(c.stored_len as usize, 0);
                 self.read_chunk(kind, name, i, c, &mut buf, true)?;
+                seen.0.insert((c.segment, c.offset));
             }
         }
         Ok(())
