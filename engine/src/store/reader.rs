@@ -19,11 +19,19 @@ pub struct Tensor {
     pub data: Vec<u8>,
 }
 
-/// Chunks found intact during one verification pass over several checkpoints, by location
-/// (segments are never rewritten, so a location names the same bytes for the store's life):
-/// a chunk shared by deduplication is read and hashed once, not once per checkpoint.
+/// Chunks found intact during one verification pass over several checkpoints: a chunk shared
+/// by deduplication is read and hashed once, not once per checkpoint. Keyed by the whole
+/// reference — location, length and BLAKE3 — not the location alone: segments are never
+/// rewritten, but a damaged WAL could hold two manifests that claim different bytes at one
+/// offset, and each claim must be checked on its own.
 #[derive(Debug, Default)]
-pub struct VerifiedChunks(std::collections::HashSet<(u64, u64)>);
+pub struct VerifiedChunks(std::collections::HashSet<(u64, u64, u64, [u8; 32])>);
+
+fn chunk_key(c: &pb::ChunkRef) -> (u64, u64, u64, [u8; 32]) {
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(&c.blake3); // validated 32 bytes
+    (c.segment, c.offset, c.stored_len, hash)
+}
 
 /// A committed checkpoint, open for reading.
 pub struct CheckpointReader<'s> {
@@ -147,13 +155,13 @@ impl<'s> CheckpointReader<'s> {
             );
         for (kind, name, chunks) in items {
             for (i, c) in chunks.iter().enumerate() {
-                if seen.0.contains(&(c.segment, c.offset)) {
+                if seen.0.contains(&chunk_key(c)) {
                     continue;
                 }
                 self.check_segment(c)?;
                 buf.resize(c.stored_len as usize, 0);
                 self.read_chunk(kind, name, i, c, &mut buf, true)?;
-                seen.0.insert((c.segment, c.offset));
+                seen.0.insert(chunk_key(c));
             }
         }
         Ok(())
