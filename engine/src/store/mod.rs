@@ -582,7 +582,8 @@ impl Store {
         self.dir.join(SEGMENTS_DIR).join(segment::file_name(id))
     }
 
-    pub(crate) fn segment_damage(&self, id: u64) -> Option<Error> {
+    /// `SegmentMissing` for `checkpoint` if recovery found segment `id` missing or short.
+    pub(crate) fn segment_damage(&self, id: u64, checkpoint: u64) -> Option<Error> {
         if !self.state.damaged_segments.contains(&id) {
             return None;
         }
@@ -595,7 +596,7 @@ impl Store {
         Some(Error::SegmentMissing {
             path: self.segment_path(id),
             problem,
-            checkpoint: 0,
+            checkpoint,
             needed: self.state.segments.get(&id).map_or(0, |s| s.len),
         })
     }

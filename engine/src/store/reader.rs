@@ -239,19 +239,9 @@ impl<'s> CheckpointReader<'s> {
     }
 
     fn check_segment(&self, c: &pb::ChunkRef) -> Result<()> {
-        match self.store.segment_damage(c.segment) {
-            Some(Error::SegmentMissing {
-                path,
-                problem,
-                needed,
-                ..
-            }) => Err(Error::SegmentMissing {
-                path,
-                problem,
-                checkpoint: self.manifest.id,
-                needed,
-            }),
-            _ => Ok(()),
+        match self.store.segment_damage(c.segment, self.manifest.id) {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
     }
 
