@@ -1,0 +1,400 @@
+"""The user API: Store, save, save_async, load, load_into, and a checkpoint opened for reading.
+
+Every storage decision (commit protocol, verification, recovery, retention) is the engine's;
+this module converts Python values and calls it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import _native, _tensors, _tree
+from ._native import CorruptionError, NotFoundError
+
+PathLike = str | os.PathLike
+
+
+class StrictLoadError(ValueError):
+    """A strict load found names that do not line up; nothing was loaded."""
+
+    def __init__(self, message: str, missing: list[str], unexpected: list[str]):
+        super().__init__(message)
+        self.missing = missing
+        self.unexpected = unexpected
+
+
+class LoadResult(NamedTuple):
+    """What ``load_into`` did not match (both empty after a strict load)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+class Store:
+    """A checkpoint store in one directory: ``Store(path, **options)`` opens it (creating it if
+    needed) and runs recovery. One writer per store (a second gets LockedError);
+    ``read_only=True`` opens coexist with it.
+
+    Options: ``read_only`` (False), ``chunk_size`` (bytes, 4 MiB; 4 KiB..1 GiB),
+    ``segment_max_bytes`` (1 GiB; >= 1 MiB), ``wal_compact_min_bytes`` (8 MiB),
+    ``recovery_mode`` ("tolerate_tail_corruption"; or "absolute_consistency", "point_in_time").
+    """
+
+    def __init__(self, path: PathLike, **options: Any) -> None:
+        known = {"read_only", "chunk_size", "segment_max_bytes", "wal_compact_min_bytes",
+                 "recovery_mode"}
+        bad = sorted(set(options) - known)
+        if bad:
+            raise TypeError(f"Store(): unknown option(s) {bad}; known: {sorted(known)}")
+        self._native = _native.Store(os.fspath(path), **options)
+
+    @property
+    def path(self) -> str:
+        return os.fspath(self._native.path)
+
+    @property
+    def read_only(self) -> bool:
+        return self._native.read_only
+
+    def list(self) -> list[dict[str, Any]]:
+        """Live checkpoints, oldest first: id, step, epoch, wall_time_unix_ns, tensors, blobs,
+        bytes, pinned, metadata."""
+        return self._native.list()
+
+    def latest(self) -> dict[str, Any] | None:
+        """The newest checkpoint (not verified), or None if the store is empty."""
+        ls = self._native.list()
+        return ls[-1] if ls else None
+
+    def info(self, step: int | None = None, *, id: int | None = None) -> dict[str, Any]:
+        return self._native.info(id=id, step=step)
+
+    def open(self, step: int | None = None, *, id: int | None = None,
+             framework: str = "torch", verify: bool = True) -> Checkpoint:
+        """One checkpoint for reading (the newest without ``step``/``id``); a context
+        manager."""
+        return Checkpoint(self, self._native.info(id=id, step=step), framework, verify)
+
+    def verify(self, id: int) -> None:
+        self._native.verify(id)
+
+    def delete(self, id: int) -> int:
+        """Deletes checkpoint ``id`` durably; returns the bytes freed."""
+        return self._native.delete(id)
+
+    def pin(self, id: int) -> bool:
+        return self._native.pin(id)
+
+    def unpin(self, id: int) -> bool:
+        return self._native.unpin(id)
+
+    def apply_retention(self, *, keep_last: int | None = None,
+                        keep_per_minutes: int | None = None,
+                        keep_every_steps: int | None = None,
+                        keep_best: tuple[int, str, str] | None = None,
+                        protect: Iterable[int] = (), dry_run: bool = False) -> list[int]:
+        """The engine's retention policy (rules combine as a union; the newest, pinned and
+        ``protect`` ids are always kept). Returns the ids deleted (or, with ``dry_run``, that
+        would be)."""
+        return self._native.apply_retention(
+            keep_last=keep_last, keep_per_minutes=keep_per_minutes,
+            keep_every_steps=keep_every_steps, keep_best=keep_best, protect=list(protect),
+            dry_run=dry_run)
+
+    def close(self) -> None:
+        """Waits for background saves, then releases the store and its writer lock."""
+        self._native.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._native.closed
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return repr(self._native)
+
+
+class _Slice:
+    """``Checkpoint.get_slice(name)``: index it to read part of a tensor (numpy indexing on the
+    mapped bytes; only the result is copied)."""
+
+    def __init__(self, ck: Checkpoint, name: str, framework: str | None):
+        self._ck, self._name, self._fw = ck, name, framework
+        self.dtype, shape = ck._store._native.tensor_meta(ck.id, name)
+        self.shape = tuple(shape)
+
+    def __getitem__(self, idx: Any) -> Any:
+        storage = self._ck._storage(self._name)[idx]
+        fw = self._fw or self._ck.framework
+        if fw == "numpy":
+            return _tensors.to_numpy(storage, self.dtype)
+        return _tensors.to_torch(storage, self.dtype)
+
+    def get_shape(self) -> tuple[int, ...]:
+        return self.shape
+
+
+class Checkpoint:
+    """A committed checkpoint open for reading (``Store.open``)."""
+
+    def __init__(self, store: Store, info: dict[str, Any], framework: str, verify: bool):
+        _check_framework(framework)
+        self._store = store
+        self.info = info
+        self.id: int = info["id"]
+        self.step: int = info["step"]
+        self.epoch: int = info["epoch"]
+        self.metadata: dict[str, Any] = info["metadata"]
+        self.framework = framework
+        self.verify = verify
+        self._tensor_names: list[str] | None = None
+
+    def keys(self) -> list[str]:
+        """Tensor names, in the order they were saved."""
+        if self._tensor_names is None:
+            self._tensor_names = self._store._native.tensor_names(self.id)
+        return list(self._tensor_names)
+
+    def _storage(self, name: str) -> np.ndarray:
+        return _tensors.storage_array(self._store._native.tensor(self.id, name,
+                                                                 verify=self.verify))
+
+    def get_tensor(self, name: str, *, framework: str | None = None,
+                   device: Any = "cpu") -> Any:
+        """One tensor, verified unless the checkpoint was opened with ``verify=False``. numpy:
+        a read-only array over the store's memory map where possible; torch: one copy."""
+        fw = framework or self.framework
+        _check_framework(fw)
+        mb = self._store._native.tensor(self.id, name, verify=self.verify)
+        storage = _tensors.storage_array(mb)
+        if fw == "numpy":
+            return _tensors.to_numpy(storage, mb.dtype)
+        return _tensors.to_torch(storage, mb.dtype, device)
+
+    def get_slice(self, name: str, *, framework: str | None = None) -> _Slice:
+        return _Slice(self, name, framework)
+
+    def blob_names(self) -> list[str]:
+        return self._store._native.blob_names(self.id)
+
+    def get_blob(self, name: str) -> bytes:
+        return self._store._native.blob(self.id, name)
+
+    def state(self, *, device: Any = "cpu") -> Any:
+        """The whole saved state, rebuilt (see _tree). A checkpoint written without the tree
+        (by the CLI or the Rust API) comes back as a flat dict of its tensors and blobs."""
+        blobs = self.blob_names()
+        if _tree.TREE_BLOB not in blobs:
+            out: dict[str, Any] = {n: self.get_tensor(n, device=device) for n in self.keys()}
+            out.update((b, self.get_blob(b)) for b in blobs)
+            return out
+
+        def tensor(name: str, fw: str) -> Any:
+            return self.get_tensor(name, device=device)
+
+        return _tree.decode(self.get_blob(_tree.TREE_BLOB), tensor, self.get_blob)
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"Checkpoint(id={self.id}, step={self.step}, epoch={self.epoch})"
+
+
+def _check_framework(fw: str) -> None:
+    if fw not in ("torch", "numpy"):
+        raise ValueError(f"framework must be \"torch\" or \"numpy\", not {fw!r}")
+
+
+def _as_store(store: Store | PathLike) -> Store:
+    if isinstance(store, Store):
+        return store
+    if isinstance(store, (str, os.PathLike)):
+        return Store(store)
+    raise TypeError(f"store must be a ckptstore.Store or a path, not {type(store).__name__}")
+
+
+def _prepare(state: Mapping[str, Any], metadata: Mapping[str, Any] | None) -> _tree.Encoded:
+    enc = _tree.encode(state)
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a dict, not {type(metadata).__name__}")
+    return enc
+
+
+def save(store: Store | PathLike, state: Mapping[str, Any], step: int,
+         epoch: int | None = None, metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Commits ``state`` as one checkpoint; durable when it returns (the commit record is
+    fdatasync'ed in the WAL). Returns the commit summary (id, bytes written/deduplicated,
+    stall_seconds, ...). Any error leaves nothing behind: the previous checkpoint stays the
+    newest. The tensors must not change until it returns."""
+    s = _as_store(store)
+    enc = _prepare(state, metadata)
+    try:
+        return s._native.save(step, enc.tensors, enc.blobs, epoch=epoch,
+                              metadata=dict(metadata) if metadata else None)
+    finally:
+        if s is not store:
+            s.close()
+
+
+class SaveHandle:
+    """Returned by ``save_async`` once the snapshot is taken: the caller may change its tensors.
+    ``wait()`` blocks until the checkpoint is durable (re-raises the save's error),
+    ``done()`` never blocks, ``stall_seconds`` is how long ``save_async`` held the caller."""
+
+    def __init__(self, native: Any):
+        self._native = native
+
+    def wait(self) -> dict[str, Any]:
+        return self._native.wait()
+
+    def done(self) -> bool:
+        return self._native.done()
+
+    @property
+    def stall_seconds(self) -> float:
+        return self._native.stall_seconds
+
+
+def save_async(store: Store, state: Mapping[str, Any], step: int, epoch: int | None = None,
+               metadata: Mapping[str, Any] | None = None) -> SaveHandle:
+    """Takes the snapshot (copies the tensors, GIL released) and commits in the background, in
+    order, one save in flight (a second ``save_async`` first waits for the first)."""
+    if not isinstance(store, Store):
+        raise TypeError("save_async needs an open ckptstore.Store (its background committer "
+                        "lives as long as the store)")
+    enc = _prepare(state, metadata)
+    return SaveHandle(store._native.save_async(
+        step, enc.tensors, enc.blobs, epoch=epoch,
+        metadata=dict(metadata) if metadata else None))
+
+
+def _as_list(p: str | Iterable[str] | None) -> list[str]:
+    if p is None:
+        return []
+    return [p] if isinstance(p, str) else list(p)
+
+
+def load(store: Store | PathLike, step: int | None = None, *, id: int | None = None,
+         prefix: str | Iterable[str] | None = None,
+         filter: str | Iterable[str] | Callable[[str], bool] | None = None,
+         strict: bool = True, framework: str = "torch", device: Any = "cpu",
+         verify: bool = True) -> Any:
+    """Loads a checkpoint: ``step``/``id``, or by default the newest one that verifies
+    (walking back past damaged ones, with a warning).
+
+    Without ``prefix``/``filter`` the whole saved state comes back, rebuilt. With them, a flat
+    dict ``{tensor name: tensor}`` of the selected tensors: ``prefix`` keeps names starting with
+    any of the given prefixes (MindSpore's ``specify_prefix``), ``filter`` drops names starting
+    with any of them (``filter_prefix``) or, if callable, keeps names for which it returns True.
+    With ``strict``, a prefix that matches nothing is a NotFoundError.
+    """
+    _check_framework(framework)
+    s = _as_store(store)
+    try:
+        if step is not None or id is not None or not verify:
+            ck = s.open(step, id=id, framework=framework, verify=verify)
+            return _load_from(ck, prefix, filter, strict, device)
+        first: Exception | None = None
+        for info in reversed(s.list()):
+            ck = Checkpoint(s, info, framework, verify)
+            try:
+                out = _load_from(ck, prefix, filter, strict, device)
+            except CorruptionError as e:
+                warnings.warn(f"checkpoint {info['id']} (step {info['step']}) is damaged, "
+                              f"trying the one before: {e}", stacklevel=2)
+                first = first or e
+                continue
+            return out
+        if first is not None:
+            raise first
+        raise NotFoundError(f"no checkpoint in {s.path} (the store is empty)")
+    finally:
+        if s is not store:
+            s.close()
+
+
+def _load_from(ck: Checkpoint, prefix: Any, filt: Any, strict: bool, device: Any) -> Any:
+    if prefix is None and filt is None:
+        return ck.state(device=device)
+    names = ck.keys()
+    keep = _as_list(prefix)
+    drop = [] if callable(filt) else _as_list(filt)
+    if any(p == "" for p in keep + drop):
+        raise ValueError("an empty prefix matches every name; leave it out instead")
+    if strict:
+        unmatched = [p for p in keep if not any(n.startswith(p) for n in names)]
+        if unmatched:
+            raise NotFoundError(f"checkpoint {ck.id}: no tensor name starts with {unmatched}")
+    picked = [n for n in names
+              if (not keep or any(n.startswith(p) for p in keep))
+              and not any(n.startswith(p) for p in drop)
+              and (not callable(filt) or filt(n))]
+    return {n: ck.get_tensor(n, device=device) for n in picked}
+
+
+def load_into(module: Any, store: Store | PathLike, step: int | None = None, *,
+              id: int | None = None, prefix: str = "", strict: bool = True,
+              verify: bool = True) -> LoadResult:
+    """Loads a checkpoint's tensors into ``module`` (a ``torch.nn.Module``, or anything with
+    ``state_dict()``), MindSpore's ``load_param_into_net``: checkpoint tensor ``prefix + key``
+    goes into ``module.state_dict()[key]``, copied straight into its memory.
+
+    Checks first, loading nothing on failure: with ``strict`` any missing key or unexpected
+    checkpoint tensor (under ``prefix``) is a StrictLoadError listing both; a dtype or shape
+    mismatch is a ValueError naming the tensor (strict or not). Returns the lists.
+    """
+    s = _as_store(store)
+    try:
+        ck = s.open(step, id=id, verify=verify) if (step is not None or id is not None) else \
+            _newest(s, verify)
+        target = module.state_dict()
+        have = [n for n in ck.keys() if n.startswith(prefix)]
+        have_set = set(have)
+        missing = [k for k in target if prefix + k not in have_set]
+        expected = {prefix + k for k in target}
+        unexpected = [n for n in have if n not in expected]
+        if strict and (missing or unexpected):
+            raise StrictLoadError(
+                f"checkpoint {ck.id}: strict load failed: {len(missing)} missing {missing}, "
+                f"{len(unexpected)} unexpected {unexpected}; pass strict=False to load the rest",
+                missing, unexpected)
+        for k, dst in target.items():
+            if prefix + k not in have_set:
+                continue
+            dt, shape = s._native.tensor_meta(ck.id, prefix + k)
+            want = _tensors.torch_engine_dtype(dst)
+            if dt != want or tuple(shape) != tuple(dst.shape):
+                raise ValueError(f"checkpoint {ck.id} tensor {prefix + k!r}: module expects "
+                                 f"{want} {list(dst.shape)}, checkpoint has {dt} {shape}")
+        # Every tensor read (and verified) before the first byte goes into the module: a
+        # damaged chunk leaves the module as it was.
+        sources = {k: ck._storage(prefix + k) for k in target if prefix + k in have_set}
+        for k, src in sources.items():
+            _tensors.copy_into_torch(target[k], src)
+        return LoadResult(missing, unexpected)
+    finally:
+        if s is not store:
+            s.close()
+
+
+def _newest(s: Store, verify: bool) -> Checkpoint:
+    info = s._native.latest_valid() if verify else s.latest()
+    if info is None:
+        raise NotFoundError(f"no {'valid ' if verify else ''}checkpoint in {s.path}")
+    # latest_valid has just hashed every chunk of it (segments are immutable): reading it
+    # again unverified avoids hashing everything twice.
+    return Checkpoint(s, info, "torch", verify=False)

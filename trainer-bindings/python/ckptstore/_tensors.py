@@ -1,0 +1,160 @@
+"""Tensors across the boundary: torch and numpy in (without a Python-side copy), engine bytes
+out (a numpy view of the segment's map, or one copy into a torch tensor).
+
+In: a contiguous CPU torch tensor is passed as ``(tensor, tensor.data_ptr(), tensor.nbytes)``
+(any dtype, bfloat16 and float8 included: the engine takes bytes, and the tuple keeps the
+tensor alive); a C-contiguous numpy array through the buffer protocol as a uint8 view of the
+same memory. A non-contiguous tensor or array is made contiguous explicitly (a copy), a CUDA
+tensor is staged to host memory by torch (a copy): never silently wrong, never a silent
+reinterpretation.
+
+Out: ``framework="numpy"`` gives read-only arrays over the engine's memory map when the engine
+serves the tensor zero-copy (writing raises), else over its one owned copy;
+``framework="torch"`` copies once into a fresh tensor, because torch has no read-only tensors
+and an in-place write into the read-only map would crash the process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._optional import require_torch, torch_if_loaded
+
+# engine dtype name -> numpy dtype with the same bytes (bf16/f8 have none in numpy: their bytes
+# travel as unsigned integers of the same width and are reinterpreted by torch).
+_STORAGE_NP = {
+    "f64": np.dtype("<f8"),
+    "f32": np.dtype("<f4"),
+    "f16": np.dtype("<f2"),
+    "bf16": np.dtype("<u2"),
+    "f8e4m3": np.dtype("u1"),
+    "f8e5m2": np.dtype("u1"),
+    "i64": np.dtype("<i8"),
+    "i32": np.dtype("<i4"),
+    "i16": np.dtype("<i2"),
+    "i8": np.dtype("i1"),
+    "u8": np.dtype("u1"),
+    "bool": np.dtype("?"),
+}
+_NP_TO_ENGINE = {v: k for k, v in _STORAGE_NP.items() if k not in ("bf16", "f8e4m3", "f8e5m2")}
+
+_TORCH_NAMES = {
+    "float64": "f64",
+    "float32": "f32",
+    "float16": "f16",
+    "bfloat16": "bf16",
+    "float8_e4m3fn": "f8e4m3",
+    "float8_e5m2": "f8e5m2",
+    "int64": "i64",
+    "int32": "i32",
+    "int16": "i16",
+    "int8": "i8",
+    "uint8": "u8",
+    "bool": "bool",
+}
+_ENGINE_TO_TORCH = {v: k for k, v in _TORCH_NAMES.items()}
+
+
+def is_torch_tensor(x: Any) -> bool:
+    torch = torch_if_loaded()
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def is_tensor(x: Any) -> bool:
+    return isinstance(x, np.ndarray) or is_torch_tensor(x)
+
+
+def framework_of(x: Any) -> str:
+    return "torch" if is_torch_tensor(x) else "numpy"
+
+
+def to_source(key: str, x: Any) -> tuple[str, list[int], Any]:
+    """``(engine dtype, shape, source)`` of a tensor or array; TypeError naming ``key`` for
+    what the store cannot hold."""
+    if isinstance(x, np.ndarray):
+        dt = x.dtype
+        if dt.byteorder == ">" or (dt.byteorder == "=" and not np.little_endian):
+            raise TypeError(f"{key}: big-endian array ({dt}); convert it to little-endian first")
+        name = _NP_TO_ENGINE.get(dt.newbyteorder("<") if dt.byteorder != "|" else dt)
+        if name is None:
+            raise TypeError(f"{key}: numpy dtype {dt} is not storable (supported: "
+                            f"{sorted(str(d) for d in _NP_TO_ENGINE)})")
+        arr = np.ascontiguousarray(x)  # a no-op for contiguous arrays
+        return name, list(arr.shape), arr.reshape(-1).view(np.uint8)
+    torch = torch_if_loaded()
+    if torch is None or not isinstance(x, torch.Tensor):
+        raise TypeError(f"{key}: {type(x).__name__} is not a tensor")
+    if x.layout != torch.strided:
+        raise TypeError(f"{key}: {x.layout} tensors are not storable; convert with .to_dense()")
+    if x.is_quantized:
+        raise TypeError(f"{key}: quantized tensors are not storable; dequantize first")
+    name = _TORCH_NAMES.get(str(x.dtype).removeprefix("torch."))
+    if name is None:
+        raise TypeError(f"{key}: torch dtype {x.dtype} is not storable (supported: "
+                        f"{sorted(_TORCH_NAMES)})")
+    t = x.detach()
+    if t.device.type != "cpu":
+        t = t.to("cpu")  # staged to host memory by torch (one copy); documented
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    if not t.is_contiguous():
+        t = t.contiguous()  # explicit copy: the store holds row-major bytes
+    return name, list(t.shape), (t, t.data_ptr(), t.numel() * t.element_size())
+
+
+def storage_array(mb: Any) -> np.ndarray:
+    """A read-only numpy array over the engine's bytes (zero-copy), in a dtype with the same
+    bytes as the stored one (bf16 as uint16, float8 as uint8)."""
+    arr = np.frombuffer(mb, dtype=_STORAGE_NP[mb.dtype])
+    return arr.reshape(tuple(mb.shape))
+
+
+def numpy_dtype(engine_dtype: str) -> np.dtype:
+    if engine_dtype in ("bf16", "f8e4m3", "f8e5m2"):
+        try:
+            import ml_dtypes  # optional: gives numpy bfloat16/float8
+        except ImportError:
+            raise TypeError(
+                f"numpy has no {engine_dtype} dtype: load it with framework=\"torch\", or "
+                f"install ml_dtypes") from None
+        return np.dtype({"bf16": ml_dtypes.bfloat16, "f8e4m3": ml_dtypes.float8_e4m3fn,
+                         "f8e5m2": ml_dtypes.float8_e5m2}[engine_dtype])
+    return _STORAGE_NP[engine_dtype]
+
+
+def to_numpy(storage: np.ndarray, engine_dtype: str) -> np.ndarray:
+    return storage.view(numpy_dtype(engine_dtype))
+
+
+def to_torch(storage: np.ndarray, engine_dtype: str, device: Any = "cpu") -> Any:
+    """One copy of ``storage`` into a new torch tensor of the stored dtype."""
+    torch = require_torch("framework=\"torch\"")
+    t = torch.empty(storage.shape, dtype=getattr(torch, _ENGINE_TO_TORCH[engine_dtype]))
+    if t.numel():
+        dst = t.view(-1).view(torch.uint8).numpy()
+        np.copyto(dst, np.ascontiguousarray(storage).reshape(-1).view(np.uint8))
+    if str(device) != "cpu":
+        t = t.to(device)
+    return t
+
+
+def torch_engine_dtype(t: Any) -> str | None:
+    return _TORCH_NAMES.get(str(t.dtype).removeprefix("torch."))
+
+
+def copy_into_torch(dst: Any, storage: np.ndarray) -> None:
+    """Copies stored bytes into an existing torch tensor of the same dtype and shape: straight
+    into its memory when it is a contiguous CPU tensor (one copy), else through a staging
+    tensor."""
+    torch = require_torch("load_into")
+    src = np.ascontiguousarray(storage).reshape(-1).view(np.uint8)
+    with torch.no_grad():
+        if dst.device.type == "cpu" and dst.is_contiguous() and dst.numel():
+            np.copyto(dst.detach().view(-1).view(torch.uint8).numpy(), src)
+        elif dst.numel():
+            staged = torch.from_numpy(src.copy()).view(dst.dtype).reshape(dst.shape)
+            dst.copy_(staged)

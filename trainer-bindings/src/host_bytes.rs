@@ -1,0 +1,186 @@
+//! Host memory crossing the Python boundary without a copy, both ways. The one module of the
+//! bindings with `unsafe` (docs/DECISIONS.md, "unsafe in the Python bindings"): a raw
+//! pointer from `torch.Tensor.data_ptr()` or a buffer export is turned into a slice on the way
+//! in, and a segment's read-only map is exported as a buffer on the way out.
+
+use ckptstore_engine::TensorView;
+use pyo3::buffer::PyBuffer;
+use pyo3::exceptions::{PyBufferError, PyTypeError, PyValueError};
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+use std::ffi::{c_int, c_void};
+
+/// Bytes the caller lends for the duration of a save: either a buffer export (numpy arrays,
+/// `bytes`, anything with the buffer protocol) or `(owner, address, nbytes)` for memory the
+/// buffer protocol cannot describe (torch tensors of any dtype, bfloat16 and float8 included:
+/// `tensor.data_ptr()` and `tensor.nbytes`). Either way the owner is referenced here, so the
+/// memory stays allocated while the slice is alive. The caller promises not to change it until
+/// the save returns (sync) or until `save_async` returns (the snapshot is taken by then).
+pub enum HostBytes {
+    Buffer(PyBuffer<u8>),
+    Raw {
+        _owner: Py<PyAny>,
+        addr: usize,
+        len: usize,
+    },
+}
+
+impl HostBytes {
+    /// Accepts a C-contiguous byte buffer, or a tuple `(owner, address, nbytes)`.
+    pub fn from_py(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<Self> {
+        if let Ok(t) = obj.downcast::<PyTuple>() {
+            let (owner, addr, len): (Py<PyAny>, usize, usize) = t.extract().map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "tensor {name:?}: a raw source is (owner, address, nbytes)"
+                ))
+            })?;
+            if addr == 0 && len != 0 {
+                return Err(PyValueError::new_err(format!(
+                    "tensor {name:?}: null address for {len} bytes"
+                )));
+            }
+            return Ok(HostBytes::Raw {
+                _owner: owner,
+                addr,
+                len,
+            });
+        }
+        let buf = PyBuffer::<u8>::get(obj).map_err(|e| {
+            PyTypeError::new_err(format!(
+                "tensor {name:?}: not a byte buffer (give a uint8 view of the array): {e}"
+            ))
+        })?;
+        if !buf.is_c_contiguous() {
+            return Err(PyValueError::new_err(format!(
+                "tensor {name:?}: buffer is not C-contiguous; make it contiguous first"
+            )));
+        }
+        Ok(HostBytes::Buffer(buf))
+    }
+
+    /// The lent bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            HostBytes::Buffer(b) => {
+                let len = b.len_bytes();
+                if len == 0 {
+                    return &[];
+                }
+                #[allow(unsafe_code)]
+                // SAFETY: the buffer export (held in `b`) keeps the exporter's memory
+                // allocated and unmoved until the PyBuffer is released (drop); it is
+                // C-contiguous (checked in from_py) and `len_bytes` long. Concurrent writes
+                // by the owner would be a broken caller promise (documented), not UB of ours
+                // beyond reading changing bytes, which the hash then records as they were.
+                unsafe {
+                    std::slice::from_raw_parts(b.buf_ptr() as *const u8, len)
+                }
+            }
+            HostBytes::Raw { addr, len, .. } => {
+                if *len == 0 {
+                    return &[];
+                }
+                #[allow(unsafe_code)]
+                // SAFETY: the Python wrapper passes `tensor.data_ptr()` and `tensor.nbytes`
+                // of a contiguous CPU tensor, and `_owner` holds a reference to that tensor,
+                // so its storage stays allocated for the lifetime of this value.
+                unsafe {
+                    std::slice::from_raw_parts(*addr as *const u8, *len)
+                }
+            }
+        }
+    }
+}
+
+/// A loaded tensor's bytes, exported to Python through the buffer protocol, read-only. When
+/// the engine could serve the tensor from a segment's memory map (`zero_copy`), the buffer
+/// *is* the map: numpy arrays built on it (`numpy.frombuffer`) copy nothing, and writing to
+/// them raises. Otherwise it is the engine's one owned copy.
+#[pyclass(module = "ckptstore._native", frozen)]
+pub struct MappedBytes {
+    view: TensorView,
+}
+
+impl MappedBytes {
+    pub fn new(view: TensorView) -> Self {
+        MappedBytes { view }
+    }
+}
+
+#[pymethods]
+impl MappedBytes {
+    /// Whether the bytes are the segment's map itself (no copy was made).
+    #[getter]
+    fn zero_copy(&self) -> bool {
+        self.view.is_zero_copy()
+    }
+
+    /// Engine dtype name (`f32`, `bf16`, ...).
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        self.view.dtype().name()
+    }
+
+    #[getter]
+    fn shape(&self) -> Vec<u64> {
+        self.view.shape().to_vec()
+    }
+
+    fn __len__(&self) -> usize {
+        self.view.data().len()
+    }
+
+    #[allow(unsafe_code)]
+    // SAFETY (of the whole method): `view` points at a valid Py_buffer (checked non-null)
+    // that CPython hands us to fill. The exported memory is the TensorView's bytes, which stay
+    // valid and unmoved while this object lives (the view owns an Arc of the map or a Vec that
+    // is never touched again; the class is frozen), and `view.obj` takes a strong reference
+    // to this object that CPython releases with the buffer. Writable requests are refused.
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
+        if view.is_null() {
+            return Err(PyBufferError::new_err("null Py_buffer"));
+        }
+        if flags & ffi::PyBUF_WRITABLE == ffi::PyBUF_WRITABLE {
+            return Err(PyBufferError::new_err(
+                "checkpoint bytes are read-only (copy them to modify)",
+            ));
+        }
+        let data = slf.get().view.data();
+        // SAFETY: see the method comment; every field written is part of Py_buffer.
+        unsafe {
+            (*view).obj = slf.clone().into_any().into_ptr();
+            (*view).buf = data.as_ptr() as *mut c_void;
+            (*view).len = data.len() as ffi::Py_ssize_t;
+            (*view).readonly = 1;
+            (*view).itemsize = 1;
+            (*view).format = if flags & ffi::PyBUF_FORMAT == ffi::PyBUF_FORMAT {
+                c"B".as_ptr() as *mut _
+            } else {
+                std::ptr::null_mut()
+            };
+            (*view).ndim = 1;
+            (*view).shape = if flags & ffi::PyBUF_ND == ffi::PyBUF_ND {
+                &mut (*view).len
+            } else {
+                std::ptr::null_mut()
+            };
+            (*view).strides = if flags & ffi::PyBUF_STRIDES == ffi::PyBUF_STRIDES {
+                &mut (*view).itemsize
+            } else {
+                std::ptr::null_mut()
+            };
+            (*view).suboffsets = std::ptr::null_mut();
+            (*view).internal = std::ptr::null_mut();
+        }
+        Ok(())
+    }
+
+    #[allow(unsafe_code)]
+    // SAFETY: nothing was allocated per export; CPython drops `view.obj` itself.
+    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
+}

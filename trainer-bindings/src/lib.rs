@@ -1,0 +1,21 @@
+//! `ckptstore._native`: the engine, exposed to Python. This crate converts and calls; the
+//! storage logic (commit protocol, recovery, verification, retention) is the engine's. The
+//! Python package `ckptstore` (python/ckptstore) builds the user API on top of it.
+#![deny(unsafe_code)]
+
+mod errors;
+mod host_bytes;
+mod save_job;
+mod store;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<store::PyStore>()?;
+    m.add_class::<save_job::SaveHandle>()?;
+    m.add_class::<host_bytes::MappedBytes>()?;
+    errors::register(m)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,465 @@
+//! `ckptstore._native.Store`: one engine `Store` behind a mutex, so calls from Python threads
+//! and the background committer take turns. Every call that does I/O releases the GIL.
+
+use crate::errors::{self, Failure};
+use crate::host_bytes::{HostBytes, MappedBytes};
+use crate::save_job::{
+    self, Committed, Committer, Job, Progress, SaveHandle, SaveRequest, TensorIn,
+};
+use ckptstore_engine::{
+    CheckpointInfo, DType, MetaValue, MetricMode, Options, RecoveryMode, RetentionPolicy, Selector,
+    Store,
+};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+#[pyclass(module = "ckptstore._native", name = "Store", frozen)]
+pub struct PyStore {
+    dir: PathBuf,
+    read_only: bool,
+    store: Arc<Mutex<Option<Store>>>,
+    committer: Mutex<Option<Committer>>,
+    /// The newest background save, waited for before the next save of any kind.
+    last_async: Mutex<Option<Arc<Progress>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn closed(dir: &std::path::Path) -> Failure {
+    Failure::store(format!("store {} is closed", dir.display()))
+}
+
+fn selector(id: Option<u64>, step: Option<u64>) -> PyResult<Selector> {
+    match (id, step) {
+        (Some(_), Some(_)) => Err(PyValueError::new_err("give id or step, not both")),
+        (Some(i), None) => Ok(Selector::Id(i)),
+        (None, Some(s)) => Ok(Selector::Step(s)),
+        (None, None) => Ok(Selector::Latest),
+    }
+}
+
+fn meta_to_py(py: Python<'_>, v: &MetaValue) -> PyResult<PyObject> {
+    Ok(match v {
+        MetaValue::Bytes(b) => PyBytes::new(py, b).into_any().unbind(),
+        MetaValue::Str(s) => PyString::new(py, s).into_any().unbind(),
+        MetaValue::Int(i) => i.into_pyobject(py)?.into_any().unbind(),
+        MetaValue::Float(f) => f.into_pyobject(py)?.into_any().unbind(),
+    })
+}
+
+fn meta_from_py(key: &str, v: &Bound<'_, PyAny>) -> PyResult<MetaValue> {
+    if v.is_instance_of::<PyBool>() {
+        Ok(MetaValue::Int(i64::from(v.extract::<bool>()?)))
+    } else if v.is_instance_of::<PyInt>() {
+        v.extract::<i64>().map(MetaValue::Int).map_err(|_| {
+            PyValueError::new_err(format!("metadata {key:?}: integer outside the i64 range"))
+        })
+    } else if v.is_instance_of::<PyFloat>() {
+        Ok(MetaValue::Float(v.extract()?))
+    } else if v.is_instance_of::<PyString>() {
+        Ok(MetaValue::Str(v.extract()?))
+    } else if v.is_instance_of::<PyBytes>() {
+        Ok(MetaValue::Bytes(v.extract()?))
+    } else {
+        Err(PyTypeError::new_err(format!(
+            "metadata {key:?}: {} is not int, float, str or bytes",
+            v.get_type().name()?
+        )))
+    }
+}
+
+fn info_to_py<'py>(py: Python<'py>, c: &CheckpointInfo) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("id", c.id)?;
+    d.set_item("step", c.step)?;
+    d.set_item("epoch", c.epoch)?;
+    d.set_item("wall_time_unix_ns", c.wall_time_unix_ns)?;
+    d.set_item("tensors", c.tensors)?;
+    d.set_item("blobs", c.blobs)?;
+    d.set_item("bytes", c.bytes)?;
+    d.set_item("pinned", c.pinned)?;
+    let m = PyDict::new(py);
+    for (k, v) in &c.metadata {
+        m.set_item(k, meta_to_py(py, v)?)?;
+    }
+    d.set_item("metadata", m)?;
+    Ok(d)
+}
+
+type TensorArg<'py> = (String, String, Vec<u64>, Bound<'py, PyAny>);
+
+impl PyStore {
+    /// Runs `f` on the open store with the GIL released.
+    fn with_store<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut Store) -> Result<T, Failure> + Send,
+    ) -> PyResult<T> {
+        let store = &self.store;
+        let dir = &self.dir;
+        py.allow_threads(|| {
+            let mut g = lock(store);
+            let s = g.as_mut().ok_or_else(|| closed(dir))?;
+            f(s)
+        })
+        .map_err(Into::into)
+    }
+
+    /// Waits (GIL released) for the newest background save to finish; its outcome belongs to
+    /// its own handle.
+    fn drain(&self, py: Python<'_>) {
+        let last = lock(&self.last_async).clone();
+        if let Some(p) = last {
+            py.allow_threads(move || {
+                let _ = p.wait();
+            });
+        }
+    }
+
+    fn request(
+        step: u64,
+        epoch: Option<u64>,
+        metadata: Option<&Bound<'_, PyDict>>,
+        tensors: Vec<TensorArg<'_>>,
+        blobs: Vec<(String, Vec<u8>)>,
+    ) -> PyResult<SaveRequest<HostBytes>> {
+        let mut meta = Vec::new();
+        if let Some(m) = metadata {
+            for (k, v) in m.iter() {
+                let key: String = k
+                    .extract()
+                    .map_err(|_| PyTypeError::new_err("metadata keys must be str"))?;
+                let val = meta_from_py(&key, &v)?;
+                meta.push((key, val));
+            }
+        }
+        let mut ts = Vec::with_capacity(tensors.len());
+        for (name, dtype, shape, src) in tensors {
+            let dt = DType::from_name(&dtype).ok_or_else(|| {
+                PyTypeError::new_err(format!("tensor {name:?}: unknown dtype {dtype:?}"))
+            })?;
+            let bytes = HostBytes::from_py(&name, &src)?;
+            ts.push(TensorIn {
+                name,
+                dtype: dt,
+                shape,
+                bytes,
+            });
+        }
+        Ok(SaveRequest {
+            step,
+            epoch,
+            metadata: meta,
+            tensors: ts,
+            blobs,
+        })
+    }
+}
+
+#[pymethods]
+impl PyStore {
+    /// Opens (creating if needed) the store in `path` and runs recovery.
+    #[new]
+    #[pyo3(signature = (path, *, read_only=false, chunk_size=None, segment_max_bytes=None,
+                        wal_compact_min_bytes=None, recovery_mode=None))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        read_only: bool,
+        chunk_size: Option<usize>,
+        segment_max_bytes: Option<u64>,
+        wal_compact_min_bytes: Option<u64>,
+        recovery_mode: Option<&str>,
+    ) -> PyResult<Self> {
+        let mut opts = Options {
+            read_only,
+            ..Options::default()
+        };
+        if let Some(c) = chunk_size {
+            opts.chunk_size = c;
+        }
+        if let Some(s) = segment_max_bytes {
+            opts.segment_max_bytes = s;
+        }
+        if let Some(w) = wal_compact_min_bytes {
+            opts.wal_compact_min_bytes = w;
+        }
+        if let Some(m) = recovery_mode {
+            opts.recovery_mode = match m {
+                "absolute_consistency" => RecoveryMode::AbsoluteConsistency,
+                "tolerate_tail_corruption" => RecoveryMode::TolerateTailCorruption,
+                "point_in_time" => RecoveryMode::PointInTime,
+                other => {
+                    return Err(PyValueError::new_err(format!(
+                        "recovery_mode {other:?}: use absolute_consistency, \
+                         tolerate_tail_corruption or point_in_time"
+                    )))
+                }
+            };
+        }
+        let p = path.clone();
+        let store = py.allow_threads(move || Store::open(&p, opts));
+        let store = errors::py(store)?;
+        Ok(PyStore {
+            dir: path,
+            read_only,
+            store: Arc::new(Mutex::new(Some(store))),
+            committer: Mutex::new(None),
+            last_async: Mutex::new(None),
+        })
+    }
+
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.dir.clone()
+    }
+
+    #[getter]
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Waits for background saves, then releases the store (and its writer lock).
+    fn close(&self, py: Python<'_>) {
+        self.drain(py);
+        let store = &self.store;
+        let s = py.allow_threads(|| lock(store).take());
+        drop(s);
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        lock(&self.store).is_none()
+    }
+
+    /// Commits one checkpoint; durable when it returns. `tensors`: `(name, dtype, shape,
+    /// source)` with source a C-contiguous byte buffer or `(owner, address, nbytes)`.
+    #[pyo3(signature = (step, tensors, blobs, *, epoch=None, metadata=None))]
+    fn save<'py>(
+        &self,
+        py: Python<'py>,
+        step: u64,
+        tensors: Vec<TensorArg<'py>>,
+        blobs: Vec<(String, Vec<u8>)>,
+        epoch: Option<u64>,
+        metadata: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let req = Self::request(step, epoch, metadata, tensors, blobs)?;
+        self.drain(py);
+        let started = Instant::now();
+        let info = self.with_store(py, |s| save_job::commit(s, &req))?;
+        drop(req);
+        Committed {
+            info,
+            stall_seconds: started.elapsed().as_secs_f64(),
+        }
+        .to_dict(py)
+    }
+
+    /// Copies the tensors (the stall, GIL released) and queues the commit on the store's
+    /// background thread. At most one save is in flight: a second waits for the first.
+    #[pyo3(signature = (step, tensors, blobs, *, epoch=None, metadata=None))]
+    fn save_async<'py>(
+        &self,
+        py: Python<'py>,
+        step: u64,
+        tensors: Vec<TensorArg<'py>>,
+        blobs: Vec<(String, Vec<u8>)>,
+        epoch: Option<u64>,
+        metadata: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<SaveHandle> {
+        let req = Self::request(step, epoch, metadata, tensors, blobs)?;
+        if self.read_only {
+            return Err(Failure::from(ckptstore_engine::Error::ReadOnly {
+                path: self.dir.clone(),
+            })
+            .into());
+        }
+        if self.closed() {
+            return Err(closed(&self.dir).into());
+        }
+        let started = Instant::now();
+        self.drain(py);
+        let snap = py.allow_threads(move || save_job::snapshot(req));
+        let stall_seconds = started.elapsed().as_secs_f64();
+        let progress = Arc::new(Progress::default());
+        {
+            let mut c = lock(&self.committer);
+            if c.is_none() {
+                *c = Some(Committer::start(self.store.clone())?);
+            }
+            c.as_ref().expect("started").submit(Job {
+                req: snap,
+                stall_seconds,
+                progress: progress.clone(),
+            })?;
+        }
+        *lock(&self.last_async) = Some(progress.clone());
+        Ok(SaveHandle {
+            progress,
+            stall_seconds,
+            started,
+        })
+    }
+
+    /// Every live checkpoint, oldest first, as dicts.
+    fn list<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let all = self.with_store(py, |s| Ok(s.list()))?;
+        let l = PyList::empty(py);
+        for c in &all {
+            l.append(info_to_py(py, c)?)?;
+        }
+        Ok(l)
+    }
+
+    /// One checkpoint (by id or step; the newest without either).
+    #[pyo3(signature = (*, id=None, step=None))]
+    fn info<'py>(
+        &self,
+        py: Python<'py>,
+        id: Option<u64>,
+        step: Option<u64>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let sel = selector(id, step)?;
+        let c = self.with_store(py, move |s| Ok(s.info(sel)?))?;
+        info_to_py(py, &c)
+    }
+
+    /// The newest checkpoint whose every chunk verifies (walks back past damage), or None.
+    fn latest_valid<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let c = self.with_store(py, |s| Ok(s.latest_valid()?))?;
+        c.map(|c| info_to_py(py, &c)).transpose()
+    }
+
+    /// Tensor names of checkpoint `id`, in the order they were saved.
+    fn tensor_names(&self, py: Python<'_>, id: u64) -> PyResult<Vec<String>> {
+        self.with_store(py, move |s| {
+            let ck = s.checkpoint(Selector::Id(id))?;
+            Ok(ck.tensor_names().into_iter().map(str::to_owned).collect())
+        })
+    }
+
+    /// Blob names of checkpoint `id`.
+    fn blob_names(&self, py: Python<'_>, id: u64) -> PyResult<Vec<String>> {
+        self.with_store(py, move |s| {
+            let ck = s.checkpoint(Selector::Id(id))?;
+            Ok(ck.blob_names().into_iter().map(str::to_owned).collect())
+        })
+    }
+
+    /// `(dtype, shape)` of a tensor, reading no data.
+    fn tensor_meta(&self, py: Python<'_>, id: u64, name: String) -> PyResult<(String, Vec<u64>)> {
+        self.with_store(py, move |s| {
+            let (d, shape) = s.checkpoint(Selector::Id(id))?.tensor_meta(&name)?;
+            Ok((d.name().to_owned(), shape))
+        })
+    }
+
+    /// A tensor's bytes: the segment's map where the engine can (zero-copy), else one copy;
+    /// BLAKE3-verified unless `verify=False`.
+    #[pyo3(signature = (id, name, *, verify=true))]
+    fn tensor(&self, py: Python<'_>, id: u64, name: String, verify: bool) -> PyResult<MappedBytes> {
+        self.with_store(py, move |s| {
+            let v = s
+                .checkpoint(Selector::Id(id))?
+                .tensor_view_with(&name, verify)?;
+            Ok(MappedBytes::new(v))
+        })
+    }
+
+    /// A blob's bytes (always verified).
+    fn blob<'py>(&self, py: Python<'py>, id: u64, name: String) -> PyResult<Bound<'py, PyBytes>> {
+        let b = self.with_store(py, move |s| {
+            Ok(s.checkpoint(Selector::Id(id))?.blob(&name)?)
+        })?;
+        Ok(PyBytes::new(py, &b))
+    }
+
+    /// Reads and BLAKE3-checks every chunk of checkpoint `id`.
+    fn verify(&self, py: Python<'_>, id: u64) -> PyResult<()> {
+        self.with_store(py, move |s| Ok(s.verify(id)?))
+    }
+
+    /// Deletes checkpoint `id` durably; returns the bytes freed.
+    fn delete(&self, py: Python<'_>, id: u64) -> PyResult<u64> {
+        self.drain(py);
+        self.with_store(py, move |s| Ok(s.delete(id)?.bytes_freed))
+    }
+
+    fn pin(&self, py: Python<'_>, id: u64) -> PyResult<bool> {
+        self.with_store(py, move |s| Ok(s.pin(id)?))
+    }
+
+    fn unpin(&self, py: Python<'_>, id: u64) -> PyResult<bool> {
+        self.with_store(py, move |s| Ok(s.unpin(id)?))
+    }
+
+    /// Applies the engine's retention policy (rules combine as a union; the newest and pinned
+    /// checkpoints and the ids in `protect` are always kept); returns the deleted ids, oldest
+    /// first. Runs after any queued background save has committed.
+    #[pyo3(signature = (*, keep_last=None, keep_per_minutes=None, keep_every_steps=None,
+                        keep_best=None, protect=Vec::new(), dry_run=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn apply_retention(
+        &self,
+        py: Python<'_>,
+        keep_last: Option<usize>,
+        keep_per_minutes: Option<u64>,
+        keep_every_steps: Option<u64>,
+        keep_best: Option<(usize, String, String)>,
+        protect: Vec<u64>,
+        dry_run: bool,
+    ) -> PyResult<Vec<u64>> {
+        let mut p = RetentionPolicy::new();
+        if let Some(n) = keep_last {
+            p = p.keep_last(n);
+        }
+        if let Some(m) = keep_per_minutes {
+            p = p.keep_one_per_minutes(m);
+        }
+        if let Some(s) = keep_every_steps {
+            p = p.keep_every_steps(s);
+        }
+        if let Some((k, metric, mode)) = keep_best {
+            let mode = match mode.as_str() {
+                "min" => MetricMode::Min,
+                "max" => MetricMode::Max,
+                other => {
+                    return Err(PyValueError::new_err(format!(
+                        "keep_best mode {other:?}: use \"min\" or \"max\""
+                    )))
+                }
+            };
+            p = p.keep_best(k, metric, mode);
+        }
+        for id in protect {
+            p = p.pin(id);
+        }
+        self.drain(py);
+        self.with_store(py, move |s| {
+            if dry_run {
+                Ok(s.plan_retention(&p)?.delete.iter().map(|c| c.id).collect())
+            } else {
+                Ok(s.apply_retention(&p)?.iter().map(|d| d.id).collect())
+            }
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Store({:?}{})",
+            self.dir.display(),
+            if self.read_only {
+                ", read_only=True"
+            } else {
+                ""
+            }
+        )
+    }
+}
