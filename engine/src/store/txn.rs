@@ -79,6 +79,20 @@ pub struct Transaction<'s> {
     failed: Option<String>,
 }
 
+/// What the write pipeline adds to a transaction: a tensor or a blob.
+#[derive(Debug, Clone)]
+pub(crate) enum StagedEntry {
+    Tensor {
+        name: String,
+        dtype: DType,
+        shape: Vec<u64>,
+    },
+    Blob {
+        name: String,
+        nbytes: u64,
+    },
+}
+
 /// BLAKE3 of a chunk hashed on its own (nothing else running): on all cores when it is big.
 fn hash_alone(chunk: &[u8]) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
@@ -200,7 +214,8 @@ impl<'s> Transaction<'s> {
     fn write_chunks(&mut self, data: &[u8]) -> Result<Vec<pb::ChunkRef>> {
         let cs = self.store.opts.chunk_size;
         let placed = if data.len() <= cs {
-            self.place_chunks(data, cs, data.chunks(cs).map(hash_alone))
+            let chunks = data.chunks(cs).map(|c| Ok((c, hash_alone(c))));
+            self.place_chunks(data.len(), chunks)
         } else {
             std::thread::scope(|scope| {
                 let (tx, rx) = std::sync::mpsc::sync_channel(HASH_LOOKAHEAD);
@@ -211,22 +226,109 @@ impl<'s> Transaction<'s> {
                         }
                     }
                 });
-                self.place_chunks(data, cs, rx.into_iter())
+                let chunks = data.chunks(cs).zip(rx).map(Ok);
+                self.place_chunks(data.len(), chunks)
             })
         };
         placed.or_else(|e| self.fail(e))
     }
 
-    fn place_chunks(
+    /// Adds a tensor whose chunks were staged and hashed elsewhere (the write pipeline):
+    /// `chunks` yields, in order, each chunk of `chunk_size` bytes (the last one shorter) with
+    /// its BLAKE3. The caller has checked the name and the size against dtype × shape.
+    pub(crate) fn put_staged<C: AsRef<[u8]>>(
         &mut self,
-        data: &[u8],
-        cs: usize,
-        hashes: impl Iterator<Item = [u8; 32]>,
+        entry: StagedEntry,
+        chunks: impl Iterator<Item = Result<(C, [u8; 32])>>,
+    ) -> Result<()> {
+        self.check_usable()?;
+        let (name, nbytes) = match &entry {
+            StagedEntry::Tensor { name, shape, dtype } => {
+                let n = manifest::tensor_nbytes(*dtype, shape).ok_or_else(|| {
+                    Error::invalid(format!("tensor {name:?}: shape {shape:?} overflows"))
+                })?;
+                if self.tensor_names.contains(name) {
+                    return Err(Error::invalid(format!(
+                        "duplicate tensor name {name:?} in one checkpoint"
+                    )));
+                }
+                (name.clone(), n)
+            }
+            StagedEntry::Blob { name, nbytes } => {
+                if self.blob_names.contains(name) {
+                    return Err(Error::invalid(format!(
+                        "duplicate blob name {name:?} in one checkpoint"
+                    )));
+                }
+                (name.clone(), *nbytes)
+            }
+        };
+        let cs = self.store.opts.chunk_size;
+        let mut seen = 0u64;
+        let mut count = 0usize;
+        let total = usize::try_from(nbytes).map_err(|_| {
+            Error::invalid(format!("{name:?}: {nbytes} bytes do not fit in memory"))
+        })?;
+        let expected = total.div_ceil(cs);
+        let checked = chunks.map(|c| {
+            let (bytes, hash) = c?;
+            let len = bytes.as_ref().len();
+            let want = total.saturating_sub(count * cs).min(cs);
+            if count >= expected || len != want {
+                return Err(Error::invalid(format!(
+                    "{name:?}: staged chunk {count} holds {len} bytes, expected {want}"
+                )));
+            }
+            count += 1;
+            seen += len as u64;
+            Ok((bytes, hash))
+        });
+        let placed = self.place_chunks(total, checked);
+        let chunks = placed.or_else(|e| self.fail(e))?;
+        if chunks.len() != expected {
+            return self.fail(Error::invalid(format!(
+                "{name:?}: {} of {expected} chunks staged",
+                chunks.len()
+            )));
+        }
+        debug_assert_eq!(seen, nbytes);
+        match entry {
+            StagedEntry::Tensor { name, shape, dtype } => {
+                self.tensor_names.insert(name.clone());
+                self.manifest.tensors.push(pb::TensorEntry {
+                    name,
+                    dtype: dtype.to_pb() as i32,
+                    shape,
+                    nbytes,
+                    chunks,
+                });
+            }
+            StagedEntry::Blob { name, nbytes } => {
+                self.blob_names.insert(name.clone());
+                self.manifest.blobs.push(pb::BlobEntry {
+                    name,
+                    nbytes,
+                    chunks,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// References stored chunks and writes runs of new ones as frames whose payloads are
+    /// contiguous. `chunks` yields the `total` bytes in chunks of `chunk_size` with their
+    /// hashes, in order.
+    fn place_chunks<C: AsRef<[u8]>>(
+        &mut self,
+        total: usize,
+        chunks: impl Iterator<Item = Result<(C, [u8; 32])>>,
     ) -> Result<Vec<pb::ChunkRef>> {
-        let mut refs = Vec::with_capacity(data.len().div_ceil(cs));
+        let cs = self.store.opts.chunk_size;
+        let mut refs = Vec::with_capacity(total.div_ceil(cs));
         let mut frame: Option<OpenFrame> = None;
-        for (k, hash) in hashes.enumerate() {
-            let chunk = &data[k * cs..data.len().min((k + 1) * cs)];
+        for (k, item) in chunks.enumerate() {
+            let (chunk, hash) = item?;
+            let chunk = chunk.as_ref();
             let known = self
                 .local_index
                 .get(&hash)
@@ -246,7 +348,7 @@ impl<'s> Transaction<'s> {
             }
             let f = match &mut frame {
                 Some(f) => f,
-                None => frame.insert(self.open_frame(data, cs, k)?),
+                None => frame.insert(self.open_frame(total, cs, k)?),
             };
             let r = self.write_payload(f, chunk, hash)?;
             self.local_index.entry(hash).or_insert_with(|| r.clone());
@@ -261,15 +363,15 @@ impl<'s> Transaction<'s> {
     /// Starts a frame for a run beginning at chunk `k`, in the open segment if the run's first
     /// chunk fits there, else in a new one. Reserves table space for as many of the chunks
     /// from `k` on as fit in the segment, since the run's length is not known yet.
-    fn open_frame(&mut self, data: &[u8], cs: usize, k: usize) -> Result<OpenFrame> {
+    fn open_frame(&mut self, total: usize, cs: usize, k: usize) -> Result<OpenFrame> {
         let max = self.store.opts.segment_max_bytes;
-        let chunks_left = data.len().div_ceil(cs) - k;
+        let chunks_left = total.div_ceil(cs) - k;
         let limit = chunks_left.min(MAX_FRAME_CHUNKS);
         let fits = |end: u64| -> usize {
             let mut payload = 0u64;
             let mut n = 0;
             while n < limit {
-                payload += data[(k + n) * cs..].len().min(cs) as u64;
+                payload += (total - (k + n) * cs).min(cs) as u64;
                 if end + segment::align_up(segment::header_len_for(n + 1) + payload) > max {
                     break;
                 }
