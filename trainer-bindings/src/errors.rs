@@ -99,6 +99,14 @@ impl From<Error> for Failure {
 }
 
 impl Failure {
+    /// The same failure with what was being done in front.
+    pub fn context(self, what: &str) -> Self {
+        Failure {
+            kind: self.kind,
+            message: format!("{what}: {}", self.message),
+        }
+    }
+
     pub fn store(message: impl Into<String>) -> Self {
         Failure {
             kind: Kind::Store,

@@ -1,30 +1,30 @@
-//! Saving: one checkpoint's tensors, blobs and metadata committed through one engine
-//! transaction, either now (`save`, durable on return) or on the store's background committer
-//! (`save_async`: the caller's bytes are copied first — the stall — and committed in order on
-//! one thread, so checkpoints commit in the order they were handed in).
+//! Saving: one checkpoint's tensors, blobs and metadata, either committed now through one
+//! engine transaction (`save`, durable on return) or staged into the engine's write pipeline
+//! (`save_async`: the caller is blocked only while its bytes are copied into the pipeline's
+//! staging buffers; hashing, writes, fdatasync and the commit record happen on the engine's
+//! threads, in submission order).
 
 use crate::errors::Failure;
 use crate::host_bytes::HostBytes;
-use ckptstore_engine::{CommitInfo, DType, MetaValue, Store};
+use ckptstore_engine::{CommitInfo, DType, MetaValue, Pipeline, Store};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::Instant;
+use std::sync::Mutex;
 
-/// One tensor of a save: name, dtype, shape and its bytes (lent or snapshotted).
-pub struct TensorIn<B> {
+/// One tensor of a save: name, dtype, shape and the caller's bytes.
+pub struct TensorIn {
     pub name: String,
     pub dtype: DType,
     pub shape: Vec<u64>,
-    pub bytes: B,
+    pub bytes: HostBytes,
 }
 
-/// Everything of one checkpoint except the tensor bytes' form.
-pub struct SaveRequest<B> {
+/// One checkpoint to save.
+pub struct SaveRequest {
     pub step: u64,
     pub epoch: Option<u64>,
     pub metadata: Vec<(String, MetaValue)>,
-    pub tensors: Vec<TensorIn<B>>,
+    pub tensors: Vec<TensorIn>,
     pub blobs: Vec<(String, Vec<u8>)>,
 }
 
@@ -33,6 +33,7 @@ pub struct SaveRequest<B> {
 pub struct Committed {
     pub info: CommitInfo,
     pub stall_seconds: f64,
+    pub time_to_durable_seconds: f64,
 }
 
 impl Committed {
@@ -46,19 +47,16 @@ impl Committed {
         d.set_item("bytes_deduplicated", i.bytes_deduplicated)?;
         d.set_item("chunks_written", i.chunks_written)?;
         d.set_item("chunks_deduplicated", i.chunks_deduplicated)?;
-        d.set_item("duration_seconds", i.duration.as_secs_f64())?;
         d.set_item("stall_seconds", self.stall_seconds)?;
+        d.set_item("time_to_durable_seconds", self.time_to_durable_seconds)?;
         Ok(d)
     }
 }
 
-/// Runs one engine transaction; `commit` is durable when this returns `Ok`. Any error drops
-/// the transaction, which removes what it wrote: nothing torn, the previous checkpoint stays
-/// the latest.
-pub fn commit<B: AsRef<[u8]>>(
-    store: &mut Store,
-    req: &SaveRequest<B>,
-) -> Result<CommitInfo, Failure> {
+/// Runs one engine transaction; the checkpoint is durable when this returns `Ok`. Any error
+/// drops the transaction, which removes what it wrote: nothing torn, the previous checkpoint
+/// stays the newest.
+pub fn commit(store: &mut Store, req: &SaveRequest) -> Result<CommitInfo, Failure> {
     let mut tx = store.begin(req.step)?;
     if let Some(e) = req.epoch {
         tx.set_epoch(e);
@@ -67,7 +65,7 @@ pub fn commit<B: AsRef<[u8]>>(
         tx.set_metadata(k.clone(), v.clone());
     }
     for t in &req.tensors {
-        tx.put_tensor(&t.name, t.dtype, &t.shape, t.bytes.as_ref())?;
+        tx.put_tensor(&t.name, t.dtype, &t.shape, t.bytes.as_slice())?;
     }
     for (name, data) in &req.blobs {
         tx.put_blob(name, data)?;
@@ -75,120 +73,84 @@ pub fn commit<B: AsRef<[u8]>>(
     Ok(tx.commit()?)
 }
 
-impl AsRef<[u8]> for HostBytes {
-    fn as_ref(&self) -> &[u8] {
-        self.as_slice()
+/// Stages one save into the pipeline; returns once every byte is copied out of the caller's
+/// memory. An error drops the staged save (nothing is committed).
+pub fn submit(
+    p: &mut Pipeline,
+    req: &SaveRequest,
+) -> Result<ckptstore_engine::SaveHandle, Failure> {
+    let mut s = p.begin(req.step)?;
+    if let Some(e) = req.epoch {
+        s.set_epoch(e);
     }
+    for (k, v) in &req.metadata {
+        s.set_metadata(k.clone(), v.clone());
+    }
+    for t in &req.tensors {
+        s.put_tensor(&t.name, t.dtype, &t.shape, t.bytes.as_slice())?;
+    }
+    for (name, data) in &req.blobs {
+        s.put_blob(name, data)?;
+    }
+    Ok(s.submit()?)
 }
 
-/// The snapshot of an async save: the caller's bytes copied, so the caller may change its
-/// tensors as soon as `save_async` returns.
-pub fn snapshot(req: SaveRequest<HostBytes>) -> SaveRequest<Vec<u8>> {
-    SaveRequest {
-        step: req.step,
-        epoch: req.epoch,
-        metadata: req.metadata,
-        tensors: req
-            .tensors
-            .into_iter()
-            .map(|t| TensorIn {
-                bytes: t.bytes.as_slice().to_vec(),
-                name: t.name,
-                dtype: t.dtype,
-                shape: t.shape,
-            })
-            .collect(),
-        blobs: req.blobs,
-    }
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Where a background save stands; shared by its handle and the committer.
-#[derive(Default)]
-pub struct Progress {
+/// A pipeline save in flight, shared by its Python handle and the store (which waits for the
+/// newest one before a synchronous save, a deletion or close). The engine's handle is waited
+/// for once; its outcome is kept so every `wait()` returns or raises it again.
+pub struct InFlight {
+    handle: Mutex<Option<ckptstore_engine::SaveHandle>>,
     result: Mutex<Option<Result<Committed, Failure>>>,
-    cond: Condvar,
 }
 
-impl Progress {
-    pub fn finish(&self, r: Result<Committed, Failure>) {
-        *self.result.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
-        self.cond.notify_all();
-    }
-
-    /// Blocks until the save has committed or failed.
-    pub fn wait(&self) -> Result<Committed, Failure> {
-        let mut g = self.result.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(r) = g.as_ref() {
-                return r.clone();
-            }
-            g = self.cond.wait(g).unwrap_or_else(|p| p.into_inner());
+impl InFlight {
+    pub fn new(h: ckptstore_engine::SaveHandle) -> Self {
+        InFlight {
+            handle: Mutex::new(Some(h)),
+            result: Mutex::new(None),
         }
     }
 
-    pub fn is_done(&self) -> bool {
-        self.result
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
-    }
-}
-
-/// A save queued for the committer.
-pub struct Job {
-    pub req: SaveRequest<Vec<u8>>,
-    pub stall_seconds: f64,
-    pub progress: Arc<Progress>,
-}
-
-/// The store's background committer: one thread, jobs in order.
-pub struct Committer {
-    tx: std::sync::mpsc::Sender<Job>,
-}
-
-impl Committer {
-    pub fn start(store: Arc<Mutex<Option<Store>>>) -> Result<Committer, Failure> {
-        let (tx, rx) = std::sync::mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("ckptstore-commit".into())
-            .spawn(move || {
-                for job in rx {
-                    let r = {
-                        let mut g = store.lock().unwrap_or_else(|p| p.into_inner());
-                        match g.as_mut() {
-                            None => {
-                                Err(Failure::store("store was closed before the save committed"))
-                            }
-                            Some(s) => commit(s, &job.req),
-                        }
-                    };
-                    drop(job.req);
-                    job.progress.finish(r.map(|info| Committed {
-                        info,
-                        stall_seconds: job.stall_seconds,
-                    }));
-                }
+    /// Blocks until the save is durable or failed.
+    pub fn wait(&self) -> Result<Committed, Failure> {
+        let mut r = lock(&self.result);
+        if let Some(done) = r.as_ref() {
+            return done.clone();
+        }
+        let h = lock(&self.handle)
+            .take()
+            .expect("the handle is taken only under the result lock, which then fills it");
+        let out = h
+            .wait()
+            .map(|rep| Committed {
+                info: rep.commit,
+                stall_seconds: rep.stall.as_secs_f64(),
+                time_to_durable_seconds: rep.time_to_durable.as_secs_f64(),
             })
-            .map_err(|e| Failure::store(format!("cannot start the commit thread: {e}")))?;
-        Ok(Committer { tx })
+            .map_err(Failure::from);
+        *r = Some(out.clone());
+        out
     }
 
-    pub fn submit(&self, job: Job) -> Result<(), Failure> {
-        let progress = job.progress.clone();
-        self.tx.send(job).map_err(|_| {
-            let f = Failure::store("the commit thread has stopped");
-            progress.finish(Err(f.clone()));
-            f
-        })
+    /// Whether the save has finished; never blocks (a `wait` in progress counts as not yet).
+    pub fn is_done(&self) -> bool {
+        match self.result.try_lock() {
+            Ok(r) if r.is_some() => true,
+            Ok(_) => lock(&self.handle).as_ref().is_some_and(|h| h.is_done()),
+            Err(_) => false,
+        }
     }
 }
 
 /// Returned by `save_async`: the snapshot is taken; the commit runs in the background.
 #[pyclass(module = "ckptstore._native", frozen)]
 pub struct SaveHandle {
-    pub progress: Arc<Progress>,
+    pub state: std::sync::Arc<InFlight>,
     pub stall_seconds: f64,
-    pub started: Instant,
 }
 
 #[pymethods]
@@ -196,8 +158,8 @@ impl SaveHandle {
     /// Blocks (without the GIL) until the checkpoint is durable and returns the commit
     /// summary; re-raises the save's error if it failed (every call raises it again).
     fn wait<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let p = self.progress.clone();
-        match py.allow_threads(move || p.wait()) {
+        let s = self.state.clone();
+        match py.allow_threads(move || s.wait()) {
             Ok(c) => c.to_dict(py),
             Err(f) => Err(f.into()),
         }
@@ -205,11 +167,11 @@ impl SaveHandle {
 
     /// Whether the commit has finished (successfully or not); never blocks.
     fn done(&self) -> bool {
-        self.progress.is_done()
+        self.state.is_done()
     }
 
-    /// Seconds the caller was blocked: the snapshot copy (and waiting for an earlier save to
-    /// leave the pipeline).
+    /// Seconds `save_async` blocked the caller: copying its bytes into the pipeline's staging
+    /// buffers, including any wait for a free buffer.
     #[getter]
     fn stall_seconds(&self) -> f64 {
         self.stall_seconds

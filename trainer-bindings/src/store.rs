@@ -1,14 +1,12 @@
-//! `ckptstore._native.Store`: one engine `Store` behind a mutex, so calls from Python threads
-//! and the background committer take turns. Every call that does I/O releases the GIL.
+//! `ckptstore._native.Store`: one engine `Store` behind a mutex (owned, after the first
+//! `save_async`, by the engine's write pipeline), so calls from Python threads take turns. Every call that does I/O releases the GIL.
 
 use crate::errors::{self, Failure};
 use crate::host_bytes::{HostBytes, MappedBytes};
-use crate::save_job::{
-    self, Committed, Committer, Job, Progress, SaveHandle, SaveRequest, TensorIn,
-};
+use crate::save_job::{self, Committed, InFlight, SaveHandle, SaveRequest, TensorIn};
 use ckptstore_engine::{
-    CheckpointInfo, DType, MetaValue, MetricMode, Options, RecoveryMode, RetentionPolicy, Selector,
-    Store,
+    CheckpointInfo, DType, MetaValue, MetricMode, Options, Pipeline, PipelineOptions, RecoveryMode,
+    RetentionPolicy, Selector, Store,
 };
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -17,14 +15,21 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+/// The engine store, alone or (after the first `save_async`) owned by its write pipeline.
+enum Inner {
+    Plain(Box<Store>),
+    Piped(Pipeline),
+}
+
 #[pyclass(module = "ckptstore._native", name = "Store", frozen)]
 pub struct PyStore {
     dir: PathBuf,
     read_only: bool,
-    store: Arc<Mutex<Option<Store>>>,
-    committer: Mutex<Option<Committer>>,
-    /// The newest background save, waited for before the next save of any kind.
-    last_async: Mutex<Option<Arc<Progress>>>,
+    pipeline_opts: PipelineOptions,
+    store: Mutex<Option<Inner>>,
+    /// The newest pipeline save, waited for before a synchronous save, a deletion, retention
+    /// or close, so checkpoints commit in the order they were handed in.
+    last_async: Mutex<Option<Arc<InFlight>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -105,8 +110,11 @@ impl PyStore {
         let dir = &self.dir;
         py.allow_threads(|| {
             let mut g = lock(store);
-            let s = g.as_mut().ok_or_else(|| closed(dir))?;
-            f(s)
+            match g.as_mut().ok_or_else(|| closed(dir))? {
+                Inner::Plain(s) => f(s),
+                // Waits while the pipeline's I/O thread is writing a save.
+                Inner::Piped(p) => f(&mut p.store()),
+            }
         })
         .map_err(Into::into)
     }
@@ -128,7 +136,7 @@ impl PyStore {
         metadata: Option<&Bound<'_, PyDict>>,
         tensors: Vec<TensorArg<'_>>,
         blobs: Vec<(String, Vec<u8>)>,
-    ) -> PyResult<SaveRequest<HostBytes>> {
+    ) -> PyResult<SaveRequest> {
         let mut meta = Vec::new();
         if let Some(m) = metadata {
             for (k, v) in m.iter() {
@@ -167,7 +175,8 @@ impl PyStore {
     /// Opens (creating if needed) the store in `path` and runs recovery.
     #[new]
     #[pyo3(signature = (path, *, read_only=false, chunk_size=None, segment_max_bytes=None,
-                        wal_compact_min_bytes=None, recovery_mode=None))]
+                        wal_compact_min_bytes=None, recovery_mode=None, async_budget_bytes=None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         path: PathBuf,
@@ -176,7 +185,12 @@ impl PyStore {
         segment_max_bytes: Option<u64>,
         wal_compact_min_bytes: Option<u64>,
         recovery_mode: Option<&str>,
+        async_budget_bytes: Option<usize>,
     ) -> PyResult<Self> {
+        let mut pipeline_opts = PipelineOptions::default();
+        if let Some(b) = async_budget_bytes {
+            pipeline_opts.budget_bytes = b;
+        }
         let mut opts = Options {
             read_only,
             ..Options::default()
@@ -209,8 +223,8 @@ impl PyStore {
         Ok(PyStore {
             dir: path,
             read_only,
-            store: Arc::new(Mutex::new(Some(store))),
-            committer: Mutex::new(None),
+            pipeline_opts,
+            store: Mutex::new(Some(Inner::Plain(Box::new(store)))),
             last_async: Mutex::new(None),
         })
     }
@@ -229,8 +243,11 @@ impl PyStore {
     fn close(&self, py: Python<'_>) {
         self.drain(py);
         let store = &self.store;
-        let s = py.allow_threads(|| lock(store).take());
-        drop(s);
+        py.allow_threads(|| {
+            if let Some(Inner::Piped(p)) = lock(store).take() {
+                drop(p.close()); // joins the pipeline's threads, then releases the store
+            }
+        });
     }
 
     #[getter]
@@ -255,15 +272,19 @@ impl PyStore {
         let started = Instant::now();
         let info = self.with_store(py, |s| save_job::commit(s, &req))?;
         drop(req);
+        let secs = started.elapsed().as_secs_f64();
         Committed {
             info,
-            stall_seconds: started.elapsed().as_secs_f64(),
+            stall_seconds: secs,
+            time_to_durable_seconds: secs,
         }
         .to_dict(py)
     }
 
-    /// Copies the tensors (the stall, GIL released) and queues the commit on the store's
-    /// background thread. At most one save is in flight: a second waits for the first.
+    /// Stages the tensors into the engine's write pipeline (the stall: copies into its
+    /// staging buffers, GIL released) and returns; the commit follows on the pipeline's
+    /// threads, in submission order. The pipeline (and its staging pool of
+    /// `async_budget_bytes`) is started by the first call.
     #[pyo3(signature = (step, tensors, blobs, *, epoch=None, metadata=None))]
     fn save_async<'py>(
         &self,
@@ -281,30 +302,30 @@ impl PyStore {
             })
             .into());
         }
-        if self.closed() {
-            return Err(closed(&self.dir).into());
-        }
-        let started = Instant::now();
-        self.drain(py);
-        let snap = py.allow_threads(move || save_job::snapshot(req));
-        let stall_seconds = started.elapsed().as_secs_f64();
-        let progress = Arc::new(Progress::default());
-        {
-            let mut c = lock(&self.committer);
-            if c.is_none() {
-                *c = Some(Committer::start(self.store.clone())?);
-            }
-            c.as_ref().expect("started").submit(Job {
-                req: snap,
-                stall_seconds,
-                progress: progress.clone(),
-            })?;
-        }
-        *lock(&self.last_async) = Some(progress.clone());
+        let store = &self.store;
+        let dir = &self.dir;
+        let opts = self.pipeline_opts.clone();
+        let handle = py.allow_threads(|| -> Result<ckptstore_engine::SaveHandle, Failure> {
+            let mut g = lock(store);
+            let mut p = match g.take().ok_or_else(|| closed(dir))? {
+                Inner::Piped(p) => p,
+                // A failure here (no memory for the staging pool) closes the store: the
+                // engine consumed it. The error says so; reopen to go on.
+                Inner::Plain(s) => Pipeline::new(*s, opts).map_err(|e| {
+                    Failure::from(e).context("cannot start the write pipeline; the store is closed")
+                })?,
+            };
+            let h = save_job::submit(&mut p, &req);
+            *g = Some(Inner::Piped(p));
+            h
+        })?;
+        drop(req);
+        let stall_seconds = handle.stall().as_secs_f64();
+        let state = Arc::new(InFlight::new(handle));
+        *lock(&self.last_async) = Some(state.clone());
         Ok(SaveHandle {
-            progress,
+            state,
             stall_seconds,
-            started,
         })
     }
 

@@ -42,12 +42,14 @@ class Store:
 
     Options: ``read_only`` (False), ``chunk_size`` (bytes, 4 MiB; 4 KiB..1 GiB),
     ``segment_max_bytes`` (1 GiB; >= 1 MiB), ``wal_compact_min_bytes`` (8 MiB),
-    ``recovery_mode`` ("tolerate_tail_corruption"; or "absolute_consistency", "point_in_time").
+    ``recovery_mode`` ("tolerate_tail_corruption"; or "absolute_consistency", "point_in_time"),
+    ``async_budget_bytes`` (256 MiB: the staging pool of ``save_async``'s write pipeline,
+    allocated by the first ``save_async``; at least one chunk).
     """
 
     def __init__(self, path: PathLike, **options: Any) -> None:
         known = {"read_only", "chunk_size", "segment_max_bytes", "wal_compact_min_bytes",
-                 "recovery_mode"}
+                 "recovery_mode", "async_budget_bytes"}
         bad = sorted(set(options) - known)
         if bad:
             raise TypeError(f"Store(): unknown option(s) {bad}; known: {sorted(known)}")
@@ -271,8 +273,11 @@ class SaveHandle:
 
 def save_async(store: Store, state: Mapping[str, Any], step: int, epoch: int | None = None,
                metadata: Mapping[str, Any] | None = None) -> SaveHandle:
-    """Takes the snapshot (copies the tensors, GIL released) and commits in the background, in
-    order, one save in flight (a second ``save_async`` first waits for the first)."""
+    """Stages ``state`` into the engine's write pipeline and returns once its bytes are copied
+    out of the caller's tensors (the stall; GIL released): the caller may then change them.
+    Hashing, writes, fdatasync and the commit record run on the engine's threads; saves commit
+    in the order they were handed in, several in flight within the store's
+    ``async_budget_bytes``. ``handle.wait()`` returns when the checkpoint is durable."""
     if not isinstance(store, Store):
         raise TypeError("save_async needs an open ckptstore.Store (its background committer "
                         "lives as long as the store)")
