@@ -109,6 +109,21 @@ def test_flat_state_dict_keeps_its_names_and_numpy_loads_are_zero_copy_read_only
             t += 1  # torch loads are copies: writable
 
 
+def test_bf16_slices_and_numpy_refusal(store_dir):
+    w = torch.randn(8, 16).bfloat16()
+    with cs.Store(store_dir) as s:
+        cs.save(s, {"w": w}, step=1)
+        with s.open() as ck:
+            assert torch.equal(ck.get_slice("w")[2:5, 3], w[2:5, 3])
+            try:
+                import ml_dtypes  # noqa: F401
+            except ImportError:
+                with pytest.raises(TypeError, match="numpy has no bf16"):
+                    ck.get_tensor("w", framework="numpy")
+        with pytest.raises(ValueError, match="device"):
+            cs.load(s, framework="numpy", device="cuda")
+
+
 def test_non_contiguous_tensors_are_stored_as_their_values(store_dir):
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
     state = {"t": base.t(), "strided": base[:, ::2], "np_t": base.numpy().T}

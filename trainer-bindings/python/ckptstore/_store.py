@@ -308,6 +308,9 @@ def load(store: Store | PathLike, step: int | None = None, *, id: int | None = N
     With ``strict``, a prefix that matches nothing is a NotFoundError.
     """
     _check_framework(framework)
+    if framework == "numpy" and str(device) != "cpu":
+        raise ValueError(f"framework=\"numpy\" loads to host memory; device={device!r} needs "
+                         f"framework=\"torch\"")
     s = _as_store(store)
     try:
         if step is not None or id is not None or not verify:
