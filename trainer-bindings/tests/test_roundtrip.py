@@ -167,3 +167,8 @@ def test_path_instead_of_store_opens_and_closes(store_dir):
     assert cs.load(store_dir, framework="numpy")["x"].tolist() == [1.0, 1.0]
     with cs.Store(store_dir) as s:  # the lock was released
         assert len(s.list()) == 1
+        # loading by path while a writer holds the store: a read-only open, no lock error
+        assert cs.load(store_dir, framework="numpy")["x"].tolist() == [1.0, 1.0]
+        net = torch.nn.Linear(1, 2, bias=False)
+        with pytest.raises(cs.StrictLoadError):
+            cs.load_into(net, store_dir)
