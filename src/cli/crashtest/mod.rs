@@ -64,6 +64,14 @@ pub struct Args {
     /// Seed of the kill times and choices (and, for a new store, of the checkpoint data).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Save through the asynchronous write pipeline, with several saves submitted and not
+    /// yet acknowledged when the kill lands (default: synchronous saves, one at a time).
+    #[arg(long = "async")]
+    pub asynchronous: bool,
+    /// With --async: the most saves the writer keeps submitted and not yet acknowledged.
+    #[arg(long, value_name = "K", default_value_t = 3, requires = "asynchronous",
+          value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub in_flight: u64,
     /// Print the summary as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -79,6 +87,9 @@ pub enum Fault {
     Lie,
     /// The parent flips a byte of an acknowledged checkpoint between a kill and the check.
     Corrupt,
+    /// With --async: the writer begins two saves, drops the first and commits the second (a
+    /// later save survives an earlier one that was lost).
+    Reorder,
 }
 
 /// Arguments of the hidden child writer (`ckptstore __crash-writer`).
@@ -96,6 +107,13 @@ pub struct WriterArgs {
     /// Acknowledge one commit that is never made (to test the checker).
     #[arg(long)]
     pub lie: bool,
+    /// Save through the pipeline with up to this many saves not yet acknowledged (absent:
+    /// synchronous saves).
+    #[arg(long)]
+    pub in_flight: Option<usize>,
+    /// Begin two saves, drop the first, commit the second, then stop (to test the checker).
+    #[arg(long)]
+    pub reorder: bool,
 }
 
 const MARKER: &str = "crashtest.json";
@@ -159,6 +177,9 @@ fn prepare_dir(dir: &Path, seed: u64) -> CliResult<(u64, bool)> {
 
 /// Runs `ckptstore crashtest`; see the module docs.
 pub fn run(a: Args) -> CliResult {
+    if a.inject_fault == Some(Fault::Reorder) && !a.asynchronous {
+        return fail("--inject-fault reorder needs --async");
+    }
     let started = Instant::now();
     let dir = a.dir.as_path();
     let (data_seed, continued) = prepare_dir(dir, a.seed)?;
@@ -225,6 +246,12 @@ pub fn run(a: Args) -> CliResult {
             .args(["--first-step", &run.ledger.next_step.to_string()]);
         if lie {
             cmd.arg("--lie");
+        }
+        if a.asynchronous {
+            cmd.args(["--in-flight", &a.in_flight.to_string()]);
+        }
+        if a.inject_fault == Some(Fault::Reorder) {
+            cmd.arg("--reorder");
         }
         let mut child = cmd
             .stdin(Stdio::null())
@@ -304,6 +331,10 @@ pub fn run(a: Args) -> CliResult {
         }
         run.tally.kills += 1;
         *run.tally.phases.entry(phase).or_default() += 1;
+        *run.tally
+            .saves_in_flight
+            .entry(run.ledger.pending_commits.len())
+            .or_default() += 1;
         if handed_on && phase == Phase::Recovery {
             run.tally.torn_recovery_kills += 1;
         }
