@@ -18,6 +18,11 @@
 //! Sometimes the parent only looks (a read-only open, which repairs nothing) and hands the
 //! torn store to the next writer, which it kills early, during that writer's own recovery.
 //!
+//! With `--async` the writer saves through the [`Pipeline`](ckptstore::Pipeline), keeping up
+//! to `--in-flight` saves begun and not acknowledged (acknowledged in submission order). The
+//! ledger then holds several pending saves, and (c) gains: those found committed after a kill
+//! are the oldest pending ones, in submission order.
+//!
 //! Files: `workload` (what a writer saves: a pure function of seed and step), `writer` (the
 //! hidden child process), `ledger` (the model built from the writers' acknowledgements),
 //! `check` (the invariants checked after each kill), `report` (the summary); this file has
@@ -50,6 +55,10 @@ use std::time::{Duration, Instant};
 A process kill keeps the page cache: this proves the ordering of the commit protocol and of \
 recovery on the file system under DIR (and catches file systems or FUSE mounts that break \
 rename, fsync-of-directory or flock semantics), not that the disk honours fsync on power loss.
+
+With --async the writer saves through the asynchronous write pipeline with up to --in-flight \
+saves begun and not acknowledged; after each kill, the saves in flight that committed must be \
+the oldest of them, in submission order.
 
 Exit status: 0 if no violation was found; 1 with a one-line reason on stderr naming the first \
 violation (the store is kept for inspection).")]
