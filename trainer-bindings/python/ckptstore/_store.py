@@ -283,7 +283,7 @@ def save_async(store: Store, state: Mapping[str, Any], step: int, epoch: int | N
     in the order they were handed in, several in flight within the store's
     ``async_budget_bytes``. ``handle.wait()`` returns when the checkpoint is durable."""
     if not isinstance(store, Store):
-        raise TypeError("save_async needs an open ckptstore.Store (its background committer "
+        raise TypeError("save_async needs an open ckptstore.Store (its write pipeline "
                         "lives as long as the store)")
     enc = _prepare(state, metadata)
     return SaveHandle(store._native.save_async(
