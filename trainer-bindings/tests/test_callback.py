@@ -2,8 +2,6 @@
 the commit), names, exception and SIGTERM saves, resuming."""
 
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,15 +13,7 @@ import torch
 
 import ckptstore as cs
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _cli() -> str | None:
-    for c in (os.environ.get("CKPTSTORE_BIN"), os.path.join(REPO, "target", "debug", "ckptstore"),
-              os.path.join(REPO, "target", "release", "ckptstore"), shutil.which("ckptstore")):
-        if c and os.access(c, os.X_OK):
-            return c
-    return None
+from conftest import cli as _cli  # noqa: E402
 
 
 def test_config_precedence_and_validation():
