@@ -172,3 +172,25 @@ def test_path_instead_of_store_opens_and_closes(store_dir):
         net = torch.nn.Linear(1, 2, bias=False)
         with pytest.raises(cs.StrictLoadError):
             cs.load_into(net, store_dir)
+
+
+def test_store_management_delete_pin_retention(store_dir):
+    with cs.Store(store_dir) as s:
+        for step in range(1, 6):
+            loss = {1: 0.1, 2: 0.9, 3: 0.2, 4: 0.3, 5: 0.4}[step]
+            cs.save(s, {"x": torch.ones(1)}, step=step, metadata={"loss": loss})
+        assert s.pin(1) is True
+        with pytest.raises(cs.PinnedError):
+            s.delete(1)
+        plan = s.apply_retention(keep_last=1, keep_best=(1, "loss", "max"), dry_run=True)
+        assert plan == [3, 4]  # 1 pinned, 2 best (highest loss), 5 newest
+        assert [c["id"] for c in s.list()] == [1, 2, 3, 4, 5]
+        assert s.apply_retention(keep_last=1, keep_best=(1, "loss", "max")) == [3, 4]
+        assert s.delete(2) >= 0
+        assert [c["id"] for c in s.list()] == [1, 5]
+        with pytest.raises(ValueError, match="mode"):
+            s.apply_retention(keep_best=(1, "loss", "up"))
+        with pytest.raises(cs.NotFoundError):
+            s.delete(42)
+    with cs.Store(store_dir, read_only=True) as ro:
+        assert [(c["id"], c["pinned"]) for c in ro.list()] == [(1, True), (5, False)]
