@@ -131,7 +131,7 @@ class ModelCheckpoint:
         self.latest_commit: dict[str, Any] | None = None
 
     # -- resuming -------------------------------------------------------------------------
-    def resume(self, *, framework: str = "torch") -> Any | None:
+    def resume(self, *, framework: str | None = None) -> Any | None:
         """The state of the newest valid checkpoint (or None for a fresh store); that
         checkpoint is then protected from this callback's retention."""
         if not self.store.list():
