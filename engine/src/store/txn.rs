@@ -11,7 +11,8 @@ use crate::wal::RecordType;
 use ckptstore_proto::v1 as pb;
 use prost::Message;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// What a commit wrote.
@@ -77,6 +78,68 @@ pub struct Transaction<'s> {
     chunks_deduplicated: u64,
     /// A failed write leaves the transaction unusable.
     failed: Option<String>,
+}
+
+/// Where [`Transaction::place_chunks`] takes a tensor's chunks from, in order, each with its
+/// BLAKE3.
+trait ChunkSource {
+    /// The next chunk and its hash; `None` after the last.
+    fn next_chunk(&mut self) -> Result<Option<(&[u8], [u8; 32])>>;
+}
+
+/// The chunks of a slice in memory, their hashes computed by `hashes` (on this thread, or on
+/// a hashing thread running ahead).
+struct SliceChunks<'d, H> {
+    data: &'d [u8],
+    cs: usize,
+    k: usize,
+    hashes: H,
+}
+
+impl<H: Iterator<Item = [u8; 32]>> ChunkSource for SliceChunks<'_, H> {
+    fn next_chunk(&mut self) -> Result<Option<(&[u8], [u8; 32])>> {
+        let Some(hash) = self.hashes.next() else {
+            return Ok(None);
+        };
+        let start = self.k * self.cs;
+        self.k += 1;
+        Ok(Some((
+            &self.data[start..self.data.len().min(start + self.cs)],
+            hash,
+        )))
+    }
+}
+
+/// The chunks of `left` bytes read from a stream into one reused chunk buffer.
+struct ReaderChunks<'r> {
+    src: &'r mut dyn Read,
+    path: &'r Path,
+    left: usize,
+    buf: Vec<u8>,
+    cs: usize,
+}
+
+impl ChunkSource for ReaderChunks<'_> {
+    fn next_chunk(&mut self) -> Result<Option<(&[u8], [u8; 32])>> {
+        if self.left == 0 {
+            return Ok(None);
+        }
+        let n = self.left.min(self.cs);
+        self.src.read_exact(&mut self.buf[..n]).map_err(|e| {
+            let e = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("the source ended {} bytes before the tensor did", self.left),
+                )
+            } else {
+                e
+            };
+            Error::io("read", self.path, e)
+        })?;
+        self.left -= n;
+        let chunk = &self.buf[..n];
+        Ok(Some((chunk, hash_alone(chunk))))
+    }
 }
 
 /// BLAKE3 of a chunk hashed on its own (nothing else running): on all cores when it is big.
@@ -147,15 +210,66 @@ impl<'s> Transaction<'s> {
             )));
         }
         let chunks = self.write_chunks(data)?;
+        self.push_tensor(name, dtype, shape, expected, chunks);
+        Ok(())
+    }
+
+    /// Adds a tensor whose `dtype.size() × product(shape)` bytes are read from `src`, one
+    /// chunk in memory at a time (an import of a file larger than RAM). `src_path` names the
+    /// source in errors. A read error, or `src` ending early, fails the transaction; bytes
+    /// `src` holds beyond the tensor are not read.
+    pub fn put_tensor_from(
+        &mut self,
+        name: &str,
+        dtype: DType,
+        shape: &[u64],
+        src: &mut dyn Read,
+        src_path: &Path,
+    ) -> Result<()> {
+        self.check_usable()?;
+        if self.tensor_names.contains(name) {
+            return Err(Error::invalid(format!(
+                "duplicate tensor name {name:?} in one checkpoint"
+            )));
+        }
+        let nbytes = manifest::tensor_nbytes(dtype, shape)
+            .ok_or_else(|| Error::invalid(format!("tensor {name:?}: shape {shape:?} overflows")))?;
+        let total = usize::try_from(nbytes).map_err(|_| {
+            Error::invalid(format!(
+                "tensor {name:?}: {nbytes} bytes do not fit this platform's address space"
+            ))
+        })?;
+        let cs = self.store.opts.chunk_size;
+        let mut source = ReaderChunks {
+            src,
+            path: src_path,
+            left: total,
+            buf: vec![0; total.min(cs)],
+            cs,
+        };
+        let chunks = self
+            .place_chunks(total, cs, &mut source)
+            .or_else(|e| self.fail(e))?;
+        self.push_tensor(name, dtype, shape, nbytes, chunks);
+        Ok(())
+    }
+
+    fn push_tensor(
+        &mut self,
+        name: &str,
+        dtype: DType,
+        shape: &[u64],
+        nbytes: u64,
+        chunks: Vec<pb::ChunkRef>,
+    ) {
         self.tensor_names.insert(name.to_owned());
         self.manifest.tensors.push(pb::TensorEntry {
             name: name.to_owned(),
             dtype: dtype.to_pb() as i32,
             shape: shape.to_vec(),
-            nbytes: data.len() as u64,
+            nbytes,
             chunks,
         });
-        Ok(())
     }
 
     /// Adds an opaque blob (a pickled optimizer config, a tokenizer file, ...).
@@ -200,7 +314,13 @@ impl<'s> Transaction<'s> {
     fn write_chunks(&mut self, data: &[u8]) -> Result<Vec<pb::ChunkRef>> {
         let cs = self.store.opts.chunk_size;
         let placed = if data.len() <= cs {
-            self.place_chunks(data, cs, data.chunks(cs).map(hash_alone))
+            let mut source = SliceChunks {
+                data,
+                cs,
+                k: 0,
+                hashes: data.chunks(cs).map(hash_alone),
+            };
+            self.place_chunks(data.len(), cs, &mut source)
         } else {
             std::thread::scope(|scope| {
                 let (tx, rx) = std::sync::mpsc::sync_channel(HASH_LOOKAHEAD);
@@ -211,22 +331,29 @@ impl<'s> Transaction<'s> {
                         }
                     }
                 });
-                self.place_chunks(data, cs, rx.into_iter())
+                let mut source = SliceChunks {
+                    data,
+                    cs,
+                    k: 0,
+                    hashes: rx.into_iter(),
+                };
+                self.place_chunks(data.len(), cs, &mut source)
             })
         };
         placed.or_else(|e| self.fail(e))
     }
 
+    /// Places the `total` bytes `source` yields, chunk by chunk (see [`Self::write_chunks`]).
     fn place_chunks(
         &mut self,
-        data: &[u8],
+        total: usize,
         cs: usize,
-        hashes: impl Iterator<Item = [u8; 32]>,
+        source: &mut dyn ChunkSource,
     ) -> Result<Vec<pb::ChunkRef>> {
-        let mut refs = Vec::with_capacity(data.len().div_ceil(cs));
+        let mut refs = Vec::with_capacity(total.div_ceil(cs));
         let mut frame: Option<OpenFrame> = None;
-        for (k, hash) in hashes.enumerate() {
-            let chunk = &data[k * cs..data.len().min((k + 1) * cs)];
+        let mut k = 0;
+        while let Some((chunk, hash)) = source.next_chunk()? {
             let known = self
                 .local_index
                 .get(&hash)
@@ -239,6 +366,7 @@ impl<'s> Transaction<'s> {
                 self.bytes_deduplicated += chunk.len() as u64;
                 self.chunks_deduplicated += 1;
                 refs.push(r);
+                k += 1;
                 continue;
             }
             if let Some(f) = frame.take_if(|f| f.chunks.len() == f.capacity) {
@@ -246,11 +374,12 @@ impl<'s> Transaction<'s> {
             }
             let f = match &mut frame {
                 Some(f) => f,
-                None => frame.insert(self.open_frame(data, cs, k)?),
+                None => frame.insert(self.open_frame(total, cs, k)?),
             };
             let r = self.write_payload(f, chunk, hash)?;
             self.local_index.entry(hash).or_insert_with(|| r.clone());
             refs.push(r);
+            k += 1;
         }
         if let Some(f) = frame.take() {
             self.close_frame(f)?;
@@ -261,15 +390,15 @@ impl<'s> Transaction<'s> {
     /// Starts a frame for a run beginning at chunk `k`, in the open segment if the run's first
     /// chunk fits there, else in a new one. Reserves table space for as many of the chunks
     /// from `k` on as fit in the segment, since the run's length is not known yet.
-    fn open_frame(&mut self, data: &[u8], cs: usize, k: usize) -> Result<OpenFrame> {
+    fn open_frame(&mut self, total: usize, cs: usize, k: usize) -> Result<OpenFrame> {
         let max = self.store.opts.segment_max_bytes;
-        let chunks_left = data.len().div_ceil(cs) - k;
+        let chunks_left = total.div_ceil(cs) - k;
         let limit = chunks_left.min(MAX_FRAME_CHUNKS);
         let fits = |end: u64| -> usize {
             let mut payload = 0u64;
             let mut n = 0;
             while n < limit {
-                payload += data[(k + n) * cs..].len().min(cs) as u64;
+                payload += (total - (k + n) * cs).min(cs) as u64;
                 if end + segment::align_up(segment::header_len_for(n + 1) + payload) > max {
                     break;
                 }
