@@ -254,6 +254,46 @@ impl<'s> Transaction<'s> {
         Ok(())
     }
 
+    /// Adds a blob of `nbytes` bytes read from `src`, one chunk in memory at a time (see
+    /// [`Self::put_tensor_from`]).
+    pub fn put_blob_from(
+        &mut self,
+        name: &str,
+        nbytes: u64,
+        src: &mut dyn Read,
+        src_path: &Path,
+    ) -> Result<()> {
+        self.check_usable()?;
+        if self.blob_names.contains(name) {
+            return Err(Error::invalid(format!(
+                "duplicate blob name {name:?} in one checkpoint"
+            )));
+        }
+        let total = usize::try_from(nbytes).map_err(|_| {
+            Error::invalid(format!(
+                "blob {name:?}: {nbytes} bytes do not fit this platform's address space"
+            ))
+        })?;
+        let cs = self.store.opts.chunk_size;
+        let mut source = ReaderChunks {
+            src,
+            path: src_path,
+            left: total,
+            buf: vec![0; total.min(cs)],
+            cs,
+        };
+        let chunks = self
+            .place_chunks(total, cs, &mut source)
+            .or_else(|e| self.fail(e))?;
+        self.blob_names.insert(name.to_owned());
+        self.manifest.blobs.push(pb::BlobEntry {
+            name: name.to_owned(),
+            nbytes,
+            chunks,
+        });
+        Ok(())
+    }
+
     fn push_tensor(
         &mut self,
         name: &str,
