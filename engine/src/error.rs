@@ -166,9 +166,9 @@ pub enum Error {
     MindSpore {
         /// The external file.
         path: PathBuf,
-        /// What is wrong with it.
+        /// What is wrong with it (boxed: it would make every `Result` of the engine larger).
         #[source]
-        error: crate::interop::mindspore::FormatError,
+        error: Box<crate::interop::mindspore::FormatError>,
     },
 
     /// No checkpoint (or no tensor or blob in it) matches the request. A missing tensor or

@@ -175,14 +175,12 @@ pub enum FormatError {
         found: String,
     },
     /// Dims × dtype size differs from the content's length (summed over slices).
-    #[error("tensor {name:?}: {dtype} {dims:?} needs {expected} bytes, its content holds {found}")]
+    #[error("tensor {name:?}: {what} needs {expected} bytes, its content holds {found}")]
     LengthMismatch {
         /// Tensor name.
         name: String,
-        /// Its type string.
-        dtype: String,
-        /// Its dims.
-        dims: Vec<i64>,
+        /// Its type string and dims (`Float32 [2, 3]`).
+        what: String,
         /// Bytes the dims need (or `more than 2^64`).
         expected: String,
         /// Bytes of content.
@@ -785,7 +783,7 @@ pub fn scan<R: Read + Seek>(r: &mut R) -> Result<Index, FormatError> {
                     max: MAX_STR_LEN,
                 })
             }
-            ValueKind::Str if e.nbytes % 4 != 0 => {
+            ValueKind::Str if !e.nbytes.is_multiple_of(4) => {
                 return Err(FormatError::BadStr {
                     name: e.name.clone(),
                     len: e.nbytes,
@@ -796,8 +794,7 @@ pub fn scan<R: Read + Seek>(r: &mut R) -> Result<Index, FormatError> {
         if need != Some(e.nbytes) {
             return Err(FormatError::LengthMismatch {
                 name: e.name.clone(),
-                dtype: e.type_name.clone(),
-                dims: e.dims.clone(),
+                what: format!("{} {:?}", e.type_name, e.dims),
                 expected: need.map_or_else(|| "more than 2^64".to_owned(), |n| n.to_string()),
                 found: e.nbytes,
             });
@@ -835,7 +832,7 @@ pub fn decode_str(name: &str, bytes: &[u8]) -> Result<String, FormatError> {
         name: name.to_owned(),
         len: bytes.len() as u64,
     };
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(bad());
     }
     let s: String = bytes

@@ -43,7 +43,7 @@ const MAX_METADATA_BYTES: u64 = crate::wal::MAX_RECORD_LEN as u64;
 fn ms_err(path: &Path) -> impl Fn(FormatError) -> Error + '_ {
     move |error| Error::MindSpore {
         path: path.to_path_buf(),
-        error,
+        error: Box::new(error),
     }
 }
 
