@@ -85,7 +85,8 @@ pub enum FormatError {
         /// Byte offset in the file.
         at: u64,
     },
-    /// A field of a wire type the schema (or protobuf) does not allow there.
+    /// A field key protobuf refuses (field 0, wire type 6 or 7, over 32 bits), or a field of
+    /// a wire type the schema does not allow there.
     #[error("corrupt: field {field} of {message} at offset {at} has wire type {wire_type}")]
     BadWireType {
         /// The message being read.
@@ -439,12 +440,37 @@ impl<R: Read + Seek> Wire<'_, R> {
         let mut v = 0u64;
         for i in 0..10 {
             let b = self.byte(end, scope)?;
+            if i == 9 && b > 1 {
+                break; // bits past 64
+            }
             v |= u64::from(b & 0x7F) << (7 * i);
             if b & 0x80 == 0 {
                 return Ok(v);
             }
         }
         Err(FormatError::BadVarint { at })
+    }
+
+    /// A field key: `(field number, wire type)`, refused as protobuf refuses it (a key over
+    /// 32 bits, field number 0, wire type 6 or 7).
+    fn key(
+        &mut self,
+        message: &'static str,
+        end: u64,
+        scope: &'static str,
+    ) -> Result<(u64, u64), FormatError> {
+        let at = self.pos;
+        let key = self.varint(end, scope)?;
+        let (field, wire_type) = (key >> 3, key & 7);
+        if key > u64::from(u32::MAX) || field == 0 || wire_type > 5 {
+            return Err(FormatError::BadWireType {
+                message,
+                field,
+                wire_type,
+                at,
+            });
+        }
+        Ok((field, wire_type))
     }
 
     /// A length-delimited field's length, checked against `end`.
@@ -559,8 +585,7 @@ fn read_tensor<R: Read + Seek>(
     };
     while w.pos < end {
         let at = w.pos;
-        let key = w.varint(end, SCOPE)?;
-        match (key >> 3, key & 7) {
+        match w.key(SCOPE, end, SCOPE)? {
             (1, 0) => {
                 let v = w.varint(end, SCOPE)?;
                 dim(t, v)?;
@@ -606,8 +631,7 @@ fn read_value<R: Read + Seek>(
     let mut value = None;
     while w.pos < end {
         let at = w.pos;
-        let key = w.varint(end, SCOPE)?;
-        match (key >> 3, key & 7) {
+        match w.key(SCOPE, end, SCOPE)? {
             (1, 2) => {
                 let len = w.len("tag", end, SCOPE)?;
                 tag = Some(w.string("tag", len, MAX_TAG_LEN)?);
@@ -694,8 +718,7 @@ pub fn scan<R: Read + Seek>(r: &mut R) -> Result<Index, FormatError> {
     let mut seen = std::collections::HashSet::new();
     while w.pos < body_len {
         let at = w.pos;
-        let key = w.varint(body_len, "file")?;
-        let (field, wt) = (key >> 3, key & 7);
+        let (field, wt) = w.key("Checkpoint", body_len, "file")?;
         if field != 1 {
             w.skip_field("Checkpoint", field, wt, at, body_len, "file")?;
             continue;
