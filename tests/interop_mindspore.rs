@@ -2,7 +2,8 @@
 //! (checked in under tests/fixtures/mindspore/, made by make_mindspore.py there) import
 //! bit-exact, slices joined and CRC checked; a rich checkpoint exports and re-imports
 //! bit-exact; the export decodes with prost's code for MindSpore's own schema; the import
-//! streams (never reads more than a chunk at a time); malformed files are typed errors that
+//! streams (never reads more than a chunk at a time); a power cut at any sync of an import
+//! leaves it whole or absent (`SimIo`, every crash mode); malformed files are typed errors that
 //! commit nothing; the real package loads our export and its save imports (when the venv
 //! named by `CKPT_MINDSPORE_PY` exists); and the CLI end to end.
 
@@ -10,12 +11,15 @@ mod support;
 
 use ckptstore::interop::mindspore::{self as ms, FormatError, ValueKind};
 use ckptstore::interop::{export_mindspore, import_mindspore, MindSporeExport};
+use ckptstore::io::{CrashMode, SimIo};
 use ckptstore::proto::mindspore as pb;
 use ckptstore::proto::Message;
 use ckptstore::{DType, Error, MetaValue, Options, Selector, Store};
+use std::collections::BTreeMap;
 use std::io::{Cursor, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Arc;
 use support::{data, opts, CHUNK};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ckptstore");
@@ -453,6 +457,97 @@ fn import_streams_a_large_tensor_one_chunk_at_a_time() {
             .unwrap()
             .data,
         big
+    );
+}
+
+/// Opts of a store on the power-loss simulator, with small chunks and segments.
+fn sim_opts(sim: &SimIo) -> Options {
+    Options {
+        io: Arc::new(sim.clone()),
+        chunk_size: CHUNK,
+        segment_max_bytes: 1 << 20, // the smallest allowed
+        ..Default::default()
+    }
+}
+
+/// Imports `file` into a store on `sim` holding one earlier checkpoint; returns whether that
+/// commit and then the import were acknowledged.
+fn import_on_sim(sim: &SimIo, file: &[u8]) -> (bool, bool) {
+    let Ok(mut s) = Store::open("/s", sim_opts(sim)) else {
+        return (false, false);
+    };
+    let base = s
+        .begin(1)
+        .and_then(|mut t| t.put_tensor("base", DType::U8, &[3], &[1, 2, 3]).map(|_| t))
+        .and_then(|t| t.commit())
+        .is_ok();
+    let imported = base && import_bytes(&mut s, file.to_vec(), None).is_ok();
+    (base, imported)
+}
+
+#[test]
+fn an_import_cut_by_power_loss_at_any_sync_is_whole_or_absent() {
+    // Several tensors, one sliced and bigger than a segment, with a CRC trailer.
+    let mut file = Vec::new();
+    let mut w = ms::ValueWriter::new(&mut file, 10_000);
+    w.tensor("w", &[100, 1000], "Float32", &data(1, 400_000))
+        .unwrap();
+    w.tensor("b", &[1000], "BFloat16", &data(2, 2000)).unwrap();
+    w.str_value("note", "cut").unwrap();
+    w.tensor("step_num", &[], "Int64", &42i64.to_le_bytes())
+        .unwrap();
+    w.finish(true).unwrap();
+
+    let clean = SimIo::new();
+    assert_eq!(import_on_sim(&clean, &file), (true, true));
+    let total = clean.sync_count();
+    assert!(total >= 5, "the import has several sync points ({total})");
+    let mut states = BTreeMap::new();
+    for n in 1..=total {
+        let sim = SimIo::new();
+        sim.crash_at_sync(n);
+        let (base, imported) = import_on_sim(&sim, &file);
+        assert!(
+            sim.crashed().is_some() && !imported,
+            "sync #{n}: did not crash"
+        );
+        for (i, mode) in CrashMode::ALL.into_iter().enumerate() {
+            let img = sim.crash_image(mode, n * 7 + i as u64);
+            let s = Store::open("/s", sim_opts(&img))
+                .unwrap_or_else(|e| panic!("sync #{n} {mode:?}: does not open: {e}"));
+            let steps: Vec<u64> = s.list().iter().map(|c| c.step).collect();
+            if base {
+                assert_eq!(
+                    steps.first(),
+                    Some(&1),
+                    "sync #{n} {mode:?}: acknowledged commit lost"
+                );
+            }
+            for c in s.list() {
+                s.verify(c.id)
+                    .unwrap_or_else(|e| panic!("sync #{n} {mode:?}: {e}"));
+            }
+            if let Some(c) = s.list().into_iter().find(|c| c.step == 42) {
+                // The import happened wholly: every tensor, bit-exact, and its metadata.
+                let ck = s.checkpoint(Selector::Id(c.id)).unwrap();
+                assert_eq!(
+                    ck.tensor("w").unwrap().data,
+                    data(1, 400_000),
+                    "sync #{n} {mode:?}"
+                );
+                assert_eq!(
+                    ck.tensor("b").unwrap().data,
+                    data(2, 2000),
+                    "sync #{n} {mode:?}"
+                );
+                assert_eq!(c.metadata["note"], MetaValue::Str("cut".into()));
+            }
+            *states.entry(steps).or_insert(0) += 1;
+        }
+    }
+    println!(
+        "{total} crash points x {} modes: store states {states:?}",
+        CrashMode::ALL.len()
     );
 }
 
@@ -948,6 +1043,12 @@ fn cli_import_export_mindspore_end_to_end() {
         Store::open(&d1, Options::read_only()).unwrap().list().len(),
         2
     );
+
+    // A store held by another writer: the typed Locked error, one line.
+    let held = Store::open(&d1, opts()).unwrap();
+    let line = fails(&["import", f.to_str().unwrap(), d]);
+    assert!(line.contains("locked by another writer"), "{line}");
+    drop(held);
 
     let line = fails(&["export", d, "--crc", o]);
     assert!(line.contains("--crc"), "{line}");
