@@ -734,6 +734,25 @@ fn malformed_files_are_typed_errors_that_commit_nothing() {
     ));
     let map = field(1, &[field(1, b"m"), field(3, &[])].concat());
     assert!(matches!(import_err(map), FormatError::Unsupported { .. }));
+    // `tensor` and `maptensor` are a oneof: a later tensor replaces a maptensor, but the
+    // maptensor must still be valid protobuf (found by the mindspore_read fuzz target).
+    let tensor = field(2, &[field(2, b"UInt8"), field(3, &[9])].concat());
+    let then_tensor = field(
+        1,
+        &[field(1, b"m"), field(3, &field(1, &[])), tensor.clone()].concat(),
+    );
+    assert_eq!(
+        ms::scan(&mut Cursor::new(&then_tensor)).unwrap().entries[0].nbytes,
+        1
+    );
+    let bad_map = field(
+        1,
+        &[field(1, b"m"), field(3, &[0x00, 0x01]), tensor].concat(),
+    );
+    assert!(matches!(
+        import_err(bad_map),
+        FormatError::BadWireType { field: 0, .. }
+    ));
     let wrong_wire = field(1, &[field(1, b"x"), vec![0x10, 0x01]].concat());
     assert!(matches!(
         import_err(wrong_wire),

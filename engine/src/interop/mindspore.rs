@@ -621,6 +621,32 @@ fn read_tensor<R: Read + Seek>(
     Ok(())
 }
 
+/// Walks a `MapTensorProto` spanning `[w.pos, end)` (its tensors' framing checked, contents
+/// skipped).
+fn read_map_tensor<R: Read + Seek>(w: &mut Wire<'_, R>, end: u64) -> Result<(), FormatError> {
+    const SCOPE: &str = "MapTensorProto";
+    while w.pos < end {
+        let at = w.pos;
+        match w.key(SCOPE, end, SCOPE)? {
+            (1, 2) => {
+                let len = w.len("tensor", end, SCOPE)?;
+                let tensor_end = w.pos + len;
+                read_tensor(w, &mut RawTensor::default(), tensor_end)?;
+            }
+            (1, wt) => {
+                return Err(FormatError::BadWireType {
+                    message: SCOPE,
+                    field: 1,
+                    wire_type: wt,
+                    at,
+                })
+            }
+            (f, wt) => w.skip_field(SCOPE, f, wt, at, end, SCOPE)?,
+        }
+    }
+    Ok(())
+}
+
 /// Reads one `Checkpoint.Value` spanning `[w.pos, end)`: its tag and tensor.
 fn read_value<R: Read + Seek>(
     w: &mut Wire<'_, R>,
@@ -649,7 +675,10 @@ fn read_value<R: Read + Seek>(
             }
             (3, 2) => {
                 let len = w.len("maptensor", end, SCOPE)?;
-                w.skip(len)?;
+                // Refused at the end unless a later tensor field replaces it (a oneof);
+                // parsed anyway, so that a file read here is one protobuf reads.
+                let map_end = w.pos + len;
+                read_map_tensor(w, map_end)?;
                 value = Some(RawValue::Map);
             }
             (f @ 1..=3, wt) => {
