@@ -671,6 +671,17 @@ fn malformed_files_are_typed_errors_that_commit_nothing() {
         import_err(value("x", &[1; 65], "UInt8", &[0])),
         FormatError::TooManyDims { .. }
     ));
+    // Names within their cap, but more of them than any manifest could hold.
+    let many: Vec<u8> = (0..600)
+        .flat_map(|i| value(&format!("{i:060000}"), &[1], "UInt8", &[0]))
+        .collect();
+    assert!(matches!(
+        ms::scan(&mut Cursor::new(&many)),
+        Err(FormatError::TooLong {
+            what: "the index (names, types, dims)",
+            ..
+        })
+    ));
     assert!(matches!(
         import_err(vec![
             0x0A, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01

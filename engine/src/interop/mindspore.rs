@@ -46,6 +46,9 @@ pub const MAX_DIMS: usize = 64;
 pub const MAX_STR_LEN: u64 = 16 << 20;
 /// Most values (slices included) one file may hold.
 pub const MAX_VALUES: usize = 1 << 20;
+/// Most bytes of names, type strings and dims the index of one file may hold (a manifest
+/// holding more could not be committed: it is one WAL record of at most 64 MiB).
+pub const MAX_INDEX_BYTES: u64 = 64 << 20;
 /// MindSpore's slice size: a tensor of more bytes is written as several values.
 pub const DEFAULT_SLICE_BYTES: u64 = 512 << 20;
 /// Skips at most this long are read and discarded rather than seeked over (a seek discards
@@ -745,6 +748,7 @@ pub fn scan<R: Read + Seek>(r: &mut R) -> Result<Index, FormatError> {
     let mut entries: Vec<Entry> = Vec::new();
     let mut values = 0usize;
     let mut seen = std::collections::HashSet::new();
+    let mut index_bytes = 0u64;
     while w.pos < body_len {
         let at = w.pos;
         let (field, wt) = w.key("Checkpoint", body_len, "file")?;
@@ -801,6 +805,15 @@ pub fn scan<R: Read + Seek>(r: &mut R) -> Result<Index, FormatError> {
         }
         if !seen.insert(name.clone()) {
             return Err(FormatError::DuplicateName(name));
+        }
+        index_bytes += (2 * name.len() + type_name.len() + 8 * t.dims.len()) as u64;
+        if index_bytes > MAX_INDEX_BYTES {
+            return Err(FormatError::TooLong {
+                what: "the index (names, types, dims)",
+                at,
+                len: index_bytes,
+                max: MAX_INDEX_BYTES,
+            });
         }
         let kind = parse_dtype(&type_name).map_err(|why| match why {
             Some(why) => FormatError::Unsupported {
