@@ -1080,8 +1080,21 @@ fn cli_import_export_mindspore_end_to_end() {
     assert!(line.contains("locked by another writer"), "{line}");
     drop(held);
 
-    let line = fails(&["export", d, "--crc", o]);
+    let st = tmp.path().join("out.safetensors");
+    let line = fails(&["export", d, "--crc", st.to_str().unwrap()]);
     assert!(line.contains("--crc"), "{line}");
+    // OUT ending in .ckpt means MindSpore unless --format says otherwise.
+    let v: serde_json::Value = serde_json::from_str(&ok(&["export", d, o, "--json"])).unwrap();
+    assert_eq!(v["format"], "mindspore");
+    assert_eq!(
+        ms::scan(&mut std::fs::File::open(&out).unwrap())
+            .unwrap()
+            .crc,
+        None
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&["export", d, "--format", "safetensors", o, "--json"])).unwrap();
+    assert_eq!(v["format"], "safetensors");
     assert!(ok(&["export", "--help"]).contains("mindspore"));
     assert!(ok(&["import", "--help"]).contains(".ckpt"));
 }

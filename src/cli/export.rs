@@ -44,9 +44,9 @@ pub struct Args {
     /// Export the checkpoint with this id instead of by step.
     #[arg(long)]
     pub id: Option<u64>,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "safetensors")]
-    pub format: Format,
+    /// Output format. Default: `mindspore` when OUT ends in `.ckpt`, else `safetensors`.
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
     /// With `--format mindspore`: end the file with MindSpore's CRC-32 trailer (what
     /// `save_checkpoint(..., crc_check=True)` writes; `load_checkpoint(..., crc_check=True)`
     /// checks it).
@@ -119,7 +119,14 @@ pub fn run(a: Args) -> CliResult {
     if step.is_some() && a.id.is_some() {
         return fail("give STEP or --id, not both");
     }
-    if a.crc && a.format != Format::Mindspore {
+    let format =
+        a.format.unwrap_or_else(
+            || match Path::new(out).extension().and_then(|e| e.to_str()) {
+                Some("ckpt") => Format::Mindspore,
+                _ => Format::Safetensors,
+            },
+        );
+    if a.crc && format != Format::Mindspore {
         return fail("--crc is for --format mindspore (safetensors has no CRC trailer)");
     }
     let (dir, out) = (Path::new(dir), Path::new(out));
@@ -144,7 +151,7 @@ pub fn run(a: Args) -> CliResult {
     bar.set_message(format!("checkpoint {} (step {})", info.id, info.step));
     let mut progress = |n| bar.inc(n);
     let summary = write_atomically(out, |w| {
-        Ok(match a.format {
+        Ok(match format {
             Format::Safetensors => interop::export_safetensors(&ck, w, out, &mut progress)?,
             Format::Mindspore => {
                 let opts = interop::MindSporeExport {
@@ -160,7 +167,7 @@ pub fn run(a: Args) -> CliResult {
     let elapsed = started.elapsed();
     if a.json {
         return emit_json(&json!({
-            "format": a.format.name(),
+            "format": format.name(),
             "out": out.display().to_string(),
             "id": s.id,
             "step": s.step,
