@@ -150,6 +150,11 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
+    /// A GPU source failed: no CUDA driver, a device pointer CUDA does not know (freed, or
+    /// on another device), a failed copy.
+    #[error("CUDA: {0}")]
+    Device(String),
+
     /// A safetensors file (import or export) is malformed or could not be read or written.
     #[error("{path}: safetensors: {error}")]
     Safetensors {

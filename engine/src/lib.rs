@@ -8,10 +8,12 @@
 #![warn(missing_docs)]
 
 pub mod current;
+pub mod device;
 pub mod error;
 pub mod interop;
 pub mod io;
 pub mod manifest;
+pub mod pipeline;
 pub mod retention;
 pub mod segment;
 pub mod store;
@@ -20,6 +22,7 @@ pub mod wal;
 pub use ckptstore_proto as proto;
 pub use error::{Error, Result};
 pub use manifest::{DType, MetaValue};
+pub use pipeline::{Pipeline, PipelineOptions, SaveHandle, SaveReport};
 pub use retention::{KeepReason, MetricMode, RetentionPlan, RetentionPolicy};
 pub use store::{
     CheckpointInfo, CheckpointReader, CommitInfo, DeleteInfo, LoadReport, LoadSpec, Options,

@@ -13,6 +13,7 @@ pub use files::{parse_wal_file_name, wal_file_name, LOCK_NAME, SEGMENTS_DIR};
 pub use reader::{CheckpointReader, Tensor, VerifiedChunks};
 pub use recovery::RecoveryReport;
 pub use select::{LoadReport, LoadSpec, NamePredicate};
+pub(crate) use txn::StagedEntry;
 pub use txn::{CommitInfo, Transaction};
 pub use view::TensorView;
 
@@ -356,7 +357,7 @@ impl Store {
         }
     }
 
-    fn check_writable(&self) -> Result<()> {
+    pub(crate) fn check_writable(&self) -> Result<()> {
         if let Some(cause) = &self.poisoned {
             return Err(Error::Poisoned {
                 cause: cause.clone(),

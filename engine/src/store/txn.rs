@@ -80,66 +80,18 @@ pub struct Transaction<'s> {
     failed: Option<String>,
 }
 
-/// Where [`Transaction::place_chunks`] takes a tensor's chunks from, in order, each with its
-/// BLAKE3.
-trait ChunkSource {
-    /// The next chunk and its hash; `None` after the last.
-    fn next_chunk(&mut self) -> Result<Option<(&[u8], [u8; 32])>>;
-}
-
-/// The chunks of a slice in memory, their hashes computed by `hashes` (on this thread, or on
-/// a hashing thread running ahead).
-struct SliceChunks<'d, H> {
-    data: &'d [u8],
-    cs: usize,
-    k: usize,
-    hashes: H,
-}
-
-impl<H: Iterator<Item = [u8; 32]>> ChunkSource for SliceChunks<'_, H> {
-    fn next_chunk(&mut self) -> Result<Option<(&[u8], [u8; 32])>> {
-        let Some(hash) = self.hashes.next() else {
-            return Ok(None);
-        };
-        let start = self.k * self.cs;
-        self.k += 1;
-        Ok(Some((
-            &self.data[start..self.data.len().min(start + self.cs)],
-            hash,
-        )))
-    }
-}
-
-/// The chunks of `left` bytes read from a stream into one reused chunk buffer.
-struct ReaderChunks<'r> {
-    src: &'r mut dyn Read,
-    path: &'r Path,
-    left: usize,
-    buf: Vec<u8>,
-    cs: usize,
-}
-
-impl ChunkSource for ReaderChunks<'_> {
-    fn next_chunk(&mut self) -> Result<Option<(&[u8], [u8; 32])>> {
-        if self.left == 0 {
-            return Ok(None);
-        }
-        let n = self.left.min(self.cs);
-        self.src.read_exact(&mut self.buf[..n]).map_err(|e| {
-            let e = if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                std::io::Error::new(
-                    e.kind(),
-                    format!("the source ended {} bytes before the tensor did", self.left),
-                )
-            } else {
-                e
-            };
-            Error::io("read", self.path, e)
-        })?;
-        self.left -= n;
-        let chunk = &self.buf[..n];
-        Ok(Some((chunk, hash_alone(chunk))))
-    }
+/// What the write pipeline adds to a transaction: a tensor or a blob.
+#[derive(Debug, Clone)]
+pub(crate) enum StagedEntry {
+    Tensor {
+        name: String,
+        dtype: DType,
+        shape: Vec<u64>,
+    },
+    Blob {
+        name: String,
+        nbytes: u64,
+    },
 }
 
 /// BLAKE3 of a chunk hashed on its own (nothing else running): on all cores when it is big.
@@ -210,7 +162,14 @@ impl<'s> Transaction<'s> {
             )));
         }
         let chunks = self.write_chunks(data)?;
-        self.push_tensor(name, dtype, shape, expected, chunks);
+        self.tensor_names.insert(name.to_owned());
+        self.manifest.tensors.push(pb::TensorEntry {
+            name: name.to_owned(),
+            dtype: dtype.to_pb() as i32,
+            shape: shape.to_vec(),
+            nbytes: data.len() as u64,
+            chunks,
+        });
         Ok(())
     }
 
@@ -226,32 +185,14 @@ impl<'s> Transaction<'s> {
         src: &mut dyn Read,
         src_path: &Path,
     ) -> Result<()> {
-        self.check_usable()?;
-        if self.tensor_names.contains(name) {
-            return Err(Error::invalid(format!(
-                "duplicate tensor name {name:?} in one checkpoint"
-            )));
-        }
         let nbytes = manifest::tensor_nbytes(dtype, shape)
             .ok_or_else(|| Error::invalid(format!("tensor {name:?}: shape {shape:?} overflows")))?;
-        let total = usize::try_from(nbytes).map_err(|_| {
-            Error::invalid(format!(
-                "tensor {name:?}: {nbytes} bytes do not fit this platform's address space"
-            ))
-        })?;
-        let cs = self.store.opts.chunk_size;
-        let mut source = ReaderChunks {
-            src,
-            path: src_path,
-            left: total,
-            buf: vec![0; total.min(cs)],
-            cs,
+        let entry = StagedEntry::Tensor {
+            name: name.to_owned(),
+            dtype,
+            shape: shape.to_vec(),
         };
-        let chunks = self
-            .place_chunks(total, cs, &mut source)
-            .or_else(|e| self.fail(e))?;
-        self.push_tensor(name, dtype, shape, nbytes, chunks);
-        Ok(())
+        self.put_from_reader(entry, nbytes, src, src_path)
     }
 
     /// Adds a blob of `nbytes` bytes read from `src`, one chunk in memory at a time (see
@@ -263,53 +204,46 @@ impl<'s> Transaction<'s> {
         src: &mut dyn Read,
         src_path: &Path,
     ) -> Result<()> {
-        self.check_usable()?;
-        if self.blob_names.contains(name) {
-            return Err(Error::invalid(format!(
-                "duplicate blob name {name:?} in one checkpoint"
-            )));
-        }
-        let total = usize::try_from(nbytes).map_err(|_| {
-            Error::invalid(format!(
-                "blob {name:?}: {nbytes} bytes do not fit this platform's address space"
-            ))
-        })?;
-        let cs = self.store.opts.chunk_size;
-        let mut source = ReaderChunks {
-            src,
-            path: src_path,
-            left: total,
-            buf: vec![0; total.min(cs)],
-            cs,
-        };
-        let chunks = self
-            .place_chunks(total, cs, &mut source)
-            .or_else(|e| self.fail(e))?;
-        self.blob_names.insert(name.to_owned());
-        self.manifest.blobs.push(pb::BlobEntry {
+        let entry = StagedEntry::Blob {
             name: name.to_owned(),
             nbytes,
-            chunks,
-        });
-        Ok(())
+        };
+        self.put_from_reader(entry, nbytes, src, src_path)
     }
 
-    fn push_tensor(
+    /// Reads `nbytes` from `src` chunk by chunk, hashing each, into [`Self::put_staged`]: one
+    /// chunk is alive at a time.
+    fn put_from_reader(
         &mut self,
-        name: &str,
-        dtype: DType,
-        shape: &[u64],
+        entry: StagedEntry,
         nbytes: u64,
-        chunks: Vec<pb::ChunkRef>,
-    ) {
-        self.tensor_names.insert(name.to_owned());
-        self.manifest.tensors.push(pb::TensorEntry {
-            name: name.to_owned(),
-            dtype: dtype.to_pb() as i32,
-            shape: shape.to_vec(),
-            nbytes,
-            chunks,
+        src: &mut dyn Read,
+        src_path: &Path,
+    ) -> Result<()> {
+        let cs = self.store.opts.chunk_size as u64;
+        let mut left = nbytes;
+        let chunks = std::iter::from_fn(move || {
+            if left == 0 {
+                return None;
+            }
+            let mut buf = vec![0u8; left.min(cs) as usize];
+            if let Err(e) = src.read_exact(&mut buf) {
+                let e = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("the source ended within the last {left} bytes of the entry"),
+                    )
+                } else {
+                    e
+                };
+                left = 0;
+                return Some(Err(Error::io("read", src_path, e)));
+            }
+            left -= buf.len() as u64;
+            let hash = hash_alone(&buf);
+            Some(Ok((buf, hash)))
         });
+        self.put_staged(entry, chunks)
     }
 
     /// Adds an opaque blob (a pickled optimizer config, a tokenizer file, ...).
@@ -354,13 +288,8 @@ impl<'s> Transaction<'s> {
     fn write_chunks(&mut self, data: &[u8]) -> Result<Vec<pb::ChunkRef>> {
         let cs = self.store.opts.chunk_size;
         let placed = if data.len() <= cs {
-            let mut source = SliceChunks {
-                data,
-                cs,
-                k: 0,
-                hashes: data.chunks(cs).map(hash_alone),
-            };
-            self.place_chunks(data.len(), cs, &mut source)
+            let chunks = data.chunks(cs).map(|c| Ok((c, hash_alone(c))));
+            self.place_chunks(data.len(), chunks)
         } else {
             std::thread::scope(|scope| {
                 let (tx, rx) = std::sync::mpsc::sync_channel(HASH_LOOKAHEAD);
@@ -371,29 +300,109 @@ impl<'s> Transaction<'s> {
                         }
                     }
                 });
-                let mut source = SliceChunks {
-                    data,
-                    cs,
-                    k: 0,
-                    hashes: rx.into_iter(),
-                };
-                self.place_chunks(data.len(), cs, &mut source)
+                let chunks = data.chunks(cs).zip(rx).map(Ok);
+                self.place_chunks(data.len(), chunks)
             })
         };
         placed.or_else(|e| self.fail(e))
     }
 
-    /// Places the `total` bytes `source` yields, chunk by chunk (see [`Self::write_chunks`]).
-    fn place_chunks(
+    /// Adds a tensor whose chunks were staged and hashed elsewhere (the write pipeline):
+    /// `chunks` yields, in order, each chunk of `chunk_size` bytes (the last one shorter) with
+    /// its BLAKE3. The caller has checked the name and the size against dtype × shape.
+    pub(crate) fn put_staged<C: AsRef<[u8]>>(
+        &mut self,
+        entry: StagedEntry,
+        chunks: impl Iterator<Item = Result<(C, [u8; 32])>>,
+    ) -> Result<()> {
+        self.check_usable()?;
+        let (name, nbytes) = match &entry {
+            StagedEntry::Tensor { name, shape, dtype } => {
+                let n = manifest::tensor_nbytes(*dtype, shape).ok_or_else(|| {
+                    Error::invalid(format!("tensor {name:?}: shape {shape:?} overflows"))
+                })?;
+                if self.tensor_names.contains(name) {
+                    return Err(Error::invalid(format!(
+                        "duplicate tensor name {name:?} in one checkpoint"
+                    )));
+                }
+                (name.clone(), n)
+            }
+            StagedEntry::Blob { name, nbytes } => {
+                if self.blob_names.contains(name) {
+                    return Err(Error::invalid(format!(
+                        "duplicate blob name {name:?} in one checkpoint"
+                    )));
+                }
+                (name.clone(), *nbytes)
+            }
+        };
+        let cs = self.store.opts.chunk_size;
+        let mut seen = 0u64;
+        let mut count = 0usize;
+        let total = usize::try_from(nbytes).map_err(|_| {
+            Error::invalid(format!("{name:?}: {nbytes} bytes do not fit in memory"))
+        })?;
+        let expected = total.div_ceil(cs);
+        let checked = chunks.map(|c| {
+            let (bytes, hash) = c?;
+            let len = bytes.as_ref().len();
+            let want = total.saturating_sub(count * cs).min(cs);
+            if count >= expected || len != want {
+                return Err(Error::invalid(format!(
+                    "{name:?}: staged chunk {count} holds {len} bytes, expected {want}"
+                )));
+            }
+            count += 1;
+            seen += len as u64;
+            Ok((bytes, hash))
+        });
+        let placed = self.place_chunks(total, checked);
+        let chunks = placed.or_else(|e| self.fail(e))?;
+        if chunks.len() != expected {
+            return self.fail(Error::invalid(format!(
+                "{name:?}: {} of {expected} chunks staged",
+                chunks.len()
+            )));
+        }
+        debug_assert_eq!(seen, nbytes);
+        match entry {
+            StagedEntry::Tensor { name, shape, dtype } => {
+                self.tensor_names.insert(name.clone());
+                self.manifest.tensors.push(pb::TensorEntry {
+                    name,
+                    dtype: dtype.to_pb() as i32,
+                    shape,
+                    nbytes,
+                    chunks,
+                });
+            }
+            StagedEntry::Blob { name, nbytes } => {
+                self.blob_names.insert(name.clone());
+                self.manifest.blobs.push(pb::BlobEntry {
+                    name,
+                    nbytes,
+                    chunks,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// References stored chunks and writes runs of new ones as frames whose payloads are
+    /// contiguous. `chunks` yields the `total` bytes in chunks of `chunk_size` with their
+    /// hashes, in order.
+    fn place_chunks<C: AsRef<[u8]>>(
         &mut self,
         total: usize,
-        cs: usize,
-        source: &mut dyn ChunkSource,
+        chunks: impl Iterator<Item = Result<(C, [u8; 32])>>,
     ) -> Result<Vec<pb::ChunkRef>> {
+        let cs = self.store.opts.chunk_size;
         let mut refs = Vec::with_capacity(total.div_ceil(cs));
         let mut frame: Option<OpenFrame> = None;
-        let mut k = 0;
-        while let Some((chunk, hash)) = source.next_chunk()? {
+        for (k, item) in chunks.enumerate() {
+            let (chunk, hash) = item?;
+            let chunk = chunk.as_ref();
             let known = self
                 .local_index
                 .get(&hash)
@@ -406,7 +415,6 @@ impl<'s> Transaction<'s> {
                 self.bytes_deduplicated += chunk.len() as u64;
                 self.chunks_deduplicated += 1;
                 refs.push(r);
-                k += 1;
                 continue;
             }
             if let Some(f) = frame.take_if(|f| f.chunks.len() == f.capacity) {
@@ -419,7 +427,6 @@ impl<'s> Transaction<'s> {
             let r = self.write_payload(f, chunk, hash)?;
             self.local_index.entry(hash).or_insert_with(|| r.clone());
             refs.push(r);
-            k += 1;
         }
         if let Some(f) = frame.take() {
             self.close_frame(f)?;

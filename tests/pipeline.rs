@@ -1,0 +1,221 @@
+//! The asynchronous write pipeline: several saves in flight commit in order and bit-exact;
+//! the caller may change its tensors once a save is submitted; memory stays within the
+//! staging budget; errors reach every handle and no staging buffer leaks.
+
+mod support;
+
+use ckptstore::io::MemIo;
+use ckptstore::{DType, Error, Options, Pipeline, PipelineOptions, Selector, Store};
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
+use support::{assert_holds, data, opts, CHUNK};
+
+const DIR: &str = "/ckpts";
+
+fn small_pool(buffers: usize) -> PipelineOptions {
+    PipelineOptions {
+        budget_bytes: buffers * CHUNK,
+        hash_workers: 2,
+    }
+}
+
+fn mem_store(mem: &MemIo) -> Store {
+    Store::open(
+        DIR,
+        Options {
+            io: Arc::new(mem.clone()),
+            ..opts()
+        },
+    )
+    .unwrap()
+}
+
+fn tensors(step: u64) -> Vec<(String, Vec<u8>)> {
+    vec![
+        ("w".into(), data(step, 7 * CHUNK + 123)),
+        ("b".into(), data(500 + step, 17)),
+        ("empty".into(), Vec::new()),
+        ("frozen".into(), data(9999, 3 * CHUNK)),
+    ]
+}
+
+fn refs(t: &[(String, Vec<u8>)]) -> Vec<(&str, &[u8])> {
+    t.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect()
+}
+
+fn submit(p: &mut Pipeline, step: u64, t: &[(String, Vec<u8>)]) -> ckptstore::SaveHandle {
+    let mut s = p.begin(step).unwrap();
+    s.set_epoch(step / 10);
+    s.set_metadata("lr", 0.5f64);
+    for (name, bytes) in t {
+        s.put_tensor(name, DType::U8, &[bytes.len() as u64], bytes)
+            .unwrap();
+    }
+    s.submit().unwrap()
+}
+
+#[test]
+fn saves_in_flight_commit_in_order_and_bit_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    // A pool of 3 chunks for checkpoints of 11 chunks: staging must wait for writes.
+    let mut p = Pipeline::new(Store::open(dir.path(), opts()).unwrap(), small_pool(3)).unwrap();
+    let handles: Vec<_> = (1..=5).map(|s| submit(&mut p, s, &tensors(s))).collect();
+    let reports: Vec<_> = handles.into_iter().map(|h| h.wait().unwrap()).collect();
+    for (i, r) in reports.iter().enumerate() {
+        assert_eq!(r.commit.checkpoint.step, i as u64 + 1);
+        assert_eq!(r.bytes_staged, 10 * CHUNK as u64 + 123 + 17);
+        assert!(r.stall <= r.time_to_durable);
+    }
+    let ids: Vec<u64> = reports.iter().map(|r| r.commit.checkpoint.id).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "commit order {ids:?}");
+    // The frozen tensor is written once, then referenced.
+    assert_eq!(reports[0].commit.chunks_deduplicated, 0);
+    assert_eq!(reports[1].commit.chunks_deduplicated, 3);
+    assert_eq!(p.pool().in_use(), 0, "a staging buffer leaked");
+    drop(p.close());
+    let store = Store::open(dir.path(), opts()).unwrap();
+    for (i, id) in ids.iter().enumerate() {
+        let step = i as u64 + 1;
+        assert_holds(&store, *id, &refs(&tensors(step)));
+        let info = store.info(Selector::Id(*id)).unwrap();
+        assert_eq!(info.epoch, step / 10);
+    }
+}
+
+#[test]
+fn the_caller_may_change_its_tensor_once_put_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Pipeline::new(Store::open(dir.path(), opts()).unwrap(), small_pool(64)).unwrap();
+    let mut w = data(1, 20 * CHUNK);
+    let original = w.clone();
+    let mut s = p.begin(1).unwrap();
+    s.put_tensor("w", DType::U8, &[w.len() as u64], &w).unwrap();
+    w.iter_mut().for_each(|b| *b = !*b); // the trainer's next step
+    s.put_blob("rng", b"state").unwrap();
+    let h = s.submit().unwrap();
+    let r = h.wait().unwrap();
+    let store = p.store();
+    let ck = store
+        .checkpoint(Selector::Id(r.commit.checkpoint.id))
+        .unwrap();
+    assert!(ck.tensor("w").unwrap().data == original);
+    assert_eq!(ck.blob("rng").unwrap(), b"state");
+}
+
+#[test]
+fn a_budget_smaller_than_one_chunk_is_refused_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    let e = Pipeline::new(
+        store,
+        PipelineOptions {
+            budget_bytes: CHUNK - 1,
+            hash_workers: 1,
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("smaller than one chunk"), "{e}");
+}
+
+#[test]
+fn bad_tensors_are_refused_when_put_and_nothing_is_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Pipeline::new(Store::open(dir.path(), opts()).unwrap(), small_pool(4)).unwrap();
+    let mut s = p.begin(1).unwrap();
+    let e = s.put_tensor("w", DType::F32, &[3], &[0u8; 11]).unwrap_err();
+    assert!(e.to_string().contains("needs 12"), "{e}");
+    s.put_tensor("w", DType::F32, &[3], &[0u8; 12]).unwrap();
+    let e = s.put_tensor("w", DType::F32, &[3], &[0u8; 12]).unwrap_err();
+    assert!(e.to_string().contains("duplicate"), "{e}");
+    drop(s); // aborted
+    assert!(p.store().list().is_empty());
+    // The pipeline still works after an aborted save.
+    let h = submit(&mut p, 2, &tensors(2));
+    assert_eq!(h.wait().unwrap().commit.checkpoint.step, 2);
+    assert_eq!(p.store().list().len(), 1);
+    assert_eq!(p.pool().in_use(), 0);
+}
+
+#[test]
+fn a_failed_fsync_fails_the_save_and_poisons_later_ones_with_the_reason() {
+    let mem = MemIo::new();
+    let mut p = Pipeline::new(mem_store(&mem), small_pool(4)).unwrap();
+    let first = submit(&mut p, 1, &tensors(1)).wait().unwrap();
+    mem.faults.fail_sync_countdown.store(1, SeqCst);
+    let e = submit(&mut p, 2, &tensors(2)).wait().unwrap_err();
+    assert!(e.to_string().contains("fdatasync"), "{e}");
+    let e = p.begin(3).err().expect("a poisoned store refuses saves");
+    assert!(matches!(e, Error::Poisoned { .. }), "{e}");
+    assert!(e.to_string().contains("fdatasync"), "{e}");
+    assert_eq!(p.pool().in_use(), 0);
+    mem.faults.fail_sync_countdown.store(0, SeqCst);
+    drop(p.close());
+    let store = mem_store(&mem);
+    assert_eq!(store.latest().unwrap().id, first.commit.checkpoint.id);
+    assert_holds(&store, first.commit.checkpoint.id, &refs(&tensors(1)));
+}
+
+/// Regression (found by tests/crash_sweep_async.rs): a failed fsync in a delete made through
+/// `Pipeline::store()` poisoned the store, but `begin` (which reads the poison reason the I/O
+/// thread last saw) still accepted the next save. Now the store's guard records it on drop.
+#[test]
+fn a_failed_fsync_in_a_delete_through_store_makes_the_next_begin_refuse() {
+    let mem = MemIo::new();
+    let mut p = Pipeline::new(mem_store(&mem), small_pool(4)).unwrap();
+    let first = submit(&mut p, 1, &tensors(1)).wait().unwrap();
+    let second = submit(&mut p, 2, &tensors(2)).wait().unwrap();
+    mem.faults.fail_sync_countdown.store(1, SeqCst);
+    let e = p.store().delete(first.commit.checkpoint.id).unwrap_err();
+    assert!(e.to_string().contains("fdatasync"), "{e}");
+    mem.faults.fail_sync_countdown.store(0, SeqCst);
+    let e = p.begin(3).err().expect("a poisoned store refuses saves");
+    assert!(matches!(e, Error::Poisoned { .. }), "{e}");
+    assert!(e.to_string().contains("fdatasync"), "{e}");
+    assert_eq!(p.pool().in_use(), 0);
+    drop(p.close());
+    let store = mem_store(&mem);
+    assert_holds(&store, second.commit.checkpoint.id, &refs(&tensors(2)));
+}
+
+#[test]
+fn a_full_disk_with_three_saves_in_flight_fails_each_and_keeps_earlier_checkpoints() {
+    let mem = MemIo::new();
+    // A pool big enough that all three saves are staged (snapshotted) before the first write.
+    let mut p = Pipeline::new(mem_store(&mem), small_pool(40)).unwrap();
+    let first = submit(&mut p, 1, &tensors(1)).wait().unwrap();
+    // Room for a little more, not for three more checkpoints of fresh data.
+    mem.faults
+        .enospc_after_bytes
+        .store(5 * CHUNK as i64, SeqCst);
+    let handles: Vec<_> = (2..=4).map(|s| submit(&mut p, s, &tensors(s))).collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let e = h.wait().expect_err("the disk is full");
+        assert!(e.to_string().contains("space"), "save {i}: {e}");
+    }
+    assert_eq!(p.pool().in_use(), 0, "a staging buffer leaked");
+    mem.faults.enospc_after_bytes.store(0, SeqCst);
+    // Space is back: the pipeline saves again.
+    let again = submit(&mut p, 5, &tensors(5)).wait().unwrap();
+    drop(p.close());
+    let store = mem_store(&mem);
+    let ids: Vec<u64> = store.list().iter().map(|c| c.id).collect();
+    assert_eq!(
+        ids,
+        vec![first.commit.checkpoint.id, again.commit.checkpoint.id]
+    );
+    assert_holds(&store, first.commit.checkpoint.id, &refs(&tensors(1)));
+    assert_holds(&store, again.commit.checkpoint.id, &refs(&tensors(5)));
+}
+
+#[test]
+fn close_waits_for_saves_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Pipeline::new(Store::open(dir.path(), opts()).unwrap(), small_pool(2)).unwrap();
+    let handles: Vec<_> = (1..=3).map(|s| submit(&mut p, s, &tensors(s))).collect();
+    let store = p.close();
+    assert_eq!(store.list().len(), 3);
+    for h in handles {
+        assert!(h.is_done());
+        h.wait().unwrap();
+    }
+}
