@@ -48,6 +48,9 @@ pub(crate) struct Ring {
     /// (kept aligned for direct pieces), as a short write would.
     #[cfg(test)]
     pub inject_short_writes: usize,
+    /// Test hook: every sync fails with this errno (without reaching the kernel) while set.
+    #[cfg(test)]
+    pub inject_sync_errno: Option<i32>,
 }
 
 /// Aligned memory for `depth` pieces, allocated on first need and kept.
@@ -100,6 +103,8 @@ impl Ring {
             inject_direct_errno: None,
             #[cfg(test)]
             inject_short_writes: 0,
+            #[cfg(test)]
+            inject_sync_errno: None,
         })
     }
 
@@ -248,6 +253,10 @@ impl Ring {
         } else {
             types::FsyncFlags::empty()
         };
+        #[cfg(test)]
+        if let Some(errno) = self.inject_sync_errno {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
         loop {
             let entry = opcode::Fsync::new(types::Fd(fd))
                 .flags(flags)

@@ -233,3 +233,34 @@ fn bad_config_is_a_typed_error() {
         ));
     }
 }
+
+#[test]
+fn a_failed_fdatasync_poisons_the_store() {
+    use crate::{DType, Error, Options, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let io = new_io();
+    let opts = || Options {
+        io: std::sync::Arc::new(io.clone()),
+        ..Default::default()
+    };
+    let mut s = Store::open(dir.path(), opts()).unwrap();
+    let w = pattern(5 * MIB + 3, 5);
+    let mut t = s.begin(1).unwrap();
+    t.put_tensor("w", DType::U8, &[w.len() as u64], &w).unwrap();
+    t.commit().unwrap();
+    // Every fdatasync through the ring now fails, as after a writeback error.
+    io.shared.ring.lock().unwrap().inject_sync_errno = Some(rustix::io::Errno::IO.raw_os_error());
+    let mut t = s.begin(2).unwrap();
+    t.put_tensor("w", DType::U8, &[MIB as u64], &pattern(MIB, 6))
+        .unwrap();
+    let e = t.commit().unwrap_err();
+    assert!(e.to_string().contains("fdatasync"), "{e}");
+    assert!(s.poisoned().is_some());
+    assert!(matches!(s.begin(3).err(), Some(Error::Poisoned { .. })));
+    drop(s);
+    io.shared.ring.lock().unwrap().inject_sync_errno = None;
+    let s = Store::open(dir.path(), opts()).unwrap();
+    assert_eq!(s.list().len(), 1, "the failed commit never happened");
+    let ck = s.checkpoint(crate::Selector::Latest).unwrap();
+    assert_eq!(ck.tensor("w").unwrap().data, w);
+}
