@@ -386,5 +386,5 @@ fn demo_runs_through_the_uring_backend() {
     );
     ok(&["verify", dir_s]);
     let e = fails(&["demo", "--io", "tokio"]);
-    assert!(e.contains("expected std or uring"), "{e}");
+    assert!(e.contains("expected auto, std or uring"), "{e}");
 }

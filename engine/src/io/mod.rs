@@ -93,11 +93,14 @@ pub trait StorageFile: Send + Sync {
     }
 }
 
-/// Which backend to write through: the choice behind `--io std|uring`.
+/// Which backend to write through: the choice behind `--io auto|std|uring`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum IoBackend {
-    /// [`StdIo`]: pwrite + fdatasync. The default, and the fallback.
+    /// The process default ([`default_storage`]): `UringIo` where io_uring can be set up,
+    /// else `StdIo`; `CKPTSTORE_IO=std|uring` overrides it.
     #[default]
+    Auto,
+    /// [`StdIo`]: pwrite + fdatasync. Always available, and the fallback.
     Std,
     /// `UringIo` (Linux): batched io_uring writes, O_DIRECT where the file system takes it.
     Uring,
@@ -107,10 +110,11 @@ impl std::str::FromStr for IoBackend {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
+            "auto" => Ok(IoBackend::Auto),
             "std" => Ok(IoBackend::Std),
             "uring" => Ok(IoBackend::Uring),
             other => Err(format!(
-                "unknown I/O backend {other:?} (expected std or uring)"
+                "unknown I/O backend {other:?} (expected auto, std or uring)"
             )),
         }
     }
@@ -119,6 +123,7 @@ impl std::str::FromStr for IoBackend {
 impl std::fmt::Display for IoBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            IoBackend::Auto => "auto",
             IoBackend::Std => "std",
             IoBackend::Uring => "uring",
         })
@@ -131,7 +136,7 @@ impl std::fmt::Display for IoBackend {
 pub struct OpenedBackend {
     /// The storage to put in `Options.io`.
     pub io: Arc<dyn Storage>,
-    /// The backend actually in use.
+    /// The backend actually in use (`Std` or `Uring`, never `Auto`).
     pub backend: IoBackend,
     /// Set when the one asked for was unavailable and `StdIo` is used instead.
     pub fallback_reason: Option<String>,
@@ -142,6 +147,7 @@ impl IoBackend {
     /// unavailable: not Linux, an old kernel, a seccomp filter, `kernel.io_uring_disabled`.
     pub fn open(self) -> OpenedBackend {
         match self {
+            IoBackend::Auto => default_backend().clone(),
             IoBackend::Std => OpenedBackend {
                 io: Arc::new(StdIo),
                 backend: IoBackend::Std,
@@ -150,6 +156,35 @@ impl IoBackend {
             IoBackend::Uring => open_uring(),
         }
     }
+}
+
+/// The default storage of `Options`: decided once per process and shared (one io_uring for
+/// every store of the process). `UringIo` where io_uring can be set up — it measured faster
+/// than `StdIo` for durable saves (docs/DECISIONS.md) — else `StdIo`, with the reason printed
+/// once on stderr. `CKPTSTORE_IO=std` (or `uring`) in the environment forces a backend.
+pub fn default_storage() -> Arc<dyn Storage> {
+    default_backend().io.clone()
+}
+
+/// The backend behind [`default_storage`], with the reason when it is not the one wanted.
+pub fn default_backend() -> &'static OpenedBackend {
+    static DEFAULT: std::sync::OnceLock<OpenedBackend> = std::sync::OnceLock::new();
+    DEFAULT.get_or_init(|| {
+        let forced = std::env::var("CKPTSTORE_IO").ok();
+        let wanted = match forced.as_deref().map(str::parse::<IoBackend>) {
+            None | Some(Ok(IoBackend::Auto)) => IoBackend::Uring,
+            Some(Ok(b)) => b,
+            Some(Err(e)) => {
+                eprintln!("ckptstore: CKPTSTORE_IO: {e}; choosing automatically");
+                IoBackend::Uring
+            }
+        };
+        let o = wanted.open();
+        if let Some(why) = &o.fallback_reason {
+            eprintln!("ckptstore: I/O backend std: {why}");
+        }
+        o
+    })
 }
 
 #[cfg(target_os = "linux")]
@@ -189,11 +224,11 @@ mod backend_tests {
 
     #[test]
     fn names_parse_and_print() {
-        for b in [IoBackend::Std, IoBackend::Uring] {
+        for b in [IoBackend::Auto, IoBackend::Std, IoBackend::Uring] {
             assert_eq!(b.to_string().parse::<IoBackend>(), Ok(b));
         }
         let e = "tokio".parse::<IoBackend>().unwrap_err();
-        assert!(e.contains("std or uring"), "{e}");
+        assert!(e.contains("auto, std or uring"), "{e}");
     }
 
     #[test]

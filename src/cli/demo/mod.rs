@@ -57,10 +57,11 @@ pub struct Args {
     /// Seed of the synthetic training state.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// I/O backend: `std` (pwrite + fdatasync) or `uring` (io_uring batches, O_DIRECT where
-    /// the file system takes it). Where io_uring is unavailable, `uring` falls back to `std`
+    /// I/O backend: `std` (pwrite + fdatasync), `uring` (io_uring batches, O_DIRECT where
+    /// the file system takes it), or `auto` (uring where io_uring can be set up, else std;
+    /// `CKPTSTORE_IO` overrides). Where io_uring is unavailable, `uring` falls back to `std`
     /// and says so.
-    #[arg(long, default_value = "std")]
+    #[arg(long, default_value = "auto")]
     pub io: IoBackend,
 }
 
@@ -82,8 +83,8 @@ pub struct WriterArgs {
     /// Seed.
     #[arg(long)]
     pub seed: u64,
-    /// I/O backend (std or uring).
-    #[arg(long, default_value = "std")]
+    /// I/O backend (auto, std or uring).
+    #[arg(long, default_value = "auto")]
     pub io: IoBackend,
 }
 

@@ -96,7 +96,8 @@ impl UringFile {
         let mut st = self.state();
         self.trim(&mut st)?;
         let mut ring = self.shared.ring.lock().unwrap_or_else(|e| e.into_inner());
-        ring.sync(self.buffered.as_raw_fd(), data_only)
+        ring.for_this_process()?
+            .sync(self.buffered.as_raw_fd(), data_only)
     }
 }
 
@@ -125,7 +126,7 @@ fn open_direct(path: &Path, piece: usize) -> Result<(File, Align), String> {
     }
     if !align.offset.is_power_of_two()
         || !align.mem.is_power_of_two()
-        || piece as u64 % align.offset != 0
+        || !(piece as u64).is_multiple_of(align.offset)
     {
         return Err(format!(
             "direct I/O alignment {}/{} does not divide the {piece}-byte pieces",
@@ -169,7 +170,8 @@ impl StorageFile for UringFile {
         let mut notes = WriteNotes::default();
         let res = {
             let mut ring = self.shared.ring.lock().unwrap_or_else(|e| e.into_inner());
-            ring.write(&jobs, fds, &mut notes)
+            ring.for_this_process()
+                .and_then(|r| r.write(&jobs, fds, &mut notes))
         };
         let pieces: usize = jobs.iter().map(|j| j.pieces.len()).sum();
         let s = &self.shared;

@@ -69,7 +69,8 @@ impl UringConfig {
                 self.queue_depth
             )));
         }
-        if !(4096..=64 << 20).contains(&self.piece_bytes) || self.piece_bytes % 4096 != 0 {
+        if !(4096..=64 << 20).contains(&self.piece_bytes) || !self.piece_bytes.is_multiple_of(4096)
+        {
             return Err(UringUnavailable::BadConfig(format!(
                 "piece_bytes {} is not a multiple of 4096 in 4096..=67108864",
                 self.piece_bytes

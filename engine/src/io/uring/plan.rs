@@ -55,7 +55,7 @@ pub(crate) fn plan(
         return out;
     };
     debug_assert!(a.offset.is_power_of_two() && a.mem.is_power_of_two());
-    debug_assert!(piece as u64 % a.offset == 0);
+    debug_assert!((piece as u64).is_multiple_of(a.offset));
     let head = ((a.offset - offset % a.offset) % a.offset).min(len as u64) as usize;
     let body = ((len - head) as u64 / a.offset * a.offset) as usize;
     if body == 0 {
@@ -66,7 +66,7 @@ pub(crate) fn plan(
     let mut start = head;
     while start < head + body {
         let n = piece.min(head + body - start);
-        let route = if addr.wrapping_add(start) % a.mem == 0 {
+        let route = if addr.wrapping_add(start).is_multiple_of(a.mem) {
             Route::Direct
         } else {
             Route::Bounce
@@ -98,7 +98,9 @@ fn push_buffered(out: &mut Vec<Piece>, start: usize, len: usize, piece: usize) {
 /// Whether the rest of a direct piece, after a short write of `done` bytes, can still go
 /// direct: its file offset, length and address must all stay aligned.
 pub(crate) fn rest_stays_aligned(addr: usize, file_off: u64, rest: usize, a: Align) -> bool {
-    file_off % a.offset == 0 && rest as u64 % a.offset == 0 && addr % a.mem == 0
+    file_off.is_multiple_of(a.offset)
+        && (rest as u64).is_multiple_of(a.offset)
+        && addr.is_multiple_of(a.mem)
 }
 
 #[cfg(test)]

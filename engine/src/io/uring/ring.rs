@@ -37,6 +37,9 @@ pub(crate) struct WriteNotes {
 /// An io_uring with `depth` entries and `depth` bounce slots of `piece` bytes.
 pub(crate) struct Ring {
     ring: IoUring,
+    /// The process that set the ring up: a forked child must not submit to its parent's
+    /// queues (they are shared memory), so it sets up its own ([`Ring::for_this_process`]).
+    pub(super) pid: rustix::process::Pid,
     depth: usize,
     piece: usize,
     bounce: Option<Bounce>,
@@ -96,6 +99,7 @@ impl Ring {
         let ring = IoUring::new(depth)?;
         Ok(Ring {
             ring,
+            pid: rustix::process::getpid(),
             depth: depth as usize,
             piece,
             bounce: None,
@@ -106,6 +110,17 @@ impl Ring {
             #[cfg(test)]
             inject_sync_errno: None,
         })
+    }
+
+    /// Replaces the ring with a new one when this is a forked child of the process that set
+    /// it up (a process-wide default ring outlives a `fork`).
+    pub(crate) fn for_this_process(&mut self) -> io::Result<&mut Ring> {
+        if self.pid != rustix::process::getpid() {
+            self.ring = IoUring::new(self.depth as u32)?;
+            self.pid = rustix::process::getpid();
+            self.bounce = None;
+        }
+        Ok(self)
     }
 
     /// Writes every job's planned pieces, up to `depth` in flight across all jobs, and waits

@@ -264,3 +264,19 @@ fn a_failed_fdatasync_poisons_the_store() {
     let ck = s.checkpoint(crate::Selector::Latest).unwrap();
     assert_eq!(ck.tensor("w").unwrap().data, w);
 }
+
+#[test]
+fn a_forked_child_sets_up_its_own_ring() {
+    let dir = tempfile::tempdir().unwrap();
+    let io = new_io();
+    let f = io.create_new(&dir.path().join("f")).unwrap();
+    // As seen from a child after fork: the ring was set up by another process (pid 1 is
+    // never this test).
+    let me = rustix::process::getpid();
+    io.shared.ring.lock().unwrap().pid = rustix::process::Pid::INIT;
+    let data = pattern(2 * MIB + 5, 8);
+    f.write_at(&data, 0).unwrap();
+    f.sync_data().unwrap();
+    assert_eq!(io.shared.ring.lock().unwrap().pid, me);
+    assert!(std::fs::read(dir.path().join("f")).unwrap() == data);
+}
