@@ -6,7 +6,7 @@
 //! * `uring_direct_qd16_fallocated`: `UringIo` (O_DIRECT, 1 MiB pieces, queue depth 16) into
 //!   a file fallocated beforehand (untimed), from 4096-aligned memory; then fdatasync.
 //! * `uring_direct_qd16_growing`: the same into a new file, which `UringIo` preallocates
-//!   itself in 256 MiB steps (timed), as it does for segments.
+//!   itself 256 MiB ahead of its 16 MiB writes (timed), as it does for segments.
 //! * `uring_buffered_qd16_fallocated`: `UringIo` with O_DIRECT off, into a fallocated file.
 //! * `store_save_std` / `store_save_uring`: a durable store save (begin, 4 × 256 MiB tensors,
 //!   commit) through each backend, from ordinary (malloc'ed, unaligned) memory.

@@ -65,15 +65,17 @@ impl UringFile {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Reserves space past `end` (in `prealloc_bytes` steps) when the file is written direct,
-    /// so direct writes land inside the file's length. Best effort: a refusal (no space for
-    /// the whole step, no fallocate on this file system) leaves the write to grow the file.
-    fn reserve(&self, st: &mut State, end: u64) {
+    /// Reserves space past `end` when the file is written direct, so direct writes land inside
+    /// the file's length: 16 times this write's size ahead, at most `prealloc_bytes`, so a
+    /// small file (a WAL taking a large record) reserves little. Best effort: a refusal (no
+    /// space for the whole reserve, no fallocate here) leaves the write to grow the file.
+    fn reserve(&self, st: &mut State, end: u64, written: u64) {
         let step = self.shared.cfg.prealloc_bytes;
         if step == 0 || st.direct.is_none() || end <= st.allocated {
             return;
         }
-        let target = end.div_ceil(step).saturating_mul(step);
+        let ahead = step.min(written.saturating_mul(16));
+        let target = end.saturating_add(ahead).div_ceil(1 << 20) << 20;
         let from = st.allocated;
         if rustix::fs::fallocate(&self.buffered, FallocateFlags::empty(), from, target - from)
             .is_ok()
@@ -161,7 +163,8 @@ impl StorageFile for UringFile {
             .iter()
             .any(|j| j.pieces.iter().any(|p| p.route != Route::Buffered));
         if any_direct {
-            self.reserve(&mut st, end);
+            let written = writes.iter().map(|(_, b)| b.len() as u64).sum();
+            self.reserve(&mut st, end, written);
         }
         let fds = Fds {
             buffered: self.buffered.as_raw_fd(),

@@ -10,8 +10,8 @@
 //!   that file buffered from then on; the first refusal is logged on stderr, all are counted
 //!   ([`UringIo::stats`]). Durability never depends on the route: `sync_data` is an
 //!   fdatasync in every case (O_DIRECT does not flush the device's cache).
-//! * Files written direct are preallocated ahead of the writes
-//!   ([`UringConfig::prealloc_bytes`]), so writes land inside the file's length: on ext4 that
+//! * Files written direct are preallocated ahead of the writes (16× the write's size, at
+//!   most [`UringConfig::prealloc_bytes`]), so writes land inside the file's length: on ext4 that
 //!   lets aligned direct writes run in parallel (an extending one takes the inode lock
 //!   exclusively). The reserve past the written end is cut off before every sync, so after a
 //!   sync the file's length is what was written, as with `StdIo`.
@@ -45,8 +45,9 @@ pub struct UringConfig {
     /// Use O_DIRECT where the file system allows it. Default `true`; `false` writes every
     /// piece through the page cache (still batched).
     pub direct: bool,
-    /// A file written direct is preallocated in steps of this many bytes past the write's
-    /// end. Default 256 MiB; 0 turns preallocation off.
+    /// A file written direct is preallocated past the write's end by 16 times the write's
+    /// size, at most this many bytes (rounded up to a MiB). Default 256 MiB; 0 turns
+    /// preallocation off.
     pub prealloc_bytes: u64,
 }
 

@@ -81,7 +81,7 @@ fn preallocation_is_invisible_to_len_and_reads_and_cut_at_sync() {
     let (v, at) = aligned(&data);
     f.write_at(&v[at..at + MIB], 0).unwrap();
     assert_eq!(f.len().unwrap(), MIB as u64);
-    assert_eq!(disk_len(&path), 8 * MIB as u64, "reserved ahead");
+    assert_eq!(disk_len(&path), 9 * MIB as u64, "reserved 8 MiB ahead");
     let mut past = [0u8; 16];
     let e = f.read_at(&mut past, MIB as u64).unwrap_err();
     assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
@@ -89,7 +89,12 @@ fn preallocation_is_invisible_to_len_and_reads_and_cut_at_sync() {
     assert_eq!(disk_len(&path), MIB as u64);
     // Writing on grows the reservation again; set_len is exact.
     f.write_at(&v[at..at + MIB], MIB as u64).unwrap();
-    assert_eq!(disk_len(&path), 8 * MIB as u64);
+    assert_eq!(disk_len(&path), 10 * MIB as u64);
+    // A small direct write reserves 16 times its size, not the whole step.
+    let g = io.create_new(&dir.path().join("small")).unwrap();
+    g.write_at(&v[at..at + 8192], 0).unwrap();
+    assert_eq!(disk_len(&dir.path().join("small")), MIB as u64);
+    assert_eq!(g.len().unwrap(), 8192);
     f.set_len(3 * MIB as u64).unwrap();
     assert_eq!(f.len().unwrap(), 3 * MIB as u64);
     f.sync_data().unwrap();
