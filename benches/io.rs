@@ -7,6 +7,8 @@
 //!   a file fallocated beforehand (untimed), from 4096-aligned memory; then fdatasync.
 //! * `uring_direct_qd16_growing`: the same into a new file, which `UringIo` preallocates
 //!   itself 256 MiB ahead of its 16 MiB writes (timed), as it does for segments.
+//! * `uring_direct_qd16_growing_no_prealloc`: the same with preallocation off (every write
+//!   extends the file).
 //! * `uring_buffered_qd16_fallocated`: `UringIo` with O_DIRECT off, into a fallocated file.
 //! * `store_save_std` / `store_save_uring`: a durable store save (begin, 4 × 256 MiB tensors,
 //!   commit) through each backend, from ordinary (malloc'ed, unaligned) memory.
@@ -152,10 +154,16 @@ mod linux {
         let mut buf = Aligned::new();
         let mut iteration = 0u64;
         let path = root.join("io-raw.bin");
-        let raws: [(&str, &dyn Storage, bool); 4] = [
+        let no_prealloc = UringIo::with_config(UringConfig {
+            prealloc_bytes: 0,
+            ..Default::default()
+        })
+        .expect("io_uring");
+        let raws: [(&str, &dyn Storage, bool); 5] = [
             ("std_write_fdatasync", &StdIo, false),
             ("uring_direct_qd16_fallocated", &uring, true),
             ("uring_direct_qd16_growing", &uring, false),
+            ("uring_direct_qd16_growing_no_prealloc", &no_prealloc, false),
             ("uring_buffered_qd16_fallocated", &buffered, true),
         ];
         for (name, io, fallocate) in raws {

@@ -136,8 +136,12 @@ impl Ring {
         let bounces = jobs
             .iter()
             .any(|j| j.pieces.iter().any(|p| p.route == Route::Bounce));
-        if bounces && self.bounce.is_none() {
-            self.bounce = Some(Bounce::new(self.depth, self.piece, fds.direct));
+        match self.bounce.as_mut() {
+            // Nothing is in flight between calls: every slot is free, whatever an earlier
+            // call that failed midway left in the list.
+            Some(b) => b.free = (0..self.depth).rev().collect(),
+            None if bounces => self.bounce = Some(Bounce::new(self.depth, self.piece, fds.direct)),
+            None => {}
         }
         let mut ops: Vec<Op> = jobs
             .iter()
@@ -158,6 +162,7 @@ impl Ring {
             in_flight: 0,
         };
         loop {
+            let before = pending.len();
             // Fill the queue.
             while drain.in_flight < self.depth {
                 let Some(&i) = pending.front() else { break };
@@ -230,6 +235,11 @@ impl Ring {
             if drain.in_flight == 0 {
                 if pending.is_empty() {
                     break;
+                }
+                if first_err.is_none() && pending.len() == before {
+                    // Nothing in flight and nothing could be submitted: no completion will
+                    // ever free a slot. Unreachable while slots are only held in flight.
+                    return Err(io::Error::other("io_uring write made no progress"));
                 }
                 continue;
             }
@@ -385,6 +395,8 @@ fn handle(
         }
         if first_err.is_none() {
             pending.push_front(i);
+        } else {
+            release(op);
         }
         return;
     }

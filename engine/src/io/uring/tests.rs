@@ -285,3 +285,25 @@ fn a_forked_child_sets_up_its_own_ring() {
     assert_eq!(io.shared.ring.lock().unwrap().pid, me);
     assert!(std::fs::read(dir.path().join("f")).unwrap() == data);
 }
+
+#[test]
+fn bounce_slots_are_all_free_again_after_a_failed_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let io = new_io();
+    let path = dir.path().join("f");
+    let f = io.create_new(&path).unwrap();
+    if !direct_ok(&io) {
+        return;
+    }
+    let data = pattern(32 * MIB, 4);
+    let mut shifted = vec![0u8; data.len() + 1];
+    shifted[1..].copy_from_slice(&data);
+    // A failure while bounce pieces are in flight and queued, then a write that needs every
+    // slot many times over: it must neither hang nor report no progress.
+    io.inject_direct_errno(1, rustix::io::Errno::IO.raw_os_error());
+    assert!(f.write_at(&shifted[1..], 0).is_err());
+    io.shared.ring.lock().unwrap().inject_short_writes = 5;
+    f.write_at(&shifted[1..], 0).unwrap();
+    f.sync_data().unwrap();
+    assert!(std::fs::read(&path).unwrap() == data);
+}
