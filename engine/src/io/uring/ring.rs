@@ -8,7 +8,9 @@
 //! memory, which lives as long as the `Ring` and whose slot is not reused until the entry
 //! completed. [`Ring::write`] returns only when every entry it pushed has completed — on
 //! success, on error, and on unwind (the [`Drain`] guard waits for the rest in its `Drop`). So
-//! no buffer is freed or reused while the kernel may still read it.
+//! no buffer is freed or reused while the kernel may still read it. A bounce slot is filled
+//! only while free (no entry in flight points into it); the copy into it touches no other
+//! slot, so bytes the kernel is reading never change under it.
 
 use super::plan::{rest_stays_aligned, Align, Piece, Route};
 use io_uring::{opcode, squeue, types, IoUring};
@@ -63,11 +65,6 @@ struct Bounce {
     base: usize,
     free: Vec<usize>,
 }
-
-// SAFETY: `Ring` is only reached through a `Mutex`; the raw pointers it hands the kernel are
-// valid for the duration of one `write` call (see the module comment). `IoUring` itself is Send.
-#[allow(unsafe_code)]
-unsafe impl Send for Ring {}
 
 impl std::fmt::Debug for Ring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
