@@ -46,6 +46,9 @@ pub struct Args {
     /// Input format. Default: from the file name's extension (`.safetensors`, `.ckpt`).
     #[arg(long, value_enum)]
     pub format: Option<Format>,
+    /// I/O backend: auto (uring where io_uring can be set up, else std), std or uring.
+    #[arg(long, default_value = "auto")]
+    pub io: ckptstore::io::IoBackend,
     /// Print JSON: {"format", "file", "dir", "id", "step", "epoch", "tensors", "blobs",
     /// "metadata", "data_bytes", "duration_ns"}.
     #[arg(long)]
@@ -72,7 +75,15 @@ pub fn run(a: Args) -> CliResult {
     let file = File::open(&a.file).map_err(|e| Failure(format!("{}: {e}", a.file.display())))?;
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let mut input = BufReader::with_capacity(1 << 20, file);
-    let mut store = Store::open(&a.dir, Options::default())?;
+    let io = a.io.open();
+    if let Some(why) = &io.fallback_reason {
+        eprintln!("ckptstore: I/O backend {}: {why}", io.backend);
+    }
+    let opts = Options {
+        io: io.io,
+        ..Options::default()
+    };
+    let mut store = Store::open(&a.dir, opts)?;
     // Hidden automatically when stderr is not a terminal.
     let bar = ProgressBar::new(len);
     bar.set_style(
