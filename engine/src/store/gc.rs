@@ -159,6 +159,16 @@ impl Store {
         super::compact::plan(&self.state, &self.opts)
     }
 
+    /// What compaction would do after checkpoints `deleting` were deleted (the dry run of a
+    /// retention pass followed by gc). Changes nothing.
+    pub fn plan_compaction_after(&self, deleting: &[u64]) -> CompactionPlan {
+        let mut state = self.state.clone();
+        for &id in deleting {
+            state.apply_delete(id, super::commit_record_len);
+        }
+        super::compact::plan(&state, &self.opts)
+    }
+
     /// Garbage collection with default [`GcOptions`]: frees segments whose readers have
     /// closed, then compacts mostly-dead segments. See [`Store::gc_with`].
     pub fn gc(&mut self) -> Result<GcReport> {

@@ -22,7 +22,7 @@ struct IndexEntry {
     refs: usize,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct State {
     pub checkpoints: BTreeMap<u64, Arc<Manifest>>,
     pub segments: BTreeMap<u64, SegmentState>,
