@@ -85,6 +85,10 @@ pub enum Op {
         /// How many newest to keep, modulo 4, plus 1.
         keep: u8,
     },
+    /// `Store::gc`: compacts mostly-dead segments (copy live chunks, Relocate record, free the
+    /// old ones). Changes no checkpoint: every one must read back as before, and the space
+    /// accounting must add up.
+    Gc,
 }
 
 /// Deterministic pseudo-random bytes (xorshift), different for every seed: the helper the
@@ -249,6 +253,17 @@ impl Harness {
                 }
             }
             Op::Compact => self.store().compact_wal().expect("compact"),
+            Op::Gc => {
+                let g = self.store().gc().expect("gc");
+                assert!(g.segments_pending.is_empty(), "no reader is open: {g:?}");
+                assert_eq!(
+                    g.after.segment_bytes + g.bytes_freed,
+                    g.before.segment_bytes + g.bytes_written,
+                    "{g:?}"
+                );
+                assert_eq!(g.after.live_bytes, g.before.live_bytes, "{g:?}");
+                self.check_contents();
+            }
             Op::Reopen => {
                 self.store = None;
                 let s = Store::open(DIR, options(&self.sim, false)).expect("reopen");
