@@ -256,7 +256,7 @@ fn space_amplification_stays_within_one_and_a_half_over_a_long_retention_run() {
             let ts: Vec<(String, Vec<u8>)> = tensors
                 .iter()
                 .map(|&(name, period, chunks)| {
-                    let version = if period == 0 { 0 } else { step / period };
+                    let version = step.checked_div(period).unwrap_or(0);
                     (
                         name.to_string(),
                         data(version * 31 + chunks, chunks as usize * CHUNK),
