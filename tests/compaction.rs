@@ -298,3 +298,77 @@ fn space_amplification_stays_within_one_and_a_half_over_a_long_retention_run() {
     );
     holds_all(&s, &want);
 }
+
+/// A CRC-valid Relocate record that does not fit the state (from a segment that does not
+/// exist, into one it does not create, of a location no live chunk uses, past the new
+/// segment's end, into an existing segment) refuses the open with a typed error, read-only
+/// or not, and changes nothing.
+#[test]
+fn a_bad_relocate_record_refuses_the_open() {
+    use ckptstore::proto::v1 as pb;
+    use ckptstore::proto::Message;
+    use ckptstore::wal::{self, RecordType, WalHeader};
+    let mem = MemIo::new();
+    let o = |read_only| Options {
+        read_only,
+        io: Arc::new(mem.clone()),
+        ..opts()
+    };
+    let mut s = Store::open("/s", o(false)).unwrap();
+    commit(&mut s, 1, &[("w", &data(1, 2 * CHUNK))]);
+    let chunk = s.checkpoint(Selector::Id(1)).unwrap().manifest().tensors[0].chunks[0].clone();
+    drop(s);
+    let wal_path = std::path::Path::new("/s/00000001.wal");
+    let clean = mem.read_file(wal_path).unwrap();
+    let salt = WalHeader::decode(&clean).unwrap().salt;
+    let new = |id, length| pb::SegmentInfo { id, length };
+    let mv = |from_segment, from_offset, to_segment, to_offset| pb::ChunkMove {
+        from_segment,
+        from_offset,
+        to_segment,
+        to_offset,
+    };
+    let cases = [
+        (
+            vec![new(9, 1 << 20)],
+            vec![mv(5, chunk.offset, 9, 4096)],
+            "unknown segment 5",
+        ),
+        (
+            vec![new(9, 1 << 20)],
+            vec![mv(1, chunk.offset, 8, 4096)],
+            "does not create",
+        ),
+        (
+            vec![new(9, 1 << 20)],
+            vec![mv(1, 3, 9, 4096)],
+            "no live checkpoint references",
+        ),
+        (
+            vec![new(9, 5000)],
+            vec![mv(1, chunk.offset, 9, 4096)],
+            "past the end",
+        ),
+        (vec![new(1, 1 << 20)], vec![], "which exists"),
+    ];
+    for (new_segments, moves, why) in cases {
+        let rec = pb::RelocateRecord {
+            new_segments,
+            moves,
+        };
+        let mut img = clean.clone();
+        wal::encode_record(&mut img, salt, RecordType::Relocate, &rec.encode_to_vec());
+        mem.write_file(wal_path, img.clone());
+        for read_only in [true, false] {
+            match Store::open("/s", o(read_only)) {
+                Err(e @ Error::BadManifest { .. }) => assert!(e.to_string().contains(why), "{e}"),
+                other => panic!("{why}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            mem.read_file(wal_path).unwrap(),
+            img,
+            "{why}: the WAL was modified"
+        );
+    }
+}
