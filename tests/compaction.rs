@@ -372,3 +372,50 @@ fn a_bad_relocate_record_refuses_the_open() {
         );
     }
 }
+
+/// The compaction options are checked at open: a typed error naming the option, no store made.
+#[test]
+fn bad_compaction_options_are_invalid() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    let bad = [
+        Options {
+            compact_live_fraction: 1.5,
+            ..opts()
+        },
+        Options {
+            compact_live_fraction: f64::NAN,
+            ..opts()
+        },
+        Options {
+            max_space_amplification: 0.99,
+            ..opts()
+        },
+        Options {
+            max_space_amplification: f64::NAN,
+            ..opts()
+        },
+    ];
+    for o in bad {
+        match Store::open(&path, o) {
+            Err(Error::InvalidArgument(msg)) => assert!(
+                msg.contains("compact_live_fraction") || msg.contains("max_space_amplification"),
+                "{msg}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(!path.exists());
+    }
+    // The extremes are valid: never compact on the fraction rule, no amplification rule.
+    let mut s = Store::open(
+        &path,
+        Options {
+            compact_live_fraction: 0.0,
+            max_space_amplification: f64::INFINITY,
+            ..opts()
+        },
+    )
+    .unwrap();
+    commit(&mut s, 1, &[("w", &data(1, 8 * CHUNK))]);
+    assert!(s.gc().unwrap().segments_compacted.is_empty());
+}
