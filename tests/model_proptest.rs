@@ -1,5 +1,6 @@
 //! Invariant: under any sequence of puts, commits, aborts, deletes, pins and unpins,
-//! keep-last retention runs, WAL compactions, segment compactions (gc), reopens,
+//! keep-last retention runs, WAL compactions, segment compactions (gc), readers held open
+//! across all of these, reopens,
 //! read-only views and power cuts in the middle of a commit (any crash mode), the store lists exactly the checkpoints a reference model says are
 //! live, every one reads back bit-exact, and `latest_valid()` is the newest. The model is
 //! `tests/model/mod.rs`, shared with the cargo-fuzz target `store_ops` (fuzz/), which explores
@@ -28,12 +29,16 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// [`op`] plus `Gc` (segment compaction). A separate strategy, so that the seeds kept for
-/// `store_matches_the_model` still generate the cases they were kept for.
+/// [`op`] plus `Gc` (segment compaction) and a reader held open across operations (its lease
+/// must keep what it saw readable through deletions, gc and reopens). A separate strategy, so
+/// that the seeds kept for `store_matches_the_model` still generate the cases they were kept
+/// for.
 fn op_with_gc() -> impl Strategy<Value = Op> {
     prop_oneof![
         12 => op(),
         2 => Just(Op::Gc),
+        1 => Just(Op::HoldReader),
+        1 => Just(Op::ReleaseReader),
     ]
 }
 

@@ -1,4 +1,4 @@
-//! Structured operations (Put, Commit, Abort, Delete, Pin/unpin, keep-last retention, Compact, Gc, Reopen, a read-only view,
+//! Structured operations (Put, Commit, Abort, Delete, Pin/unpin, keep-last retention, Compact, Gc, a reader held open across them, Reopen, a read-only view,
 //! Verify, and a power cut in the middle of a commit) against a reference model, on the
 //! power-loss simulator `SimIo`. The model and its checks live in
 //! `tests/model/mod.rs`, shared with the proptest `tests/model_proptest.rs`.
@@ -50,6 +50,8 @@ enum FuzzOp {
         keep: u8,
     },
     Gc,
+    HoldReader,
+    ReleaseReader,
 }
 
 impl From<&FuzzOp> for model::Op {
@@ -78,6 +80,8 @@ impl From<&FuzzOp> for model::Op {
             FuzzOp::Pin { pick, on } => Op::Pin { pick, on },
             FuzzOp::Retain { keep } => Op::Retain { keep },
             FuzzOp::Gc => Op::Gc,
+            FuzzOp::HoldReader => Op::HoldReader,
+            FuzzOp::ReleaseReader => Op::ReleaseReader,
         }
     }
 }
