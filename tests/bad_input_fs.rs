@@ -48,6 +48,11 @@
 //! | 39 | zero-sized tensors | bad_input_fs::zero_sized_tensors_round_trip |
 //! | 40 | names with NUL and unicode | bad_input_fs::nul_and_unicode_names_round_trip |
 //! | 41 | concurrent reader during delete | bad_input_fs::reader_during_delete_gets_right_bytes_or_a_typed_error |
+//! | 42 | checkpoint deleted while a reader holds it (same process, another process) | reader_lease::same_process_reader_keeps_reading_and_space_is_freed_after_it_closes, reader_lease::another_process_keeps_reading_a_deleted_checkpoint_and_space_is_freed_after_it_exits |
+//! | 43 | reader killed (SIGKILL) while holding a lease | reader_lease::a_reader_killed_with_sigkill_does_not_pin_space |
+//! | 44 | GC / segment compaction interrupted by a power cut at any point | crash_sweep::crash_at_every_sync_in_every_mode (gc every 8 steps) |
+//! | 45 | bit rot in a chunk being compacted | compaction::a_corrupt_source_chunk_stops_compaction_and_changes_nothing |
+//! | 46 | CRC-valid Relocate record that does not fit the state | compaction::a_bad_relocate_record_refuses_the_open |
 //!
 //! Beyond these classes, the fuzz targets in `fuzz/` (and `tests/model_proptest.rs`) feed
 //! arbitrary bytes and operation sequences to the decoders and to recovery.
@@ -711,14 +716,21 @@ fn nul_and_unicode_names_round_trip() {
 #[test]
 fn reader_during_delete_gets_right_bytes_or_a_typed_error() {
     // In memory and on a real file system: a read-only store opened before a delete reads
-    // checkpoints whose segments the writer then frees.
+    // checkpoints whose segments the writer then deletes. Its lease (readers/) keeps them:
+    // it reads them bit-exact, and they are freed once it is gone. A reader that could not
+    // take a lease (here: readers/ denied to it) gets a typed error, never wrong bytes.
     let tmp = tempfile::tempdir().unwrap();
-    let mem = MemIo::new();
-    let setups: [(PathBuf, Options); 2] = [
-        (Path::new(DIR).to_path_buf(), mem_opts(&mem)),
-        (tmp.path().to_path_buf(), opts()),
+    let (mem, unleased_mem) = (MemIo::new(), MemIo::new());
+    let setups: [(PathBuf, Options, Option<&MemIo>); 3] = [
+        (Path::new(DIR).to_path_buf(), mem_opts(&mem), None),
+        (tmp.path().to_path_buf(), opts(), None),
+        (
+            Path::new(DIR).to_path_buf(),
+            mem_opts(&unleased_mem),
+            Some(&unleased_mem),
+        ),
     ];
-    for (dir, o) in setups {
+    for (dir, o, deny_lease) in setups {
         let ro = Options {
             read_only: true,
             ..o.clone()
@@ -727,7 +739,14 @@ fn reader_during_delete_gets_right_bytes_or_a_typed_error() {
         let mut w = Store::open(&dir, o.clone()).unwrap();
         commit(&mut w, 1, &[("w", &w1)]);
         commit(&mut w, 2, &[("w", &w2)]);
+        if let Some(m) = deny_lease {
+            m.faults.deny(dir.join("readers"));
+        }
         let r = Store::open(&dir, ro.clone()).unwrap();
+        if let Some(m) = deny_lease {
+            m.faults.allow_all();
+        }
+        assert_eq!(r.reader_lease().is_some(), deny_lease.is_none());
         // The reader has checkpoint 2's segment open already; checkpoint 1's not yet.
         assert_holds(&r, 2, &[("w", &w2)]);
 
@@ -739,17 +758,22 @@ fn reader_during_delete_gets_right_bytes_or_a_typed_error() {
         let mut w = Store::open(&dir, o.clone()).unwrap();
         commit(&mut w, 3, &[("w", &w3)]);
 
-        // Checkpoint 1: its file is gone, a typed error; never another checkpoint's bytes.
         for _ in 0..2 {
-            match r.checkpoint(Selector::Id(1)).unwrap().tensor("w") {
-                Err(Error::Io { source, .. }) => {
+            match (
+                r.checkpoint(Selector::Id(1)).unwrap().tensor("w"),
+                deny_lease,
+            ) {
+                // Leased: the segment is kept for the reader.
+                (Ok(t), None) => assert!(t.data == w1),
+                // Not leased: its file is gone, a typed error; never another checkpoint's bytes.
+                (Err(Error::Io { source, .. }), Some(_)) => {
                     assert_eq!(source.kind(), std::io::ErrorKind::NotFound)
                 }
-                Ok(t) => panic!("read {} bytes of a freed segment", t.data.len()),
-                Err(e) => panic!("{e}"),
+                (Ok(t), Some(_)) => panic!("read {} bytes of a freed segment", t.data.len()),
+                (Err(e), _) => panic!("{e}"),
             }
         }
-        // Checkpoint 2: the reader's open file still holds the unlinked segment's bytes.
+        // Checkpoint 2: the reader's open file still holds the segment's bytes either way.
         let t = r.checkpoint(Selector::Id(2)).unwrap().tensor("w").unwrap();
         assert!(t.data == w2);
         // The reader's view is as of its open; a new reader sees the writer's state.
@@ -757,6 +781,12 @@ fn reader_during_delete_gets_right_bytes_or_a_typed_error() {
         let r2 = Store::open(&dir, ro).unwrap();
         assert_eq!(r2.list().iter().map(|c| c.id).collect::<Vec<_>>(), vec![3]);
         assert_holds(&r2, 3, &[("w", &w3)]);
+        // Once the first reader is gone, gc frees what it held: one segment file is left.
+        drop(r);
+        w.gc().unwrap();
+        assert!(w.pending_segments().is_empty());
+        let segs = o.io.list(&dir.join("segments")).unwrap();
+        assert_eq!(segs.len(), 1, "{segs:?}");
     }
 }
 

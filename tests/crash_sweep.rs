@@ -50,6 +50,8 @@ struct Params {
     reopen_at: u64,
     /// Explicit `compact_wal()` after this step.
     compact_at: u64,
+    /// `gc()` (segment compaction) after the deletions of every step that is a multiple of it.
+    gc_every: u64,
     /// Add a tensor bigger than a segment (1 MiB) every 25 steps.
     big: bool,
     /// Images per crash point and mode.
@@ -61,6 +63,7 @@ const CI: Params = Params {
     keep: 3,
     reopen_at: 26,
     compact_at: 40,
+    gc_every: 8,
     big: false,
     seeds: 1,
 };
@@ -147,6 +150,8 @@ enum InFlight {
     Commit(Box<Expected>),
     Delete(u64),
     Compact,
+    /// `Store::gc`: copies live chunks, commits a Relocate record, frees old segments.
+    SegmentGc,
 }
 
 impl std::fmt::Display for InFlight {
@@ -165,6 +170,8 @@ impl std::fmt::Display for InFlight {
 struct Model {
     acked: BTreeMap<u64, Expected>,
     in_flight: InFlight,
+    /// Segments compacted by acknowledged `gc()` calls (the sweep must cover that path).
+    compacted: usize,
 }
 
 fn commit(store: &mut Store, e: &Expected) -> ckptstore::Result<u64> {
@@ -208,6 +215,10 @@ fn workload(
             store.delete(victim)?;
             m.acked.remove(&victim);
         }
+        if step.is_multiple_of(p.gc_every) {
+            m.in_flight = InFlight::SegmentGc;
+            m.compacted += store.gc()?.segments_compacted.len();
+        }
         if step == p.compact_at {
             m.in_flight = InFlight::Compact;
             store.compact_wal()?;
@@ -226,6 +237,7 @@ fn new_model() -> Model {
     Model {
         acked: BTreeMap::new(),
         in_flight: InFlight::Nothing,
+        compacted: 0,
     }
 }
 
@@ -396,6 +408,7 @@ fn check_image(
     let m2 = Model {
         acked,
         in_flight: InFlight::Nothing,
+        compacted: 0,
     };
     check_recovered(&store, &img2, &m2).map_err(|x| format!("(e) after second reopen: {x}"))?;
     Ok(ids)
@@ -583,6 +596,15 @@ fn sweep(p: Params, recovery_every: u64) {
     }
 }
 
+/// The workload compacts segments, so the sweep below crashes inside segment compaction
+/// (copy, fdatasync, directory fsync, Relocate record, unlink) and its recovery.
+#[test]
+fn the_workload_compacts_segments() {
+    let (m, r) = run_workload(&SimIo::new(), &CI);
+    r.unwrap();
+    assert!(m.compacted >= 2, "segments compacted: {}", m.compacted);
+}
+
 /// Every sync index × every crash mode, and a crash at every sync of each image's recovery.
 #[test]
 fn crash_at_every_sync_in_every_mode() {
@@ -603,6 +625,7 @@ fn long_crash_sweep() {
             keep: 5,
             reopen_at: 61,
             compact_at: 90,
+            gc_every: 8,
             big: true,
             seeds,
         },

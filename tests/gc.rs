@@ -213,3 +213,56 @@ fn usage_and_failures_are_one_line() {
     ok(&["gc", dir, "--keep-last", "1", "--dry-run"]);
     fails(1, &["pin", dir, "1"]);
 }
+
+/// After its deletions gc compacts a mostly-dead segment (a deleted checkpoint's big tensor
+/// next to a frozen one the others share); `--no-compact` leaves it, `--dry-run` predicts it.
+#[test]
+fn gc_compacts_after_deletions_unless_no_compact() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().to_str().unwrap();
+    {
+        let mut s = Store::open(d.path(), opts()).unwrap();
+        let frozen = data(1, 2 * CHUNK);
+        for i in 1..=3u64 {
+            let big = data(10 + i, if i == 1 { 12 * CHUNK } else { CHUNK });
+            let mut t = s.begin(i).unwrap();
+            t.put_tensor("frozen", DType::U8, &[frozen.len() as u64], &frozen)
+                .unwrap();
+            t.put_tensor("w", DType::U8, &[big.len() as u64], &big)
+                .unwrap();
+            t.commit().unwrap();
+        }
+    }
+    let seg1 = d.path().join("segments").join("00000001.seg");
+    let v = json(&ok(&[
+        "gc",
+        dir,
+        "--keep-last",
+        "2",
+        "--no-compact",
+        "--json",
+    ]));
+    assert_eq!(v["deleted"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["segments_compacted"].as_array().unwrap().len(), 0, "{v}");
+    assert!(seg1.exists(), "the frozen tensor keeps segment 1 alive");
+    let before = v["segment_bytes"].as_u64().unwrap();
+    assert!(v["amplification"].as_f64().unwrap() > 2.0, "{v}");
+
+    let dry = json(&ok(&["gc", dir, "--keep-last", "2", "--dry-run", "--json"]));
+    assert_eq!(dry["segments_compacted"], serde_json::json!([1]), "{dry}");
+    assert!(seg1.exists());
+
+    let text = ok(&["gc", dir, "--keep-last", "2"]);
+    assert!(text.contains("compacted 1 segment "), "{text}");
+    assert!(text.contains("reclaimed"), "{text}");
+    assert!(!seg1.exists());
+    let v = json(&ok(&["gc", dir, "--keep-last", "2", "--json"]));
+    assert_eq!(v["segments_compacted"].as_array().unwrap().len(), 0, "{v}");
+    let after = v["segment_bytes"].as_u64().unwrap();
+    assert!(after + 10 * CHUNK as u64 <= before, "{before} -> {after}");
+    assert_eq!(
+        after,
+        before + dry["bytes_written"].as_u64().unwrap() - dry["bytes_freed"].as_u64().unwrap()
+    );
+    ok(&["verify", dir, "--all"]);
+}

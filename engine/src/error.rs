@@ -118,6 +118,19 @@ pub enum Error {
         needed: u64,
     },
 
+    /// Segment compaction read a live chunk whose bytes do not match its BLAKE3. Nothing was
+    /// changed (the new files were removed); the checkpoints using the chunk fail `verify`.
+    #[error(
+        "{path}: live chunk at offset {offset} does not match its BLAKE3; compaction changed \
+             nothing (run `ckptstore verify --all`; `ckptstore gc --no-compact` still frees space)"
+    )]
+    CompactionSourceCorrupt {
+        /// The segment file.
+        path: PathBuf,
+        /// Offset of the chunk's payload.
+        offset: u64,
+    },
+
     /// A decoded manifest or record breaks an invariant.
     #[error("{context}: invalid manifest: {reason}")]
     BadManifest {

@@ -25,7 +25,7 @@ pub use manifest::{DType, MetaValue};
 pub use pipeline::{Pipeline, PipelineOptions, SaveHandle, SaveReport};
 pub use retention::{KeepReason, MetricMode, RetentionPlan, RetentionPolicy};
 pub use store::{
-    CheckpointInfo, CheckpointReader, CommitInfo, DeleteInfo, LoadReport, LoadSpec, Options,
-    RecoveryMode, RecoveryReport, Selector, Store, StoreStats, Tensor, TensorView, Transaction,
-    VerifiedChunks,
+    CheckpointInfo, CheckpointReader, CommitInfo, CompactionPlan, DeleteInfo, GcOptions, GcReport,
+    LoadReport, LoadSpec, Options, RecoveryMode, RecoveryReport, Selector, SpaceStats, Store,
+    StoreStats, Tensor, TensorView, Transaction, VerifiedChunks,
 };

@@ -31,6 +31,9 @@ pub enum RecordType {
     /// A checkpoint pinned or unpinned (`PinRecord`). A reader older than this type refuses
     /// a WAL that holds one (a valid frame of an unknown type is corruption, never a tail).
     Pin = 4,
+    /// Live chunks moved by segment compaction (`RelocateRecord`). Likewise refused by a
+    /// reader older than this type.
+    Relocate = 5,
 }
 
 impl RecordType {
@@ -40,6 +43,7 @@ impl RecordType {
             2 => Some(Self::Delete),
             3 => Some(Self::Snapshot),
             4 => Some(Self::Pin),
+            5 => Some(Self::Relocate),
             _ => None,
         }
     }

@@ -1,7 +1,9 @@
-//! Protobuf payloads of WAL records (CommitRecord, DeleteRecord, SnapshotRecord), decoded,
+//! Protobuf payloads of WAL records (CommitRecord, DeleteRecord, SnapshotRecord, PinRecord,
+//! RelocateRecord), decoded,
 //! validated, and then replayed by recovery: the input is cut into records that are framed
 //! with valid CRCs into a WAL in a `MemIo` store image, so the fuzzer reaches everything behind
-//! the checksums (manifest validation, the segment table, ids, deletes, snapshots).
+//! the checksums (manifest validation, the segment table, ids, deletes, snapshots, pins, and
+//! segment-compaction relocations).
 //!
 //! Invariants: no panic, no allocation beyond what the input's lengths allow (segments are
 //! only materialised up to 64 KiB); recovery either refuses with a typed error or opens, and
@@ -35,16 +37,18 @@ fuzz_target!(|data: &[u8]| {
     let _ = pb::SnapshotRecord::decode(data);
     let _ = pb::DeleteRecord::decode(data);
     let _ = pb::PinRecord::decode(data);
+    let _ = pb::RelocateRecord::decode(data);
 
     // 2. The input as a list of records: [type][len u16][payload]..., replayed by recovery.
     let mut records = Vec::new();
     let mut rest = data;
     while rest.len() >= 3 && records.len() < 16 {
-        let ty = match rest[0] % 4 {
+        let ty = match rest[0] % 5 {
             0 => RecordType::Commit,
             1 => RecordType::Delete,
             2 => RecordType::Snapshot,
-            _ => RecordType::Pin,
+            3 => RecordType::Pin,
+            _ => RecordType::Relocate,
         };
         let len = (u16::from_le_bytes([rest[1], rest[2]]) as usize).min(rest.len() - 3);
         records.push((ty, &rest[3..3 + len]));
@@ -75,6 +79,11 @@ fuzz_target!(|data: &[u8]| {
             RecordType::Snapshot => {
                 if let Ok(s) = pb::SnapshotRecord::decode(*payload) {
                     segs = s.segments;
+                }
+            }
+            RecordType::Relocate => {
+                if let Ok(r) = pb::RelocateRecord::decode(*payload) {
+                    segs = r.new_segments;
                 }
             }
             RecordType::Delete | RecordType::Pin => {}

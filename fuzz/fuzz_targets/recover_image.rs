@@ -1,5 +1,6 @@
 //! Recovery of a damaged store image. A small valid store (a few commits, a delete, shared
-//! chunks; in one variant a compacted WAL that starts with a snapshot record) is built once in
+//! chunks, a segment compaction and its Relocate record; in one variant a compacted WAL that
+//! starts with a snapshot record) is built once in
 //! a `MemIo`; the input then damages a copy of it — flips bytes, truncates, splices one file
 //! into another, writes bytes, deletes files, copies a file under another store name, turns a
 //! file into a directory, and (optionally) recomputes every CRC so the damage gets past the
@@ -48,7 +49,13 @@ fn opts(mem: &MemIo, read_only: bool, mode: RecoveryMode) -> Options {
 
 fn build(compacted: bool) -> Image {
     let mem = MemIo::new();
-    let mut s = Store::open(DIR, opts(&mem, false, RecoveryMode::default())).unwrap();
+    // Compact any segment with a dead byte, so the image holds a Relocate record (or, compacted,
+    // relocated manifests).
+    let build_opts = Options {
+        compact_live_fraction: 1.0,
+        ..opts(&mem, false, RecoveryMode::default())
+    };
+    let mut s = Store::open(DIR, build_opts).unwrap();
     let mut expected = BTreeMap::new();
     let steps: [(&[(&str, u64, usize)], &[(&str, u64, usize)]); 4] = [
         (&[("a", 1, 10_000), ("b", 2, 100)], &[]),
@@ -77,6 +84,7 @@ fn build(compacted: bool) -> Image {
             // Its contents stay in `expected`: a damaged WAL may bring it back, and then it
             // must still hold what it held.
             s.delete(1).unwrap();
+            assert!(!s.gc().unwrap().segments_compacted.is_empty());
             if compacted {
                 s.compact_wal().unwrap();
             }

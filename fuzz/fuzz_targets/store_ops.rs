@@ -1,4 +1,4 @@
-//! Structured operations (Put, Commit, Abort, Delete, Pin/unpin, keep-last retention, Compact, Reopen, a read-only view,
+//! Structured operations (Put, Commit, Abort, Delete, Pin/unpin, keep-last retention, Compact, Gc, a reader held open across them, Reopen, a read-only view,
 //! Verify, and a power cut in the middle of a commit) against a reference model, on the
 //! power-loss simulator `SimIo`. The model and its checks live in
 //! `tests/model/mod.rs`, shared with the proptest `tests/model_proptest.rs`.
@@ -49,6 +49,9 @@ enum FuzzOp {
     Retain {
         keep: u8,
     },
+    Gc,
+    HoldReader,
+    ReleaseReader,
 }
 
 impl From<&FuzzOp> for model::Op {
@@ -76,6 +79,9 @@ impl From<&FuzzOp> for model::Op {
             FuzzOp::Crash { within, mode, seed } => Op::Crash { within, mode, seed },
             FuzzOp::Pin { pick, on } => Op::Pin { pick, on },
             FuzzOp::Retain { keep } => Op::Retain { keep },
+            FuzzOp::Gc => Op::Gc,
+            FuzzOp::HoldReader => Op::HoldReader,
+            FuzzOp::ReleaseReader => Op::ReleaseReader,
         }
     }
 }

@@ -73,6 +73,9 @@ fuzz_target!(|input: &[u8]| {
             RecordType::Pin => {
                 let _ = pb::PinRecord::decode(p);
             }
+            RecordType::Relocate => {
+                let _ = pb::RelocateRecord::decode(p);
+            }
         }
     }
     assert_eq!(scan.valid_end, at);

@@ -1,11 +1,12 @@
 //! `ckptstore gc`: apply a retention policy — keep what any rule keeps (plus the newest and
 //! every pinned checkpoint), delete the rest oldest first, each deletion a durable WAL record
-//! before its space is freed. `--dry-run` only prints the plan.
+//! before its space is freed — then compact mostly-dead segments (unless `--no-compact`) and
+//! free what readers that have closed left behind. `--dry-run` only prints the plan.
 
 use super::{check_dir, emit, emit_json, fail, human_bytes, info_json, iso_time, table};
 use super::{open_read_only, CliResult};
 use ckptstore::current::CURRENT_NAME;
-use ckptstore::{CheckpointInfo, MetricMode, Options, RetentionPolicy, Store};
+use ckptstore::{CheckpointInfo, GcOptions, MetricMode, Options, RetentionPolicy, Store};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -58,8 +59,16 @@ pub struct Args {
     /// while a writer runs).
     #[arg(long)]
     pub dry_run: bool,
+    /// Do not compact segments after the deletions (segments no live checkpoint references
+    /// are still freed). Compaction copies the live chunks of segments that are mostly dead
+    /// into new ones, so the files stay within 1.5x the live bytes.
+    #[arg(long)]
+    pub no_compact: bool,
     /// Print JSON: {"dir", "dry_run", "kept": [checkpoint as in `ls --json` + "reasons":
-    /// [{"kind", "text"}]], "deleted": [checkpoint], "segments_freed", "bytes_freed"}.
+    /// [{"kind", "text"}]], "deleted": [checkpoint], "segments_freed", "bytes_freed",
+    /// "segments_compacted", "segments_written", "bytes_written", "bytes_reclaimed"
+    /// (freed − written), "segments_pending" and "bytes_pending" (kept for open readers),
+    /// "live_bytes", "segment_bytes", "amplification" (after)}.
     #[arg(long)]
     pub json: bool,
 }
@@ -122,6 +131,47 @@ pub fn run(a: Args) -> CliResult {
         segments_freed = done.iter().map(|d| d.segments_freed.len()).sum();
         bytes_freed = done.iter().map(|d| d.bytes_freed).sum();
     }
+    // Then compaction (and what closed readers left): after the deletions, or as planned.
+    let gc_opts = GcOptions {
+        compact: !a.no_compact,
+        dry_run: a.dry_run,
+    };
+    let gc = if a.dry_run {
+        // What the deletions would leave, then what compaction would do to that.
+        let only_free = GcOptions {
+            compact: false,
+            ..gc_opts
+        };
+        let mut r = store.gc_with(only_free, |_, _| {})?;
+        if gc_opts.compact {
+            let deleting: Vec<u64> = plan.delete.iter().map(|c| c.id).collect();
+            let c = store.plan_compaction_after(&deleting);
+            r.segments_compacted = c.sources;
+            r.bytes_written = c.output_bytes;
+            r.bytes_freed += c.source_bytes;
+            r.after.segment_bytes = (r.before.segment_bytes + c.output_bytes)
+                .saturating_sub(plan.bytes_freed + c.source_bytes);
+        }
+        r
+    } else {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "compacting [{bar:30}] {bytes}/{total_bytes} ({binary_bytes_per_sec}, {eta})",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        let r = store.gc_with(gc_opts, |done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        });
+        bar.finish_and_clear();
+        r?
+    };
+    segments_freed += gc.segments_freed.len();
+    bytes_freed += gc.bytes_freed;
+    let bytes_reclaimed = bytes_freed.saturating_sub(gc.bytes_written);
 
     if a.json {
         let kept: Vec<Value> = plan
@@ -144,6 +194,15 @@ pub fn run(a: Args) -> CliResult {
             "deleted": plan.delete.iter().map(info_json).collect::<Vec<_>>(),
             "segments_freed": segments_freed,
             "bytes_freed": bytes_freed,
+            "segments_compacted": gc.segments_compacted,
+            "segments_written": gc.segments_written,
+            "bytes_written": gc.bytes_written,
+            "bytes_reclaimed": bytes_reclaimed,
+            "segments_pending": gc.segments_pending,
+            "bytes_pending": gc.bytes_pending,
+            "live_bytes": gc.after.live_bytes,
+            "segment_bytes": gc.after.segment_bytes,
+            "amplification": gc.after.amplification(),
         }));
     }
     if plan.keep.is_empty() {
@@ -171,6 +230,8 @@ pub fn run(a: Args) -> CliResult {
     );
     let n = plan.delete.len();
     let s = if n == 1 { "" } else { "s" };
+    let compacted = gc.segments_compacted.len();
+    let cs = if compacted == 1 { "" } else { "s" };
     out += &if a.dry_run {
         format!(
             "dry run: would delete {n} checkpoint{s} and free {} ({segments_freed} segment files); \
@@ -185,5 +246,32 @@ pub fn run(a: Args) -> CliResult {
             plan.keep.len()
         )
     };
+    if !a.no_compact {
+        let verb = if a.dry_run {
+            "would compact"
+        } else {
+            "compacted"
+        };
+        out += &format!(
+            "{verb} {compacted} segment{cs} (copying {}); reclaimed {} in all\n",
+            human_bytes(gc.bytes_written),
+            human_bytes(bytes_reclaimed)
+        );
+    }
+    if !gc.segments_pending.is_empty() {
+        out += &format!(
+            "{} in {} segment files kept for open readers (freed by the next gc after they close)\n",
+            human_bytes(gc.bytes_pending),
+            gc.segments_pending.len()
+        );
+    }
+    if !a.dry_run {
+        out += &format!(
+            "segments: {} for {} live ({:.2}x)\n",
+            human_bytes(gc.after.segment_bytes),
+            human_bytes(gc.after.live_bytes),
+            gc.after.amplification()
+        );
+    }
     emit(&out)
 }

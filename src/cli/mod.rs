@@ -45,7 +45,8 @@ enum Command {
     /// Open a store as its writer, run crash recovery, and report what it repaired.
     Recover(recover::Args),
     /// Apply a retention policy: keep what any --keep-* rule keeps (and the newest and every
-    /// pinned checkpoint), delete the rest, free their space.
+    /// pinned checkpoint), delete the rest, free their space (segments open readers still hold
+    /// wait for them), then compact mostly-dead segments unless --no-compact.
     Gc(gc::Args),
     /// Pin a checkpoint: gc always keeps it and delete refuses it until it is unpinned.
     Pin(pin::Args),

@@ -85,6 +85,16 @@ pub enum Op {
         /// How many newest to keep, modulo 4, plus 1.
         keep: u8,
     },
+    /// `Store::gc`: compacts mostly-dead segments (copy live chunks, Relocate record, free the
+    /// old ones). Changes no checkpoint: every one must read back as before, and the space
+    /// accounting must add up.
+    Gc,
+    /// Open a read-only store and keep it open across the following operations (replacing
+    /// one held before). Its lease keeps what it saw readable through deletions and gc.
+    HoldReader,
+    /// Read every checkpoint the held reader saw at its open — deleted since or not —
+    /// bit-exact, then close it (no-op without one).
+    ReleaseReader,
 }
 
 /// Deterministic pseudo-random bytes (xorshift), different for every seed: the helper the
@@ -110,6 +120,8 @@ struct ModelCkpt {
 pub struct Harness {
     sim: SimIo,
     store: Option<Store>,
+    /// A read-only store held open, and the checkpoints it saw at its open.
+    held: Option<(Store, BTreeMap<u64, ModelCkpt>)>,
     model: BTreeMap<u64, ModelCkpt>,
     /// Staged tensors; the flag marks a duplicate name that `put_tensor` must refuse.
     pending: Vec<(ModelTensor, bool)>,
@@ -144,6 +156,7 @@ impl Harness {
         Harness {
             sim,
             store: Some(store),
+            held: None,
             model: BTreeMap::new(),
             pending: Vec::new(),
             last_id: 0,
@@ -249,15 +262,64 @@ impl Harness {
                 }
             }
             Op::Compact => self.store().compact_wal().expect("compact"),
+            Op::Gc => {
+                let reading = self.held.is_some();
+                let g = self.store().gc().expect("gc");
+                assert!(reading || g.segments_pending.is_empty(), "no reader: {g:?}");
+                // Every byte accounted for: live segments and segments kept for readers.
+                let (a, b) = (&g.after, &g.before);
+                assert_eq!(
+                    a.segment_bytes + a.pending_bytes + g.bytes_freed,
+                    b.segment_bytes + b.pending_bytes + g.bytes_written,
+                    "{g:?}"
+                );
+                assert_eq!(g.after.live_bytes, g.before.live_bytes, "{g:?}");
+                self.check_contents();
+            }
             Op::Reopen => {
+                // Segments the writer kept for a reader: orphans once it is gone.
+                let pending: Vec<String> = self
+                    .store()
+                    .pending_segments()
+                    .iter()
+                    .map(|&(id, _)| ckptstore::segment::file_name(id))
+                    .collect();
                 self.store = None;
                 let s = Store::open(DIR, options(&self.sim, false)).expect("reopen");
                 let r = s.recovery_report();
                 assert_eq!(r.truncated_tail_bytes, 0, "clean shutdown left a torn tail");
                 assert!(r.damaged_segments.is_empty(), "{:?}", r.damaged_segments);
-                assert!(r.orphan_segments.is_empty(), "{:?}", r.orphan_segments);
+                // Only segments the last writer kept for readers are left over (removed now,
+                // or kept again for a reader still open).
+                for o in &r.orphan_segments {
+                    let name = o.file_name().unwrap().to_string_lossy().into_owned();
+                    assert!(
+                        pending.contains(&name),
+                        "orphan {o:?} not pending {pending:?}"
+                    );
+                }
+                assert!(self.held.is_some() || r.orphans_leased.is_empty());
                 self.store = Some(s);
                 self.check_contents();
+            }
+            Op::HoldReader => {
+                self.held = None;
+                let r = Store::open(DIR, options(&self.sim, true)).expect("read-only open");
+                assert!(r.reader_lease().is_some(), "a reader holds a lease");
+                self.held = Some((r, self.model.clone()));
+            }
+            Op::ReleaseReader => {
+                if let Some((r, saw)) = self.held.take() {
+                    for (&id, c) in &saw {
+                        let ck = r.checkpoint(Selector::Id(id)).expect("held checkpoint");
+                        for t in &c.tensors {
+                            let got = ck
+                                .tensor(&t.name)
+                                .unwrap_or_else(|e| panic!("held reader, {id}/{}: {e}", t.name));
+                            assert!(got.data == t.data, "held reader: {id}/{} differs", t.name);
+                        }
+                    }
+                }
             }
             Op::ReadOnlyView => {
                 let ro = Store::open(DIR, options(&self.sim, true)).expect("read-only open");
@@ -343,7 +405,9 @@ impl Harness {
             );
         }
         // The process is gone: nothing of it runs again (its drops see a dead file system).
+        // A power cut ends the readers too.
         self.store = None;
+        self.held = None;
         let mode = CrashMode::ALL[usize::from(mode) % CrashMode::ALL.len()];
         let where_ = sim.crashed().unwrap_or_else(|| "after the commit".into());
         self.sim = sim.crash_image(mode, u64::from(seed));

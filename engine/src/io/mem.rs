@@ -274,6 +274,21 @@ impl Storage for MemIo {
             lock: Some((self.tree.clone(), path.to_path_buf())),
         })))
     }
+
+    fn try_lock_existing(&self, path: &Path) -> io::Result<Option<Box<dyn StorageFile>>> {
+        self.faults.check_access(path)?;
+        let mut tree = self.tree.lock().unwrap();
+        let data = tree.files.get(path).ok_or_else(|| not_found(path))?.clone();
+        if !tree.locks.insert(path.to_path_buf()) {
+            return Ok(None);
+        }
+        Ok(Some(Box::new(MemFile {
+            data,
+            writable: false,
+            faults: self.faults.clone(),
+            lock: Some((self.tree.clone(), path.to_path_buf())),
+        })))
+    }
 }
 
 impl Drop for MemFile {

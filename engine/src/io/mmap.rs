@@ -8,8 +8,10 @@
 //! The store never writes a byte of a segment that a committed manifest references (segments
 //! are append-only: new frames go past the committed end, and a committed frame is never
 //! rewritten), and it never truncates a segment: a segment leaves the store only by unlink
-//! (GC), which keeps the inode and our mapping alive until the map is dropped. So the bytes a
-//! reader sees through the map cannot change under it because of this store.
+//! (GC, segment compaction), which keeps the inode and our mapping alive until the map is
+//! dropped — and not even that while a reader's lease (store/lease.rs) names the segment, so
+//! a read-only store can still open and map segments of checkpoints deleted since its open.
+//! So the bytes a reader sees through the map cannot change under it because of this store.
 //!
 //! What the store cannot prevent is another process (or a person) truncating or overwriting a
 //! segment file by hand. An overwrite changes bytes a caller may already hold as `&[u8]`; a

@@ -44,6 +44,10 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Takes an exclusive advisory lock on `path` (created if absent), without blocking.
     /// `Ok(None)` means another holder has it. The lock lasts as long as the returned file.
     fn try_lock(&self, path: &Path) -> io::Result<Option<Box<dyn StorageFile>>>;
+    /// [`Storage::try_lock`] of a file that must already exist: `NotFound` if it does not
+    /// (never creates one). Used to probe whether another holder (a reader's lease) is alive:
+    /// `Ok(None)` means it is; `Ok(Some(f))` means nobody held it, and now `f` does.
+    fn try_lock_existing(&self, path: &Path) -> io::Result<Option<Box<dyn StorageFile>>>;
 }
 
 /// An open file. Positioned I/O only: the engine tracks offsets itself.

@@ -77,6 +77,16 @@ impl Storage for StdIo {
             Err(std::fs::TryLockError::Error(e)) => Err(e),
         }
     }
+
+    fn try_lock_existing(&self, path: &Path) -> io::Result<Option<Box<dyn StorageFile>>> {
+        // Read-only is enough for flock(2); it never creates the file.
+        let f = File::open(path)?;
+        match f.try_lock() {
+            Ok(()) => Ok(Some(StdFile::boxed(f))),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
 }
 
 impl StorageFile for StdFile {

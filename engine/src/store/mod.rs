@@ -1,7 +1,10 @@
 //! The store: open (with recovery), write transactions, listing, reading, deletion,
 //! verification and WAL compaction. See docs/GUARANTEES.md for the contract.
 
+mod compact;
 mod files;
+mod gc;
+mod lease;
 mod reader;
 mod recovery;
 mod select;
@@ -9,7 +12,10 @@ mod state;
 mod txn;
 mod view;
 
+pub use compact::CompactionPlan;
 pub use files::{parse_wal_file_name, wal_file_name, LOCK_NAME, SEGMENTS_DIR};
+pub use gc::{GcOptions, GcReport, SpaceStats};
+pub use lease::READERS_DIR;
 pub use reader::{CheckpointReader, Tensor, VerifiedChunks};
 pub use recovery::RecoveryReport;
 pub use select::{LoadReport, LoadSpec, NamePredicate};
@@ -64,6 +70,14 @@ pub struct Options {
     /// The WAL is rewritten (compacted) when it is larger than this and more than twice the
     /// size of the live records. Default 8 MiB.
     pub wal_compact_min_bytes: u64,
+    /// [`Store::gc`] compacts a segment when the bytes its live chunks would take, rewritten,
+    /// are below this fraction of its data bytes. Default 0.5; bounds 0.0 ..= 1.0 (0 never
+    /// compacts on this rule alone).
+    pub compact_live_fraction: f64,
+    /// [`Store::gc`] also compacts the emptiest segments (live fraction below 0.9) while the
+    /// segment files would otherwise take more than this many times the live chunk bytes.
+    /// Default 1.5; at least 1.0 (`f64::INFINITY` turns the rule off).
+    pub max_space_amplification: f64,
     /// The file system. Default [`crate::io::default_storage`]: `UringIo` where io_uring
     /// can be set up (shared by the process), else [`crate::io::StdIo`]; `CKPTSTORE_IO=std|uring`
     /// forces one.
@@ -78,6 +92,8 @@ impl Default for Options {
             chunk_size: 4 << 20,
             segment_max_bytes: 1 << 30,
             wal_compact_min_bytes: 8 << 20,
+            compact_live_fraction: 0.5,
+            max_space_amplification: 1.5,
             io: crate::io::default_storage(),
         }
     }
@@ -103,6 +119,18 @@ impl Options {
             return Err(Error::invalid(format!(
                 "segment_max_bytes {} below 1 MiB",
                 self.segment_max_bytes
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.compact_live_fraction) {
+            return Err(Error::invalid(format!(
+                "compact_live_fraction {} outside 0.0..=1.0",
+                self.compact_live_fraction
+            )));
+        }
+        if self.max_space_amplification.is_nan() || self.max_space_amplification < 1.0 {
+            return Err(Error::invalid(format!(
+                "max_space_amplification {} below 1.0",
+                self.max_space_amplification
             )));
         }
         Ok(())
@@ -169,10 +197,14 @@ impl CheckpointInfo {
 pub struct DeleteInfo {
     /// The checkpoint deleted.
     pub id: u64,
-    /// Segment files freed (no live checkpoint referenced them any more).
+    /// Segment files freed (no live checkpoint referenced them any more; also segments an
+    /// earlier deletion left to a reader that has closed since).
     pub segments_freed: Vec<u64>,
     /// Their bytes.
     pub bytes_freed: u64,
+    /// Segments no live checkpoint references but an open reader's lease still holds: kept
+    /// until it closes, then freed by the next delete, [`Store::gc`] or open.
+    pub segments_pending: Vec<u64>,
 }
 
 /// Sizes of the store's files.
@@ -199,6 +231,11 @@ pub struct Store {
     poisoned: Option<String>,
     report: RecoveryReport,
     open_segments: Mutex<HashMap<u64, Arc<dyn StorageFile>>>,
+    /// A read-only store's lease on the segments it may read (None for the writer, or when
+    /// the lease could not be taken: see [`Store::reader_lease`]).
+    lease: Option<lease::ReaderLease>,
+    /// Segments no live checkpoint references, kept for a reader's lease (id → bytes).
+    pending_free: BTreeMap<u64, u64>,
 }
 
 impl std::fmt::Debug for Store {
@@ -233,7 +270,21 @@ impl Store {
                 .map_err(|e| Error::io("create dir", &dir, e))?;
             Some(take_lock(&*io, &dir)?)
         };
+        // A reader takes its lease (holding everything) before it reads the WAL, and narrows
+        // it after: see store/lease.rs for why that order closes the race with a deletion.
+        // Only in an existing store (a read-only open never creates one); a reader that cannot
+        // write its lease (a read-only file system, no permission) reads without one.
+        let lease = match opts.read_only {
+            true if io
+                .exists(&dir.join(crate::current::CURRENT_NAME))
+                .unwrap_or(false) =>
+            {
+                lease::ReaderLease::take(io.clone(), &dir).ok()
+            }
+            _ => None,
+        };
         let rec = recovery::recover(&*io, &dir, &opts)?;
+        let lease = lease.filter(|l| l.hold(rec.state.segments.keys().copied()).is_ok());
         Ok(Store {
             dir,
             opts,
@@ -243,7 +294,17 @@ impl Store {
             poisoned: None,
             report: rec.report,
             open_segments: Mutex::new(HashMap::new()),
+            lease,
+            pending_free: rec.pending_free,
         })
+    }
+
+    /// The lease file of a read-only store (`readers/*.lease`), which keeps the writer from
+    /// freeing the segments this store may read. `None` for the writer, and for a reader that
+    /// could not write one (a read-only file system or directory): such a reader reads
+    /// unprotected, and a concurrent deletion may make its reads fail with an I/O error.
+    pub fn reader_lease(&self) -> Option<&Path> {
+        self.lease.as_ref().map(|l| l.path())
     }
 
     /// The store directory.
@@ -389,7 +450,8 @@ impl Store {
     }
 
     /// Deletes checkpoint `id`: the delete record is made durable first, then segment files
-    /// no live checkpoint references are removed.
+    /// no live checkpoint references are removed — except those an open reader's lease holds,
+    /// which are freed once it closes (see [`DeleteInfo::segments_pending`]).
     ///
     /// A pinned checkpoint is refused with [`Error::Pinned`]; unpin it first.
     pub fn delete(&mut self, id: u64) -> Result<DeleteInfo> {
@@ -410,21 +472,16 @@ impl Store {
             .map(|(&k, s)| (k, s.len))
             .collect();
         let dead = self.state.apply_delete(id, commit_record_len);
-        let mut info = DeleteInfo {
+        let dead = dead
+            .into_iter()
+            .map(|s| (s, lens.get(&s).copied().unwrap_or(0)));
+        let freed = self.free_segments(dead);
+        let info = DeleteInfo {
             id,
-            ..Default::default()
+            segments_freed: freed.freed,
+            bytes_freed: freed.bytes_freed,
+            segments_pending: freed.pending,
         };
-        let seg_dir = self.dir.join(SEGMENTS_DIR);
-        for s in dead {
-            self.open_segments.lock().unwrap().remove(&s);
-            let path = seg_dir.join(segment::file_name(s));
-            // The record is durable: a failed unlink only leaves an orphan that the next
-            // recovery removes.
-            if self.opts.io.remove_file(&path).is_ok() {
-                info.bytes_freed += lens.get(&s).copied().unwrap_or(0);
-            }
-            info.segments_freed.push(s);
-        }
         self.compact_after_durable_write();
         Ok(info)
     }

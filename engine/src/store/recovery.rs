@@ -3,6 +3,7 @@
 //! during recovery is recovered by the next open.
 
 use super::files::{self, WalWriter, SEGMENTS_DIR};
+use super::lease;
 use super::state::State;
 use super::{Options, RecoveryMode};
 use crate::current::{self, CurrentDecodeError};
@@ -13,6 +14,7 @@ use crate::segment::{self, DecodeError};
 use crate::wal::{self, HeaderError, RecordType, WalHeader};
 use ckptstore_proto::v1 as pb;
 use prost::Message;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -33,6 +35,9 @@ pub struct RecoveryReport {
     pub salvaged_corruption: Option<String>,
     /// Segment files no committed record references, removed (or, read-only, found).
     pub orphan_segments: Vec<PathBuf>,
+    /// Of those, the ones a live reader's lease still holds: kept, and freed by a later
+    /// delete, `gc` or open once the lease is gone (docs/GUARANTEES.md, "Readers").
+    pub orphans_leased: Vec<PathBuf>,
     /// Their total size in bytes.
     pub orphan_bytes: u64,
     /// Other leftovers removed: old WAL files, a stale `CURRENT.tmp`.
@@ -49,6 +54,8 @@ pub(crate) struct Recovered {
     pub state: State,
     pub wal: Option<WalWriter>,
     pub report: RecoveryReport,
+    /// Unreferenced segments kept for live readers (id → bytes): freed later.
+    pub pending_free: BTreeMap<u64, u64>,
 }
 
 fn not_found(e: &std::io::Error) -> bool {
@@ -185,6 +192,12 @@ pub(crate) fn recover(io: &dyn Storage, dir: &Path, opts: &Options) -> Result<Re
                 let p = pb::PinRecord::decode(payload).map_err(decode_err)?;
                 state.apply_pin(p.id, p.pinned, &context)?;
             }
+            RecordType::Relocate => {
+                let r = pb::RelocateRecord::decode(payload).map_err(decode_err)?;
+                // The sources it leaves unreferenced are orphans now: removed below, unless
+                // a live reader's lease holds them.
+                state.apply_relocate(&r, super::commit_record_len, &context)?;
+            }
         }
     }
     report.records_replayed = scan.records.len();
@@ -221,13 +234,18 @@ pub(crate) fn recover(io: &dyn Storage, dir: &Path, opts: &Options) -> Result<Re
         None
     };
 
-    check_segments(io, dir, opts, &mut state, &mut report)?;
+    let pending_free = check_segments(io, dir, opts, &mut state, &mut report)?;
     if writable {
         remove_leftovers(io, dir, wal_number, &mut report)?;
     }
     report.checkpoints = state.checkpoints.len();
     report.duration = started.elapsed();
-    Ok(Recovered { state, wal, report })
+    Ok(Recovered {
+        state,
+        wal,
+        report,
+        pending_free,
+    })
 }
 
 /// Creates a new store (or finishes a creation that crashed before `CURRENT` was durable).
@@ -283,24 +301,26 @@ fn initialize(
     report.created = true;
     report.wal_file = wal.path.clone();
     let mut state = State::new();
-    check_segments(io, dir, opts, &mut state, &mut report)?;
+    let pending_free = check_segments(io, dir, opts, &mut state, &mut report)?;
     remove_leftovers(io, dir, 1, &mut report)?;
     report.duration = started.elapsed();
     Ok(Recovered {
         state,
         wal: Some(wal),
         report,
+        pending_free,
     })
 }
 
-/// Checks every live segment exists and is long enough; removes (writer) orphan segments.
+/// Checks every live segment exists and is long enough; removes (writer) orphan segments,
+/// except those a live reader's lease holds: those are returned (id → bytes), to free later.
 fn check_segments(
     io: &dyn Storage,
     dir: &Path,
     opts: &Options,
     state: &mut State,
     report: &mut RecoveryReport,
-) -> Result<()> {
+) -> Result<BTreeMap<u64, u64>> {
     let seg_dir = dir.join(SEGMENTS_DIR);
     let names = match io.list(&seg_dir) {
         Ok(n) => n,
@@ -371,11 +391,22 @@ fn check_segments(
         .into_iter()
         .filter(|(id, _)| !state.segments.contains_key(id))
         .collect();
+    // Only the writer frees, and only what no live reader holds (store/lease.rs).
+    let leases = (!opts.read_only && !orphans.is_empty()).then(|| lease::scan(io, dir, true));
+    let mut pending = BTreeMap::new();
     for (id, path) in &orphans {
         // Never reuse the id, even of a file that stays (a directory, see below).
         state.next_segment_id = state.next_segment_id.max(id.saturating_add(1));
+        let mut bytes = 0;
         if let Ok(f) = io.open(path, false) {
-            report.orphan_bytes += f.len().unwrap_or(0);
+            bytes = f.len().unwrap_or(0);
+            report.orphan_bytes += bytes;
+        }
+        if leases.as_ref().is_some_and(|l| l.holds(*id)) {
+            pending.insert(*id, bytes);
+            report.orphans_leased.push(path.clone());
+            report.orphan_segments.push(path.clone());
+            continue;
         }
         if !opts.read_only {
             match io.remove_file(path) {
@@ -393,7 +424,7 @@ fn check_segments(
         io.sync_dir(&seg_dir)
             .map_err(|e| Error::io("fsync dir", &seg_dir, e))?;
     }
-    Ok(())
+    Ok(pending)
 }
 
 /// Removes WAL files other than the live one and a stale `CURRENT.tmp`, then makes the

@@ -22,7 +22,7 @@ struct IndexEntry {
     refs: usize,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct State {
     pub checkpoints: BTreeMap<u64, Arc<Manifest>>,
     pub segments: BTreeMap<u64, SegmentState>,
@@ -197,6 +197,126 @@ impl State {
             self.damaged_segments.remove(s);
         }
         dead
+    }
+
+    /// Applies a relocation (segment compaction): the new segments join the table, every live
+    /// chunk reference at a moved location points at its new one, and the segments left with
+    /// no reference are returned (dropped from the table, to be freed). `context` names the
+    /// record for errors. Validated in full before anything changes, so a bad record leaves
+    /// the state as it was.
+    pub fn apply_relocate(
+        &mut self,
+        r: &pb::RelocateRecord,
+        record_bytes_of: impl Fn(&Manifest) -> u64,
+        context: &str,
+    ) -> Result<Vec<u64>> {
+        let bad = |reason: String| Error::BadManifest {
+            context: context.to_owned(),
+            reason,
+        };
+        let mut new_lens = BTreeMap::new();
+        for s in &r.new_segments {
+            if self.segments.contains_key(&s.id) || new_lens.insert(s.id, s.length).is_some() {
+                return Err(bad(format!(
+                    "relocation into segment {}, which exists",
+                    s.id
+                )));
+            }
+        }
+        let mut moves: HashMap<(u64, u64), (u64, u64)> = HashMap::with_capacity(r.moves.len());
+        for mv in &r.moves {
+            if !self.segments.contains_key(&mv.from_segment) {
+                return Err(bad(format!(
+                    "relocation from unknown segment {}",
+                    mv.from_segment
+                )));
+            }
+            if !new_lens.contains_key(&mv.to_segment) {
+                return Err(bad(format!(
+                    "relocation into segment {}, which the record does not create",
+                    mv.to_segment
+                )));
+            }
+            let from = (mv.from_segment, mv.from_offset);
+            if moves.insert(from, (mv.to_segment, mv.to_offset)).is_some() {
+                return Err(bad(format!("chunk at {from:?} relocated twice")));
+            }
+        }
+        // Rewrite the manifests that use a moved chunk; check every new location fits.
+        let mut used = std::collections::HashSet::new();
+        let mut rewritten = Vec::new();
+        for m in self.checkpoints.values() {
+            if !manifest::all_chunks(m).any(|c| moves.contains_key(&(c.segment, c.offset))) {
+                continue;
+            }
+            let mut new = (**m).clone();
+            let chunks = new
+                .tensors
+                .iter_mut()
+                .flat_map(|t| t.chunks.iter_mut())
+                .chain(new.blobs.iter_mut().flat_map(|b| b.chunks.iter_mut()));
+            for c in chunks {
+                let Some(&(seg, off)) = moves.get(&(c.segment, c.offset)) else {
+                    continue;
+                };
+                if off
+                    .checked_add(c.stored_len)
+                    .is_none_or(|end| end > new_lens[&seg])
+                {
+                    return Err(bad(format!(
+                        "chunk relocated to {off}+{} past the end of segment {seg}",
+                        c.stored_len
+                    )));
+                }
+                used.insert((c.segment, c.offset));
+                c.segment = seg;
+                c.offset = off;
+            }
+            rewritten.push((m.clone(), new));
+        }
+        if used.len() != moves.len() {
+            return Err(bad(
+                "relocation of a chunk no live checkpoint references".to_string()
+            ));
+        }
+        // Valid: apply.
+        for (&id, &len) in &new_lens {
+            self.segments.insert(id, SegmentState { len, refs: 0 });
+            self.next_segment_id = self.next_segment_id.max(id.saturating_add(1));
+        }
+        let mut touched = BTreeSet::new();
+        for (old, new) in &rewritten {
+            for s in referenced_segments(old) {
+                self.segments.get_mut(&s).expect("live segment").refs -= 1;
+                touched.insert(s);
+            }
+            for s in referenced_segments(new) {
+                self.segments.get_mut(&s).expect("checked").refs += 1;
+            }
+        }
+        for e in self.index.values_mut() {
+            if let Some(&(seg, off)) = moves.get(&(e.chunk.segment, e.chunk.offset)) {
+                e.chunk.segment = seg;
+                e.chunk.offset = off;
+            }
+        }
+        let dead: Vec<u64> = touched
+            .into_iter()
+            .filter(|s| self.segments.get(s).is_some_and(|seg| seg.refs == 0))
+            .collect();
+        for s in &dead {
+            self.segments.remove(s);
+            self.damaged_segments.remove(s);
+        }
+        for (old, mut new) in rewritten {
+            // A freed segment is no longer one this checkpoint "created" (a compacted WAL
+            // must not bring it back).
+            new.new_segments.retain(|s| !dead.contains(&s.id));
+            self.live_record_bytes = self.live_record_bytes.saturating_sub(record_bytes_of(&old))
+                + record_bytes_of(&new);
+            self.checkpoints.insert(new.id, Arc::new(new));
+        }
+        Ok(dead)
     }
 
     /// Applies a pin record. `context` names the record for errors: a pin of a checkpoint that

@@ -298,4 +298,17 @@ impl Storage for SimIo {
         }
         Ok(Some(self.handle(ino, path, true, true)))
     }
+
+    fn try_lock_existing(&self, path: &Path) -> io::Result<Option<Box<dyn StorageFile>>> {
+        let mut fs = self.lock();
+        fs.enter(None)?;
+        let ino = match fs.lookup(path)? {
+            Entry::File(ino) => ino,
+            Entry::Dir => return Err(io::Error::new(io::ErrorKind::IsADirectory, "dir")),
+        };
+        if !fs.locks.insert(ino) {
+            return Ok(None);
+        }
+        Ok(Some(self.handle(ino, path, false, true)))
+    }
 }

@@ -218,6 +218,10 @@ impl Storage for UringIo {
     fn try_lock(&self, path: &Path) -> io::Result<Option<Box<dyn StorageFile>>> {
         StdIo.try_lock(path)
     }
+
+    fn try_lock_existing(&self, path: &Path) -> io::Result<Option<Box<dyn StorageFile>>> {
+        StdIo.try_lock_existing(path)
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,239 @@
+//! Freeing space: segments no live checkpoint references are unlinked unless a reader's lease
+//! holds them (then they wait, in memory, for the next delete, `gc` or open), and `Store::gc`
+//! runs segment compaction (store/compact.rs).
+
+use super::compact::CompactionPlan;
+use super::{lease, Store, SEGMENTS_DIR};
+use crate::error::Result;
+use crate::manifest;
+use crate::segment;
+use std::collections::HashSet;
+
+/// What freeing a set of dead segments did.
+#[derive(Debug, Default)]
+pub(crate) struct Freed {
+    pub freed: Vec<u64>,
+    pub bytes_freed: u64,
+    pub pending: Vec<u64>,
+}
+
+/// Options of [`Store::gc_with`].
+#[derive(Debug, Clone, Copy)]
+pub struct GcOptions {
+    /// Compact segments (store options `compact_live_fraction`, `max_space_amplification`).
+    /// Default `true`; `false` only frees what readers no longer hold.
+    pub compact: bool,
+    /// Plan only: report what would be freed and compacted, change nothing. Default `false`.
+    pub dry_run: bool,
+}
+
+impl Default for GcOptions {
+    fn default() -> Self {
+        GcOptions {
+            compact: true,
+            dry_run: false,
+        }
+    }
+}
+
+/// Space the live segments take against the live data they hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpaceStats {
+    /// Live segment files.
+    pub segments: usize,
+    /// Their committed bytes (headers, frame headers, padding and dead chunks included).
+    pub segment_bytes: u64,
+    /// Stored bytes of the distinct chunks live checkpoints reference.
+    pub live_bytes: u64,
+    /// Bytes of segment files kept only for open readers (freed when they close).
+    pub pending_bytes: u64,
+}
+
+impl SpaceStats {
+    /// `segment_bytes / live_bytes` (1.0 for an empty store): the space amplification.
+    pub fn amplification(&self) -> f64 {
+        if self.live_bytes == 0 {
+            1.0
+        } else {
+            self.segment_bytes as f64 / self.live_bytes as f64
+        }
+    }
+}
+
+/// What [`Store::gc`] did (or, with `dry_run`, would do).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GcReport {
+    /// Nothing was changed.
+    pub dry_run: bool,
+    /// Segment files removed: compacted sources, and segments earlier deletions left to
+    /// readers that have closed since.
+    pub segments_freed: Vec<u64>,
+    /// Their bytes.
+    pub bytes_freed: u64,
+    /// Segments whose live chunks were copied (compacted); part of `segments_freed` unless a
+    /// reader still holds them.
+    pub segments_compacted: Vec<u64>,
+    /// New segments compaction wrote.
+    pub segments_written: Vec<u64>,
+    /// Their bytes.
+    pub bytes_written: u64,
+    /// Segments no live checkpoint references, still held by an open reader's lease.
+    pub segments_pending: Vec<u64>,
+    /// Their bytes.
+    pub bytes_pending: u64,
+    /// Space before.
+    pub before: SpaceStats,
+    /// Space after (with `dry_run`: as planned).
+    pub after: SpaceStats,
+}
+
+impl GcReport {
+    /// Bytes of disk space given back: freed minus written (0 if compaction wrote more than
+    /// it could free yet, because readers hold the sources).
+    pub fn bytes_reclaimed(&self) -> u64 {
+        self.bytes_freed.saturating_sub(self.bytes_written)
+    }
+}
+
+impl Store {
+    /// Adds `dead` (segment id, bytes) to the segments waiting to be freed, then unlinks every
+    /// waiting segment no live reader's lease holds. Called after the WAL record that made
+    /// them dead is durable.
+    pub(super) fn free_segments(&mut self, dead: impl IntoIterator<Item = (u64, u64)>) -> Freed {
+        for (s, len) in dead {
+            self.open_segments.lock().unwrap().remove(&s);
+            self.pending_free.insert(s, len);
+        }
+        let mut out = Freed::default();
+        if self.pending_free.is_empty() {
+            return out;
+        }
+        let io = self.opts.io.clone();
+        let leases = lease::scan(&*io, &self.dir, true);
+        let seg_dir = self.dir.join(SEGMENTS_DIR);
+        let waiting = std::mem::take(&mut self.pending_free);
+        for (s, len) in waiting {
+            if leases.holds(s) {
+                out.pending.push(s);
+                self.pending_free.insert(s, len);
+                continue;
+            }
+            // The record is durable: a failed unlink only leaves an orphan that the next
+            // recovery removes.
+            if io.remove_file(&seg_dir.join(segment::file_name(s))).is_ok() {
+                out.bytes_freed += len;
+            }
+            out.freed.push(s);
+        }
+        out
+    }
+
+    /// Segments no live checkpoint references that open readers still hold, with their
+    /// bytes. They are freed by the first delete, [`Store::gc`] or open after the reader
+    /// closes (or dies).
+    pub fn pending_segments(&self) -> Vec<(u64, u64)> {
+        self.pending_free.iter().map(|(&s, &l)| (s, l)).collect()
+    }
+
+    /// Live bytes against segment bytes (see [`SpaceStats::amplification`]).
+    pub fn space(&self) -> SpaceStats {
+        let mut seen = HashSet::new();
+        let mut live_bytes = 0;
+        for m in self.state.checkpoints.values() {
+            for c in manifest::all_chunks(m) {
+                if seen.insert((c.segment, c.offset)) {
+                    live_bytes += c.stored_len;
+                }
+            }
+        }
+        SpaceStats {
+            segments: self.state.segments.len(),
+            segment_bytes: self.state.segments.values().map(|s| s.len).sum(),
+            live_bytes,
+            pending_bytes: self.pending_free.values().sum(),
+        }
+    }
+
+    /// What compaction would do now (changes nothing; works on a read-only store).
+    pub fn plan_compaction(&self) -> CompactionPlan {
+        super::compact::plan(&self.state, &self.opts)
+    }
+
+    /// What compaction would do after checkpoints `deleting` were deleted (the dry run of a
+    /// retention pass followed by gc). Changes nothing.
+    pub fn plan_compaction_after(&self, deleting: &[u64]) -> CompactionPlan {
+        let mut state = self.state.clone();
+        for &id in deleting {
+            state.apply_delete(id, super::commit_record_len);
+        }
+        super::compact::plan(&state, &self.opts)
+    }
+
+    /// Garbage collection with default [`GcOptions`]: frees segments whose readers have
+    /// closed, then compacts mostly-dead segments. See [`Store::gc_with`].
+    pub fn gc(&mut self) -> Result<GcReport> {
+        self.gc_with(GcOptions::default(), |_, _| {})
+    }
+
+    /// Garbage collection: frees the segments earlier deletions left to readers that have
+    /// closed (or died) since, then (unless `opts.compact` is off) compacts: the live chunks
+    /// of every segment below the store's `compact_live_fraction`, and of the emptiest others
+    /// while the segments would take more than `max_space_amplification` times the live bytes,
+    /// are copied into new segments (fdatasync'ed, directory fsync'ed), a Relocate record is
+    /// made durable, and the sources are freed — unless a reader holds them. A crash at any
+    /// point leaves every live checkpoint readable (docs/GUARANTEES.md). `progress(done,
+    /// total)` is called in bytes copied as compaction goes.
+    pub fn gc_with(
+        &mut self,
+        opts: GcOptions,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<GcReport> {
+        let before = self.space();
+        let mut report = GcReport {
+            dry_run: opts.dry_run,
+            before,
+            after: before,
+            ..Default::default()
+        };
+        let plan = if opts.compact {
+            self.plan_compaction()
+        } else {
+            CompactionPlan::default()
+        };
+        if opts.dry_run {
+            let leases = lease::scan(&*self.opts.io, &self.dir, false);
+            for (&s, &len) in &self.pending_free {
+                if leases.holds(s) {
+                    report.segments_pending.push(s);
+                    report.bytes_pending += len;
+                } else {
+                    report.segments_freed.push(s);
+                    report.bytes_freed += len;
+                }
+            }
+            report.segments_compacted = plan.sources.clone();
+            report.bytes_freed += plan.source_bytes;
+            report.bytes_written = plan.output_bytes;
+            report.after.segments = before.segments - plan.sources.len() + plan.outputs;
+            report.after.segment_bytes =
+                before.segment_bytes - plan.source_bytes + plan.output_bytes;
+            return Ok(report);
+        }
+        self.check_writable()?;
+        let freed = self.free_segments([]);
+        report.segments_freed = freed.freed;
+        report.bytes_freed = freed.bytes_freed;
+        if !plan.sources.is_empty() {
+            let done = self.compact_segments(&plan, &mut progress)?;
+            report.segments_compacted = plan.sources;
+            report.segments_written = done.written;
+            report.bytes_written = done.bytes_written;
+            report.segments_freed.extend(done.freed.freed);
+            report.bytes_freed += done.freed.bytes_freed;
+        }
+        report.segments_pending = self.pending_free.keys().copied().collect();
+        report.bytes_pending = self.pending_free.values().sum();
+        report.after = self.space();
+        Ok(report)
+    }
+}
