@@ -5,6 +5,7 @@
 //! Rounds are interleaved and medians reported; ratios are to the raw figures of the same run.
 
 use super::{emit, emit_json, fail, human_bytes, CliResult};
+use ckptstore::io::{default_backend, IoBackend, StdIo};
 use ckptstore::{DType, Options, Pipeline, PipelineOptions, Selector, Store};
 use indicatif::{ProgressBar, ProgressStyle};
 use rustix::fs::{Advice, Mode, OFlags};
@@ -88,6 +89,7 @@ struct Samples {
     raw_read: Vec<f64>,
     memcpy: Vec<f64>,
     save: Vec<f64>,
+    save_std: Vec<f64>,
     stall: Vec<f64>,
     async_durable: Vec<f64>,
     load: Vec<f64>,
@@ -111,6 +113,8 @@ pub fn run(a: Args) -> CliResult {
     let raw_w = median(&s.raw_write);
     let raw_r = median(&s.raw_read);
     let save = median(&s.save);
+    let save_std = (!s.save_std.is_empty()).then(|| median(&s.save_std));
+    let backend = default_backend().backend;
     let stall = median(&s.stall);
     let durable = median(&s.async_durable);
     let load = median(&s.load);
@@ -130,6 +134,8 @@ pub fn run(a: Args) -> CliResult {
             "memcpy_gbps": gb(memcpy),
             "save_gbps": gb(save),
             "save_vs_raw_write": raw_w / save,
+            "io_backend": backend.to_string(),
+            "save_std_gbps": save_std.map(gb),
             "save_async_stall_s": stall,
             "save_async_stall_vs_memcpy": stall / memcpy,
             "save_async_durable_gbps": gb(durable),
@@ -147,7 +153,7 @@ pub fn run(a: Args) -> CliResult {
             vs,
         ]
     };
-    let rows = vec![
+    let mut rows = vec![
         row(
             "raw write, O_DIRECT + fdatasync",
             raw_w,
@@ -156,10 +162,19 @@ pub fn run(a: Args) -> CliResult {
         row("raw read, O_DIRECT, cold", raw_r, "1.00 (limit)".into()),
         row("memcpy into reused memory", memcpy, "-".into()),
         row(
-            "store save, durable (sync)",
+            &format!("store save, durable (sync, {backend})"),
             save,
             format!("{:.2} of raw write", raw_w / save),
         ),
+    ];
+    if let Some(std) = save_std {
+        rows.push(row(
+            "store save, durable (sync, std)",
+            std,
+            format!("{:.2} of raw write", raw_w / std),
+        ));
+    }
+    rows.extend([
         row(
             "store save async: stall",
             stall,
@@ -171,11 +186,11 @@ pub fn run(a: Args) -> CliResult {
             format!("{:.2} of raw write", raw_w / durable),
         ),
         row(
-            "store load, cold, verified",
+            "store load, cold, verified (zero-copy)",
             load,
             format!("{:.2} of raw read", raw_r / load),
         ),
-    ];
+    ]);
     let mut text = format!(
         "ckptstore bench: {} per run, {} rounds (medians), in {}\n\n",
         human_bytes(size),
@@ -196,7 +211,20 @@ pub fn run(a: Args) -> CliResult {
     emit(&text)
 }
 
+/// One durable synchronous save of `data` into a new store at `dir`: seconds.
+fn sync_save(dir: &Path, data: &[u8], round: usize, opts: Options) -> CliResult<f64> {
+    let t = Instant::now();
+    let mut store = Store::open(dir, opts)?;
+    let mut txn = store.begin(round as u64)?;
+    put_all(data, |name, bytes| {
+        txn.put_tensor(name, DType::F32, &[bytes.len() as u64 / 4], bytes)
+    })?;
+    txn.commit()?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
 fn measure(a: &Args, size: u64, work: &Path) -> CliResult<Samples> {
+    let backend = default_backend().backend;
     let bar = ProgressBar::new((a.rounds * 6) as u64);
     bar.set_style(
         ProgressStyle::with_template("{spinner} bench [{bar:30}] {pos}/{len} {msg}")
@@ -225,19 +253,24 @@ fn measure(a: &Args, size: u64, work: &Path) -> CliResult<Samples> {
         s.memcpy.push(memcpy_reused(&data));
         bar.inc(1);
 
-        bar.set_message(format!("round {}: durable save", round + 1));
+        bar.set_message(format!("round {}: durable save ({backend})", round + 1));
         let dir = work.join(format!("sync-{round}"));
-        let t = Instant::now();
-        {
-            let mut store = Store::open(&dir, Options::default())?;
-            let mut txn = store.begin(round as u64)?;
-            put_all(&data, |name, bytes| {
-                txn.put_tensor(name, DType::F32, &[bytes.len() as u64 / 4], bytes)
-            })?;
-            txn.commit()?;
-        }
-        s.save.push(t.elapsed().as_secs_f64());
+        s.save
+            .push(sync_save(&dir, &data, round, Options::default())?);
         bar.inc(1);
+        if backend != IoBackend::Std {
+            bar.set_message(format!("round {}: durable save (std)", round + 1));
+            for block in data.chunks_mut(BLOCK) {
+                block[17] ^= 0x5a; // differ from the other saves' chunks
+            }
+            let std_dir = work.join(format!("sync-std-{round}"));
+            let opts = Options {
+                io: Arc::new(StdIo),
+                ..Options::default()
+            };
+            s.save_std.push(sync_save(&std_dir, &data, round, opts)?);
+            std::fs::remove_dir_all(&std_dir)?;
+        }
         bar.set_message(format!("round {}: cold load", round + 1));
         s.load.push(cold_load(&dir)?);
         std::fs::remove_dir_all(&dir)?;
@@ -375,7 +408,9 @@ fn drop_cache(path: &Path) -> CliResult {
     Ok(())
 }
 
-/// Drops the store's segment pages, opens it read-only and reads every tensor verified.
+/// Drops the store's segment pages, opens it read-only and reads every tensor verified,
+/// through the zero-copy path (a view into the segment's memory map; what the Python
+/// package's numpy loads use).
 fn cold_load(dir: &Path) -> CliResult<f64> {
     for e in std::fs::read_dir(dir.join("segments"))? {
         drop_cache(&e?.path())?;
@@ -385,7 +420,7 @@ fn cold_load(dir: &Path) -> CliResult<f64> {
     let ck = store.checkpoint(Selector::Latest)?;
     let mut n = 0usize;
     for name in ck.tensor_names() {
-        n += ck.tensor(name)?.data.len();
+        n += ck.tensor_view(name)?.data().len();
     }
     std::hint::black_box(n);
     Ok(t.elapsed().as_secs_f64())
