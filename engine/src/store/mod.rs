@@ -13,12 +13,13 @@ pub use files::{parse_wal_file_name, wal_file_name, LOCK_NAME, SEGMENTS_DIR};
 pub use reader::{CheckpointReader, Tensor, VerifiedChunks};
 pub use recovery::RecoveryReport;
 pub use select::{LoadReport, LoadSpec, NamePredicate};
-pub(crate) use txn::StagedEntry;
+pub(crate) use txn::{StagedChunk, StagedEntry};
 pub use txn::{CommitInfo, Transaction};
 pub use view::TensorView;
 
 use crate::retention::{self, RetentionPlan, RetentionPolicy};
 
+use crate::codec::Compression;
 use crate::error::{Error, Result};
 use crate::io::{StdIo, Storage, StorageFile};
 use crate::manifest::{self, Manifest, MetaValue};
@@ -64,6 +65,10 @@ pub struct Options {
     /// The WAL is rewritten (compacted) when it is larger than this and more than twice the
     /// size of the live records. Default 8 MiB.
     pub wal_compact_min_bytes: u64,
+    /// Compression of the chunks this store writes (synchronous transactions and the
+    /// write pipeline alike). Default [`Compression::None`]. Reading never depends on it:
+    /// chunks of every codec are read back whatever this says.
+    pub compression: Compression,
     /// The file system. Default [`StdIo`].
     pub io: Arc<dyn Storage>,
 }
@@ -76,6 +81,7 @@ impl Default for Options {
             chunk_size: 4 << 20,
             segment_max_bytes: 1 << 30,
             wal_compact_min_bytes: 8 << 20,
+            compression: Compression::None,
             io: Arc::new(StdIo),
         }
     }
@@ -103,7 +109,7 @@ impl Options {
                 self.segment_max_bytes
             )));
         }
-        Ok(())
+        self.compression.validate()
     }
 }
 
