@@ -87,6 +87,8 @@ pub struct Transaction<'s> {
     chunks_deduplicated: u64,
     /// A failed write leaves the transaction unusable.
     failed: Option<String>,
+    /// The encoder of single-chunk puts, made at the first one (when compression is on).
+    encoder: Option<Encoder>,
 }
 
 /// What the write pipeline adds to a transaction: a tensor or a blob.
@@ -191,6 +193,7 @@ impl<'s> Transaction<'s> {
             chunks_written: 0,
             chunks_deduplicated: 0,
             failed: None,
+            encoder: None,
         }
     }
 
@@ -289,11 +292,16 @@ impl<'s> Transaction<'s> {
         let compression = self.store.opts.compression;
         let codec = compression.codec_for(dtype);
         let placed = if data.len() <= cs {
-            let mut enc = Encoder::for_compression(compression)?;
+            let mut enc = match self.encoder.take() {
+                Some(e) => Some(e),
+                None => Encoder::for_compression(compression)?,
+            };
             let chunks = data
                 .chunks(cs)
                 .map(|c| Ok(stage(c, hash_alone(c), codec, enc.as_mut())));
-            self.place_chunks(data.len(), chunks)
+            let placed = self.place_chunks(data.len(), chunks);
+            self.encoder = enc;
+            placed
         } else if compression == Compression::None {
             std::thread::scope(|scope| {
                 let (tx, rx) = std::sync::mpsc::sync_channel(HASH_LOOKAHEAD);
@@ -329,7 +337,10 @@ impl<'s> Transaction<'s> {
                         };
                         for chunk in data.chunks(cs).skip(t).step_by(threads) {
                             let hash = *blake3::hash(chunk).as_bytes();
-                            if tx.send(Ok(stage(chunk, hash, codec, enc.as_mut()))).is_err() {
+                            if tx
+                                .send(Ok(stage(chunk, hash, codec, enc.as_mut())))
+                                .is_err()
+                            {
                                 break; // the writer stopped on an error
                             }
                         }
