@@ -237,7 +237,10 @@ impl Encoder {
         // The scratch holds the (shuffled) raw bytes while the frame overwrites `buf`.
         self.shuffled(buf, width);
         let limit = frame_limit(buf.len());
-        match self.zstd.compress_to_buffer(&self.scratch, &mut buf[..limit]) {
+        match self
+            .zstd
+            .compress_to_buffer(&self.scratch, &mut buf[..limit])
+        {
             Ok(n) => Some(n),
             Err(_) => {
                 unshuffle(&self.scratch, width, buf);
@@ -391,7 +394,10 @@ mod tests {
         let mut buf = raw.clone();
         assert_eq!(enc.encode_in_place(pb::Codec::Zstd, &mut buf), None);
         assert_eq!(buf, raw);
-        assert_eq!(enc.encode(pb::Codec::Zstd, &[], &mut frame), pb::Codec::None);
+        assert_eq!(
+            enc.encode(pb::Codec::Zstd, &[], &mut frame),
+            pb::Codec::None
+        );
     }
 
     #[test]
@@ -416,7 +422,13 @@ mod tests {
             }
         }
         // Truncated, empty, garbage, unknown codec.
-        assert!(decode(codec as i32, &frame[..frame.len() / 2], &mut out, &mut scratch).is_err());
+        assert!(decode(
+            codec as i32,
+            &frame[..frame.len() / 2],
+            &mut out,
+            &mut scratch
+        )
+        .is_err());
         assert!(decode(codec as i32, &[], &mut out, &mut scratch).is_err());
         assert!(decode(codec as i32, &[0xff; 64], &mut out, &mut scratch).is_err());
         assert!(decode(99, &frame, &mut out, &mut scratch).is_err());

@@ -13,8 +13,8 @@ pub use files::{parse_wal_file_name, wal_file_name, LOCK_NAME, SEGMENTS_DIR};
 pub use reader::{CheckpointReader, Tensor, VerifiedChunks};
 pub use recovery::RecoveryReport;
 pub use select::{LoadReport, LoadSpec, NamePredicate};
-pub(crate) use txn::{StagedChunk, StagedEntry};
 pub use txn::{CommitInfo, Transaction};
+pub(crate) use txn::{StagedChunk, StagedEntry};
 pub use view::TensorView;
 
 use crate::retention::{self, RetentionPlan, RetentionPolicy};
