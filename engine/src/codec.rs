@@ -122,32 +122,46 @@ pub fn unshuffle(src: &[u8], width: usize, dst: &mut [u8]) {
     dst[body..].copy_from_slice(&src[body..]);
 }
 
-/// Elements moved per block: `W` lanes of this many bytes stay in L1 while a block is copied.
-const BLOCK: usize = 4096;
+/// Elements moved per tile: a tile's `W` lanes of 16 bytes each are gathered in registers and
+/// stored whole (LLVM turns the fixed-size gathers into byte shuffles).
+const TILE: usize = 16;
 
 /// Element-major `[n][W]` to lane-major `[W][n]` (`forward`), or back.
 fn transpose<const W: usize>(src: &[u8], dst: &mut [u8], n: usize, forward: bool) {
-    let mut start = 0;
-    while start < n {
-        let len = BLOCK.min(n - start);
-        if forward {
-            let elems = src[start * W..(start + len) * W].chunks_exact(W);
+    debug_assert!(src.len() == n * W && dst.len() == n * W);
+    let tiles = n / TILE;
+    if forward {
+        for t in 0..tiles {
+            let s = &src[t * TILE * W..(t + 1) * TILE * W];
             for j in 0..W {
-                let lane = &mut dst[j * n + start..j * n + start + len];
-                for (d, e) in lane.iter_mut().zip(elems.clone()) {
-                    *d = e[j];
+                let mut lane = [0u8; TILE];
+                for (k, b) in lane.iter_mut().enumerate() {
+                    *b = s[k * W + j];
                 }
-            }
-        } else {
-            let out = &mut dst[start * W..(start + len) * W];
-            for j in 0..W {
-                let lane = &src[j * n + start..j * n + start + len];
-                for (e, &s) in out.chunks_exact_mut(W).zip(lane) {
-                    e[j] = s;
-                }
+                dst[j * n + t * TILE..j * n + (t + 1) * TILE].copy_from_slice(&lane);
             }
         }
-        start += len;
+        for i in tiles * TILE..n {
+            for j in 0..W {
+                dst[j * n + i] = src[i * W + j];
+            }
+        }
+    } else {
+        for t in 0..tiles {
+            let mut tile = [[0u8; W]; TILE];
+            for j in 0..W {
+                let lane = &src[j * n + t * TILE..j * n + (t + 1) * TILE];
+                for (k, &b) in lane.iter().enumerate() {
+                    tile[k][j] = b;
+                }
+            }
+            dst[t * TILE * W..(t + 1) * TILE * W].copy_from_slice(tile.as_flattened());
+        }
+        for i in tiles * TILE..n {
+            for j in 0..W {
+                dst[i * W + j] = src[j * n + i];
+            }
+        }
     }
 }
 
@@ -335,15 +349,23 @@ mod tests {
         let mut s = [0; 9];
         shuffle(&[1, 2, 3, 4, 5, 6, 7, 8, 9], 4, &mut s);
         assert_eq!(s, [1, 5, 2, 6, 3, 7, 4, 8, 9]);
-        // Across a block boundary.
-        let big: Vec<u8> = (0..(BLOCK * 8 * 3 + 5)).map(|i| (i % 251) as u8).collect();
-        let mut s = vec![0; big.len()];
-        shuffle(&big, 8, &mut s);
-        let n = big.len() / 8;
-        assert_eq!(s[3 * n + BLOCK + 1], big[(BLOCK + 1) * 8 + 3]);
-        let mut back = vec![0; big.len()];
-        unshuffle(&s, 8, &mut back);
-        assert_eq!(back, big);
+        // Whole tiles and a partial one, against the definition.
+        let big: Vec<u8> = (0..(TILE * 8 * 3 + 5 * 8 + 3))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        for width in [2, 4, 8] {
+            let mut s = vec![0; big.len()];
+            shuffle(&big, width, &mut s);
+            let n = big.len() / width;
+            for i in 0..n {
+                for j in 0..width {
+                    assert_eq!(s[j * n + i], big[i * width + j], "width {width} {i} {j}");
+                }
+            }
+            let mut back = vec![0; big.len()];
+            unshuffle(&s, width, &mut back);
+            assert_eq!(back, big);
+        }
     }
 
     #[test]
