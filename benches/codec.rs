@@ -6,6 +6,7 @@
 //!
 //! Run: `cargo bench --bench codec`
 
+#[allow(dead_code, reason = "this bench needs only the data generator")]
 mod common;
 
 use ckptstore::codec::{self, Encoder};
