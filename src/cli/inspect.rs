@@ -67,8 +67,10 @@ fn item(
 
 /// The codec's name as in the .proto (`NONE`, `ZSTD`, `ZSTD_SHUFFLE4`, ...).
 fn codec_name(codec: i32) -> String {
-    ckptstore::proto::v1::Codec::try_from(codec)
-        .map_or_else(|_| format!("UNKNOWN_{codec}"), |c| c.as_str_name().to_owned())
+    ckptstore::proto::v1::Codec::try_from(codec).map_or_else(
+        |_| format!("UNKNOWN_{codec}"),
+        |c| c.as_str_name().to_owned(),
+    )
 }
 
 fn chunk_json(c: &ChunkRef) -> Value {
@@ -195,7 +197,12 @@ pub fn run(a: Args) -> CliResult {
                 let len = if c.stored_len == c.raw_len {
                     c.stored_len.to_string()
                 } else {
-                    format!("{} ({} raw, {})", c.stored_len, c.raw_len, codec_name(c.codec))
+                    format!(
+                        "{} ({} raw, {})",
+                        c.stored_len,
+                        c.raw_len,
+                        codec_name(c.codec)
+                    )
                 };
                 *out += &format!(
                     "    chunk {n}: segment {} offset {} len {len} blake3 {}\n",
