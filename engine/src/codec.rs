@@ -32,8 +32,9 @@ pub enum Compression {
     #[default]
     None,
     /// zstd at `level` (1 is the fast level this was measured with; bounds: zstd's own,
-    /// -7..=22), float tensors byte-shuffled first. Chunks that do not shrink by 1/8 are
-    /// stored raw.
+    /// `zstd::compression_level_range()`, -131072..=22 with zstd 1.5, 0 excluded; negative
+    /// levels are faster and compress less), float tensors byte-shuffled first. Chunks that do
+    /// not shrink by 1/8 are stored raw.
     Zstd {
         /// zstd compression level.
         level: i32,
