@@ -369,6 +369,50 @@ mod tests {
         }
     }
 
+    /// Pins docs/FORMAT.md "Codecs": a ZSTD_SHUFFLE4 chunk is one zstd frame (any conformant
+    /// encoder's: this one is from the `zstd` command line, `-1 --content-size --check FILE`)
+    /// of the raw bytes shuffled by 4, tail last, declaring its content size.
+    #[test]
+    fn golden_frame_from_another_encoder_decodes() {
+        let raw: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0, 0.5, -1.5]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .chain([7, 8, 9])
+            .collect();
+        let mut shuffled = vec![0; raw.len()];
+        shuffle(&raw, 4, &mut shuffled);
+        assert_eq!(
+            shuffled,
+            [
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x80, 0, 0x40, 0x80, 0, 0xc0, 0x3f, 0x40, 0x40,
+                0x40, 0x3f, 0xbf, 7, 8, 9
+            ]
+        );
+        let frame = [
+            0x28, 0xb5, 0x2f, 0xfd, 0x24, 0x1b, 0xbd, 0x00, 0x00, 0x88, 0x00, 0x00, 0x80, 0x00,
+            0x40, 0x80, 0x00, 0xc0, 0x3f, 0x40, 0x40, 0x40, 0x3f, 0xbf, 0x07, 0x08, 0x09, 0x01,
+            0x00, 0x1b, 0xc0, 0x02, 0x66, 0xe9, 0x5f, 0xe8,
+        ];
+        let mut out = vec![0; raw.len()];
+        decode(
+            pb::Codec::ZstdShuffle4 as i32,
+            &frame,
+            &mut out,
+            &mut Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(out, raw);
+        // The same frame read as unshuffled ZSTD gives the shuffled bytes.
+        decode(pb::Codec::Zstd as i32, &frame, &mut out, &mut Vec::new()).unwrap();
+        assert_eq!(out, shuffled);
+        // The same content streamed from stdin: a frame without its content size (header
+        // byte 0x04, a window descriptor instead of the size) is refused before decoding.
+        let mut streamed = frame.to_vec();
+        streamed[4..6].copy_from_slice(&[0x04, 0x48]);
+        let e = decode(pb::Codec::Zstd as i32, &streamed, &mut out, &mut Vec::new()).unwrap_err();
+        assert!(e.contains("without a content size"), "{e}");
+    }
+
     #[test]
     fn encode_decode_round_trip() {
         let raw = floats(50_000);
