@@ -419,3 +419,42 @@ fn bad_compaction_options_are_invalid() {
     commit(&mut s, 1, &[("w", &data(1, 8 * CHUNK))]);
     assert!(s.gc().unwrap().segments_compacted.is_empty());
 }
+
+#[test]
+fn compressed_chunks_are_compacted_verified_against_their_raw_bytes() {
+    // Compressible float-like data (a smooth ramp), so chunks are stored as zstd frames whose
+    // BLAKE3 (of the raw bytes) differs from a hash of the stored bytes.
+    let ramp = |seed: u64, n: usize| -> Vec<u8> {
+        (0..n / 4)
+            .flat_map(|i| ((i as f32 + seed as f32) * 0.001).to_le_bytes())
+            .collect()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let o = Options {
+        compression: ckptstore::Compression::zstd(),
+        ..opts()
+    };
+    let mut s = Store::open(dir.path(), o.clone()).unwrap();
+    let frozen = ramp(7, 2 * CHUNK);
+    let mut want = Want::new();
+    for step in 1..=3u64 {
+        let big = ramp(step * 1000, if step == 1 { 12 * CHUNK } else { CHUNK });
+        let c = commit(&mut s, step, &[("frozen", &frozen), ("w", &big)]);
+        assert!(
+            c.bytes_written < c.raw_bytes_written,
+            "the data must compress for this test: {c:?}"
+        );
+        want.insert(
+            c.checkpoint.id,
+            vec![("frozen".into(), frozen.clone()), ("w".into(), big)],
+        );
+    }
+    s.delete(1).unwrap();
+    want.remove(&1);
+    let g = s.gc().unwrap();
+    assert_eq!(g.segments_compacted, vec![1], "{g:?}");
+    holds_all(&s, &want);
+    drop(s);
+    let s = Store::open(dir.path(), o).unwrap();
+    holds_all(&s, &want);
+}

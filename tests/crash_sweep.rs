@@ -29,7 +29,7 @@
 mod support;
 
 use ckptstore::io::{CrashMode, Fault, OpKind, SimIo};
-use ckptstore::{DType, Error, MetaValue, Options, Selector, Store};
+use ckptstore::{Compression, DType, Error, MetaValue, Options, Selector, Store};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
@@ -56,6 +56,8 @@ struct Params {
     big: bool,
     /// Images per crash point and mode.
     seeds: u64,
+    /// The writer compresses (zstd), and the float tensors hold compressible bytes.
+    compress: bool,
 }
 
 const CI: Params = Params {
@@ -66,6 +68,21 @@ const CI: Params = Params {
     gc_every: 8,
     big: false,
     seeds: 1,
+    compress: false,
+};
+
+/// A shorter workload whose writer compresses: compressed frames, raw chunks among them, and
+/// (through the reopen-and-commit check of every image) raw checkpoints deduplicating against
+/// compressed ones.
+const CI_ZSTD: Params = Params {
+    commits: 21,
+    keep: 3,
+    reopen_at: 11,
+    compact_at: 16,
+    gc_every: 8,
+    big: false,
+    seeds: 1,
+    compress: true,
 };
 
 fn opts(sim: &SimIo) -> Options {
@@ -76,6 +93,18 @@ fn opts(sim: &SimIo) -> Options {
         // Small, so that automatic compaction happens every dozen records or so.
         wal_compact_min_bytes: 12 << 10,
         ..Default::default()
+    }
+}
+
+/// The workload writer's options: [`opts`], compressing when `p.compress`.
+fn writer_opts(sim: &SimIo, p: &Params) -> Options {
+    Options {
+        compression: if p.compress {
+            Compression::zstd()
+        } else {
+            Compression::None
+        },
+        ..opts(sim)
     }
 }
 
@@ -95,7 +124,12 @@ fn checkpoint_for(step: u64, p: &Params) -> Expected {
     let mut t = Vec::new();
     let mut tensor = |name: &str, dtype: DType, shape: Vec<u64>, seed: u64| {
         let n = shape.iter().product::<u64>() as usize * dtype.size();
-        t.push((name.to_string(), dtype, shape, data(seed, n)));
+        let mut bytes = data(seed, n);
+        if p.compress && matches!(dtype, DType::F32 | DType::BF16 | DType::F64) {
+            // 4 bits of entropy a byte: compresses well past the 1/8 the writer asks for.
+            bytes.iter_mut().for_each(|b| *b &= 0x0f);
+        }
+        t.push((name.to_string(), dtype, shape, bytes));
     };
     tensor("embed.frozen", DType::F32, vec![2, 1100], 7); // 3 chunks, never changes
     tensor("layer.w", DType::BF16, vec![8 + (step * 7) % 40, 64], step);
@@ -198,7 +232,7 @@ fn workload(
     slot: &mut Option<Store>,
 ) -> ckptstore::Result<()> {
     m.in_flight = InFlight::Open;
-    *slot = Some(Store::open(DIR, opts(sim))?);
+    *slot = Some(Store::open(DIR, writer_opts(sim, p))?);
     let mut retained = VecDeque::new();
     for step in 1..=p.commits {
         let store = slot.as_mut().unwrap();
@@ -226,7 +260,7 @@ fn workload(
         if step == p.reopen_at {
             m.in_flight = InFlight::Open;
             *slot = None;
-            *slot = Some(Store::open(DIR, opts(sim))?);
+            *slot = Some(Store::open(DIR, writer_opts(sim, p))?);
         }
         m.in_flight = InFlight::Nothing;
     }
@@ -611,6 +645,30 @@ fn crash_at_every_sync_in_every_mode() {
     sweep(CI, 1);
 }
 
+/// The same sweep over a writer that compresses.
+#[test]
+fn crash_at_every_sync_in_every_mode_compressed() {
+    // The workload does write compressed chunks, and raw ones among them.
+    let sim = SimIo::new();
+    run_workload(&sim, &CI_ZSTD).1.unwrap();
+    let store = Store::open(DIR, opts(&sim)).unwrap();
+    let ck = store.checkpoint(Selector::Latest).unwrap();
+    let m = ck.manifest();
+    let codecs: std::collections::BTreeSet<i32> = m
+        .tensors
+        .iter()
+        .flat_map(|t| &t.chunks)
+        .chain(m.blobs.iter().flat_map(|b| &b.chunks))
+        .map(|c| c.codec)
+        .collect();
+    use ckptstore::proto::v1::Codec;
+    for codec in [Codec::None, Codec::ZstdShuffle2, Codec::ZstdShuffle4] {
+        assert!(codecs.contains(&(codec as i32)), "{codec:?} in {codecs:?}");
+    }
+    drop(store);
+    sweep(CI_ZSTD, 1);
+}
+
 /// The long sweep: a bigger workload with multi-segment checkpoints, many seeds per crash
 /// point (`CKPT_SWEEP_SEEDS`, default 20). See the module docs for the command.
 #[test]
@@ -628,6 +686,7 @@ fn long_crash_sweep() {
             gc_every: 8,
             big: true,
             seeds,
+            compress: false,
         },
         1,
     );

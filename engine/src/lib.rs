@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod codec;
 pub mod current;
 pub mod device;
 pub mod error;
@@ -20,6 +21,7 @@ pub mod store;
 pub mod wal;
 
 pub use ckptstore_proto as proto;
+pub use codec::Compression;
 pub use error::{Error, Result};
 pub use manifest::{DType, MetaValue};
 pub use pipeline::{Pipeline, PipelineOptions, SaveHandle, SaveReport};

@@ -203,18 +203,34 @@ fn check_chunks(context: &str, name: &str, nbytes: u64, chunks: &[pb::ChunkRef])
                 format!("{name:?} chunk {i}: BLAKE3 is not 32 bytes"),
             ));
         }
-        if c.codec != pb::Codec::None as i32 || c.stored_len != c.raw_len {
+        if !crate::codec::is_known(c.codec) {
             return Err(bad(
                 context,
                 format!("{name:?} chunk {i}: unknown codec {}", c.codec),
             ));
         }
-        if c.stored_len == 0 || c.stored_len > MAX_CHUNK_LEN {
+        if c.raw_len == 0 || c.raw_len > MAX_CHUNK_LEN {
             return Err(bad(
                 context,
                 format!(
                     "{name:?} chunk {i}: length {} outside 1..={MAX_CHUNK_LEN}",
-                    c.stored_len
+                    c.raw_len
+                ),
+            ));
+        }
+        // Raw chunks store their bytes as they are; a compressed one is stored only when it
+        // is smaller (docs/FORMAT.md, "Codecs"), so its stored length is below the raw one.
+        let stored_ok = if c.codec == pb::Codec::None as i32 {
+            c.stored_len == c.raw_len
+        } else {
+            (1..c.raw_len).contains(&c.stored_len)
+        };
+        if !stored_ok {
+            return Err(bad(
+                context,
+                format!(
+                    "{name:?} chunk {i}: stored length {} does not fit codec {} and raw length {}",
+                    c.stored_len, c.codec, c.raw_len
                 ),
             ));
         }

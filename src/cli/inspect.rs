@@ -65,12 +65,21 @@ fn item(
     }
 }
 
+/// The codec's name as in the .proto (`NONE`, `ZSTD`, `ZSTD_SHUFFLE4`, ...).
+fn codec_name(codec: i32) -> String {
+    ckptstore::proto::v1::Codec::try_from(codec).map_or_else(
+        |_| format!("UNKNOWN_{codec}"),
+        |c| c.as_str_name().to_owned(),
+    )
+}
+
 fn chunk_json(c: &ChunkRef) -> Value {
     json!({
         "segment": c.segment,
         "offset": c.offset,
         "stored_len": c.stored_len,
         "raw_len": c.raw_len,
+        "codec": codec_name(c.codec),
         "blake3": hex(&c.blake3),
     })
 }
@@ -185,11 +194,20 @@ pub fn run(a: Args) -> CliResult {
     let chunk_lines = |i: &Item, out: &mut String| {
         if a.chunks {
             for (n, c) in i.chunks.iter().enumerate() {
+                let len = if c.stored_len == c.raw_len {
+                    c.stored_len.to_string()
+                } else {
+                    format!(
+                        "{} ({} raw, {})",
+                        c.stored_len,
+                        c.raw_len,
+                        codec_name(c.codec)
+                    )
+                };
                 *out += &format!(
-                    "    chunk {n}: segment {} offset {} len {} blake3 {}\n",
+                    "    chunk {n}: segment {} offset {} len {len} blake3 {}\n",
                     c.segment,
                     c.offset,
-                    c.stored_len,
                     hex(&c.blake3)
                 );
             }

@@ -3,8 +3,8 @@
 //! one I/O thread, in bounded memory.
 //!
 //! ```text
-//! caller (save)          hash workers               I/O thread
-//! stage ──copy──▶ pool buffer ──▶ BLAKE3 ──▶ dedup, write chunk ──▶ fdatasync ──▶ commit record
+//! caller (save)          hash workers                  I/O thread
+//! stage ──copy──▶ pool buffer ──▶ BLAKE3 (+zstd) ──▶ dedup, write chunk ──▶ fdatasync ──▶ commit record
 //!   ▲                                                   │
 //!   └── blocks only when the pool is empty ◀── buffer back to the pool once written
 //! ```
@@ -62,6 +62,8 @@ pub struct Pipeline {
     poisoned: Arc<Mutex<Option<String>>>,
     pool: StagingPool,
     chunk_size: usize,
+    /// The store's compression, applied by the hash workers.
+    compression: crate::codec::Compression,
     jobs: Option<Sender<Job>>,
     hash_tx: Option<Sender<HashJob>>,
     threads: Vec<JoinHandle<()>>,
@@ -85,6 +87,7 @@ impl Pipeline {
             return Err(Error::invalid("hash_workers must be at least 1"));
         }
         let chunk_size = store.options().chunk_size;
+        let compression = store.options().compression;
         let pool = StagingPool::new(opts.budget_bytes, chunk_size)?;
         let store = Arc::new(Mutex::new(store));
         let (hash_tx, hash_rx) = crossbeam_channel::unbounded::<HashJob>();
@@ -95,7 +98,7 @@ impl Pipeline {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("ckpt-hash-{i}"))
-                    .spawn(move || worker::hash_loop(rx))
+                    .spawn(move || worker::hash_loop(rx, compression))
                     .map_err(|e| Error::invalid(format!("cannot start a hash thread: {e}")))?,
             );
         }
@@ -113,6 +116,7 @@ impl Pipeline {
             poisoned,
             pool,
             chunk_size,
+            compression,
             jobs: Some(jobs_tx),
             hash_tx: Some(hash_tx),
             threads,
@@ -341,6 +345,10 @@ impl Save<'_> {
         let total = src.len();
         let cs = self.pipeline.chunk_size as u64;
         let n = total.div_ceil(cs);
+        let codec = self.pipeline.compression.codec_for(match &entry {
+            StagedEntry::Tensor { dtype, .. } => Some(*dtype),
+            StagedEntry::Blob { .. } => None,
+        });
         let (chunks_tx, chunks_rx) = crossbeam_channel::unbounded();
         self.send(Item::Entry {
             entry,
@@ -368,6 +376,7 @@ impl Save<'_> {
                 .send(HashJob {
                     buf: Some(buf),
                     fence: Some(fence),
+                    codec,
                     reply: tx,
                 })
                 .map_err(|_| Error::invalid("the pipeline's hash threads have stopped"))?;

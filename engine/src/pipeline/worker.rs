@@ -1,18 +1,22 @@
-//! The pipeline's threads: hash workers and the one I/O thread.
+//! The pipeline's threads: hash workers (which also compress, when the store compresses) and
+//! the one I/O thread.
 
 use super::StagingBuf;
+use crate::codec::{Compression, Encoder};
 use crate::device::Fence;
 use crate::error::{Error, Result};
 use crate::manifest::MetaValue;
-use crate::store::{StagedEntry, Store};
+use crate::store::{StagedChunk, StagedEntry, Store};
 use crate::CommitInfo;
+use ckptstore_proto::v1 as pb;
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-/// A hashed chunk, or why it could not be staged.
-pub(super) type Hashed = Result<(StagingBuf, [u8; 32])>;
+/// A hashed (and maybe compressed) chunk, or why it could not be staged. A compressed chunk's
+/// frame replaces its raw bytes in the staging buffer (it is shorter by at least 1/8).
+pub(super) type Hashed = Result<StagedChunk<StagingBuf>>;
 
 /// What a save sends the I/O thread, in order.
 pub(super) enum Item {
@@ -43,6 +47,8 @@ pub(super) struct Job {
 pub(super) struct HashJob {
     pub buf: Option<StagingBuf>,
     pub fence: Option<Fence>,
+    /// The codec to try after hashing ([`pb::Codec::None`]: store raw).
+    pub codec: pb::Codec,
     pub reply: Sender<Hashed>,
 }
 
@@ -54,16 +60,42 @@ impl Drop for HashJob {
     }
 }
 
-/// Hash worker: waits for each chunk's copy, hashes it, hands it to the I/O thread. A reply
-/// nobody waits for any more (the save failed) just drops the buffer back into the pool.
-pub(super) fn hash_loop(rx: Receiver<HashJob>) {
+/// Hash worker: waits for each chunk's copy, hashes it, compresses it in place when the
+/// store compresses (after hashing: BLAKE3 covers the raw bytes), hands it to the I/O thread.
+/// A reply nobody waits for any more (the save failed) just drops the buffer back into the
+/// pool.
+///
+/// Compressing in place keeps the pipeline's memory bound: a worker holds one chunk-sized
+/// scratch buffer (the shuffled raw bytes) besides the pool, whatever the checkpoint size.
+pub(super) fn hash_loop(rx: Receiver<HashJob>, compression: Compression) {
+    // Levels are checked when the store opens, so this only fails if zstd cannot allocate
+    // its context; each chunk then reports the error rather than being stored differently.
+    let mut encoder = Encoder::for_compression(compression);
     for mut job in rx {
-        let buf = job.buf.take().expect("set by the stager");
+        let mut buf = job.buf.take().expect("set by the stager");
         let fence = job.fence.take().expect("set by the stager");
-        let out = fence
-            .wait()
-            .map(|()| *blake3::hash(buf.bytes()).as_bytes())
-            .map(|h| (buf, h));
+        let out = fence.wait().and_then(|()| {
+            let hash = *blake3::hash(buf.bytes()).as_bytes();
+            let raw_len = buf.bytes().len();
+            let mut codec = pb::Codec::None;
+            if job.codec != pb::Codec::None {
+                let enc = match &mut encoder {
+                    Ok(Some(enc)) => enc,
+                    Ok(None) => unreachable!("a codec is asked for only when compression is on"),
+                    Err(e) => return Err(Error::invalid(format!("compression: {e}"))),
+                };
+                if let Some(n) = enc.encode_in_place(job.codec, buf.bytes_mut()) {
+                    buf.fill(n);
+                    codec = job.codec;
+                }
+            }
+            Ok(StagedChunk {
+                bytes: buf,
+                raw_len,
+                codec,
+                hash,
+            })
+        });
         let _ = job.reply.send(out);
     }
 }

@@ -295,7 +295,17 @@ impl Store {
                     src_file
                         .read_at(&mut buf, c.offset)
                         .map_err(|e| plain(Error::io("read", &src_path, e)))?;
-                    let hash = *blake3::hash(&buf).as_bytes();
+                    // BLAKE3 covers the raw bytes: a compressed chunk is decoded to check it
+                    // (its stored bytes are copied as they are).
+                    let hash = if c.codec == pb::Codec::None as i32 {
+                        *blake3::hash(&buf).as_bytes()
+                    } else {
+                        let mut raw = vec![0u8; c.raw_len as usize];
+                        match crate::codec::decode(c.codec, &buf, &mut raw, &mut Vec::new()) {
+                            Ok(()) => *blake3::hash(&raw).as_bytes(),
+                            Err(_) => [0u8; 32], // not a valid frame: corrupt below
+                        }
+                    };
                     if hash.as_slice() != c.blake3.as_slice() {
                         return Err(plain(Error::CompactionSourceCorrupt {
                             path: src_path.clone(),

@@ -19,12 +19,13 @@ pub use lease::READERS_DIR;
 pub use reader::{CheckpointReader, Tensor, VerifiedChunks};
 pub use recovery::RecoveryReport;
 pub use select::{LoadReport, LoadSpec, NamePredicate};
-pub(crate) use txn::StagedEntry;
 pub use txn::{CommitInfo, Transaction};
+pub(crate) use txn::{StagedChunk, StagedEntry};
 pub use view::TensorView;
 
 use crate::retention::{self, RetentionPlan, RetentionPolicy};
 
+use crate::codec::Compression;
 use crate::error::{Error, Result};
 use crate::io::{Storage, StorageFile};
 use crate::manifest::{self, Manifest, MetaValue};
@@ -70,6 +71,10 @@ pub struct Options {
     /// The WAL is rewritten (compacted) when it is larger than this and more than twice the
     /// size of the live records. Default 8 MiB.
     pub wal_compact_min_bytes: u64,
+    /// Compression of the chunks this store writes (synchronous transactions and the
+    /// write pipeline alike). Default [`Compression::None`]. Reading never depends on it:
+    /// chunks of every codec are read back whatever this says.
+    pub compression: Compression,
     /// [`Store::gc`] compacts a segment when the bytes its live chunks would take, rewritten,
     /// are below this fraction of its data bytes. Default 0.5; bounds 0.0 ..= 1.0 (0 never
     /// compacts on this rule alone).
@@ -94,6 +99,7 @@ impl Default for Options {
             wal_compact_min_bytes: 8 << 20,
             compact_live_fraction: 0.5,
             max_space_amplification: 1.5,
+            compression: Compression::None,
             io: crate::io::default_storage(),
         }
     }
@@ -133,7 +139,7 @@ impl Options {
                 self.max_space_amplification
             )));
         }
-        Ok(())
+        self.compression.validate()
     }
 }
 

@@ -1,5 +1,6 @@
-//! Reading a committed checkpoint: tensors, blobs, metadata; every chunk verified against its
-//! BLAKE3 unless the caller opts out.
+//! Reading a committed checkpoint: tensors, blobs, metadata; every chunk decoded (compressed
+//! chunks, see [`crate::codec`]) and verified against the BLAKE3 of its raw bytes unless the
+//! caller opts out.
 
 use super::{CheckpointInfo, Store};
 use crate::error::{Error, Result};
@@ -159,7 +160,7 @@ impl<'s> CheckpointReader<'s> {
                     continue;
                 }
                 self.check_segment(c)?;
-                buf.resize(c.stored_len as usize, 0);
+                buf.resize(c.raw_len as usize, 0);
                 self.read_chunk(kind, name, i, c, &mut buf, true)?;
                 seen.0.insert(chunk_key(c));
             }
@@ -257,8 +258,17 @@ impl<'s> CheckpointReader<'s> {
         self.check_segment(c)?;
         let corrupt = |reason: String| self.chunk_error(kind, name, index, c, reason);
         let file = self.store.segment_file(c.segment)?;
-        file.read_at(out, c.offset)
-            .map_err(|e| corrupt(format!("read failed: {e}")))?;
+        if c.codec == pb::Codec::None as i32 {
+            file.read_at(out, c.offset)
+                .map_err(|e| corrupt(format!("read failed: {e}")))?;
+        } else {
+            // A compressed chunk: its frame (shorter than `out`, the manifest says so) is
+            // read whole, then decoded into `out`; a bad frame is a corrupt chunk.
+            let mut stored = vec![0u8; c.stored_len as usize];
+            file.read_at(&mut stored, c.offset)
+                .map_err(|e| corrupt(format!("read failed: {e}")))?;
+            crate::codec::decode(c.codec, &stored, out, &mut Vec::new()).map_err(corrupt)?;
+        }
         if verify && blake3::hash(out).as_bytes()[..] != c.blake3[..] {
             return Err(corrupt("BLAKE3 mismatch".into()));
         }

@@ -3,6 +3,7 @@
 //! appended to the WAL and fdatasync'ed, then `commit` returns).
 
 use super::{CheckpointInfo, Store, SEGMENTS_DIR};
+use crate::codec::{Compression, Encoder};
 use crate::error::{Error, Result};
 use crate::io::StorageFile;
 use crate::manifest::{self, DType, MetaValue};
@@ -20,8 +21,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 pub struct CommitInfo {
     /// The committed checkpoint.
     pub checkpoint: CheckpointInfo,
-    /// Payload bytes written to segments.
+    /// Payload bytes written to segments (as stored: compressed where a chunk was).
     pub bytes_written: u64,
+    /// Raw bytes of the chunks written, before compression (equals `bytes_written` when
+    /// nothing was compressed); `raw_bytes_written / bytes_written` is the ratio achieved.
+    pub raw_bytes_written: u64,
     /// Payload bytes not written because an identical chunk was already stored.
     pub bytes_deduplicated: u64,
     /// Chunks written.
@@ -36,6 +40,9 @@ pub struct CommitInfo {
 const WRITEBACK_SLICE: usize = 16 << 20;
 /// Hashes the hashing thread may compute ahead of the writer.
 const HASH_LOOKAHEAD: usize = 64;
+/// Encoded chunks each compressing thread may hold ahead of the writer (they are up to 7/8
+/// of a chunk each, so few).
+const ENCODE_LOOKAHEAD: usize = 2;
 /// Most chunks one frame's table lists (the format's cap on a frame header).
 const MAX_FRAME_CHUNKS: usize = 65_536;
 
@@ -49,6 +56,8 @@ struct OpenFrame {
     /// Where the next payload goes.
     next: u64,
     chunks: Vec<ChunkEntry>,
+    /// Codec of every chunk in the frame (a frame holds one codec; a change ends the run).
+    codec: pb::Codec,
 }
 
 struct OpenSegment {
@@ -73,11 +82,14 @@ pub struct Transaction<'s> {
     /// Chunks written by this transaction, for deduplication within it.
     local_index: HashMap<[u8; 32], pb::ChunkRef>,
     bytes_written: u64,
+    raw_bytes_written: u64,
     bytes_deduplicated: u64,
     chunks_written: u64,
     chunks_deduplicated: u64,
     /// A failed write leaves the transaction unusable.
     failed: Option<String>,
+    /// The encoder of single-chunk puts, made at the first one (when compression is on).
+    encoder: Option<Encoder>,
 }
 
 /// What the write pipeline adds to a transaction: a tensor or a blob.
@@ -92,6 +104,62 @@ pub(crate) enum StagedEntry {
         name: String,
         nbytes: u64,
     },
+}
+
+/// A chunk ready to be placed: its stored bytes (raw, or a codec's frame of them), with the
+/// BLAKE3 of its raw bytes.
+pub(crate) struct StagedChunk<C> {
+    /// What goes to disk: the raw bytes when `codec` is `None`, else the frame.
+    pub bytes: C,
+    /// Length of the raw bytes.
+    pub raw_len: usize,
+    /// How `bytes` encode the raw bytes.
+    pub codec: pb::Codec,
+    /// BLAKE3 of the raw bytes.
+    pub hash: [u8; 32],
+}
+
+/// A chunk's stored bytes on the synchronous path: borrowed from the caller, or a frame.
+enum Stored<'a> {
+    Raw(&'a [u8]),
+    Encoded(Vec<u8>),
+}
+
+impl AsRef<[u8]> for Stored<'_> {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            Stored::Raw(b) => b,
+            Stored::Encoded(v) => v,
+        }
+    }
+}
+
+/// Encodes `raw` with `codec` if an encoder is given and it saves enough; else stores it raw.
+fn stage<'a>(
+    raw: &'a [u8],
+    hash: [u8; 32],
+    codec: pb::Codec,
+    enc: Option<&mut Encoder>,
+) -> StagedChunk<Stored<'a>> {
+    let raw_chunk = StagedChunk {
+        bytes: Stored::Raw(raw),
+        raw_len: raw.len(),
+        codec: pb::Codec::None,
+        hash,
+    };
+    let Some(enc) = enc else {
+        return raw_chunk;
+    };
+    let mut frame = Vec::new();
+    match enc.encode(codec, raw, &mut frame) {
+        pb::Codec::None => raw_chunk,
+        used => StagedChunk {
+            bytes: Stored::Encoded(frame),
+            raw_len: raw.len(),
+            codec: used,
+            hash,
+        },
+    }
 }
 
 /// BLAKE3 of a chunk hashed on its own (nothing else running): on all cores when it is big.
@@ -121,10 +189,12 @@ impl<'s> Transaction<'s> {
             finished_segments: Vec::new(),
             local_index: HashMap::new(),
             bytes_written: 0,
+            raw_bytes_written: 0,
             bytes_deduplicated: 0,
             chunks_written: 0,
             chunks_deduplicated: 0,
             failed: None,
+            encoder: None,
         }
     }
 
@@ -161,7 +231,7 @@ impl<'s> Transaction<'s> {
                 data.len()
             )));
         }
-        let chunks = self.write_chunks(data)?;
+        let chunks = self.write_chunks(data, Some(dtype))?;
         self.tensor_names.insert(name.to_owned());
         self.manifest.tensors.push(pb::TensorEntry {
             name: name.to_owned(),
@@ -241,7 +311,12 @@ impl<'s> Transaction<'s> {
             }
             left -= buf.len() as u64;
             let hash = hash_alone(&buf);
-            Some(Ok((buf, hash)))
+            Some(Ok(StagedChunk {
+                raw_len: buf.len(),
+                bytes: buf,
+                codec: pb::Codec::None,
+                hash,
+            }))
         });
         self.put_staged(entry, chunks)
     }
@@ -254,7 +329,7 @@ impl<'s> Transaction<'s> {
                 "duplicate blob name {name:?} in one checkpoint"
             )));
         }
-        let chunks = self.write_chunks(data)?;
+        let chunks = self.write_chunks(data, None)?;
         self.blob_names.insert(name.to_owned());
         self.manifest.blobs.push(pb::BlobEntry {
             name: name.to_owned(),
@@ -279,18 +354,34 @@ impl<'s> Transaction<'s> {
     }
 
     /// Hashes `data` chunk by chunk, references stored chunks, and writes runs of new chunks
-    /// as frames whose payloads are contiguous.
+    /// as frames whose payloads are contiguous. `dtype` (`None`: a blob) picks the codec when
+    /// compression is on.
     ///
     /// A tensor of several chunks is hashed on a second thread while this one writes: BLAKE3
     /// (~4.7 GB/s a core) runs ahead of the copy into the page cache, so hashing costs no
     /// time on the trainer's path. Payloads go out as soon as their hash is known to be new;
     /// the frame header, which lists the run's hashes, is written when the run ends.
-    fn write_chunks(&mut self, data: &[u8]) -> Result<Vec<pb::ChunkRef>> {
+    ///
+    /// With compression on, one thread per core hashes and compresses (zstd is ~10× slower
+    /// than BLAKE3), chunk `k` on thread `k % threads`, and the writer takes the results in
+    /// order. Chunks are compressed before the deduplication lookup, so an unchanged chunk
+    /// costs its compression but not its write.
+    fn write_chunks(&mut self, data: &[u8], dtype: Option<DType>) -> Result<Vec<pb::ChunkRef>> {
         let cs = self.store.opts.chunk_size;
+        let compression = self.store.opts.compression;
+        let codec = compression.codec_for(dtype);
         let placed = if data.len() <= cs {
-            let chunks = data.chunks(cs).map(|c| Ok((c, hash_alone(c))));
-            self.place_chunks(data.len(), chunks)
-        } else {
+            let mut enc = match self.encoder.take() {
+                Some(e) => Some(e),
+                None => Encoder::for_compression(compression)?,
+            };
+            let chunks = data
+                .chunks(cs)
+                .map(|c| Ok(stage(c, hash_alone(c), codec, enc.as_mut())));
+            let placed = self.place_chunks(data.len(), chunks);
+            self.encoder = enc;
+            placed
+        } else if compression == Compression::None {
             std::thread::scope(|scope| {
                 let (tx, rx) = std::sync::mpsc::sync_channel(HASH_LOOKAHEAD);
                 scope.spawn(move || {
@@ -300,7 +391,45 @@ impl<'s> Transaction<'s> {
                         }
                     }
                 });
-                let chunks = data.chunks(cs).zip(rx).map(Ok);
+                let chunks = data
+                    .chunks(cs)
+                    .zip(rx)
+                    .map(|(c, h)| Ok(stage(c, h, codec, None)));
+                self.place_chunks(data.len(), chunks)
+            })
+        } else {
+            let threads = std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(data.len().div_ceil(cs));
+            std::thread::scope(|scope| {
+                let mut slots = Vec::with_capacity(threads);
+                for t in 0..threads {
+                    let (tx, rx) = std::sync::mpsc::sync_channel(ENCODE_LOOKAHEAD);
+                    slots.push(rx);
+                    scope.spawn(move || {
+                        let mut enc = match Encoder::for_compression(compression) {
+                            Ok(e) => e,
+                            Err(e) => {
+                                let _ = tx.send(Err(e));
+                                return;
+                            }
+                        };
+                        for chunk in data.chunks(cs).skip(t).step_by(threads) {
+                            let hash = *blake3::hash(chunk).as_bytes();
+                            if tx
+                                .send(Ok(stage(chunk, hash, codec, enc.as_mut())))
+                                .is_err()
+                            {
+                                break; // the writer stopped on an error
+                            }
+                        }
+                    });
+                }
+                let chunks = (0..data.len().div_ceil(cs)).map(|k| {
+                    slots[k % threads]
+                        .recv()
+                        .map_err(|_| Error::invalid("a compression thread stopped"))?
+                });
                 self.place_chunks(data.len(), chunks)
             })
         };
@@ -313,7 +442,7 @@ impl<'s> Transaction<'s> {
     pub(crate) fn put_staged<C: AsRef<[u8]>>(
         &mut self,
         entry: StagedEntry,
-        chunks: impl Iterator<Item = Result<(C, [u8; 32])>>,
+        chunks: impl Iterator<Item = Result<StagedChunk<C>>>,
     ) -> Result<()> {
         self.check_usable()?;
         let (name, nbytes) = match &entry {
@@ -345,8 +474,8 @@ impl<'s> Transaction<'s> {
         })?;
         let expected = total.div_ceil(cs);
         let checked = chunks.map(|c| {
-            let (bytes, hash) = c?;
-            let len = bytes.as_ref().len();
+            let c = c?;
+            let len = c.raw_len;
             let want = total.saturating_sub(count * cs).min(cs);
             if count >= expected || len != want {
                 return Err(Error::invalid(format!(
@@ -355,7 +484,7 @@ impl<'s> Transaction<'s> {
             }
             count += 1;
             seen += len as u64;
-            Ok((bytes, hash))
+            Ok(c)
         });
         let placed = self.place_chunks(total, checked);
         let chunks = placed.or_else(|e| self.fail(e))?;
@@ -395,14 +524,14 @@ impl<'s> Transaction<'s> {
     fn place_chunks<C: AsRef<[u8]>>(
         &mut self,
         total: usize,
-        chunks: impl Iterator<Item = Result<(C, [u8; 32])>>,
+        chunks: impl Iterator<Item = Result<StagedChunk<C>>>,
     ) -> Result<Vec<pb::ChunkRef>> {
         let cs = self.store.opts.chunk_size;
         let mut refs = Vec::with_capacity(total.div_ceil(cs));
         let mut frame: Option<OpenFrame> = None;
         for (k, item) in chunks.enumerate() {
-            let (chunk, hash) = item?;
-            let chunk = chunk.as_ref();
+            let chunk = item?;
+            let hash = chunk.hash;
             let known = self
                 .local_index
                 .get(&hash)
@@ -412,19 +541,21 @@ impl<'s> Transaction<'s> {
                 if let Some(f) = frame.take() {
                     self.close_frame(f)?;
                 }
-                self.bytes_deduplicated += chunk.len() as u64;
+                self.bytes_deduplicated += chunk.raw_len as u64;
                 self.chunks_deduplicated += 1;
                 refs.push(r);
                 continue;
             }
-            if let Some(f) = frame.take_if(|f| f.chunks.len() == f.capacity) {
+            if let Some(f) =
+                frame.take_if(|f| f.chunks.len() == f.capacity || f.codec != chunk.codec)
+            {
                 self.close_frame(f)?;
             }
             let f = match &mut frame {
                 Some(f) => f,
-                None => frame.insert(self.open_frame(total, cs, k)?),
+                None => frame.insert(self.open_frame(total, cs, k, chunk.codec)?),
             };
-            let r = self.write_payload(f, chunk, hash)?;
+            let r = self.write_payload(f, &chunk)?;
             self.local_index.entry(hash).or_insert_with(|| r.clone());
             refs.push(r);
         }
@@ -437,7 +568,14 @@ impl<'s> Transaction<'s> {
     /// Starts a frame for a run beginning at chunk `k`, in the open segment if the run's first
     /// chunk fits there, else in a new one. Reserves table space for as many of the chunks
     /// from `k` on as fit in the segment, since the run's length is not known yet.
-    fn open_frame(&mut self, total: usize, cs: usize, k: usize) -> Result<OpenFrame> {
+    /// Payloads are budgeted at their raw length: a compressed run only ends up shorter.
+    fn open_frame(
+        &mut self,
+        total: usize,
+        cs: usize,
+        k: usize,
+        codec: pb::Codec,
+    ) -> Result<OpenFrame> {
         let max = self.store.opts.segment_max_bytes;
         let chunks_left = total.div_ceil(cs) - k;
         let limit = chunks_left.min(MAX_FRAME_CHUNKS);
@@ -469,16 +607,20 @@ impl<'s> Transaction<'s> {
             capacity,
             next: start + header_len,
             chunks: Vec::new(),
+            codec,
         })
     }
 
     /// Writes one new chunk's payload at the end of the frame's run.
-    fn write_payload(
+    fn write_payload<C: AsRef<[u8]>>(
         &mut self,
         f: &mut OpenFrame,
-        chunk: &[u8],
-        hash: [u8; 32],
+        staged: &StagedChunk<C>,
     ) -> Result<pb::ChunkRef> {
+        debug_assert_eq!(f.codec, staged.codec);
+        let chunk = staged.bytes.as_ref();
+        let hash = staged.hash;
+        let raw_len = staged.raw_len as u64;
         let seg = self.segment.as_ref().expect("segment open");
         // Write in slices and ask for writeback of each as soon as it is in the page cache, so
         // the disk works while later slices are copied and the commit's fdatasync finds little
@@ -496,18 +638,19 @@ impl<'s> Transaction<'s> {
         f.chunks.push(ChunkEntry {
             blake3: hash,
             stored_len: len,
-            raw_len: len,
+            raw_len,
         });
         let r = pb::ChunkRef {
             segment: seg.id,
             offset: f.next,
             stored_len: len,
-            raw_len: len,
-            codec: pb::Codec::None as i32,
+            raw_len,
+            codec: staged.codec as i32,
             blake3: hash.to_vec(),
         };
         f.next += len;
         self.bytes_written += len;
+        self.raw_bytes_written += raw_len;
         self.chunks_written += 1;
         Ok(r)
     }
@@ -516,7 +659,7 @@ impl<'s> Transaction<'s> {
     /// zero padding after them.
     fn close_frame(&mut self, f: OpenFrame) -> Result<()> {
         let seg = self.segment.as_mut().expect("segment open");
-        let mut header = FrameHeader::new(0, seg.id, f.chunks);
+        let mut header = FrameHeader::new(f.codec as u8, seg.id, f.chunks);
         header.header_len = f.header_len;
         let wr = |buf: &[u8], off: u64| {
             seg.file
@@ -660,6 +803,7 @@ impl<'s> Transaction<'s> {
         let out = CommitInfo {
             checkpoint: info,
             bytes_written: self.bytes_written,
+            raw_bytes_written: self.raw_bytes_written,
             bytes_deduplicated: self.bytes_deduplicated,
             chunks_written: self.chunks_written,
             chunks_deduplicated: self.chunks_deduplicated,
