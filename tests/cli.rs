@@ -375,6 +375,8 @@ fn bench_measures_every_figure_and_cleans_up() {
         "save_gbps",
         "save_async_durable_gbps",
         "load_gbps",
+        "save_floats_gbps",
+        "save_floats_zstd_gbps",
     ] {
         let x = v[key]
             .as_f64()
@@ -382,6 +384,9 @@ fn bench_measures_every_figure_and_cleans_up() {
         assert!(x.is_finite() && x > 0.0, "{key} = {x}");
     }
     assert!(v["save_async_stall_s"].as_f64().unwrap() > 0.0);
+    // Weight-like floats compress: zstd stored fewer bytes than it was given.
+    let ratio = v["zstd_stored_over_raw"].as_f64().unwrap();
+    assert!(ratio > 0.0 && ratio < 0.95, "{ratio}");
     assert_eq!(v["size_bytes"], 8 << 20);
     // The staging pool (4 MiB) is allocated during the measured window.
     assert!(

@@ -6,7 +6,7 @@
 
 use super::{emit, emit_json, fail, human_bytes, CliResult};
 use ckptstore::io::{default_backend, IoBackend, StdIo};
-use ckptstore::{DType, Options, Pipeline, PipelineOptions, Selector, Store};
+use ckptstore::{Compression, DType, Options, Pipeline, PipelineOptions, Selector, Store};
 use indicatif::{ProgressBar, ProgressStyle};
 use rustix::fs::{Advice, Mode, OFlags};
 use serde_json::json;
@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 Every figure is measured in this run on the file system of DIR, rounds interleaved, medians \
 reported. 'Cold' reads drop the files' clean pages from the page cache first \
 (POSIX_FADV_DONTNEED; no root needed). Tensor data is pseudo-random (incompressible, nothing \
-deduplicates). Peak extra RSS is sampled every millisecond during the async save, over the \
+deduplicates), except for the compression pair: f32 values spread like trained weights, saved \
+raw and with zstd-1 + byte shuffling. Peak extra RSS is sampled every millisecond during the async save, over the \
 resident size before it.
 
 Exit status: 0 on success; 1 with a one-line reason on stderr.")]
@@ -90,6 +91,9 @@ struct Samples {
     memcpy: Vec<f64>,
     save: Vec<f64>,
     save_std: Vec<f64>,
+    float_raw: Vec<f64>,
+    float_zstd: Vec<f64>,
+    zstd_ratio: Vec<f64>,
     stall: Vec<f64>,
     async_durable: Vec<f64>,
     load: Vec<f64>,
@@ -114,6 +118,9 @@ pub fn run(a: Args) -> CliResult {
     let raw_r = median(&s.raw_read);
     let save = median(&s.save);
     let save_std = (!s.save_std.is_empty()).then(|| median(&s.save_std));
+    let float_raw = median(&s.float_raw);
+    let float_zstd = median(&s.float_zstd);
+    let zstd_ratio = median(&s.zstd_ratio);
     let backend = default_backend().backend;
     let stall = median(&s.stall);
     let durable = median(&s.async_durable);
@@ -136,6 +143,9 @@ pub fn run(a: Args) -> CliResult {
             "save_vs_raw_write": raw_w / save,
             "io_backend": backend.to_string(),
             "save_std_gbps": save_std.map(gb),
+            "save_floats_gbps": gb(float_raw),
+            "save_floats_zstd_gbps": gb(float_zstd),
+            "zstd_stored_over_raw": zstd_ratio,
             "save_async_stall_s": stall,
             "save_async_stall_vs_memcpy": stall / memcpy,
             "save_async_durable_gbps": gb(durable),
@@ -176,6 +186,20 @@ pub fn run(a: Args) -> CliResult {
     }
     rows.extend([
         row(
+            "store save, weight-like f32, raw",
+            float_raw,
+            format!("{:.2} of raw write", raw_w / float_raw),
+        ),
+        row(
+            "store save, weight-like f32, zstd-1",
+            float_zstd,
+            format!(
+                "{:.2}× the raw save's time; stored {:.2} of the bytes",
+                float_zstd / float_raw,
+                zstd_ratio
+            ),
+        ),
+        row(
             "store save async: stall",
             stall,
             format!("{:.2}× memcpy", stall / memcpy),
@@ -213,14 +237,38 @@ pub fn run(a: Args) -> CliResult {
 
 /// One durable synchronous save of `data` into a new store at `dir`: seconds.
 fn sync_save(dir: &Path, data: &[u8], round: usize, opts: Options) -> CliResult<f64> {
+    Ok(sync_save_info(dir, data, round, opts)?.0)
+}
+
+/// [`sync_save`], also returning stored bytes ÷ raw bytes.
+fn sync_save_info(dir: &Path, data: &[u8], round: usize, opts: Options) -> CliResult<(f64, f64)> {
     let t = Instant::now();
     let mut store = Store::open(dir, opts)?;
     let mut txn = store.begin(round as u64)?;
     put_all(data, |name, bytes| {
         txn.put_tensor(name, DType::F32, &[bytes.len() as u64 / 4], bytes)
     })?;
-    txn.commit()?;
-    Ok(t.elapsed().as_secs_f64())
+    let c = txn.commit()?;
+    let secs = t.elapsed().as_secs_f64();
+    Ok((
+        secs,
+        c.bytes_written as f64 / c.raw_bytes_written.max(1) as f64,
+    ))
+}
+
+/// f32 values spread like trained weights (uniform in ±0.02): the bytes a compressor sees in
+/// a real checkpoint, unlike random bytes.
+fn float_weights(n: usize) -> Vec<u8> {
+    let mut out = vec![0u8; n];
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for w in out.chunks_mut(4) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let v = (x >> 32) as i32 as f32 * (0.02 / 2_147_483_648.0);
+        w.copy_from_slice(&v.to_le_bytes()[..w.len()]);
+    }
+    out
 }
 
 fn measure(a: &Args, size: u64, work: &Path) -> CliResult<Samples> {
@@ -233,6 +281,7 @@ fn measure(a: &Args, size: u64, work: &Path) -> CliResult<Samples> {
     );
     bar.set_message("generating data");
     let mut data = pseudo_random(size as usize);
+    let mut floats = float_weights(size as usize);
     let mut s = Samples::default();
     for round in 0..a.rounds {
         // Every chunk differs from every earlier round's: nothing deduplicates.
@@ -271,6 +320,27 @@ fn measure(a: &Args, size: u64, work: &Path) -> CliResult<Samples> {
             s.save_std.push(sync_save(&std_dir, &data, round, opts)?);
             std::fs::remove_dir_all(&std_dir)?;
         }
+        // Compression, on weight-like floats (random bytes never compress): the same data
+        // saved raw and with zstd-1 + byte shuffling.
+        bar.set_message(format!("round {}: float save, raw and zstd", round + 1));
+        for (k, block) in floats.chunks_mut(BLOCK).enumerate() {
+            block[..16].copy_from_slice(
+                &[(round as u64).to_le_bytes(), (k as u64).to_le_bytes()].concat(),
+            );
+        }
+        let fdir = work.join(format!("float-raw-{round}"));
+        s.float_raw
+            .push(sync_save(&fdir, &floats, round, Options::default())?);
+        std::fs::remove_dir_all(&fdir)?;
+        let fdir = work.join(format!("float-zstd-{round}"));
+        let zopts = Options {
+            compression: Compression::zstd(),
+            ..Options::default()
+        };
+        let (secs, ratio) = sync_save_info(&fdir, &floats, round, zopts)?;
+        s.float_zstd.push(secs);
+        s.zstd_ratio.push(ratio);
+        std::fs::remove_dir_all(&fdir)?;
         bar.set_message(format!("round {}: cold load", round + 1));
         s.load.push(cold_load(&dir)?);
         std::fs::remove_dir_all(&dir)?;
