@@ -51,6 +51,25 @@ pub trait Source {
     /// The buffer must not be read before the returned fence completes.
     fn stage(&self, offset: u64, len: usize, buf: &mut StagingBuf) -> Result<Fence>;
 
+    /// Stages several ranges, `ranges[i]` = `(offset, len)` into `bufs[i]`. The default
+    /// stages them one after another; on an error it waits for the copies it started before
+    /// returning it (a buffer never goes back to the pool while a device writes into it).
+    fn stage_many(&self, ranges: &[(u64, usize)], bufs: &mut [StagingBuf]) -> Result<Vec<Fence>> {
+        let mut fences = Vec::with_capacity(ranges.len());
+        for (&(off, len), buf) in ranges.iter().zip(bufs.iter_mut()) {
+            match self.stage(off, len, buf) {
+                Ok(f) => fences.push(f),
+                Err(e) => {
+                    for f in fences {
+                        let _ = f.wait();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(fences)
+    }
+
     /// Called once after every range was staged and before the save is reported as
     /// snapshotted: a source whose copies run asynchronously waits for them here, so the
     /// caller may change its memory as soon as the save returns.
@@ -73,4 +92,27 @@ impl Source for HostSource<'_> {
         buf.fill(len).copy_from_slice(&self.0[start..start + len]);
         Ok(Fence::Ready)
     }
+
+    /// Copies the ranges in parallel (one memcpy runs ~10 GB/s a core; several cores copy a
+    /// batch faster than one, which is what the caller's stall is made of).
+    fn stage_many(&self, ranges: &[(u64, usize)], bufs: &mut [StagingBuf]) -> Result<Vec<Fence>> {
+        use rayon::prelude::*;
+        let bytes: usize = ranges.iter().map(|r| r.1).sum();
+        if ranges.len() < 2 || bytes < PARALLEL_COPY_MIN_BYTES {
+            for (&(off, len), buf) in ranges.iter().zip(bufs.iter_mut()) {
+                self.stage(off, len, buf)?;
+            }
+        } else {
+            bufs.par_iter_mut()
+                .zip(ranges.par_iter())
+                .for_each(|(buf, &(off, len))| {
+                    let start = off as usize;
+                    buf.fill(len).copy_from_slice(&self.0[start..start + len]);
+                });
+        }
+        Ok(ranges.iter().map(|_| Fence::Ready).collect())
+    }
 }
+
+/// Below this many bytes a batch is copied on the calling thread alone.
+const PARALLEL_COPY_MIN_BYTES: usize = 1 << 20;

@@ -32,6 +32,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use worker::{HashJob, Item, Job};
 
+/// Most chunks staged (copied) together: a host tensor's batch is copied on several cores.
+const COPY_BATCH: usize = 8;
+
 /// Options of [`Pipeline::new`].
 #[derive(Debug, Clone)]
 pub struct PipelineOptions {
@@ -355,31 +358,41 @@ impl Save<'_> {
             chunks: chunks_rx,
         })?;
         let hash_tx = self.pipeline.hash_tx.clone().expect("open until close");
-        for k in 0..n {
-            let off = k * cs;
-            let len = (total - off).min(cs) as usize;
-            let (mut buf, waited) = self.pipeline.pool.acquire();
-            self.pool_wait += waited;
-            let fence = match src.stage(off, len, &mut buf) {
-                Ok(f) => f,
-                Err(e) => {
-                    drop(buf);
-                    return Err(e);
-                }
-            };
-            let (tx, rx) = crossbeam_channel::bounded(1);
-            // Queue the result slot first so the I/O thread sees chunks in order.
-            if chunks_tx.send(rx).is_err() {
-                return Err(self.io_stopped());
+        // Chunks are staged in batches, so a source can copy several at once (a host tensor
+        // is copied on several cores). A batch never holds more buffers than the pool has:
+        // every other buffer belongs to a chunk already queued, which the I/O thread frees.
+        let batch = COPY_BATCH.min(self.pipeline.pool.info().buffers) as u64;
+        let mut k = 0;
+        while k < n {
+            let b = batch.min(n - k);
+            let mut bufs = Vec::with_capacity(b as usize);
+            let mut ranges = Vec::with_capacity(b as usize);
+            for j in k..k + b {
+                let off = j * cs;
+                let (buf, waited) = self.pipeline.pool.acquire();
+                self.pool_wait += waited;
+                bufs.push(buf);
+                ranges.push((off, (total - off).min(cs) as usize));
             }
-            hash_tx
-                .send(HashJob {
+            let fences = src.stage_many(&ranges, &mut bufs)?;
+            for (buf, fence) in bufs.into_iter().zip(fences) {
+                let (tx, rx) = crossbeam_channel::bounded(1);
+                let job = HashJob {
                     buf: Some(buf),
                     fence: Some(fence),
                     codec,
                     reply: tx,
-                })
-                .map_err(|_| Error::invalid("the pipeline's hash threads have stopped"))?;
+                };
+                // Queue the result slot first so the I/O thread sees chunks in order.
+                if chunks_tx.send(rx).is_err() {
+                    drop(job); // waits for its copy before the buffer goes back
+                    return Err(self.io_stopped());
+                }
+                hash_tx
+                    .send(job)
+                    .map_err(|_| Error::invalid("the pipeline's hash threads have stopped"))?;
+            }
+            k += b;
         }
         src.finish_snapshot()?;
         self.bytes += total;
