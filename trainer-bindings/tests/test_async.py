@@ -61,6 +61,7 @@ def test_ctrl_c_interrupts_wait_but_not_the_save(store_dir):
     from conftest import run_py
     r = run_py("""
         import os, signal, sys, threading, time, torch, ckptstore as cs
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started ignored
         s = cs.Store(sys.argv[1])
         w = torch.randn(32, 1 << 20)   # 128 MiB
         for attempt in range(1, 6):
