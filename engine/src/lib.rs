@@ -26,6 +26,6 @@ pub use pipeline::{Pipeline, PipelineOptions, SaveHandle, SaveReport};
 pub use retention::{KeepReason, MetricMode, RetentionPlan, RetentionPolicy};
 pub use store::{
     CheckpointInfo, CheckpointReader, CommitInfo, DeleteInfo, LoadReport, LoadSpec, Options,
-    RecoveryMode, RecoveryReport, Selector, Store, StoreStats, Tensor, TensorView, Transaction,
-    VerifiedChunks,
+    RecoveryMode, RecoveryReport, Selector, ShardFragment, ShardOptions, ShardWriter, Store,
+    StoreStats, Tensor, TensorView, Transaction, VerifiedChunks,
 };

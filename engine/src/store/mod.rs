@@ -5,6 +5,7 @@ mod files;
 mod reader;
 mod recovery;
 mod select;
+mod shard;
 mod state;
 mod txn;
 mod view;
@@ -13,6 +14,7 @@ pub use files::{parse_wal_file_name, wal_file_name, LOCK_NAME, SEGMENTS_DIR};
 pub use reader::{CheckpointReader, Tensor, VerifiedChunks};
 pub use recovery::RecoveryReport;
 pub use select::{LoadReport, LoadSpec, NamePredicate};
+pub use shard::{ShardFragment, ShardOptions, ShardWriter};
 pub(crate) use txn::StagedEntry;
 pub use txn::{CommitInfo, Transaction};
 pub use view::TensorView;
@@ -197,6 +199,8 @@ pub struct Store {
     poisoned: Option<String>,
     report: RecoveryReport,
     open_segments: Mutex<HashMap<u64, Arc<dyn StorageFile>>>,
+    /// Segment ids handed to shard writers ([`Store::reserve_segment_ids`]).
+    reservations: shard::Reservations,
 }
 
 impl std::fmt::Debug for Store {
@@ -241,6 +245,7 @@ impl Store {
             poisoned: None,
             report: rec.report,
             open_segments: Mutex::new(HashMap::new()),
+            reservations: shard::Reservations::default(),
         })
     }
 
