@@ -360,8 +360,9 @@ class StoreReader(StorageReader):
                 stored[where.name] = (_tensors.storage_array(mb), mb.dtype)
             arr, dtype = stored[where.name]
             # The leading Ellipsis keeps a 0-d tensor an array (arr[()] would be a scalar).
-            part = arr[(Ellipsis, *(slice(o, o + n)
-                                    for o, n in zip(req.storage_offsets, req.lengths)))]
+            index: tuple[Any, ...] = (Ellipsis, *(
+                slice(o, o + n) for o, n in zip(req.storage_offsets, req.lengths)))
+            part = arr[index]
             target = planner.resolve_tensor(req).detach()
             if tuple(target.shape) != part.shape:
                 raise ValueError(f"{req.storage_index.fqn}: DCP asks for {tuple(target.shape)} "
