@@ -351,3 +351,46 @@ fn demo_kills_recovers_resumes() {
     ]);
     assert!(!fresh.exists());
 }
+
+#[test]
+fn bench_measures_every_figure_and_cleans_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let v = json(&ok(&[
+        "bench",
+        "--dir",
+        d,
+        "--size",
+        "8MiB",
+        "--rounds",
+        "1",
+        "--budget-mib",
+        "4",
+        "--json",
+    ]));
+    for key in [
+        "raw_write_gbps",
+        "raw_read_gbps",
+        "memcpy_gbps",
+        "save_gbps",
+        "save_async_durable_gbps",
+        "load_gbps",
+    ] {
+        let x = v[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} missing: {v}"));
+        assert!(x.is_finite() && x > 0.0, "{key} = {x}");
+    }
+    assert!(v["save_async_stall_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["size_bytes"], 8 << 20);
+    // The staging pool (4 MiB) is allocated during the measured window.
+    assert!(
+        v["peak_extra_rss_bytes"].as_u64().unwrap() >= 4 << 20,
+        "{v}"
+    );
+    assert!(v["peak_rss_bytes"].as_u64().unwrap() > 0);
+    // Nothing left behind in the directory.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    let e = fails(&["bench", "--dir", d, "--size", "2 parsecs"]);
+    assert!(e.contains("unknown size unit"), "{e}");
+}

@@ -155,6 +155,28 @@ fn a_failed_fsync_fails_the_save_and_poisons_later_ones_with_the_reason() {
     assert_holds(&store, first.commit.checkpoint.id, &refs(&tensors(1)));
 }
 
+/// Regression (found by tests/crash_sweep_async.rs): a failed fsync in a delete made through
+/// `Pipeline::store()` poisoned the store, but `begin` (which reads the poison reason the I/O
+/// thread last saw) still accepted the next save. Now the store's guard records it on drop.
+#[test]
+fn a_failed_fsync_in_a_delete_through_store_makes_the_next_begin_refuse() {
+    let mem = MemIo::new();
+    let mut p = Pipeline::new(mem_store(&mem), small_pool(4)).unwrap();
+    let first = submit(&mut p, 1, &tensors(1)).wait().unwrap();
+    let second = submit(&mut p, 2, &tensors(2)).wait().unwrap();
+    mem.faults.fail_sync_countdown.store(1, SeqCst);
+    let e = p.store().delete(first.commit.checkpoint.id).unwrap_err();
+    assert!(e.to_string().contains("fdatasync"), "{e}");
+    mem.faults.fail_sync_countdown.store(0, SeqCst);
+    let e = p.begin(3).err().expect("a poisoned store refuses saves");
+    assert!(matches!(e, Error::Poisoned { .. }), "{e}");
+    assert!(e.to_string().contains("fdatasync"), "{e}");
+    assert_eq!(p.pool().in_use(), 0);
+    drop(p.close());
+    let store = mem_store(&mem);
+    assert_holds(&store, second.commit.checkpoint.id, &refs(&tensors(2)));
+}
+
 #[test]
 fn a_full_disk_with_three_saves_in_flight_fails_each_and_keeps_earlier_checkpoints() {
     let mem = MemIo::new();

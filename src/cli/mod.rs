@@ -1,6 +1,7 @@
 //! The `ckptstore` command line: one file per subcommand, shared helpers here (opening a
 //! store, checkpoint selection, human-readable sizes and times, JSON output, errors).
 
+mod bench;
 mod crashtest;
 mod demo;
 mod export;
@@ -54,6 +55,9 @@ enum Command {
     Export(export::Args),
     /// Commit a file in another format (safetensors) to a store as a new checkpoint.
     Import(import::Args),
+    /// Measure the store against this machine's limits: raw O_DIRECT write/read, memcpy,
+    /// durable and async save, cold load, peak memory (one run, medians of rounds).
+    Bench(bench::Args),
     /// Run a synthetic training job, SIGKILL its writer mid-save, recover, verify, resume.
     Demo(demo::Args),
     /// SIGKILL a writer again and again on this file system; check every acknowledged
@@ -108,6 +112,7 @@ pub fn main() -> ExitCode {
         Command::Unpin(a) => pin::run(a, false),
         Command::Export(a) => export::run(a),
         Command::Import(a) => import::run(a),
+        Command::Bench(a) => bench::run(a),
         Command::Demo(a) => demo::run(a),
         Command::DemoWriter(a) => demo::run_writer(a),
         Command::Crashtest(a) => crashtest::run(a),

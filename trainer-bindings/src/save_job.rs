@@ -157,7 +157,12 @@ pub struct SaveHandle {
 impl SaveHandle {
     /// Blocks (without the GIL) until the checkpoint is durable and returns the commit
     /// summary; re-raises the save's error if it failed (every call raises it again).
+    /// Ctrl-C interrupts the wait (not the save, which still commits or fails in order).
     fn wait<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        while !self.state.is_done() {
+            py.allow_threads(|| std::thread::sleep(std::time::Duration::from_millis(1)));
+            py.check_signals()?;
+        }
         let s = self.state.clone();
         match py.allow_threads(move || s.wait()) {
             Ok(c) => c.to_dict(py),

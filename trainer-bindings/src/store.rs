@@ -1,5 +1,6 @@
 //! `ckptstore._native.Store`: one engine `Store` behind a mutex (owned, after the first
-//! `save_async`, by the engine's write pipeline), so calls from Python threads take turns. Every call that does I/O releases the GIL.
+//! `save_async`, by the engine's write pipeline), so calls from Python threads take turns.
+//! Every call that does I/O releases the GIL.
 
 use crate::errors::{self, Failure};
 use crate::host_bytes::{HostBytes, MappedBytes};

@@ -16,3 +16,16 @@ def run_py(code: str, *args: str, timeout: float = 120, **kw) -> subprocess.Comp
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args],
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}, **kw)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def cli() -> str | None:
+    """The ckptstore CLI binary: $CKPTSTORE_BIN, the repository's cargo build, or on PATH."""
+    import shutil
+    for c in (os.environ.get("CKPTSTORE_BIN"), os.path.join(REPO, "target", "debug", "ckptstore"),
+              os.path.join(REPO, "target", "release", "ckptstore"), shutil.which("ckptstore")):
+        if c and os.access(c, os.X_OK):
+            return c
+    return None

@@ -52,3 +52,25 @@ def test_save_async_on_a_read_only_store_is_refused(store_dir):
     with cs.Store(store_dir, read_only=True) as ro:
         with pytest.raises(cs.ReadOnlyError):
             cs.save_async(ro, {"w": torch.ones(1)}, step=2)
+
+
+def test_ctrl_c_interrupts_wait_but_not_the_save(store_dir):
+    from conftest import run_py
+    r = run_py("""
+        import os, signal, sys, threading, torch, ckptstore as cs
+        s = cs.Store(sys.argv[1])
+        h = cs.save_async(s, {"w": torch.randn(32, 1 << 20)}, step=1)   # 128 MiB
+        threading.Timer(0.01, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        try:
+            h.wait()
+            print("finished before the interrupt")
+        except KeyboardInterrupt:
+            # raised inside wait(), while the save is still being written — not after it
+            print("interrupted; in flight:", not h.done())
+        print("step", h.wait()["step"])     # the save itself went on and committed
+        s.close()
+        print("listed", [c["step"] for c in cs.Store(sys.argv[1]).list()])
+    """, str(store_dir))
+    assert r.returncode == 0, r.stderr
+    assert "interrupted; in flight: True" in r.stdout, r.stdout
+    assert "step 1" in r.stdout and "listed [1]" in r.stdout

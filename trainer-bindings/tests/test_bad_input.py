@@ -119,7 +119,7 @@ def test_keyboard_interrupt_during_save_tears_nothing(store_dir):
     code = """
         import sys, torch, ckptstore as cs
         s = cs.Store(sys.argv[1])
-        big = {"w": torch.randn(64, 1 << 20)}   # 256 MiB
+        big = {"w": torch.randn(16, 1 << 20)}   # 64 MiB
         step = 0
         print("ready", flush=True)
         try:

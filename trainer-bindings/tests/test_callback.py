@@ -1,6 +1,7 @@
 """CheckpointConfig / ModelCheckpoint: MindSpore's triggers, precedence and retention (after
 the commit), names, exception and SIGTERM saves, resuming."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 import ckptstore as cs
+
+from conftest import cli as _cli  # noqa: E402
 
 
 def test_config_precedence_and_validation():
@@ -120,3 +123,30 @@ def test_resume_protects_the_checkpoint_resumed_from(store_dir):
         for step in (2, 3, 4):
             cb.step_end(step, 0, {"x": torch.ones(1), "step": step})
         assert [c["step"] for c in cb.store.list()] == [1, 4]
+
+
+def test_per_n_minutes_retention_runs_after_each_commit(store_dir):
+    cfg = cs.CheckpointConfig(save_checkpoint_steps=1, keep_checkpoint_max=0,
+                              keep_checkpoint_per_n_minutes=60)
+    with cs.ModelCheckpoint(prefix="m", directory=store_dir, config=cfg) as cb:
+        for step in range(1, 5):
+            cb.step_end(step, 0, {"x": torch.full((1,), float(step))})
+            ls = cb.store.list()
+            # one per 60-minute window, plus the newest: at most two (a window boundary may
+            # fall between two saves), and the newest is always the one just committed
+            assert len(ls) <= 2 and ls[-1]["step"] == step
+
+
+@pytest.mark.skipif(_cli() is None, reason="ckptstore CLI not built (cargo build)")
+def test_cli_ls_shows_mindspore_style_names(store_dir):
+    cfg = cs.CheckpointConfig(save_checkpoint_steps=5, keep_checkpoint_max=10)
+    with cs.ModelCheckpoint(prefix="lenet", directory=store_dir, config=cfg) as cb:
+        for step in range(1, 11):
+            cb.step_end(step, 1 + step // 10, {"w": torch.ones(2)})
+    out = subprocess.run([_cli(), "ls", str(store_dir), "--json"], capture_output=True,
+                         text=True, check=True).stdout
+    names = [c["metadata"]["name"] for c in json.loads(out)]
+    assert names == ["lenet-1_5", "lenet-2_10"]
+    human = subprocess.run([_cli(), "ls", str(store_dir)], capture_output=True, text=True,
+                           check=True).stdout
+    assert 'name="lenet-2_10"' in human

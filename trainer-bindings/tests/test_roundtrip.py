@@ -109,6 +109,21 @@ def test_flat_state_dict_keeps_its_names_and_numpy_loads_are_zero_copy_read_only
             t += 1  # torch loads are copies: writable
 
 
+def test_bf16_slices_and_numpy_refusal(store_dir):
+    w = torch.randn(8, 16).bfloat16()
+    with cs.Store(store_dir) as s:
+        cs.save(s, {"w": w}, step=1)
+        with s.open() as ck:
+            assert torch.equal(ck.get_slice("w")[2:5, 3], w[2:5, 3])
+            try:
+                import ml_dtypes  # noqa: F401
+            except ImportError:
+                with pytest.raises(TypeError, match="numpy has no bf16"):
+                    ck.get_tensor("w", framework="numpy")
+        with pytest.raises(ValueError, match="device"):
+            cs.load(s, framework="numpy", device="cuda")
+
+
 def test_non_contiguous_tensors_are_stored_as_their_values(store_dir):
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
     state = {"t": base.t(), "strided": base[:, ::2], "np_t": base.numpy().T}
@@ -152,3 +167,30 @@ def test_path_instead_of_store_opens_and_closes(store_dir):
     assert cs.load(store_dir, framework="numpy")["x"].tolist() == [1.0, 1.0]
     with cs.Store(store_dir) as s:  # the lock was released
         assert len(s.list()) == 1
+        # loading by path while a writer holds the store: a read-only open, no lock error
+        assert cs.load(store_dir, framework="numpy")["x"].tolist() == [1.0, 1.0]
+        net = torch.nn.Linear(1, 2, bias=False)
+        with pytest.raises(cs.StrictLoadError):
+            cs.load_into(net, store_dir)
+
+
+def test_store_management_delete_pin_retention(store_dir):
+    with cs.Store(store_dir) as s:
+        for step in range(1, 6):
+            loss = {1: 0.1, 2: 0.9, 3: 0.2, 4: 0.3, 5: 0.4}[step]
+            cs.save(s, {"x": torch.ones(1)}, step=step, metadata={"loss": loss})
+        assert s.pin(1) is True
+        with pytest.raises(cs.PinnedError):
+            s.delete(1)
+        plan = s.apply_retention(keep_last=1, keep_best=(1, "loss", "max"), dry_run=True)
+        assert plan == [3, 4]  # 1 pinned, 2 best (highest loss), 5 newest
+        assert [c["id"] for c in s.list()] == [1, 2, 3, 4, 5]
+        assert s.apply_retention(keep_last=1, keep_best=(1, "loss", "max")) == [3, 4]
+        assert s.delete(2) >= 0
+        assert [c["id"] for c in s.list()] == [1, 5]
+        with pytest.raises(ValueError, match="mode"):
+            s.apply_retention(keep_best=(1, "loss", "up"))
+        with pytest.raises(cs.NotFoundError):
+            s.delete(42)
+    with cs.Store(store_dir, read_only=True) as ro:
+        assert [(c["id"], c["pinned"]) for c in ro.list()] == [(1, True), (5, False)]

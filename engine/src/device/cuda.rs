@@ -18,6 +18,9 @@ use crate::pipeline::{StagingBuf, StagingPool};
 use cudarc::driver::{result, sys, CudaContext, CudaEvent, CudaStream, DriverError};
 use std::sync::Arc;
 
+/// The cudarc crate this module is built on (for callers that allocate device memory).
+pub use cudarc;
+
 fn cuda_err(what: &str) -> impl Fn(DriverError) -> Error + '_ {
     move |e| Error::Device(format!("{what}: {e:?}"))
 }
@@ -154,6 +157,55 @@ impl CudaStager {
             ptr,
             len,
         })
+    }
+}
+
+impl CudaStager {
+    /// The baseline the staging path is measured against: one plain `cuMemcpyDtoHAsync` per
+    /// range into a single freshly registered (pinned, pre-faulted) host buffer, on this
+    /// stager's stream, then one synchronize. Returns the time of the copies alone (not the
+    /// allocation). For `scripts/gpu-check.sh` and benchmarks.
+    pub fn baseline_copy(&self, ranges: &[(u64, u64)]) -> Result<std::time::Duration> {
+        let total: u64 = ranges.iter().map(|r| r.1).sum();
+        let mut host = memmap2::MmapOptions::new()
+            .len(total.max(1) as usize)
+            .populate()
+            .map_anon()
+            .map_err(|e| Error::Device(format!("allocate {total} host bytes: {e}")))?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(cuda_err("bind context"))?;
+        // SAFETY: `host` is a live anonymous mapping, unregistered below before it is dropped.
+        unsafe {
+            sys::cuMemHostRegister_v2(
+                host.as_mut_ptr().cast(),
+                host.len(),
+                sys::CU_MEMHOSTREGISTER_PORTABLE,
+            )
+        }
+        .result()
+        .map_err(cuda_err("register host buffer"))?;
+        let t = std::time::Instant::now();
+        let mut out = Ok(());
+        let mut at = 0usize;
+        for &(ptr, len) in ranges {
+            let dst = &mut host[at..at + len as usize];
+            // SAFETY: `dst` is inside the registered mapping, which outlives the synchronize
+            // below; the caller's ranges are live device allocations (checked by `source`).
+            let r = unsafe { result::memcpy_dtoh_async(dst, ptr, self.stream.cu_stream()) };
+            if let Err(e) = r {
+                out = Err(cuda_err("cuMemcpyDtoHAsync")(e));
+                break;
+            }
+            at += len as usize;
+        }
+        let synced = self.stream.synchronize();
+        let elapsed = t.elapsed();
+        // SAFETY: registered above; the stream is synchronized, so no copy into it is pending.
+        let _ = unsafe { sys::cuMemHostUnregister(host.as_mut_ptr().cast()) };
+        out?;
+        synced.map_err(cuda_err("synchronize"))?;
+        Ok(elapsed)
     }
 }
 

@@ -125,12 +125,18 @@ impl Pipeline {
     }
 
     /// The store, for listing, reading and deleting. Waits while a save is being written.
-    pub fn store(&self) -> MutexGuard<'_, Store> {
-        self.store
-            .as_ref()
-            .expect("present until close")
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+    /// If what the caller does through it poisons the store (a delete whose fsync fails),
+    /// the next [`Pipeline::begin`] refuses with the reason.
+    pub fn store(&self) -> StoreGuard<'_> {
+        StoreGuard {
+            store: self
+                .store
+                .as_ref()
+                .expect("present until close")
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+            poisoned: &self.poisoned,
+        }
     }
 
     /// Starts a save at `step`. Add tensors, then [`Save::submit`]. One save is staged at a
@@ -194,6 +200,35 @@ impl Pipeline {
 impl Drop for Pipeline {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// The pipeline's store, borrowed (see [`Pipeline::store`]). On drop it records whether
+/// the store is poisoned, for [`Pipeline::begin`] (which does not wait for the store's lock).
+pub struct StoreGuard<'p> {
+    store: MutexGuard<'p, Store>,
+    poisoned: &'p Mutex<Option<String>>,
+}
+
+impl std::ops::Deref for StoreGuard<'_> {
+    type Target = Store;
+    fn deref(&self) -> &Store {
+        &self.store
+    }
+}
+
+impl std::ops::DerefMut for StoreGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Store {
+        &mut self.store
+    }
+}
+
+impl Drop for StoreGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(why) = self.store.poisoned() {
+            // Poisoning is for good (until reopened): only ever set it here.
+            *self.poisoned.lock().unwrap_or_else(|p| p.into_inner()) = Some(why.to_owned());
+        }
     }
 }
 

@@ -55,6 +55,8 @@ impl Run<'_> {
             }
         }
         // Nothing is listed that was deleted, or never acknowledged nor in flight.
+        let max_acked = self.ledger.max_id;
+        let mut found: Vec<(u64, u64)> = Vec::new();
         for (&id, &step) in &listed {
             if self.ledger.live.contains_key(&id) {
                 continue;
@@ -63,13 +65,12 @@ impl Run<'_> {
                 self.violation(format!(
                     "checkpoint {id} (step {step}) was deleted (acknowledged) but is listed after recovery ({how})"
                 ));
-            } else if adopt_all
-                || (self.ledger.pending_commit == Some(step) && id > self.ledger.max_id)
-            {
-                // The commit in flight at the kill had become durable: allowed, and from now
-                // on it must stay (it is checked bit-exact below like the others).
+            } else if adopt_all || (self.ledger.pending_commits.contains(&step) && id > max_acked) {
+                // A save in flight at the kill had become durable: allowed, and from now on
+                // it must stay (it is checked bit-exact below like the others).
                 if !adopt_all {
                     self.tally.unacked_commits_found += 1;
+                    found.push((id, step));
                 }
                 self.ledger.live.insert(id, step);
                 self.ledger.max_id = self.ledger.max_id.max(id);
@@ -81,7 +82,20 @@ impl Run<'_> {
                 ));
             }
         }
-        self.ledger.pending_commit = None;
+        // Saves commit in submission order: those in flight that became durable are the
+        // oldest of them, in that order (a later save never survives an earlier one that was
+        // lost). `found` is in id order, which is commit order.
+        let steps: Vec<u64> = found.iter().map(|&(_, s)| s).collect();
+        let pending = &self.ledger.pending_commits;
+        if !pending.starts_with(&steps) {
+            let pending = pending.clone();
+            self.violation(format!(
+                "saves in flight at the kill were submitted as steps {pending:?}; after recovery \
+                 ({how}) steps {steps:?} of them are listed, not the first {} in that order",
+                steps.len()
+            ));
+        }
+        self.ledger.pending_commits.clear();
         self.ledger.pending_delete = None;
 
         // (b) bit-exact, (c) verifies.

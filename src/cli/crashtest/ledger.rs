@@ -13,7 +13,9 @@ pub(super) enum Phase {
     Startup,
     /// In `Store::open`: recovery of what the previous kill left.
     Recovery,
-    /// In a commit: chunk writes, segment fsyncs, the WAL append, an automatic compaction.
+    /// In a commit: chunk writes, segment fsyncs, the WAL append, an automatic compaction
+    /// (for the asynchronous writer: whenever a save it submitted is not yet acknowledged,
+    /// unless its own thread is in a delete or compaction).
     Commit,
     /// In a delete: its WAL record, segment removal, an automatic compaction.
     Delete,
@@ -58,8 +60,9 @@ pub(super) struct Ledger {
     pub(super) max_id: u64,
     /// The step the next writer starts at (after every step ever begun).
     pub(super) next_step: u64,
-    /// A commit begun and not acknowledged when its writer died: its step.
-    pub(super) pending_commit: Option<u64>,
+    /// Saves begun and not yet acknowledged, by step, in submission order: at most one for
+    /// the synchronous writer, up to `--in-flight` for the asynchronous one.
+    pub(super) pending_commits: Vec<u64>,
     /// A delete begun and not acknowledged when its writer died: its id.
     pub(super) pending_delete: Option<u64>,
 }
@@ -82,6 +85,8 @@ pub(super) struct Tally {
     pub(super) verified: u64,
     /// Commits that were not acknowledged but had become durable before the kill.
     pub(super) unacked_commits_found: u64,
+    /// Kills by the number of saves begun and not acknowledged at that moment.
+    pub(super) saves_in_flight: BTreeMap<usize, u64>,
     /// Deletes that were not acknowledged but had become durable before the kill.
     pub(super) unacked_deletes_found: u64,
     /// Writers that acknowledged at least one commit.
@@ -115,6 +120,16 @@ impl Run<'_> {
         self.violations.push(why);
     }
 
+    /// The phase once the writer's thread finished an operation: between operations, unless
+    /// saves it submitted are still being written (the asynchronous writer).
+    fn phase_after_ack(&self) -> Phase {
+        if self.ledger.pending_commits.is_empty() {
+            Phase::Between
+        } else {
+            Phase::Commit
+        }
+    }
+
     /// Applies one line of a writer.
     pub(super) fn on_line(&mut self, line: &str, phase: &mut Phase) {
         let w: Vec<&str> = line.split_whitespace().collect();
@@ -124,12 +139,22 @@ impl Run<'_> {
             (Some("opened"), Some(_), _) => *phase = Phase::Between,
             (Some("begin"), Some(step), _) => {
                 *phase = Phase::Commit;
-                self.ledger.pending_commit = Some(step);
+                self.ledger.pending_commits.push(step);
                 self.ledger.next_step = self.ledger.next_step.max(step + 1);
             }
             (Some("commit"), Some(step), Some(id)) => {
-                *phase = Phase::Between;
-                self.ledger.pending_commit = None;
+                // Acknowledgements come in submission order: the oldest save begun.
+                match self.ledger.pending_commits.first() {
+                    Some(&s) if s == step => {
+                        self.ledger.pending_commits.remove(0);
+                    }
+                    _ => self.violation(format!(
+                        "the writer acknowledged step {step} out of order: the saves begun and \
+                         not acknowledged were {:?}",
+                        self.ledger.pending_commits
+                    )),
+                }
+                *phase = self.phase_after_ack();
                 self.tally.acknowledged += 1;
                 if w.get(3) == Some(&"compacted") {
                     self.tally.auto_compactions += 1;
@@ -154,7 +179,7 @@ impl Run<'_> {
                 self.ledger.pending_delete = Some(id);
             }
             (Some("delete"), Some(id), _) => {
-                *phase = Phase::Between;
+                *phase = self.phase_after_ack();
                 self.ledger.pending_delete = None;
                 self.tally.deletes += 1;
                 if w.get(2) == Some(&"compacted") {
@@ -169,7 +194,7 @@ impl Run<'_> {
             }
             (Some("compact-begin"), _, _) => *phase = Phase::Compaction,
             (Some("compact"), _, _) => {
-                *phase = Phase::Between;
+                *phase = self.phase_after_ack();
                 self.tally.explicit_compactions += 1;
             }
             _ => self.violation(format!("unexpected line from the writer: {line:?}")),

@@ -18,6 +18,11 @@
 //! Sometimes the parent only looks (a read-only open, which repairs nothing) and hands the
 //! torn store to the next writer, which it kills early, during that writer's own recovery.
 //!
+//! With `--async` the writer saves through the [`Pipeline`](ckptstore::Pipeline), keeping up
+//! to `--in-flight` saves begun and not acknowledged (acknowledged in submission order). The
+//! ledger then holds several pending saves, and (c) gains: those found committed after a kill
+//! are the oldest pending ones, in submission order.
+//!
 //! Files: `workload` (what a writer saves: a pure function of seed and step), `writer` (the
 //! hidden child process), `ledger` (the model built from the writers' acknowledgements),
 //! `check` (the invariants checked after each kill), `report` (the summary); this file has
@@ -51,6 +56,10 @@ A process kill keeps the page cache: this proves the ordering of the commit prot
 recovery on the file system under DIR (and catches file systems or FUSE mounts that break \
 rename, fsync-of-directory or flock semantics), not that the disk honours fsync on power loss.
 
+With --async the writer saves through the asynchronous write pipeline with up to --in-flight \
+saves begun and not acknowledged; after each kill, the saves in flight that committed must be \
+the oldest of them, in submission order.
+
 Exit status: 0 if no violation was found; 1 with a one-line reason on stderr naming the first \
 violation (the store is kept for inspection).")]
 pub struct Args {
@@ -64,6 +73,14 @@ pub struct Args {
     /// Seed of the kill times and choices (and, for a new store, of the checkpoint data).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Save through the asynchronous write pipeline, with several saves submitted and not
+    /// yet acknowledged when the kill lands (default: synchronous saves, one at a time).
+    #[arg(long = "async")]
+    pub asynchronous: bool,
+    /// With --async: the most saves the writer keeps submitted and not yet acknowledged.
+    #[arg(long, value_name = "K", default_value_t = 3, requires = "asynchronous",
+          value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub in_flight: u64,
     /// Print the summary as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
@@ -79,6 +96,9 @@ pub enum Fault {
     Lie,
     /// The parent flips a byte of an acknowledged checkpoint between a kill and the check.
     Corrupt,
+    /// With --async: the writer begins two saves, drops the first and commits the second (a
+    /// later save survives an earlier one that was lost).
+    Reorder,
 }
 
 /// Arguments of the hidden child writer (`ckptstore __crash-writer`).
@@ -96,6 +116,13 @@ pub struct WriterArgs {
     /// Acknowledge one commit that is never made (to test the checker).
     #[arg(long)]
     pub lie: bool,
+    /// Save through the pipeline with up to this many saves not yet acknowledged (absent:
+    /// synchronous saves).
+    #[arg(long)]
+    pub in_flight: Option<usize>,
+    /// Begin two saves, drop the first, commit the second, then stop (to test the checker).
+    #[arg(long)]
+    pub reorder: bool,
 }
 
 const MARKER: &str = "crashtest.json";
@@ -159,6 +186,9 @@ fn prepare_dir(dir: &Path, seed: u64) -> CliResult<(u64, bool)> {
 
 /// Runs `ckptstore crashtest`; see the module docs.
 pub fn run(a: Args) -> CliResult {
+    if a.inject_fault == Some(Fault::Reorder) && !a.asynchronous {
+        return fail("--inject-fault reorder needs --async");
+    }
     let started = Instant::now();
     let dir = a.dir.as_path();
     let (data_seed, continued) = prepare_dir(dir, a.seed)?;
@@ -225,6 +255,12 @@ pub fn run(a: Args) -> CliResult {
             .args(["--first-step", &run.ledger.next_step.to_string()]);
         if lie {
             cmd.arg("--lie");
+        }
+        if a.asynchronous {
+            cmd.args(["--in-flight", &a.in_flight.to_string()]);
+        }
+        if a.inject_fault == Some(Fault::Reorder) {
+            cmd.arg("--reorder");
         }
         let mut child = cmd
             .stdin(Stdio::null())
@@ -304,6 +340,10 @@ pub fn run(a: Args) -> CliResult {
         }
         run.tally.kills += 1;
         *run.tally.phases.entry(phase).or_default() += 1;
+        *run.tally
+            .saves_in_flight
+            .entry(run.ledger.pending_commits.len())
+            .or_default() += 1;
         if handed_on && phase == Phase::Recovery {
             run.tally.torn_recovery_kills += 1;
         }

@@ -15,6 +15,11 @@ pub(super) fn report(run: &Run, elapsed: Duration, failed_at: Option<(u64, Phase
         .iter()
         .map(|(p, n)| (p.name().to_string(), json!(n)))
         .collect();
+    let in_flight: serde_json::Map<String, Value> = t
+        .saves_in_flight
+        .iter()
+        .map(|(n, k)| (n.to_string(), json!(k)))
+        .collect();
     if a.json {
         crate::cli::emit_json(&json!({
             "ok": ok,
@@ -22,6 +27,9 @@ pub(super) fn report(run: &Run, elapsed: Duration, failed_at: Option<(u64, Phase
             "seed": a.seed,
             "data_seed": run.data_seed,
             "continued": run.continued,
+            "mode": if a.asynchronous { "async" } else { "sync" },
+            "in_flight": if a.asynchronous { json!(a.in_flight) } else { Value::Null },
+            "kills_by_saves_in_flight": in_flight,
             "kills": t.kills,
             "kills_by_phase": phases,
             "kills_in_torn_recovery": t.torn_recovery_kills,
@@ -66,6 +74,23 @@ pub(super) fn report(run: &Run, elapsed: Duration, failed_at: Option<(u64, Phase
                 by_phase.join(", "),
                 t.torn_recovery_kills
             ),
+        );
+        line(
+            "saves",
+            if a.asynchronous {
+                let by: Vec<String> = t
+                    .saves_in_flight
+                    .iter()
+                    .map(|(n, k)| format!("{k} with {n}"))
+                    .collect();
+                format!(
+                    "asynchronous, up to {} in flight; kills by saves begun and not acknowledged: {}",
+                    a.in_flight,
+                    by.join(", ")
+                )
+            } else {
+                "synchronous, one at a time".into()
+            },
         );
         line(
             "acknowledged",

@@ -2,7 +2,7 @@
 //! data seed and the step, so the parent can regenerate any checkpoint to compare it.
 
 use crate::cli::synth::{self, Role, Spec};
-use ckptstore::{DType, MetaValue, Options, Selector, Store};
+use ckptstore::{DType, MetaValue, Options, Pipeline, SaveHandle, Selector, Store};
 use std::collections::BTreeMap;
 
 pub(super) const STEPS_PER_EPOCH: u64 = 10;
@@ -153,6 +153,23 @@ impl Content {
             t.put_blob(name, b)?;
         }
         t.commit()
+    }
+
+    /// The same checkpoint through the asynchronous pipeline: returns once it is staged
+    /// (submitted); the handle reports the commit.
+    pub(super) fn save_async(&self, p: &mut Pipeline) -> ckptstore::Result<SaveHandle> {
+        let mut s = p.begin(self.step)?;
+        s.set_epoch(self.epoch);
+        for (k, v) in &self.metadata {
+            s.set_metadata(k.clone(), v.clone());
+        }
+        for (spec, d) in &self.tensors {
+            s.put_tensor(&spec.name, spec.dtype, &spec.shape, d)?;
+        }
+        for (name, b) in &self.blobs {
+            s.put_blob(name, b)?;
+        }
+        s.submit()
     }
 
     /// Compares checkpoint `id` with this content byte for byte; the error says what differs.

@@ -1,5 +1,6 @@
 """Type stubs of the Rust extension module (trainer-bindings/src)."""
 
+import builtins
 from os import PathLike
 from typing import Any
 
@@ -57,8 +58,8 @@ class Store:
     def save(
         self,
         step: int,
-        tensors: list[_TensorArg],
-        blobs: list[tuple[str, bytes]],
+        tensors: builtins.list[_TensorArg],
+        blobs: builtins.list[tuple[str, bytes]],
         *,
         epoch: int | None = ...,
         metadata: dict[str, int | float | str | bytes] | None = ...,
@@ -66,18 +67,18 @@ class Store:
     def save_async(
         self,
         step: int,
-        tensors: list[_TensorArg],
-        blobs: list[tuple[str, bytes]],
+        tensors: builtins.list[_TensorArg],
+        blobs: builtins.list[tuple[str, bytes]],
         *,
         epoch: int | None = ...,
         metadata: dict[str, int | float | str | bytes] | None = ...,
     ) -> SaveHandle: ...
-    def list(self) -> list[dict[str, Any]]: ...
+    def list(self) -> builtins.list[dict[str, Any]]: ...
     def info(self, *, id: int | None = ..., step: int | None = ...) -> dict[str, Any]: ...
     def latest_valid(self) -> dict[str, Any] | None: ...
-    def tensor_names(self, id: int) -> list[str]: ...
-    def blob_names(self, id: int) -> list[str]: ...
-    def tensor_meta(self, id: int, name: str) -> tuple[str, list[int]]: ...
+    def tensor_names(self, id: int) -> builtins.list[str]: ...
+    def blob_names(self, id: int) -> builtins.list[str]: ...
+    def tensor_meta(self, id: int, name: str) -> tuple[str, builtins.list[int]]: ...
     def tensor(self, id: int, name: str, *, verify: bool = ...) -> MappedBytes: ...
     def blob(self, id: int, name: str) -> bytes: ...
     def verify(self, id: int) -> None: ...
@@ -91,9 +92,9 @@ class Store:
         keep_per_minutes: int | None = ...,
         keep_every_steps: int | None = ...,
         keep_best: tuple[int, str, str] | None = ...,
-        protect: list[int] = ...,
+        protect: builtins.list[int] = ...,
         dry_run: bool = ...,
-    ) -> list[int]: ...
+    ) -> builtins.list[int]: ...
 
 # ckptstore.dcp (trainer-bindings/src/dcp.rs): the coordinator's writer store and a rank's shard.
 class DcpCoordinator:

@@ -6,6 +6,7 @@ this module converts Python values and calls it.
 
 from __future__ import annotations
 
+import builtins
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -63,7 +64,7 @@ class Store:
     def read_only(self) -> bool:
         return self._native.read_only
 
-    def list(self) -> list[dict[str, Any]]:
+    def list(self) -> builtins.list[dict[str, Any]]:
         """Live checkpoints, oldest first: id, step, epoch, wall_time_unix_ns, tensors, blobs,
         bytes, pinned, metadata."""
         return self._native.list()
@@ -99,7 +100,7 @@ class Store:
                         keep_per_minutes: int | None = None,
                         keep_every_steps: int | None = None,
                         keep_best: tuple[int, str, str] | None = None,
-                        protect: Iterable[int] = (), dry_run: bool = False) -> list[int]:
+                        protect: Iterable[int] = (), dry_run: bool = False) -> builtins.list[int]:
         """The engine's retention policy (rules combine as a union; the newest, pinned and
         ``protect`` ids are always kept). Returns the ids deleted (or, with ``dry_run``, that
         would be)."""
@@ -132,8 +133,9 @@ class _Slice:
 
     def __init__(self, ck: Checkpoint, name: str, framework: str | None):
         self._ck, self._name, self._fw = ck, name, framework
-        self.dtype, shape = ck._store._native.tensor_meta(ck.id, name)
-        self.shape = tuple(shape)
+        dtype, shape = ck._store._native.tensor_meta(ck.id, name)
+        self.dtype: str = dtype
+        self.shape: tuple[int, ...] = tuple(shape)
 
     def __getitem__(self, idx: Any) -> Any:
         storage = self._ck._storage(self._name)[idx]
@@ -221,11 +223,13 @@ def _check_framework(fw: str) -> None:
         raise ValueError(f"framework must be \"torch\" or \"numpy\", not {fw!r}")
 
 
-def _as_store(store: Store | PathLike) -> Store:
+def _as_store(store: Store | PathLike, *, read_only: bool = False) -> Store:
+    """``store`` itself, or the store at a path opened for this one call (read-only for
+    loads, so loading never contends with a writer for the lock)."""
     if isinstance(store, Store):
         return store
     if isinstance(store, (str, os.PathLike)):
-        return Store(store)
+        return Store(store, read_only=read_only)
     raise TypeError(f"store must be a ckptstore.Store or a path, not {type(store).__name__}")
 
 
@@ -279,7 +283,7 @@ def save_async(store: Store, state: Mapping[str, Any], step: int, epoch: int | N
     in the order they were handed in, several in flight within the store's
     ``async_budget_bytes``. ``handle.wait()`` returns when the checkpoint is durable."""
     if not isinstance(store, Store):
-        raise TypeError("save_async needs an open ckptstore.Store (its background committer "
+        raise TypeError("save_async needs an open ckptstore.Store (its write pipeline "
                         "lives as long as the store)")
     enc = _prepare(state, metadata)
     return SaveHandle(store._native.save_async(
@@ -308,7 +312,10 @@ def load(store: Store | PathLike, step: int | None = None, *, id: int | None = N
     With ``strict``, a prefix that matches nothing is a NotFoundError.
     """
     _check_framework(framework)
-    s = _as_store(store)
+    if framework == "numpy" and str(device) != "cpu":
+        raise ValueError(f"framework=\"numpy\" loads to host memory; device={device!r} needs "
+                         f"framework=\"torch\"")
+    s = _as_store(store, read_only=True)
     try:
         if step is not None or id is not None or not verify:
             ck = s.open(step, id=id, framework=framework, verify=verify)
@@ -362,7 +369,7 @@ def load_into(module: Any, store: Store | PathLike, step: int | None = None, *,
     checkpoint tensor (under ``prefix``) is a StrictLoadError listing both; a dtype or shape
     mismatch is a ValueError naming the tensor (strict or not). Returns the lists.
     """
-    s = _as_store(store)
+    s = _as_store(store, read_only=True)
     try:
         ck = s.open(step, id=id, verify=verify) if (step is not None or id is not None) else \
             _newest(s, verify)

@@ -24,7 +24,7 @@ from ._optional import require_torch, torch_if_loaded
 
 # engine dtype name -> numpy dtype with the same bytes (bf16/f8 have none in numpy: their bytes
 # travel as unsigned integers of the same width and are reinterpreted by torch).
-_STORAGE_NP = {
+_STORAGE_NP: dict[str, np.dtype[Any]] = {
     "f64": np.dtype("<f8"),
     "f32": np.dtype("<f4"),
     "f16": np.dtype("<f2"),
@@ -113,7 +113,7 @@ def storage_array(mb: Any) -> np.ndarray:
     return arr.reshape(tuple(mb.shape))
 
 
-def numpy_dtype(engine_dtype: str) -> np.dtype:
+def numpy_dtype(engine_dtype: str) -> np.dtype[Any]:
     if engine_dtype in ("bf16", "f8e4m3", "f8e5m2"):
         try:
             import ml_dtypes  # optional: gives numpy bfloat16/float8
