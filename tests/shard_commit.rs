@@ -211,14 +211,14 @@ fn commit_external_refuses_bad_fragments() {
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     f.set_len(len - 1).unwrap();
     let e = store
-        .commit_external(1, 0, BTreeMap::new(), &[fb.clone()])
+        .commit_external(1, 0, BTreeMap::new(), std::slice::from_ref(&fb))
         .unwrap_err();
     assert!(matches!(e, Error::SegmentMissing { .. }), "{e}");
     f.set_len(len).unwrap();
     use std::os::unix::fs::FileExt;
     f.write_all_at(b"X", 0).unwrap();
     let e = store
-        .commit_external(1, 0, BTreeMap::new(), &[fb.clone()])
+        .commit_external(1, 0, BTreeMap::new(), std::slice::from_ref(&fb))
         .unwrap_err();
     assert!(matches!(e, Error::BadHeader { .. }), "{e}");
     std::fs::remove_file(&path).unwrap();

@@ -546,7 +546,7 @@ impl Store {
                     )));
                 }
                 self.check_external_segment(s)?;
-                m.new_segments.push(s.clone());
+                m.new_segments.push(*s);
             }
         }
         // A fragment may only reference the segments the fragments created: shard writers
