@@ -217,3 +217,30 @@ def test_four_ranks_save_two_ranks_load_and_a_failed_rank(tmp_path):
     assert [c["step"] for c in store.list()] == [10, 11]
     assert _segments(path) == before
     store.close()
+
+
+def test_bad_input(tmp_path):
+    path = tmp_path / "ck"
+    # A store another writer holds: the coordinator gets the lock error, nothing is written.
+    holder = ckptstore.Store(path)
+    with pytest.raises(CheckpointException, match="locked by another writer"):
+        dcp.save(_state(), storage_writer=StoreWriter(path, step=1))
+    holder.close()
+
+    # A dtype the store cannot hold: a TypeError naming the tensor, nothing committed, and
+    # closing the writer frees the lock and removes what was written.
+    w = StoreWriter(path, step=2)
+    with pytest.raises(CheckpointException, match="c: torch dtype torch.complex64"):
+        dcp.save({"ok": torch.ones(3), "c": torch.zeros(2, dtype=torch.complex64)},
+                 storage_writer=w)
+    w.close()
+    store = ckptstore.Store(path)
+    assert store.list() == [] and _segments(path) == []
+
+    # A checkpoint not written by DCP, and a store that is not there.
+    ckptstore.save(store, {"x": torch.ones(2)}, step=5)
+    store.close()
+    with pytest.raises(CheckpointException, match="not written by torch.distributed"):
+        dcp.load({"x": torch.zeros(2)}, storage_reader=StoreReader(path))
+    with pytest.raises(CheckpointException, match="is not a ckptstore store"):
+        dcp.load({"x": torch.zeros(2)}, storage_reader=StoreReader(tmp_path / "nothing"))
