@@ -8,7 +8,7 @@
 
 mod support;
 
-use ckptstore::io::{CrashMode, SimIo};
+use ckptstore::io::{CrashMode, Fault, OpKind, SimIo};
 use ckptstore::{
     DType, Error, MetaValue, Options, Selector, ShardFragment, ShardOptions, ShardWriter, Store,
 };
@@ -319,4 +319,39 @@ fn power_cut_at_every_sync_of_a_multi_shard_commit() {
         }
     }
     eprintln!("power_cut_at_every_sync_of_a_multi_shard_commit: {images} crash images checked");
+}
+
+/// A failed WAL fdatasync in `commit_external` poisons the store, and the abort that follows
+/// removes nothing: the record may be on disk, and then its segments must be there. After a
+/// reopen the checkpoint is either whole (and verifies) or absent with no orphan left.
+#[test]
+fn failed_commit_sync_poisons_and_abort_keeps_the_segments() {
+    let sim = SimIo::new();
+    let mut store = Store::open("/s", small_opts(Some(sim.clone()))).unwrap();
+    let ranges = store.reserve_segment_ids(2, 8).unwrap();
+    let frags: Vec<ShardFragment> = ranges
+        .into_iter()
+        .enumerate()
+        .map(|(r, ids)| write_shard(Path::new("/s"), ids, shard_opts(&store), r as u64))
+        .collect();
+    let before = sim.list_dir(Path::new("/s/segments")).unwrap();
+    // The directory fsync is the first sync of the commit, the WAL's fdatasync the second.
+    sim.inject(Fault::Eio {
+        kind: OpKind::Sync,
+        nth: 2,
+    });
+    let e = store
+        .commit_external(2, 0, BTreeMap::new(), &frags)
+        .unwrap_err();
+    assert!(store.poisoned().is_some(), "{e}");
+    assert!(store.abort_external().unwrap().is_empty());
+    assert_eq!(sim.list_dir(Path::new("/s/segments")).unwrap(), before);
+    drop(store);
+    sim.clear_faults();
+    let store = Store::open("/s", small_opts(Some(sim.clone()))).unwrap();
+    match store.list().as_slice() {
+        [] => assert!(sim.list_dir(Path::new("/s/segments")).unwrap().is_empty()),
+        [c] => assert_rank_data(&store, c.id, 2),
+        more => panic!("{more:?}"),
+    }
 }

@@ -483,10 +483,12 @@ impl Store {
 
     /// Removes the segment files in the reserved ranges that no commit took (a shard failed,
     /// or the save was abandoned), then fsyncs `segments/`, and ends the reservations.
-    /// Returns the files removed.
+    /// Returns the files removed. A poisoned store removes nothing (a commit record whose
+    /// fdatasync failed may still be on disk): the next open's recovery removes the orphans.
     pub fn abort_external(&mut self) -> Result<Vec<PathBuf>> {
         let ranges = std::mem::take(&mut self.reservations.ranges);
-        if ranges.is_empty() || self.wal.is_none() {
+        // A poisoned store does not know what reached the disk: recovery decides.
+        if ranges.is_empty() || self.wal.is_none() || self.poisoned.is_some() {
             return Ok(Vec::new());
         }
         let seg_dir = self.dir.join(SEGMENTS_DIR);
@@ -596,8 +598,12 @@ impl Store {
         let wal = self.wal.as_mut().expect("checked writable");
         let record_len = match wal.append_durable(RecordType::Commit, &payload) {
             Ok(n) => n,
-            // The record may have reached the disk: the segments stay (recovery decides).
-            Err(e) => return Err(self.poison(e)),
+            // The record may have reached the disk: the segments stay, and no abort may remove
+            // them (recovery decides, after a reopen).
+            Err(e) => {
+                self.reservations.ranges.clear();
+                return Err(self.poison(e));
+            }
         };
         self.reservations.ranges.clear();
         self.state
