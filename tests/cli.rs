@@ -394,3 +394,40 @@ fn bench_measures_every_figure_and_cleans_up() {
     let e = fails(&["bench", "--dir", d, "--size", "2 parsecs"]);
     assert!(e.contains("unknown size unit"), "{e}");
 }
+
+#[test]
+fn demo_runs_through_the_uring_backend() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("demo");
+    let dir_s = dir.to_str().unwrap();
+    let args = [
+        "demo",
+        "--io",
+        "uring",
+        "--dir",
+        dir_s,
+        "--state-mib",
+        "8",
+        "--steps",
+        "8",
+        "--save-every",
+        "2",
+        "--keep",
+    ];
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).starts_with("ckptstore demo: ok"),
+        "{}",
+        stdout(&o)
+    );
+    // The backend in use is said (uring where the kernel has it, else std and why).
+    let err = stderr(&o);
+    assert!(
+        err.contains("I/O backend uring") || err.contains("uring unavailable"),
+        "{err}"
+    );
+    ok(&["verify", dir_s]);
+    let e = fails(&["demo", "--io", "tokio"]);
+    assert!(e.contains("expected auto, std or uring"), "{e}");
+}

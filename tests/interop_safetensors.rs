@@ -625,7 +625,8 @@ fn cli_export_import_end_to_end() {
     assert_eq!(v["file_bytes"], std::fs::metadata(&out).unwrap().len());
     assert!(!tmp.path().join("ck.safetensors.tmp").exists());
 
-    let v: serde_json::Value = serde_json::from_str(&ok(&["import", o, d, "--json"])).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&["import", o, d, "--json", "--io", "uring"])).unwrap();
     assert_eq!(
         (v["step"].as_u64(), v["epoch"].as_u64()),
         (Some(1875), Some(3))
@@ -638,7 +639,7 @@ fn cli_export_import_end_to_end() {
     // Default: the newest checkpoint; human output; overwrite the old file atomically.
     let text = ok(&["export", s, o]);
     assert!(text.contains("step 2000"), "{text}");
-    let text = ok(&["import", o, d, "--step", "5"]);
+    let text = ok(&["import", o, d, "--step", "5", "--io", "std"]);
     assert!(text.contains("step 5"), "{text}");
     let dst = Store::open(&dst_dir, Options::read_only()).unwrap();
     assert_eq!(

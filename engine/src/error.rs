@@ -165,6 +165,17 @@ pub enum Error {
         error: crate::interop::safetensors::FormatError,
     },
 
+    /// A MindSpore `.ckpt` file (import or export) is malformed or could not be read or
+    /// written.
+    #[error("{path}: MindSpore .ckpt: {error}")]
+    MindSpore {
+        /// The external file.
+        path: PathBuf,
+        /// What is wrong with it (boxed: it would make every `Result` of the engine larger).
+        #[source]
+        error: Box<crate::interop::mindspore::FormatError>,
+    },
+
     /// No checkpoint (or no tensor or blob in it) matches the request. A missing tensor or
     /// blob name comes with up to three close matches (`did you mean [...]?`).
     #[error("no checkpoint {0}")]

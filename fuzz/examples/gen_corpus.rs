@@ -141,5 +141,11 @@ fn main() {
     write("store_ops", "zeros", &[0; 64]);
     write("store_ops", "mixed", &bytes(7, 128));
     write("store_ops", "ramp", &(0..=255u8).collect::<Vec<_>>());
+    // mindspore_read: the .ckpt files the real mindspore package wrote (tests/fixtures/).
+    let fixtures = Path::new("../tests/fixtures/mindspore");
+    for f in ["all_dtypes", "all_dtypes_crc", "sliced_crc", "float8"] {
+        let b = std::fs::read(fixtures.join(format!("{f}.ckpt"))).unwrap();
+        write("mindspore_read", f, &b);
+    }
     println!("seed corpus written under corpus/");
 }

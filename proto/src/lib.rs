@@ -9,4 +9,10 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/ckptstore.v1.rs"));
 }
 
+/// MindSpore's `.ckpt` schema (`package mindspore.checkpoint`), the oracle that tests and the
+/// fuzz target compare the engine's streaming `.ckpt` codec against.
+pub mod mindspore {
+    include!(concat!(env!("OUT_DIR"), "/mindspore.checkpoint.rs"));
+}
+
 pub use prost::Message;

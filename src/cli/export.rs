@@ -1,4 +1,5 @@
-//! `ckptstore export`: write one checkpoint to a file in another format (safetensors).
+//! `ckptstore export`: write one checkpoint to a file in another format (safetensors,
+//! MindSpore `.ckpt`).
 //!
 //! The output file is not store state: it is written with `std::fs` here, to `OUT.tmp`, then
 //! fsync'ed, renamed over `OUT`, and the directory fsync'ed, so `OUT` is either the old file or
@@ -19,6 +20,18 @@ use std::time::Instant;
 pub enum Format {
     /// Hugging Face safetensors (`__metadata__` holds step, epoch, id and user metadata).
     Safetensors,
+    /// MindSpore `.ckpt`, as `mindspore.save_checkpoint` writes it (`step_num`/`epoch_num`
+    /// Int64 scalars, metadata as `append_info` values; `--crc` adds the `crc_num` trailer).
+    Mindspore,
+}
+
+impl Format {
+    fn name(self) -> &'static str {
+        match self {
+            Format::Safetensors => "safetensors",
+            Format::Mindspore => "mindspore",
+        }
+    }
 }
 
 /// Arguments of `ckptstore export`.
@@ -31,9 +44,14 @@ pub struct Args {
     /// Export the checkpoint with this id instead of by step.
     #[arg(long)]
     pub id: Option<u64>,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "safetensors")]
-    pub format: Format,
+    /// Output format. Default: `mindspore` when OUT ends in `.ckpt`, else `safetensors`.
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+    /// With `--format mindspore`: end the file with MindSpore's CRC-32 trailer (what
+    /// `save_checkpoint(..., crc_check=True)` writes; `load_checkpoint(..., crc_check=True)`
+    /// checks it).
+    #[arg(long)]
+    pub crc: bool,
     /// Print JSON: {"format", "out", "id", "step", "tensors", "blobs", "data_bytes",
     /// "file_bytes", "duration_ns"}.
     #[arg(long)]
@@ -101,6 +119,16 @@ pub fn run(a: Args) -> CliResult {
     if step.is_some() && a.id.is_some() {
         return fail("give STEP or --id, not both");
     }
+    let format =
+        a.format.unwrap_or_else(
+            || match Path::new(out).extension().and_then(|e| e.to_str()) {
+                Some("ckpt") => Format::Mindspore,
+                _ => Format::Safetensors,
+            },
+        );
+    if a.crc && format != Format::Mindspore {
+        return fail("--crc is for --format mindspore (safetensors has no CRC trailer)");
+    }
     let (dir, out) = (Path::new(dir), Path::new(out));
     if out.is_dir() {
         return fail(format!(
@@ -121,17 +149,25 @@ pub fn run(a: Args) -> CliResult {
         .progress_chars("=> "),
     );
     bar.set_message(format!("checkpoint {} (step {})", info.id, info.step));
+    let mut progress = |n| bar.inc(n);
     let summary = write_atomically(out, |w| {
-        Ok(interop::export_safetensors(&ck, w, out, &mut |n| {
-            bar.inc(n)
-        })?)
+        Ok(match format {
+            Format::Safetensors => interop::export_safetensors(&ck, w, out, &mut progress)?,
+            Format::Mindspore => {
+                let opts = interop::MindSporeExport {
+                    crc: a.crc,
+                    ..Default::default()
+                };
+                interop::export_mindspore(&ck, w, out, opts, &mut progress)?
+            }
+        })
     });
     bar.finish_and_clear();
     let s = summary?;
     let elapsed = started.elapsed();
     if a.json {
         return emit_json(&json!({
-            "format": "safetensors",
+            "format": format.name(),
             "out": out.display().to_string(),
             "id": s.id,
             "step": s.step,

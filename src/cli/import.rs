@@ -1,5 +1,5 @@
-//! `ckptstore import`: commit a file in another format (safetensors) to a store as one new
-//! checkpoint.
+//! `ckptstore import`: commit a file in another format (safetensors, MindSpore `.ckpt`) to a
+//! store as one new checkpoint.
 //!
 //! The input file is not store state: it is opened with `std::fs` here and read one tensor at
 //! a time; the store side is one ordinary transaction, durable when the command succeeds.
@@ -18,6 +18,17 @@ use std::time::Instant;
 pub enum Format {
     /// Hugging Face safetensors.
     Safetensors,
+    /// MindSpore `.ckpt` (`mindspore.save_checkpoint`; slices joined, CRC trailer checked).
+    Mindspore,
+}
+
+impl Format {
+    fn name(self) -> &'static str {
+        match self {
+            Format::Safetensors => "safetensors",
+            Format::Mindspore => "mindspore",
+        }
+    }
 }
 
 /// Arguments of `ckptstore import`.
@@ -28,12 +39,16 @@ pub struct Args {
     /// The store directory (created if it does not exist). Fails if another process holds
     /// the store's writer lock.
     pub dir: PathBuf,
-    /// Training step of the new checkpoint. Default: the file's `__metadata__["step"]`, or 0.
+    /// Training step of the new checkpoint. Default: the file's step (safetensors
+    /// `__metadata__["step"]`, MindSpore `step_num`), or 0.
     #[arg(long)]
     pub step: Option<u64>,
-    /// Input format. Default: from the file name's extension (`.safetensors`).
+    /// Input format. Default: from the file name's extension (`.safetensors`, `.ckpt`).
     #[arg(long, value_enum)]
     pub format: Option<Format>,
+    /// I/O backend: auto (uring where io_uring can be set up, else std), std or uring.
+    #[arg(long, default_value = "auto")]
+    pub io: ckptstore::io::IoBackend,
     /// Print JSON: {"format", "file", "dir", "id", "step", "epoch", "tensors", "blobs",
     /// "metadata", "data_bytes", "duration_ns"}.
     #[arg(long)]
@@ -47,19 +62,28 @@ pub fn run(a: Args) -> CliResult {
         Some(f) => f,
         None => match a.file.extension().and_then(|e| e.to_str()) {
             Some("safetensors") => Format::Safetensors,
+            Some("ckpt") => Format::Mindspore,
             _ => {
                 return fail(format!(
-                    "cannot tell the format of {} from its name; pass --format safetensors",
+                    "cannot tell the format of {} from its name; pass --format safetensors or \
+                     --format mindspore",
                     a.file.display()
                 ))
             }
         },
     };
-    let Format::Safetensors = format;
     let file = File::open(&a.file).map_err(|e| Failure(format!("{}: {e}", a.file.display())))?;
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let mut input = BufReader::with_capacity(1 << 20, file);
-    let mut store = Store::open(&a.dir, Options::default())?;
+    let io = a.io.open();
+    if let Some(why) = &io.fallback_reason {
+        eprintln!("ckptstore: I/O backend {}: {why}", io.backend);
+    }
+    let opts = Options {
+        io: io.io,
+        ..Options::default()
+    };
+    let mut store = Store::open(&a.dir, opts)?;
     // Hidden automatically when stderr is not a terminal.
     let bar = ProgressBar::new(len);
     bar.set_style(
@@ -69,14 +93,21 @@ pub fn run(a: Args) -> CliResult {
         .expect("valid template")
         .progress_chars("=> "),
     );
-    let result =
-        interop::import_safetensors(&mut store, &mut input, &a.file, a.step, &mut |n| bar.inc(n));
+    let mut progress = |n| bar.inc(n);
+    let result = match format {
+        Format::Safetensors => {
+            interop::import_safetensors(&mut store, &mut input, &a.file, a.step, &mut progress)
+        }
+        Format::Mindspore => {
+            interop::import_mindspore(&mut store, &mut input, &a.file, a.step, &mut progress)
+        }
+    };
     bar.finish_and_clear();
     let s = result?;
     let elapsed = started.elapsed();
     if a.json {
         return emit_json(&json!({
-            "format": "safetensors",
+            "format": format.name(),
             "file": a.file.display().to_string(),
             "dir": a.dir.display().to_string(),
             "id": s.id,

@@ -51,9 +51,9 @@ enum Command {
     Pin(pin::Args),
     /// Unpin a checkpoint pinned with `ckptstore pin`.
     Unpin(pin::Args),
-    /// Write one checkpoint to a file in another format (safetensors).
+    /// Write one checkpoint to a file in another format (safetensors, MindSpore .ckpt).
     Export(export::Args),
-    /// Commit a file in another format (safetensors) to a store as a new checkpoint.
+    /// Commit a file in another format (safetensors, MindSpore .ckpt) to a store as a new checkpoint.
     Import(import::Args),
     /// Measure the store against this machine's limits: raw O_DIRECT write/read, memcpy,
     /// durable and async save, cold load, peak memory (one run, medians of rounds).

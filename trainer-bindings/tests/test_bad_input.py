@@ -21,7 +21,8 @@ class Opaque:
 @pytest.mark.parametrize("value, where", [
     ({"a": {"b": [1, Opaque()]}}, "a/b/1"),
     ({"a": {1, 2}}, "a"),
-    ({"a": torch.zeros(2, dtype=torch.complex64)}, "a"),
+    ({"a": torch.zeros(2).to_sparse()}, "a"),
+    ({"a": [1j]}, "a/0"),
     ({"a": np.array(["x"], dtype=object)}, "a"),
     ({"a": {object(): 1}}, "a"),
     ({"a": torch.float32}, "a"),

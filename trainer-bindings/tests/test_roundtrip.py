@@ -132,7 +132,8 @@ def test_non_contiguous_tensors_are_stored_as_their_values(store_dir):
         back = cs.load(s)
     assert torch.equal(back["t"], base.t())
     assert torch.equal(back["strided"], base[:, ::2])
-    assert torch.equal(back["np_t"], torch.from_numpy(np.ascontiguousarray(base.numpy().T)))
+    assert isinstance(back["np_t"], np.ndarray)  # as saved
+    assert np.array_equal(back["np_t"], base.numpy().T)
 
 
 def test_prefix_filter_and_strict_selection(store_dir):
@@ -194,3 +195,37 @@ def test_store_management_delete_pin_retention(store_dir):
             s.delete(42)
     with cs.Store(store_dir, read_only=True) as ro:
         assert [(c["id"], c["pinned"]) for c in ro.list()] == [(1, True), (5, False)]
+
+
+def test_dtypes_the_engine_lacks_travel_as_bytes(store_dir):
+    """numpy's legacy RNG state (a uint32 array), unsigned and complex tensors: stored as
+    their bytes with the dtype in the tree, back bit-exact."""
+    np.random.seed(5)
+    state = {
+        "np_rng": np.random.get_state(),
+        "u16": torch.arange(6, dtype=torch.int32).to(torch.uint16).reshape(2, 3),
+        "u64": np.array([1 << 63, 7], dtype=np.uint64),
+        "c64": torch.randn(3, dtype=torch.complex64),
+        "c128": np.array([1 + 2j, -3.5j]),
+        "empty_u32": np.zeros((0, 3), dtype=np.uint32),
+    }
+    with cs.Store(store_dir) as s:
+        cs.save(s, state, step=1)
+        back = cs.load(s)
+        np.random.set_state(back["np_rng"])  # accepted as is
+        assert np.random.randint(1 << 30) == (np.random.seed(5), np.random.randint(1 << 30))[1]
+        assert back["np_rng"][1].dtype == np.uint32 and not back["np_rng"][1].flags.writeable
+        assert back["u16"].dtype == torch.uint16 and torch.equal(back["u16"].int(),
+                                                                  state["u16"].int())
+        assert back["u64"].dtype == np.uint64 and back["u64"].tolist() == [1 << 63, 7]
+        assert torch.equal(back["c64"], state["c64"])
+        assert np.array_equal(back["c128"], state["c128"])
+        assert back["empty_u32"].shape == (0, 3)
+        as_np = cs.load(s, framework="numpy")
+        assert as_np["c64"].dtype == np.complex64
+        assert np.array_equal(as_np["c64"], state["c64"].numpy())
+        as_torch = cs.load(s, framework="torch")
+        assert as_torch["u64"].dtype == torch.uint64
+        assert as_torch["c128"].dtype == torch.complex128
+        with s.open() as ck:  # stored as u8 tensors of their bytes
+            assert ck.get_slice("c64").dtype == "u8"

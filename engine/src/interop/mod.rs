@@ -1,4 +1,5 @@
-//! Import and export of checkpoints in other formats. Today: [`safetensors`].
+//! Import and export of checkpoints in other formats: [`safetensors`] (mapped here), and
+//! MindSpore's `.ckpt` ([`mindspore`], mapped in [`mindspore_store`]).
 //!
 //! These functions read and write an *external* file through `Read`/`Write`: the caller (the
 //! CLI) opens it with `std::fs`. That file is not store state, so it does not go through the
@@ -20,7 +21,11 @@
 //!   from `__metadata__["epoch"]` when present. `ckptstore.id` is not imported (the store
 //!   assigns ids).
 
+pub mod mindspore;
+pub mod mindspore_store;
 pub mod safetensors;
+
+pub use mindspore_store::{export_mindspore, import_mindspore, MindSporeExport};
 
 use crate::error::{Error, Result};
 use crate::manifest::{DType, MetaValue};

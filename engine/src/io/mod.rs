@@ -8,11 +8,15 @@ mod mem;
 mod mmap;
 mod sim;
 mod std_io;
+#[cfg(target_os = "linux")]
+mod uring;
 
 pub use mem::{MemFaults, MemIo};
 pub use mmap::MappedFile;
 pub use sim::{CrashMode, Fault, OpKind, SimIo};
 pub use std_io::StdIo;
+#[cfg(target_os = "linux")]
+pub use uring::{UringConfig, UringIo, UringStats, UringUnavailable};
 
 use std::io;
 use std::path::Path;
@@ -46,6 +50,16 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 pub trait StorageFile: Send + Sync {
     /// Writes all of `buf` at `offset` (pwrite, looping over short writes).
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Writes every `(offset, bytes)` pair, as `write_at` each; all written or an error (then
+    /// any of them may be partly written). A backend may keep them in flight together
+    /// (`UringIo` does): the seam for an I/O thread that holds several chunks at once.
+    /// Default: one `write_at` after another.
+    fn write_many(&self, writes: &[(u64, &[u8])]) -> io::Result<()> {
+        for &(offset, buf) in writes {
+            self.write_at(buf, offset)?;
+        }
+        Ok(())
+    }
     /// Fills `buf` from `offset` (pread); `UnexpectedEof` if the file is shorter.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     /// fdatasync: the file's data and the metadata needed to read it back are durable.
@@ -76,5 +90,159 @@ pub trait StorageFile: Send + Sync {
     /// use [`StorageFile::read_at`].
     fn map(&self) -> io::Result<Option<Arc<MappedFile>>> {
         Ok(None)
+    }
+}
+
+/// Which backend to write through: the choice behind `--io auto|std|uring`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum IoBackend {
+    /// The process default ([`default_storage`]): `UringIo` where io_uring can be set up,
+    /// else `StdIo`; `CKPTSTORE_IO=std|uring` overrides it.
+    #[default]
+    Auto,
+    /// [`StdIo`]: pwrite + fdatasync. Always available, and the fallback.
+    Std,
+    /// `UringIo` (Linux): batched io_uring writes, O_DIRECT where the file system takes it.
+    Uring,
+}
+
+impl std::str::FromStr for IoBackend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(IoBackend::Auto),
+            "std" => Ok(IoBackend::Std),
+            "uring" => Ok(IoBackend::Uring),
+            other => Err(format!(
+                "unknown I/O backend {other:?} (expected auto, std or uring)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for IoBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IoBackend::Auto => "auto",
+            IoBackend::Std => "std",
+            IoBackend::Uring => "uring",
+        })
+    }
+}
+
+/// The outcome of [`IoBackend::open`]: the storage, which backend it is, and why it is not
+/// the one asked for (the caller logs that).
+#[derive(Debug, Clone)]
+pub struct OpenedBackend {
+    /// The storage to put in `Options.io`.
+    pub io: Arc<dyn Storage>,
+    /// The backend actually in use (`Std` or `Uring`, never `Auto`).
+    pub backend: IoBackend,
+    /// Set when the one asked for was unavailable and `StdIo` is used instead.
+    pub fallback_reason: Option<String>,
+}
+
+impl IoBackend {
+    /// Opens the backend; `Uring` falls back to `StdIo` (with the reason) where io_uring is
+    /// unavailable: not Linux, an old kernel, a seccomp filter, `kernel.io_uring_disabled`.
+    pub fn open(self) -> OpenedBackend {
+        match self {
+            IoBackend::Auto => default_backend().clone(),
+            IoBackend::Std => OpenedBackend {
+                io: Arc::new(StdIo),
+                backend: IoBackend::Std,
+                fallback_reason: None,
+            },
+            IoBackend::Uring => open_uring(),
+        }
+    }
+}
+
+/// The default storage of `Options`: decided once per process and shared (one io_uring for
+/// every store of the process). `UringIo` where io_uring can be set up — it measured faster
+/// than `StdIo` for durable saves (docs/DECISIONS.md) — else `StdIo`, with the reason printed
+/// once on stderr. `CKPTSTORE_IO=std` (or `uring`) in the environment forces a backend.
+pub fn default_storage() -> Arc<dyn Storage> {
+    default_backend().io.clone()
+}
+
+/// The backend behind [`default_storage`], with the reason when it is not the one wanted.
+pub fn default_backend() -> &'static OpenedBackend {
+    static DEFAULT: std::sync::OnceLock<OpenedBackend> = std::sync::OnceLock::new();
+    DEFAULT.get_or_init(|| {
+        let forced = std::env::var("CKPTSTORE_IO").ok();
+        let wanted = match forced.as_deref().map(str::parse::<IoBackend>) {
+            None | Some(Ok(IoBackend::Auto)) => IoBackend::Uring,
+            Some(Ok(b)) => b,
+            Some(Err(e)) => {
+                eprintln!("ckptstore: CKPTSTORE_IO: {e}; choosing automatically");
+                IoBackend::Uring
+            }
+        };
+        let o = wanted.open();
+        if let Some(why) = &o.fallback_reason {
+            eprintln!("ckptstore: I/O backend std: {why}");
+        }
+        o
+    })
+}
+
+#[cfg(target_os = "linux")]
+fn open_uring() -> OpenedBackend {
+    fallback_if_unavailable(UringIo::new())
+}
+
+/// `UringIo` when it could be set up, else `StdIo` with the reason.
+#[cfg(target_os = "linux")]
+fn fallback_if_unavailable(r: Result<UringIo, UringUnavailable>) -> OpenedBackend {
+    match r {
+        Ok(u) => OpenedBackend {
+            io: Arc::new(u),
+            backend: IoBackend::Uring,
+            fallback_reason: None,
+        },
+        Err(e) => OpenedBackend {
+            io: Arc::new(StdIo),
+            backend: IoBackend::Std,
+            fallback_reason: Some(e.to_string()),
+        },
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn open_uring() -> OpenedBackend {
+    OpenedBackend {
+        io: Arc::new(StdIo),
+        backend: IoBackend::Std,
+        fallback_reason: Some("io_uring is Linux-only".into()),
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod backend_tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_and_print() {
+        for b in [IoBackend::Auto, IoBackend::Std, IoBackend::Uring] {
+            assert_eq!(b.to_string().parse::<IoBackend>(), Ok(b));
+        }
+        let e = "tokio".parse::<IoBackend>().unwrap_err();
+        assert!(e.contains("auto, std or uring"), "{e}");
+    }
+
+    #[test]
+    fn unavailable_uring_falls_back_to_std_with_the_reason() {
+        let bad = UringIo::with_config(UringConfig {
+            queue_depth: 0,
+            ..Default::default()
+        });
+        let o = fallback_if_unavailable(bad);
+        assert_eq!(o.backend, IoBackend::Std);
+        assert!(o.fallback_reason.unwrap().contains("queue_depth"));
+        let setup = UringUnavailable::Setup(std::io::Error::from_raw_os_error(38));
+        let o = fallback_if_unavailable(Err(setup));
+        assert_eq!(o.backend, IoBackend::Std);
+        assert!(o.fallback_reason.unwrap().contains("io_uring setup failed"));
     }
 }

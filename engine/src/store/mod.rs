@@ -22,7 +22,7 @@ pub use view::TensorView;
 use crate::retention::{self, RetentionPlan, RetentionPolicy};
 
 use crate::error::{Error, Result};
-use crate::io::{StdIo, Storage, StorageFile};
+use crate::io::{Storage, StorageFile};
 use crate::manifest::{self, Manifest, MetaValue};
 use crate::segment;
 use crate::wal::{self, RecordType};
@@ -66,7 +66,9 @@ pub struct Options {
     /// The WAL is rewritten (compacted) when it is larger than this and more than twice the
     /// size of the live records. Default 8 MiB.
     pub wal_compact_min_bytes: u64,
-    /// The file system. Default [`StdIo`].
+    /// The file system. Default [`crate::io::default_storage`]: `UringIo` where io_uring
+    /// can be set up (shared by the process), else [`crate::io::StdIo`]; `CKPTSTORE_IO=std|uring`
+    /// forces one.
     pub io: Arc<dyn Storage>,
 }
 
@@ -78,7 +80,7 @@ impl Default for Options {
             chunk_size: 4 << 20,
             segment_max_bytes: 1 << 30,
             wal_compact_min_bytes: 8 << 20,
-            io: Arc::new(StdIo),
+            io: crate::io::default_storage(),
         }
     }
 }

@@ -11,7 +11,8 @@ use crate::wal::RecordType;
 use ckptstore_proto::v1 as pb;
 use prost::Message;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::PathBuf;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// What a commit wrote.
@@ -170,6 +171,79 @@ impl<'s> Transaction<'s> {
             chunks,
         });
         Ok(())
+    }
+
+    /// Adds a tensor whose `dtype.size() × product(shape)` bytes are read from `src`, one
+    /// chunk in memory at a time (an import of a file larger than RAM). `src_path` names the
+    /// source in errors. A read error, or `src` ending early, fails the transaction; bytes
+    /// `src` holds beyond the tensor are not read.
+    pub fn put_tensor_from(
+        &mut self,
+        name: &str,
+        dtype: DType,
+        shape: &[u64],
+        src: &mut dyn Read,
+        src_path: &Path,
+    ) -> Result<()> {
+        let nbytes = manifest::tensor_nbytes(dtype, shape)
+            .ok_or_else(|| Error::invalid(format!("tensor {name:?}: shape {shape:?} overflows")))?;
+        let entry = StagedEntry::Tensor {
+            name: name.to_owned(),
+            dtype,
+            shape: shape.to_vec(),
+        };
+        self.put_from_reader(entry, nbytes, src, src_path)
+    }
+
+    /// Adds a blob of `nbytes` bytes read from `src`, one chunk in memory at a time (see
+    /// [`Self::put_tensor_from`]).
+    pub fn put_blob_from(
+        &mut self,
+        name: &str,
+        nbytes: u64,
+        src: &mut dyn Read,
+        src_path: &Path,
+    ) -> Result<()> {
+        let entry = StagedEntry::Blob {
+            name: name.to_owned(),
+            nbytes,
+        };
+        self.put_from_reader(entry, nbytes, src, src_path)
+    }
+
+    /// Reads `nbytes` from `src` chunk by chunk, hashing each, into [`Self::put_staged`]: one
+    /// chunk is alive at a time.
+    fn put_from_reader(
+        &mut self,
+        entry: StagedEntry,
+        nbytes: u64,
+        src: &mut dyn Read,
+        src_path: &Path,
+    ) -> Result<()> {
+        let cs = self.store.opts.chunk_size as u64;
+        let mut left = nbytes;
+        let chunks = std::iter::from_fn(move || {
+            if left == 0 {
+                return None;
+            }
+            let mut buf = vec![0u8; left.min(cs) as usize];
+            if let Err(e) = src.read_exact(&mut buf) {
+                let e = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("the source ended within the last {left} bytes of the entry"),
+                    )
+                } else {
+                    e
+                };
+                left = 0;
+                return Some(Err(Error::io("read", src_path, e)));
+            }
+            left -= buf.len() as u64;
+            let hash = hash_alone(&buf);
+            Some(Ok((buf, hash)))
+        });
+        self.put_staged(entry, chunks)
     }
 
     /// Adds an opaque blob (a pickled optimizer config, a tokenizer file, ...).

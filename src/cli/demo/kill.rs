@@ -34,6 +34,7 @@ pub(super) fn train_and_kill(a: &Args, dir: &Path, bar: &ProgressBar) -> CliResu
         .args(["--save-every", &a.save_every.to_string()])
         .args(["--state-mib", &a.state_mib.to_string()])
         .args(["--seed", &a.seed.to_string()])
+        .args(["--io", &a.io.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -20,6 +20,7 @@ mod writer;
 pub use writer::run_writer;
 
 use super::{fail, human_bytes, say, CliResult};
+use ckptstore::io::{IoBackend, OpenedBackend};
 use indicatif::{ProgressBar, ProgressStyle};
 use model::Model;
 use std::path::{Path, PathBuf};
@@ -56,6 +57,12 @@ pub struct Args {
     /// Seed of the synthetic training state.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// I/O backend: `std` (pwrite + fdatasync), `uring` (io_uring batches, O_DIRECT where
+    /// the file system takes it), or `auto` (uring where io_uring can be set up, else std;
+    /// `CKPTSTORE_IO` overrides). Where io_uring is unavailable, `uring` falls back to `std`
+    /// and says so.
+    #[arg(long, default_value = "auto")]
+    pub io: IoBackend,
 }
 
 /// Arguments of the hidden child writer (`ckptstore __demo-writer`).
@@ -76,6 +83,9 @@ pub struct WriterArgs {
     /// Seed.
     #[arg(long)]
     pub seed: u64,
+    /// I/O backend (auto, std or uring).
+    #[arg(long, default_value = "auto")]
+    pub io: IoBackend,
 }
 
 fn prepare_dir(dir: Option<PathBuf>) -> CliResult<PathBuf> {
@@ -152,9 +162,11 @@ fn demo(a: &Args, dir: &Path) -> CliResult {
         ),
     );
     say(&bar, format!("demo: store {}", dir.display()));
+    let opened = a.io.open();
+    say(&bar, backend_line(&opened));
 
     let killed = kill::train_and_kill(a, dir, &bar)?;
-    let mut rec = recover::recover(dir, &bar, &model, &killed)?;
+    let mut rec = recover::recover(dir, opened.io, &bar, &model, &killed)?;
     let resumed = resume::resume_and_verify(
         a,
         &bar,
@@ -165,4 +177,12 @@ fn demo(a: &Args, dir: &Path) -> CliResult {
     )?;
     bar.finish_and_clear();
     summary::print(a, dir, started, &model, &killed, &rec, &resumed)
+}
+
+/// The line that says which I/O backend runs, and why not the one asked for.
+fn backend_line(o: &OpenedBackend) -> String {
+    match &o.fallback_reason {
+        None => format!("demo: I/O backend {}", o.backend),
+        Some(why) => format!("demo: I/O backend {} (uring unavailable: {why})", o.backend),
+    }
 }

@@ -5,9 +5,11 @@ use super::kill::Killed;
 use super::model::Model;
 use super::writer::Commit;
 use crate::cli::{fail, human_bytes, human_duration, say, CliResult};
+use ckptstore::io::Storage;
 use ckptstore::{CheckpointInfo, Options, RecoveryReport, Selector, Store};
 use indicatif::ProgressBar;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// The reopened store and what phase 2 found in it.
@@ -26,6 +28,7 @@ pub(super) struct Recovered {
 /// last acknowledged one and bit-exact.
 pub(super) fn recover(
     dir: &Path,
+    io: Arc<dyn Storage>,
     bar: &ProgressBar,
     model: &Model,
     killed: &Killed,
@@ -35,7 +38,13 @@ pub(super) fn recover(
     bar.set_prefix("recovery");
     bar.set_message("reopening the store");
     let t = Instant::now();
-    let store = Store::open(dir, Options::default())?;
+    let store = Store::open(
+        dir,
+        Options {
+            io,
+            ..Options::default()
+        },
+    )?;
     let open_time = t.elapsed();
     let r = store.recovery_report().clone();
     say(

@@ -11,7 +11,11 @@ use std::time::Duration;
 /// `saving step S` before each save and `committed step S id I ...` after each commit.
 pub fn run_writer(a: WriterArgs) -> CliResult {
     let model = Model::new(a.seed, a.state_mib, a.steps);
-    let mut store = Store::open(&a.dir, Options::default())?;
+    let opts = Options {
+        io: a.io.open().io,
+        ..Options::default()
+    };
+    let mut store = Store::open(&a.dir, opts)?;
     let mut out = std::io::stdout().lock();
     for step in (a.save_every..=a.steps).step_by(a.save_every as usize) {
         // Generate first, so the announced save is all store work.

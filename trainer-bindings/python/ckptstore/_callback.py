@@ -38,7 +38,7 @@ class CheckpointConfig:
 
     - ``save_checkpoint_steps`` (default 1): save when ``step % N == 0``.
     - ``save_checkpoint_seconds`` (default 0 = off): save when N seconds passed since the last
-      save. Ignored when ``save_checkpoint_steps`` is set (MindSpore: steps take precedence).
+      save returned (or since the callback was made). Ignored when ``save_checkpoint_steps`` is set (MindSpore: steps take precedence).
     - ``keep_checkpoint_max`` (default 5): keep the N newest.
     - ``keep_checkpoint_per_n_minutes`` (default 0 = off): keep the newest of each N-minute
       window (whole minutes). Ignored when ``keep_checkpoint_max`` is set (MindSpore).
@@ -131,7 +131,7 @@ class ModelCheckpoint:
         self.latest_commit: dict[str, Any] | None = None
 
     # -- resuming -------------------------------------------------------------------------
-    def resume(self, *, framework: str = "torch") -> Any | None:
+    def resume(self, *, framework: str | None = None) -> Any | None:
         """The state of the newest valid checkpoint (or None for a fresh store); that
         checkpoint is then protected from this callback's retention."""
         if not self.store.list():
@@ -180,12 +180,13 @@ class ModelCheckpoint:
             md.update(metrics)
         if suffix:
             md["breakpoint"] = 1
-        self._last_save_time = time.monotonic()
         if self.config.async_save and not suffix:
             self._pending = save_async(self.store, st, step, epoch, metadata=md)
         else:
             self.latest_commit = save(self.store, st, step, epoch, metadata=md)
             self._retain()
+        # save_checkpoint_seconds counts from the end of the last save (its stall, for async)
+        self._last_save_time = time.monotonic()
 
     def _finish_pending(self) -> None:
         """Waits for the async save in flight (re-raising its error), then applies retention:

@@ -139,7 +139,7 @@ class _Slice:
 
     def __getitem__(self, idx: Any) -> Any:
         storage = self._ck._storage(self._name)[idx]
-        fw = self._fw or self._ck.framework
+        fw = self._fw or self._ck.framework or "torch"
         if fw == "numpy":
             return _tensors.to_numpy(storage, self.dtype)
         return _tensors.to_torch(storage, self.dtype)
@@ -151,15 +151,18 @@ class _Slice:
 class Checkpoint:
     """A committed checkpoint open for reading (``Store.open``)."""
 
-    def __init__(self, store: Store, info: dict[str, Any], framework: str, verify: bool):
-        _check_framework(framework)
+    def __init__(self, store: Store, info: dict[str, Any], framework: str | None,
+                 verify: bool):
+        # framework None (from load()): tensors as saved in state(), torch otherwise
+        if framework is not None:
+            _check_framework(framework)
         self._store = store
         self.info = info
         self.id: int = info["id"]
         self.step: int = info["step"]
         self.epoch: int = info["epoch"]
         self.metadata: dict[str, Any] = info["metadata"]
-        self.framework = framework
+        self.framework: str | None = framework
         self.verify = verify
         self._tensor_names: list[str] | None = None
 
@@ -177,7 +180,7 @@ class Checkpoint:
                    device: Any = "cpu") -> Any:
         """One tensor, verified unless the checkpoint was opened with ``verify=False``. numpy:
         a read-only array over the store's memory map where possible; torch: one copy."""
-        fw = framework or self.framework
+        fw = framework or self.framework or "torch"
         _check_framework(fw)
         mb = self._store._native.tensor(self.id, name, verify=self.verify)
         storage = _tensors.storage_array(mb)
@@ -194,17 +197,29 @@ class Checkpoint:
     def get_blob(self, name: str) -> bytes:
         return self._store._native.blob(self.id, name)
 
-    def state(self, *, device: Any = "cpu") -> Any:
-        """The whole saved state, rebuilt (see _tree). A checkpoint written without the tree
-        (by the CLI or the Rust API) comes back as a flat dict of its tensors and blobs."""
+    def state(self, *, framework: str | None = None, device: Any = "cpu") -> Any:
+        """The whole saved state, rebuilt (see _tree). Tensors come back as ``framework``
+        (default: as they were saved, torch tensors as torch, numpy arrays as numpy; a
+        ``device`` other than cpu means torch). A checkpoint written without the tree (by the
+        CLI or the Rust API) comes back as a flat dict of its tensors (torch by default) and
+        blobs."""
+        if framework is None and str(device) != "cpu":
+            framework = "torch"
         blobs = self.blob_names()
         if _tree.TREE_BLOB not in blobs:
-            out: dict[str, Any] = {n: self.get_tensor(n, device=device) for n in self.keys()}
+            fw = framework or "torch"
+            out: dict[str, Any] = {n: self.get_tensor(n, framework=fw, device=device)
+                                   for n in self.keys()}
             out.update((b, self.get_blob(b)) for b in blobs)
             return out
 
-        def tensor(name: str, fw: str) -> Any:
-            return self.get_tensor(name, device=device)
+        def tensor(node: dict[str, Any]) -> Any:
+            fw = framework or node.get("fw", "torch")
+            _check_framework(fw)
+            if "as" in node:
+                return _tensors.from_raw(self._storage(node["tensor"]), node["as"],
+                                         node["shape"], fw, device)
+            return self.get_tensor(node["tensor"], framework=fw, device=device)
 
         return _tree.decode(self.get_blob(_tree.TREE_BLOB), tensor, self.get_blob)
 
@@ -300,10 +315,15 @@ def _as_list(p: str | Iterable[str] | None) -> list[str]:
 def load(store: Store | PathLike, step: int | None = None, *, id: int | None = None,
          prefix: str | Iterable[str] | None = None,
          filter: str | Iterable[str] | Callable[[str], bool] | None = None,
-         strict: bool = True, framework: str = "torch", device: Any = "cpu",
+         strict: bool = True, framework: str | None = None, device: Any = "cpu",
          verify: bool = True) -> Any:
     """Loads a checkpoint: ``step``/``id``, or by default the newest one that verifies
     (walking back past damaged ones, with a warning).
+
+    ``framework``: ``"torch"`` (one copy into new tensors, on ``device``), ``"numpy"``
+    (read-only arrays over the store's memory map where possible), or None (default): each
+    tensor as it was saved — torch tensors as torch, numpy arrays as numpy (torch for the flat
+    results of ``prefix``/``filter`` and for checkpoints written without Python).
 
     Without ``prefix``/``filter`` the whole saved state comes back, rebuilt. With them, a flat
     dict ``{tensor name: tensor}`` of the selected tensors: ``prefix`` keeps names starting with
@@ -311,14 +331,15 @@ def load(store: Store | PathLike, step: int | None = None, *, id: int | None = N
     with any of them (``filter_prefix``) or, if callable, keeps names for which it returns True.
     With ``strict``, a prefix that matches nothing is a NotFoundError.
     """
-    _check_framework(framework)
+    if framework is not None:
+        _check_framework(framework)
     if framework == "numpy" and str(device) != "cpu":
         raise ValueError(f"framework=\"numpy\" loads to host memory; device={device!r} needs "
                          f"framework=\"torch\"")
     s = _as_store(store, read_only=True)
     try:
         if step is not None or id is not None or not verify:
-            ck = s.open(step, id=id, framework=framework, verify=verify)
+            ck = Checkpoint(s, s._native.info(id=id, step=step), framework, verify)
             return _load_from(ck, prefix, filter, strict, device)
         first: Exception | None = None
         for info in reversed(s.list()):
@@ -341,7 +362,7 @@ def load(store: Store | PathLike, step: int | None = None, *, id: int | None = N
 
 def _load_from(ck: Checkpoint, prefix: Any, filt: Any, strict: bool, device: Any) -> Any:
     if prefix is None and filt is None:
-        return ck.state(device=device)
+        return ck.state(framework=ck.framework, device=device)
     names = ck.keys()
     keep = _as_list(prefix)
     drop = [] if callable(filt) else _as_list(filt)

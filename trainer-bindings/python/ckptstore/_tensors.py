@@ -55,6 +55,9 @@ _TORCH_NAMES = {
     "bool": "bool",
 }
 _ENGINE_TO_TORCH = {v: k for k, v in _TORCH_NAMES.items()}
+# torch dtypes the engine has no dtype for, stored as their bytes; their numpy equivalents
+_TORCH_RAW = {"uint16": "<u2", "uint32": "<u4", "uint64": "<u8", "complex64": "<c8",
+              "complex128": "<c16", "complex32": None}
 
 
 def is_torch_tensor(x: Any) -> bool:
@@ -70,19 +73,25 @@ def framework_of(x: Any) -> str:
     return "torch" if is_torch_tensor(x) else "numpy"
 
 
-def to_source(key: str, x: Any) -> tuple[str, list[int], Any]:
-    """``(engine dtype, shape, source)`` of a tensor or array; TypeError naming ``key`` for
-    what the store cannot hold."""
+def to_source(key: str, x: Any) -> tuple[str, list[int], Any, dict[str, Any] | None]:
+    """``(engine dtype, shape, source, raw)`` of a tensor or array; TypeError naming ``key``
+    for what the store cannot hold. ``raw`` is set for a numeric dtype the engine lacks: the
+    bytes are stored as a u8 tensor and ``raw`` (``{"as": dtype, "shape": shape}``) goes into
+    the tree so the load can reinterpret them."""
     if isinstance(x, np.ndarray):
         dt = x.dtype
         if dt.byteorder == ">" or (dt.byteorder == "=" and not np.little_endian):
             raise TypeError(f"{key}: big-endian array ({dt}); convert it to little-endian first")
         name = _NP_TO_ENGINE.get(dt.newbyteorder("<") if dt.byteorder != "|" else dt)
-        if name is None:
-            raise TypeError(f"{key}: numpy dtype {dt} is not storable (supported: "
-                            f"{sorted(str(d) for d in _NP_TO_ENGINE)})")
         arr = np.ascontiguousarray(x)  # a no-op for contiguous arrays
-        return name, list(arr.shape), arr.reshape(-1).view(np.uint8)
+        if name is not None:
+            return name, list(arr.shape), arr.reshape(-1).view(np.uint8), None
+        if dt.kind not in "uifc" or dt.hasobject:
+            raise TypeError(f"{key}: numpy dtype {dt} is not storable (numbers and bools only)")
+        # a numeric dtype the engine lacks (uint16/32/64, complex, longdouble): its bytes as
+        # u8, the real dtype in the tree
+        raw = {"as": dt.str, "shape": list(arr.shape)}
+        return "u8", [arr.nbytes], arr.reshape(-1).view(np.uint8), raw
     torch = torch_if_loaded()
     if torch is None or not isinstance(x, torch.Tensor):
         raise TypeError(f"{key}: {type(x).__name__} is not a tensor")
@@ -90,10 +99,11 @@ def to_source(key: str, x: Any) -> tuple[str, list[int], Any]:
         raise TypeError(f"{key}: {x.layout} tensors are not storable; convert with .to_dense()")
     if x.is_quantized:
         raise TypeError(f"{key}: quantized tensors are not storable; dequantize first")
-    name = _TORCH_NAMES.get(str(x.dtype).removeprefix("torch."))
-    if name is None:
+    tname = str(x.dtype).removeprefix("torch.")
+    name = _TORCH_NAMES.get(tname)
+    if name is None and tname not in _TORCH_RAW:
         raise TypeError(f"{key}: torch dtype {x.dtype} is not storable (supported: "
-                        f"{sorted(_TORCH_NAMES)})")
+                        f"{sorted(_TORCH_NAMES) + sorted(_TORCH_RAW)})")
     t = x.detach()
     if t.device.type != "cpu":
         t = t.to("cpu")  # staged to host memory by torch (one copy); documented
@@ -103,7 +113,13 @@ def to_source(key: str, x: Any) -> tuple[str, list[int], Any]:
         t = t.resolve_neg()
     if not t.is_contiguous():
         t = t.contiguous()  # explicit copy: the store holds row-major bytes
-    return name, list(t.shape), (t, t.data_ptr(), t.numel() * t.element_size())
+    if name is None:
+        # a dtype the engine lacks (uint16/32/64, complex): its bytes as u8, the real dtype in
+        # the tree
+        u8 = t.reshape(-1).view(torch.uint8)
+        raw = {"as": "torch." + tname, "shape": list(t.shape)}
+        return "u8", [u8.numel()], (u8, u8.data_ptr(), u8.numel()), raw
+    return name, list(t.shape), (t, t.data_ptr(), t.numel() * t.element_size()), None
 
 
 def storage_array(mb: Any) -> np.ndarray:
@@ -158,3 +174,29 @@ def copy_into_torch(dst: Any, storage: np.ndarray) -> None:
         elif dst.numel():
             staged = torch.from_numpy(src.copy()).view(dst.dtype).reshape(dst.shape)
             dst.copy_(staged)
+
+
+def from_raw(storage: np.ndarray, as_: str, shape: list[int], framework: str,
+             device: Any = "cpu") -> Any:
+    """A tensor stored as its bytes (see ``to_source``), reinterpreted as ``as_`` (a numpy
+    dtype string, or ``torch.NAME``): numpy zero-copy read-only, torch one copy."""
+    u8 = np.ascontiguousarray(storage).reshape(-1)
+    if as_.startswith("torch."):
+        tname = as_.removeprefix("torch.")
+        if framework == "numpy":
+            npd = _TORCH_RAW.get(tname)
+            if npd is None:
+                raise TypeError(f"numpy has no {as_} dtype: load it with framework=\"torch\"")
+            return u8.view(np.dtype(npd)).reshape(shape)
+        torch = require_torch("framework=\"torch\"")
+        t = torch.empty(u8.nbytes, dtype=torch.uint8)
+        if u8.nbytes:
+            np.copyto(t.numpy(), u8)
+        out = t.view(getattr(torch, tname)).reshape(shape)
+    else:
+        arr = u8.view(np.dtype(as_)).reshape(shape)
+        if framework == "numpy":
+            return arr
+        torch = require_torch("framework=\"torch\"")
+        out = torch.from_numpy(arr.copy())
+    return out if str(device) == "cpu" else out.to(device)

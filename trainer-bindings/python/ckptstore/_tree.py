@@ -13,13 +13,15 @@ included), ``str``, ``bytes``/``bytearray`` (bytearray comes back as bytes; valu
 go to their own blob), ``list``, ``tuple`` (subclasses such as ``torch.Size`` come back as plain
 tuples), ``dict`` and its subclasses such as ``OrderedDict`` (keys: str, int, float, bool,
 None or tuples of them; order kept; comes back as ``dict``), numpy scalars (dtype kept), numpy
-arrays and torch tensors (see _tensors). Not supported: sets, arbitrary objects, functions,
-torch dtypes/devices, complex numbers, tensors of dtypes the store lacks (complex, uint16+).
+arrays and torch tensors of any numeric dtype (see _tensors; uint16/32/64 and complex ones are
+stored as their bytes with the dtype in the tree). Not supported: sets, arbitrary objects,
+functions, torch dtypes/devices, Python complex numbers, object/string arrays.
 
 Node encoding (JSON): null/true/false/int/str as themselves; ``{"f": float.hex()}``,
 ``{"b": base64}``, ``{"blob": name}``, ``{"t": [..]}`` for a tuple, a JSON list for a list,
 ``{"d": [[key, value], ..]}`` for a dict, ``{"np": dtype, "b": base64}`` for a numpy scalar,
-``{"tensor": name, "fw": "torch"|"numpy"}`` for a tensor.
+``{"tensor": name, "fw": "torch"|"numpy"}`` for a tensor (plus ``"as": dtype, "shape": [..]``
+when it is stored as its bytes, for numeric dtypes the engine lacks).
 """
 
 from __future__ import annotations
@@ -99,9 +101,12 @@ def encode(state: Mapping[str, Any]) -> Encoded:
             return {"b": base64.b64encode(bytes(v)).decode()}
         if _tensors.is_tensor(v):
             name = out.unique(parts[-1] if flat else _path(parts))
-            dtype, shape, src = _tensors.to_source(_path(parts), v)
+            dtype, shape, src, raw = _tensors.to_source(_path(parts), v)
             out.tensors.append((name, dtype, shape, src))
-            return {"tensor": name, "fw": _tensors.framework_of(v)}
+            node = {"tensor": name, "fw": _tensors.framework_of(v)}
+            if raw is not None:
+                node.update(raw)
+            return node
         if isinstance(v, Mapping):
             return {"d": [[_key(k, parts), enc(x, parts + [str(k)])] for k, x in v.items()]}
         if isinstance(v, list):
@@ -118,9 +123,10 @@ def encode(state: Mapping[str, Any]) -> Encoded:
     return out
 
 
-def decode(doc: bytes, tensor: Callable[[str, str], Any], blob: Callable[[str], bytes]) -> Any:
-    """Rebuilds a state from its tree blob; ``tensor(name, fw)`` and ``blob(name)`` fetch the
-    parts."""
+def decode(doc: bytes, tensor: Callable[[dict[str, Any]], Any],
+           blob: Callable[[str], bytes]) -> Any:
+    """Rebuilds a state from its tree blob; ``tensor(node)`` (a tensor node, see above) and
+    ``blob(name)`` fetch the parts."""
     d = json.loads(doc)
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise ValueError(f"{TREE_BLOB}: unknown tree format {d.get('format') if isinstance(d, dict) else d!r}")
@@ -147,7 +153,7 @@ def decode(doc: bytes, tensor: Callable[[str, str], Any], blob: Callable[[str], 
         if "blob" in n:
             return blob(n["blob"])
         if "tensor" in n:
-            return tensor(n["tensor"], n["fw"])
+            return tensor(n)
         if "t" in n:
             return tuple(dec(x) for x in n["t"])
         if "d" in n:

@@ -1,0 +1,258 @@
+//! `UringFile`: one writable file, with its buffered descriptor, its O_DIRECT descriptor
+//! while the file system takes direct I/O, and the length bookkeeping preallocation needs.
+
+use super::plan::{plan, Align, Route};
+use super::ring::{Fds, Job, WriteNotes};
+use super::Shared;
+use crate::io::StorageFile;
+use rustix::fs::{AtFlags, FallocateFlags, OFlags, StatxFlags};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+pub(super) struct UringFile {
+    path: PathBuf,
+    buffered: File,
+    state: Mutex<State>,
+    shared: Arc<Shared>,
+}
+
+struct State {
+    /// The O_DIRECT descriptor and its alignment; `None` once the file is buffered only.
+    direct: Option<(File, Align)>,
+    /// The length the store sees: the end of the furthest write (or `set_len`/`allocate`).
+    logical: u64,
+    /// The file's real length, past `logical` by the preallocated reserve.
+    allocated: u64,
+}
+
+impl UringFile {
+    pub(super) fn open(path: &Path, create_new: bool, shared: Arc<Shared>) -> io::Result<Self> {
+        let buffered = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(create_new)
+            .open(path)?;
+        let len = buffered.metadata()?.len();
+        let direct = if shared.cfg.direct {
+            match open_direct(path, shared.cfg.piece_bytes) {
+                Ok(d) => Some(d),
+                Err(why) => {
+                    shared.note_refusal(path, &why);
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        Ok(UringFile {
+            path: path.to_path_buf(),
+            buffered,
+            state: Mutex::new(State {
+                direct,
+                logical: len,
+                allocated: len,
+            }),
+            shared,
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reserves space past `end` when the file is written direct, so direct writes land inside
+    /// the file's length: 16 times this write's size ahead, at most `prealloc_bytes`, so a
+    /// small file (a WAL taking a large record) reserves little. Best effort: a refusal (no
+    /// space for the whole reserve, no fallocate here) leaves the write to grow the file.
+    fn reserve(&self, st: &mut State, end: u64, written: u64) {
+        let step = self.shared.cfg.prealloc_bytes;
+        if step == 0 || st.direct.is_none() || end <= st.allocated {
+            return;
+        }
+        let ahead = step.min(written.saturating_mul(16));
+        let target = end.saturating_add(ahead).div_ceil(1 << 20) << 20;
+        let from = st.allocated;
+        if rustix::fs::fallocate(&self.buffered, FallocateFlags::empty(), from, target - from)
+            .is_ok()
+        {
+            st.allocated = target;
+        }
+    }
+
+    /// Cuts the preallocated reserve off before a sync, so the synced length is the written
+    /// one (recovery and readers never see the reserve as data).
+    fn trim(&self, st: &mut State) -> io::Result<()> {
+        if st.allocated > st.logical {
+            self.buffered.set_len(st.logical)?;
+            st.allocated = st.logical;
+        }
+        Ok(())
+    }
+
+    fn sync(&self, data_only: bool) -> io::Result<()> {
+        let mut st = self.state();
+        self.trim(&mut st)?;
+        let mut ring = self.shared.ring.lock().unwrap_or_else(|e| e.into_inner());
+        ring.for_this_process()?
+            .sync(self.buffered.as_raw_fd(), data_only)
+    }
+}
+
+/// Opens the O_DIRECT descriptor of `path` and finds its alignment; `Err(why)` when the file
+/// system does not take direct I/O (or needs an alignment the pieces cannot keep).
+fn open_direct(path: &Path, piece: usize) -> Result<(File, Align), String> {
+    let f = OpenOptions::new()
+        .write(true)
+        .custom_flags(OFlags::DIRECT.bits() as i32)
+        .open(path)
+        .map_err(|e| format!("open with O_DIRECT: {e}"))?;
+    let page = rustix::param::page_size() as u64;
+    let mut align = Align {
+        offset: page.max(4096),
+        mem: 4096,
+    };
+    // Linux 6.1+ says what this file needs; older kernels get the conservative default.
+    if let Ok(sx) = rustix::fs::statx(&f, "", AtFlags::EMPTY_PATH, StatxFlags::DIOALIGN) {
+        if sx.stx_mask & StatxFlags::DIOALIGN.bits() != 0 {
+            if sx.stx_dio_offset_align == 0 {
+                return Err("statx reports no direct I/O support".into());
+            }
+            align.offset = align.offset.max(u64::from(sx.stx_dio_offset_align));
+            align.mem = (sx.stx_dio_mem_align as usize).max(1);
+        }
+    }
+    if !align.offset.is_power_of_two()
+        || !align.mem.is_power_of_two()
+        || !(piece as u64).is_multiple_of(align.offset)
+    {
+        return Err(format!(
+            "direct I/O alignment {}/{} does not divide the {piece}-byte pieces",
+            align.offset, align.mem
+        ));
+    }
+    Ok((f, align))
+}
+
+impl StorageFile for UringFile {
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_many(&[(offset, buf)])
+    }
+
+    fn write_many(&self, writes: &[(u64, &[u8])]) -> io::Result<()> {
+        let mut st = self.state();
+        let align = st.direct.as_ref().map(|(_, a)| *a);
+        let piece = self.shared.cfg.piece_bytes;
+        let mut end = 0u64;
+        let jobs: Vec<Job<'_>> = writes
+            .iter()
+            .map(|&(offset, buf)| {
+                end = end.max(offset + buf.len() as u64);
+                Job {
+                    buf,
+                    offset,
+                    pieces: plan(buf.as_ptr() as usize, buf.len(), offset, align, piece),
+                }
+            })
+            .collect();
+        let any_direct = jobs
+            .iter()
+            .any(|j| j.pieces.iter().any(|p| p.route != Route::Buffered));
+        if any_direct {
+            let written = writes.iter().map(|(_, b)| b.len() as u64).sum();
+            self.reserve(&mut st, end, written);
+        }
+        let fds = Fds {
+            buffered: self.buffered.as_raw_fd(),
+            direct: st.direct.as_ref().map(|(f, a)| (f.as_raw_fd(), *a)),
+        };
+        let mut notes = WriteNotes::default();
+        let res = {
+            let mut ring = self.shared.ring.lock().unwrap_or_else(|e| e.into_inner());
+            ring.for_this_process()
+                .and_then(|r| r.write(&jobs, fds, &mut notes))
+        };
+        let pieces: usize = jobs.iter().map(|j| j.pieces.len()).sum();
+        let s = &self.shared;
+        s.direct_pieces
+            .fetch_add(notes.direct_pieces as u64, Ordering::Relaxed);
+        s.buffered_pieces.fetch_add(
+            pieces.saturating_sub(notes.direct_pieces) as u64,
+            Ordering::Relaxed,
+        );
+        if notes.direct_refused {
+            st.direct = None;
+            s.note_refusal(&self.path, "EINVAL on an aligned direct write");
+        }
+        res?;
+        st.logical = st.logical.max(end);
+        st.allocated = st.allocated.max(end);
+        Ok(())
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        // The reserve past the written end reads as zeros; it is not part of the file.
+        if offset.saturating_add(buf.len() as u64) > self.state().logical {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "read past the end of the file",
+            ));
+        }
+        self.buffered.read_exact_at(buf, offset)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.sync(true)
+    }
+
+    fn sync_all(&self) -> io::Result<()> {
+        self.sync(false)
+    }
+
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        let mut st = self.state();
+        match rustix::fs::fallocate(&self.buffered, FallocateFlags::empty(), 0, len) {
+            Ok(()) => {}
+            // As StdIo: keep the length contract where space cannot be reserved.
+            Err(rustix::io::Errno::OPNOTSUPP) => {
+                if self.buffered.metadata()?.len() < len {
+                    self.buffered.set_len(len)?;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        st.logical = st.logical.max(len);
+        st.allocated = st.allocated.max(len);
+        Ok(())
+    }
+
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        // Direct pieces are already on their way; this helps the buffered head and tail.
+        let Some(len) = std::num::NonZeroU64::new(len) else {
+            return Ok(());
+        };
+        rustix::fs::fadvise(
+            &self.buffered,
+            offset,
+            Some(len),
+            rustix::fs::Advice::DontNeed,
+        )?;
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.state().logical)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let mut st = self.state();
+        self.buffered.set_len(len)?;
+        st.logical = len;
+        st.allocated = len;
+        Ok(())
+    }
+}
