@@ -115,3 +115,21 @@ def test_unencodable_value_writes_nothing(tmp_path):
                            tmp_path / "x.ckpt")
     io.teardown()
     assert ckptstore.Store(tmp_path / "store", read_only=True).list() == []
+
+
+def test_readme_dcp_lightning_example_runs(monkeypatch, tmp_path):
+    """The README's DCP + Lightning example runs as written."""
+    import re
+    import tempfile
+
+    from conftest import REPO
+    readme = os.path.join(REPO, "README.md")
+    if not os.path.exists(readme):
+        pytest.skip("not run from a checkout")
+    text = open(readme, encoding="utf-8").read()
+    section = text[text.index("### torch.distributed.checkpoint and Lightning"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    env: dict = {}
+    exec(compile(code, "README.md", "exec"), env)
+    assert [c["step"] for c in ckptstore.Store(env["path"], read_only=True).list()] == [1000, 1001]

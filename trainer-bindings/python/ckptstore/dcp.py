@@ -96,6 +96,10 @@ class StoredItem:
 
     name: str
     blob: bool = False
+    # A dtype the engine lacks (uint16/32/64, complex): stored as its bytes (u8); the torch
+    # dtype name and the shape to reinterpret them.
+    raw_dtype: str | None = None
+    raw_shape: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,10 +228,13 @@ class StoreWriter(StorageWriter):
             else:
                 name = _tensor_name(item.index)
                 tensor = cast(torch.Tensor, data)
-                dt, shape, src = _tensors.to_source(name, tensor)
+                dt, shape, src, raw_info = _tensors.to_source(name, tensor)
                 tensors.append((name, dt, shape, src))
-                nbytes = int(np.prod(shape, dtype=np.int64)) * tensor.element_size()
-                placed.append((item.index, StoredItem(name), nbytes))
+                nbytes = tensor.numel() * tensor.element_size()
+                where = StoredItem(name) if raw_info is None else StoredItem(
+                    name, raw_dtype=str(tensor.dtype).removeprefix("torch."),
+                    raw_shape=tuple(tensor.shape))
+                placed.append((item.index, where, nbytes))
         fut: Future[list[WriteResult]] = Future()
         if not placed:
             fut.set_result([])
@@ -237,7 +244,8 @@ class StoreWriter(StorageWriter):
                                        tensors, blobs)
         results = []
         for k, (index, where, nbytes) in enumerate(placed):
-            sd = _RankResult(where.name, where.blob, fragment) if k == 0 else where
+            sd = dataclasses.replace(_RankResult(**vars(where)), fragment=fragment) \
+                if k == 0 else where
             results.append(WriteResult(index=index, size_in_bytes=nbytes, storage_data=sd))
         fut.set_result(results)
         return fut
@@ -253,7 +261,7 @@ class StoreWriter(StorageWriter):
                 sd = wr.storage_data
                 if isinstance(sd, _RankResult) and sd.fragment is not None:
                     fragments.append(sd.fragment)
-                storage_md[wr.index] = StoredItem(sd.name, sd.blob)
+                storage_md[wr.index] = StoredItem(sd.name, sd.blob, sd.raw_dtype, sd.raw_shape)
         metadata.storage_data = storage_md
         encoded = _encode_metadata(metadata)
         meta = dict(self.metadata)
@@ -357,7 +365,10 @@ class StoreReader(StorageReader):
                 continue
             if where.name not in stored:
                 mb = s._native.tensor(ck.id, where.name, verify=self.verify)
-                stored[where.name] = (_tensors.storage_array(mb), mb.dtype)
+                arr = _tensors.storage_array(mb)
+                if where.raw_dtype is not None and where.raw_shape is not None:
+                    arr = _raw_view(arr, where.raw_dtype, where.raw_shape)
+                stored[where.name] = (arr, mb.dtype if where.raw_dtype is None else "")
             arr, dtype = stored[where.name]
             # The leading Ellipsis keeps a 0-d tensor an array (arr[()] would be a scalar).
             index: tuple[Any, ...] = (Ellipsis, *(
@@ -374,9 +385,21 @@ class StoreReader(StorageReader):
         return fut
 
 
-def _copy_into(target: Any, part: np.ndarray, dtype: str) -> None:
+def _raw_view(u8: np.ndarray, torch_dtype: str, shape: tuple[int, ...]) -> Any:
+    """Stored bytes of a dtype the engine lacks, as a (read-only) torch tensor of it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only array; only read from
+        t = torch.from_numpy(u8)
+    return t.view(getattr(torch, torch_dtype)).reshape(shape)
+
+
+def _copy_into(target: Any, part: Any, dtype: str) -> None:
     """Copies stored elements (a possibly strided view of the read-only map) into ``target``,
     converting to its dtype the way DCP's own reader does (``copy_``)."""
+    if isinstance(part, torch.Tensor):  # a raw-stored dtype, already viewed (see _raw_view)
+        with torch.no_grad():
+            target.copy_(part)
+        return
     if part.size == 0:
         return
     # (not np.ascontiguousarray: it turns a 0-d array into a 1-d one)
@@ -437,7 +460,8 @@ def _encode_metadata(md: Metadata) -> bytes:
         "state_dict_metadata": sdm,
         "planner_data": _encode_planner_data(md.planner_data),
         "storage_data": [
-            [i.fqn, None if i.offset is None else list(i.offset), i.index, s.name, s.blob]
+            [i.fqn, None if i.offset is None else list(i.offset), i.index, s.name, s.blob,
+             s.raw_dtype, None if s.raw_shape is None else list(s.raw_shape)]
             for i, s in (md.storage_data or {}).items()],
         "storage_meta": None if sm is None else {
             "checkpoint_id": None if sm.checkpoint_id is None else os.fspath(sm.checkpoint_id),
@@ -470,8 +494,8 @@ def _decode_metadata(raw: bytes) -> Metadata:
     planner_data = None if pd is None else {k: tuple(v) for k, v in pd["paths"]}
     storage_data = {
         MetadataIndex(fqn, None if off is None else torch.Size(off), index):
-            StoredItem(name, blob)
-        for fqn, off, index, name, blob in doc["storage_data"]}
+            StoredItem(name, blob, raw, None if shape is None else tuple(shape))
+        for fqn, off, index, name, blob, raw, shape in doc["storage_data"]}
     sm = doc["storage_meta"]
     storage_meta = None if sm is None else StorageMeta(
         checkpoint_id=sm["checkpoint_id"], save_id=sm["save_id"], load_id=sm["load_id"],
