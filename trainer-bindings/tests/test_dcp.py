@@ -112,6 +112,24 @@ def test_async_save_one_process(tmp_path):
     assert ckptstore.Store(path, read_only=True).latest()["step"] == 9
 
 
+def test_async_save_in_a_background_process(tmp_path):
+    """AsyncCheckpointerType.PROCESS pickles the writer into DCP's background process, which
+    runs the whole save (coordinator included) there."""
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+    path = tmp_path / "ck"
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        state = _state(2)
+        dcp.async_save(state, storage_writer=StoreWriter(path, step=5),
+                       async_checkpointer_type=AsyncCheckpointerType.PROCESS).result()
+        back = _zeros_like(state)
+        dcp.load(back, storage_reader=StoreReader(path))
+        assert torch.equal(back["model"]["emb"], state["model"]["emb"])
+    finally:
+        dist.destroy_process_group()
+    assert ckptstore.Store(path, read_only=True).latest()["step"] == 5
+
+
 def test_writer_and_reader_pickle(tmp_path):
     path = tmp_path / "ck"
     w = StoreWriter(path, step=1, chunk_size=1 << 16)
