@@ -210,7 +210,8 @@ pub fn write_shard<'py>(
         let o = ShardOptions {
             chunk_size,
             segment_max_bytes,
-            io: Arc::new(ckptstore_engine::io::StdIo),
+            // The store's default backend (io_uring where it can be set up, else std).
+            io: ckptstore_engine::io::default_storage(),
         };
         let mut w = ShardWriter::new(&path, start..end, o)?;
         for (name, dt, shape, bytes) in &ts {

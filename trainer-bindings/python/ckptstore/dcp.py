@@ -132,7 +132,14 @@ class StoreWriter(StorageWriter):
     ``ckptstore.save``. ``chunk_size``/``segment_max_bytes`` as for ``ckptstore.Store``.
 
     Picklable (``dcp.async_save`` may run the save in another process). While a save is
-    running, the coordinator rank holds the store's writer lock.
+    running, the coordinator rank holds the store's writer lock; after a failed save it keeps
+    it until the writer is reset (its next save), closed (``close()``) or collected.
+
+    A rank resolves all its items, then writes them in one engine call with the GIL released:
+    CPU tensors cross without a copy (non-contiguous ones are made contiguous); CUDA tensors
+    are staged to host memory by torch, all of the rank's at once (DCP's ``async_save``
+    stages them to CPU before the writer sees them anyway). Chunks are not deduplicated
+    against earlier checkpoints (ranks do not see the store's index).
     """
 
     def __init__(self, path: str | os.PathLike, step: int | None = None, *, epoch: int = 0,
