@@ -1,6 +1,7 @@
 //! The store: open (with recovery), write transactions, listing, reading, deletion,
 //! verification and WAL compaction. See docs/GUARANTEES.md for the contract.
 
+mod external;
 mod files;
 mod reader;
 mod recovery;
@@ -202,7 +203,7 @@ pub struct Store {
     report: RecoveryReport,
     open_segments: Mutex<HashMap<u64, Arc<dyn StorageFile>>>,
     /// Segment ids handed to shard writers ([`Store::reserve_segment_ids`]).
-    reservations: shard::Reservations,
+    reservations: external::Reservations,
 }
 
 impl std::fmt::Debug for Store {
@@ -247,7 +248,7 @@ impl Store {
             poisoned: None,
             report: rec.report,
             open_segments: Mutex::new(HashMap::new()),
-            reservations: shard::Reservations::default(),
+            reservations: external::Reservations::default(),
         })
     }
 
