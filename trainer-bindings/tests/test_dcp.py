@@ -273,3 +273,12 @@ def test_bad_input(tmp_path):
         dcp.load({"x": torch.zeros(2)}, storage_reader=StoreReader(path))
     with pytest.raises(CheckpointException, match="is not a ckptstore store"):
         dcp.load({"x": torch.zeros(2)}, storage_reader=StoreReader(tmp_path / "nothing"))
+
+
+def test_reached_as_attributes_of_the_package():
+    """DESIGN.md's `cs.dcp.StoreWriter` / `cs.lightning.StoreCheckpointIO` after a plain
+    `import ckptstore as cs` (imported on first use, so `import ckptstore` stays light)."""
+    import ckptstore as cs
+    assert cs.dcp.StoreWriter is StoreWriter
+    with pytest.raises(AttributeError):
+        cs.no_such_thing  # noqa: B018
