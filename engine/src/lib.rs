@@ -28,6 +28,7 @@ pub use pipeline::{Pipeline, PipelineOptions, SaveHandle, SaveReport};
 pub use retention::{KeepReason, MetricMode, RetentionPlan, RetentionPolicy};
 pub use store::{
     CheckpointInfo, CheckpointReader, CommitInfo, CompactionPlan, DeleteInfo, GcOptions, GcReport,
-    LoadReport, LoadSpec, Options, RecoveryMode, RecoveryReport, Selector, SpaceStats, Store,
+    LoadReport, LoadSpec, Options, RecoveryMode, RecoveryReport, Selector, ShardFragment,
+    ShardOptions, ShardWriter, SpaceStats, Store,
     StoreStats, Tensor, TensorView, Transaction, VerifiedChunks,
 };

@@ -3,6 +3,7 @@
 //! Python package `ckptstore` (python/ckptstore) builds the user API on top of it.
 #![deny(unsafe_code)]
 
+mod dcp;
 mod errors;
 mod host_bytes;
 mod save_job;
@@ -15,6 +16,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<store::PyStore>()?;
     m.add_class::<save_job::SaveHandle>()?;
     m.add_class::<host_bytes::MappedBytes>()?;
+    m.add_class::<dcp::DcpCoordinator>()?;
+    m.add_function(wrap_pyfunction!(dcp::write_shard, m)?)?;
     errors::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

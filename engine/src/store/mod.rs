@@ -2,12 +2,14 @@
 //! verification and WAL compaction. See docs/GUARANTEES.md for the contract.
 
 mod compact;
+mod external;
 mod files;
 mod gc;
 mod lease;
 mod reader;
 mod recovery;
 mod select;
+mod shard;
 mod state;
 mod txn;
 mod view;
@@ -19,6 +21,7 @@ pub use lease::READERS_DIR;
 pub use reader::{CheckpointReader, Tensor, VerifiedChunks};
 pub use recovery::RecoveryReport;
 pub use select::{LoadReport, LoadSpec, NamePredicate};
+pub use shard::{ShardFragment, ShardOptions, ShardWriter};
 pub use txn::{CommitInfo, Transaction};
 pub(crate) use txn::{StagedChunk, StagedEntry};
 pub use view::TensorView;
@@ -242,6 +245,8 @@ pub struct Store {
     lease: Option<lease::ReaderLease>,
     /// Segments no live checkpoint references, kept for a reader's lease (id → bytes).
     pending_free: BTreeMap<u64, u64>,
+    /// Segment ids handed to shard writers ([`Store::reserve_segment_ids`]).
+    reservations: external::Reservations,
 }
 
 impl std::fmt::Debug for Store {
@@ -302,6 +307,7 @@ impl Store {
             open_segments: Mutex::new(HashMap::new()),
             lease,
             pending_free: rec.pending_free,
+            reservations: external::Reservations::default(),
         })
     }
 

@@ -54,3 +54,11 @@ __all__ = [
     "save",
     "save_async",
 ]
+
+
+def __getattr__(name: str):  # ckptstore.dcp / ckptstore.lightning need torch / lightning:
+    if name in ("dcp", "lightning"):  # imported on first use, so `import ckptstore` stays light
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'ckptstore' has no attribute {name!r}")
