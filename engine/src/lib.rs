@@ -29,6 +29,6 @@ pub use retention::{KeepReason, MetricMode, RetentionPlan, RetentionPolicy};
 pub use store::{
     CheckpointInfo, CheckpointReader, CommitInfo, CompactionPlan, DeleteInfo, GcOptions, GcReport,
     LoadReport, LoadSpec, Options, RecoveryMode, RecoveryReport, Selector, ShardFragment,
-    ShardOptions, ShardWriter, SpaceStats, Store,
-    StoreStats, Tensor, TensorView, Transaction, VerifiedChunks,
+    ShardOptions, ShardWriter, SpaceStats, Store, StoreStats, Tensor, TensorView, Transaction,
+    VerifiedChunks,
 };
