@@ -123,6 +123,26 @@ pub fn header_len_for(n: usize) -> u64 {
     align_up((FRAME_FIXED_LEN + CHUNK_ENTRY_LEN * n) as u64)
 }
 
+/// Most chunks one frame's table lists (the format's cap on a frame header).
+pub const MAX_FRAME_CHUNKS: usize = 65_536;
+
+/// How many chunks of a run fit in a frame starting at `end` of a segment of at most `max`
+/// bytes: the run covers chunks `k..` of `total` bytes cut in chunks of `cs`, and a frame
+/// lists at most `MAX_FRAME_CHUNKS` of them (its header grows with each).
+pub fn frame_capacity(end: u64, max: u64, total: usize, cs: usize, k: usize) -> usize {
+    let limit = (total.div_ceil(cs) - k).min(MAX_FRAME_CHUNKS);
+    let mut payload = 0u64;
+    let mut n = 0;
+    while n < limit {
+        payload += (total - (k + n) * cs).min(cs) as u64;
+        if end + align_up(header_len_for(n + 1) + payload) > max {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
 impl FrameHeader {
     /// A frame header with no reserved table space.
     pub fn new(codec: u8, segment_id: u64, chunks: Vec<ChunkEntry>) -> Self {

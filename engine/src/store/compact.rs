@@ -30,8 +30,6 @@ const AMPLIFICATION_RULE_MAX_FRACTION: f64 = 0.9;
 /// Most chunk moves one compaction commits (keeps the Relocate record far below the WAL's
 /// 64 MiB record cap: about 20 bytes a move).
 const MAX_MOVES: usize = 1 << 20;
-/// Most chunks one frame lists (the format's cap).
-const MAX_FRAME_CHUNKS: usize = 65_536;
 
 /// What a compaction would do.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -69,7 +67,7 @@ fn runs(chunks: &[pb::ChunkRef]) -> Vec<&[pb::ChunkRef]> {
     let mut start = 0;
     for i in 1..=chunks.len() {
         let split = i == chunks.len()
-            || i - start == MAX_FRAME_CHUNKS
+            || i - start == segment::MAX_FRAME_CHUNKS
             || chunks[i].codec != chunks[i - 1].codec
             || chunks[i].offset != chunks[i - 1].offset + chunks[i - 1].stored_len;
         if split {

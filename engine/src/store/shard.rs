@@ -23,8 +23,6 @@ use std::sync::Arc;
 
 /// Payload bytes written between two writeback hints (as in a transaction).
 const WRITEBACK_SLICE: usize = 16 << 20;
-/// Most chunks one frame's table lists (the format's cap on a frame header).
-const MAX_FRAME_CHUNKS: usize = 65_536;
 
 /// Where and how a shard writes. `chunk_size` and `segment_max_bytes` should be the store's
 /// (the reserving writer hands them out with the id range); the bounds are the store's.
@@ -297,19 +295,7 @@ impl ShardWriter {
     /// else in a new segment; table room for as many chunks as fit.
     fn open_frame(&mut self, total: usize, cs: usize, k: usize) -> Result<Frame> {
         let max = self.opts.segment_max_bytes;
-        let limit = (total.div_ceil(cs) - k).min(MAX_FRAME_CHUNKS);
-        let fits = |end: u64| -> usize {
-            let mut payload = 0u64;
-            let mut n = 0;
-            while n < limit {
-                payload += (total - (k + n) * cs).min(cs) as u64;
-                if end + segment::align_up(segment::header_len_for(n + 1) + payload) > max {
-                    break;
-                }
-                n += 1;
-            }
-            n
-        };
+        let fits = |end: u64| segment::frame_capacity(end, max, total, cs, k);
         let mut capacity = self.segment.as_ref().map_or(0, |s| fits(s.end));
         if capacity == 0 {
             self.finish_segment()?;

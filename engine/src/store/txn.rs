@@ -43,8 +43,6 @@ const HASH_LOOKAHEAD: usize = 64;
 /// Encoded chunks each compressing thread may hold ahead of the writer (they are up to 7/8
 /// of a chunk each, so few).
 const ENCODE_LOOKAHEAD: usize = 2;
-/// Most chunks one frame's table lists (the format's cap on a frame header).
-const MAX_FRAME_CHUNKS: usize = 65_536;
 
 /// A frame being filled: payloads are written as their chunks arrive; the header, with the
 /// chunk table, goes to `start` when the run ends.
@@ -577,20 +575,7 @@ impl<'s> Transaction<'s> {
         codec: pb::Codec,
     ) -> Result<OpenFrame> {
         let max = self.store.opts.segment_max_bytes;
-        let chunks_left = total.div_ceil(cs) - k;
-        let limit = chunks_left.min(MAX_FRAME_CHUNKS);
-        let fits = |end: u64| -> usize {
-            let mut payload = 0u64;
-            let mut n = 0;
-            while n < limit {
-                payload += (total - (k + n) * cs).min(cs) as u64;
-                if end + segment::align_up(segment::header_len_for(n + 1) + payload) > max {
-                    break;
-                }
-                n += 1;
-            }
-            n
-        };
+        let fits = |end: u64| segment::frame_capacity(end, max, total, cs, k);
         let mut capacity = self.segment.as_ref().map_or(0, |seg| fits(seg.end));
         if capacity == 0 {
             self.finish_segment()?;
