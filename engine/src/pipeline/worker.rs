@@ -110,12 +110,17 @@ pub(super) fn io_loop(
         let result = {
             let mut guard = store.lock().unwrap_or_else(|p| p.into_inner());
             let r = run(&mut guard, &job);
+            if r.is_err() {
+                // Take back every buffer the failed save has queued before reporting, so
+                // that when its handle returns the pool holds them all again.
+                drain_items(&job.items);
+            }
             *poisoned.lock().unwrap_or_else(|p| p.into_inner()) =
                 guard.poisoned().map(str::to_owned);
             r
         };
-        // Report first, then drop the save's queues: a caller still staging sees its send
-        // fail and finds this result; queued chunks return their buffers as they drop.
+        // Report, then drop the save's queues: a caller still staging sees its send fail and
+        // finds this result.
         let _ = job.done.send((result, Instant::now()));
         drop(job);
     }
@@ -130,7 +135,10 @@ fn run(store: &mut Store, job: &Job) -> Result<CommitInfo> {
                     slot.recv()
                         .map_err(|_| Error::invalid("a pipeline hash thread stopped"))?
                 });
-                txn.put_staged(entry, staged)?;
+                if let Err(e) = txn.put_staged(entry, staged) {
+                    drain_chunks(&chunks);
+                    return Err(e);
+                }
             }
             Item::Commit { epoch, metadata } => {
                 txn.set_epoch(epoch);
@@ -145,4 +153,22 @@ fn run(store: &mut Store, job: &Job) -> Result<CommitInfo> {
     Err(Error::invalid(
         "save dropped before it was submitted; nothing committed",
     ))
+}
+
+/// Waits for the hash results of a failed entry's queued chunks and drops them: their buffers
+/// return to the pool here, not later in a hash worker. Ends when the stager closes the
+/// entry's queue (it finishes the entry or drops it).
+fn drain_chunks(chunks: &Receiver<Receiver<Hashed>>) {
+    for slot in chunks.iter() {
+        let _ = slot.recv();
+    }
+}
+
+/// [`drain_chunks`] for every entry a failed save has queued so far.
+fn drain_items(items: &Receiver<Item>) {
+    while let Ok(item) = items.try_recv() {
+        if let Item::Entry { chunks, .. } = item {
+            drain_chunks(&chunks);
+        }
+    }
 }
