@@ -21,9 +21,6 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Payload bytes written between two writeback hints (as in a transaction).
-const WRITEBACK_SLICE: usize = 16 << 20;
-
 /// Where and how a shard writes. `chunk_size` and `segment_max_bytes` should be the store's
 /// (the reserving writer hands them out with the id range); the bounds are the store's.
 #[derive(Debug, Clone)]
@@ -320,15 +317,8 @@ impl ShardWriter {
         hash: [u8; 32],
     ) -> Result<pb::ChunkRef> {
         let seg = self.segment.as_ref().expect("segment open");
-        let mut at = f.next;
-        for slice in chunk.chunks(WRITEBACK_SLICE) {
-            seg.file
-                .write_at(slice, at)
-                .map_err(|e| Error::io("write", &seg.path, e))?;
-            // Only a hint; the fdatasync in `finish` decides durability.
-            let _ = seg.file.start_writeback(at, slice.len() as u64);
-            at += slice.len() as u64;
-        }
+        // The writeback hints change nothing about durability; the fdatasync in `finish` decides.
+        super::files::write_with_writeback(&*seg.file, &seg.path, chunk, f.next)?;
         let len = chunk.len() as u64;
         f.chunks.push(ChunkEntry {
             blake3: hash,

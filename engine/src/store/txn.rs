@@ -36,8 +36,6 @@ pub struct CommitInfo {
     pub duration: Duration,
 }
 
-/// Payload bytes written between two writeback hints.
-const WRITEBACK_SLICE: usize = 16 << 20;
 /// Hashes the hashing thread may compute ahead of the writer.
 const HASH_LOOKAHEAD: usize = 64;
 /// Encoded chunks each compressing thread may hold ahead of the writer (they are up to 7/8
@@ -607,18 +605,7 @@ impl<'s> Transaction<'s> {
         let hash = staged.hash;
         let raw_len = staged.raw_len as u64;
         let seg = self.segment.as_ref().expect("segment open");
-        // Write in slices and ask for writeback of each as soon as it is in the page cache, so
-        // the disk works while later slices are copied and the commit's fdatasync finds little
-        // left to do. The hint changes nothing about durability: the fdatasync still decides.
-        let mut at = f.next;
-        for slice in chunk.chunks(WRITEBACK_SLICE) {
-            seg.file
-                .write_at(slice, at)
-                .map_err(|e| Error::io("write", &seg.path, e))?;
-            // Only a hint: a file system that refuses it just flushes at fdatasync.
-            let _ = seg.file.start_writeback(at, slice.len() as u64);
-            at += slice.len() as u64;
-        }
+        super::files::write_with_writeback(&*seg.file, &seg.path, chunk, f.next)?;
         let len = chunk.len() as u64;
         f.chunks.push(ChunkEntry {
             blake3: hash,
