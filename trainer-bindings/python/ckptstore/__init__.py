@@ -56,8 +56,10 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):  # ckptstore.dcp / ckptstore.lightning need torch / lightning:
-    if name in ("dcp", "lightning"):  # imported on first use, so `import ckptstore` stays light
+def __getattr__(name: str):
+    # ckptstore.dcp / .lightning / .mindspore need torch / lightning / mindspore: imported on
+    # first use, so `import ckptstore` stays light
+    if name in ("dcp", "lightning", "mindspore"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)
