@@ -136,7 +136,9 @@ def _tensor_arg(name: str, value: Any) -> tuple[str, str, list[int], Any]:
     if engine is None:
         raise TypeError(f"{name}: MindSpore dtype {dt} is not storable in ckptstore "
                         f"(supported: {sorted(_MS_TO_ENGINE)})")
-    arr = np.ascontiguousarray(value.asnumpy())
+    arr = value.asnumpy()
+    if not arr.flags.c_contiguous:  # (np.ascontiguousarray would make a 0-d array 1-d)
+        arr = arr.copy(order="C")
     return name, engine, list(arr.shape), arr.reshape(-1).view(np.uint8)
 
 
