@@ -109,6 +109,16 @@ def test_flat_state_dict_keeps_its_names_and_numpy_loads_are_zero_copy_read_only
             t += 1  # torch loads are copies: writable
 
 
+def test_zero_dim_arrays_and_tensors_keep_their_shape(store_dir):
+    state = {"lr": np.array(0.5, np.float32), "n": np.array(7), "t": torch.tensor(2.5),
+             "v": np.ones(1, np.float32)}
+    cs.save(store_dir, state, step=1)
+    out = cs.load(store_dir)
+    for k, v in state.items():
+        assert tuple(out[k].shape) == tuple(v.shape), k
+    assert out["lr"].item() == 0.5 and out["n"].item() == 7 and out["t"].item() == 2.5
+
+
 def test_bf16_slices_and_numpy_refusal(store_dir):
     w = torch.randn(8, 16).bfloat16()
     with cs.Store(store_dir) as s:

@@ -83,7 +83,8 @@ def to_source(key: str, x: Any) -> tuple[str, list[int], Any, dict[str, Any] | N
         if dt.byteorder == ">" or (dt.byteorder == "=" and not np.little_endian):
             raise TypeError(f"{key}: big-endian array ({dt}); convert it to little-endian first")
         name = _NP_TO_ENGINE.get(dt.newbyteorder("<") if dt.byteorder != "|" else dt)
-        arr = np.ascontiguousarray(x)  # a no-op for contiguous arrays
+        # (not np.ascontiguousarray for a contiguous one: it would make a 0-d array 1-d)
+        arr = x if x.flags.c_contiguous else np.ascontiguousarray(x)
         if name is not None:
             return name, list(arr.shape), arr.reshape(-1).view(np.uint8), None
         if dt.kind not in "uifc" or dt.hasobject:
