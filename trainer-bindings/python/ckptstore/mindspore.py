@@ -20,6 +20,8 @@ Differences from MindSpore, on purpose (docs/DECISIONS.md):
   overwrites, and a name that was saved twice (a resumed run) resolves to the newest.
 - ``keep_checkpoint_per_n_minutes=M`` keeps the newest checkpoint of each M-minute window of
   wall-clock time (and the newest overall), as the engine's retention policy does.
+- The step (the checkpoint's step and the ``step_num`` of ``append_info``) counts on across
+  ``model.train(..., initial_epoch=E)`` resumes; MindSpore's ``step_num`` starts over at 0.
 - ``crc_check`` changes nothing: every chunk is BLAKE3-checked on every load anyway.
 - ``enc_key`` (encryption) is not implemented: NotImplementedError naming it.
 """
@@ -281,6 +283,7 @@ class ModelCheckpoint(Callback):
         self._begun = (0, 0)  # (epoch, global step) of the step running now
         self._outputs_at_begin: Any = None
         self._completed_step = 0
+        self._step_offset: int | None = None  # see _offset
         self.saved: list[dict[str, Any]] = []  # commit summaries of this callback, in order
 
     # -- the store ------------------------------------------------------------------------
@@ -314,12 +317,14 @@ class ModelCheckpoint(Callback):
         cb = run_context.original_args()
         self._cb_params = cb
         self._completed_step = int(cb.get("cur_step_num", 0) or 0)
+        self._step_offset = None
 
     def step_begin(self, run_context: Any) -> None:
         cb = run_context.original_args()
         self._cb_params = cb
         self._begun = (int(cb.cur_epoch_num), int(cb.cur_step_num))
         self._outputs_at_begin = cb.get("net_outputs")
+        self._offset(cb)
 
     def step_end(self, run_context: Any) -> None:
         cb = run_context.original_args()
@@ -361,6 +366,16 @@ class ModelCheckpoint(Callback):
             raise ValueError("ModelCheckpoint: the run context holds no network to save")
         return net
 
+    def _offset(self, cb: Any) -> int:
+        """What to add to ``cb_params.cur_step_num`` for the global step. ``model.train(...,
+        initial_epoch=E)`` restarts that counter at 0 (while ``cur_epoch_num`` goes on from E):
+        MindSpore's own ``step_num`` then starts over after every resume. Here the step counts
+        on: fixed on the first step of a ``model.train``, as the steps of the epochs before it."""
+        if self._step_offset is None:
+            done_before = (int(cb.cur_epoch_num) - 1) * int(cb.batch_num)
+            self._step_offset = max(0, done_before - (int(cb.cur_step_num) - 1))
+        return self._step_offset
+
     def _append_values(self, epoch: int, step: int) -> dict[str, Any]:
         out = dict(self._append)
         if "epoch_num" in out:
@@ -380,6 +395,7 @@ class ModelCheckpoint(Callback):
         self._last_triggered_step = step
         net = self._network_of(cb)
         params = _named_params(net, None)
+        step += self._offset(cb)
         result = _commit(self.store, params, self._append_values(epoch, step),
                          self._append_step_num + step, self._append_epoch_num + epoch, name,
                          self._prefix, async_save=bool(self._config.async_save))
@@ -417,6 +433,7 @@ class ModelCheckpoint(Callback):
         step_in_epoch = (begun - 1) % batch_num + 1 if begun else 0
         name = self._name(epoch, step_in_epoch, "_breakpoint")
         params = _named_params(self._network_of(cb), None)
+        done += self._step_offset or 0
         self.saved.append(_commit(self.store, params, self._append_values(epoch, done),
                                   self._append_step_num + done, self._append_epoch_num + epoch,
                                   name, self._prefix, breakpoint=True))

@@ -1,0 +1,65 @@
+"""SIGKILL mid-training, resume from the latest checkpoint in a fresh process (MindSpore's own
+resume code: load_checkpoint + load_param_into_net + model.train(initial_epoch=...)), and end
+with the same parameters, optimizer state included, as an uninterrupted run, bit for bit."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import numpy as np
+
+import ckptstore
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def start(store_dir, npz, sleep=0.0):
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "run_train.py"), str(store_dir),
+                             str(npz), "--sleep", str(sleep)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, cwd=HERE)
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    ref = start(tmp_path / "ref", tmp_path / "ref.npz")
+    assert ref.communicate(timeout=300)[0].rstrip().endswith("DONE")
+    assert ref.returncode == 0
+
+    rnd = random.Random(int.from_bytes(os.urandom(4), "little"))
+    st = tmp_path / "killed"
+    kills = []
+    for _ in range(3):
+        victim = start(st, tmp_path / "never.npz", sleep=0.03)
+        kill_at = None
+        for line in victim.stdout:
+            if not line.startswith("STEP"):
+                continue
+            _, step, _, saved = line.split()
+            if kill_at is None and int(saved) > 0:  # this process has committed a checkpoint
+                kill_at = int(step) + rnd.randint(0, 5)
+            if kill_at is not None and int(step) >= min(kill_at, 28):
+                os.kill(victim.pid, signal.SIGKILL)
+                kills.append(int(step))
+                break
+        victim.wait(timeout=300)
+        if victim.returncode != -signal.SIGKILL:
+            break  # it finished first
+    assert kills, "no run was killed"
+
+    res = start(st, tmp_path / "resumed.npz")
+    out = res.communicate(timeout=300)[0]
+    assert res.returncode == 0 and "RESUME" in out, out
+    a, b = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "resumed.npz")
+    assert sorted(a.files) == sorted(b.files) and "moments.fc1.weight" in a.files
+    for k in a.files:
+        assert a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes(), (k, kills)
+
+    # the store: whole checkpoints only, steps counting on across resumes, the last at the end
+    with ckptstore.Store(st, read_only=True) as s:
+        live = s.list()
+        for c in live:
+            s.verify(c["id"])
+        steps = [c["step"] for c in live]
+        assert steps == sorted(steps) and steps[-1] == 30, (steps, kills)
+        assert live[-1]["metadata"]["name"] == "train-5_6"
