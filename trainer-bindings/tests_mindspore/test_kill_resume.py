@@ -16,15 +16,26 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def start(store_dir, npz, sleep=0.0):
+    """run_train.py in a fresh interpreter; its stderr goes to NPZ.err."""
+    env = dict(os.environ)  # the child runs in HERE: make a relative PYTHONPATH absolute
+    if env.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p)
+                                            for p in env["PYTHONPATH"].split(os.pathsep))
+    err = open(f"{npz}.err", "a")
     return subprocess.Popen([sys.executable, os.path.join(HERE, "run_train.py"), str(store_dir),
                              str(npz), "--sleep", str(sleep)], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, cwd=HERE)
+                            stderr=err, text=True, cwd=HERE, env=env)
+
+
+def errors(npz) -> str:
+    with open(f"{npz}.err") as f:
+        return "".join(line for line in f if "[WARNING]" not in line)[-4000:]
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     ref = start(tmp_path / "ref", tmp_path / "ref.npz")
-    assert ref.communicate(timeout=300)[0].rstrip().endswith("DONE")
-    assert ref.returncode == 0
+    out = ref.communicate(timeout=300)[0]
+    assert ref.returncode == 0 and out.rstrip().endswith("DONE"), errors(tmp_path / "ref.npz")
 
     rnd = random.Random(int.from_bytes(os.urandom(4), "little"))
     st = tmp_path / "killed"
@@ -45,11 +56,11 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
         victim.wait(timeout=300)
         if victim.returncode != -signal.SIGKILL:
             break  # it finished first
-    assert kills, "no run was killed"
+    assert kills, ("no run was killed", errors(tmp_path / "never.npz"))
 
     res = start(st, tmp_path / "resumed.npz")
     out = res.communicate(timeout=300)[0]
-    assert res.returncode == 0 and "RESUME" in out, out
+    assert res.returncode == 0 and "RESUME" in out, (out, errors(tmp_path / "resumed.npz"))
     a, b = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "resumed.npz")
     assert sorted(a.files) == sorted(b.files) and "moments.fc1.weight" in a.files
     for k in a.files:
