@@ -429,3 +429,15 @@ def test_damaged_checkpoint_is_refused_by_name_and_skipped_by_latest(tmp_path):
         load_checkpoint(str(d / "b.ckpt"))
     latest = load_checkpoint(str(d))  # the newest that verifies: a
     assert_same({k: v for k, v in as_numpy(latest).items() if k in good}, good)
+
+
+def test_saved_network_and_a_callable_prefix(tmp_path):
+    net, _, m = model()
+    d = tmp_path / "sn"
+    cfg = CheckpointConfig(save_checkpoint_steps=STEPS_PER_EPOCH, saved_network=net)
+    m.train(2, dataset(), dataset_sink_mode=False, callbacks=[ModelCheckpoint(
+        lambda cb: f"net-step{cb.cur_step_num}", str(d), cfg)])
+    assert names(d) == ["net-step6", "net-step12"]
+    got = load_checkpoint(str(d / "net-step12.ckpt"))
+    assert sorted(got) == sorted(params(net))  # the network only: no optimizer state
+    assert_same(as_numpy(got), params(net))
