@@ -361,7 +361,10 @@ class ModelCheckpoint(Callback):
         return f"{self._prefix}-{epoch}_{step_in_epoch}{suffix}"
 
     def _network_of(self, cb: Any) -> Any:
-        net = self._config.saved_network or cb.get("train_network") or cb.get("network")
+        net = self._config.saved_network
+        for key in ("train_network", "network"):  # (a Cell's truth is its length: no `or`)
+            if net is None:
+                net = cb.get(key)
         if net is None:
             raise ValueError("ModelCheckpoint: the run context holds no network to save")
         return net
@@ -416,8 +419,8 @@ class ModelCheckpoint(Callback):
 
     def _save_breakpoint(self) -> None:
         cb = self._cb_params
-        if cb is None or not (cb.get("train_network") or self._config.saved_network):
-            return
+        if cb is None or (cb.get("train_network") is None and self._config.saved_network is None):
+            return  # raised before training began: nothing trained to save
         try:
             self._finish_pending()
         except Exception as e:  # the breakpoint save goes on: it is the state that matters now
