@@ -112,6 +112,31 @@ fn ls_table_and_json() {
 }
 
 #[test]
+fn ls_table_shows_the_name_first_and_hides_ckptstore_keys() {
+    let d = tempfile::tempdir().unwrap();
+    {
+        let mut s = Store::open(d.path(), opts()).unwrap();
+        let mut t = s.begin(8).unwrap();
+        t.set_metadata("ckptstore.append_info", "{\"epoch_num\": \"epoch_num\"}");
+        t.set_metadata("aaa", 1i64);
+        t.set_metadata("name", "checkpoint_lenet-2_8");
+        t.put_tensor("w", DType::F32, &[1], &[0u8; 4]).unwrap();
+        t.commit().unwrap();
+    }
+    let dir = d.path().to_str().unwrap();
+    let table = ok(&["ls", dir]);
+    let row = table.lines().nth(1).unwrap();
+    assert!(
+        row.trim_end()
+            .ends_with("name=\"checkpoint_lenet-2_8\" aaa=1"),
+        "{table}"
+    );
+    assert!(!table.contains("ckptstore.append_info"), "{table}");
+    let v = json(&ok(&["ls", dir, "--json"]));
+    assert!(v[0]["metadata"]["ckptstore.append_info"].is_string(), "{v}");
+}
+
+#[test]
 fn ls_works_while_a_writer_holds_the_store_and_recover_is_refused() {
     let d = store();
     let dir = d.path().to_str().unwrap();

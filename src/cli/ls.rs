@@ -30,8 +30,15 @@ pub fn run(a: Args) -> CliResult {
     let rows: Vec<Vec<String>> = list
         .iter()
         .map(|c| {
-            let meta = c
+            // The table shows a checkpoint's `name` first and leaves out the `ckptstore.`
+            // keys conventions keep for themselves (FORMAT.md); --json and inspect show all.
+            let mut shown: Vec<_> = c
                 .metadata
+                .iter()
+                .filter(|(k, _)| !k.starts_with("ckptstore."))
+                .collect();
+            shown.sort_by_key(|(k, _)| k.as_str() != "name");
+            let meta = shown
                 .iter()
                 .map(|(k, v)| format!("{k}={}", meta_text(v)))
                 .collect::<Vec<_>>()
