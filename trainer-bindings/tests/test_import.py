@@ -28,3 +28,17 @@ def test_package_ships_type_information():
     files = importlib.resources.files("ckptstore")
     assert files.joinpath("py.typed").is_file()
     assert files.joinpath("_native.pyi").is_file()
+
+
+def test_mindspore_module_without_mindspore_names_the_install():
+    r = run_py("""
+        import sys
+        sys.modules["mindspore"] = None      # import mindspore now fails
+        import ckptstore
+        try:
+            ckptstore.mindspore
+        except ImportError as e:
+            print("IMPORTERROR", e)
+    """)
+    assert r.returncode == 0, r.stderr
+    assert "IMPORTERROR" in r.stdout and "pip install mindspore" in r.stdout
