@@ -12,14 +12,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def cli() -> str | None:
-    """The ckptstore CLI binary: $CKPTSTORE_BIN or the repository's cargo build."""
-    import shutil
-    for c in (os.environ.get("CKPTSTORE_BIN"), os.path.join(REPO, "target", "debug", "ckptstore"),
-              os.path.join(REPO, "target", "release", "ckptstore"), shutil.which("ckptstore")):
-        if c and os.access(c, os.X_OK):
-            return c
-    return None
+def _load_bindings_conftest():
+    """trainer-bindings/tests/conftest.py (its cli() finds the ckptstore binary), loaded under
+    another name: this file is `conftest` here."""
+    import importlib.util
+    path = os.path.join(REPO, "trainer-bindings", "tests", "conftest.py")
+    spec = importlib.util.spec_from_file_location("ckptstore_bindings_conftest", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+cli = _load_bindings_conftest().cli
 
 
 @pytest.fixture

@@ -25,6 +25,19 @@ def names(store_dir) -> list[str]:
         return [c["metadata"]["name"] for c in s.list()]
 
 
+def assert_same_dicts(ours: dict, theirs: dict, ordered: bool = True) -> None:
+    """Two load_checkpoint dicts hold the same names (in the same order), str values and
+    Parameters of the same dtype, shape and bytes."""
+    assert (list(ours) if ordered else sorted(ours)) == \
+        (list(theirs) if ordered else sorted(theirs))
+    for k, v in theirs.items():
+        if isinstance(v, str):
+            assert ours[k] == v, k
+            continue
+        assert ours[k].dtype == v.dtype and ours[k].shape == v.shape, k
+        assert ours[k].asnumpy().tobytes() == v.asnumpy().tobytes(), k
+
+
 def as_numpy(d: dict) -> dict:
     return {k: v.asnumpy() for k, v in d.items() if not isinstance(v, str)}
 
@@ -123,14 +136,7 @@ def test_same_names_values_and_load_results_as_mindsporess_own_callback(tmp_path
     for name in ms_files:
         theirs = ms.load_checkpoint(str(ms_dir / f"{name}.ckpt"))
         ours = load_checkpoint(str(st / f"{name}.ckpt"))
-        assert list(ours) == list(theirs)
-        for k in theirs:
-            if isinstance(theirs[k], str):
-                assert ours[k] == theirs[k]
-            else:
-                assert ours[k].dtype == theirs[k].dtype, k
-                assert ours[k].shape == theirs[k].shape, k
-                assert ours[k].asnumpy().tobytes() == theirs[k].asnumpy().tobytes(), k
+        assert_same_dicts(ours, theirs)
         for target in (Net(), nn.Momentum(Net().trainable_params(), 0.1, 0.9)):
             assert load_param_into_net(target, ours) == ms.load_param_into_net(target, theirs)
 
@@ -314,10 +320,7 @@ def test_save_checkpoint_then_load_every_dtype_bit_exact(tmp_path):
     ms_file = tmp_path / "mixed.ckpt"
     ms.save_checkpoint(net, str(ms_file), append_dict={"epoch_num": 1, "step_num": 1, "x": 0.25})
     ours, theirs = load_checkpoint(str(path)), ms.load_checkpoint(str(ms_file))
-    assert list(ours) == list(theirs)
-    for k in theirs:
-        assert ours[k].dtype == theirs[k].dtype and ours[k].shape == theirs[k].shape, k
-        assert ours[k].asnumpy().tobytes() == theirs[k].asnumpy().tobytes(), k
+    assert_same_dicts(ours, theirs)
     assert ours["w16"].dtype == ms.bfloat16
 
 
@@ -351,14 +354,7 @@ def test_mindspore_file_imports_and_our_checkpoint_exports_bit_exact(tmp_path, c
     ms.save_checkpoint(net, str(f), append_dict={"epoch_num": 4, "step_num": 1875, "note": "n"})
     st = tmp_path / "st"
     subprocess.run([ckpt_cli, "import", str(f), str(st)], check=True, capture_output=True)
-    ours, theirs = load_checkpoint(str(st)), ms.load_checkpoint(str(f))
-    assert sorted(ours) == sorted(theirs)
-    for k in theirs:
-        if isinstance(theirs[k], str):
-            assert ours[k] == theirs[k]
-            continue
-        assert ours[k].dtype == theirs[k].dtype and ours[k].shape == theirs[k].shape, k
-        assert ours[k].asnumpy().tobytes() == theirs[k].asnumpy().tobytes(), k
+    assert_same_dicts(load_checkpoint(str(st)), ms.load_checkpoint(str(f)), ordered=False)
 
     # and back: a checkpoint saved by the callback, exported, read by MindSpore
     d = tmp_path / "cb"
