@@ -117,19 +117,13 @@ def test_same_names_values_and_load_results_as_mindsporess_own_callback(tmp_path
     same dicts with the same load_param_into_net results."""
     info = ["epoch_num", "step_num", {"lr": 0.05, "flag": True, "note": "run-1", "n": 7}]
 
-    net_a, _, m_a = model()
-    ms_dir = tmp_path / "mindspore_files"
-    m_a.train(2, dataset(), dataset_sink_mode=False, callbacks=[MsModelCheckpoint(
-        prefix="lenet", directory=str(ms_dir),
-        config=MsCheckpointConfig(save_checkpoint_steps=5, keep_checkpoint_max=2,
-                                  append_info=info))])
-
-    net_b, _, m_b = model()
-    st = tmp_path / "store"
-    m_b.train(2, dataset(), dataset_sink_mode=False, callbacks=[ModelCheckpoint(
-        prefix="lenet", directory=str(st),
-        config=CheckpointConfig(save_checkpoint_steps=5, keep_checkpoint_max=2,
-                                append_info=info))])
+    ms_dir, st = tmp_path / "mindspore_files", tmp_path / "store"
+    for callback, config, directory in ((MsModelCheckpoint, MsCheckpointConfig, ms_dir),
+                                        (ModelCheckpoint, CheckpointConfig, st)):
+        _, _, m = model()  # the same seed: the same initial parameters
+        m.train(2, dataset(), dataset_sink_mode=False, callbacks=[callback(
+            prefix="lenet", directory=str(directory),
+            config=config(save_checkpoint_steps=5, keep_checkpoint_max=2, append_info=info))])
 
     ms_files = sorted(f[:-5] for f in os.listdir(ms_dir) if f.endswith(".ckpt"))
     assert sorted(names(st)) == ms_files, (names(st), ms_files)
