@@ -431,3 +431,18 @@ def test_saved_network_and_a_callable_prefix(tmp_path):
     got = load_checkpoint(str(d / "net-step12.ckpt"))
     assert sorted(got) == sorted(params(net))  # the network only: no optimizer state
     assert_same(as_numpy(got), params(net))
+
+
+def test_loaded_parameters_own_their_memory(tmp_path):
+    net = Mixed()
+    path = str(tmp_path / "s" / "m.ckpt")
+    save_checkpoint(net, path)
+    first = load_checkpoint(path)
+    for k in ("d", "h", "w16"):
+        a = first[k].asnumpy()  # MindSpore hands out the Parameter's own memory, writable
+        assert a.flags.writeable
+        a[...] = 0  # would fault if it were the store's read-only map
+    again = load_checkpoint(path)
+    for k in ("d", "h", "w16"):
+        assert again[k].asnumpy().tobytes() == net.parameters_dict()[k].asnumpy().tobytes()
+        assert not first[k].asnumpy().any()

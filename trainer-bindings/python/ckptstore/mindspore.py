@@ -570,16 +570,18 @@ def _find(s: Store, name: str) -> tuple[dict[str, Any], bool]:
                         f"{' (newest 8)' if len(names) > 8 else ''}, or ask for \"latest\"")
 
 
-def _ms_tensor(s: Store, ck_id: int, name: str, verify: bool) -> Any:
+def _ms_parameter(s: Store, ck_id: int, name: str, verify: bool) -> Any:
+    """Tensor ``name`` of checkpoint ``ck_id`` as a ``mindspore.Parameter`` of its own memory:
+    one copy out of the store's read-only map (Parameter copies a numpy array; never a view of
+    the map, which an in-place update would fault on)."""
     mb = s._native.tensor(ck_id, name, verify=verify)
-    ms_dtype = _ENGINE_TO_MS.get(mb.dtype)
-    if ms_dtype is None:
+    if _ENGINE_TO_MS.get(mb.dtype) is None:
         raise TypeError(f"checkpoint {ck_id} tensor {name!r} is {mb.dtype}, which MindSpore "
                         f"cannot hold")
-    storage = _tensors.storage_array(mb)  # read-only view of the map; Tensor() copies it
+    storage = _tensors.storage_array(mb)  # bf16 as uint16: numpy has no bfloat16
     if mb.dtype == "bf16":
-        return Tensor(storage).view(ms.bfloat16)
-    return Tensor(storage)
+        return Parameter(Tensor(storage).view(ms.bfloat16), name=name)
+    return Parameter(storage, name=name)
 
 
 def load_checkpoint(ckpt_file_name: Any, net: Any = None, strict_load: bool = False,
@@ -644,7 +646,7 @@ def load_checkpoint(ckpt_file_name: Any, net: Any = None, strict_load: bool = Fa
         check = verify and not verified
         for k in s._native.tensor_names(ck_id):
             if wanted(k):
-                out[k] = Parameter(_ms_tensor(s, ck_id, k, check), name=k)
+                out[k] = _ms_parameter(s, ck_id, k, check)
         md = info["metadata"]
         kinds = json.loads(md[APPEND_KEY]) if APPEND_KEY in md else None
         if kinds is None:  # not written by this module: as its MindSpore export reads
