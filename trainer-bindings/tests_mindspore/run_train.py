@@ -1,7 +1,7 @@
 """A MindSpore training script as users write it, on the store: resume from the latest
 checkpoint if there is one, train to EPOCHS with ModelCheckpoint, dump the final parameters.
 
-usage: run_train.py STORE_DIR OUT_NPZ [--sleep S]
+usage: run_train.py STORE_DIR OUT_NPZ [--sleep S] [--exception-save]
 Prints "STEP <global step> SAVED <checkpoints saved by this process>" after every step."""
 
 import os
@@ -20,6 +20,7 @@ from msnet import STEPS_PER_EPOCH, Net, dataset
 EPOCHS = 5
 store_dir, out_npz = sys.argv[1], sys.argv[2]
 sleep = float(sys.argv[4]) if sys.argv[3:4] == ["--sleep"] else 0.0
+exception_save = "--exception-save" in sys.argv
 
 import mindspore as ms  # noqa: E402
 
@@ -44,7 +45,7 @@ if param_dict is not None:
 
 ckpt_cb = ModelCheckpoint(prefix="train", directory=store_dir, config=CheckpointConfig(
     save_checkpoint_steps=STEPS_PER_EPOCH, keep_checkpoint_max=2,
-    append_info=["epoch_num", "step_num"]))
+    append_info=["epoch_num", "step_num"], exception_save=exception_save))
 
 
 class Progress(Callback):

@@ -15,7 +15,7 @@ import ckptstore
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def start(store_dir, npz, sleep=0.0):
+def start(store_dir, npz, sleep=0.0, *extra):
     """run_train.py in a fresh interpreter; its stderr goes to NPZ.err."""
     env = dict(os.environ)  # the child runs in HERE: make a relative PYTHONPATH absolute
     if env.get("PYTHONPATH"):
@@ -23,7 +23,7 @@ def start(store_dir, npz, sleep=0.0):
                                             for p in env["PYTHONPATH"].split(os.pathsep))
     err = open(f"{npz}.err", "a")
     return subprocess.Popen([sys.executable, os.path.join(HERE, "run_train.py"), str(store_dir),
-                             str(npz), "--sleep", str(sleep)], stdout=subprocess.PIPE,
+                             str(npz), "--sleep", str(sleep), *extra], stdout=subprocess.PIPE,
                             stderr=err, text=True, cwd=HERE, env=env)
 
 
@@ -74,3 +74,30 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
         steps = [c["step"] for c in live]
         assert steps == sorted(steps) and steps[-1] == 30, (steps, kills)
         assert live[-1]["metadata"]["name"] == "train-5_6"
+
+
+def test_sigterm_with_exception_save_commits_the_step_then_dies_of_it(tmp_path):
+    """A preempted node's SIGTERM: the step running finishes, a _breakpoint checkpoint of it is
+    committed, and the process still ends by SIGTERM."""
+    st = tmp_path / "term"
+    victim = start(st, tmp_path / "never.npz", 0.05, "--exception-save")
+    printed = []
+    for line in victim.stdout:
+        if line.startswith("STEP"):
+            printed.append(int(line.split()[1]))
+            if len(printed) == 9:  # past the first checkpoint (step 6), mid-epoch 2
+                os.kill(victim.pid, signal.SIGTERM)
+    victim.wait(timeout=300)
+    assert victim.returncode == -signal.SIGTERM, errors(tmp_path / "never.npz")
+    with ckptstore.Store(st, read_only=True) as s:
+        live = s.list()
+        for c in live:
+            s.verify(c["id"])
+        bp = live[-1]
+        assert bp["metadata"]["name"].endswith("_breakpoint"), [c["metadata"] for c in live]
+        # the step after the last one reported: it ran to its end, then was saved
+        assert bp["step"] == printed[-1] + 1
+        assert live[-2]["metadata"]["name"] == "train-1_6"
+    from ckptstore.mindspore import load_checkpoint
+    d = load_checkpoint(str(st / bp["metadata"]["name"]))
+    assert int(d["global_step"].asnumpy()[0]) == bp["step"]  # the optimizer's own count agrees

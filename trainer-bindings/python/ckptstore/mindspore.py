@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -239,7 +241,9 @@ class ModelCheckpoint(Callback):
     ``save_checkpoint_seconds`` seconds) passed since its last save and once more at the end of
     training; retention follows each commit. With ``exception_save``, an exception inside
     ``model.train`` leaves a committed ``{prefix}-{epoch}_{step}_breakpoint`` checkpoint of the
-    parameters as they were when it was raised (the last completed step), then propagates.
+    parameters as they were when it was raised (the last completed step), then propagates; and
+    a SIGTERM (a preempted node) lets the running step finish, commits its ``_breakpoint``
+    checkpoint, and then ends the process by SIGTERM as before (MindSpore has no such hook).
 
     ``directory`` (default: the current directory) is opened as a store (created if needed) for
     the duration of each ``model.train``; another process or ``load_checkpoint`` may read it
@@ -284,6 +288,9 @@ class ModelCheckpoint(Callback):
         self._outputs_at_begin: Any = None
         self._completed_step = 0
         self._step_offset: int | None = None  # see _offset
+        self._sigterm = False  # a SIGTERM arrived (see _catch_sigterm)
+        self._sigterm_installed = False
+        self._old_sigterm: Any = None
         self.saved: list[dict[str, Any]] = []  # commit summaries of this callback, in order
 
     # -- the store ------------------------------------------------------------------------
@@ -306,6 +313,7 @@ class ModelCheckpoint(Callback):
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._restore_sigterm()
         try:
             if exc_type is not None and self._config.exception_save:
                 self._save_breakpoint()
@@ -318,6 +326,39 @@ class ModelCheckpoint(Callback):
         self._cb_params = cb
         self._completed_step = int(cb.get("cur_step_num", 0) or 0)
         self._step_offset = None
+        self._catch_sigterm()
+
+    # -- SIGTERM (preemption) with exception_save ------------------------------------------
+    def _catch_sigterm(self) -> None:
+        """With ``exception_save``, a SIGTERM during training (a preempted node) is noted, not
+        acted on at once: the step running finishes, its ``_breakpoint`` checkpoint is
+        committed, then the previous handler is put back and SIGTERM sent again, so the process
+        ends as it would have, with its state saved. Only the main thread can set handlers."""
+        if (not self._config.exception_save or self._sigterm_installed
+                or threading.current_thread() is not threading.main_thread()):
+            return
+        self._sigterm = False
+
+        def noted(signum: int, frame: Any) -> None:
+            self._sigterm = True
+
+        self._old_sigterm = signal.signal(signal.SIGTERM, noted)
+        self._sigterm_installed = True
+
+    def _restore_sigterm(self) -> None:
+        if self._sigterm_installed:  # (None: the old one was set outside Python)
+            signal.signal(signal.SIGTERM, self._old_sigterm if self._old_sigterm is not None
+                          else signal.SIG_DFL)
+            self._sigterm_installed = False
+
+    def _on_sigterm(self) -> None:
+        self._sigterm = False
+        try:
+            self._save_breakpoint()
+            self._close()
+        finally:
+            self._restore_sigterm()
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def step_begin(self, run_context: Any) -> None:
         cb = run_context.original_args()
@@ -337,6 +378,8 @@ class ModelCheckpoint(Callback):
                                  f"string without '/', not {p!r}")
             self._prefix = p
         self._save_ckpt(cb)
+        if self._sigterm:
+            self._on_sigterm()
 
     def end(self, run_context: Any) -> None:
         cb = run_context.original_args()
