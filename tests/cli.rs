@@ -6,48 +6,8 @@ mod support;
 use ckptstore::{DType, Options, Selector, Store};
 use serde_json::Value;
 use std::path::Path;
-use std::process::{Command, Output};
 
-const BIN: &str = env!("CARGO_BIN_EXE_ckptstore");
-
-fn run(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .output()
-        .expect("run ckptstore")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Runs and expects success; returns stdout.
-fn ok(args: &[&str]) -> String {
-    let o = run(args);
-    assert!(
-        o.status.success(),
-        "ckptstore {args:?} failed: {}\n{}",
-        o.status,
-        stderr(&o)
-    );
-    stdout(&o)
-}
-
-/// Runs and expects failure with exactly one `ckptstore: ...` line on stderr; returns it.
-fn fails(args: &[&str]) -> String {
-    let o = run(args);
-    assert!(!o.status.success(), "ckptstore {args:?} succeeded");
-    let err = stderr(&o);
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "not one line: {err:?}");
-    assert!(lines[0].starts_with("ckptstore: "), "{err:?}");
-    lines[0].to_owned()
-}
-
+use support::cli::{fails, ok, run, stderr, stdout};
 use support::{data as bytes, opts, CHUNK};
 
 /// Three checkpoints (steps 10, 20, 30): a frozen tensor, a tensor "w" of 3 chunks that

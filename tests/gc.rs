@@ -6,39 +6,8 @@ mod support;
 use ckptstore::{DType, Options, Store};
 use serde_json::Value;
 use std::path::Path;
-use std::process::{Command, Output};
+use support::cli::{fails_with, ok};
 use support::{data, opts, CHUNK};
-
-const BIN: &str = env!("CARGO_BIN_EXE_ckptstore");
-
-fn run(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .output()
-        .expect("run ckptstore")
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = run(args);
-    assert!(
-        o.status.success(),
-        "ckptstore {args:?} failed: {}\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// Expects failure with exit status `code` and one `ckptstore: ...` line; returns it.
-fn fails(code: i32, args: &[&str]) -> String {
-    let o = run(args);
-    assert_eq!(o.status.code(), Some(code), "ckptstore {args:?}");
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "not one line: {err:?}");
-    assert!(lines[0].starts_with("ckptstore: "), "{err:?}");
-    lines[0].to_owned()
-}
 
 fn json(s: &str) -> Value {
     serde_json::from_str(s).unwrap_or_else(|e| panic!("bad JSON ({e}): {s}"))
@@ -170,13 +139,13 @@ fn usage_and_failures_are_one_line() {
     make_store(d.path());
     let dir = d.path().to_str().unwrap();
     // No policy flag: a usage error (exit 2), nothing deleted.
-    let e = fails(2, &["gc", dir]);
+    let e = fails_with(2, &["gc", dir]);
     assert!(e.contains("--keep-last"), "{e}");
-    let e = fails(2, &["gc", dir, "--keep-best", "2"]);
+    let e = fails_with(2, &["gc", dir, "--keep-best", "2"]);
     assert!(e.contains("--metric"), "{e}");
-    fails(2, &["gc", dir, "--metric", "loss", "--keep-last", "1"]);
-    fails(2, &["gc", dir, "--keep-last", "0"]);
-    fails(
+    fails_with(2, &["gc", dir, "--metric", "loss", "--keep-last", "1"]);
+    fails_with(2, &["gc", dir, "--keep-last", "0"]);
+    fails_with(
         2,
         &[
             "gc",
@@ -191,12 +160,12 @@ fn usage_and_failures_are_one_line() {
     );
     assert_eq!(ids(d.path()).len(), 6);
 
-    let e = fails(1, &["pin", dir, "42"]);
+    let e = fails_with(1, &["pin", dir, "42"]);
     assert!(e.contains("no checkpoint with id 42"), "{e}");
-    let e = fails(1, &["gc", "/nonexistent/x", "--keep-last", "1"]);
+    let e = fails_with(1, &["gc", "/nonexistent/x", "--keep-last", "1"]);
     assert!(e.contains("no such directory"), "{e}");
     let empty = tempfile::tempdir().unwrap();
-    let e = fails(
+    let e = fails_with(
         1,
         &["gc", empty.path().to_str().unwrap(), "--keep-last", "1"],
     );
@@ -208,10 +177,10 @@ fn usage_and_failures_are_one_line() {
 
     // A writer holds the store: gc is refused, --dry-run still works.
     let _writer = Store::open(d.path(), opts()).unwrap();
-    let e = fails(1, &["gc", dir, "--keep-last", "1"]);
+    let e = fails_with(1, &["gc", dir, "--keep-last", "1"]);
     assert!(e.contains("locked"), "{e}");
     ok(&["gc", dir, "--keep-last", "1", "--dry-run"]);
-    fails(1, &["pin", dir, "1"]);
+    fails_with(1, &["pin", dir, "1"]);
 }
 
 /// After its deletions gc compacts a mostly-dead segment (a deleted checkpoint's big tensor

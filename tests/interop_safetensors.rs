@@ -12,10 +12,9 @@ use ckptstore::{DType, Error, MetaValue, Options, Selector, Store};
 use std::collections::BTreeMap;
 use std::io::{Cursor, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
+use support::cli::{fails, ok};
 use support::{data, opts};
-
-const BIN: &str = env!("CARGO_BIN_EXE_ckptstore");
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -567,33 +566,6 @@ print(json.dumps({"tensors": out, "metadata": meta}))
 }
 
 // ---- CLI ----
-
-fn run(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .output()
-        .expect("run ckptstore")
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = run(args);
-    assert!(
-        o.status.success(),
-        "ckptstore {args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn fails(args: &[&str]) -> String {
-    let o = run(args);
-    assert!(!o.status.success(), "ckptstore {args:?} succeeded");
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "not one line: {err:?}");
-    assert!(lines[0].starts_with("ckptstore: "), "{err:?}");
-    lines[0].to_owned()
-}
 
 #[test]
 fn cli_export_import_end_to_end() {

@@ -6,6 +6,8 @@ use ckptstore::{CommitInfo, DType, Options, Selector, Store};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+pub mod cli;
+
 /// Chunk size of every test store: small, so multi-chunk tensors stay small.
 pub const CHUNK: usize = 4096;
 
