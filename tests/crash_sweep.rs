@@ -26,6 +26,7 @@
 //! (about 70 s of release-build time per seed on 2 cores: ~490 crash points x 5 modes, plus
 //! the recovery crashes of each image).
 
+#[macro_use]
 mod support;
 
 use ckptstore::io::{CrashMode, Fault, OpKind, SimIo};
@@ -36,6 +37,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+use support::expect::{check_content, Expected};
 use support::{data, CHUNK};
 
 const DIR: &str = "/ckpts";
@@ -106,16 +108,6 @@ fn writer_opts(sim: &SimIo, p: &Params) -> Options {
         },
         ..opts(sim)
     }
-}
-
-/// What a checkpoint holds.
-#[derive(Debug, Clone, PartialEq)]
-struct Expected {
-    step: u64,
-    epoch: u64,
-    tensors: Vec<(String, DType, Vec<u64>, Vec<u8>)>,
-    blobs: Vec<(String, Vec<u8>)>,
-    metadata: BTreeMap<String, MetaValue>,
 }
 
 /// The deterministic checkpoint of `step`: several dtypes and sizes, multi-chunk tensors,
@@ -279,64 +271,6 @@ fn run_workload(sim: &SimIo, p: &Params) -> (Model, ckptstore::Result<()>) {
     let mut m = new_model();
     let r = workload(sim, p, &mut m, &mut None);
     (m, r)
-}
-
-macro_rules! ensure {
-    ($cond:expr, $($fmt:tt)*) => {
-        if !$cond {
-            return Err(format!($($fmt)*));
-        }
-    };
-}
-
-/// Checks that checkpoint `id` holds exactly `e`, bit-exact, and verifies.
-fn check_content(store: &Store, id: u64, e: &Expected) -> Result<(), String> {
-    let ck = store
-        .checkpoint(Selector::Id(id))
-        .map_err(|x| format!("open checkpoint {id}: {x}"))?;
-    let info = ck.info();
-    ensure!(
-        (info.step, info.epoch) == (e.step, e.epoch),
-        "checkpoint {id}: step/epoch {}/{} instead of {}/{}",
-        info.step,
-        info.epoch,
-        e.step,
-        e.epoch
-    );
-    ensure!(
-        ck.metadata() == e.metadata,
-        "checkpoint {id}: metadata differs"
-    );
-    let names: Vec<&str> = e.tensors.iter().map(|t| t.0.as_str()).collect();
-    ensure!(
-        ck.tensor_names() == names,
-        "checkpoint {id}: tensors {:?}",
-        ck.tensor_names()
-    );
-    for (name, dtype, shape, bytes) in &e.tensors {
-        let t = ck
-            .tensor(name)
-            .map_err(|x| format!("checkpoint {id} tensor {name}: {x}"))?;
-        ensure!(
-            t.dtype == *dtype && t.shape == *shape && t.data == *bytes,
-            "checkpoint {id} tensor {name} differs"
-        );
-    }
-    let names: Vec<&str> = e.blobs.iter().map(|b| b.0.as_str()).collect();
-    ensure!(
-        ck.blob_names() == names,
-        "checkpoint {id}: blobs {:?}",
-        ck.blob_names()
-    );
-    for (name, bytes) in &e.blobs {
-        let b = ck
-            .blob(name)
-            .map_err(|x| format!("checkpoint {id} blob {name}: {x}"))?;
-        ensure!(b == *bytes, "checkpoint {id} blob {name} differs");
-    }
-    store
-        .verify(id)
-        .map_err(|x| format!("checkpoint {id} fails verification: {x}"))
 }
 
 /// (b), (c), (d) on a freshly recovered store. Returns the live checkpoints.

@@ -22,6 +22,7 @@
 //! in the same order on every run and "crash at sync N" names one point of the workload.
 //! `CKPT_SWEEP_CASE=N` reruns only crash index N and prints the simulator's trace of it.
 
+#[macro_use]
 mod support;
 
 use ckptstore::io::{CrashMode, Fault, OpKind, SimIo};
@@ -33,6 +34,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+use support::expect::{check_content, Expected};
 use support::{data, CHUNK};
 
 const DIR: &str = "/ckpts";
@@ -102,16 +104,6 @@ fn pipeline(store: Store, p: &Params) -> Pipeline {
         },
     )
     .expect("a pipeline on a writable store")
-}
-
-/// What a checkpoint holds.
-#[derive(Debug, Clone, PartialEq)]
-struct Expected {
-    step: u64,
-    epoch: u64,
-    tensors: Vec<(String, DType, Vec<u64>, Vec<u8>)>,
-    blobs: Vec<(String, Vec<u8>)>,
-    metadata: BTreeMap<String, MetaValue>,
 }
 
 /// The deterministic checkpoint of `step`: multi-chunk tensors, a frozen tensor and blob
@@ -282,64 +274,6 @@ fn run(
         m.op = Op::Nothing;
     }
     Ok(())
-}
-
-macro_rules! ensure {
-    ($cond:expr, $($fmt:tt)*) => {
-        if !$cond {
-            return Err(format!($($fmt)*));
-        }
-    };
-}
-
-/// Checks that checkpoint `id` holds exactly `e`, bit-exact, and verifies.
-fn check_content(store: &Store, id: u64, e: &Expected) -> Result<(), String> {
-    let ck = store
-        .checkpoint(Selector::Id(id))
-        .map_err(|x| format!("open checkpoint {id}: {x}"))?;
-    let info = ck.info();
-    ensure!(
-        (info.step, info.epoch) == (e.step, e.epoch),
-        "checkpoint {id}: step/epoch {}/{} instead of {}/{}",
-        info.step,
-        info.epoch,
-        e.step,
-        e.epoch
-    );
-    ensure!(
-        ck.metadata() == e.metadata,
-        "checkpoint {id}: metadata differs"
-    );
-    let names: Vec<&str> = e.tensors.iter().map(|t| t.0.as_str()).collect();
-    ensure!(
-        ck.tensor_names() == names,
-        "checkpoint {id}: tensors {:?}",
-        ck.tensor_names()
-    );
-    for (name, dtype, shape, bytes) in &e.tensors {
-        let t = ck
-            .tensor(name)
-            .map_err(|x| format!("checkpoint {id} tensor {name}: {x}"))?;
-        ensure!(
-            t.dtype == *dtype && t.shape == *shape && t.data == *bytes,
-            "checkpoint {id} tensor {name} differs"
-        );
-    }
-    let names: Vec<&str> = e.blobs.iter().map(|b| b.0.as_str()).collect();
-    ensure!(
-        ck.blob_names() == names,
-        "checkpoint {id}: blobs {:?}",
-        ck.blob_names()
-    );
-    for (name, bytes) in &e.blobs {
-        let b = ck
-            .blob(name)
-            .map_err(|x| format!("checkpoint {id} blob {name}: {x}"))?;
-        ensure!(b == *bytes, "checkpoint {id} blob {name} differs");
-    }
-    store
-        .verify(id)
-        .map_err(|x| format!("checkpoint {id} fails verification: {x}"))
 }
 
 /// (b), (c), (d) on a freshly recovered store. Returns the live checkpoints and how many

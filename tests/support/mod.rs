@@ -1,12 +1,23 @@
 //! Helpers shared by the engine's behaviour tests: deterministic data, small-chunk options,
 //! and locating and copying the files of a store directory.
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros)]
 
 use ckptstore::{CommitInfo, DType, Options, Selector, Store};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// `return Err(format!(...))` unless `$cond`: the early exit of checkers that report a
+/// property's failure as a message (`#[macro_use] mod support;` to use it).
+macro_rules! ensure {
+    ($cond:expr, $($fmt:tt)*) => {
+        if !$cond {
+            return Err(format!($($fmt)*));
+        }
+    };
+}
+
 pub mod cli;
+pub mod expect;
 
 /// Chunk size of every test store: small, so multi-chunk tensors stay small.
 pub const CHUNK: usize = 4096;
