@@ -169,25 +169,41 @@ class WallTimes(Callback):
                 self.times[c["id"]] = self.cb.store.info(id=c["id"])["wall_time_unix_ns"]
 
 
+class TriggerTimes(ModelCheckpoint):
+    """Records the clock reading of each save decision (MindSpore's rule: more than N seconds
+    since the last decision; commit times also carry each save's own duration)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.triggers = []
+
+    def _due(self, cb, force):
+        due = super()._due(cb, force)
+        if due and not force:
+            self.triggers.append(self._last_time)
+        return due
+
+
 def test_save_checkpoint_seconds_and_keep_per_n_minutes(tmp_path):
     d = tmp_path / "t"
     cfg = CheckpointConfig(save_checkpoint_steps=None, save_checkpoint_seconds=1,
                            keep_checkpoint_max=None, keep_checkpoint_per_n_minutes=1)
     assert cfg.save_checkpoint_seconds == 1 and cfg.keep_checkpoint_per_n_minutes == 1
-    cb = ModelCheckpoint("sec", str(d), cfg)
+    cb = TriggerTimes("sec", str(d), cfg)
     walls = WallTimes(cb)
     _, _, m = model()
     t0 = time.time()
-    m.train(4, dataset(), callbacks=[Slow(), cb, walls], dataset_sink_mode=False)
-    assert time.time() - t0 >= 24 * 0.12
+    m.train(6, dataset(), callbacks=[Slow(), cb, walls], dataset_sink_mode=False)
+    assert time.time() - t0 >= 36 * 0.12
+    # saves only when more than 1 s passed since the previous save decision, never one a step:
+    # 36 steps of t >= 0.12 s, decisions at most 1 s + t apart, make at least 3
+    assert len(cb.triggers) >= 3
+    assert all(b - a > 1 for a, b in zip(cb.triggers, cb.triggers[1:]))
     with ckptstore.Store(d, read_only=True) as s:  # the save at the end, after the last step
         walls.times.update((c["id"], c["wall_time_unix_ns"]) for c in s.list()
                            if c["id"] not in walls.times)
-    times = [walls.times[c["id"]] for c in cb.saved]
-    assert len(times) >= 2
-    # a save only when more than 1 s passed since the previous one (or at the very end)
-    assert all(b - a >= 1_000_000_000 for a, b in zip(times, times[1:-1]))
-    # retention: the newest of each 1-minute window of the commits, and the newest overall
+    # retention: the newest of each 1-minute window of the commits, and the newest overall;
+    # 3+ commits in a run of well under a minute span at most two windows: one was deleted
     committed = [{"id": c["id"], "wall_time_unix_ns": walls.times[c["id"]]} for c in cb.saved]
     doomed = {c["id"] for c in per_minutes_doomed(committed, 1)}
     with ckptstore.Store(d, read_only=True) as s:
