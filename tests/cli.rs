@@ -1,13 +1,14 @@
 //! The `ckptstore` binary end to end: ls, inspect, verify, recover on a small store built with
 //! the library; corruption named down to the chunk; one-line errors; --help; the demo.
 
+mod cli_support;
 mod support;
 
 use ckptstore::{DType, Options, Selector, Store};
 use serde_json::Value;
 use std::path::Path;
 
-use support::cli::{fails, ok, run, stderr, stdout};
+use cli_support::{fails, ok, run, stderr, stdout};
 use support::{data as bytes, opts, CHUNK};
 
 /// Three checkpoints (steps 10, 20, 30): a frozen tensor, a tensor "w" of 3 chunks that

@@ -1,12 +1,13 @@
 //! `ckptstore gc`, `pin` and `unpin` end to end: the plan and its reasons, --dry-run changes
 //! nothing, --json, pins respected, usage errors, one-line failures.
 
+mod cli_support;
 mod support;
 
 use ckptstore::{DType, Options, Store};
+use cli_support::{fails_with, ok};
 use serde_json::Value;
 use std::path::Path;
-use support::cli::{fails_with, ok};
 use support::{data, opts, CHUNK};
 
 fn json(s: &str) -> Value {

@@ -7,6 +7,7 @@
 //! commit nothing; the real package loads our export and its save imports (when the venv
 //! named by `CKPT_MINDSPORE_PY` exists); and the CLI end to end.
 
+mod cli_support;
 mod support;
 
 use ckptstore::interop::mindspore::{self as ms, FormatError, ValueKind};
@@ -15,12 +16,12 @@ use ckptstore::io::{CrashMode, SimIo};
 use ckptstore::proto::mindspore as pb;
 use ckptstore::proto::Message;
 use ckptstore::{DType, Error, MetaValue, Options, Selector, Store};
+use cli_support::{fails, ok};
 use std::collections::BTreeMap;
 use std::io::{Cursor, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
-use support::cli::{fails, ok};
 use support::{data, opts, CHUNK};
 
 fn fixture(name: &str) -> PathBuf {

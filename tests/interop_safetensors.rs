@@ -4,16 +4,17 @@
 //! tests/fixtures/make_safetensors.py), a load of our export by that package when it is
 //! installed, and the CLI end to end.
 
+mod cli_support;
 mod support;
 
 use ckptstore::interop::safetensors::{self as st, FormatError, TensorSpec};
 use ckptstore::interop::{export_safetensors, import_safetensors};
 use ckptstore::{DType, Error, MetaValue, Options, Selector, Store};
+use cli_support::{fails, ok};
 use std::collections::BTreeMap;
 use std::io::{Cursor, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use support::cli::{fails, ok};
 use support::{data, opts};
 
 fn fixture(name: &str) -> PathBuf {

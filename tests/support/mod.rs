@@ -16,7 +16,6 @@ macro_rules! ensure {
     };
 }
 
-pub mod cli;
 pub mod expect;
 
 /// Chunk size of every test store: small, so multi-chunk tensors stay small.

@@ -1,5 +1,8 @@
-//! Running the `ckptstore` binary of this build from a test: success returns stdout, failure
+//! Running the `ckptstore` binary of this build from a test (a module of its own, not in
+//! `support`, which fuzz targets include too and have no binary): success returns stdout, failure
 //! must be exactly one `ckptstore: ...` line on stderr (the CLI's error contract).
+
+#![allow(dead_code)]
 
 use std::process::{Command, Output};
 
