@@ -6,15 +6,19 @@
 
 mod mem;
 mod mmap;
+pub mod private_fs;
 mod sim;
 mod std_io;
+mod with_mode;
 #[cfg(target_os = "linux")]
 mod uring;
 
 pub use mem::{MemFaults, MemIo};
 pub use mmap::MappedFile;
 pub use sim::{CrashMode, Fault, OpKind, SimIo};
+pub use private_fs::{DirStatus, DEFAULT_FILE_MODE};
 pub use std_io::StdIo;
+pub use with_mode::WithMode;
 #[cfg(target_os = "linux")]
 pub use uring::{UringConfig, UringIo, UringStats, UringUnavailable};
 
@@ -48,6 +52,30 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// (never creates one). Used to probe whether another holder (a reader's lease) is alive:
     /// `Ok(None)` means it is; `Ok(Some(f))` means nobody held it, and now `f` does.
     fn try_lock_existing(&self, path: &Path) -> io::Result<Option<Box<dyn StorageFile>>>;
+
+    /// [`Storage::create_new`] with permission bits `mode` (less the umask). Backends without
+    /// permissions (in memory) ignore it: the default.
+    fn create_new_mode(&self, path: &Path, mode: u32) -> io::Result<Box<dyn StorageFile>> {
+        let _ = mode;
+        self.create_new(path)
+    }
+    /// [`Storage::create_dir_all`] creating the missing directories with `mode`.
+    fn create_dir_all_mode(&self, path: &Path, mode: u32) -> io::Result<()> {
+        let _ = mode;
+        self.create_dir_all(path)
+    }
+    /// [`Storage::try_lock`] creating the lock file (if absent) with `mode`.
+    fn try_lock_mode(&self, path: &Path, mode: u32) -> io::Result<Option<Box<dyn StorageFile>>> {
+        let _ = mode;
+        self.try_lock(path)
+    }
+    /// Owner, mode and kind of a directory (see [`DirStatus`]), for the store's refusal of
+    /// world-writable, foreign-owned or symlinked directories. `Ok(None)`: nothing there, or a
+    /// backend without owners and links (in memory): the default.
+    fn dir_status(&self, path: &Path) -> io::Result<Option<DirStatus>> {
+        let _ = path;
+        Ok(None)
+    }
 }
 
 /// An open file. Positioned I/O only: the engine tracks offsets itself.
