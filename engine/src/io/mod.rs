@@ -9,18 +9,18 @@ mod mmap;
 pub mod private_fs;
 mod sim;
 mod std_io;
-mod with_mode;
 #[cfg(target_os = "linux")]
 mod uring;
+mod with_mode;
 
 pub use mem::{MemFaults, MemIo};
 pub use mmap::MappedFile;
-pub use sim::{CrashMode, Fault, OpKind, SimIo};
 pub use private_fs::{DirStatus, DEFAULT_FILE_MODE};
+pub use sim::{CrashMode, Fault, OpKind, SimIo};
 pub use std_io::StdIo;
-pub use with_mode::WithMode;
 #[cfg(target_os = "linux")]
 pub use uring::{UringConfig, UringIo, UringStats, UringUnavailable};
+pub use with_mode::WithMode;
 
 use std::io;
 use std::path::Path;

@@ -4,7 +4,8 @@
 //! * every file is opened with `O_NOFOLLOW` (a symlink named `LOCK`, `CURRENT`, a WAL, a segment
 //!   or a lease is refused with `ELOOP`, never followed to a victim file), with `O_NONBLOCK`
 //!   for the open itself (a FIFO named like one cannot hang it), and then must be a regular file
-//!   (`fstat` on the descriptor, not the name): anything else is refused as `InvalidInput`;
+//!   (`fstat` on the descriptor, not the name): anything else is refused as `InvalidInput`
+//!   (a directory as `IsADirectory`), see [`is_refused_kind`];
 //! * files are created with the store's permission bits ([`DEFAULT_FILE_MODE`], 0600, unless the
 //!   store was opened to share with a group), directories with [`dir_mode_for`] of them;
 //! * [`dir_status`] reports a directory's owner and mode, and whether it is a symlink, for the
@@ -71,8 +72,14 @@ pub fn regular_only(path: &Path, f: &File) -> io::Result<()> {
     if ft.is_file() {
         return Ok(());
     }
+    // A directory keeps EISDIR's kind (what reading one would give), the rest InvalidInput.
+    let kind = if ft.is_dir() {
+        io::ErrorKind::IsADirectory
+    } else {
+        io::ErrorKind::InvalidInput
+    };
     Err(io::Error::new(
-        io::ErrorKind::InvalidInput,
+        kind,
         format!(
             "{} is not a regular file ({}); a store holds only regular files there",
             path.display(),
@@ -110,6 +117,15 @@ fn explain_loop(path: &Path, e: io::Error) -> io::Error {
         );
     }
     e
+}
+
+/// Whether an open failed because the name is not a regular file (a symlink, FIFO, socket,
+/// device or directory in its place): callers treat that like damage, not like an I/O error.
+pub fn is_refused_kind(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::InvalidInput | io::ErrorKind::IsADirectory
+    )
 }
 
 /// Creates `path` and its missing parents with mode `mode` (less the umask). An existing

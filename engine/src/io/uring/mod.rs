@@ -192,11 +192,21 @@ impl Storage for UringIo {
         if !write {
             return StdIo.open(path, false);
         }
-        Ok(Box::new(UringFile::open(path, false, 0, self.shared.clone())?))
+        Ok(Box::new(UringFile::open(
+            path,
+            false,
+            0,
+            self.shared.clone(),
+        )?))
     }
 
     fn create_new_mode(&self, path: &Path, mode: u32) -> io::Result<Box<dyn StorageFile>> {
-        Ok(Box::new(UringFile::open(path, true, mode, self.shared.clone())?))
+        Ok(Box::new(UringFile::open(
+            path,
+            true,
+            mode,
+            self.shared.clone(),
+        )?))
     }
 
     fn create_dir_all_mode(&self, path: &Path, mode: u32) -> io::Result<()> {
