@@ -120,6 +120,25 @@ impl PyStore {
         .map_err(Into::into)
     }
 
+    /// Deletes checkpoint `id` (just committed from `req`) and raises if a raw source of `req`
+    /// changed while the engine read it (`HostBytes::check_unchanged`).
+    fn undo_if_sources_changed(&self, py: Python<'_>, req: &SaveRequest, id: u64) -> PyResult<()> {
+        match req.check_sources(py) {
+            Ok(()) => Ok(()),
+            Err(changed) => self.undo(py, id, changed),
+        }
+    }
+
+    /// Deletes checkpoint `id` and returns the error `changed`, saying whether it is gone.
+    fn undo(&self, py: Python<'_>, id: u64, changed: Failure) -> PyResult<()> {
+        let deleted = self.with_store(py, move |s| Ok(s.delete(id)?));
+        let what = match deleted {
+            Ok(_) => format!("checkpoint {id} was deleted"),
+            Err(e) => format!("checkpoint {id} could not be deleted ({e}); delete it"),
+        };
+        Err(changed.context(&format!("save undone, {what}")).into())
+    }
+
     /// Waits (GIL released) for the newest background save to finish; its outcome belongs to
     /// its own handle.
     fn drain(&self, py: Python<'_>) {
@@ -344,25 +363,6 @@ impl PyStore {
             state,
             stall_seconds,
         })
-    }
-
-    /// Deletes checkpoint `id` (just committed from `req`) and raises if a raw source of `req`
-    /// changed while the engine read it (`HostBytes::check_unchanged`).
-    fn undo_if_sources_changed(&self, py: Python<'_>, req: &SaveRequest, id: u64) -> PyResult<()> {
-        match req.check_sources(py) {
-            Ok(()) => Ok(()),
-            Err(changed) => self.undo(py, id, changed),
-        }
-    }
-
-    /// Deletes checkpoint `id` and returns the error `changed`, saying whether it is gone.
-    fn undo(&self, py: Python<'_>, id: u64, changed: Failure) -> PyResult<()> {
-        let deleted = self.with_store(py, move |s| Ok(s.delete(id)?));
-        let what = match deleted {
-            Ok(_) => format!("checkpoint {id} was deleted"),
-            Err(e) => format!("checkpoint {id} could not be deleted ({e}); delete it"),
-        };
-        Err(changed.context(&format!("save undone, {what}")).into())
     }
 
     /// Every live checkpoint, oldest first, as dicts.

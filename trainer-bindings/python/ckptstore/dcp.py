@@ -42,6 +42,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import uuid
 import warnings
 from typing import Any, cast
@@ -421,11 +422,14 @@ def _weights_only(fqn: str, raw: bytes) -> io.BytesIO:
     try:
         obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError, or a corrupt/foreign byte string
+        # torch's message spans lines (with terminal escapes): its first sentence is enough.
+        why = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split(". ")[0].splitlines()[0] \
+            if str(e) else ""
         raise UnsafePickleError(
             f"DCP bytes item {fqn!r}: refused to unpickle it, it needs more than tensors and "
-            f"plain containers ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            f"nothing of it ran. Pass StoreReader(..., allow_pickle=True) only if you trust "
-            f"every writer of this store") from None
+            f"plain containers ({type(e).__name__}: {why}); nothing of it ran. Pass "
+            f"StoreReader(..., allow_pickle=True) only if you trust every writer of this "
+            f"store") from None
     out = io.BytesIO()
     torch.save(obj, out)
     out.seek(0)
