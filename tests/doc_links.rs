@@ -131,7 +131,11 @@ fn links(lines: &[(usize, String)]) -> Vec<(usize, String)> {
 
 fn problems_in(file: &Path) -> Vec<String> {
     let root = repo();
-    let name = file.strip_prefix(&root).unwrap_or(file).display().to_string();
+    let name = file
+        .strip_prefix(&root)
+        .unwrap_or(file)
+        .display()
+        .to_string();
     let text = std::fs::read_to_string(file).expect("readable doc");
     let mut problems = Vec::new();
     let lines = prose_lines(&text, &name, &mut problems);
