@@ -272,3 +272,32 @@ impl StorageFile for UringFile {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod direct_by_descriptor_tests {
+    use super::*;
+
+    /// The O_DIRECT descriptor is the buffered one's file, whatever its name leads to now: a
+    /// name swapped (or removed) after the first open cannot give direct writes another file.
+    #[test]
+    fn o_direct_descriptor_is_reopened_from_the_fd_not_the_name() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("00000001.seg");
+        let buffered = private_fs::open_file(&path, true, Create::New, 0o600).unwrap();
+        // The name now leads to another file, then to nothing.
+        std::fs::rename(&path, d.path().join("moved")).unwrap();
+        std::fs::write(&path, b"attacker's file").unwrap();
+        let check = |direct: Result<(File, Align), String>| match direct {
+            Ok((f, _)) => {
+                let (a, b) = (f.metadata().unwrap(), buffered.metadata().unwrap());
+                assert_eq!((a.dev(), a.ino()), (b.dev(), b.ino()));
+            }
+            // A file system without O_DIRECT (tmpfs) refuses it; never another file.
+            Err(why) => assert!(!why.contains("another file"), "{why}"),
+        };
+        check(open_direct(&buffered, 1 << 20));
+        std::fs::remove_file(&path).unwrap();
+        check(open_direct(&buffered, 1 << 20));
+        assert_eq!(std::fs::read(d.path().join("moved")).unwrap(), b"");
+    }
+}
