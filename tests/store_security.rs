@@ -397,3 +397,37 @@ fn ls_and_inspect_escape_control_characters_in_names() {
         }
     }
 }
+
+#[test]
+fn fifo_or_symlink_named_like_a_lease_neither_hangs_nor_pins_space() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("s");
+    let mut s = Store::open(&dir, std_opts()).unwrap();
+    commit(&mut s, 1, &[("w", &data(1, 20_000))]);
+    commit(&mut s, 2, &[("w", &data(2, 20_000))]);
+    drop(s);
+    let readers = dir.join("readers");
+    std::fs::create_dir_all(&readers).unwrap();
+    rustix::fs::mkfifoat(
+        rustix::fs::CWD,
+        &readers.join("1-fifo.lease"),
+        rustix::fs::Mode::from_raw_mode(0o600),
+    )
+    .unwrap();
+    let victim = d.path().join("victim");
+    std::fs::write(&victim, b"keep me").unwrap();
+    std::os::unix::fs::symlink(&victim, readers.join("2-link.lease")).unwrap();
+    let d2 = dir.clone();
+    let freed = within_deadline(move || {
+        let mut s = Store::open(&d2, std_opts()).unwrap();
+        s.delete(1).unwrap().bytes_freed
+    });
+    assert!(
+        freed > 0,
+        "foreign files named like leases pinned the space"
+    );
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+    // Foreign: left where they are.
+    assert!(std::fs::symlink_metadata(readers.join("1-fifo.lease")).is_ok());
+    assert!(std::fs::symlink_metadata(readers.join("2-link.lease")).is_ok());
+}
