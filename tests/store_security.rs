@@ -410,7 +410,7 @@ fn fifo_or_symlink_named_like_a_lease_neither_hangs_nor_pins_space() {
     std::fs::create_dir_all(&readers).unwrap();
     rustix::fs::mkfifoat(
         rustix::fs::CWD,
-        &readers.join("1-fifo.lease"),
+        readers.join("1-fifo.lease"),
         rustix::fs::Mode::from_raw_mode(0o600),
     )
     .unwrap();
