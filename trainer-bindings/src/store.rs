@@ -125,18 +125,18 @@ impl PyStore {
     fn undo_if_sources_changed(&self, py: Python<'_>, req: &SaveRequest, id: u64) -> PyResult<()> {
         match req.check_sources(py) {
             Ok(()) => Ok(()),
-            Err(changed) => self.undo(py, id, changed),
+            Err(changed) => Err(self.undo(py, id, changed)),
         }
     }
 
-    /// Deletes checkpoint `id` and returns the error `changed`, saying whether it is gone.
-    fn undo(&self, py: Python<'_>, id: u64, changed: Failure) -> PyResult<()> {
+    /// Deletes checkpoint `id`; the error to raise: `changed`, saying whether it is gone.
+    fn undo(&self, py: Python<'_>, id: u64, changed: Failure) -> PyErr {
         let deleted = self.with_store(py, move |s| Ok(s.delete(id)?));
         let what = match deleted {
             Ok(_) => format!("checkpoint {id} was deleted"),
             Err(e) => format!("checkpoint {id} could not be deleted ({e}); delete it"),
         };
-        Err(changed.context(&format!("save undone, {what}")).into())
+        changed.context(&format!("save undone, {what}")).into()
     }
 
     /// Waits (GIL released) for the newest background save to finish; its outcome belongs to
@@ -353,7 +353,7 @@ impl PyStore {
             // The copy into the staging buffers is over: wait for the commit, then undo it.
             let s2 = state.clone();
             return match py.allow_threads(move || s2.wait()) {
-                Ok(c) => Err(self.undo(py, c.info.checkpoint.id, changed).unwrap_err()),
+                Ok(c) => Err(self.undo(py, c.info.checkpoint.id, changed)),
                 Err(_) => Err(changed.into()),
             };
         }
