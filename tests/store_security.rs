@@ -396,6 +396,31 @@ fn ls_and_inspect_escape_control_characters_in_names() {
             assert!(out.contains("\\u{1b}"), "{out}");
         }
     }
+    // A failure line escapes what it names too: a tensor (bit rot in its chunk), a directory
+    // whose name came from a crafted tarball through a shell glob.
+    let seg = std::fs::read_dir(dir.join("segments"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let at = bytes.windows(3).rposition(|w| w == b"abc").unwrap();
+    bytes[at] ^= 1;
+    std::fs::write(&seg, bytes).unwrap();
+    let missing = d.path().join(evil);
+    for args in [vec!["verify", p], vec!["ls", missing.to_str().unwrap()]] {
+        let o = cli_support::run(&args);
+        assert!(!o.status.success());
+        let err = cli_support::stderr(&o);
+        assert!(err.contains("pwned") && err.contains("\\u{1b}"), "{err}");
+        for c in ['\u{1b}', '\u{7}', '\r', '\u{9b}'] {
+            assert!(
+                !err.contains(c),
+                "{args:?}: stderr printed {c:?} raw:\n{err}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -123,7 +123,8 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(reason)) => {
             let line = reason.split_whitespace().collect::<Vec<_>>().join(" ");
-            eprintln!("ckptstore: {line}");
+            // The reason may name a tensor, a key or a path from the store: escaped as stdout is.
+            eprintln!("ckptstore: {}", escape_controls(&line));
             ExitCode::FAILURE
         }
     }
