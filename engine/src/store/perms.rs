@@ -35,8 +35,8 @@ pub(crate) fn check_store_dir(io: &dyn Storage, dir: &Path, opts: &Options) -> R
                     dir,
                     format!(
                         "it is world-writable (mode {:04o}): any local user could plant files or \
-                         symlinks in it. `chmod o-w` it (ckptstore creates stores 0700), or \
-                         open with allow_unsafe_dir if you must",
+                         symlinks in it. `chmod o-w` it (ckptstore creates stores 0700), or if you \
+                         must, open it with allow_unsafe_dir (Options field, Python Store argument)",
                         st.mode
                     ),
                 ));
@@ -48,7 +48,8 @@ pub(crate) fn check_store_dir(io: &dyn Storage, dir: &Path, opts: &Options) -> R
                     format!(
                         "it is owned by uid {}, not by this process (uid {me}); its owner could \
                          replace its files under the writer. Write to a store you own, open it \
-                         read-only, or open with allow_unsafe_dir if you must",
+                         read-only, or if you must, open it with allow_unsafe_dir (Options field, \
+                         Python Store argument)",
                         st.uid
                     ),
                 ));
