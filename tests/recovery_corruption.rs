@@ -514,7 +514,7 @@ fn missing_current_with_committed_wal_refuses_and_deletes_nothing() {
     let before = files_without_lock(dir.path());
     for o in [opts(), read_only()] {
         match Store::open(dir.path(), o) {
-            Err(Error::CurrentMissing { path }) => assert_eq!(path, dir.path()),
+            Err(Error::CurrentMissing { path, .. }) => assert_eq!(path, dir.path()),
             other => panic!("{other:?}"),
         }
     }

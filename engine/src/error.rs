@@ -100,11 +100,15 @@ pub enum Error {
         reason: String,
     },
 
-    /// `CURRENT` is missing although WAL files with committed records exist.
-    #[error("{path}: CURRENT is missing but WAL files hold committed records; refusing to guess (restore CURRENT or copy the store elsewhere)")]
+    /// `CURRENT` is missing although the directory holds a store's files (a WAL longer than
+    /// its header, whatever its state; segment files; files in `lost+found/`). Nothing was
+    /// changed: a store is created only in an empty or new directory.
+    #[error("{path}: CURRENT is missing but the directory holds a store: {found}. Refusing to open or re-create it; nothing was changed. Next: copy the directory aside (`cp -a`) and restore CURRENT from a backup of the store; do not reuse this directory for a new store")]
     CurrentMissing {
         /// The store directory.
         path: PathBuf,
+        /// What was found, one item per `;`.
+        found: String,
     },
 
     /// `CURRENT` names a WAL file that does not exist.

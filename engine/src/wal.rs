@@ -222,6 +222,60 @@ fn check_frame(
     }
 }
 
+/// What the search for a valid frame after a bad one found.
+enum After {
+    /// A valid frame: the damage is not a torn tail.
+    Valid,
+    /// None: a torn tail.
+    None,
+    /// The search ran out of its checksum budget (a tail crafted so that every few bytes
+    /// claim a long record): not provably a torn tail, so it is treated as damage.
+    GaveUp(u64),
+}
+
+fn search_after(reason: String, after: After) -> (String, bool) {
+    match after {
+        After::Valid => (reason, true),
+        After::None => (reason, false),
+        After::GaveUp(hashed) => (
+            format!(
+                "{reason}; the search for a valid record after it stopped after checksumming \
+                 {hashed} bytes (too many candidate frames to prove a torn tail)"
+            ),
+            true,
+        ),
+    }
+}
+
+/// Whether a valid frame starts at any offset after `bad`. Candidates are checked cheapest
+/// first (shape, then checksum), and the checksums are budgeted: a crafted tail can make a
+/// quarter of its offsets well-formed frames claiming up to [`MAX_RECORD_LEN`] bytes each, and
+/// checking them all would cost O(tail × 64 MiB). The budget (twice the tail plus one largest
+/// record) is far above what a torn record can need — a real tail has almost no well-formed
+/// candidates — and bounds a hostile one to a few hundred MiB of checksumming.
+fn valid_frame_after(buf: &[u8], bad: usize, salt: u32) -> After {
+    let tail = (buf.len() - bad) as u64;
+    let budget = 2 * tail + u64::from(MAX_RECORD_LEN);
+    let mut hashed = 0u64;
+    for p in bad + 1..buf.len() {
+        let Ok(range) = frame_shape(buf, p) else {
+            continue;
+        };
+        if RecordType::from_u8(buf[p + 8]).is_none() {
+            continue;
+        }
+        hashed += range.len() as u64;
+        if hashed > budget {
+            return After::GaveUp(hashed - range.len() as u64);
+        }
+        let h = &buf[p..p + RECORD_HEADER_LEN];
+        if le32(&h[0..4]) == record_crc(salt, &h[4..12], &buf[range]) {
+            return After::Valid;
+        }
+    }
+    After::None
+}
+
 /// Scans the records of a whole WAL file (`buf` starts with the file header).
 ///
 /// Stops at the first frame that does not validate. Then it looks for any valid frame at any
@@ -252,8 +306,7 @@ pub fn scan(buf: &[u8], salt: u32) -> Scan {
                 at = next;
             }
             Err(e) => {
-                let any_valid_after =
-                    || (at + 1..buf.len()).any(|p| check_frame(buf, p, salt).is_ok());
+                let any_valid_after = || valid_frame_after(buf, at, salt);
                 let (reason, valid_record_after) = match e {
                     FrameError::UnknownType(t) => (
                         format!(
@@ -274,8 +327,8 @@ pub fn scan(buf: &[u8], salt: u32) -> Scan {
                             true,
                         )
                     }
-                    FrameError::Checksum(_) => ("checksum mismatch".to_string(), any_valid_after()),
-                    FrameError::Shape(why) => (why, any_valid_after()),
+                    FrameError::Checksum(_) => search_after("checksum mismatch".into(), any_valid_after()),
+                    FrameError::Shape(why) => search_after(why, any_valid_after()),
                 };
                 return Scan {
                     records,

@@ -6,6 +6,7 @@
 use super::{check_dir, emit, emit_json, fail, human_bytes, info_json, iso_time, table};
 use super::{open_read_only, CliResult};
 use ckptstore::current::CURRENT_NAME;
+use ckptstore::store::LOST_FOUND_DIR;
 use ckptstore::{CheckpointInfo, GcOptions, MetricMode, Options, RetentionPolicy, Store};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
@@ -26,7 +27,7 @@ pub enum Mode {
     clap::ArgGroup::new("policy")
         .required(true)
         .multiple(true)
-        .args(["keep_last", "keep_per_minutes", "keep_every_steps", "keep_best"])
+        .args(["keep_last", "keep_per_minutes", "keep_every_steps", "keep_best", "purge_lost_found"])
 ))]
 pub struct Args {
     /// The store directory.
@@ -64,11 +65,18 @@ pub struct Args {
     /// into new ones, so the files stay within 1.5x the live bytes.
     #[arg(long)]
     pub no_compact: bool,
+    /// Delete the files recovery set aside in the store's `lost+found/` (orphan segments, old
+    /// WAL files, the WAL before a salvage, with their `.why` notes): the only way they are
+    /// ever deleted. Alone, or after the retention policy's deletions.
+    #[arg(long)]
+    pub purge_lost_found: bool,
     /// Print JSON: {"dir", "dry_run", "kept": [checkpoint as in `ls --json` + "reasons":
     /// [{"kind", "text"}]], "deleted": [checkpoint], "segments_freed", "bytes_freed",
     /// "segments_compacted", "segments_written", "bytes_written", "bytes_reclaimed"
     /// (freed − written), "segments_pending" and "bytes_pending" (kept for open readers),
-    /// "live_bytes", "segment_bytes", "amplification" (after)}.
+    /// "live_bytes", "segment_bytes", "amplification" (after), "lost_found_purged" (files,
+    /// or with --dry-run files that would be) and "lost_found_bytes"}. With
+    /// --purge-lost-found alone: {"dir", "dry_run", "lost_found_purged", "lost_found_bytes"}.
     #[arg(long)]
     pub json: bool,
 }
@@ -100,6 +108,30 @@ fn row(action: &str, c: &CheckpointInfo, why: String) -> Vec<String> {
     ]
 }
 
+/// Deletes (or with --dry-run counts) the files in `lost+found/`: (files, bytes).
+fn purge_lost_found(store: &mut Store, dry_run: bool) -> CliResult<(usize, u64)> {
+    if dry_run {
+        let lf = store.dir().join(LOST_FOUND_DIR);
+        let names = store.lost_found()?;
+        let bytes = names
+            .iter()
+            .filter_map(|n| std::fs::symlink_metadata(lf.join(n)).ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+            .sum();
+        return Ok((names.len(), bytes));
+    }
+    let r = store.purge_lost_found()?;
+    Ok((r.files.len(), r.bytes))
+}
+
+fn has_policy(a: &Args) -> bool {
+    a.keep_last.is_some()
+        || a.keep_per_minutes.is_some()
+        || a.keep_every_steps.is_some()
+        || a.keep_best.is_some()
+}
+
 /// Plans and (unless --dry-run) applies the retention policy.
 pub fn run(a: Args) -> CliResult {
     let policy = policy(&a);
@@ -115,6 +147,24 @@ pub fn run(a: Args) -> CliResult {
         }
         Store::open(&a.dir, Options::default())?
     };
+    if !has_policy(&a) {
+        // --purge-lost-found alone (the argument group requires one of them).
+        let (files, bytes) = purge_lost_found(&mut store, a.dry_run)?;
+        if a.json {
+            return emit_json(&json!({
+                "dir": a.dir.display().to_string(),
+                "dry_run": a.dry_run,
+                "lost_found_purged": files,
+                "lost_found_bytes": bytes,
+            }));
+        }
+        let verb = if a.dry_run { "would delete" } else { "deleted" };
+        return emit(&format!(
+            "{verb} {files} file(s) ({}) from {}\n",
+            human_bytes(bytes),
+            a.dir.join(LOST_FOUND_DIR).display()
+        ));
+    }
     let plan = store.plan_retention(&policy)?;
     let (mut segments_freed, mut bytes_freed) = (plan.segments_freed.len(), plan.bytes_freed);
     if !a.dry_run && !plan.delete.is_empty() {
@@ -172,6 +222,11 @@ pub fn run(a: Args) -> CliResult {
     segments_freed += gc.segments_freed.len();
     bytes_freed += gc.bytes_freed;
     let bytes_reclaimed = bytes_freed.saturating_sub(gc.bytes_written);
+    let purged = if a.purge_lost_found {
+        Some(purge_lost_found(&mut store, a.dry_run)?)
+    } else {
+        None
+    };
 
     if a.json {
         let kept: Vec<Value> = plan
@@ -203,6 +258,8 @@ pub fn run(a: Args) -> CliResult {
             "live_bytes": gc.after.live_bytes,
             "segment_bytes": gc.after.segment_bytes,
             "amplification": gc.after.amplification(),
+            "lost_found_purged": purged.map_or(0, |p| p.0),
+            "lost_found_bytes": purged.map_or(0, |p| p.1),
         }));
     }
     if plan.keep.is_empty() {
@@ -271,6 +328,13 @@ pub fn run(a: Args) -> CliResult {
             human_bytes(gc.after.segment_bytes),
             human_bytes(gc.after.live_bytes),
             gc.after.amplification()
+        );
+    }
+    if let Some((files, bytes)) = purged {
+        let verb = if a.dry_run { "would delete" } else { "deleted" };
+        out += &format!(
+            "lost+found: {verb} {files} file(s) ({})\n",
+            human_bytes(bytes)
         );
     }
     emit(&out)

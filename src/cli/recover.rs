@@ -15,7 +15,9 @@ pub struct Args {
     /// The store directory. It must exist: `recover` never creates a store.
     pub dir: PathBuf,
     /// Salvage a store whose WAL is corrupt before its end (RecoveryMode::PointInTime):
-    /// keep every checkpoint committed before the damage, drop everything after it.
+    /// keep every checkpoint committed before the damage, drop everything after it. Nothing
+    /// is deleted: the WAL as it was and the segments it no longer references go to
+    /// `lost+found/` in the store.
     #[arg(long)]
     pub salvage: bool,
     /// Refuse to repair anything, even a torn tail left by a crash mid-commit
@@ -60,6 +62,7 @@ fn report_json(r: &RecoveryReport, mode: &str, store: &Store) -> Value {
         "salvaged_corruption": r.salvaged_corruption,
         "orphan_segments": r.orphan_segments.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
         "orphan_bytes": r.orphan_bytes,
+        "lost_found": r.lost_found.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
         "stale_files": r.stale_files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
         "damaged_segments": r.damaged_segments.iter().map(|(s, p)| json!({"segment": s, "problem": p})).collect::<Vec<_>>(),
         "checkpoints": r.checkpoints,
@@ -127,7 +130,7 @@ pub fn run(a: Args) -> CliResult {
                 "none".into()
             } else {
                 format!(
-                    "removed {} ({}): {}",
+                    "moved to lost+found/ {} ({}): {}",
                     r.orphan_segments.len(),
                     human_bytes(r.orphan_bytes),
                     names(&r.orphan_segments)
@@ -139,9 +142,20 @@ pub fn run(a: Args) -> CliResult {
             if r.stale_files.is_empty() {
                 "none".into()
             } else {
-                format!("removed {}: {}", r.stale_files.len(), names(&r.stale_files))
+                format!("{}: {}", r.stale_files.len(), names(&r.stale_files))
             },
         );
+        if !r.lost_found.is_empty() {
+            line(
+                "lost+found",
+                format!(
+                    "{} file(s) set aside: {} (`ckptstore gc {} --purge-lost-found` deletes them)",
+                    r.lost_found.len(),
+                    names(&r.lost_found),
+                    a.dir.display()
+                ),
+            );
+        }
         line(
             "damaged segments",
             if r.damaged_segments.is_empty() {

@@ -4,6 +4,7 @@
 
 use super::files::{self, WalWriter, SEGMENTS_DIR};
 use super::lease;
+use super::lost_found;
 use super::state::State;
 use super::{Options, RecoveryMode};
 use crate::current::{self, CurrentDecodeError};
@@ -33,15 +34,20 @@ pub struct RecoveryReport {
     pub truncated_tail_reason: Option<String>,
     /// Records dropped after corruption, only in `RecoveryMode::PointInTime`.
     pub salvaged_corruption: Option<String>,
-    /// Segment files no committed record references, removed (or, read-only, found).
+    /// Segment files no committed record references, moved to `lost+found/` (or, read-only,
+    /// found).
     pub orphan_segments: Vec<PathBuf>,
     /// Of those, the ones a live reader's lease still holds: kept, and freed by a later
     /// delete, `gc` or open once the lease is gone (docs/GUARANTEES.md, "Readers").
     pub orphans_leased: Vec<PathBuf>,
     /// Their total size in bytes.
     pub orphan_bytes: u64,
-    /// Other leftovers removed: old WAL files, a stale `CURRENT.tmp`.
+    /// Other leftovers: old WAL files (moved to `lost+found/`), a stale `CURRENT.tmp` (removed).
     pub stale_files: Vec<PathBuf>,
+    /// Where recovery set files aside instead of deleting them (`lost+found/`, see
+    /// [`super::Store::purge_lost_found`]): orphan segments, stale WAL files, the WAL as it
+    /// was before a salvage cut it.
+    pub lost_found: Vec<PathBuf>,
     /// Referenced segments that are missing or shorter than committed, with the problem.
     pub damaged_segments: Vec<(u64, String)>,
     /// Checkpoints live after recovery.
@@ -207,6 +213,18 @@ pub(crate) fn recover(io: &dyn Storage, dir: &Path, opts: &Options) -> Result<Re
         let file = io
             .open(&wal_path, true)
             .map_err(|e| Error::io("open", &wal_path, e))?;
+        if report.salvaged_corruption.is_some() {
+            // A salvage drops valid records after the damage: keep the WAL as it was.
+            let why = format!(
+                "{} before `recover --salvage` cut it at offset {valid_end}: {}",
+                files::wal_file_name(wal_number),
+                report.salvaged_corruption.as_deref().unwrap_or_default()
+            );
+            let name = format!("{}.before-salvage", files::wal_file_name(wal_number));
+            report
+                .lost_found
+                .push(lost_found::save_copy(io, dir, &name, &buf, &why)?);
+        }
         if scan.bad.is_some() {
             file.set_len(valid_end)
                 .map_err(|e| Error::io("truncate", &wal_path, e))?;
@@ -257,8 +275,8 @@ fn initialize(
     started: Instant,
 ) -> Result<Recovered> {
     // No CURRENT: either a new directory, or a creation that crashed before CURRENT became
-    // durable (then nothing was ever committed). A WAL with records means someone removed
-    // CURRENT by hand: refuse rather than start over on top of committed checkpoints.
+    // durable (then the directory holds at most an empty WAL, an empty `segments/` and the
+    // lock). Anything more means a store whose CURRENT was lost: refuse, change nothing.
     let names = match io.list(dir) {
         Ok(n) => n,
         Err(e) if not_found(&e) && !opts.read_only => Vec::new(),
@@ -270,19 +288,12 @@ fn initialize(
         }
         Err(e) => return Err(Error::io("list", dir, e)),
     };
-    for name in &names {
-        if files::parse_wal_file_name(name).is_some() {
-            let path = dir.join(name);
-            let buf = files::read_all(io, &path)?;
-            let has_records = WalHeader::decode(&buf)
-                .map(|h| !wal::scan(&buf, h.salt).records.is_empty())
-                .unwrap_or(false);
-            if has_records {
-                return Err(Error::CurrentMissing {
-                    path: dir.to_path_buf(),
-                });
-            }
-        }
+    let found = store_contents(io, dir, &names)?;
+    if !found.is_empty() {
+        return Err(Error::CurrentMissing {
+            path: dir.to_path_buf(),
+            found: found.join("; "),
+        });
     }
     if opts.read_only {
         return Err(Error::NotFound(format!(
@@ -310,6 +321,63 @@ fn initialize(
         report,
         pending_free,
     })
+}
+
+/// What in `dir` (whose `CURRENT` is missing) shows that it held a store, one line each: a
+/// WAL file longer than its header (committed records, or a damaged header or first record:
+/// either way more than a crashed creation leaves), a segment file, a non-empty `lost+found/`.
+fn store_contents(io: &dyn Storage, dir: &Path, names: &[String]) -> Result<Vec<String>> {
+    let mut found = Vec::new();
+    let mut names = names.to_vec();
+    names.sort();
+    for name in &names {
+        if files::parse_wal_file_name(name).is_none() {
+            continue;
+        }
+        let path = dir.join(name);
+        let len = io
+            .open(&path, false)
+            .and_then(|f| f.len())
+            .map_err(|e| Error::io("stat", &path, e))?;
+        if len <= wal::WAL_HEADER_LEN as u64 {
+            continue;
+        }
+        // Only the header and the first frame are read: enough to say what is wrong.
+        let head_len =
+            len.min((wal::WAL_HEADER_LEN + wal::RECORD_HEADER_LEN) as u64 + u64::from(wal::MAX_RECORD_LEN));
+        let mut head = vec![0u8; head_len as usize];
+        io.open(&path, false)
+            .and_then(|f| f.read_at(&mut head, 0))
+            .map_err(|e| Error::io("read", &path, e))?;
+        let what = match WalHeader::decode(&head) {
+            Err(HeaderError::Corrupt) => "a damaged header".to_string(),
+            Err(HeaderError::NewerVersion(v)) => format!("a header of newer version {v}"),
+            Ok(h) => match wal::scan(&head, h.salt).records.first() {
+                Some(_) => "committed records".to_string(),
+                None => "a damaged first record".to_string(),
+            },
+        };
+        found.push(format!("WAL file {name} ({len} bytes, {what})"));
+    }
+    let seg_dir = dir.join(SEGMENTS_DIR);
+    if let Ok(seg_names) = io.list(&seg_dir) {
+        let segs: Vec<&String> = seg_names
+            .iter()
+            .filter(|n| segment::parse_file_name(n).is_some())
+            .collect();
+        if !segs.is_empty() {
+            found.push(format!("{} segment file(s) in {SEGMENTS_DIR}/", segs.len()));
+        }
+    }
+    let lf = lost_found::entries(io, dir)?;
+    if !lf.is_empty() {
+        found.push(format!(
+            "{} file(s) in {}/",
+            lf.len(),
+            lost_found::LOST_FOUND_DIR
+        ));
+    }
+    Ok(found)
 }
 
 /// Checks every live segment exists and is long enough; removes (writer) orphan segments,
@@ -400,11 +468,15 @@ fn check_segments(
     for (id, path) in &orphans {
         // Never reuse the id, even of a file that stays (a directory, see below).
         state.next_segment_id = state.next_segment_id.max(id.saturating_add(1));
-        let mut bytes = 0;
-        if let Ok(f) = io.open(path, false) {
-            bytes = f.len().unwrap_or(0);
-            report.orphan_bytes += bytes;
-        }
+        let bytes = match io.open(path, false) {
+            Ok(f) => f.len().unwrap_or(0),
+            // Not a regular file (a directory with a segment's name is foreign, docs/FORMAT.md):
+            // left alone, it must not stop the store from opening.
+            Err(e) if crate::io::private_fs::is_refused_kind(&e) => continue,
+            Err(e) if not_found(&e) => continue,
+            Err(e) => return Err(Error::io("open", path, e)),
+        };
+        report.orphan_bytes += bytes;
         if leases.as_ref().is_some_and(|l| l.holds(*id)) {
             pending.insert(*id, bytes);
             report.orphans_leased.push(path.clone());
@@ -412,13 +484,14 @@ fn check_segments(
             continue;
         }
         if !opts.read_only {
-            match io.remove_file(path) {
-                Ok(()) => {}
-                Err(e) if not_found(&e) => {}
-                // A directory with a segment's name is foreign (docs/FORMAT.md): left alone,
-                // it must not stop the store from opening.
-                Err(e) if e.kind() == std::io::ErrorKind::IsADirectory => continue,
-                Err(e) => return Err(Error::io("remove", path, e)),
+            // Set aside, never unlinked here: a crash mid-transaction leaves such a file, but
+            // so does a WAL that lost records recovery could not read (docs/GUARANTEES.md).
+            let why = format!(
+                "segment {id}: no committed record of the live WAL references it (a \
+                 transaction that crashed before its commit, or records cut by a salvage)"
+            );
+            if let Some(dest) = lost_found::move_in(io, dir, path, &why)? {
+                report.lost_found.push(dest);
             }
         }
         report.orphan_segments.push(path.clone());
@@ -444,10 +517,21 @@ fn remove_leftovers(
             || files::parse_wal_file_name(&name).is_some_and(|n| n != live_wal);
         if stale {
             let path = dir.join(&name);
-            match io.remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if not_found(&e) => {}
-                Err(e) => return Err(Error::io("remove", &path, e)),
+            if name == current::CURRENT_TMP_NAME {
+                // A copy of a pointer, never the only copy of anything.
+                match io.remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if not_found(&e) => {}
+                    Err(e) => return Err(Error::io("remove", &path, e)),
+                }
+            } else {
+                let why = format!(
+                    "WAL file {name}: CURRENT names {} (left by a WAL compaction)",
+                    files::wal_file_name(live_wal)
+                );
+                if let Some(dest) = lost_found::move_in(io, dir, &path, &why)? {
+                    report.lost_found.push(dest);
+                }
             }
             report.stale_files.push(path);
         }

@@ -51,7 +51,7 @@ pub(super) fn recover(
         bar,
         format!(
             "demo: recovery took {} (open {}): {} WAL records replayed, {} torn tail bytes cut, \
-             {} orphan segment(s) removed ({}), {} stale file(s), {} checkpoint(s)",
+             {} orphan segment(s) moved to lost+found/ ({}), {} stale file(s), {} checkpoint(s)",
             human_duration(r.duration),
             human_duration(open_time),
             r.records_replayed,

@@ -80,7 +80,7 @@ pub(super) fn print(
     line(
         "recovery",
         format!(
-            "{} ({} WAL records; cut {} torn bytes; removed {} orphan segment(s), {})",
+            "{} ({} WAL records; cut {} torn bytes; {} orphan segment(s) moved to lost+found/, {})",
             human_duration(r.duration),
             r.records_replayed,
             r.truncated_tail_bytes,
