@@ -111,6 +111,16 @@ pub enum Error {
         found: String,
     },
 
+    /// A tensor or blob claims more bytes than this process can allocate (a manifest may
+    /// claim a tensor far larger than memory, e.g. a damaged or crafted one).
+    #[error("{what} claims {bytes} bytes, more than this process can allocate; nothing was read")]
+    TooLarge {
+        /// The tensor or blob, and its checkpoint.
+        what: String,
+        /// The bytes it claims.
+        bytes: u64,
+    },
+
     /// `CURRENT` names a WAL file that does not exist.
     #[error("{path}: CURRENT points to {target}, which does not exist")]
     CurrentDangling {

@@ -3,8 +3,9 @@
 //! deleted through the store's ordinary, durable delete path.
 //!
 //! Rules combine as the **union** of what each keeps. Whatever the rules say, the newest
-//! checkpoint is always kept (so every deletion comes after a newer durable commit), and so
-//! is every pinned one ([`crate::Store::pin`], or [`RetentionPolicy::pin`] for this call).
+//! checkpoint is always kept (so every deletion comes after a newer durable commit), the
+//! newest one that verifies too when the store says the newest does not
+//! ([`plan_keeping`]), and so is every pinned one ([`crate::Store::pin`], or [`RetentionPolicy::pin`] for this call).
 //! A policy with no keep rule is refused rather than read as "delete everything else".
 //!
 //! [`plan`] is pure: it sees only the checkpoint list, so a plan is the same whenever it is
@@ -169,6 +170,9 @@ fn window_ns(minutes: u64) -> Option<i64> {
 pub enum KeepReason {
     /// It is the newest checkpoint (always kept).
     Newest,
+    /// The newest checkpoint that verifies, when newer ones do not (always kept, so that a
+    /// damaged newest checkpoint never leaves the store with nothing intact).
+    NewestIntact,
     /// It is pinned in the store (always kept until unpinned).
     Pinned,
     /// The policy's own [`RetentionPolicy::pins`] name it.
@@ -208,11 +212,12 @@ pub enum KeepReason {
 }
 
 impl KeepReason {
-    /// A short stable name: `newest`, `pinned`, `policy-pin`, `keep-last`, `keep-per-minutes`,
+    /// A short stable name: `newest`, `newest-intact`, `pinned`, `policy-pin`, `keep-last`, `keep-per-minutes`,
     /// `keep-every-steps`, `keep-best` (as the CLI's `--json` prints it).
     pub fn kind(&self) -> &'static str {
         match self {
             KeepReason::Newest => "newest",
+            KeepReason::NewestIntact => "newest-intact",
             KeepReason::Pinned => "pinned",
             KeepReason::PolicyPin => "policy-pin",
             KeepReason::KeepLast { .. } => "keep-last",
@@ -227,6 +232,7 @@ impl std::fmt::Display for KeepReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             KeepReason::Newest => write!(f, "newest"),
+            KeepReason::NewestIntact => write!(f, "newest that verifies"),
             KeepReason::Pinned => write!(f, "pinned"),
             KeepReason::PolicyPin => write!(f, "pinned by this policy"),
             KeepReason::KeepLast { n, rank } => write!(f, "last {n} (#{rank})"),
@@ -284,6 +290,16 @@ fn metric_value(v: Option<&MetaValue>) -> Option<f64> {
 /// Plans `policy` over `checkpoints` (the live ones; their `pinned` flags are the store's
 /// pins). Pure. The segment fields of the plan are left empty (the store fills them in).
 pub fn plan(policy: &RetentionPolicy, checkpoints: &[CheckpointInfo]) -> Result<RetentionPlan> {
+    plan_keeping(policy, checkpoints, None)
+}
+
+/// [`plan`], also keeping `newest_intact` (the newest checkpoint that verifies, when it is
+/// not the newest: see [`KeepReason::NewestIntact`]).
+pub fn plan_keeping(
+    policy: &RetentionPolicy,
+    checkpoints: &[CheckpointInfo],
+    newest_intact: Option<u64>,
+) -> Result<RetentionPlan> {
     policy.validate()?;
     let mut list: Vec<&CheckpointInfo> = checkpoints.iter().collect();
     list.sort_by_key(|c| c.id);
@@ -292,6 +308,9 @@ pub fn plan(policy: &RetentionPolicy, checkpoints: &[CheckpointInfo]) -> Result<
 
     if let Some(newest) = list.last() {
         keep(newest.id, KeepReason::Newest);
+    }
+    if let Some(id) = newest_intact.filter(|&id| list.iter().any(|c| c.id == id)) {
+        keep(id, KeepReason::NewestIntact);
     }
     for c in &list {
         if c.pinned {

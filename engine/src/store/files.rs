@@ -54,6 +54,26 @@ pub fn read_all(io: &dyn Storage, path: &Path) -> Result<Vec<u8>> {
         .open(path, false)
         .map_err(|e| Error::io("open", path, e))?;
     let len = f.len().map_err(|e| Error::io("stat", path, e))?;
+    // The length of a (possibly sparse, possibly crafted) file is a claim like any other.
+    let mut buf = crate::alloc::zeroed(len, || path.display().to_string())?;
+    f.read_at(&mut buf, 0)
+        .map_err(|e| Error::io("read", path, e))?;
+    Ok(buf)
+}
+
+/// [`read_all`] of a file that is small by its format (`CURRENT`, `LOCK`, a lease):
+/// [`Error::TooLarge`] if it holds more than `max` bytes, read or allocated not at all.
+pub(crate) fn read_small(io: &dyn Storage, path: &Path, max: u64) -> Result<Vec<u8>> {
+    let f = io
+        .open(path, false)
+        .map_err(|e| Error::io("open", path, e))?;
+    let len = f.len().map_err(|e| Error::io("stat", path, e))?;
+    if len > max {
+        return Err(Error::TooLarge {
+            what: format!("{} (at most {max} bytes by its format)", path.display()),
+            bytes: len,
+        });
+    }
     let mut buf = vec![0u8; len as usize];
     f.read_at(&mut buf, 0)
         .map_err(|e| Error::io("read", path, e))?;

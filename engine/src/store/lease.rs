@@ -29,6 +29,8 @@ pub const LEASE_VERSION: u16 = 1;
 const MAGIC: &[u8; 8] = b"CKPTLSE\0";
 const FLAG_ALL: u16 = 1;
 const FIXED_LEN: usize = 24;
+/// Largest lease file read: 8 million segment ids.
+const MAX_LEASE_LEN: u64 = 64 << 20;
 /// How many fresh names a reader tries before giving up on a lease.
 const TAKE_ATTEMPTS: usize = 16;
 
@@ -245,7 +247,8 @@ pub(crate) fn scan(io: &dyn Storage, dir: &Path, remove_stale: bool) -> Leases {
             }
             Ok(None) => {
                 out.live += 1;
-                let held = super::files::read_all(io, &path);
+                // Capped: a larger file is no lease this build wrote, so it holds everything.
+                let held = super::files::read_small(io, &path, MAX_LEASE_LEN);
                 match held.map(|b| decode(&b)) {
                     Ok(Some(Held::Segments(s))) => out.segments.extend(s),
                     // Closed since the probe: holds nothing any more.

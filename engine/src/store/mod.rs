@@ -559,7 +559,7 @@ impl Store {
     /// What `policy` would keep (and why) and delete, and the space that would be freed.
     /// Changes nothing (a read-only store plans too): the `--dry-run` of [`Store::apply_retention`].
     pub fn plan_retention(&self, policy: &RetentionPolicy) -> Result<RetentionPlan> {
-        let mut plan = retention::plan(policy, &self.list())?;
+        let mut plan = self.retention_plan(policy)?;
         let kept: BTreeSet<u64> = plan
             .keep
             .iter()
@@ -581,8 +581,36 @@ impl Store {
         Ok(plan)
     }
 
+    /// The retention plan of `policy`, keeping the newest checkpoint that verifies as well
+    /// as the newest: when the plan deletes anything, checkpoints are verified newest first
+    /// until one does (usually the newest, so one checkpoint is read), and that one is kept.
+    fn retention_plan(&self, policy: &RetentionPolicy) -> Result<RetentionPlan> {
+        let list = self.list();
+        let plan = retention::plan(policy, &list)?;
+        if plan.delete.is_empty() {
+            return Ok(plan);
+        }
+        let mut seen = VerifiedChunks::default();
+        let mut newest_intact = None;
+        for c in list.iter().rev() {
+            match self.verify_with(c.id, &mut seen) {
+                Ok(()) => {
+                    newest_intact = Some(c.id);
+                    break;
+                }
+                Err(Error::ChunkCorrupt { .. } | Error::SegmentMissing { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if newest_intact == list.last().map(|c| c.id) {
+            return Ok(plan);
+        }
+        retention::plan_keeping(policy, &list, newest_intact)
+    }
+
     /// Applies `policy`: deletes what [`Store::plan_retention`] says, oldest first, each through
-    /// [`Store::delete`] (a durable Delete record, then the space freed). The newest and every
+    /// [`Store::delete`] (a durable Delete record, then the space freed). The newest, the newest
+    /// that verifies, and every
     /// pinned checkpoint are always kept, so every deletion comes after a newer committed one.
     /// A crash part-way leaves the oldest of them deleted and the rest live; run it again.
     pub fn apply_retention(&mut self, policy: &RetentionPolicy) -> Result<Vec<DeleteInfo>> {
@@ -596,7 +624,7 @@ impl Store {
         policy: &RetentionPolicy,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<Vec<DeleteInfo>> {
-        let plan = retention::plan(policy, &self.list())?;
+        let plan = self.retention_plan(policy)?;
         let total = plan.delete.len();
         let mut out = Vec::with_capacity(total);
         for d in &plan.delete {
@@ -711,7 +739,7 @@ fn take_lock(io: &dyn Storage, dir: &Path) -> Result<Box<dyn StorageFile>> {
             Ok(f)
         }
         None => {
-            let pid = files::read_all(io, &path)
+            let pid = files::read_small(io, &path, 64)
                 .ok()
                 .map(|b| String::from_utf8_lossy(&b).trim().to_string())
                 .filter(|s| !s.is_empty())

@@ -107,7 +107,9 @@ impl<'s> CheckpointReader<'s> {
     pub fn tensor_with(&self, name: &str, verify: bool) -> Result<Tensor> {
         let t = self.tensor_entry(name)?;
         self.check_segments(&t.chunks)?;
-        let mut data = vec![0u8; t.nbytes as usize];
+        let mut data = crate::alloc::zeroed(t.nbytes, || {
+            format!("tensor {:?} of checkpoint {}", t.name, self.manifest.id)
+        })?;
         self.read_chunks("tensor", &t.name, &t.chunks, &mut data, verify)?;
         Ok(Tensor {
             dtype: DType::from_pb(t.dtype).expect("validated dtype"),
@@ -128,7 +130,9 @@ impl<'s> CheckpointReader<'s> {
                 super::select::not_found("blob", name, self.manifest.id, names)
             })?;
         self.check_segments(&b.chunks)?;
-        let mut data = vec![0u8; b.nbytes as usize];
+        let mut data = crate::alloc::zeroed(b.nbytes, || {
+            format!("blob {:?} of checkpoint {}", b.name, self.manifest.id)
+        })?;
         self.read_chunks("blob", &b.name, &b.chunks, &mut data, true)?;
         Ok(data)
     }

@@ -64,6 +64,9 @@ pub(crate) struct Recovered {
     pub pending_free: BTreeMap<u64, u64>,
 }
 
+/// Largest `CURRENT` read (it is 24 bytes; anything past 4 KiB is no pointer).
+const MAX_CURRENT_LEN: u64 = 4096;
+
 fn not_found(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::NotFound
 }
@@ -75,9 +78,16 @@ pub(crate) fn recover(io: &dyn Storage, dir: &Path, opts: &Options) -> Result<Re
     let mut report = RecoveryReport::default();
     let current_path = dir.join(current::CURRENT_NAME);
 
-    let current_bytes = match files::read_all(io, &current_path) {
+    let current_bytes = match files::read_small(io, &current_path, MAX_CURRENT_LEN) {
         Ok(b) => Some(b),
         Err(Error::Io { source, .. }) if not_found(&source) => None,
+        // Longer than any CURRENT this build or a later one writes: not a pointer.
+        Err(Error::TooLarge { .. }) => {
+            return Err(Error::BadHeader {
+                path: current_path,
+                what: "CURRENT",
+            })
+        }
         Err(e) => return Err(e),
     };
     let wal_number = match current_bytes {
