@@ -299,8 +299,7 @@ impl Store {
         let lock = if opts.read_only {
             None
         } else {
-            io.create_dir_all(&dir)
-                .map_err(|e| Error::io("create dir", &dir, e))?;
+            recovery::create_store_dir(&*io, &dir)?;
             Some(take_lock(&*io, &dir)?)
         };
         // A reader takes its lease (holding everything) before it reads the WAL, and narrows
@@ -317,7 +316,12 @@ impl Store {
             _ => None,
         };
         let rec = recovery::recover(&*io, &dir, &opts)?;
-        let lease = lease.filter(|l| l.hold(rec.state.segments.keys().copied()).is_ok());
+        if let Some(l) = &lease {
+            // A failed narrowing leaves the file holding everything (its old content, or
+            // bytes a writer cannot decode, which it takes as everything): the reader stays
+            // protected, it only holds more space until it closes. Never dropped for it.
+            let _ = l.hold(rec.state.segments.keys().copied());
+        }
         Ok(Store {
             dir,
             opts,
@@ -610,8 +614,8 @@ impl Store {
 
     /// Applies `policy`: deletes what [`Store::plan_retention`] says, oldest first, each through
     /// [`Store::delete`] (a durable Delete record, then the space freed). The newest, the newest
-    /// that verifies, and every
-    /// pinned checkpoint are always kept, so every deletion comes after a newer committed one.
+    /// that verifies, and every pinned checkpoint are always kept, so every deletion comes
+    /// after a newer committed one.
     /// A crash part-way leaves the oldest of them deleted and the rest live; run it again.
     pub fn apply_retention(&mut self, policy: &RetentionPolicy) -> Result<Vec<DeleteInfo>> {
         self.apply_retention_with(policy, |_, _| {})

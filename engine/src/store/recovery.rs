@@ -71,8 +71,38 @@ fn not_found(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::NotFound
 }
 
+/// How often a read-only open retries when `CURRENT` moved on while it read.
+const READ_ONLY_ATTEMPTS: usize = 16;
+
 /// Runs recovery on `dir`. A writer repairs; a read-only open only reads.
+///
+/// A read-only open may race the writer's WAL compaction: it reads `CURRENT`, the writer
+/// switches it to a new WAL and removes the old one, the open finds the old one gone. Then
+/// `CURRENT` names another file: read again. Only a `CURRENT` that still names the missing
+/// file is `CurrentDangling`.
 pub(crate) fn recover(io: &dyn Storage, dir: &Path, opts: &Options) -> Result<Recovered> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match recover_once(io, dir, opts) {
+            Err(Error::CurrentDangling { path, target })
+                if opts.read_only && attempt < READ_ONLY_ATTEMPTS =>
+            {
+                let now = files::read_small(io, &path, MAX_CURRENT_LEN)
+                    .ok()
+                    .and_then(|b| current::decode(&b).ok())
+                    .map(files::wal_file_name);
+                if now.as_ref().is_some_and(|n| *n != target) {
+                    continue;
+                }
+                return Err(Error::CurrentDangling { path, target });
+            }
+            r => return r,
+        }
+    }
+}
+
+fn recover_once(io: &dyn Storage, dir: &Path, opts: &Options) -> Result<Recovered> {
     let started = Instant::now();
     let writable = !opts.read_only;
     let mut report = RecoveryReport::default();
@@ -276,6 +306,39 @@ pub(crate) fn recover(io: &dyn Storage, dir: &Path, opts: &Options) -> Result<Re
     })
 }
 
+/// The directory holding `path`'s entry: its parent, `.` for a relative name without one.
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        Some(_) => Path::new("."),
+        None => path,
+    }
+}
+
+/// Creates the store directory `dir` and any missing ancestors, making each new entry
+/// durable (an fsync of the directory holding it, `.` for a relative path), so a power cut
+/// after the first commit cannot lose the path to it.
+pub(crate) fn create_store_dir(io: &dyn Storage, dir: &Path) -> Result<()> {
+    let mut missing = Vec::new();
+    for anc in dir.ancestors() {
+        if anc.as_os_str().is_empty() || io.exists(anc).map_err(|e| Error::io("stat", anc, e))? {
+            break;
+        }
+        missing.push(anc);
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    io.create_dir_all(dir)
+        .map_err(|e| Error::io("create dir", dir, e))?;
+    for d in missing.iter().rev() {
+        let parent = parent_dir(d);
+        io.sync_dir(parent)
+            .map_err(|e| Error::io("fsync dir", parent, e))?;
+    }
+    Ok(())
+}
+
 /// Creates a new store (or finishes a creation that crashed before `CURRENT` was durable).
 fn initialize(
     io: &dyn Storage,
@@ -313,10 +376,11 @@ fn initialize(
     }
     io.create_dir_all(&dir.join(SEGMENTS_DIR))
         .map_err(|e| Error::io("create dir", dir.join(SEGMENTS_DIR), e))?;
-    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        io.sync_dir(parent)
-            .map_err(|e| Error::io("fsync dir", parent, e))?;
-    }
+    // The store directory's own entry, even if it existed before this open (made by a crashed
+    // creation, or by `mkdir` just before).
+    let parent = parent_dir(dir);
+    io.sync_dir(parent)
+        .map_err(|e| Error::io("fsync dir", parent, e))?;
     let wal = WalWriter::create_durable(io, dir, 1, &[])?;
     files::switch_current_atomically(io, dir, 1)?;
     report.created = true;
