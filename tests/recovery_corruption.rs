@@ -673,3 +673,137 @@ fn tensor_dtype_survives_damage_checks() {
     assert_eq!((got.dtype, got.shape), (DType::F32, vec![3, 700]));
     assert!(got.data == f);
 }
+
+// ---------------------------------------------------------------- races and durability of the directory
+
+/// A file system whose first read of `CURRENT` sees the pointer from before a WAL compaction:
+/// what a read-only open racing the writer's compaction sees.
+#[derive(Debug)]
+struct StaleCurrentOnce {
+    inner: ckptstore::io::MemIo,
+    stale: ckptstore::io::MemIo,
+    served: std::sync::atomic::AtomicBool,
+}
+
+impl ckptstore::io::Storage for StaleCurrentOnce {
+    fn create_dir_all(&self, p: &Path) -> std::io::Result<()> {
+        self.inner.create_dir_all(p)
+    }
+    fn create_new(&self, p: &Path) -> std::io::Result<Box<dyn ckptstore::io::StorageFile>> {
+        self.inner.create_new(p)
+    }
+    fn open(&self, p: &Path, write: bool) -> std::io::Result<Box<dyn ckptstore::io::StorageFile>> {
+        if p.ends_with("CURRENT") && !self.served.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return self.stale.open(p, write);
+        }
+        self.inner.open(p, write)
+    }
+    fn rename(&self, a: &Path, b: &Path) -> std::io::Result<()> {
+        self.inner.rename(a, b)
+    }
+    fn remove_file(&self, p: &Path) -> std::io::Result<()> {
+        self.inner.remove_file(p)
+    }
+    fn sync_dir(&self, p: &Path) -> std::io::Result<()> {
+        self.inner.sync_dir(p)
+    }
+    fn list(&self, p: &Path) -> std::io::Result<Vec<String>> {
+        self.inner.list(p)
+    }
+    fn exists(&self, p: &Path) -> std::io::Result<bool> {
+        self.inner.exists(p)
+    }
+    fn try_lock(&self, p: &Path) -> std::io::Result<Option<Box<dyn ckptstore::io::StorageFile>>> {
+        self.inner.try_lock(p)
+    }
+    fn try_lock_existing(
+        &self,
+        p: &Path,
+    ) -> std::io::Result<Option<Box<dyn ckptstore::io::StorageFile>>> {
+        self.inner.try_lock_existing(p)
+    }
+}
+
+/// Issue 14, item 5: a read-only open that read `CURRENT` just before the writer's WAL
+/// compaction switched it (and removed the old WAL) failed with `CurrentDangling` (Python:
+/// Corruption). It reads `CURRENT` again now.
+#[test]
+fn read_only_open_racing_a_wal_compaction_retries() {
+    use ckptstore::io::{MemIo, Storage};
+    let mem = MemIo::new();
+    let o = |io: std::sync::Arc<dyn Storage>, read_only| Options {
+        read_only,
+        io,
+        ..opts()
+    };
+    let mut s = Store::open("/s", o(std::sync::Arc::new(mem.clone()), false)).unwrap();
+    commit(&mut s, 1, &[("w", &w(1))]);
+    s.compact_wal().unwrap();
+    drop(s);
+    assert!(!mem.exists(Path::new("/s/00000001.wal")).unwrap());
+    let stale = MemIo::new();
+    stale.write_file(Path::new("/s/CURRENT"), ckptstore::current::encode(1).to_vec());
+    let racing = StaleCurrentOnce {
+        inner: mem.clone(),
+        stale,
+        served: Default::default(),
+    };
+    let r = Store::open("/s", o(std::sync::Arc::new(racing), true)).unwrap();
+    assert_holds(&r, 1, &[("w", &w(1))]);
+    // A CURRENT that really names a missing WAL is still CurrentDangling, after the retry.
+    mem.write_file(Path::new("/s/CURRENT"), ckptstore::current::encode(1).to_vec());
+    assert!(matches!(
+        Store::open("/s", o(std::sync::Arc::new(mem.clone()), true)),
+        Err(Error::CurrentDangling { .. })
+    ));
+}
+
+/// Issue 14, item 5: the store directory's own entry was fsynced only through its parent
+/// when the path had one, and the ancestors `create_dir_all` made never: a power cut that
+/// loses unsynced directory entries lost the whole store after its first commit.
+#[test]
+fn store_directory_and_created_ancestors_survive_a_power_cut() {
+    use ckptstore::io::{CrashMode, SimIo};
+    for path in ["/a/b/store", "store"] {
+        let sim = SimIo::new();
+        let o = |sim: &SimIo, read_only| Options {
+            read_only,
+            io: std::sync::Arc::new(sim.clone()),
+            ..opts()
+        };
+        let mut s = Store::open(path, o(&sim, false)).unwrap();
+        commit(&mut s, 1, &[("w", &w(1))]);
+        drop(s);
+        for seed in 0..4 {
+            let img = sim.crash_image(CrashMode::LoseDirEntries, seed);
+            let r = Store::open(path, o(&img, true)).unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert_holds(&r, 1, &[("w", &w(1))]);
+        }
+    }
+}
+
+/// Issue 14, item 5: a reader whose lease could not be narrowed after reading the WAL
+/// dropped it and read on with no lease, so a writer could free segments under it. The lease
+/// stays now, holding everything.
+#[test]
+fn a_reader_whose_lease_narrowing_fails_keeps_its_lease() {
+    use ckptstore::io::{Fault, OpKind, SimIo};
+    let sim = SimIo::new();
+    let o = |read_only| Options {
+        read_only,
+        io: std::sync::Arc::new(sim.clone()),
+        ..opts()
+    };
+    let mut s = Store::open("/s", o(false)).unwrap();
+    commit(&mut s, 1, &[("w", &w(1))]);
+    drop(s);
+    // Taking the lease writes it (write_at, set_len); narrowing is the third write.
+    sim.inject(Fault::Eio {
+        kind: OpKind::Write,
+        nth: 3,
+    });
+    let r = Store::open("/s", o(true)).unwrap();
+    let lease = r.reader_lease().expect("the reader keeps its lease").to_path_buf();
+    assert!(sim.read_file(&lease).is_some());
+    assert_holds(&r, 1, &[("w", &w(1))]);
+}

@@ -226,3 +226,42 @@ fn power_cut_during_retention() {
     }
     assert!(cases > 0);
 }
+
+/// Issue 14, item 5: retention kept the newest checkpoint by id even when it was damaged, so
+/// `keep_last = 1` deleted the last intact one. Now the newest that verifies is kept too.
+#[test]
+fn keep_last_one_never_deletes_the_last_intact_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path(), opts()).unwrap();
+    for step in 1..=3u64 {
+        commit(&mut s, step, &[("w", &data(step, 3 * support::CHUNK))]);
+    }
+    // Rot one chunk of the newest checkpoint (3) on disk.
+    let (seg, off) = support::chunk_location(&s, 3, "w", 1);
+    drop(s);
+    let path = support::segment_path(dir.path(), seg);
+    let mut b = std::fs::read(&path).unwrap();
+    b[off as usize + 7] ^= 0x20;
+    std::fs::write(&path, b).unwrap();
+
+    let mut s = Store::open(dir.path(), opts()).unwrap();
+    let policy = RetentionPolicy::new().keep_last(1);
+    let plan = s.plan_retention(&policy).unwrap();
+    let kept: Vec<(u64, Vec<&str>)> = plan
+        .keep
+        .iter()
+        .map(|k| (k.info.id, k.reasons.iter().map(|r| r.kind()).collect()))
+        .collect();
+    assert_eq!(
+        kept,
+        vec![(2, vec!["newest-intact"]), (3, vec!["newest", "keep-last"])]
+    );
+    assert_eq!(plan.delete.iter().map(|c| c.id).collect::<Vec<_>>(), vec![1]);
+    s.apply_retention(&policy).unwrap();
+    assert_eq!(ids(&s), vec![2, 3]);
+    s.verify(2).unwrap();
+    // With an intact newest, nothing extra is kept.
+    commit(&mut s, 4, &[("w", &data(4, 3 * support::CHUNK))]);
+    s.apply_retention(&policy).unwrap();
+    assert_eq!(ids(&s), vec![4]);
+}
