@@ -219,3 +219,94 @@ fn close_waits_for_saves_in_flight() {
         h.wait().unwrap();
     }
 }
+
+/// A tensor source whose copy fails when waited on (a device DMA error): the save fails in
+/// the pipeline's threads, after submit, without poisoning the store.
+struct FailingCopy(usize);
+
+impl ckptstore::device::Source for FailingCopy {
+    fn len(&self) -> u64 {
+        self.0 as u64
+    }
+    fn stage(
+        &self,
+        _offset: u64,
+        len: usize,
+        buf: &mut ckptstore::pipeline::StagingBuf,
+    ) -> ckptstore::Result<ckptstore::device::Fence> {
+        buf.fill(len);
+        Ok(ckptstore::device::Fence::Pending(Box::new(|| {
+            Err(Error::Device("injected copy failure".into()))
+        })))
+    }
+}
+
+fn submit_failing(p: &mut Pipeline, step: u64) -> ckptstore::SaveHandle {
+    let mut s = p.begin(step).unwrap();
+    s.put_tensor_from("w", DType::U8, &[3 * CHUNK as u64], &FailingCopy(3 * CHUNK))
+        .unwrap();
+    s.submit().unwrap()
+}
+
+/// Issue 14, item 5: "saves form a prefix" held only for crashes: when save N failed without
+/// poisoning the store, save N+1, already begun, still committed — a checkpoint after a hole.
+/// Now it fails too, naming N's failure; saves begun after the caller has seen it run again.
+#[test]
+fn a_non_poisoning_failure_of_save_n_keeps_save_n_plus_1_from_committing() {
+    let mem = MemIo::new();
+    let mut p = Pipeline::new(mem_store(&mem), small_pool(40)).unwrap();
+    let first = submit(&mut p, 1, &tensors(1)).wait().unwrap();
+    let h2 = submit_failing(&mut p, 2);
+    let h3 = submit(&mut p, 3, &tensors(3));
+    match h3.wait() {
+        Err(Error::EarlierSaveFailed { step, cause }) => {
+            assert_eq!(step, 2);
+            assert!(cause.contains("injected copy failure"), "{cause}");
+        }
+        other => panic!("save 3 must not commit after the failed save 2: {other:?}"),
+    }
+    let e = h2.wait().expect_err("the copy failed");
+    assert!(e.to_string().contains("injected copy failure"), "{e}");
+    assert!(p.store().poisoned().is_none());
+    // Seen: the next save commits.
+    let fourth = submit(&mut p, 4, &tensors(4)).wait().unwrap();
+    assert_eq!(p.pool().in_use(), 0, "a staging buffer leaked");
+    let store = p.close();
+    let ids: Vec<u64> = store.list().iter().map(|c| c.id).collect();
+    assert_eq!(
+        ids,
+        vec![first.commit.checkpoint.id, fourth.commit.checkpoint.id]
+    );
+    assert_holds(&store, fourth.commit.checkpoint.id, &refs(&tensors(4)));
+}
+
+/// Issue 14, item 5: the error of a failed save whose handle was dropped unread was lost.
+/// The next `begin` reports it, once.
+#[test]
+fn a_dropped_handles_failure_is_reported_by_the_next_begin() {
+    let mem = MemIo::new();
+    let mut p = Pipeline::new(mem_store(&mem), small_pool(40)).unwrap();
+    let h = submit_failing(&mut p, 7);
+    while !h.is_done() {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    drop(h);
+    match p.begin(8) {
+        Err(Error::EarlierSaveFailed { step, cause }) => {
+            assert_eq!(step, 7);
+            assert!(cause.contains("injected copy failure"), "{cause}");
+            assert!(cause.contains("dropped unread"), "{cause}");
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("the dropped handle's failure was lost"),
+    }
+    // Reported once: the pipeline saves again.
+    let ok = submit(&mut p, 8, &tensors(8)).wait().unwrap();
+    // A dropped handle of a save that succeeded reports nothing.
+    drop(submit(&mut p, 9, &tensors(9)));
+    let last = submit(&mut p, 10, &tensors(10)).wait().unwrap();
+    let store = p.close();
+    assert_eq!(store.list().len(), 3);
+    assert_holds(&store, ok.commit.checkpoint.id, &refs(&tensors(8)));
+    assert_holds(&store, last.commit.checkpoint.id, &refs(&tensors(10)));
+}

@@ -121,6 +121,17 @@ pub enum Error {
         bytes: u64,
     },
 
+    /// An asynchronous save was not committed because an earlier one failed and the caller
+    /// had not seen that failure when it began this one (saves commit as a prefix), or, from
+    /// `Pipeline::begin`, the failure of a save whose handle was dropped unread.
+    #[error("not committed: the earlier save at step {step} failed: {cause}")]
+    EarlierSaveFailed {
+        /// The step of the save that failed.
+        step: u64,
+        /// Its error.
+        cause: String,
+    },
+
     /// `CURRENT` names a WAL file that does not exist.
     #[error("{path}: CURRENT points to {target}, which does not exist")]
     CurrentDangling {

@@ -2,6 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::CommitInfo;
+use super::prefix::Prefix;
 use crossbeam_channel::Receiver;
 use std::time::{Duration, Instant};
 
@@ -24,9 +25,15 @@ pub struct SaveReport {
 /// A save whose snapshot is taken and whose commit is in progress. [`SaveHandle::wait`]
 /// returns the committed checkpoint or the save's error; dropping the handle does not cancel
 /// the save (it still commits, or fails, in order).
+///
+/// A failed save whose handle is dropped unread is not forgotten: the next
+/// [`Pipeline::begin`](super::Pipeline::begin) reports it (`Error::EarlierSaveFailed`).
 #[derive(Debug)]
 pub struct SaveHandle {
-    done: Receiver<(Result<CommitInfo>, Instant)>,
+    seq: u64,
+    prefix: Prefix,
+    /// `None` once `wait` has taken the result.
+    done: Option<Receiver<(Result<CommitInfo>, Instant)>>,
     started: Instant,
     stall: Duration,
     pool_wait: Duration,
@@ -35,6 +42,8 @@ pub struct SaveHandle {
 
 impl SaveHandle {
     pub(super) fn new(
+        seq: u64,
+        prefix: Prefix,
         done: Receiver<(Result<CommitInfo>, Instant)>,
         started: Instant,
         stall: Duration,
@@ -42,7 +51,9 @@ impl SaveHandle {
         bytes: u64,
     ) -> Self {
         SaveHandle {
-            done,
+            seq,
+            prefix,
+            done: Some(done),
             started,
             stall,
             pool_wait,
@@ -57,14 +68,19 @@ impl SaveHandle {
 
     /// Whether the save has finished (committed or failed); `wait` will not block.
     pub fn is_done(&self) -> bool {
-        !self.done.is_empty()
+        self.done.as_ref().is_none_or(|d| !d.is_empty())
     }
 
     /// Waits until the checkpoint is durable (or the save failed).
-    pub fn wait(self) -> Result<SaveReport> {
-        let (result, at) = self.done.recv().map_err(|_| {
+    pub fn wait(mut self) -> Result<SaveReport> {
+        let done = self.done.take().ok_or_else(|| Error::invalid("result already taken"))?;
+        let (result, at) = done.recv().map_err(|_| {
             Error::invalid("the pipeline stopped before this save finished; nothing committed")
         })?;
+        if result.is_err() {
+            // The caller sees the failure now: saves begun from here on run again.
+            self.prefix.seen();
+        }
         let commit = result?;
         Ok(SaveReport {
             commit,
@@ -73,5 +89,18 @@ impl SaveHandle {
             time_to_durable: at.saturating_duration_since(self.started),
             bytes_staged: self.bytes,
         })
+    }
+}
+
+impl Drop for SaveHandle {
+    fn drop(&mut self) {
+        if let Some(done) = self.done.take() {
+            // Dropped unread: if the save failed, its error goes to the next `begin`.
+            self.prefix.dropped(self.seq, || {
+                done.try_recv()
+                    .ok()
+                    .map(|(r, _)| r.is_ok())
+            });
+        }
     }
 }

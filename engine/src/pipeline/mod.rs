@@ -12,10 +12,14 @@
 //! Several saves may be in flight; they commit in submission order, each through the same
 //! [`Transaction`](crate::Transaction) code (and so the same commit protocol) as a
 //! synchronous save. A failed save reports its error through its handle; a failed fsync
-//! poisons the store, and every later save reports that.
+//! poisons the store, and every later save reports that. Saves commit as a prefix of those
+//! begun even when one fails without poisoning: the saves begun before the caller has seen
+//! the failure fail too (`Error::EarlierSaveFailed`), and a failure whose handle was dropped
+//! unread is reported by the next `begin` (see `prefix.rs`).
 
 mod handle;
 mod pool;
+mod prefix;
 mod worker;
 
 pub use handle::{SaveHandle, SaveReport};
@@ -70,6 +74,7 @@ pub struct Pipeline {
     jobs: Option<Sender<Job>>,
     hash_tx: Option<Sender<HashJob>>,
     threads: Vec<JoinHandle<()>>,
+    prefix: prefix::Prefix,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -108,10 +113,12 @@ impl Pipeline {
         let io_store = store.clone();
         let poisoned = Arc::new(Mutex::new(None));
         let io_poisoned = poisoned.clone();
+        let prefix = prefix::Prefix::default();
+        let io_prefix = prefix.clone();
         threads.push(
             std::thread::Builder::new()
                 .name("ckpt-io".into())
-                .spawn(move || worker::io_loop(io_store, jobs_rx, io_poisoned))
+                .spawn(move || worker::io_loop(io_store, jobs_rx, io_poisoned, io_prefix))
                 .map_err(|e| Error::invalid(format!("cannot start the I/O thread: {e}")))?,
         );
         Ok(Pipeline {
@@ -123,6 +130,7 @@ impl Pipeline {
             jobs: Some(jobs_tx),
             hash_tx: Some(hash_tx),
             threads,
+            prefix,
         })
     }
 
@@ -158,18 +166,27 @@ impl Pipeline {
         {
             return Err(Error::Poisoned { cause: why.clone() });
         }
+        if let Some(f) = self.prefix.take_unseen() {
+            return Err(Error::EarlierSaveFailed {
+                step: f.step,
+                cause: format!("{} (its handle was dropped unread)", f.cause),
+            });
+        }
+        let seq = self.prefix.next();
         let (items_tx, items_rx) = crossbeam_channel::unbounded();
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
         self.jobs
             .as_ref()
             .expect("open until close")
             .send(Job {
+                seq,
                 step,
                 items: items_rx,
                 done: done_tx,
             })
             .map_err(|_| Error::invalid("the pipeline's I/O thread has stopped"))?;
         Ok(Save {
+            seq,
             pipeline: self,
             items: Some(items_tx),
             done: Some(done_rx),
@@ -242,6 +259,7 @@ impl Drop for StoreGuard<'_> {
 /// A save being staged. Dropping it without [`Save::submit`] aborts it (nothing is
 /// committed; what was written is removed).
 pub struct Save<'p> {
+    seq: u64,
     pipeline: &'p mut Pipeline,
     items: Option<Sender<Item>>,
     done: Option<Receiver<(Result<crate::CommitInfo>, Instant)>>,
@@ -427,6 +445,8 @@ impl Save<'_> {
         self.items.take();
         self.stall += t.elapsed();
         Ok(SaveHandle::new(
+            self.seq,
+            self.pipeline.prefix.clone(),
             self.done.take().expect("present until submit"),
             self.started,
             self.stall,

@@ -1,6 +1,7 @@
 //! The pipeline's threads: hash workers (which also compress, when the store compresses) and
 //! the one I/O thread.
 
+use super::prefix::Prefix;
 use super::StagingBuf;
 use crate::codec::{Compression, Encoder};
 use crate::device::Fence;
@@ -36,6 +37,8 @@ pub(super) enum Item {
 
 /// One save, as the I/O thread sees it.
 pub(super) struct Job {
+    /// Its place in the order saves were begun.
+    pub seq: u64,
     pub step: u64,
     pub items: Receiver<Item>,
     pub done: Sender<(Result<CommitInfo>, Instant)>,
@@ -105,11 +108,32 @@ pub(super) fn io_loop(
     store: Arc<Mutex<Store>>,
     jobs: Receiver<Job>,
     poisoned: Arc<Mutex<Option<String>>>,
+    prefix: Prefix,
 ) {
     for job in jobs {
-        let result = {
+        let blocked = prefix.blocking(job.seq);
+        let (result, own_failure) = {
             let mut guard = store.lock().unwrap_or_else(|p| p.into_inner());
-            let r = run(&mut guard, &job);
+            let (r, own_failure) = match &blocked {
+                // Never committed after a hole: an earlier save failed and the caller had
+                // not seen it when this one was begun.
+                Some(f) => (
+                    Err(Error::EarlierSaveFailed {
+                        step: f.step,
+                        cause: f.cause.clone(),
+                    }),
+                    None,
+                ),
+                None => match run(&mut guard, &job) {
+                    Ok(c) => (Ok(c), None),
+                    // The caller's own abort (dropped before submit) breaks nothing.
+                    Err(Ran::Aborted(e)) => (Err(e), None),
+                    Err(Ran::Failed(e)) => {
+                        let cause = e.to_string();
+                        (Err(e), Some((job.step, cause)))
+                    }
+                },
+            };
             if r.is_err() {
                 // Take back every buffer the failed save has queued before reporting, so
                 // that when its handle returns the pool holds them all again.
@@ -117,16 +141,32 @@ pub(super) fn io_loop(
             }
             *poisoned.lock().unwrap_or_else(|p| p.into_inner()) =
                 guard.poisoned().map(str::to_owned);
-            r
+            (r, own_failure)
         };
         // Report, then drop the save's queues: a caller still staging sees its send fail and
         // finds this result.
-        let _ = job.done.send((result, Instant::now()));
+        prefix.finish(job.seq, own_failure, || {
+            let _ = job.done.send((result, Instant::now()));
+        });
         drop(job);
     }
 }
 
-fn run(store: &mut Store, job: &Job) -> Result<CommitInfo> {
+/// How a save that did not commit ended.
+enum Ran {
+    /// Dropped by the caller before submit.
+    Aborted(Error),
+    /// Failed.
+    Failed(Error),
+}
+
+impl From<Error> for Ran {
+    fn from(e: Error) -> Self {
+        Ran::Failed(e)
+    }
+}
+
+fn run(store: &mut Store, job: &Job) -> std::result::Result<CommitInfo, Ran> {
     let mut txn = store.begin(job.step)?;
     for item in job.items.iter() {
         match item {
@@ -137,7 +177,7 @@ fn run(store: &mut Store, job: &Job) -> Result<CommitInfo> {
                 });
                 if let Err(e) = txn.put_staged(entry, staged) {
                     drain_chunks(&chunks);
-                    return Err(e);
+                    return Err(Ran::Failed(e));
                 }
             }
             Item::Commit { epoch, metadata } => {
@@ -145,14 +185,14 @@ fn run(store: &mut Store, job: &Job) -> Result<CommitInfo> {
                 for (k, v) in metadata {
                     txn.set_metadata(k, v);
                 }
-                return txn.commit();
+                return Ok(txn.commit()?);
             }
             Item::Abort => break,
         }
     }
-    Err(Error::invalid(
+    Err(Ran::Aborted(Error::invalid(
         "save dropped before it was submitted; nothing committed",
-    ))
+    )))
 }
 
 /// Waits for the hash results of a failed entry's queued chunks and drops them: their buffers
