@@ -236,3 +236,31 @@ fn gc_compacts_after_deletions_unless_no_compact() {
     );
     ok(&["verify", dir, "--all"]);
 }
+
+/// `gc --purge-lost-found` (alone, or with a policy) is the only thing that deletes what
+/// recovery set aside in `lost+found/`; `--dry-run` only counts it.
+#[test]
+fn purge_lost_found_deletes_what_recovery_set_aside() {
+    let d = tempfile::tempdir().unwrap();
+    make_store(d.path());
+    let dir = d.path().to_str().unwrap();
+    let orphan = d.path().join("segments").join("00000099.seg");
+    std::fs::write(&orphan, vec![7u8; 1000]).unwrap();
+    let text = ok(&["recover", dir]);
+    assert!(text.contains("lost+found"), "{text}");
+    let lf = d.path().join("lost+found");
+    assert!(lf.join("00000099.seg").exists());
+    let v = json(&ok(&["gc", dir, "--purge-lost-found", "--dry-run", "--json"]));
+    assert_eq!(v["lost_found_purged"], 2, "{v}");
+    assert!(lf.join("00000099.seg").exists());
+    let text = ok(&["gc", dir, "--purge-lost-found"]);
+    assert!(text.contains("deleted 2 file(s)"), "{text}");
+    assert!(std::fs::read_dir(&lf).unwrap().next().is_none());
+    assert_eq!(ids(d.path()).len(), 6);
+    // With a policy: both.
+    std::fs::write(&orphan, vec![7u8; 1000]).unwrap();
+    ok(&["recover", dir]);
+    let v = json(&ok(&["gc", dir, "--keep-last", "5", "--purge-lost-found", "--json"]));
+    assert_eq!(v["lost_found_purged"], 2, "{v}");
+    assert_eq!(ids(d.path()).len(), 5);
+}
