@@ -932,7 +932,13 @@ fn fs_store(dir: &Path) {
 fn assert_current_missing_refused(dir: &Path, what: &str) {
     let before = tree_without_lock(dir);
     for o in [opts(), Options::read_only()] {
-        match Store::open(dir, Options { chunk_size: CHUNK, ..o }) {
+        match Store::open(
+            dir,
+            Options {
+                chunk_size: CHUNK,
+                ..o
+            },
+        ) {
             Err(e @ Error::CurrentMissing { .. }) => {
                 let msg = e.to_string();
                 assert!(msg.contains(what), "{msg}");
@@ -989,7 +995,10 @@ fn a_creation_that_crashed_before_current_is_finished() {
     let dir = tempfile::tempdir().unwrap();
     drop(Store::open(dir.path(), opts()).unwrap());
     std::fs::remove_file(dir.path().join("CURRENT")).unwrap();
-    assert_eq!(file_len(&dir.path().join("00000001.wal")), wal::WAL_HEADER_LEN as u64);
+    assert_eq!(
+        file_len(&dir.path().join("00000001.wal")),
+        wal::WAL_HEADER_LEN as u64
+    );
     let mut s = Store::open(dir.path(), opts()).unwrap();
     assert!(s.recovery_report().created);
     commit(&mut s, 1, &[("w", &data(1, 100))]);
@@ -999,7 +1008,12 @@ fn a_creation_that_crashed_before_current_is_finished() {
 fn assert_nothing_lost(before: &BTreeMap<PathBuf, Vec<u8>>, after: &BTreeMap<PathBuf, Vec<u8>>) {
     let have: std::collections::HashSet<&Vec<u8>> = after.values().collect();
     for (p, b) in before {
-        assert!(have.contains(b), "{} ({} bytes) was lost", p.display(), b.len());
+        assert!(
+            have.contains(b),
+            "{} ({} bytes) was lost",
+            p.display(),
+            b.len()
+        );
     }
 }
 
@@ -1053,7 +1067,12 @@ fn salvage_keeps_a_relocate_records_outputs_in_lost_found() {
     let lf = dir.path().join("lost+found");
     for (p, bytes) in &outputs {
         let moved = lf.join(p.file_name().unwrap());
-        assert_eq!(&std::fs::read(&moved).unwrap(), bytes, "{}", moved.display());
+        assert_eq!(
+            &std::fs::read(&moved).unwrap(),
+            bytes,
+            "{}",
+            moved.display()
+        );
         let why = std::fs::read_to_string(format!("{}.why", moved.display())).unwrap();
         assert!(why.contains("salvage"), "{why}");
     }
@@ -1062,7 +1081,7 @@ fn salvage_keeps_a_relocate_records_outputs_in_lost_found() {
         b,
         "the WAL as it was before the salvage cut it"
     );
-    assert!(r.lost_found.len() >= outputs.len() + 1, "{r:?}");
+    assert!(r.lost_found.len() > outputs.len(), "{r:?}");
     drop(s);
     assert_nothing_lost(&before, &tree_without_lock(dir.path()));
     // Only the explicit purge deletes them.
@@ -1087,10 +1106,16 @@ fn orphan_segments_go_to_lost_found_with_a_note() {
     drop(s);
     assert!(orphan.exists());
     let s = Store::open(dir.path(), opts()).unwrap();
-    let moved = dir.path().join("lost+found").join(orphan.file_name().unwrap());
+    let moved = dir
+        .path()
+        .join("lost+found")
+        .join(orphan.file_name().unwrap());
     assert_eq!(s.recovery_report().lost_found, vec![moved.clone()]);
     assert!(!orphan.exists());
-    assert_eq!(std::fs::read(&moved).unwrap(), b"not referenced by any commit");
+    assert_eq!(
+        std::fs::read(&moved).unwrap(),
+        b"not referenced by any commit"
+    );
     assert!(std::fs::read_to_string(format!("{}.why", moved.display()))
         .unwrap()
         .contains("segment 77"));
@@ -1137,7 +1162,10 @@ fn a_manifest_claiming_a_1_pib_tensor_is_a_typed_error() {
     match ck.tensor("huge") {
         Err(Error::TooLarge { what, bytes }) => {
             assert_eq!(bytes, 1 << 50);
-            assert!(what.contains("\"huge\"") && what.contains("checkpoint 3"), "{what}");
+            assert!(
+                what.contains("\"huge\"") && what.contains("checkpoint 3"),
+                "{what}"
+            );
         }
         other => panic!("{:?}", other.map(|t| t.data.len())),
     }
@@ -1159,7 +1187,13 @@ fn a_sparse_petabyte_wal_is_a_typed_error() {
     }
     drop(f);
     for o in [opts(), Options::read_only()] {
-        match Store::open(dir.path(), Options { chunk_size: CHUNK, ..o }) {
+        match Store::open(
+            dir.path(),
+            Options {
+                chunk_size: CHUNK,
+                ..o
+            },
+        ) {
             Err(Error::TooLarge { bytes, .. }) => assert_eq!(bytes, 1 << 50),
             other => panic!("{other:?}"),
         }

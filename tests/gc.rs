@@ -250,7 +250,13 @@ fn purge_lost_found_deletes_what_recovery_set_aside() {
     assert!(text.contains("lost+found"), "{text}");
     let lf = d.path().join("lost+found");
     assert!(lf.join("00000099.seg").exists());
-    let v = json(&ok(&["gc", dir, "--purge-lost-found", "--dry-run", "--json"]));
+    let v = json(&ok(&[
+        "gc",
+        dir,
+        "--purge-lost-found",
+        "--dry-run",
+        "--json",
+    ]));
     assert_eq!(v["lost_found_purged"], 2, "{v}");
     assert!(lf.join("00000099.seg").exists());
     let text = ok(&["gc", dir, "--purge-lost-found"]);
@@ -260,7 +266,14 @@ fn purge_lost_found_deletes_what_recovery_set_aside() {
     // With a policy: both.
     std::fs::write(&orphan, vec![7u8; 1000]).unwrap();
     ok(&["recover", dir]);
-    let v = json(&ok(&["gc", dir, "--keep-last", "5", "--purge-lost-found", "--json"]));
+    let v = json(&ok(&[
+        "gc",
+        dir,
+        "--keep-last",
+        "5",
+        "--purge-lost-found",
+        "--json",
+    ]));
     assert_eq!(v["lost_found_purged"], 2, "{v}");
     assert_eq!(ids(d.path()).len(), 5);
 }

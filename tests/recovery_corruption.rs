@@ -742,7 +742,10 @@ fn read_only_open_racing_a_wal_compaction_retries() {
     drop(s);
     assert!(!mem.exists(Path::new("/s/00000001.wal")).unwrap());
     let stale = MemIo::new();
-    stale.write_file(Path::new("/s/CURRENT"), ckptstore::current::encode(1).to_vec());
+    stale.write_file(
+        Path::new("/s/CURRENT"),
+        ckptstore::current::encode(1).to_vec(),
+    );
     let racing = StaleCurrentOnce {
         inner: mem.clone(),
         stale,
@@ -751,7 +754,10 @@ fn read_only_open_racing_a_wal_compaction_retries() {
     let r = Store::open("/s", o(std::sync::Arc::new(racing), true)).unwrap();
     assert_holds(&r, 1, &[("w", &w(1))]);
     // A CURRENT that really names a missing WAL is still CurrentDangling, after the retry.
-    mem.write_file(Path::new("/s/CURRENT"), ckptstore::current::encode(1).to_vec());
+    mem.write_file(
+        Path::new("/s/CURRENT"),
+        ckptstore::current::encode(1).to_vec(),
+    );
     assert!(matches!(
         Store::open("/s", o(std::sync::Arc::new(mem.clone()), true)),
         Err(Error::CurrentDangling { .. })
@@ -803,7 +809,10 @@ fn a_reader_whose_lease_narrowing_fails_keeps_its_lease() {
         nth: 3,
     });
     let r = Store::open("/s", o(true)).unwrap();
-    let lease = r.reader_lease().expect("the reader keeps its lease").to_path_buf();
+    let lease = r
+        .reader_lease()
+        .expect("the reader keeps its lease")
+        .to_path_buf();
     assert!(sim.read_file(&lease).is_some());
     assert_holds(&r, 1, &[("w", &w(1))]);
 }

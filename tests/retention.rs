@@ -256,7 +256,10 @@ fn keep_last_one_never_deletes_the_last_intact_checkpoint() {
         kept,
         vec![(2, vec!["newest-intact"]), (3, vec!["newest", "keep-last"])]
     );
-    assert_eq!(plan.delete.iter().map(|c| c.id).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(
+        plan.delete.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![1]
+    );
     s.apply_retention(&policy).unwrap();
     assert_eq!(ids(&s), vec![2, 3]);
     s.verify(2).unwrap();

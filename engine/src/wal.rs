@@ -327,7 +327,9 @@ pub fn scan(buf: &[u8], salt: u32) -> Scan {
                             true,
                         )
                     }
-                    FrameError::Checksum(_) => search_after("checksum mismatch".into(), any_valid_after()),
+                    FrameError::Checksum(_) => {
+                        search_after("checksum mismatch".into(), any_valid_after())
+                    }
                     FrameError::Shape(why) => search_after(why, any_valid_after()),
                 };
                 return Scan {

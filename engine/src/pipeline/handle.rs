@@ -1,8 +1,8 @@
 //! The handle of a save in flight, and its report.
 
+use super::prefix::Prefix;
 use crate::error::{Error, Result};
 use crate::CommitInfo;
-use super::prefix::Prefix;
 use crossbeam_channel::Receiver;
 use std::time::{Duration, Instant};
 
@@ -73,7 +73,10 @@ impl SaveHandle {
 
     /// Waits until the checkpoint is durable (or the save failed).
     pub fn wait(mut self) -> Result<SaveReport> {
-        let done = self.done.take().ok_or_else(|| Error::invalid("result already taken"))?;
+        let done = self
+            .done
+            .take()
+            .ok_or_else(|| Error::invalid("result already taken"))?;
         let (result, at) = done.recv().map_err(|_| {
             Error::invalid("the pipeline stopped before this save finished; nothing committed")
         })?;
@@ -96,11 +99,8 @@ impl Drop for SaveHandle {
     fn drop(&mut self) {
         if let Some(done) = self.done.take() {
             // Dropped unread: if the save failed, its error goes to the next `begin`.
-            self.prefix.dropped(self.seq, || {
-                done.try_recv()
-                    .ok()
-                    .map(|(r, _)| r.is_ok())
-            });
+            self.prefix
+                .dropped(self.seq, || done.try_recv().ok().map(|(r, _)| r.is_ok()));
         }
     }
 }

@@ -87,7 +87,8 @@ pub(crate) fn move_in(
         Err(e) => return Err(Error::io("rename", path, e)),
     }
     write_note(io, &dest, why)?;
-    io.sync_dir(&lf).map_err(|e| Error::io("fsync dir", &lf, e))?;
+    io.sync_dir(&lf)
+        .map_err(|e| Error::io("fsync dir", &lf, e))?;
     Ok(Some(dest))
 }
 
@@ -110,7 +111,8 @@ pub(crate) fn save_copy(
     f.sync_data()
         .map_err(|e| Error::io("fdatasync", &dest, e))?;
     write_note(io, &dest, why)?;
-    io.sync_dir(&lf).map_err(|e| Error::io("fsync dir", &lf, e))?;
+    io.sync_dir(&lf)
+        .map_err(|e| Error::io("fsync dir", &lf, e))?;
     Ok(dest)
 }
 
@@ -154,7 +156,8 @@ pub(crate) fn purge(io: &dyn Storage, store: &Path) -> Result<PurgeReport> {
         }
     }
     if !out.files.is_empty() {
-        io.sync_dir(&lf).map_err(|e| Error::io("fsync dir", &lf, e))?;
+        io.sync_dir(&lf)
+            .map_err(|e| Error::io("fsync dir", &lf, e))?;
     }
     Ok(out)
 }

@@ -417,8 +417,9 @@ fn store_contents(io: &dyn Storage, dir: &Path, names: &[String]) -> Result<Vec<
             continue;
         }
         // Only the header and the first frame are read: enough to say what is wrong.
-        let head_len =
-            len.min((wal::WAL_HEADER_LEN + wal::RECORD_HEADER_LEN) as u64 + u64::from(wal::MAX_RECORD_LEN));
+        let head_len = len.min(
+            (wal::WAL_HEADER_LEN + wal::RECORD_HEADER_LEN) as u64 + u64::from(wal::MAX_RECORD_LEN),
+        );
         let mut head = vec![0u8; head_len as usize];
         io.open(&path, false)
             .and_then(|f| f.read_at(&mut head, 0))
