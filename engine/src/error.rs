@@ -77,9 +77,9 @@ pub enum Error {
     },
 
     /// A WAL record before the tail is corrupt: committed data may be lost.
-    #[error("{path}: corrupt WAL record at offset {offset} ({reason}), with valid records after it; \
+    #[error("{path}: corrupt WAL record at offset {offset} ({reason}), not a torn tail; \
              refusing to open (use RecoveryMode::PointInTime / `ckptstore recover --salvage` to keep \
-             only what precedes it)")]
+             only what precedes it; the WAL as it was is kept in lost+found/)")]
     WalCorrupt {
         /// The WAL file.
         path: PathBuf,

@@ -235,7 +235,7 @@ enum After {
 
 fn search_after(reason: String, after: After) -> (String, bool) {
     match after {
-        After::Valid => (reason, true),
+        After::Valid => (format!("{reason}; a valid record follows it"), true),
         After::None => (reason, false),
         After::GaveUp(hashed) => (
             format!(

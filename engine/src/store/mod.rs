@@ -57,7 +57,8 @@ pub enum RecoveryMode {
     #[default]
     TolerateTailCorruption,
     /// Salvage: keep every record before the first corrupt one and drop the rest, even if
-    /// valid records follow it. Committed checkpoints after the damage are lost.
+    /// valid records follow it. Committed checkpoints after the damage leave the store; the
+    /// WAL as it was and the segments only they referenced are moved to `lost+found/`.
     PointInTime,
 }
 
