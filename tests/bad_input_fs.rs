@@ -60,7 +60,7 @@
 //! | 51 | export target or its old temp name a symlink | store_security::export_temp_file_is_exclusive_random_and_never_follows_symlinks |
 //! | 52 | terminal escapes in names | store_security::ls_and_inspect_escape_control_characters_in_names |
 //! | 53 | a pickle wherever a blob can hide (DCP bytes, tree blobs, Lightning) | trainer-bindings/tests/test_no_code_runs.py |
-//! | 54 | a salvage past a Relocate record (its outputs the only copy) | bad_input_fs::salvage_keeps_a_relocate_records_outputs_in_lost_found, bad_input_fs::orphan_segments_go_to_lost_found_with_a_note |
+//! | 54 | a salvage past a Relocate record, a torn Relocate record (its outputs the only copy) | bad_input_fs::salvage_skips_the_damaged_record_and_keeps_a_relocate_records_outputs, bad_input_fs::a_torn_relocate_records_outputs_go_to_lost_found, bad_input_fs::orphan_segments_go_to_lost_found_with_a_note |
 //! | 55 | a manifest claiming a 1 PiB tensor; a sparse 1 PiB WAL; an oversized CURRENT | bad_input_fs::a_manifest_claiming_a_1_pib_tensor_is_a_typed_error, bad_input_fs::a_sparse_petabyte_wal_is_a_typed_error, bad_input_fs::an_oversized_current_is_a_bad_header |
 //! | 56 | a crafted 128 MiB WAL tail (a well-formed frame every 16 bytes) | bad_input_fs::a_crafted_128_mib_wal_tail_is_refused_without_a_quadratic_search |
 //!
@@ -1017,53 +1017,101 @@ fn assert_nothing_lost(before: &BTreeMap<PathBuf, Vec<u8>>, after: &BTreeMap<Pat
     }
 }
 
-/// Issue 14, item 3: a salvage cut the records after the damage and unlinked the segments
-/// only they referenced — among them a Relocate record's outputs, the only copy of the
-/// chunks it moved. Now they, and the WAL as it was, go to lost+found/.
-#[test]
-fn salvage_keeps_a_relocate_records_outputs_in_lost_found() {
-    let dir = tempfile::tempdir().unwrap();
+/// A store whose last WAL records are a Delete and the Relocate record of the compaction after
+/// it. Returns (WAL offset of the Delete record, offset of the Relocate record, the Relocate
+/// outputs' paths and bytes).
+fn store_ending_in_a_relocate(dir: &Path) -> (usize, usize, Vec<(PathBuf, Vec<u8>)>) {
     let frozen = data(100, 2 * CHUNK);
-    let mut s = Store::open(dir.path(), opts()).unwrap();
+    let mut s = Store::open(dir, opts()).unwrap();
     for step in 1..=3u64 {
         let big = data(step, if step == 1 { 12 * CHUNK } else { CHUNK });
         commit(&mut s, step, &[("frozen", &frozen), ("w", &big)]);
     }
-    let wal_before_delete = file_len(&live_wal(dir.path()));
+    let delete_at = file_len(&live_wal(dir)) as usize;
     s.delete(1).unwrap();
+    let relocate_at = file_len(&live_wal(dir)) as usize;
     let g = s.gc().unwrap();
     assert_eq!(g.segments_compacted, vec![1], "{g:?}");
     assert!(!g.segments_written.is_empty());
-    let outputs: Vec<(PathBuf, Vec<u8>)> = g
+    let outputs = g
         .segments_written
         .iter()
         .map(|&id| {
-            let p = segment_path(dir.path(), id);
+            let p = segment_path(dir, id);
             (p.clone(), std::fs::read(p).unwrap())
         })
         .collect();
-    drop(s);
+    (delete_at, relocate_at, outputs)
+}
+
+/// Issue 14, items 1 and 3: a salvage cut every record after the damage and unlinked the
+/// segments only they referenced — a Relocate record's outputs among them, the only copy of
+/// the chunks it moved. Now it skips the damaged record, keeps the valid ones after it that
+/// apply (the Relocate: its outputs stay live), and sets the old WAL aside.
+#[test]
+fn salvage_skips_the_damaged_record_and_keeps_a_relocate_records_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (delete_at, _, outputs) = store_ending_in_a_relocate(dir.path());
     // Damage the Delete record: the Relocate record after it is valid, so this is corruption.
     let wal_path = live_wal(dir.path());
     let mut b = std::fs::read(&wal_path).unwrap();
-    b[wal_before_delete as usize + wal::RECORD_HEADER_LEN] ^= 0x01;
+    b[delete_at + wal::RECORD_HEADER_LEN] ^= 0x01;
     std::fs::write(&wal_path, &b).unwrap();
     let before = tree_without_lock(dir.path());
     assert!(matches!(
         Store::open(dir.path(), opts()),
         Err(Error::WalCorrupt { .. })
     ));
-    let s = Store::open(
-        dir.path(),
-        Options {
-            recovery_mode: RecoveryMode::PointInTime,
-            ..opts()
-        },
-    )
-    .unwrap();
+    assert_eq!(tree_without_lock(dir.path()), before);
+    let salvage = Options {
+        recovery_mode: RecoveryMode::PointInTime,
+        ..opts()
+    };
+    let s = Store::open(dir.path(), salvage.clone()).unwrap();
     let r = s.recovery_report().clone();
-    assert!(r.salvaged_corruption.is_some());
-    assert_eq!(s.list().len(), 3, "the commits before the damage are kept");
+    let why = r.salvaged_corruption.clone().unwrap();
+    assert!(why.contains("1 valid record(s) after it"), "{why}");
+    // The deletion was the damaged record: checkpoint 1 is back (damaged: compaction freed
+    // its segment); 2 and 3 read back through the Relocate record's outputs.
+    assert_eq!(
+        s.list().iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    s.verify(2).unwrap();
+    s.verify(3).unwrap();
+    assert!(s.verify(1).is_err());
+    for (p, bytes) in &outputs {
+        assert_eq!(&std::fs::read(p).unwrap(), bytes, "{}", p.display());
+    }
+    let moved = dir.path().join("lost+found/00000001.wal");
+    assert_eq!(std::fs::read(&moved).unwrap(), b, "the WAL as it was");
+    assert_eq!(r.lost_found, vec![moved]);
+    drop(s);
+    let mut before = before;
+    before.remove(Path::new("CURRENT")); // now names the salvaged WAL
+    assert_nothing_lost(&before, &tree_without_lock(dir.path()));
+    // The salvaged store reopens as it is, in the default mode.
+    let s = Store::open(dir.path(), opts()).unwrap();
+    assert_eq!(s.list().len(), 3);
+    s.verify(3).unwrap();
+}
+
+/// A Relocate record torn as the WAL's last record (a crash while it was being written) is
+/// cut as a torn tail; its outputs, orphans now, used to be unlinked — with the sources
+/// already freed by a compaction that did happen, they may be the only copy. Now they go to
+/// lost+found/, and only the explicit purge deletes them.
+#[test]
+fn a_torn_relocate_records_outputs_go_to_lost_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, relocate_at, outputs) = store_ending_in_a_relocate(dir.path());
+    let wal_path = live_wal(dir.path());
+    let mut b = std::fs::read(&wal_path).unwrap();
+    b[relocate_at + wal::RECORD_HEADER_LEN + 1] ^= 0x01;
+    std::fs::write(&wal_path, &b).unwrap();
+    let mut before = tree_without_lock(dir.path());
+    before.retain(|p, _| p.starts_with("segments")); // the WAL's torn tail is cut
+    let mut s = Store::open(dir.path(), opts()).unwrap();
+    assert!(s.recovery_report().truncated_tail_bytes > 0);
     let lf = dir.path().join("lost+found");
     for (p, bytes) in &outputs {
         let moved = lf.join(p.file_name().unwrap());
@@ -1073,24 +1121,14 @@ fn salvage_keeps_a_relocate_records_outputs_in_lost_found() {
             "{}",
             moved.display()
         );
-        let why = std::fs::read_to_string(format!("{}.why", moved.display())).unwrap();
-        assert!(why.contains("salvage"), "{why}");
+        assert!(std::fs::read_to_string(format!("{}.why", moved.display()))
+            .unwrap()
+            .contains("no committed record"));
     }
-    assert_eq!(
-        std::fs::read(lf.join("00000001.wal.before-salvage")).unwrap(),
-        b,
-        "the WAL as it was before the salvage cut it"
-    );
-    assert!(r.lost_found.len() > outputs.len(), "{r:?}");
-    drop(s);
     assert_nothing_lost(&before, &tree_without_lock(dir.path()));
-    // Only the explicit purge deletes them.
-    let mut s = Store::open(dir.path(), opts()).unwrap();
-    assert!(lf.join("00000001.wal.before-salvage").exists());
     let p = s.purge_lost_found().unwrap();
-    assert!(p.files.len() >= 2 * (outputs.len() + 1), "{p:?}");
+    assert_eq!(p.files.len(), 2 * outputs.len(), "{p:?}");
     assert!(s.lost_found().unwrap().is_empty());
-    assert_eq!(s.list().len(), 3);
 }
 
 /// An orphan segment (a transaction that crashed before its commit) is set aside, not

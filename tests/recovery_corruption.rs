@@ -112,23 +112,37 @@ fn flipped_bit_before_the_tail_refuses_with_file_and_offset() {
     }
 }
 
+/// Salvage (issue 14, item 1) skips the damaged record and keeps every valid record after it
+/// that applies to the state; it used to drop everything from the damage on. The WAL is
+/// rewritten as a snapshot (a new file, CURRENT switched) and the old one kept in lost+found/.
 #[test]
-fn point_in_time_keeps_only_what_precedes_the_damage() {
+fn point_in_time_skips_the_damaged_record_and_keeps_the_valid_ones_after_it() {
     let dir = tempfile::tempdir().unwrap();
     let ends = store_with(dir.path(), 3);
     let wal = live_wal(dir.path());
     flip(&wal, ends[0] + 30, 0x80);
+    let damaged = std::fs::read(&wal).unwrap();
     let mut s = Store::open(dir.path(), with_mode(RecoveryMode::PointInTime)).unwrap();
     assert!(s.recovery_report().salvaged_corruption.is_some());
     let steps: Vec<u64> = s.list().iter().map(|c| c.step).collect();
-    assert_eq!(steps, vec![1]);
+    assert_eq!(
+        steps,
+        vec![1, 3],
+        "checkpoint 2's record was the damaged one"
+    );
     assert_holds(&s, 1, &[("w", &w(1))]);
-    assert_eq!(file_len(&wal), ends[0]);
+    assert_holds(&s, 3, &[("w", &w(3))]);
+    assert_ne!(live_wal(dir.path()), wal);
+    assert_eq!(
+        std::fs::read(dir.path().join("lost+found").join(wal.file_name().unwrap())).unwrap(),
+        damaged
+    );
     let info = commit(&mut s, 9, &[("w", &w(9))]);
     drop(s);
     let s = Store::open(dir.path(), opts()).unwrap();
-    assert_eq!(s.list().len(), 2);
+    assert_eq!(s.list().len(), 3);
     assert_holds(&s, 1, &[("w", &w(1))]);
+    assert_holds(&s, 3, &[("w", &w(3))]);
     assert_holds(&s, info.checkpoint.id, &[("w", &w(9))]);
 }
 

@@ -224,8 +224,8 @@ fn check_frame(
 
 /// What the search for a valid frame after a bad one found.
 enum After {
-    /// A valid frame: the damage is not a torn tail.
-    Valid,
+    /// A valid frame at this offset: the damage is not a torn tail.
+    Valid(usize),
     /// None: a torn tail.
     None,
     /// The search ran out of its checksum budget (a tail crafted so that every few bytes
@@ -235,7 +235,7 @@ enum After {
 
 fn search_after(reason: String, after: After) -> (String, bool) {
     match after {
-        After::Valid => (format!("{reason}; a valid record follows it"), true),
+        After::Valid(_) => (format!("{reason}; a valid record follows it"), true),
         After::None => (reason, false),
         After::GaveUp(hashed) => (
             format!(
@@ -270,10 +270,30 @@ fn valid_frame_after(buf: &[u8], bad: usize, salt: u32) -> After {
         }
         let h = &buf[p..p + RECORD_HEADER_LEN];
         if le32(&h[0..4]) == record_crc(salt, &h[4..12], &buf[range]) {
-            return After::Valid;
+            return After::Valid(p);
         }
     }
     After::None
+}
+
+/// The offset of the first valid frame of a known type after offset `bad`, within the same
+/// checksum budget as the torn-tail search; `None` if there is none (or the budget ran out).
+/// What a salvage resumes from.
+pub fn resync(buf: &[u8], bad: u64, salt: u32) -> Option<u64> {
+    match valid_frame_after(buf, bad as usize, salt) {
+        After::Valid(p) => Some(p as u64),
+        _ => None,
+    }
+}
+
+/// Whether the frame at `at` is whole and checksummed but of a type this build does not know:
+/// a newer version's record, whose meaning later records may depend on (a salvage stops there
+/// rather than skip it).
+pub fn newer_record_at(buf: &[u8], at: u64, salt: u32) -> bool {
+    matches!(
+        check_frame(buf, at as usize, salt),
+        Err(FrameError::UnknownType(_))
+    )
 }
 
 /// Scans the records of a whole WAL file (`buf` starts with the file header).
@@ -286,8 +306,13 @@ fn valid_frame_after(buf: &[u8], bad: usize, salt: u32) -> After {
 /// by another whole frame (more than one record would have been in flight, e.g. records copied
 /// from a WAL with another salt).
 pub fn scan(buf: &[u8], salt: u32) -> Scan {
+    scan_from(buf, WAL_HEADER_LEN as u64, salt)
+}
+
+/// [`scan`] from offset `start` (a frame boundary, e.g. from [`resync`]).
+pub fn scan_from(buf: &[u8], start: u64, salt: u32) -> Scan {
     let mut records = Vec::new();
-    let mut at = WAL_HEADER_LEN.min(buf.len());
+    let mut at = (start as usize).min(buf.len());
     loop {
         if at == buf.len() {
             return Scan {

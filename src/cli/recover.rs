@@ -15,9 +15,9 @@ pub struct Args {
     /// The store directory. It must exist: `recover` never creates a store.
     pub dir: PathBuf,
     /// Salvage a store whose WAL is corrupt before its end (RecoveryMode::PointInTime):
-    /// keep every checkpoint committed before the damage, drop everything after it. Nothing
-    /// is deleted: the WAL as it was and the segments it no longer references go to
-    /// `lost+found/` in the store.
+    /// skip the damaged record and keep every valid record before and after it that applies.
+    /// Nothing is deleted: the WAL as it was and the segments no kept record references go
+    /// to `lost+found/` in the store.
     #[arg(long)]
     pub salvage: bool,
     /// Refuse to repair anything, even a torn tail left by a crash mid-commit

@@ -56,9 +56,10 @@ pub enum RecoveryMode {
     /// missing or short stay listed, fail verification and are skipped by `latest_valid`.
     #[default]
     TolerateTailCorruption,
-    /// Salvage: keep every record before the first corrupt one and drop the rest, even if
-    /// valid records follow it. Committed checkpoints after the damage leave the store; the
-    /// WAL as it was and the segments only they referenced are moved to `lost+found/`.
+    /// Salvage: keep every record before the first corrupt one, skip it, and keep every valid
+    /// record after it that applies to the state (stopping at a record of a newer version).
+    /// What is skipped leaves the store; the WAL as it was and the segments only skipped
+    /// records referenced are moved to `lost+found/`.
     PointInTime,
 }
 
@@ -663,19 +664,7 @@ impl Store {
         self.check_writable()?;
         let old = self.wal.as_ref().expect("checked writable");
         let (old_path, number) = (old.path.clone(), old.number + 1);
-        let mut records = vec![(RecordType::Snapshot, self.state.snapshot().encode_to_vec())];
-        for m in self.state.checkpoints.values() {
-            let rec = pb::CommitRecord {
-                manifest: Some((**m).clone()),
-            };
-            records.push((RecordType::Commit, rec.encode_to_vec()));
-        }
-        // Pins follow the commits they name (docs/FORMAT.md): only pinned ones, so a store
-        // without pins compacts to a WAL an older reader still opens.
-        for &id in &self.state.pinned {
-            let rec = pb::PinRecord { id, pinned: true };
-            records.push((RecordType::Pin, rec.encode_to_vec()));
-        }
+        let records = self.state.compacted_records();
         let io = self.opts.io.clone();
         let new = match WalWriter::create_durable(&*io, &self.dir, number, &records) {
             Ok(w) => w,

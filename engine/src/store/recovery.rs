@@ -204,52 +204,75 @@ fn recover_once(io: &dyn Storage, dir: &Path, opts: &Options) -> Result<Recovere
 
     let mut state = State::new();
     for (i, rec) in scan.records.iter().enumerate() {
-        let payload = &buf[rec.payload.clone()];
-        let context = format!("{} record at offset {}", wal_path.display(), rec.offset);
-        let decode_err = |e: prost::DecodeError| Error::BadManifest {
-            context: context.clone(),
-            reason: e.to_string(),
-        };
-        match rec.ty {
-            RecordType::Snapshot if i == 0 => {
-                state.apply_snapshot(&pb::SnapshotRecord::decode(payload).map_err(decode_err)?);
-            }
-            RecordType::Snapshot => {
-                return Err(Error::BadManifest {
-                    context,
-                    reason: "snapshot record after the first record".into(),
-                })
-            }
-            RecordType::Commit => {
-                let m = pb::CommitRecord::decode(payload)
-                    .map_err(decode_err)?
-                    .manifest
-                    .unwrap_or_default();
-                let size = (wal::RECORD_HEADER_LEN + payload.len()) as u64;
-                state.apply_commit(m, size, &context)?;
-            }
-            RecordType::Delete => {
-                let d = pb::DeleteRecord::decode(payload).map_err(decode_err)?;
-                for id in d.ids {
-                    state.apply_delete(id, super::commit_record_len);
+        apply_record(&mut state, rec, &buf, &wal_path, i == 0)?;
+    }
+    // A salvage keeps every valid record after the damage that applies to the state (a
+    // record that does not — it depends on what the damage took — is skipped too).
+    let mut kept_after = 0usize;
+    if let (Some(bad), RecoveryMode::PointInTime) = (&scan.bad, opts.recovery_mode) {
+        if bad.valid_record_after {
+            let mut skipped = vec![bad.offset];
+            let mut at = bad.offset;
+            while let Some(p) = (!wal::newer_record_at(&buf, at, header.salt))
+                .then(|| wal::resync(&buf, at, header.salt))
+                .flatten()
+            {
+                let more = wal::scan_from(&buf, p, header.salt);
+                for rec in &more.records {
+                    let mut trial = state.clone();
+                    match apply_record(&mut trial, rec, &buf, &wal_path, false) {
+                        Ok(()) => {
+                            state = trial;
+                            kept_after += 1;
+                        }
+                        Err(_) => skipped.push(rec.offset),
+                    }
+                }
+                match more.bad {
+                    Some(b) if b.valid_record_after => {
+                        skipped.push(b.offset);
+                        at = b.offset;
+                    }
+                    _ => break,
                 }
             }
-            RecordType::Pin => {
-                let p = pb::PinRecord::decode(payload).map_err(decode_err)?;
-                state.apply_pin(p.id, p.pinned, &context)?;
+            if kept_after > 0 {
+                report.truncated_tail_bytes = 0;
             }
-            RecordType::Relocate => {
-                let r = pb::RelocateRecord::decode(payload).map_err(decode_err)?;
-                // The sources it leaves unreferenced are orphans now: removed below, unless
-                // a live reader's lease holds them.
-                state.apply_relocate(&r, super::commit_record_len, &context)?;
+            if kept_after > 0 {
+                report.truncated_tail_bytes = 0;
             }
+            report.salvaged_corruption = Some(format!(
+                "skipped the damaged or inconsistent record(s) at offset(s) {skipped:?} (first: \
+                 {}); kept {} record(s) before the damage and {kept_after} valid record(s) \
+                 after it",
+                bad.reason,
+                scan.records.len()
+            ));
         }
     }
-    report.records_replayed = scan.records.len();
+    report.records_replayed = scan.records.len() + kept_after;
     state.drop_unreferenced_segments();
 
-    let wal = if writable {
+    let mut live_wal = wal_number;
+    let wal = if writable && kept_after > 0 {
+        // The kept records are not contiguous in the old file: write the state as a new WAL
+        // (as a WAL compaction does), switch CURRENT to it, set the old one aside.
+        live_wal = wal_number + 1;
+        let new = WalWriter::create_durable(io, dir, live_wal, &state.compacted_records())?;
+        files::switch_current_atomically(io, dir, live_wal)?;
+        let why = format!(
+            "{} as it was before `recover --salvage` ({}); the store's WAL is now {}",
+            files::wal_file_name(wal_number),
+            report.salvaged_corruption.as_deref().unwrap_or_default(),
+            files::wal_file_name(live_wal)
+        );
+        if let Some(dest) = lost_found::move_in(io, dir, &wal_path, &why)? {
+            report.lost_found.push(dest);
+        }
+        report.wal_file = new.path.clone();
+        Some(new)
+    } else if writable {
         let file = io
             .open(&wal_path, true)
             .map_err(|e| Error::io("open", &wal_path, e))?;
@@ -294,7 +317,7 @@ fn recover_once(io: &dyn Storage, dir: &Path, opts: &Options) -> Result<Recovere
 
     let pending_free = check_segments(io, dir, opts, &mut state, &mut report)?;
     if writable {
-        remove_leftovers(io, dir, wal_number, &mut report)?;
+        remove_leftovers(io, dir, live_wal, &mut report)?;
     }
     report.checkpoints = state.checkpoints.len();
     report.duration = started.elapsed();
@@ -395,6 +418,59 @@ fn initialize(
         report,
         pending_free,
     })
+}
+
+/// Applies one replayed WAL record to `state` (`first`: the file's first record, the only
+/// place a snapshot may be).
+fn apply_record(
+    state: &mut State,
+    rec: &wal::ScannedRecord,
+    buf: &[u8],
+    wal_path: &Path,
+    first: bool,
+) -> Result<()> {
+    let payload = &buf[rec.payload.clone()];
+    let context = format!("{} record at offset {}", wal_path.display(), rec.offset);
+    let decode_err = |e: prost::DecodeError| Error::BadManifest {
+        context: context.clone(),
+        reason: e.to_string(),
+    };
+    match rec.ty {
+        RecordType::Snapshot if first => {
+            state.apply_snapshot(&pb::SnapshotRecord::decode(payload).map_err(decode_err)?);
+        }
+        RecordType::Snapshot => {
+            return Err(Error::BadManifest {
+                context,
+                reason: "snapshot record after the first record".into(),
+            })
+        }
+        RecordType::Commit => {
+            let m = pb::CommitRecord::decode(payload)
+                .map_err(decode_err)?
+                .manifest
+                .unwrap_or_default();
+            let size = (wal::RECORD_HEADER_LEN + payload.len()) as u64;
+            state.apply_commit(m, size, &context)?;
+        }
+        RecordType::Delete => {
+            let d = pb::DeleteRecord::decode(payload).map_err(decode_err)?;
+            for id in d.ids {
+                state.apply_delete(id, super::commit_record_len);
+            }
+        }
+        RecordType::Pin => {
+            let p = pb::PinRecord::decode(payload).map_err(decode_err)?;
+            state.apply_pin(p.id, p.pinned, &context)?;
+        }
+        RecordType::Relocate => {
+            let r = pb::RelocateRecord::decode(payload).map_err(decode_err)?;
+            // The sources it leaves unreferenced are orphans now: set aside below, unless a
+            // live reader's lease holds them.
+            state.apply_relocate(&r, super::commit_record_len, &context)?;
+        }
+    }
+    Ok(())
 }
 
 /// What in `dir` (whose `CURRENT` is missing) shows that it held a store, one line each: a

@@ -357,6 +357,28 @@ impl State {
     }
 
     /// The snapshot record describing the whole live state.
+    /// The records of a WAL holding exactly this state: a snapshot, a commit per live
+    /// checkpoint, then a pin per pinned one (pins follow the commits they name,
+    /// docs/FORMAT.md; only pinned ones, so a store without pins gives a WAL an older reader
+    /// still opens). What a WAL compaction, and a salvage that keeps records after damage,
+    /// write.
+    pub(crate) fn compacted_records(&self) -> Vec<(crate::wal::RecordType, Vec<u8>)> {
+        use crate::wal::RecordType;
+        use prost::Message;
+        let mut records = vec![(RecordType::Snapshot, self.snapshot().encode_to_vec())];
+        for m in self.checkpoints.values() {
+            let rec = pb::CommitRecord {
+                manifest: Some((**m).clone()),
+            };
+            records.push((RecordType::Commit, rec.encode_to_vec()));
+        }
+        for &id in &self.pinned {
+            let rec = pb::PinRecord { id, pinned: true };
+            records.push((RecordType::Pin, rec.encode_to_vec()));
+        }
+        records
+    }
+
     pub fn snapshot(&self) -> pb::SnapshotRecord {
         pb::SnapshotRecord {
             next_checkpoint_id: self.next_checkpoint_id,
