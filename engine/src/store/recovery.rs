@@ -258,7 +258,10 @@ fn recover_once(io: &dyn Storage, dir: &Path, opts: &Options) -> Result<Recovere
     let wal = if writable && kept_after > 0 {
         // The kept records are not contiguous in the old file: write the state as a new WAL
         // (as a WAL compaction does), switch CURRENT to it, set the old one aside.
-        live_wal = wal_number + 1;
+        live_wal = wal_number.checked_add(1).ok_or_else(|| Error::BadHeader {
+            path: dir.join(current::CURRENT_NAME),
+            what: "CURRENT",
+        })?;
         let new = WalWriter::create_durable(io, dir, live_wal, &state.compacted_records())?;
         files::switch_current_atomically(io, dir, live_wal)?;
         let why = format!(
