@@ -14,8 +14,8 @@
 //! A chunk is stored compressed only when that saves at least 1/8 of its bytes
 //! ([`MIN_SAVING_DIVISOR`]); otherwise it is stored raw and reads of it cost nothing extra.
 
+use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::manifest::DType;
 use ckptstore_proto::v1 as pb;
 
 /// A chunk is compressed only if its frame is at most `raw - raw / MIN_SAVING_DIVISOR` bytes.

@@ -10,25 +10,28 @@
 pub mod codec;
 pub mod current;
 pub mod device;
+pub mod dtype;
 pub mod error;
 pub mod interop;
 pub mod io;
+mod le;
 pub mod manifest;
 pub mod pipeline;
 pub mod retention;
 pub mod segment;
+pub mod staging;
 pub mod store;
 pub mod wal;
 
 pub use ckptstore_proto as proto;
 pub use codec::Compression;
+pub use dtype::DType;
 pub use error::{Error, Result};
-pub use manifest::{DType, MetaValue};
+pub use manifest::{CheckpointInfo, MetaValue};
 pub use pipeline::{Pipeline, PipelineOptions, SaveHandle, SaveReport};
 pub use retention::{KeepReason, MetricMode, RetentionPlan, RetentionPolicy};
 pub use store::{
-    CheckpointInfo, CheckpointReader, CommitInfo, CompactionPlan, DeleteInfo, GcOptions, GcReport,
-    LoadReport, LoadSpec, Options, RecoveryMode, RecoveryReport, Selector, ShardFragment,
-    ShardOptions, ShardWriter, SpaceStats, Store, StoreStats, Tensor, TensorView, Transaction,
-    VerifiedChunks,
+    CheckpointReader, CommitInfo, CompactionPlan, DeleteInfo, GcOptions, GcReport, LoadReport,
+    LoadSpec, Options, RecoveryMode, RecoveryReport, Selector, ShardFragment, ShardOptions,
+    ShardWriter, SpaceStats, Store, StoreStats, Tensor, TensorView, Transaction, VerifiedChunks,
 };

@@ -11,8 +11,8 @@
 //! made (windows of wall time are aligned to the Unix epoch, not to "now").
 
 use crate::error::{Error, Result};
+use crate::manifest::CheckpointInfo;
 use crate::manifest::MetaValue;
-use crate::store::CheckpointInfo;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Direction of a "best" metric.

@@ -21,7 +21,8 @@
 //! before its buffer is allocated, and every tensor's offsets are checked against the file
 //! before any tensor is read.
 
-use crate::manifest::{tensor_nbytes, DType};
+use crate::dtype::DType;
+use crate::manifest::tensor_nbytes;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashSet};

@@ -15,15 +15,15 @@
 //! poisons the store, and every later save reports that.
 
 mod handle;
-mod pool;
 mod worker;
 
+pub use crate::staging::{PoolInfo, StagingBuf, StagingPool};
 pub use handle::{SaveHandle, SaveReport};
-pub use pool::{PoolInfo, StagingBuf, StagingPool};
 
 use crate::device::{HostSource, Source};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::manifest::{self, DType, MetaValue};
+use crate::manifest::{self, MetaValue};
 use crate::store::{StagedEntry, Store};
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::{BTreeMap, HashSet};

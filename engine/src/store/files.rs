@@ -27,28 +27,6 @@ pub fn parse_wal_file_name(name: &str) -> Option<u64> {
 }
 
 /// Reads a whole (small, metadata-only) file.
-/// Payload bytes written between two writeback hints.
-const WRITEBACK_SLICE: usize = 16 << 20;
-
-/// Writes a chunk payload at `at` in slices, asking for writeback of each as soon as it is in
-/// the page cache, so the disk works while later slices are copied and the commit's fdatasync
-/// finds little left to do. The hint changes nothing about durability (a file system that
-/// refuses it just flushes at fdatasync): the fdatasync still decides.
-pub(super) fn write_with_writeback(
-    file: &dyn StorageFile,
-    path: &Path,
-    bytes: &[u8],
-    mut at: u64,
-) -> Result<()> {
-    for slice in bytes.chunks(WRITEBACK_SLICE) {
-        file.write_at(slice, at)
-            .map_err(|e| Error::io("write", path, e))?;
-        let _ = file.start_writeback(at, slice.len() as u64);
-        at += slice.len() as u64;
-    }
-    Ok(())
-}
-
 pub fn read_all(io: &dyn Storage, path: &Path) -> Result<Vec<u8>> {
     let f = io
         .open(path, false)

@@ -18,6 +18,7 @@
 
 use crate::error::{Error, Result};
 use crate::io::{Storage, StorageFile};
+use crate::le;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -85,7 +86,7 @@ pub fn decode(b: &[u8]) -> Option<Held> {
     }
     let ids = b[FIXED_LEN..body]
         .chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .map(|c| le::u64_at(c, 0))
         .collect();
     Some(Held::Segments(ids))
 }

@@ -2,9 +2,11 @@
 //! chunks, see [`crate::codec`]) and verified against the BLAKE3 of its raw bytes unless the
 //! caller opts out.
 
-use super::{CheckpointInfo, Store};
+use super::Store;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::manifest::{DType, Manifest, MetaValue};
+use crate::manifest::CheckpointInfo;
+use crate::manifest::{Manifest, MetaValue};
 use ckptstore_proto::v1 as pb;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -47,7 +49,7 @@ impl<'s> CheckpointReader<'s> {
 
     /// Summary: id, step, epoch, time, counts, metadata.
     pub fn info(&self) -> CheckpointInfo {
-        CheckpointInfo::of(&self.manifest, &self.store.state)
+        self.store.state.info(&self.manifest)
     }
 
     /// User metadata.
@@ -85,7 +87,7 @@ impl<'s> CheckpointReader<'s> {
             .find(|t| t.name == name)
             .ok_or_else(|| {
                 let names = self.manifest.tensors.iter().map(|t| t.name.as_str());
-                super::select::not_found("tensor", name, self.manifest.id, names)
+                super::suggest::not_found("tensor", name, self.manifest.id, names)
             })
     }
 
@@ -125,7 +127,7 @@ impl<'s> CheckpointReader<'s> {
             .find(|b| b.name == name)
             .ok_or_else(|| {
                 let names = self.manifest.blobs.iter().map(|b| b.name.as_str());
-                super::select::not_found("blob", name, self.manifest.id, names)
+                super::suggest::not_found("blob", name, self.manifest.id, names)
             })?;
         self.check_segments(&b.chunks)?;
         let mut data = vec![0u8; b.nbytes as usize];

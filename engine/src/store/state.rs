@@ -2,7 +2,7 @@
 //! reference counts, and the content index used for deduplication.
 
 use crate::error::{Error, Result};
-use crate::manifest::{self, Manifest};
+use crate::manifest::{self, CheckpointInfo, Manifest};
 use ckptstore_proto::v1 as pb;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -69,6 +69,24 @@ impl State {
         }
     }
 
+    /// The summary of live checkpoint `m`.
+    pub fn info(&self, m: &Manifest) -> CheckpointInfo {
+        CheckpointInfo::of(m, self.pinned.contains(&m.id))
+    }
+
+    /// Hands out the next segment id (for a new segment file of this store).
+    pub fn allocate_segment_id(&mut self) -> Result<u64> {
+        let id = self.next_segment_id;
+        if id == u64::MAX {
+            // Only reachable through a WAL or a file name holding an id near u64::MAX.
+            return Err(Error::invalid(
+                "segment ids are exhausted (u64::MAX reached)",
+            ));
+        }
+        self.next_segment_id += 1;
+        Ok(id)
+    }
+
     /// A live chunk with this BLAKE3 that can be referenced instead of written again: only
     /// one in a live segment that recovery did not find damaged.
     pub fn lookup(&self, hash: &[u8; 32]) -> Option<&pb::ChunkRef> {
@@ -113,7 +131,7 @@ impl State {
                 refs: 0,
             });
             // Saturating: ids near u64::MAX in a record must not overflow; a transaction
-            // refuses to allocate past the end (see `Transaction`).
+            // refuses to allocate past the end (see `allocate_segment_id`).
             self.next_segment_id = self.next_segment_id.max(s.id.saturating_add(1));
         }
         for c in manifest::all_chunks(&m) {

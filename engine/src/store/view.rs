@@ -8,9 +8,9 @@
 //! [`CheckpointReader::tensor_with`].
 
 use super::reader::{CheckpointReader, Tensor};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::io::MappedFile;
-use crate::manifest::DType;
 use ckptstore_proto::v1 as pb;
 use std::ops::Range;
 use std::sync::Arc;

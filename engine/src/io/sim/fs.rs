@@ -1,7 +1,7 @@
 //! The in-memory file system behind `SimIo`: inodes with their current, durable and pending
 //! contents, directories with their current, durable and pending entries.
 
-use super::faults::Countdown;
+use super::faults::{Countdown, OpKind};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -187,5 +187,47 @@ impl Fs {
         self.inodes.insert(ino, Inode::default());
         self.dir_op(parent, DirOp::Set(name, Entry::File(ino)));
         ino
+    }
+}
+
+impl Fs {
+    /// Fails every call after the crash, then counts `kind` against armed EIO faults.
+    pub(super) fn enter(&mut self, kind: Option<OpKind>) -> io::Result<()> {
+        if let Some(c) = &self.crashed {
+            return Err(eio(&format!("crashed ({c})")));
+        }
+        let Some(kind) = kind else { return Ok(()) };
+        self.calls[kind as usize] += 1;
+        let mut fire = false;
+        self.eio.retain_mut(|c| {
+            if c.kind != kind {
+                return true;
+            }
+            c.left -= 1;
+            if c.left == 0 {
+                fire = true;
+                return false;
+            }
+            true
+        });
+        if fire {
+            return Err(eio(&format!("injected EIO on {kind:?}")));
+        }
+        Ok(())
+    }
+
+    /// Counts a sync call; the armed one crashes the system instead of happening.
+    pub(super) fn sync_point(&mut self, what: &str) -> io::Result<()> {
+        if let Some(c) = &self.crashed {
+            return Err(eio(&format!("crashed ({c})")));
+        }
+        self.syncs += 1;
+        if self.crash_at == Some(self.syncs) {
+            let desc = format!("crash at sync #{}: {what}", self.syncs);
+            self.log(|| desc.clone());
+            self.crashed = Some(desc.clone());
+            return Err(eio(&desc));
+        }
+        self.enter(Some(OpKind::Sync))
     }
 }
