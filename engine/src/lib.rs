@@ -6,6 +6,9 @@
 //! `docs/FORMAT.md`, the durability contract in `docs/GUARANTEES.md`.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
+// Outside tests, a panic is never the way to report a failure: an `expect` stays only where
+// an invariant holds, under an `#[allow]` that says which.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod codec;
 pub mod current;

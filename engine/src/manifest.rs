@@ -80,6 +80,14 @@ pub fn tensor_nbytes(dtype: DType, shape: &[u64]) -> Option<u64> {
         .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d))
 }
 
+/// The dtype of a tensor of a validated manifest (which only holds known dtypes).
+pub(crate) fn tensor_dtype(t: &pb::TensorEntry) -> Result<DType> {
+    DType::from_pb(t.dtype).ok_or_else(|| Error::BadManifest {
+        context: format!("tensor {:?}", t.name),
+        reason: format!("unknown dtype {}", t.dtype),
+    })
+}
+
 /// Summary of a committed checkpoint.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CheckpointInfo {

@@ -65,6 +65,7 @@ fn le_int(dtype: DType, b: &[u8]) -> Option<i64> {
 /// module docs). `step` overrides the file's `step_num`. `path` names the input in errors;
 /// `progress` is called with the bytes of each tensor imported. Returns after the commit is
 /// durable.
+#[allow(clippy::expect_used)] // scan checked the scalar's 8 bytes
 pub fn import_mindspore<R: Read + Seek>(
     store: &mut Store,
     input: &mut R,

@@ -289,6 +289,7 @@ fn parse_tensor(name: &str, v: &Value) -> Result<TensorInfo, FormatError> {
 }
 
 /// Parses and validates the JSON header bytes for a buffer of `buffer_len` bytes.
+#[allow(clippy::expect_used)] // `pos` only moves past 0 after a tensor, which sets `prev`
 pub fn parse_header(json: &[u8], buffer_len: u64, data_start: u64) -> Result<Header, FormatError> {
     let text = std::str::from_utf8(json)
         .map_err(|e| FormatError::InvalidJson(format!("not UTF-8: {e}")))?;
@@ -428,6 +429,7 @@ pub struct TensorSpec {
 /// for tensors laid out in the given order. Returns the prefix and each tensor's offsets; the
 /// caller then writes the tensors' bytes in the same order. Keys are written `__metadata__`
 /// first (omitted when empty), then the tensors in the order given.
+#[allow(clippy::expect_used)] // a string always serializes to JSON
 pub fn encode_header(
     metadata: &BTreeMap<String, String>,
     tensors: &[TensorSpec],

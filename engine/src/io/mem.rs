@@ -138,7 +138,7 @@ impl MemIo {
     /// A copy of a file's bytes, for tests that inspect or corrupt the image.
     pub fn read_file(&self, path: &Path) -> Option<Vec<u8>> {
         let tree = lock(&self.tree);
-        tree.files.get(path).map(|d| lock(&d).clone())
+        tree.files.get(path).map(|d| lock(d).clone())
     }
 
     /// Replaces a file's bytes (creating it), for tests that corrupt the image.

@@ -166,6 +166,7 @@ impl ReaderLease {
         self.write(&Held::Segments(segments.into_iter().collect()))
     }
 
+    #[allow(clippy::expect_used)] // the lease file is held until drop
     fn write(&self, held: &Held) -> Result<()> {
         let f = self.file.as_ref().expect("held until drop");
         let b = encode(std::process::id(), held);

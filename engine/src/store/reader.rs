@@ -94,10 +94,7 @@ impl<'s> CheckpointReader<'s> {
     /// Dtype and shape of a tensor, without reading it.
     pub fn tensor_meta(&self, name: &str) -> Result<(DType, Vec<u64>)> {
         let t = self.tensor_entry(name)?;
-        Ok((
-            DType::from_pb(t.dtype).expect("validated dtype"),
-            t.shape.clone(),
-        ))
+        Ok((crate::manifest::tensor_dtype(t)?, t.shape.clone()))
     }
 
     /// Reads a tensor, verifying every chunk.
@@ -112,7 +109,7 @@ impl<'s> CheckpointReader<'s> {
         let mut data = vec![0u8; t.nbytes as usize];
         self.read_chunks("tensor", &t.name, &t.chunks, &mut data, verify)?;
         Ok(Tensor {
-            dtype: DType::from_pb(t.dtype).expect("validated dtype"),
+            dtype: crate::manifest::tensor_dtype(t)?,
             shape: t.shape.clone(),
             data,
         })
@@ -170,6 +167,7 @@ impl<'s> CheckpointReader<'s> {
         Ok(())
     }
 
+    #[allow(clippy::expect_used)] // the hashing thread does not panic
     fn read_chunks(
         &self,
         kind: &'static str,

@@ -44,6 +44,7 @@ pub(crate) fn pin_record_len(id: u64) -> u64 {
     (crate::wal::RECORD_HEADER_LEN + rec.encoded_len()) as u64
 }
 
+#[allow(clippy::expect_used)] // manifests are validated (32-byte BLAKE3) before they are applied
 fn key(c: &pb::ChunkRef) -> [u8; 32] {
     c.blake3
         .as_slice()
@@ -116,6 +117,7 @@ impl State {
     }
 
     /// Applies a commit. `context` names the record for errors.
+    #[allow(clippy::expect_used)] // the segments were checked or are live
     pub fn apply_commit(&mut self, m: Manifest, record_bytes: u64, context: &str) -> Result<()> {
         manifest::validate(&m, context)?;
         let bad = |reason: String| Error::BadManifest {
@@ -222,6 +224,7 @@ impl State {
     /// no reference are returned (dropped from the table, to be freed). `context` names the
     /// record for errors. Validated in full before anything changes, so a bad record leaves
     /// the state as it was.
+    #[allow(clippy::expect_used)] // the segments were checked or are live
     pub fn apply_relocate(
         &mut self,
         r: &pb::RelocateRecord,

@@ -156,6 +156,7 @@ impl Fs {
         self.dirs.get(p).ok_or_else(|| not_found(p))
     }
 
+    #[allow(clippy::expect_used)] // callers look the directory up first
     pub(super) fn dir_op(&mut self, dir: &Path, op: DirOp) {
         let d = self.dirs.get_mut(dir).expect("checked by the caller");
         apply_dir(&mut d.entries, &op);
@@ -175,6 +176,7 @@ impl Fs {
             .ok_or_else(|| not_found(&p))
     }
 
+    #[allow(clippy::expect_used)] // an open file's inode lives as long as the file
     pub(super) fn file_op(&mut self, ino: Ino, op: FileOp) {
         let node = self.inodes.get_mut(&ino).expect("open inode");
         apply(&mut node.data, &op);
