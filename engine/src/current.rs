@@ -13,7 +13,7 @@ pub const CURRENT_TMP_NAME: &str = "CURRENT.tmp";
 /// Size of the pointer file.
 pub const CURRENT_LEN: usize = 24;
 /// Highest CURRENT format version this build reads and the one it writes.
-pub const CURRENT_VERSION: u16 = 1;
+pub(crate) const CURRENT_VERSION: u16 = 1;
 const MAGIC: &[u8; 8] = b"CKPTCUR\0";
 
 /// Why a `CURRENT` file could not be decoded.

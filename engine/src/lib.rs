@@ -10,7 +10,9 @@
 // an invariant holds, under an `#[allow]` that says which.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+#[doc(hidden)]
 pub mod codec;
+#[doc(hidden)]
 pub mod current;
 pub mod device;
 pub mod dtype;
@@ -18,12 +20,16 @@ pub mod error;
 pub mod interop;
 pub mod io;
 mod le;
+#[doc(hidden)]
 pub mod manifest;
 pub mod pipeline;
 pub mod retention;
+#[doc(hidden)]
 pub mod segment;
+#[doc(hidden)]
 pub mod staging;
 pub mod store;
+#[doc(hidden)]
 pub mod wal;
 
 pub use ckptstore_proto as proto;

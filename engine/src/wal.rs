@@ -17,7 +17,7 @@ pub const RECORD_HEADER_LEN: usize = 12;
 /// Largest payload a record may carry; a length above it is corruption, never an allocation.
 pub const MAX_RECORD_LEN: u32 = 64 << 20;
 /// Highest WAL format version this build reads and the one it writes.
-pub const WAL_VERSION: u16 = 1;
+pub(crate) const WAL_VERSION: u16 = 1;
 const MAGIC: &[u8; 8] = b"CKPTWAL\0";
 
 /// Record types. 0 is reserved and never valid.

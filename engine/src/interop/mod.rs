@@ -23,7 +23,7 @@
 
 mod error;
 pub mod mindspore;
-pub mod mindspore_store;
+mod mindspore_store;
 pub mod safetensors;
 
 pub use error::Error;
@@ -108,7 +108,7 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 
 /// The `__metadata__` an export writes for a checkpoint (see the module docs). A user key that
 /// collides with a reserved key is an error unless it holds the same value.
-pub fn export_metadata(
+pub(crate) fn export_metadata(
     id: u64,
     step: u64,
     epoch: u64,
@@ -164,7 +164,7 @@ pub fn export_metadata(
 }
 
 /// The step, epoch and user metadata an import takes from `__metadata__` (see the module docs).
-pub fn import_metadata(
+pub(crate) fn import_metadata(
     meta: &BTreeMap<String, String>,
     step: Option<u64>,
 ) -> Result<(u64, u64, BTreeMap<String, MetaValue>)> {

@@ -32,13 +32,13 @@ pub const FRAME_FIXED_LEN: usize = 64;
 /// One chunk-table entry.
 pub const CHUNK_ENTRY_LEN: usize = 48;
 /// Highest segment format version this build reads and the one it writes.
-pub const SEGMENT_VERSION: u16 = 1;
+pub(crate) const SEGMENT_VERSION: u16 = 1;
 const SEG_MAGIC: &[u8; 8] = b"CKPTSEG\0";
 const FRAME_MAGIC: &[u8; 4] = b"CKFR";
 const FRAME_VERSION: u8 = 1;
 
 /// Rounds `x` up to a multiple of [`FRAME_ALIGN`].
-pub fn align_up(x: u64) -> u64 {
+pub(crate) fn align_up(x: u64) -> u64 {
     x.div_ceil(FRAME_ALIGN) * FRAME_ALIGN
 }
 
@@ -122,20 +122,21 @@ pub struct FrameHeader {
 }
 
 /// Largest header a frame may declare (a table of 65 536 chunks); larger is corruption.
-pub const MAX_FRAME_HEADER_LEN: u64 = FRAME_FIXED_LEN as u64 + CHUNK_ENTRY_LEN as u64 * 65_536;
+pub(crate) const MAX_FRAME_HEADER_LEN: u64 =
+    FRAME_FIXED_LEN as u64 + CHUNK_ENTRY_LEN as u64 * 65_536;
 
 /// Header length of a frame whose table has room for `n` chunks.
-pub fn header_len_for(n: usize) -> u64 {
+pub(crate) fn header_len_for(n: usize) -> u64 {
     align_up((FRAME_FIXED_LEN + CHUNK_ENTRY_LEN * n) as u64)
 }
 
 /// Most chunks one frame's table lists (the format's cap on a frame header).
-pub const MAX_FRAME_CHUNKS: usize = 65_536;
+pub(crate) const MAX_FRAME_CHUNKS: usize = 65_536;
 
 /// How many chunks of a run fit in a frame starting at `end` of a segment of at most `max`
 /// bytes: the run covers chunks `k..` of `total` bytes cut in chunks of `cs`, and a frame
 /// lists at most `MAX_FRAME_CHUNKS` of them (its header grows with each).
-pub fn frame_capacity(end: u64, max: u64, total: usize, cs: usize, k: usize) -> usize {
+pub(crate) fn frame_capacity(end: u64, max: u64, total: usize, cs: usize, k: usize) -> usize {
     let limit = (total.div_ceil(cs) - k).min(MAX_FRAME_CHUNKS);
     let mut payload = 0u64;
     let mut n = 0;

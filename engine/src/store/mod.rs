@@ -19,8 +19,10 @@ mod txn;
 mod view;
 
 pub use compact::CompactionPlan;
+#[doc(hidden)]
 pub use files::{parse_wal_file_name, wal_file_name, LOCK_NAME, SEGMENTS_DIR};
 pub use gc::{GcOptions, GcReport, SpaceStats};
+#[doc(hidden)]
 pub use lease::READERS_DIR;
 pub use reader::{CheckpointReader, Tensor, VerifiedChunks};
 pub use recovery::RecoveryReport;

@@ -62,7 +62,7 @@ pub(crate) fn referenced_segments(m: &Manifest) -> BTreeSet<u64> {
 }
 
 impl State {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         State {
             next_checkpoint_id: 1,
             next_segment_id: 1,
@@ -71,12 +71,12 @@ impl State {
     }
 
     /// The summary of live checkpoint `m`.
-    pub fn info(&self, m: &Manifest) -> CheckpointInfo {
+    pub(crate) fn info(&self, m: &Manifest) -> CheckpointInfo {
         CheckpointInfo::of(m, self.pinned.contains(&m.id))
     }
 
     /// Hands out the next segment id (for a new segment file of this store).
-    pub fn allocate_segment_id(&mut self) -> Result<u64> {
+    pub(crate) fn allocate_segment_id(&mut self) -> Result<u64> {
         let id = self.next_segment_id;
         if id == u64::MAX {
             // Only reachable through a WAL or a file name holding an id near u64::MAX.
@@ -90,7 +90,7 @@ impl State {
 
     /// A live chunk with this BLAKE3 that can be referenced instead of written again: only
     /// one in a live segment that recovery did not find damaged.
-    pub fn lookup(&self, hash: &[u8; 32]) -> Option<&pb::ChunkRef> {
+    pub(crate) fn lookup(&self, hash: &[u8; 32]) -> Option<&pb::ChunkRef> {
         self.index
             .get(hash)
             .map(|e| &e.chunk)
@@ -98,7 +98,7 @@ impl State {
     }
 
     /// Applies a snapshot record: the state restarts from it.
-    pub fn apply_snapshot(&mut self, s: &pb::SnapshotRecord) {
+    pub(crate) fn apply_snapshot(&mut self, s: &pb::SnapshotRecord) {
         *self = State::new();
         self.next_checkpoint_id = s.next_checkpoint_id.max(1);
         self.next_segment_id = s.next_segment_id.max(1);
@@ -118,7 +118,12 @@ impl State {
 
     /// Applies a commit. `context` names the record for errors.
     #[allow(clippy::expect_used)] // the segments were checked or are live
-    pub fn apply_commit(&mut self, m: Manifest, record_bytes: u64, context: &str) -> Result<()> {
+    pub(crate) fn apply_commit(
+        &mut self,
+        m: Manifest,
+        record_bytes: u64,
+        context: &str,
+    ) -> Result<()> {
         manifest::validate(&m, context)?;
         let bad = |reason: String| Error::BadManifest {
             context: context.to_owned(),
@@ -175,7 +180,7 @@ impl State {
     }
 
     /// Removes a checkpoint; returns the segments no live checkpoint references any more.
-    pub fn apply_delete(
+    pub(crate) fn apply_delete(
         &mut self,
         id: u64,
         record_bytes_of: impl Fn(&Manifest) -> u64,
@@ -225,7 +230,7 @@ impl State {
     /// record for errors. Validated in full before anything changes, so a bad record leaves
     /// the state as it was.
     #[allow(clippy::expect_used)] // the segments were checked or are live
-    pub fn apply_relocate(
+    pub(crate) fn apply_relocate(
         &mut self,
         r: &pb::RelocateRecord,
         record_bytes_of: impl Fn(&Manifest) -> u64,
@@ -342,7 +347,7 @@ impl State {
 
     /// Applies a pin record. `context` names the record for errors: a pin of a checkpoint that
     /// is not live is refused (the writer never writes one; a WAL holding one is damaged).
-    pub fn apply_pin(&mut self, id: u64, pinned: bool, context: &str) -> Result<()> {
+    pub(crate) fn apply_pin(&mut self, id: u64, pinned: bool, context: &str) -> Result<()> {
         if !self.checkpoints.contains_key(&id) {
             return Err(Error::BadManifest {
                 context: context.to_owned(),
@@ -364,7 +369,7 @@ impl State {
 
     /// Drops segments that no live checkpoint references (left by a snapshot or by commits
     /// whose chunks were all deduplicated). Returns them.
-    pub fn drop_unreferenced_segments(&mut self) -> Vec<u64> {
+    pub(crate) fn drop_unreferenced_segments(&mut self) -> Vec<u64> {
         let dead: Vec<u64> = self
             .segments
             .iter()
@@ -378,7 +383,7 @@ impl State {
     }
 
     /// The snapshot record describing the whole live state.
-    pub fn snapshot(&self) -> pb::SnapshotRecord {
+    pub(crate) fn snapshot(&self) -> pb::SnapshotRecord {
         pb::SnapshotRecord {
             next_checkpoint_id: self.next_checkpoint_id,
             next_segment_id: self.next_segment_id,

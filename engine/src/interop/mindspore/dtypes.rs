@@ -32,7 +32,7 @@ pub enum ValueKind {
 
 /// Parses a `tensor_type`. `Err(Some(why))`: a MindSpore type ckptstore cannot hold;
 /// `Err(None)`: a string MindSpore does not write.
-pub fn parse_dtype(s: &str) -> Result<ValueKind, Option<&'static str>> {
+pub(crate) fn parse_dtype(s: &str) -> Result<ValueKind, Option<&'static str>> {
     Ok(ValueKind::Tensor(match s {
         "Float64" => DType::F64,
         "Float32" => DType::F32,

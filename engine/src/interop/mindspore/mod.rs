@@ -34,28 +34,28 @@ mod reader;
 mod wire;
 mod writer;
 
-pub use dtypes::{dtype_name, parse_dtype, ValueKind};
+pub use dtypes::{dtype_name, ValueKind};
 pub use reader::{decode_str, read_entry, scan, BodyReader, ContentReader, Entry, Index};
-pub use wire::{crc_trailer, Crc32};
+pub use wire::Crc32;
 pub use writer::ValueWriter;
 
 /// The 7 bytes that open the CRC trailer.
-pub const CRC_MAGIC: &[u8; 7] = b"crc_num";
+pub(crate) const CRC_MAGIC: &[u8; 7] = b"crc_num";
 /// Length of the CRC trailer: the magic and a 10-byte big-endian number.
-pub const CRC_TRAILER_LEN: u64 = 17;
+pub(crate) const CRC_TRAILER_LEN: u64 = 17;
 /// Longest value tag (parameter name) the reader accepts.
 pub const MAX_TAG_LEN: u64 = 65_536;
 /// Longest `tensor_type` string the reader accepts.
-pub const MAX_TYPE_LEN: u64 = 64;
+pub(crate) const MAX_TYPE_LEN: u64 = 64;
 /// Most dims one tensor may have.
-pub const MAX_DIMS: usize = 64;
+pub(crate) const MAX_DIMS: usize = 64;
 /// Largest `str` value the reader accepts (its content is read into memory).
-pub const MAX_STR_LEN: u64 = 16 << 20;
+pub(crate) const MAX_STR_LEN: u64 = 16 << 20;
 /// Most values (slices included) one file may hold.
-pub const MAX_VALUES: usize = 1 << 20;
+pub(crate) const MAX_VALUES: usize = 1 << 20;
 /// Most bytes of names, type strings and dims the index of one file may hold (a manifest
 /// holding more could not be committed: it is one WAL record of at most 64 MiB).
-pub const MAX_INDEX_BYTES: u64 = 64 << 20;
+pub(crate) const MAX_INDEX_BYTES: u64 = 64 << 20;
 /// MindSpore's slice size: a tensor of more bytes is written as several values.
 pub const DEFAULT_SLICE_BYTES: u64 = 512 << 20;
 /// Skips at most this long are read and discarded rather than seeked over (a seek discards

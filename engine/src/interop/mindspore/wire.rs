@@ -75,7 +75,7 @@ impl Crc32 {
 }
 
 /// The 17-byte trailer MindSpore's `crc_check=True` appends.
-pub fn crc_trailer(crc: u32) -> [u8; CRC_TRAILER_LEN as usize] {
+pub(crate) fn crc_trailer(crc: u32) -> [u8; CRC_TRAILER_LEN as usize] {
     let mut t = [0u8; CRC_TRAILER_LEN as usize];
     t[..7].copy_from_slice(CRC_MAGIC);
     t[13..].copy_from_slice(&crc.to_be_bytes());
