@@ -49,7 +49,13 @@ pub fn file_name(id: u64) -> String {
 
 /// Parses a segment file name back to its id; foreign names give `None`.
 pub fn parse_file_name(name: &str) -> Option<u64> {
-    let digits = name.strip_suffix(".seg")?;
+    parse_numbered(name, ".seg")
+}
+
+/// The number of a `NNNNNNNN<suffix>` file name (8+ decimal digits), the naming of segment
+/// and WAL files; foreign names give `None`.
+pub(crate) fn parse_numbered(name: &str, suffix: &str) -> Option<u64> {
+    let digits = name.strip_suffix(suffix)?;
     if digits.len() < 8 || !digits.bytes().all(|c| c.is_ascii_digit()) {
         return None;
     }

@@ -19,11 +19,7 @@ pub fn wal_file_name(n: u64) -> String {
 
 /// Parses a WAL file name; foreign names give `None`.
 pub fn parse_wal_file_name(name: &str) -> Option<u64> {
-    let digits = name.strip_suffix(".wal")?;
-    if digits.len() < 8 || !digits.bytes().all(|c| c.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok()
+    crate::segment::parse_numbered(name, ".wal")
 }
 
 /// Reads a whole (small, metadata-only) file.

@@ -224,6 +224,16 @@ pub enum FormatError {
     },
 }
 
+/// A field of wire type `wire_type` where `message` allows no such field (or no such key).
+fn bad_wire_type(message: &'static str, field: u64, wire_type: u64, at: u64) -> FormatError {
+    FormatError::BadWireType {
+        message,
+        field,
+        wire_type,
+        at,
+    }
+}
+
 fn io_err(op: &'static str) -> impl FnOnce(std::io::Error) -> FormatError {
     move |source| FormatError::Io { op, source }
 }

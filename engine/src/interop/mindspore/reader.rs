@@ -3,7 +3,8 @@
 
 use super::dtypes::{parse_dtype, ValueKind};
 use super::wire::{Crc32, Wire};
-use super::*;
+use super::{bad_wire_type, io_err, FormatError, CRC_MAGIC, CRC_TRAILER_LEN};
+use super::{MAX_DIMS, MAX_INDEX_BYTES, MAX_STR_LEN, MAX_TAG_LEN, MAX_TYPE_LEN, MAX_VALUES};
 use crate::manifest::tensor_nbytes;
 use std::io::{Read, Seek, SeekFrom};
 
@@ -93,14 +94,7 @@ fn read_tensor<R: Read + Seek>(
                 t.content = Some((w.pos, len));
                 w.skip(len)?;
             }
-            (f @ 1..=3, wt) => {
-                return Err(FormatError::BadWireType {
-                    message: SCOPE,
-                    field: f,
-                    wire_type: wt,
-                    at,
-                })
-            }
+            (f @ 1..=3, wt) => return Err(bad_wire_type(SCOPE, f, wt, at)),
             (f, wt) => w.skip_field(SCOPE, f, wt, at, end, SCOPE)?,
         }
     }
@@ -119,14 +113,7 @@ fn read_map_tensor<R: Read + Seek>(w: &mut Wire<'_, R>, end: u64) -> Result<(), 
                 let tensor_end = w.pos + len;
                 read_tensor(w, &mut RawTensor::default(), tensor_end)?;
             }
-            (1, wt) => {
-                return Err(FormatError::BadWireType {
-                    message: SCOPE,
-                    field: 1,
-                    wire_type: wt,
-                    at,
-                })
-            }
+            (1, wt) => return Err(bad_wire_type(SCOPE, 1, wt, at)),
             (f, wt) => w.skip_field(SCOPE, f, wt, at, end, SCOPE)?,
         }
     }
@@ -167,14 +154,7 @@ fn read_value<R: Read + Seek>(
                 read_map_tensor(w, map_end)?;
                 value = Some(RawValue::Map);
             }
-            (f @ 1..=3, wt) => {
-                return Err(FormatError::BadWireType {
-                    message: SCOPE,
-                    field: f,
-                    wire_type: wt,
-                    at,
-                })
-            }
+            (f @ 1..=3, wt) => return Err(bad_wire_type(SCOPE, f, wt, at)),
             (f, wt) => w.skip_field(SCOPE, f, wt, at, end, SCOPE)?,
         }
     }
@@ -240,12 +220,7 @@ pub fn scan<R: Read + Seek>(r: &mut R) -> Result<Index, FormatError> {
             continue;
         }
         if wt != 2 {
-            return Err(FormatError::BadWireType {
-                message: "Checkpoint",
-                field,
-                wire_type: wt,
-                at,
-            });
+            return Err(bad_wire_type("Checkpoint", field, wt, at));
         }
         let len = w.len("value", body_len, "file")?;
         values += 1;

@@ -1,7 +1,7 @@
 //! The framing underneath: CRC-32 as zlib computes it, the position-tracking reader of
 //! protobuf framing, and varints for the writer.
 
-use super::{io_err, FormatError, CRC_MAGIC, CRC_TRAILER_LEN, READ_SKIP_MAX};
+use super::{bad_wire_type, io_err, FormatError, CRC_MAGIC, CRC_TRAILER_LEN, READ_SKIP_MAX};
 use std::io::{Read, Seek, SeekFrom};
 
 const fn crc_tables() -> [[u32; 256]; 8] {
@@ -145,12 +145,7 @@ impl<R: Read + Seek> Wire<'_, R> {
         let key = self.varint(end, scope)?;
         let (field, wire_type) = (key >> 3, key & 7);
         if key > u64::from(u32::MAX) || field == 0 || wire_type > 5 {
-            return Err(FormatError::BadWireType {
-                message,
-                field,
-                wire_type,
-                at,
-            });
+            return Err(bad_wire_type(message, field, wire_type, at));
         }
         Ok((field, wire_type))
     }
@@ -230,14 +225,7 @@ impl<R: Read + Seek> Wire<'_, R> {
                 self.need("fixed32", 4, end, scope)?;
                 self.skip(4)?;
             }
-            _ => {
-                return Err(FormatError::BadWireType {
-                    message,
-                    field,
-                    wire_type: wt,
-                    at,
-                })
-            }
+            _ => return Err(bad_wire_type(message, field, wt, at)),
         }
         Ok(())
     }
