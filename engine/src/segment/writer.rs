@@ -54,11 +54,6 @@ impl Run {
     pub(crate) fn is_full(&self) -> bool {
         self.chunks.len() == self.capacity
     }
-
-    /// The codec of the run's chunks.
-    pub(crate) fn codec(&self) -> pb::Codec {
-        self.codec
-    }
 }
 
 /// Writes new segment files in one directory (see the module documentation).
@@ -178,6 +173,41 @@ impl SegmentWriter {
         }
         seg.end = end;
         Ok(())
+    }
+
+    /// Writes one chunk as the next of `run`: the run is ended first when its table is full
+    /// or its codec is not `codec`, and begun ([`SegmentWriter::begin_run`], with
+    /// `capacity` and `next_id`) when there is none.
+    #[allow(clippy::too_many_arguments)] // the chunk (3) and how a run begins (3)
+    pub(crate) fn append(
+        &mut self,
+        run: &mut Option<Run>,
+        codec: pb::Codec,
+        capacity: impl Fn(u64) -> usize,
+        next_id: impl FnOnce() -> Result<u64>,
+        stored: &[u8],
+        raw_len: u64,
+        hash: [u8; 32],
+    ) -> Result<pb::ChunkRef> {
+        if run
+            .as_ref()
+            .is_some_and(|r| r.is_full() || r.codec != codec)
+        {
+            self.end(run)?;
+        }
+        let r = match run {
+            Some(r) => r,
+            None => run.insert(self.begin_run(codec, capacity, next_id)?),
+        };
+        self.write_chunk(r, stored, raw_len, hash)
+    }
+
+    /// Ends `run` ([`SegmentWriter::end_run`]), if there is one.
+    pub(crate) fn end(&mut self, run: &mut Option<Run>) -> Result<()> {
+        match run.take() {
+            Some(r) => self.end_run(r),
+            None => Ok(()),
+        }
     }
 
     /// fdatasyncs the open segment and returns every segment written, with its final

@@ -250,33 +250,24 @@ impl ShardWriter {
         let mut run: Option<Run> = None;
         for (k, (chunk, hash)) in chunks.enumerate() {
             if let Some(r) = self.local_index.get(&hash).cloned() {
-                if let Some(r) = run.take() {
-                    self.writer.end_run(r)?;
-                }
+                self.writer.end(&mut run)?;
                 refs.push(r);
                 continue;
             }
-            if let Some(r) = run.take_if(|r| r.is_full()) {
-                self.writer.end_run(r)?;
-            }
-            let r = match &mut run {
-                Some(r) => r,
-                // Table room for as many chunks from `k` on as fit in the segment.
-                None => run.insert(self.writer.begin_run(
-                    pb::Codec::None,
-                    |end| segment::frame_capacity(end, max, total, cs, k),
-                    || next_shard_id(&mut self.next_id, &self.ids),
-                )?),
-            };
-            let r = self
-                .writer
-                .write_chunk(r, chunk, chunk.len() as u64, hash)?;
+            // A new run reserves table room for as many chunks from `k` on as fit.
+            let r = self.writer.append(
+                &mut run,
+                pb::Codec::None,
+                |end| segment::frame_capacity(end, max, total, cs, k),
+                || next_shard_id(&mut self.next_id, &self.ids),
+                chunk,
+                chunk.len() as u64,
+                hash,
+            )?;
             self.local_index.insert(hash, r.clone());
             refs.push(r);
         }
-        if let Some(r) = run.take() {
-            self.writer.end_run(r)?;
-        }
+        self.writer.end(&mut run)?;
         Ok(refs)
     }
 }

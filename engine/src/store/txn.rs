@@ -518,41 +518,32 @@ impl<'s> Transaction<'s> {
                 .or_else(|| self.store.state.lookup(&hash))
                 .cloned();
             if let Some(r) = known {
-                if let Some(r) = run.take() {
-                    self.writer.end_run(r)?;
-                }
+                self.writer.end(&mut run)?;
                 self.bytes_deduplicated += chunk.raw_len as u64;
                 self.chunks_deduplicated += 1;
                 refs.push(r);
                 continue;
             }
-            if let Some(r) = run.take_if(|r| r.is_full() || r.codec() != chunk.codec) {
-                self.writer.end_run(r)?;
-            }
-            let r = match &mut run {
-                Some(r) => r,
-                // Table room for as many chunks from `k` on as fit in the segment, since the
-                // run's length is not known yet. Payloads are budgeted at their raw length: a
-                // compressed run only ends up shorter.
-                None => run.insert(self.writer.begin_run(
-                    chunk.codec,
-                    |end| segment::frame_capacity(end, max, total, cs, k),
-                    || self.store.state.allocate_segment_id(),
-                )?),
-            };
             let stored = chunk.bytes.as_ref();
-            let r = self
-                .writer
-                .write_chunk(r, stored, chunk.raw_len as u64, hash)?;
+            // A new run reserves table room for as many chunks from `k` on as fit in the
+            // segment, since its length is not known yet. Payloads are budgeted at their raw
+            // length: a compressed run only ends up shorter.
+            let r = self.writer.append(
+                &mut run,
+                chunk.codec,
+                |end| segment::frame_capacity(end, max, total, cs, k),
+                || self.store.state.allocate_segment_id(),
+                stored,
+                chunk.raw_len as u64,
+                hash,
+            )?;
             self.bytes_written += stored.len() as u64;
             self.raw_bytes_written += chunk.raw_len as u64;
             self.chunks_written += 1;
             self.local_index.entry(hash).or_insert_with(|| r.clone());
             refs.push(r);
         }
-        if let Some(r) = run.take() {
-            self.writer.end_run(r)?;
-        }
+        self.writer.end(&mut run)?;
         Ok(refs)
     }
 
