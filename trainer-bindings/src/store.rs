@@ -251,6 +251,12 @@ impl PyStore {
         });
     }
 
+    /// Waits (GIL released) for every background save handed in so far to finish; their
+    /// outcomes belong to their own handles. The store stays open.
+    fn wait_saves(&self, py: Python<'_>) {
+        self.drain(py);
+    }
+
     #[getter]
     fn closed(&self) -> bool {
         lock(&self.store).is_none()

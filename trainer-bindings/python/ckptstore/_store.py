@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import builtins
 import os
+import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from . import _native, _tensors, _tree
-from ._native import CorruptionError, NotFoundError
+from ._native import CorruptionError, NotFoundError, StoreError
 
 PathLike = str | os.PathLike
 
@@ -36,10 +38,83 @@ class LoadResult(NamedTuple):
     unexpected_keys: list[str]
 
 
+class _Shared:
+    """One open engine store, shared by every writer handle on the same directory in this
+    process (see ``Store``)."""
+
+    __slots__ = ("native", "refs", "key", "options")
+
+    def __init__(self, native: Any, key: str, options: dict[str, Any]):
+        self.native, self.refs, self.key, self.options = native, 1, key, options
+
+
+# Writer stores open in this process, by canonical directory. The engine's writer lock is an
+# flock(2) on the store's LOCK file, per open file: a second engine store on the same directory
+# in the same process would conflict with the first, so every Store(d) shares one.
+_OPEN: dict[str, _Shared] = {}
+_OPEN_LOCK = threading.Lock()
+
+
+def _release(shared: _Shared) -> None:
+    """Drops one handle's reference; the last one closes the engine store (waiting for its
+    background saves) and releases the writer lock."""
+    with _OPEN_LOCK:
+        shared.refs -= 1
+        if shared.refs > 0:
+            return
+        if _OPEN.get(shared.key) is shared:
+            del _OPEN[shared.key]
+    shared.native.close()
+
+
+def _after_fork_in_child() -> None:
+    # A forked child inherits the parent's open LOCK file, and with it the parent's flock:
+    # the parent could then never take the lock again once it closed its store, and its error
+    # would name its own pid. The child drops its copy (the descriptor now points at
+    # /dev/null, so the engine's later close of that number closes nothing else) and forgets
+    # the parent's stores: a child opens its own.
+    if not _OPEN:
+        return
+    locks = {os.path.join(k, "LOCK") for k in _OPEN}
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        fds = []
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/self/fd/{fd}") in locks and int(fd) != null:
+                    os.dup2(null, int(fd))
+            except (OSError, ValueError):
+                continue
+    finally:
+        os.close(null)
+    import ctypes
+
+    for shared in _OPEN.values():
+        # Never closed or freed in the child (an extra reference it never drops, which outlives
+        # the interpreter's teardown): its pipeline threads were the parent's, and joining them
+        # here would hang.
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(shared.native))
+        shared.refs = 1 << 30
+    _OPEN.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Store:
     """A checkpoint store in one directory: ``Store(path, **options)`` opens it (creating it if
-    needed) and runs recovery. One writer per store (a second gets LockedError);
-    ``read_only=True`` opens coexist with it.
+    needed) and runs recovery.
+
+    One writer per store across processes (a writer in another process gets LockedError
+    naming that process; ``read_only=True`` opens coexist with it). Within one process every
+    ``Store(path)`` of the same directory shares one open engine store and its lock, so
+    several callbacks, a ``save_checkpoint`` during training and a ``load`` in between all
+    work; ``close()`` (or the handle being freed) drops this handle, and the last one closes
+    the store and releases the lock. Handles sharing a store must ask for the same options.
 
     Options: ``read_only`` (False), ``chunk_size`` (bytes, 4 MiB; 4 KiB..1 GiB),
     ``segment_max_bytes`` (1 GiB; >= 1 MiB), ``wal_compact_min_bytes`` (8 MiB),
@@ -54,15 +129,44 @@ class Store:
         bad = sorted(set(options) - known)
         if bad:
             raise TypeError(f"Store(): unknown option(s) {bad}; known: {sorted(known)}")
-        self._native = _native.Store(os.fspath(path), **options)
+        self._path = os.fspath(path)
+        self._closed = False
+        if options.get("read_only"):
+            # takes no lock: a private engine store, never shared
+            shared = _Shared(_native.Store(self._path, **options), "", options)
+        else:
+            key = os.path.realpath(self._path)
+            with _OPEN_LOCK:
+                shared_or_none = _OPEN.get(key)
+                if shared_or_none is not None and not shared_or_none.native.closed:
+                    if shared_or_none.options != options:
+                        raise ValueError(
+                            f"store {key} is already open in this process with options "
+                            f"{shared_or_none.options}; a second handle must ask for the "
+                            f"same ones, not {options}")
+                    shared = shared_or_none
+                    shared.refs += 1
+                else:
+                    shared = _Shared(_native.Store(self._path, **options), key, options)
+                    _OPEN[key] = shared
+        self._shared = shared
+        # Not a method of self (it would keep self alive): releases this handle's reference
+        # when close() runs or when the handle is freed, whichever comes first.
+        self._finalizer = weakref.finalize(self, _release, shared)
+
+    @property
+    def _native(self) -> Any:
+        if self._closed:
+            raise StoreError(f"store {self._path} is closed")
+        return self._shared.native
 
     @property
     def path(self) -> str:
-        return os.fspath(self._native.path)
+        return self._path
 
     @property
     def read_only(self) -> bool:
-        return self._native.read_only
+        return bool(self._shared.native.read_only)
 
     def list(self) -> builtins.list[dict[str, Any]]:
         """Live checkpoints, oldest first: id, step, epoch, wall_time_unix_ns, tensors, blobs,
@@ -110,12 +214,17 @@ class Store:
             dry_run=dry_run)
 
     def close(self) -> None:
-        """Waits for background saves, then releases the store and its writer lock."""
-        self._native.close()
+        """Waits for background saves, then drops this handle; the last handle of the store in
+        this process closes it and releases its writer lock. Closing twice is harmless."""
+        if self._closed:
+            return
+        self._closed = True
+        self._shared.native.wait_saves()
+        self._finalizer()
 
     @property
     def closed(self) -> bool:
-        return self._native.closed
+        return self._closed or bool(self._shared.native.closed)
 
     def __enter__(self) -> Store:
         return self
@@ -124,7 +233,7 @@ class Store:
         self.close()
 
     def __repr__(self) -> str:
-        return repr(self._native)
+        return repr(self._shared.native) + (" (closed)" if self.closed else "")
 
 
 class _Slice:
@@ -342,18 +451,24 @@ def load(store: Store | PathLike, step: int | None = None, *, id: int | None = N
             ck = Checkpoint(s, s._native.info(id=id, step=step), framework, verify)
             return _load_from(ck, prefix, filter, strict, device)
         first: Exception | None = None
-        for info in reversed(s.list()):
-            ck = Checkpoint(s, info, framework, verify)
-            try:
-                out = _load_from(ck, prefix, filter, strict, device)
-            except CorruptionError as e:
-                warnings.warn(f"checkpoint {info['id']} (step {info['step']}) is damaged, "
-                              f"trying the one before: {e}", stacklevel=2)
-                first = first or e
-                continue
-            return out
-        if first is not None:
-            raise first
+        try:
+            for info in reversed(s.list()):
+                ck = Checkpoint(s, info, framework, verify)
+                try:
+                    out = _load_from(ck, prefix, filter, strict, device)
+                except CorruptionError as e:
+                    warnings.warn(f"checkpoint {info['id']} (step {info['step']}) is damaged, "
+                                  f"trying the one before: {e}", stacklevel=2)
+                    first = first or e
+                    continue
+                return out
+            if first is not None:
+                raise first
+        finally:
+            # `first`'s traceback holds this frame, and this frame holds `first`: a reference
+            # cycle that kept the store (and its writer lock) alive after the caller's last
+            # reference was gone, until the garbage collector ran.
+            first = None
         raise NotFoundError(f"no checkpoint in {s.path} (the store is empty)")
     finally:
         if s is not store:
