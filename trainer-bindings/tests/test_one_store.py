@@ -49,31 +49,32 @@ def test_two_stores_on_one_directory_both_save(store_dir):
     cs.save(a, {"w": np.full(10, 1.0)}, step=1)
     cs.save(b, {"w": np.full(10, 2.0)}, step=2)
     h = cs.save_async(a, {"w": np.full(10, 3.0)}, step=3)
-    assert [c["step"] for c in b.list()] == [1, 2, 3]  # b sees a's queued save committed
+    cs.save(b, {"w": np.full(10, 3.5)}, step=4)  # commits after a's queued save
     h.wait()
+    assert [c["step"] for c in b.list()] == [1, 2, 3, 4]
     # A load by path between saves (read-only, no lock) and a third handle: all fine.
-    assert cs.load(store_dir)["w"][0] == 3.0
+    assert cs.load(store_dir)["w"][0] == 3.5
     with cs.Store(store_dir) as c:
-        cs.save(c, {"w": np.full(10, 4.0)}, step=4)
+        cs.save(c, {"w": np.full(10, 4.0)}, step=5)
     # A handle closed: the store stays open for the others, and the closed one says so.
     a.close()
     assert a.closed and not b.closed
     with pytest.raises(cs.StoreError, match="closed"):
         a.list()
-    cs.save(b, {"w": np.full(10, 5.0)}, step=5)
+    cs.save(b, {"w": np.full(10, 5.0)}, step=6)
     assert not _other_process_can_write(store_dir)
     b.close()
     assert _other_process_can_write(store_dir)
-    assert [c["step"] for c in cs.Store(store_dir, read_only=True).list()] == [1, 2, 3, 4, 5]
+    assert [c["step"] for c in cs.Store(store_dir, read_only=True).list()] == [1, 2, 3, 4, 5, 6]
 
 
 def test_a_second_handle_must_ask_for_the_same_options(store_dir):
     with cs.Store(store_dir, chunk_size=1 << 16) as s:
         with pytest.raises(ValueError, match="same ones"):
             cs.Store(store_dir, chunk_size=1 << 20)
+        cs.save(s, {"w": np.ones(3)}, step=1)
         # read-only handles are private (they take no lock) and coexist
         with cs.Store(store_dir, read_only=True) as r:
-            cs.save(s, {"w": np.ones(3)}, step=1)
             assert [c["step"] for c in r.list()] == [1]
 
 
@@ -85,6 +86,21 @@ def test_handles_of_one_directory_through_other_paths_share(store_dir, tmp_path)
         for i, s in enumerate((a, b, c)):
             cs.save(s, {"w": np.full(3, float(i))}, step=i)
     assert not _store._OPEN
+
+
+def test_save_and_load_leave_no_garbage(store_dir, no_gc):
+    """Regression: the tree codec's recursive closures referred to themselves, cycles that
+    held the saved state and (on load) the store with its writer lock until gc ran."""
+    import torch
+    gc.collect()
+    store = cs.Store(store_dir)
+    state = {"model": {"w": torch.ones(4), "b": np.zeros(2)}, "opt": [1, 2.5, (3, "x")]}
+    cs.save(store, state, step=1)
+    back = cs.load(store)
+    assert back["opt"] == [1, 2.5, (3, "x")]
+    del store, back
+    assert not _store._OPEN
+    assert gc.collect() == 0
 
 
 def _damage_newest(store_dir) -> None:
@@ -152,21 +168,26 @@ def test_a_forked_child_does_not_keep_the_parents_lock(store_dir):
     s = cs.Store(store_dir)
     cs.save(s, {"w": np.ones(4)}, step=1)
     r, w = os.pipe()
+    ready_r, ready_w = os.pipe()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads running
         pid = os.fork()
-    if pid == 0:  # the child: waits for the parent, then leaves without cleanup
+    if pid == 0:  # the child (past its at-fork handlers): waits for the parent, then leaves
         os.close(w)
+        os.write(ready_w, b"r")
         os.read(r, 1)
         os._exit(0)
     os.close(r)
+    os.close(ready_w)
     try:
+        assert os.read(ready_r, 1) == b"r"
         s.close()
         with cs.Store(store_dir) as again:  # the child (still alive) holds no lock
             cs.save(again, {"w": np.ones(4)}, step=2)
     finally:
         os.write(w, b"x")
         os.close(w)
+        os.close(ready_r)
         os.waitpid(pid, 0)
 
 

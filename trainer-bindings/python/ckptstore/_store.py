@@ -7,6 +7,7 @@ this module converts Python values and calls it.
 from __future__ import annotations
 
 import builtins
+import logging
 import os
 import threading
 import warnings
@@ -17,6 +18,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _native, _tensors, _tree
+
+_log = logging.getLogger("ckptstore")
 from ._native import CorruptionError, NotFoundError, StoreError
 
 PathLike = str | os.PathLike
@@ -273,6 +276,8 @@ class Checkpoint:
         self.metadata: dict[str, Any] = info["metadata"]
         self.framework: str | None = framework
         self.verify = verify
+        # load(mmap=True): tensors over private copy-on-write maps of the segments
+        self.mmap = False
         self._tensor_names: list[str] | None = None
 
     def keys(self) -> list[str]:
@@ -292,10 +297,24 @@ class Checkpoint:
         fw = framework or self.framework or "torch"
         _check_framework(fw)
         mb = self._store._native.tensor(self.id, name, verify=self.verify)
+        if self.mmap:
+            return self._mapped(name, mb, fw)
         storage = _tensors.storage_array(mb)
         if fw == "numpy":
             return _tensors.to_numpy(storage, mb.dtype)
         return _tensors.to_torch(storage, mb.dtype, device)
+
+    def _mapped(self, name: str, mb: Any, fw: str) -> Any:
+        """``load(mmap=True)``: a writable tensor (or array) over a private copy-on-write map of
+        the segment, or, where the engine holds the tensor otherwise (compressed, deduplicated
+        or split chunks), over one copy."""
+        u8 = _tensors.private_map(mb)
+        if u8 is None:
+            _log.debug("checkpoint %d tensor %r: not one mapped run, copied", self.id, name)
+            u8 = np.array(_tensors.storage_array(mb)).reshape(-1).view(np.uint8)
+        if fw == "numpy":
+            return u8.view(_tensors.numpy_dtype(mb.dtype)).reshape(tuple(mb.shape))
+        return _tensors.torch_over(u8, mb.dtype, mb.shape)
 
     def get_slice(self, name: str, *, framework: str | None = None) -> _Slice:
         return _Slice(self, name, framework)
@@ -425,7 +444,7 @@ def load(store: Store | PathLike, step: int | None = None, *, id: int | None = N
          prefix: str | Iterable[str] | None = None,
          filter: str | Iterable[str] | Callable[[str], bool] | None = None,
          strict: bool = True, framework: str | None = None, device: Any = "cpu",
-         verify: bool = True) -> Any:
+         verify: bool = True, mmap: bool = False) -> Any:
     """Loads a checkpoint: ``step``/``id``, or by default the newest one that verifies
     (walking back past damaged ones, with a warning).
 
@@ -439,9 +458,19 @@ def load(store: Store | PathLike, step: int | None = None, *, id: int | None = N
     any of the given prefixes (MindSpore's ``specify_prefix``), ``filter`` drops names starting
     with any of them (``filter_prefix``) or, if callable, keeps names for which it returns True.
     With ``strict``, a prefix that matches nothing is a NotFoundError.
+
+    ``mmap=True`` (``torch.load(mmap=True)``'s convention): CPU tensors (or arrays) backed by
+    the store's segment files through private copy-on-write maps (MAP_PRIVATE): no copy is
+    made and pages are read as they are touched; writing into a tensor changes this process's
+    copy of that page only, never the store. Verified as usual first (``verify=False`` leaves
+    the pages untouched until used). A tensor the engine does not hold as one mapped run
+    (compressed, deduplicated or spread over segments) is copied once instead.
     """
     if framework is not None:
         _check_framework(framework)
+    if mmap and str(device) != "cpu":
+        raise ValueError(f"mmap=True maps tensors into host memory; device={device!r} needs "
+                         f"mmap=False")
     if framework == "numpy" and str(device) != "cpu":
         raise ValueError(f"framework=\"numpy\" loads to host memory; device={device!r} needs "
                          f"framework=\"torch\"")
@@ -449,11 +478,13 @@ def load(store: Store | PathLike, step: int | None = None, *, id: int | None = N
     try:
         if step is not None or id is not None or not verify:
             ck = Checkpoint(s, s._native.info(id=id, step=step), framework, verify)
+            ck.mmap = mmap
             return _load_from(ck, prefix, filter, strict, device)
         first: Exception | None = None
         try:
             for info in reversed(s.list()):
                 ck = Checkpoint(s, info, framework, verify)
+                ck.mmap = mmap
                 try:
                     out = _load_from(ck, prefix, filter, strict, device)
                 except CorruptionError as e:
