@@ -25,7 +25,10 @@ on a worker thread and removes on the main one): calls take turns, and every ``S
 same directory in a process shares one open store, so they never contend for its lock. Note
 that ``AsyncCheckpointIO.teardown`` does not call the wrapped IO's ``teardown``: the store
 stays open after ``fit`` until this IO's ``teardown()`` is called or the IO is freed (every
-save is durable when ``fit`` returns either way).
+save is durable when ``fit`` returns either way). And as with Lightning's own files under
+``AsyncCheckpointIO``, a ``remove_checkpoint`` on the main thread can overtake the save of the
+same path still queued on its worker, which then lands after the removal and stays;
+``async_save=True`` here has no such race (removals wait for every queued save).
 
 ``async_save=True`` saves through ``ckptstore.save_async``: ``save_checkpoint`` returns once the
 tensors are copied into the engine's staging buffers, hashing/writes/fsync run in the
@@ -46,6 +49,7 @@ import os
 import threading
 from typing import Any
 
+from ._native import NotFoundError
 from ._store import SaveHandle, Store, load, save, save_async
 
 try:
@@ -160,14 +164,19 @@ class StoreCheckpointIO(CheckpointIO):
             # Loading takes no lock: a store this IO has not opened for saving is read
             # read-only.
             own = self._store is None or self._store.closed
-            s = Store(self.path, read_only=True) if own else self.store
+            s = None
             try:
-                ids = [c["id"] for c in s.list() if c["metadata"].get(PATH_KEY) == key]
-                if ids:
-                    return load(s, id=ids[-1], device=device)
-            finally:
-                if own:
-                    s.close()
+                s = Store(self.path, read_only=True) if own else self.store
+            except NotFoundError:  # no store yet: only a Lightning file can be at the path
+                pass
+            if s is not None:
+                try:
+                    ids = [c["id"] for c in s.list() if c["metadata"].get(PATH_KEY) == key]
+                    if ids:
+                        return load(s, id=ids[-1], device=device)
+                finally:
+                    if own:
+                        s.close()
         if os.path.isfile(key) and _read_pointer(key) is None:
             # a regular Lightning checkpoint, written before this directory was ours
             from lightning.fabric.utilities.cloud_io import _load as pl_load
