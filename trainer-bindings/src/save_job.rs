@@ -4,6 +4,7 @@
 //! staging buffers; hashing, writes, fdatasync and the commit record happen on the engine's
 //! threads, in submission order).
 
+use crate::device_bytes::{DeviceBytes, Stagers};
 use crate::errors::Failure;
 use crate::host_bytes::HostBytes;
 use ckptstore_engine::{CommitInfo, DType, MetaValue, Pipeline, Store};
@@ -16,7 +17,13 @@ pub struct TensorIn {
     pub name: String,
     pub dtype: DType,
     pub shape: Vec<u64>,
-    pub bytes: HostBytes,
+    pub bytes: TensorBytes,
+}
+
+/// Where a tensor's bytes are: host memory, or a GPU's (staged by the engine's `CudaStager`).
+pub enum TensorBytes {
+    Host(HostBytes),
+    Device(DeviceBytes),
 }
 
 /// One checkpoint to save.
@@ -53,6 +60,23 @@ impl Committed {
     }
 }
 
+impl SaveRequest {
+    /// The devices of its GPU tensors (empty: a host-only save).
+    pub fn devices(&self) -> Vec<usize> {
+        let mut d: Vec<usize> = self
+            .tensors
+            .iter()
+            .filter_map(|t| match &t.bytes {
+                TensorBytes::Device(b) => Some(b.device),
+                TensorBytes::Host(_) => None,
+            })
+            .collect();
+        d.sort_unstable();
+        d.dedup();
+        d
+    }
+}
+
 /// Runs one engine transaction; the checkpoint is durable when this returns `Ok`. Any error
 /// drops the transaction, which removes what it wrote: nothing torn, the previous checkpoint
 /// stays the newest.
@@ -65,7 +89,16 @@ pub fn commit(store: &mut Store, req: &SaveRequest) -> Result<CommitInfo, Failur
         tx.set_metadata(k.clone(), v.clone());
     }
     for t in &req.tensors {
-        tx.put_tensor(&t.name, t.dtype, &t.shape, t.bytes.as_slice())?;
+        match &t.bytes {
+            TensorBytes::Host(b) => tx.put_tensor(&t.name, t.dtype, &t.shape, b.as_slice())?,
+            // (PyStore::save sends saves with GPU tensors through the pipeline)
+            TensorBytes::Device(_) => {
+                return Err(Failure::store(format!(
+                    "tensor {:?}: a GPU tensor needs the write pipeline",
+                    t.name
+                )))
+            }
+        }
     }
     for (name, data) in &req.blobs {
         tx.put_blob(name, data)?;
@@ -77,6 +110,7 @@ pub fn commit(store: &mut Store, req: &SaveRequest) -> Result<CommitInfo, Failur
 /// memory. An error drops the staged save (nothing is committed).
 pub fn submit(
     p: &mut Pipeline,
+    stagers: &Stagers,
     req: &SaveRequest,
 ) -> Result<ckptstore_engine::SaveHandle, Failure> {
     let mut s = p.begin(req.step)?;
@@ -87,7 +121,10 @@ pub fn submit(
         s.set_metadata(k.clone(), v.clone());
     }
     for t in &req.tensors {
-        s.put_tensor(&t.name, t.dtype, &t.shape, t.bytes.as_slice())?;
+        match &t.bytes {
+            TensorBytes::Host(b) => s.put_tensor(&t.name, t.dtype, &t.shape, b.as_slice())?,
+            TensorBytes::Device(b) => stagers.put(&mut s, &t.name, t.dtype, &t.shape, b)?,
+        }
     }
     for (name, data) in &req.blobs {
         s.put_blob(name, data)?;

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _native, _tensors, _tree
+from . import _cuda, _native, _progress, _tensors, _tree
 
 _log = logging.getLogger("ckptstore")
 from ._native import CorruptionError, NotFoundError, StoreError
@@ -279,6 +279,8 @@ class Checkpoint:
         # load(mmap=True): tensors over private copy-on-write maps of the segments
         self.mmap = False
         self._tensor_names: list[str] | None = None
+        self._copiers: dict[str, _cuda.DeviceCopier] = {}
+        self._progress: _progress.Progress | None = None
 
     def keys(self) -> list[str]:
         """Tensor names, in the order they were saved."""
@@ -287,8 +289,10 @@ class Checkpoint:
         return list(self._tensor_names)
 
     def _storage(self, name: str) -> np.ndarray:
-        return _tensors.storage_array(self._store._native.tensor(self.id, name,
-                                                                 verify=self.verify))
+        mb = self._store._native.tensor(self.id, name, verify=self.verify)
+        if self._progress is not None:
+            self._progress.add(len(mb))
+        return _tensors.storage_array(mb)
 
     def get_tensor(self, name: str, *, framework: str | None = None,
                    device: Any = "cpu") -> Any:
@@ -297,12 +301,24 @@ class Checkpoint:
         fw = framework or self.framework or "torch"
         _check_framework(fw)
         mb = self._store._native.tensor(self.id, name, verify=self.verify)
+        if self._progress is not None:
+            self._progress.add(len(mb))
         if self.mmap:
             return self._mapped(name, mb, fw)
         storage = _tensors.storage_array(mb)
         if fw == "numpy":
             return _tensors.to_numpy(storage, mb.dtype)
+        if _cuda.is_cuda(device):
+            return self._copier(device).tensor(storage, _tensors.torch_dtype(mb.dtype),
+                                               mb.shape)
         return _tensors.to_torch(storage, mb.dtype, device)
+
+    def _copier(self, device: Any) -> _cuda.DeviceCopier:
+        """The pinned-buffer ring of this checkpoint's loads onto ``device``."""
+        c = self._copiers.get(str(device))
+        if c is None:
+            c = self._copiers[str(device)] = _cuda.DeviceCopier(device)
+        return c
 
     def _mapped(self, name: str, mb: Any, fw: str) -> Any:
         """``load(mmap=True)``: a writable tensor (or array) over a private copy-on-write map of
@@ -444,7 +460,8 @@ def load(store: Store | PathLike, step: int | None = None, *, id: int | None = N
          prefix: str | Iterable[str] | None = None,
          filter: str | Iterable[str] | Callable[[str], bool] | None = None,
          strict: bool = True, framework: str | None = None, device: Any = "cpu",
-         verify: bool = True, mmap: bool = False) -> Any:
+         verify: bool = True, mmap: bool = False,
+         progress: _progress.ProgressArg = None) -> Any:
     """Loads a checkpoint: ``step``/``id``, or by default the newest one that verifies
     (walking back past damaged ones, with a warning).
 
@@ -465,6 +482,13 @@ def load(store: Store | PathLike, step: int | None = None, *, id: int | None = N
     copy of that page only, never the store. Verified as usual first (``verify=False`` leaves
     the pages untouched until used). A tensor the engine does not hold as one mapped run
     (compressed, deduplicated or spread over segments) is copied once instead.
+
+    ``device="cuda:N"``: tensors are copied to the device through a few pinned host buffers
+    with asynchronous copies on torch's current stream (never the whole state in host memory).
+
+    ``progress``: a callable ``(done_bytes, total_bytes)`` called as tensors are read, or True
+    for a tqdm bar (when tqdm is installed; else a log line of logger "ckptstore" at INFO
+    every tenth).
     """
     if framework is not None:
         _check_framework(framework)
@@ -479,14 +503,14 @@ def load(store: Store | PathLike, step: int | None = None, *, id: int | None = N
         if step is not None or id is not None or not verify:
             ck = Checkpoint(s, s._native.info(id=id, step=step), framework, verify)
             ck.mmap = mmap
-            return _load_from(ck, prefix, filter, strict, device)
+            return _load_from(ck, prefix, filter, strict, device, progress)
         first: Exception | None = None
         try:
             for info in reversed(s.list()):
                 ck = Checkpoint(s, info, framework, verify)
                 ck.mmap = mmap
                 try:
-                    out = _load_from(ck, prefix, filter, strict, device)
+                    out = _load_from(ck, prefix, filter, strict, device, progress)
                 except CorruptionError as e:
                     warnings.warn(f"checkpoint {info['id']} (step {info['step']}) is damaged, "
                                   f"trying the one before: {e}", stacklevel=2)
@@ -506,7 +530,23 @@ def load(store: Store | PathLike, step: int | None = None, *, id: int | None = N
             s.close()
 
 
-def _load_from(ck: Checkpoint, prefix: Any, filt: Any, strict: bool, device: Any) -> Any:
+def _load_from(ck: Checkpoint, prefix: Any, filt: Any, strict: bool, device: Any,
+               progress: _progress.ProgressArg = None) -> Any:
+    if progress is not None and progress is not False:
+        ck._progress = _progress.Progress(f"loading checkpoint {ck.id} (step {ck.step})",
+                                          ck.info["bytes"], progress)
+    done = False
+    try:
+        out = _select(ck, prefix, filt, strict, device)
+        done = True
+        return out
+    finally:
+        if ck._progress is not None:
+            ck._progress.close(complete=done)
+            ck._progress = None
+
+
+def _select(ck: Checkpoint, prefix: Any, filt: Any, strict: bool, device: Any) -> Any:
     if prefix is None and filt is None:
         return ck.state(framework=ck.framework, device=device)
     names = ck.keys()
@@ -527,7 +567,7 @@ def _load_from(ck: Checkpoint, prefix: Any, filt: Any, strict: bool, device: Any
 
 def load_into(module: Any, store: Store | PathLike, step: int | None = None, *,
               id: int | None = None, prefix: str = "", strict: bool = True,
-              verify: bool = True) -> LoadResult:
+              verify: bool = True, progress: _progress.ProgressArg = None) -> LoadResult:
     """Loads a checkpoint's tensors into ``module`` (a ``torch.nn.Module``, or anything with
     ``state_dict()``), MindSpore's ``load_param_into_net``: checkpoint tensor ``prefix + key``
     goes into ``module.state_dict()[key]``, copied straight into its memory.
@@ -535,6 +575,9 @@ def load_into(module: Any, store: Store | PathLike, step: int | None = None, *,
     Checks first, loading nothing on failure: with ``strict`` any missing key or unexpected
     checkpoint tensor (under ``prefix``) is a StrictLoadError listing both; a dtype or shape
     mismatch is a ValueError naming the tensor (strict or not). Returns the lists.
+
+    Tensors of a module on a GPU are filled through pinned buffers with asynchronous copies;
+    ``progress`` as for ``load``.
     """
     s = _as_store(store, read_only=True)
     try:
@@ -561,9 +604,17 @@ def load_into(module: Any, store: Store | PathLike, step: int | None = None, *,
                                  f"{want} {list(dst.shape)}, checkpoint has {dt} {shape}")
         # Every tensor read (and verified) before the first byte goes into the module: a
         # damaged chunk leaves the module as it was.
+        if progress is not None and progress is not False:
+            ck._progress = _progress.Progress(f"loading checkpoint {ck.id} into the module",
+                                              ck.info["bytes"], progress)
         sources = {k: ck._storage(prefix + k) for k in target if prefix + k in have_set}
         for k, src in sources.items():
-            _tensors.copy_into_torch(target[k], src)
+            if _cuda.is_cuda(target[k].device):
+                ck._copier(target[k].device).into(target[k], src)
+            else:
+                _tensors.copy_into_torch(target[k], src)
+        if ck._progress is not None:
+            ck._progress.close()
         return LoadResult(missing, unexpected)
     finally:
         if s is not store:

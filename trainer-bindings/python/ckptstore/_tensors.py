@@ -4,9 +4,10 @@ out (a numpy view of the segment's map, or one copy into a torch tensor).
 In: a contiguous CPU torch tensor is passed as ``(tensor, tensor.data_ptr(), tensor.nbytes)``
 (any dtype, bfloat16 and float8 included: the engine takes bytes, and the tuple keeps the
 tensor alive); a C-contiguous numpy array through the buffer protocol as a uint8 view of the
-same memory. A non-contiguous tensor or array is made contiguous explicitly (a copy), a CUDA
-tensor is staged to host memory by torch (a copy): never silently wrong, never a silent
-reinterpretation.
+same memory. A non-contiguous tensor or array is made contiguous explicitly (a copy); a CUDA
+tensor goes to the engine's CUDA stager by its device pointer (``_cuda``), or where the
+engine cannot stage it (no CUDA support in the build, no driver) is staged to host memory by
+torch (a copy): never silently wrong, never a silent reinterpretation.
 
 Out: ``framework="numpy"`` gives read-only arrays over the engine's memory map when the engine
 serves the tensor zero-copy (writing raises), else over its one owned copy;
@@ -107,7 +108,12 @@ def to_source(key: str, x: Any) -> tuple[str, list[int], Any, dict[str, Any] | N
         raise TypeError(f"{key}: torch dtype {x.dtype} is not storable (supported: "
                         f"{sorted(_TORCH_NAMES) + sorted(_TORCH_RAW)})")
     t = x.detach()
-    if t.device.type != "cpu":
+    on_device = False
+    if t.device.type == "cuda":
+        from . import _cuda
+
+        on_device = _cuda.staging_available()  # else staged by torch, below (said once)
+    if t.device.type != "cpu" and not on_device:
         t = t.to("cpu")  # staged to host memory by torch (one copy); documented
     if t.is_conj():
         t = t.resolve_conj()
@@ -120,8 +126,18 @@ def to_source(key: str, x: Any) -> tuple[str, list[int], Any, dict[str, Any] | N
         # the tree
         u8 = t.reshape(-1).view(torch.uint8)
         raw = {"as": "torch." + tname, "shape": list(t.shape)}
+        if on_device:
+            return "u8", [u8.numel()], _device_source(u8), raw
         return "u8", [u8.numel()], (u8, u8.data_ptr(), u8.numel()), raw
+    if on_device:
+        return name, list(t.shape), _device_source(t), None
     return name, list(t.shape), (t, t.data_ptr(), t.numel() * t.element_size()), None
+
+
+def _device_source(t: Any) -> Any:
+    from . import _cuda
+
+    return _cuda.device_source(t)
 
 
 def storage_array(mb: Any) -> np.ndarray:
@@ -263,3 +279,9 @@ def torch_over(u8: np.ndarray, engine_dtype: str, shape: list[int] | tuple[int, 
     torch = require_torch("mmap=True")
     t = torch.from_numpy(u8)
     return t.view(getattr(torch, _ENGINE_TO_TORCH[engine_dtype])).reshape(tuple(shape))
+
+
+def torch_dtype(engine_dtype: str) -> Any:
+    """The torch dtype of an engine dtype name."""
+    torch = require_torch("framework=\"torch\"")
+    return getattr(torch, _ENGINE_TO_TORCH[engine_dtype])
