@@ -55,7 +55,9 @@ class _Shared:
 # flock(2) on the store's LOCK file, per open file: a second engine store on the same directory
 # in the same process would conflict with the first, so every Store(d) shares one.
 _OPEN: dict[str, _Shared] = {}
-_OPEN_LOCK = threading.Lock()
+# Reentrant: a handle freed by the garbage collector runs _release on whatever thread the
+# collection happens, possibly inside Store() of this same thread, holding this lock.
+_OPEN_LOCK = threading.RLock()
 
 
 def _release(shared: _Shared) -> None:
