@@ -117,9 +117,9 @@ fn locked_by_own_pid(lock: &Path) -> String {
     let others = processes_with_open(lock, me);
     if others.is_empty() {
         format!(
-            "store {dir} is already open for writing in this process (pid {me}) by a handle \
-             that does not share it (a DcpCoordinator, or the engine's API); close that one, \
-             or open this one read-only"
+            "store {dir} is locked by another writer in this same process (pid {me}): a \
+             DcpCoordinator (or the engine's Rust API) and a Store on one directory do not \
+             share the lock; close the other one first, or open this one read-only"
         )
     } else {
         let list: Vec<String> = others.iter().map(u32::to_string).collect();
