@@ -555,3 +555,31 @@ def test_a_callable_directory_as_in_mindspore(tmp_path):
     assert names(tmp_path / "epoch1") == ["c-1_6"]
     assert names(tmp_path / "epoch2") == ["c-2_6"]
     assert cb.latest_ckpt_file_name == str(tmp_path / "epoch2" / "c-2_6.ckpt")
+
+
+class SaveBest(Callback):
+    """A "save best" during training, into the directory the ModelCheckpoint saves to."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.d = d
+
+    def step_end(self, run_context):
+        cb = run_context.original_args()
+        if cb.cur_step_num % 4 == 0:
+            save_checkpoint(cb.train_network, str(self.d / "best.ckpt"),
+                            append_dict={"step_num": int(cb.cur_step_num)})
+
+
+def test_two_callbacks_and_a_save_best_on_one_directory_as_in_mindspore(tmp_path):
+    """Regression: a second writer in the same process (another ModelCheckpoint, or
+    save_checkpoint during model.train) got LockedError naming this process."""
+    d = tmp_path / "d"
+    _, _, m = model()
+    cfg = CheckpointConfig(save_checkpoint_steps=STEPS_PER_EPOCH)
+    m.train(1, dataset(), dataset_sink_mode=False,
+            callbacks=[ModelCheckpoint("a", str(d), cfg), ModelCheckpoint("b", str(d), cfg),
+                       SaveBest(d)])
+    got = names(d)
+    assert {"a-1_6", "b-1_6", "best"} <= set(got), got
+    assert load_checkpoint(str(d / "best.ckpt"))["step_num"].asnumpy() == 4
