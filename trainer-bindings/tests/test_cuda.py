@@ -2,13 +2,18 @@
 pointer + torch's current stream, copied into the pinned staging pool), loaded back onto the
 device through pinned buffers with asynchronous copies; load_into a module on the GPU."""
 
+import os
+
 import pytest
 import torch
 
 import ckptstore as cs
 from ckptstore import _cuda
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+# CKPT_REQUIRE_GPU=1 (scripts/gpu-check.sh): a missing GPU fails instead of skipping
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("CKPT_REQUIRE_GPU") != "1",
+    reason="no CUDA device")
 
 
 def _state(device="cuda"):
