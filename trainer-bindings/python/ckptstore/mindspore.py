@@ -285,9 +285,12 @@ class ModelCheckpoint(Callback):
     a SIGTERM (a preempted node) lets the running step finish, commits its ``_breakpoint``
     checkpoint, and then ends the process by SIGTERM as before (MindSpore has no such hook).
 
-    ``directory`` (default: the current directory) is opened as a store (created if needed) for
-    the duration of each ``model.train``; another process or ``load_checkpoint`` may read it
-    meanwhile. ``store=`` hands it an open ``ckptstore.Store`` instead (then it is not closed).
+    ``directory`` (default: the current directory; created when the callback is built, as
+    MindSpore does) is opened as a store for the duration of each ``model.train``; another
+    process or ``load_checkpoint`` may read it meanwhile, and other writers in this process
+    (another callback, ``save_checkpoint``) share it. A callable ``directory`` is called with
+    the run context at every step end, as in MindSpore; each directory it names is a store of
+    its own. ``store=`` hands it an open ``ckptstore.Store`` instead (then it is not closed).
     """
 
     def __init__(self, prefix: str | Callable[[Any], str] = "CKP",
