@@ -35,6 +35,36 @@ pub struct SaveRequest {
     pub blobs: Vec<(String, Vec<u8>)>,
 }
 
+impl SaveRequest {
+    /// The devices of its GPU tensors (empty: a host-only save).
+    pub fn devices(&self) -> Vec<usize> {
+        let mut d: Vec<usize> = self
+            .tensors
+            .iter()
+            .filter_map(|t| match &t.bytes {
+                TensorBytes::Device(b) => Some(b.device),
+                TensorBytes::Host(_) => None,
+            })
+            .collect();
+        d.sort_unstable();
+        d.dedup();
+        d
+    }
+
+    /// `Err` naming the first tensor whose raw source changed under the read (see
+    /// [`HostBytes::check_unchanged`]). Call with the GIL held, after the engine read them.
+    pub fn check_sources(&self, py: Python<'_>) -> Result<(), Failure> {
+        for t in &self.tensors {
+            // (a GPU source is read by the engine's stager under CUDA's own checks)
+            if let TensorBytes::Host(b) = &t.bytes {
+                b.check_unchanged(py)
+                    .map_err(|why| Failure::store(format!("tensor {:?}: {why}", t.name)))?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What Python sees of a commit.
 #[derive(Debug, Clone)]
 pub struct Committed {
@@ -57,23 +87,6 @@ impl Committed {
         d.set_item("stall_seconds", self.stall_seconds)?;
         d.set_item("time_to_durable_seconds", self.time_to_durable_seconds)?;
         Ok(d)
-    }
-}
-
-impl SaveRequest {
-    /// The devices of its GPU tensors (empty: a host-only save).
-    pub fn devices(&self) -> Vec<usize> {
-        let mut d: Vec<usize> = self
-            .tensors
-            .iter()
-            .filter_map(|t| match &t.bytes {
-                TensorBytes::Device(b) => Some(b.device),
-                TensorBytes::Host(_) => None,
-            })
-            .collect();
-        d.sort_unstable();
-        d.dedup();
-        d
     }
 }
 
