@@ -2,9 +2,11 @@
 //! chunks, see [`crate::codec`]) and verified against the BLAKE3 of its raw bytes unless the
 //! caller opts out.
 
-use super::{CheckpointInfo, Store};
+use super::Store;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::manifest::{DType, Manifest, MetaValue};
+use crate::manifest::CheckpointInfo;
+use crate::manifest::{Manifest, MetaValue};
 use ckptstore_proto::v1 as pb;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -47,7 +49,7 @@ impl<'s> CheckpointReader<'s> {
 
     /// Summary: id, step, epoch, time, counts, metadata.
     pub fn info(&self) -> CheckpointInfo {
-        CheckpointInfo::of(&self.manifest, &self.store.state)
+        self.store.state.info(&self.manifest)
     }
 
     /// User metadata.
@@ -85,17 +87,14 @@ impl<'s> CheckpointReader<'s> {
             .find(|t| t.name == name)
             .ok_or_else(|| {
                 let names = self.manifest.tensors.iter().map(|t| t.name.as_str());
-                super::select::not_found("tensor", name, self.manifest.id, names)
+                super::suggest::not_found("tensor", name, self.manifest.id, names)
             })
     }
 
     /// Dtype and shape of a tensor, without reading it.
     pub fn tensor_meta(&self, name: &str) -> Result<(DType, Vec<u64>)> {
         let t = self.tensor_entry(name)?;
-        Ok((
-            DType::from_pb(t.dtype).expect("validated dtype"),
-            t.shape.clone(),
-        ))
+        Ok((crate::manifest::tensor_dtype(t)?, t.shape.clone()))
     }
 
     /// Reads a tensor, verifying every chunk.
@@ -112,7 +111,7 @@ impl<'s> CheckpointReader<'s> {
         })?;
         self.read_chunks("tensor", &t.name, &t.chunks, &mut data, verify)?;
         Ok(Tensor {
-            dtype: DType::from_pb(t.dtype).expect("validated dtype"),
+            dtype: crate::manifest::tensor_dtype(t)?,
             shape: t.shape.clone(),
             data,
         })
@@ -127,7 +126,7 @@ impl<'s> CheckpointReader<'s> {
             .find(|b| b.name == name)
             .ok_or_else(|| {
                 let names = self.manifest.blobs.iter().map(|b| b.name.as_str());
-                super::select::not_found("blob", name, self.manifest.id, names)
+                super::suggest::not_found("blob", name, self.manifest.id, names)
             })?;
         self.check_segments(&b.chunks)?;
         let mut data = crate::alloc::zeroed(b.nbytes, || {
@@ -172,6 +171,7 @@ impl<'s> CheckpointReader<'s> {
         Ok(())
     }
 
+    #[allow(clippy::expect_used)] // the hashing thread does not panic
     fn read_chunks(
         &self,
         kind: &'static str,
