@@ -4,10 +4,17 @@
 
 use super::{CheckpointInfo, Store};
 use crate::error::{Error, Result};
+use crate::io::StorageFile;
 use crate::manifest::{DType, Manifest, MetaValue};
 use ckptstore_proto::v1 as pb;
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+/// Below this many bytes a verified read stays on the calling thread.
+const PARALLEL_READ_MIN_BYTES: u64 = 8 << 20;
+/// How far ahead of the chunk being read the disk is asked to read (POSIX_FADV_WILLNEED).
+pub(super) const READ_AHEAD_BYTES: u64 = 64 << 20;
 
 /// A tensor read back from a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,6 +123,22 @@ impl<'s> CheckpointReader<'s> {
         })
     }
 
+    /// Reads a tensor into `out`, which must be exactly its byte length: the one copy a load
+    /// into memory the caller owns needs (a fresh framework tensor, a reused buffer). Every
+    /// chunk is verified unless `verify` is false. On an error `out` holds partial bytes.
+    pub fn tensor_into(&self, name: &str, out: &mut [u8], verify: bool) -> Result<()> {
+        let t = self.tensor_entry(name)?;
+        if out.len() as u64 != t.nbytes {
+            return Err(Error::invalid(format!(
+                "tensor {name:?} holds {} bytes; the destination has {}",
+                t.nbytes,
+                out.len()
+            )));
+        }
+        self.check_segments(&t.chunks)?;
+        self.read_chunks("tensor", &t.name, &t.chunks, out, verify)
+    }
+
     /// Reads a blob, verifying every chunk.
     pub fn blob(&self, name: &str) -> Result<Vec<u8>> {
         let b = self
@@ -168,6 +191,13 @@ impl<'s> CheckpointReader<'s> {
         Ok(())
     }
 
+    /// Reads `chunks` into `out` (their raw bytes, back to back). Verified reads of several
+    /// chunks run on one thread per core, chunk `i` on thread `i % threads`, each thread
+    /// reading its chunk straight into `out` and hashing it while it is still in the cache:
+    /// the kernel's copy (and the first-touch faults of new memory) and BLAKE3 are spread over
+    /// the cores instead of one thread reading while another hashes. The disk is kept busy
+    /// by [`ReadAhead`] hints ahead of the chunks being read. The error names the first
+    /// (lowest-index) bad chunk.
     fn read_chunks(
         &self,
         kind: &'static str,
@@ -176,39 +206,59 @@ impl<'s> CheckpointReader<'s> {
         out: &mut [u8],
         verify: bool,
     ) -> Result<()> {
-        if !verify || chunks.len() < 2 {
-            let mut at = 0usize;
-            for (i, c) in chunks.iter().enumerate() {
-                let len = c.raw_len as usize;
-                self.read_chunk(kind, name, i, c, &mut out[at..at + len], verify)?;
-                at += len;
+        let ahead = ReadAhead::new(self, chunks);
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(chunks.len());
+        let total: u64 = chunks.iter().map(|c| c.raw_len).sum();
+        let mut slices = Vec::with_capacity(chunks.len());
+        let mut rest: &mut [u8] = out;
+        for c in chunks {
+            let (dst, tail) = std::mem::take(&mut rest).split_at_mut(c.raw_len as usize);
+            slices.push(dst);
+            rest = tail;
+        }
+        if !verify || threads < 2 || total < PARALLEL_READ_MIN_BYTES {
+            for (i, (c, dst)) in chunks.iter().zip(slices).enumerate() {
+                ahead.advance(i);
+                self.read_chunk(kind, name, i, c, dst, verify)?;
             }
             return Ok(());
         }
-        // Hash on a second thread while this one reads the next chunk: a cold load then costs
-        // the disk's time, not the disk's plus BLAKE3's.
-        let bad = std::thread::scope(|scope| -> Result<Option<usize>> {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, &[u8])>(4);
-            let hasher = scope.spawn(move || {
-                rx.into_iter()
-                    .find(|&(i, bytes)| blake3::hash(bytes).as_bytes()[..] != chunks[i].blake3[..])
-                    .map(|(i, _)| i)
-            });
-            let mut rest: &mut [u8] = out;
-            for (i, c) in chunks.iter().enumerate() {
-                let (dst, tail) = std::mem::take(&mut rest).split_at_mut(c.raw_len as usize);
-                rest = tail;
-                self.read_chunk(kind, name, i, c, dst, false)?;
-                let dst: &[u8] = dst;
-                if tx.send((i, dst)).is_err() {
-                    break; // the hasher stopped at a mismatch
-                }
-            }
-            drop(tx);
-            Ok(hasher.join().expect("hashing thread does not panic"))
-        })?;
-        match bad {
-            Some(i) => Err(self.chunk_error(kind, name, i, &chunks[i], "BLAKE3 mismatch".into())),
+        let mut per_thread: Vec<Vec<(usize, &mut [u8])>> =
+            (0..threads).map(|_| Vec::new()).collect();
+        for (i, dst) in slices.into_iter().enumerate() {
+            per_thread[i % threads].push((i, dst));
+        }
+        let failed = std::sync::atomic::AtomicUsize::new(usize::MAX);
+        let first_err = std::thread::scope(|scope| {
+            let handles: Vec<_> = per_thread
+                .into_iter()
+                .map(|mine| {
+                    let (ahead, failed) = (&ahead, &failed);
+                    scope.spawn(move || -> Option<(usize, Error)> {
+                        for (i, dst) in mine {
+                            // A lower chunk failed: the error is that one, stop early.
+                            if failed.load(Ordering::Relaxed) < i {
+                                return None;
+                            }
+                            ahead.advance(i);
+                            if let Err(e) = self.read_chunk(kind, name, i, &chunks[i], dst, true) {
+                                failed.fetch_min(i, Ordering::Relaxed);
+                                return Some((i, e));
+                            }
+                        }
+                        None
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .filter_map(|h| h.join().expect("read thread panicked"))
+                .min_by_key(|(i, _)| *i)
+        });
+        match first_err {
+            Some((_, e)) => Err(e),
             None => Ok(()),
         }
     }
@@ -273,5 +323,79 @@ impl<'s> CheckpointReader<'s> {
             return Err(corrupt("BLAKE3 mismatch".into()));
         }
         Ok(())
+    }
+}
+
+/// Read-ahead hints for one read of `chunks`: before chunk `i` is read, every chunk that
+/// starts less than [`READ_AHEAD_BYTES`] past it has been hinted (once, merged into one hint
+/// per contiguous run in a segment). After the last chunk, as many bytes past the run's end as
+/// the run holds (at most [`READ_AHEAD_BYTES`]) are hinted too: a load reads tensors in the
+/// order they were put, which is their order in the segment, so the next tensor's bytes are
+/// on their way while this one finishes. Hints change nothing a read returns.
+struct ReadAhead<'r, 's> {
+    reader: &'r CheckpointReader<'s>,
+    chunks: &'r [pb::ChunkRef],
+    /// `starts[i]`: bytes before chunk `i` in the read (stored lengths).
+    starts: Vec<u64>,
+    /// The next chunk to hint (`chunks.len() + 1` once the trailing hint is out too).
+    next: Mutex<usize>,
+}
+
+impl<'r, 's> ReadAhead<'r, 's> {
+    fn new(reader: &'r CheckpointReader<'s>, chunks: &'r [pb::ChunkRef]) -> Self {
+        let mut at = 0;
+        let starts = chunks
+            .iter()
+            .map(|c| {
+                let s = at;
+                at += c.stored_len;
+                s
+            })
+            .collect();
+        ReadAhead {
+            reader,
+            chunks,
+            starts,
+            next: Mutex::new(0),
+        }
+    }
+
+    /// Hints what lies within the window ahead of chunk `i`.
+    fn advance(&self, i: usize) {
+        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        let n = self.chunks.len();
+        let horizon = self.starts[i] + READ_AHEAD_BYTES;
+        let mut run: Option<(u64, u64, u64)> = None; // (segment, offset, len)
+        while *next < n && self.starts[*next] < horizon {
+            let c = &self.chunks[*next];
+            run = match run {
+                Some((seg, off, len)) if seg == c.segment && off + len == c.offset => {
+                    Some((seg, off, len + c.stored_len))
+                }
+                Some(r) => {
+                    self.hint(r);
+                    Some((c.segment, c.offset, c.stored_len))
+                }
+                None => Some((c.segment, c.offset, c.stored_len)),
+            };
+            *next += 1;
+        }
+        if let Some(r) = run {
+            self.hint(r);
+        }
+        if *next == n {
+            *next += 1;
+            let last = &self.chunks[n - 1];
+            let total = self.starts[n - 1] + last.stored_len;
+            let past = total.min(READ_AHEAD_BYTES);
+            self.hint((last.segment, last.offset + last.stored_len, past));
+        }
+    }
+
+    fn hint(&self, (segment, offset, len): (u64, u64, u64)) {
+        if let Ok(f) = self.reader.store.segment_file(segment) {
+            let f: &dyn StorageFile = &*f;
+            f.will_need(offset, len);
+        }
     }
 }

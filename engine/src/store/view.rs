@@ -165,6 +165,9 @@ impl CheckpointReader<'_> {
         let bytes = map.as_slice();
         let total: u64 = chunks.iter().map(|c| c.stored_len).sum();
         map.will_need(start, total as usize);
+        // And past the run's end (see reader::ReadAhead): the next tensor of a load in order.
+        let past = total.min(super::reader::READ_AHEAD_BYTES) as usize;
+        map.will_need(start + total as usize, past);
         let bad = |i: usize| -> bool {
             let c = &chunks[i];
             let at = c.offset as usize;
