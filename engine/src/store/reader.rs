@@ -191,8 +191,8 @@ impl<'s> CheckpointReader<'s> {
         Ok(())
     }
 
-    /// Reads `chunks` into `out` (their raw bytes, back to back). Verified reads of several
-    /// chunks run on one thread per core, chunk `i` on thread `i % threads`, each thread
+    /// Reads `chunks` into `out` (their raw bytes, back to back). Reads of several megabytes
+    /// run on one thread per core, chunk `i` on thread `i % threads`, each thread
     /// reading its chunk straight into `out` and hashing it while it is still in the cache:
     /// the kernel's copy (and the first-touch faults of new memory) and BLAKE3 are spread over
     /// the cores instead of one thread reading while another hashes. The disk is kept busy
@@ -218,7 +218,7 @@ impl<'s> CheckpointReader<'s> {
             slices.push(dst);
             rest = tail;
         }
-        if !verify || threads < 2 || total < PARALLEL_READ_MIN_BYTES {
+        if threads < 2 || total < PARALLEL_READ_MIN_BYTES {
             for (i, (c, dst)) in chunks.iter().zip(slices).enumerate() {
                 ahead.advance(i);
                 self.read_chunk(kind, name, i, c, dst, verify)?;
@@ -243,7 +243,8 @@ impl<'s> CheckpointReader<'s> {
                                 return None;
                             }
                             ahead.advance(i);
-                            if let Err(e) = self.read_chunk(kind, name, i, &chunks[i], dst, true) {
+                            if let Err(e) = self.read_chunk(kind, name, i, &chunks[i], dst, verify)
+                            {
                                 failed.fetch_min(i, Ordering::Relaxed);
                                 return Some((i, e));
                             }
