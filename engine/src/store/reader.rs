@@ -191,13 +191,8 @@ impl<'s> CheckpointReader<'s> {
         Ok(())
     }
 
-    /// Reads `chunks` into `out` (their raw bytes, back to back). Reads of several megabytes
-    /// run on one thread per core, chunk `i` on thread `i % threads`, each thread
-    /// reading its chunk straight into `out` and hashing it while it is still in the cache:
-    /// the kernel's copy (and the first-touch faults of new memory) and BLAKE3 are spread over
-    /// the cores instead of one thread reading while another hashes. The disk is kept busy
-    /// by [`ReadAhead`] hints ahead of the chunks being read. The error names the first
-    /// (lowest-index) bad chunk.
+    /// Reads `chunks` into `out` (their raw bytes, back to back), verified unless `verify` is
+    /// false; see [`CheckpointReader::each_chunk`] for the threads.
     fn read_chunks(
         &self,
         kind: &'static str,
@@ -206,11 +201,6 @@ impl<'s> CheckpointReader<'s> {
         out: &mut [u8],
         verify: bool,
     ) -> Result<()> {
-        let ahead = ReadAhead::new(self, chunks);
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(chunks.len());
-        let total: u64 = chunks.iter().map(|c| c.raw_len).sum();
         let mut slices = Vec::with_capacity(chunks.len());
         let mut rest: &mut [u8] = out;
         for c in chunks {
@@ -218,33 +208,75 @@ impl<'s> CheckpointReader<'s> {
             slices.push(dst);
             rest = tail;
         }
+        self.each_chunk(chunks, slices, |i, dst, _| {
+            self.read_chunk(kind, name, i, &chunks[i], dst, verify)
+        })
+    }
+
+    /// Reads and hashes `chunks` without keeping their bytes: each thread reads its chunks into
+    /// one reused buffer and hashes them while they are in the CPU's cache. This is how a
+    /// zero-copy view is verified: after it the pages are in the page cache, and the view maps
+    /// them. Hashing through the map instead measured 1.3–2× the CPU time here (cold pages
+    /// reached through 4 KiB user mappings), and on two shared cores CPU time is wall time
+    /// (DECISIONS.md, "Cold loads").
+    pub(super) fn verify_chunks(
+        &self,
+        kind: &'static str,
+        name: &str,
+        chunks: &[pb::ChunkRef],
+    ) -> Result<()> {
+        self.each_chunk(chunks, vec![(); chunks.len()], |i, (), scratch| {
+            let c = &chunks[i];
+            scratch.resize(c.raw_len as usize, 0);
+            self.read_chunk(kind, name, i, c, scratch, true)
+        })
+    }
+
+    /// Runs `work(i, items[i], scratch)` for every chunk: reads of several megabytes on one
+    /// thread per core, chunk `i` on thread `i % threads`, each thread reading its chunk and
+    /// hashing it while it is still in the cache — the kernel's copy (and the first-touch
+    /// faults of new memory) and BLAKE3 spread over the cores, instead of one thread reading
+    /// while another hashes. The disk is kept busy by [`ReadAhead`] hints ahead of the chunks
+    /// being read. `scratch` is one reused buffer per thread. The error is the first
+    /// (lowest-index) chunk's.
+    fn each_chunk<T: Send>(
+        &self,
+        chunks: &[pb::ChunkRef],
+        items: Vec<T>,
+        work: impl Fn(usize, T, &mut Vec<u8>) -> Result<()> + Sync,
+    ) -> Result<()> {
+        let ahead = ReadAhead::new(self, chunks);
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(chunks.len());
+        let total: u64 = chunks.iter().map(|c| c.raw_len).sum();
         if threads < 2 || total < PARALLEL_READ_MIN_BYTES {
-            for (i, (c, dst)) in chunks.iter().zip(slices).enumerate() {
+            let mut scratch = Vec::new();
+            for (i, item) in items.into_iter().enumerate() {
                 ahead.advance(i);
-                self.read_chunk(kind, name, i, c, dst, verify)?;
+                work(i, item, &mut scratch)?;
             }
             return Ok(());
         }
-        let mut per_thread: Vec<Vec<(usize, &mut [u8])>> =
-            (0..threads).map(|_| Vec::new()).collect();
-        for (i, dst) in slices.into_iter().enumerate() {
-            per_thread[i % threads].push((i, dst));
+        let mut per_thread: Vec<Vec<(usize, T)>> = (0..threads).map(|_| Vec::new()).collect();
+        for (i, item) in items.into_iter().enumerate() {
+            per_thread[i % threads].push((i, item));
         }
         let failed = std::sync::atomic::AtomicUsize::new(usize::MAX);
         let first_err = std::thread::scope(|scope| {
             let handles: Vec<_> = per_thread
                 .into_iter()
                 .map(|mine| {
-                    let (ahead, failed) = (&ahead, &failed);
+                    let (ahead, failed, work) = (&ahead, &failed, &work);
                     scope.spawn(move || -> Option<(usize, Error)> {
-                        for (i, dst) in mine {
+                        let mut scratch = Vec::new();
+                        for (i, item) in mine {
                             // A lower chunk failed: the error is that one, stop early.
                             if failed.load(Ordering::Relaxed) < i {
                                 return None;
                             }
                             ahead.advance(i);
-                            if let Err(e) = self.read_chunk(kind, name, i, &chunks[i], dst, verify)
-                            {
+                            if let Err(e) = work(i, item, &mut scratch) {
                                 failed.fetch_min(i, Ordering::Relaxed);
                                 return Some((i, e));
                             }
