@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Peer benchmark (issue 6, item 8): one transformer-shaped state dict (bf16 weights + f32
+"""Peer benchmark: one transformer-shaped state dict (bf16 weights + f32
 norms and optimizer moments), saved DURABLY — the call plus fsync of every file it wrote and of
 the directory — by torch.save, safetensors.torch.save_file, DCP FileSystemWriter (sync and
 async_save) and ckptstore (save, and save_async: stall and time to durable), then loaded back
@@ -18,7 +18,7 @@ verifies and copies everything before it returns.
 
     python3 benches/peers.py --size 0.25,1,2 --plot peers.svg             # GB/s against size
 
-    python3 benches/peers.py --size 2 --rounds 5 --dir /mnt/nvme/peers   # the issue's size
+    python3 benches/peers.py --size 2 --rounds 5 --dir /mnt/nvme/peers   # the target size
     python3 benches/peers.py --size 0.25 --rounds 3                       # a small run
     python3 benches/peers.py --json ...                                   # machine-readable
 
@@ -45,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="2",
-                   help="state size in GiB, or several comma-separated (default 2)")
+                   help="state size in GiB, or several comma-separated (default 2; the target "
+                   "is >= 2)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--dir", default="/tmp/ckptstore-peers",
                    help="scratch directory on the file system to measure (removed after)")

@@ -1,5 +1,5 @@
 //! The async save's stall against its floor: a `memcpy` of the same bytes into memory that is
-//! already faulted in (issue target: stall ≤ 1.1× that memcpy), and the async save's time to
+//! already faulted in (target: stall ≤ 1.1× that memcpy), and the async save's time to
 //! durable against the synchronous save, same run.
 //!
 //! 192 MiB of tensors (48 chunks of 4 MiB) with a 256 MiB staging budget, so the stall is the

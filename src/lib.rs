@@ -10,3 +10,8 @@ pub use ckptstore_engine::*;
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+/// The Rust API guide's examples (docs/RUST.md) run as doctests too.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/RUST.md")]
+pub struct RustGuideDoctests;

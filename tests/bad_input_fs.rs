@@ -53,6 +53,13 @@
 //! | 44 | GC / segment compaction interrupted by a power cut at any point | crash_sweep::crash_at_every_sync_in_every_mode (gc every 8 steps) |
 //! | 45 | bit rot in a chunk being compacted | compaction::a_corrupt_source_chunk_stops_compaction_and_changes_nothing |
 //! | 46 | CRC-valid Relocate record that does not fit the state | compaction::a_bad_relocate_record_refuses_the_open |
+//! | 47 | `LOCK` (or any store file) a symlink to a victim | store_security::lock_symlink_victim_untouched |
+//! | 48 | FIFO named like `LOCK`, a WAL, a segment or a lease (or a symlinked lease) | store_security::fifo_named_like_lock_wal_or_segment_does_not_hang_an_open, store_security::fifo_or_symlink_named_like_a_lease_neither_hangs_nor_pins_space |
+//! | 49 | symlinked `segments/` or `readers/` | store_security::symlinked_segments_dir_is_refused_and_nothing_elsewhere_is_deleted, store_security::symlinked_readers_dir_is_refused_and_no_lease_is_created_elsewhere |
+//! | 50 | world-writable or foreign-owned store directory | store_security::world_writable_store_dir_is_refused_unless_allowed, store_security::foreign_owned_store_dir_is_refused_for_a_writer_and_read_by_a_reader |
+//! | 51 | export target or its old temp name a symlink | store_security::export_temp_file_is_exclusive_random_and_never_follows_symlinks |
+//! | 52 | terminal escapes in names | store_security::ls_and_inspect_escape_control_characters_in_names |
+//! | 53 | a pickle wherever a blob can hide (DCP bytes, tree blobs, Lightning) | trainer-bindings/tests/test_no_code_runs.py |
 //!
 //! Beyond these classes, the fuzz targets in `fuzz/` (and `tests/model_proptest.rs`) feed
 //! arbitrary bytes and operation sequences to the decoders and to recovery.

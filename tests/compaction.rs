@@ -1,4 +1,4 @@
-//! Segment compaction (issue 5, GC and compaction): a segment whose live chunks fill less than
+//! Segment compaction (GC of mostly-dead segments): a segment whose live chunks fill less than
 //! `compact_live_fraction` of it is rewritten — live chunks copied to a new segment, the move
 //! committed by a Relocate WAL record, the old file freed (after its readers close). Every
 //! live checkpoint reads back bit-exact after it, after a reopen and after a WAL compaction;

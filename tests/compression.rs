@@ -1,4 +1,4 @@
-//! zstd compression with byte-shuffling (`Options::compression`, issue 4 item 2): every dtype
+//! zstd compression with byte-shuffling (`Options::compression`): every dtype
 //! round-trips through every read path; stores that mix compressed and raw checkpoints
 //! deduplicate across codecs (BLAKE3 covers the raw bytes); a damaged compressed chunk is a
 //! `ChunkCorrupt`, never a panic or wrong bytes; the write pipeline compresses in its workers.

@@ -1,7 +1,7 @@
 //! Power-loss sweep of the asynchronous write path: a workload that keeps several saves in
 //! flight through the `Pipeline` is crashed at every sync call, in every crash mode of
-//! `SimIo`, and each crash image is recovered and checked (issue 4, item 7 and its bad-input
-//! line "the process killed with saves in flight").
+//! `SimIo`, and each crash image is recovered and checked — the power-loss counterpart of
+//! a process killed with saves in flight.
 //!
 //! Invariants checked after each crash and recovery (docs/GUARANTEES.md):
 //! (a) the store opens;

@@ -81,7 +81,7 @@ fn every_acknowledged_checkpoint_survives_hundreds_of_sigkills() {
     assert_eq!(v["kills"], 5);
 }
 
-/// Issue 4, bad input: the process killed with saves in flight. The pipeline writer keeps up
+/// Bad input: the process killed with saves in flight. The pipeline writer keeps up
 /// to 3 saves submitted and not acknowledged; after each kill every acknowledged checkpoint is
 /// there bit-exact and the in-flight saves that committed are a prefix of them in order.
 #[test]

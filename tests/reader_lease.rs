@@ -1,4 +1,4 @@
-//! Reader leases (issue 5, "a checkpoint deleted while a reader holds it"): a segment an open
+//! Reader leases (a checkpoint deleted while a reader holds it): a segment an open
 //! reader — a read-only `Store` in this process or in another — may still read is not freed by
 //! a deletion; the reader keeps reading bit-exact; the space is freed by the first delete, gc
 //! or open after it closes; a reader killed with SIGKILL does not pin the space.

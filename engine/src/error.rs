@@ -38,6 +38,17 @@ pub enum Error {
         pid: String,
     },
 
+    /// The store directory (or its `segments/`, `readers/`) is one this process must not trust:
+    /// world-writable, owned by another user, a symlink, or not a directory. Whoever controls it
+    /// could plant files or links the store would act on.
+    #[error("refusing store directory {path}: {reason}")]
+    UnsafeDir {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong and how to proceed.
+        reason: String,
+    },
+
     /// The store was opened read-only and a write was attempted.
     #[error("store {path} is open read-only")]
     ReadOnly {

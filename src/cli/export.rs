@@ -1,9 +1,9 @@
 //! `ckptstore export`: write one checkpoint to a file in another format (safetensors,
 //! MindSpore `.ckpt`).
 //!
-//! The output file is not store state: it is written with `std::fs` here, to `OUT.tmp`, then
-//! fsync'ed, renamed over `OUT`, and the directory fsync'ed, so `OUT` is either the old file or
-//! the whole new one, never a torn one.
+//! The output file is not store state: it is written with `std::fs` here, to a temp file next
+//! to `OUT` (exclusive, random name, 0600), then fsync'ed, renamed over `OUT`, and the directory
+//! fsync'ed, so `OUT` is either the old file or the whole new one, never a torn one.
 
 use super::{emit, emit_json, fail, human_bytes, human_duration, open_read_only, selector};
 use super::{CliResult, Failure};
@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use std::fs::File;
 use std::io::BufWriter;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 /// Output formats of `export`.
@@ -58,47 +58,49 @@ pub struct Args {
     pub json: bool,
 }
 
-fn tmp_path(out: &Path) -> PathBuf {
-    let mut s = out.as_os_str().to_owned();
-    s.push(".tmp");
-    PathBuf::from(s)
-}
-
-/// Writes `OUT.tmp`, fsyncs it, renames it to `OUT`, fsyncs the directory.
+/// Writes a temp file next to `out`, fsyncs it, renames it to `out`, fsyncs the directory.
+/// The temp file is created exclusively (`O_EXCL`: never an existing file, never through a
+/// symlink) with a random name (`.OUT.XXXXXX.tmp`) and mode 0600, so nobody can predict it,
+/// plant a link there, or read the weights while they are written; `rename` replaces `out`
+/// itself, never what a symlink named `out` points to. On error only that temp file is removed.
 fn write_atomically(
     out: &Path,
     write: impl FnOnce(&mut BufWriter<File>) -> CliResult<interop::ExportSummary>,
 ) -> CliResult<interop::ExportSummary> {
-    let tmp = tmp_path(out);
-    let file = File::create(&tmp).map_err(|e| Failure(format!("create {}: {e}", tmp.display())))?;
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let base = out.file_name().map(|n| n.to_string_lossy().into_owned());
+    let prefix = format!(".{}.", base.as_deref().unwrap_or("export"));
+    let tmp = tempfile::Builder::new()
+        .prefix(&prefix)
+        .suffix(".tmp")
+        .tempfile_in(parent)
+        .map_err(|e| Failure(format!("create a temp file in {}: {e}", parent.display())))?;
+    let tmp_name = tmp.path().to_path_buf();
+    let (file, tmp_path) = tmp.into_parts();
     let mut w = BufWriter::with_capacity(1 << 20, file);
-    let result = write(&mut w).and_then(|summary| {
-        let file = w
-            .into_inner()
-            .map_err(|e| Failure(format!("write {}: {}", tmp.display(), e.error())))?;
-        file.sync_all()
-            .map_err(|e| Failure(format!("fsync {}: {e}", tmp.display())))?;
-        drop(file);
-        std::fs::rename(&tmp, out).map_err(|e| {
-            Failure(format!(
-                "rename {} to {}: {e}",
-                tmp.display(),
-                out.display()
-            ))
-        })?;
-        let parent = match out.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        File::open(parent)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| Failure(format!("fsync directory {}: {e}", parent.display())))?;
-        Ok(summary)
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    // `tmp_path` removes the temp file when dropped, unless it was persisted (renamed).
+    let summary = write(&mut w)?;
+    let file = w
+        .into_inner()
+        .map_err(|e| Failure(format!("write {}: {}", tmp_name.display(), e.error())))?;
+    file.sync_all()
+        .map_err(|e| Failure(format!("fsync {}: {e}", tmp_name.display())))?;
+    drop(file);
+    tmp_path.persist(out).map_err(|e| {
+        Failure(format!(
+            "rename {} to {}: {}",
+            tmp_name.display(),
+            out.display(),
+            e.error
+        ))
+    })?;
+    File::open(parent)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Failure(format!("fsync directory {}: {e}", parent.display())))?;
+    Ok(summary)
 }
 
 /// Exports one checkpoint.

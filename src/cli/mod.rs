@@ -125,7 +125,8 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(reason)) => {
             let line = reason.split_whitespace().collect::<Vec<_>>().join(" ");
-            eprintln!("ckptstore: {line}");
+            // The reason may name a tensor, a key or a path from the store: escaped as stdout is.
+            eprintln!("ckptstore: {}", escape_controls(&line));
             ExitCode::FAILURE
         }
     }
@@ -298,8 +299,32 @@ pub fn info_json(c: &CheckpointInfo) -> Value {
     })
 }
 
-/// Writes `text` to stdout; a closed pipe (`ckptstore ls | head`) is not an error.
+/// Writes `text` to stdout; a closed pipe (`ckptstore ls | head`) is not an error. Control
+/// characters other than newlines (from tensor, blob and metadata names a store may hold) are
+/// escaped (see [`escape_controls`]), so a crafted name cannot drive the terminal.
 pub fn emit(text: &str) -> CliResult {
+    emit_raw(&escape_controls(text))
+}
+
+/// `text` with every control character but `\n` written as `\u{XX}`: the C0 controls (ESC,
+/// CR, BEL, TAB, ...), DEL and the C1 controls (U+0080..U+009F, which some terminals take as
+/// CSI and friends). Everything else, other Unicode included, is left as it is.
+pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(|c| c != '\n' && c.is_control()) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if c != '\n' && c.is_control() {
+            out += &format!("\\u{{{:x}}}", c as u32);
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+fn emit_raw(text: &str) -> CliResult {
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => fail(format!("stdout: {e}")),
@@ -309,9 +334,19 @@ pub fn emit(text: &str) -> CliResult {
 
 /// Pretty-prints a JSON value on stdout.
 pub fn emit_json(v: &Value) -> CliResult {
-    let mut s = serde_json::to_string_pretty(v)?;
+    // serde_json escapes the C0 controls; DEL and the C1 controls it leaves raw, so they get
+    // JSON's own escape (they only occur inside strings: JSON's syntax is ASCII).
+    let raw = serde_json::to_string_pretty(v)?;
+    let mut s = String::with_capacity(raw.len() + 1);
+    for c in raw.chars() {
+        if ('\u{7f}'..='\u{9f}').contains(&c) {
+            s += &format!("\\u{:04x}", c as u32);
+        } else {
+            s.push(c);
+        }
+    }
     s.push('\n');
-    emit(&s)
+    emit_raw(&s)
 }
 
 /// Kills (SIGKILL) and reaps a child process if the parent leaves early.

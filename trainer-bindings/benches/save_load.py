@@ -1,8 +1,7 @@
 #!/usr/bin/env python3
 """Python-side save/load figures of ckptstore on this machine: sync save (durable), async save
 (stall and time to durable), loads (numpy zero-copy and torch one copy), with torch.save +
-fsync as a reference point. Not a peer benchmark (that is benches/peers.py's job, issue 6
-item 8); a quick check that the bindings add little over the engine.
+fsync as a reference point. Not a peer benchmark (that is benches/peers.py's job); a quick check that the bindings add little over the engine.
 
     python3 benches/save_load.py --dir /tmp/bench --mib 256 --rounds 3
 

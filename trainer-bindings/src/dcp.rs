@@ -206,7 +206,7 @@ pub fn write_shard<'py>(
         let bytes = HostBytes::from_py(&name, &src)?;
         ts.push((name, dt, shape, bytes));
     }
-    let out = py.allow_threads(move || -> Result<Vec<u8>, Failure> {
+    let out = py.allow_threads(|| -> Result<Vec<u8>, Failure> {
         let o = ShardOptions {
             chunk_size,
             segment_max_bytes,
@@ -222,5 +222,12 @@ pub fn write_shard<'py>(
         }
         Ok(w.finish()?.encode())
     })?;
+    // A raw source resized while it was read: the fragment is not handed out, so nothing of
+    // it is committed (its segment files are removed with the unfinished save).
+    for (name, _, _, bytes) in &ts {
+        bytes
+            .check_unchanged(py)
+            .map_err(|why| Failure::store(format!("tensor {name:?}: {why}")))?;
+    }
     Ok(PyBytes::new(py, &out))
 }

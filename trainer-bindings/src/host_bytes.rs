@@ -12,18 +12,36 @@ use pyo3::types::PyTuple;
 use std::ffi::{c_int, c_void};
 
 /// Bytes the caller lends for the duration of a save: either a buffer export (numpy arrays,
-/// `bytes`, anything with the buffer protocol) or `(owner, address, nbytes)` for memory the
+/// `bytes`, anything with the buffer protocol) or `(tensor, address, nbytes)` for memory the
 /// buffer protocol cannot describe (torch tensors of any dtype, bfloat16 and float8 included:
 /// `tensor.data_ptr()` and `tensor.nbytes`). Either way the owner is referenced here, so the
 /// memory stays allocated while the slice is alive. The caller promises not to change it until
 /// the save returns (sync) or until `save_async` returns (the snapshot is taken by then).
+///
+/// A raw source is not taken on trust: its owner must be a torch tensor, and the range must
+/// lie inside that tensor's storage (`untyped_storage()`), whose Python object is held too, so
+/// `tensor.set_()` or dropping the tensor from another thread while the GIL is released cannot
+/// free the memory being read. A `resize_()` can still reallocate the storage in place (torch
+/// offers no way to forbid it): [`HostBytes::check_unchanged`], called once the read is over,
+/// reports it, and the save is undone.
 pub enum HostBytes {
     Buffer(PyBuffer<u8>),
     Raw {
         _owner: Py<PyAny>,
+        /// The tensor's `untyped_storage()`, and its `(data_ptr, nbytes)` when lent.
+        storage: Py<PyAny>,
+        extent: (usize, usize),
         addr: usize,
         len: usize,
     },
+}
+
+/// `(data_ptr(), nbytes())` of a torch storage.
+fn storage_extent(storage: &Bound<'_, PyAny>) -> PyResult<(usize, usize)> {
+    Ok((
+        storage.call_method0("data_ptr")?.extract()?,
+        storage.call_method0("nbytes")?.extract()?,
+    ))
 }
 
 impl HostBytes {
@@ -40,8 +58,31 @@ impl HostBytes {
                     "tensor {name:?}: null address for {len} bytes"
                 )));
             }
+            let storage = owner
+                .bind(obj.py())
+                .call_method0("untyped_storage")
+                .map_err(|_| {
+                    PyTypeError::new_err(format!(
+                        "tensor {name:?}: the owner of a raw source must be a torch tensor \
+                         (its untyped_storage() bounds the address range)"
+                    ))
+                })?;
+            let extent = storage_extent(&storage)?;
+            let (base, size) = extent;
+            let inside = addr >= base
+                && addr
+                    .checked_add(len)
+                    .is_some_and(|end| end <= base.saturating_add(size));
+            if len != 0 && !inside {
+                return Err(PyValueError::new_err(format!(
+                    "tensor {name:?}: {len} bytes at {addr:#x} are not inside the tensor's \
+                     storage ({size} bytes at {base:#x})"
+                )));
+            }
             return Ok(HostBytes::Raw {
                 _owner: owner,
+                storage: storage.unbind(),
+                extent,
                 addr,
                 len,
             });
@@ -57,6 +98,28 @@ impl HostBytes {
             )));
         }
         Ok(HostBytes::Buffer(buf))
+    }
+
+    /// `Err(why)` if a raw source's storage was reallocated or resized since it was lent (a
+    /// `resize_()` from another thread while the GIL was released): the bytes read may be
+    /// from freed memory, and the save must not stand.
+    pub fn check_unchanged(&self, py: Python<'_>) -> Result<(), String> {
+        let HostBytes::Raw {
+            storage, extent, ..
+        } = self
+        else {
+            return Ok(());
+        };
+        match storage_extent(storage.bind(py)) {
+            Ok(now) if now == *extent => Ok(()),
+            Ok((base, size)) => Err(format!(
+                "its storage changed while it was being saved ({} bytes at {:#x}, now {size} \
+                 bytes at {base:#x}): a resize_() from another thread; do not resize a tensor \
+                 while it is being saved",
+                extent.1, extent.0
+            )),
+            Err(e) => Err(format!("its storage cannot be checked: {e}")),
+        }
     }
 
     /// The lent bytes.
@@ -82,9 +145,11 @@ impl HostBytes {
                     return &[];
                 }
                 #[allow(unsafe_code)]
-                // SAFETY: the Python wrapper passes `tensor.data_ptr()` and `tensor.nbytes`
-                // of a contiguous CPU tensor, and `_owner` holds a reference to that tensor,
-                // so its storage stays allocated for the lifetime of this value.
+                // SAFETY: `addr..addr+len` was checked (from_py) to lie inside the tensor's
+                // storage, whose Python object `storage` keeps alive (a `set_()` or a dropped
+                // tensor cannot free it). A concurrent `resize_()` could still reallocate it:
+                // a broken caller promise, detected by `check_unchanged` after the read,
+                // which undoes the save.
                 unsafe {
                     std::slice::from_raw_parts(*addr as *const u8, *len)
                 }

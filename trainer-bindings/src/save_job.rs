@@ -28,6 +28,19 @@ pub struct SaveRequest {
     pub blobs: Vec<(String, Vec<u8>)>,
 }
 
+impl SaveRequest {
+    /// `Err` naming the first tensor whose raw source changed under the read (see
+    /// [`HostBytes::check_unchanged`]). Call with the GIL held, after the engine read them.
+    pub fn check_sources(&self, py: Python<'_>) -> Result<(), Failure> {
+        for t in &self.tensors {
+            t.bytes
+                .check_unchanged(py)
+                .map_err(|why| Failure::store(format!("tensor {:?}: {why}", t.name)))?;
+        }
+        Ok(())
+    }
+}
+
 /// What Python sees of a commit.
 #[derive(Debug, Clone)]
 pub struct Committed {

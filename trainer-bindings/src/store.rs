@@ -120,6 +120,25 @@ impl PyStore {
         .map_err(Into::into)
     }
 
+    /// Deletes checkpoint `id` (just committed from `req`) and raises if a raw source of `req`
+    /// changed while the engine read it (`HostBytes::check_unchanged`).
+    fn undo_if_sources_changed(&self, py: Python<'_>, req: &SaveRequest, id: u64) -> PyResult<()> {
+        match req.check_sources(py) {
+            Ok(()) => Ok(()),
+            Err(changed) => Err(self.undo(py, id, changed)),
+        }
+    }
+
+    /// Deletes checkpoint `id`; the error to raise: `changed`, saying whether it is gone.
+    fn undo(&self, py: Python<'_>, id: u64, changed: Failure) -> PyErr {
+        let deleted = self.with_store(py, move |s| Ok(s.delete(id)?));
+        let what = match deleted {
+            Ok(_) => format!("checkpoint {id} was deleted"),
+            Err(e) => format!("checkpoint {id} could not be deleted ({e}); delete it"),
+        };
+        changed.context(&format!("save undone, {what}")).into()
+    }
+
     /// Waits (GIL released) for the newest background save to finish; its outcome belongs to
     /// its own handle.
     fn drain(&self, py: Python<'_>) {
@@ -176,7 +195,8 @@ impl PyStore {
     /// Opens (creating if needed) the store in `path` and runs recovery.
     #[new]
     #[pyo3(signature = (path, *, read_only=false, chunk_size=None, segment_max_bytes=None,
-                        wal_compact_min_bytes=None, recovery_mode=None, async_budget_bytes=None))]
+                        wal_compact_min_bytes=None, recovery_mode=None, async_budget_bytes=None,
+                        mode=None, allow_unsafe_dir=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -187,6 +207,8 @@ impl PyStore {
         wal_compact_min_bytes: Option<u64>,
         recovery_mode: Option<&str>,
         async_budget_bytes: Option<usize>,
+        mode: Option<u32>,
+        allow_unsafe_dir: bool,
     ) -> PyResult<Self> {
         let mut pipeline_opts = PipelineOptions::default();
         if let Some(b) = async_budget_bytes {
@@ -194,8 +216,12 @@ impl PyStore {
         }
         let mut opts = Options {
             read_only,
+            allow_unsafe_dir,
             ..Options::default()
         };
+        if let Some(m) = mode {
+            opts.file_mode = m;
+        }
         if let Some(c) = chunk_size {
             opts.chunk_size = c;
         }
@@ -272,6 +298,7 @@ impl PyStore {
         self.drain(py);
         let started = Instant::now();
         let info = self.with_store(py, |s| save_job::commit(s, &req))?;
+        self.undo_if_sources_changed(py, &req, info.checkpoint.id)?;
         drop(req);
         let secs = started.elapsed().as_secs_f64();
         Committed {
@@ -320,9 +347,17 @@ impl PyStore {
             *g = Some(Inner::Piped(p));
             h
         })?;
-        drop(req);
         let stall_seconds = handle.stall().as_secs_f64();
         let state = Arc::new(InFlight::new(handle));
+        if let Err(changed) = req.check_sources(py) {
+            // The copy into the staging buffers is over: wait for the commit, then undo it.
+            let s2 = state.clone();
+            return match py.allow_threads(move || s2.wait()) {
+                Ok(c) => Err(self.undo(py, c.info.checkpoint.id, changed)),
+                Err(_) => Err(changed.into()),
+            };
+        }
+        drop(req);
         *lock(&self.last_async) = Some(state.clone());
         Ok(SaveHandle {
             state,

@@ -29,3 +29,15 @@ def cli() -> str | None:
         if c and os.access(c, os.X_OK):
             return c
     return None
+
+
+def doc_code(relpath: str, heading: str) -> str:
+    """The first ```python block under the heading line ``heading`` (exact) of the repository's
+    Markdown file ``relpath``; skips the test outside a checkout."""
+    import re
+    path = os.path.join(REPO, relpath)
+    if not os.path.exists(path):
+        pytest.skip("not run from a checkout")
+    text = open(path, encoding="utf-8").read()
+    start = text.index("\n" + heading + "\n")
+    return re.search(r"```python\n(.*?)```", text[start:], re.S).group(1)

@@ -289,7 +289,7 @@ def test_bad_input(tmp_path):
 
 
 def test_reached_as_attributes_of_the_package():
-    """DESIGN.md's `cs.dcp.StoreWriter` / `cs.lightning.StoreCheckpointIO` after a plain
+    """The documented spelling `cs.dcp.StoreWriter` / `cs.lightning.StoreCheckpointIO` after a plain
     `import ckptstore as cs` (imported on first use, so `import ckptstore` stays light)."""
     import ckptstore as cs
     assert cs.dcp.StoreWriter is StoreWriter

@@ -117,19 +117,26 @@ def test_unencodable_value_writes_nothing(tmp_path):
     assert ckptstore.Store(tmp_path / "store", read_only=True).list() == []
 
 
-def test_readme_dcp_lightning_example_runs(monkeypatch, tmp_path):
-    """The README's DCP + Lightning example runs as written."""
-    import re
+def run_doc_example(relpath, heading, monkeypatch, tmp_path) -> dict:
     import tempfile
 
-    from conftest import REPO
-    readme = os.path.join(REPO, "README.md")
-    if not os.path.exists(readme):
-        pytest.skip("not run from a checkout")
-    text = open(readme, encoding="utf-8").read()
-    section = text[text.index("### torch.distributed.checkpoint and Lightning"):]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    from conftest import doc_code
+    code = doc_code(relpath, heading)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     env: dict = {}
-    exec(compile(code, "README.md", "exec"), env)
+    exec(compile(code, relpath, "exec"), env)
+    return env
+
+
+def test_readme_dcp_lightning_quick_start_runs(monkeypatch, tmp_path):
+    """README.md's DCP + Lightning quick start runs as written."""
+    env = run_doc_example("README.md", "### PyTorch DCP and Lightning", monkeypatch, tmp_path)
+    assert [c["step"] for c in ckptstore.Store(env["path"], read_only=True).list()] == [1000]
+    assert isinstance(env["trainer"], L.Trainer)
+
+
+def test_python_guide_dcp_lightning_example_runs(monkeypatch, tmp_path):
+    """docs/PYTHON.md's DCP + Lightning example runs as written."""
+    env = run_doc_example("docs/PYTHON.md", "## torch.distributed.checkpoint and Lightning",
+                          monkeypatch, tmp_path)
     assert [c["step"] for c in ckptstore.Store(env["path"], read_only=True).list()] == [1000, 1001]

@@ -1,22 +1,25 @@
-"""The README's Python example runs as written."""
+"""The Python examples of README.md (the quick start) and docs/PYTHON.md run as written."""
 
-import os
-import re
+import tempfile
 
-import pytest
-
-from conftest import REPO
+from conftest import doc_code
 
 
-def test_readme_python_example_runs(capsys, monkeypatch, tmp_path):
-    readme = os.path.join(REPO, "README.md")
-    if not os.path.exists(readme):
-        pytest.skip("not run from a checkout")
-    text = open(readme, encoding="utf-8").read()
-    section = text[text.index("## Python"):]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+def run_example(relpath, heading, monkeypatch, tmp_path):
+    code = doc_code(relpath, heading)
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the example's mkdtemp lands here
-    import tempfile
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    exec(compile(code, "README.md", "exec"), {})
+    env: dict = {}
+    exec(compile(code, relpath, "exec"), env)
+    return env
+
+
+def test_readme_python_quick_start_runs(monkeypatch, tmp_path):
+    env = run_example("README.md", "### Python", monkeypatch, tmp_path)
+    assert env["state"]["epoch"] == 1
+    assert set(env["state"]) == {"model", "optimizer", "epoch"}
+
+
+def test_python_guide_example_runs(capsys, monkeypatch, tmp_path):
+    run_example("docs/PYTHON.md", "## Install and use", monkeypatch, tmp_path)
     assert "model/weight" in capsys.readouterr().out

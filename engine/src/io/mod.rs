@@ -6,17 +6,21 @@
 
 mod mem;
 mod mmap;
+pub mod private_fs;
 mod sim;
 mod std_io;
 #[cfg(target_os = "linux")]
 mod uring;
+mod with_mode;
 
 pub use mem::{MemFaults, MemIo};
 pub use mmap::MappedFile;
+pub use private_fs::{DirStatus, DEFAULT_FILE_MODE};
 pub use sim::{CrashMode, Fault, OpKind, SimIo};
 pub use std_io::StdIo;
 #[cfg(target_os = "linux")]
 pub use uring::{UringConfig, UringIo, UringStats, UringUnavailable};
+pub use with_mode::WithMode;
 
 use std::io;
 use std::path::Path;
@@ -48,6 +52,30 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// (never creates one). Used to probe whether another holder (a reader's lease) is alive:
     /// `Ok(None)` means it is; `Ok(Some(f))` means nobody held it, and now `f` does.
     fn try_lock_existing(&self, path: &Path) -> io::Result<Option<Box<dyn StorageFile>>>;
+
+    /// [`Storage::create_new`] with permission bits `mode` (less the umask). Backends without
+    /// permissions (in memory) ignore it: the default.
+    fn create_new_mode(&self, path: &Path, mode: u32) -> io::Result<Box<dyn StorageFile>> {
+        let _ = mode;
+        self.create_new(path)
+    }
+    /// [`Storage::create_dir_all`] creating the missing directories with `mode`.
+    fn create_dir_all_mode(&self, path: &Path, mode: u32) -> io::Result<()> {
+        let _ = mode;
+        self.create_dir_all(path)
+    }
+    /// [`Storage::try_lock`] creating the lock file (if absent) with `mode`.
+    fn try_lock_mode(&self, path: &Path, mode: u32) -> io::Result<Option<Box<dyn StorageFile>>> {
+        let _ = mode;
+        self.try_lock(path)
+    }
+    /// Owner, mode and kind of a directory (see [`DirStatus`]), for the store's refusal of
+    /// world-writable, foreign-owned or symlinked directories. `Ok(None)`: nothing there, or a
+    /// backend without owners and links (in memory): the default.
+    fn dir_status(&self, path: &Path) -> io::Result<Option<DirStatus>> {
+        let _ = path;
+        Ok(None)
+    }
 }
 
 /// An open file. Positioned I/O only: the engine tracks offsets itself.

@@ -1,13 +1,16 @@
 //! `StdIo`: the reference backend on std::fs (pwrite, pread, fdatasync, fsync on directories).
 
+use super::private_fs::{self, Create, DirStatus, DEFAULT_FILE_MODE};
 use super::{MappedFile, Storage, StorageFile};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-/// The real file system through std and rustix. Always available.
+/// The real file system through std and rustix. Always available. Files are opened without
+/// following symlinks and must be regular files; new ones are private to the owner (0600,
+/// directories 0700) unless created through the `*_mode` calls (see `io::private_fs`).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct StdIo;
 
@@ -21,20 +24,15 @@ impl StdFile {
 
 impl Storage for StdIo {
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
-        std::fs::create_dir_all(path)
+        self.create_dir_all_mode(path, private_fs::dir_mode_for(DEFAULT_FILE_MODE))
     }
 
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn StorageFile>> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)?;
-        Ok(StdFile::boxed(f))
+        self.create_new_mode(path, DEFAULT_FILE_MODE)
     }
 
     fn open(&self, path: &Path, write: bool) -> io::Result<Box<dyn StorageFile>> {
-        let f = OpenOptions::new().read(true).write(write).open(path)?;
+        let f = private_fs::open_file(path, write, Create::No, 0)?;
         Ok(StdFile::boxed(f))
     }
 
@@ -47,7 +45,7 @@ impl Storage for StdIo {
     }
 
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
-        File::open(path)?.sync_all()
+        private_fs::open_dir(path, false)?.sync_all()
     }
 
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
@@ -65,27 +63,38 @@ impl Storage for StdIo {
     }
 
     fn try_lock(&self, path: &Path) -> io::Result<Option<Box<dyn StorageFile>>> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
-        match f.try_lock() {
-            Ok(()) => Ok(Some(StdFile::boxed(f))),
-            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-            Err(std::fs::TryLockError::Error(e)) => Err(e),
-        }
+        self.try_lock_mode(path, DEFAULT_FILE_MODE)
     }
 
     fn try_lock_existing(&self, path: &Path) -> io::Result<Option<Box<dyn StorageFile>>> {
         // Read-only is enough for flock(2); it never creates the file.
-        let f = File::open(path)?;
-        match f.try_lock() {
-            Ok(()) => Ok(Some(StdFile::boxed(f))),
-            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-            Err(std::fs::TryLockError::Error(e)) => Err(e),
-        }
+        lock(private_fs::open_file(path, false, Create::No, 0)?)
+    }
+
+    fn create_new_mode(&self, path: &Path, mode: u32) -> io::Result<Box<dyn StorageFile>> {
+        let f = private_fs::open_file(path, true, Create::New, mode)?;
+        Ok(StdFile::boxed(f))
+    }
+
+    fn create_dir_all_mode(&self, path: &Path, mode: u32) -> io::Result<()> {
+        private_fs::create_dir_all(path, mode)
+    }
+
+    fn try_lock_mode(&self, path: &Path, mode: u32) -> io::Result<Option<Box<dyn StorageFile>>> {
+        lock(private_fs::open_file(path, true, Create::IfAbsent, mode)?)
+    }
+
+    fn dir_status(&self, path: &Path) -> io::Result<Option<DirStatus>> {
+        private_fs::dir_status(path)
+    }
+}
+
+/// flock(2) without blocking: `Ok(None)` when another holder has it.
+fn lock(f: File) -> io::Result<Option<Box<dyn StorageFile>>> {
+    match f.try_lock() {
+        Ok(()) => Ok(Some(StdFile::boxed(f))),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
     }
 }
 

@@ -228,8 +228,10 @@ pub(crate) fn scan(io: &dyn Storage, dir: &Path, remove_stale: bool) -> Leases {
         let path = readers.join(&name);
         match io.try_lock_existing(&path) {
             Err(e) if not_found(&e) => {}
-            // A directory with a lease's name is foreign: ignored.
-            Err(e) if e.kind() == std::io::ErrorKind::IsADirectory => {}
+            // A directory, FIFO, socket or symlink with a lease's name is foreign (the backend
+            // refuses to open it as a file: io::private_fs): ignored, neither followed, nor
+            // removed, nor taken as a lease pinning everything.
+            Err(e) if crate::io::private_fs::is_refused_kind(&e) => {}
             Err(_) => {
                 out.all = true;
                 out.live += 1;

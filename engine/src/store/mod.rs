@@ -6,6 +6,7 @@ mod external;
 mod files;
 mod gc;
 mod lease;
+mod perms;
 mod reader;
 mod recovery;
 mod select;
@@ -90,6 +91,14 @@ pub struct Options {
     /// can be set up (shared by the process), else [`crate::io::StdIo`]; `CKPTSTORE_IO=std|uring`
     /// forces one.
     pub io: Arc<dyn Storage>,
+    /// Permission bits of the files this store creates (less the umask); its directories get
+    /// the matching search bits (0600 -> 0700, 0640 -> 0750, 0660 -> 0770). Default 0600: the
+    /// owner only. 0640 shares read access with the group. Existing files keep their modes.
+    pub file_mode: u32,
+    /// Open a store directory that is world-writable, or (for a writer) owned by another user,
+    /// instead of refusing it (`Error::UnsafeDir`). Default `false`. Symlinked `segments/` or
+    /// `readers/` are refused regardless.
+    pub allow_unsafe_dir: bool,
 }
 
 impl Default for Options {
@@ -104,6 +113,8 @@ impl Default for Options {
             max_space_amplification: 1.5,
             compression: Compression::None,
             io: crate::io::default_storage(),
+            file_mode: crate::io::DEFAULT_FILE_MODE,
+            allow_unsafe_dir: false,
         }
     }
 }
@@ -140,6 +151,13 @@ impl Options {
             return Err(Error::invalid(format!(
                 "max_space_amplification {} below 1.0",
                 self.max_space_amplification
+            )));
+        }
+        if self.file_mode & !0o777 != 0 || self.file_mode & 0o600 != 0o600 {
+            return Err(Error::invalid(format!(
+                "file_mode {:o}: permission bits (at most 0777) that let the owner read and \
+                 write (e.g. 0600, 0640)",
+                self.file_mode
             )));
         }
         self.compression.validate()
@@ -270,9 +288,11 @@ pub(crate) fn commit_record_len(m: &Manifest) -> u64 {
 
 impl Store {
     /// Opens the store in `dir`, creating it if absent (unless read-only), and runs recovery.
-    pub fn open(dir: impl AsRef<Path>, opts: Options) -> Result<Store> {
+    pub fn open(dir: impl AsRef<Path>, mut opts: Options) -> Result<Store> {
         opts.validate()?;
         let dir = dir.as_ref().to_path_buf();
+        perms::check_store_dir(&*opts.io, &dir, &opts)?;
+        opts.io = crate::io::WithMode::wrap(opts.io.clone(), opts.file_mode);
         let io = opts.io.clone();
         let lock = if opts.read_only {
             None

@@ -342,32 +342,35 @@ fn check_segments(
     for (&id, seg) in &state.segments {
         let problem = match on_disk.get(&id) {
             None => Some("missing".to_string()),
-            Some(path) => {
-                let f = io
-                    .open(path, false)
-                    .map_err(|e| Error::io("open", path, e))?;
-                let len = f.len().map_err(|e| Error::io("stat", path, e))?;
-                if len < seg.len.max(32) {
-                    Some(format!("truncated to {len} bytes"))
-                } else {
-                    // The header is metadata too: a newer format is refused, not misread.
-                    let mut h = [0u8; 32];
-                    f.read_at(&mut h, 0)
-                        .map_err(|e| Error::io("read", path, e))?;
-                    match segment::decode_header(&h) {
-                        Ok(found) if found == id => None,
-                        Ok(found) => Some(format!("header names segment {found}")),
-                        Err(DecodeError::Corrupt(why)) => Some(format!("bad header ({why})")),
-                        Err(DecodeError::NewerVersion(v)) => {
-                            return Err(Error::UnsupportedVersion {
-                                path: path.clone(),
-                                found: v as u32,
-                                supported: segment::SEGMENT_VERSION as u32,
-                            })
+            // Not a regular file (a directory, FIFO or symlink in its place, refused by the
+            // backend: io::private_fs): damaged, like a missing one.
+            Some(path) => match io.open(path, false) {
+                Err(e) if crate::io::private_fs::is_refused_kind(&e) => Some(e.to_string()),
+                Err(e) => return Err(Error::io("open", path, e)),
+                Ok(f) => {
+                    let len = f.len().map_err(|e| Error::io("stat", path, e))?;
+                    if len < seg.len.max(32) {
+                        Some(format!("truncated to {len} bytes"))
+                    } else {
+                        // The header is metadata too: a newer format is refused, not misread.
+                        let mut h = [0u8; 32];
+                        f.read_at(&mut h, 0)
+                            .map_err(|e| Error::io("read", path, e))?;
+                        match segment::decode_header(&h) {
+                            Ok(found) if found == id => None,
+                            Ok(found) => Some(format!("header names segment {found}")),
+                            Err(DecodeError::Corrupt(why)) => Some(format!("bad header ({why})")),
+                            Err(DecodeError::NewerVersion(v)) => {
+                                return Err(Error::UnsupportedVersion {
+                                    path: path.clone(),
+                                    found: v as u32,
+                                    supported: segment::SEGMENT_VERSION as u32,
+                                })
+                            }
                         }
                     }
                 }
-            }
+            },
         };
         if let Some(problem) = problem {
             if opts.recovery_mode == RecoveryMode::AbsoluteConsistency {

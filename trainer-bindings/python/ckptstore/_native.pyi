@@ -47,6 +47,8 @@ class Store:
         wal_compact_min_bytes: int | None = ...,
         recovery_mode: str | None = ...,
         async_budget_bytes: int | None = ...,
+        mode: int | None = ...,
+        allow_unsafe_dir: bool = ...,
     ) -> None: ...
     @property
     def path(self) -> str: ...

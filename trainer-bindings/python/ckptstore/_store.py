@@ -45,12 +45,15 @@ class Store:
     ``segment_max_bytes`` (1 GiB; >= 1 MiB), ``wal_compact_min_bytes`` (8 MiB),
     ``recovery_mode`` ("tolerate_tail_corruption"; or "absolute_consistency", "point_in_time"),
     ``async_budget_bytes`` (256 MiB: the staging pool of ``save_async``'s write pipeline,
-    allocated by the first ``save_async``; at least one chunk).
+    allocated by the first ``save_async``; at least one chunk), ``mode`` (0o600: permission bits
+    of the files it creates, directories get the matching x bits; 0o640 shares reading with the
+    group), ``allow_unsafe_dir`` (False: a world-writable store directory, or for a writer one
+    owned by another user, raises StoreError saying why).
     """
 
     def __init__(self, path: PathLike, **options: Any) -> None:
         known = {"read_only", "chunk_size", "segment_max_bytes", "wal_compact_min_bytes",
-                 "recovery_mode", "async_budget_bytes"}
+                 "recovery_mode", "async_budget_bytes", "mode", "allow_unsafe_dir"}
         bad = sorted(set(options) - known)
         if bad:
             raise TypeError(f"Store(): unknown option(s) {bad}; known: {sorted(known)}")

@@ -60,6 +60,43 @@ _TORCH_RAW = {"uint16": "<u2", "uint32": "<u4", "uint64": "<u8", "complex64": "<
               "complex128": "<c16", "complex32": None}
 
 
+# DCP's TensorProperties: the layouts and memory formats a stored one may name.
+_TORCH_LAYOUTS = frozenset({"strided", "sparse_coo", "sparse_csr", "sparse_csc", "sparse_bsr",
+                            "sparse_bsc", "jagged"})
+_TORCH_MEMORY_FORMATS = frozenset({"contiguous_format", "preserve_format", "channels_last",
+                                   "channels_last_3d"})
+
+
+def torch_attr(kind: str, name: Any) -> Any:
+    """``getattr(torch, name)`` for a name read from a store, only if it is a ``kind``
+    ("dtype", "layout" or "memory_format") ckptstore writes: a stored string never picks an
+    arbitrary attribute of torch (a function, a module). ValueError otherwise."""
+    allowed = {"dtype": _TORCH_NAMES.keys() | _TORCH_RAW.keys(), "layout": _TORCH_LAYOUTS,
+               "memory_format": _TORCH_MEMORY_FORMATS}[kind]
+    if not isinstance(name, str) or name not in allowed:
+        raise ValueError(f"stored torch {kind} {name!r} is not one ckptstore reads "
+                         f"(one of {sorted(allowed)})")
+    torch = require_torch(f"torch {kind} {name}")
+    value = getattr(torch, name, None)
+    if value is None:
+        raise ValueError(f"stored torch {kind} {name!r}: this torch has none")
+    return value
+
+
+def plain_numpy_dtype(s: Any) -> np.dtype[Any]:
+    """The numpy dtype a store names in a tree (``np.dtype(s)``), only if it is a plain number
+    or bool: never an object, structured, sub-array or void dtype (their bytes could not be
+    reinterpreted safely). ValueError otherwise."""
+    try:
+        dt = np.dtype(s) if isinstance(s, str) else None
+    except TypeError:
+        dt = None
+    if dt is None or dt.kind not in "biufc" or dt.hasobject or dt.fields is not None \
+            or dt.subdtype is not None:
+        raise ValueError(f"stored numpy dtype {s!r} is not a plain numeric dtype")
+    return dt
+
+
 def is_torch_tensor(x: Any) -> bool:
     torch = torch_if_loaded()
     return torch is not None and isinstance(x, torch.Tensor)
@@ -200,13 +237,14 @@ def from_raw(storage: np.ndarray, as_: str, shape: list[int], framework: str,
             if npd is None:
                 raise TypeError(f"numpy has no {as_} dtype: load it with framework=\"torch\"")
             return u8.view(np.dtype(npd)).reshape(shape)
+        dtype = torch_attr("dtype", tname)
         torch = require_torch("framework=\"torch\"")
         t = torch.empty(u8.nbytes, dtype=torch.uint8)
         if u8.nbytes:
             np.copyto(t.numpy(), u8)
-        out = t.view(getattr(torch, tname)).reshape(shape)
+        out = t.view(dtype).reshape(shape)
     else:
-        arr = u8.view(np.dtype(as_)).reshape(shape)
+        arr = u8.view(plain_numpy_dtype(as_)).reshape(shape)
         if framework == "numpy":
             return arr
         torch = require_torch("framework=\"torch\"")

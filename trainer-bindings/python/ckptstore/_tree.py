@@ -147,7 +147,8 @@ def decode(doc: bytes, tensor: Callable[[dict[str, Any]], Any],
         if "f" in n:
             return float.fromhex(n["f"])
         if "np" in n:
-            return np.frombuffer(base64.b64decode(n["b"]), dtype=np.dtype(n["np"]))[0]
+            dt = _tensors.plain_numpy_dtype(n["np"])  # never an object dtype
+            return np.frombuffer(base64.b64decode(n["b"]), dtype=dt)[0]
         if "b" in n:
             return base64.b64decode(n["b"])
         if "blob" in n:

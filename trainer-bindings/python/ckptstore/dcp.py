@@ -21,6 +21,15 @@ is the whole tensor, else as ``fqn@o0,o1,..`` (its chunk's offsets); bytes items
 objects DCP writes itself) as blobs ``dcp/bytes/<fqn>``; DCP's ``Metadata`` as the blob
 ``dcp/metadata``, encoded as JSON, not pickled (see ``_encode_metadata``).
 
+Bytes items never run code on load (docs/DECISIONS.md, "No load path runs code"): DCP's
+default planner would ``torch.load(..., weights_only=False)`` them, which runs whatever a pickle
+says, and which keys are bytes is decided by the stored metadata. So ``StoreReader`` first
+decodes each with ``torch.load(..., weights_only=True)`` (tensors, containers, numbers,
+strings: what DCP saves for a plain state dict); a pickle that needs anything else is refused
+with ``UnsafePickleError`` naming the key, unless the caller passed ``allow_pickle=True`` for a
+store it trusts. What the planner receives is the decoded object saved again by ``torch.save``,
+so its own unpickling only ever sees what ``weights_only`` accepted.
+
 Reads serve each ``ReadItem`` from the stored tensor by its offsets and lengths: a view over
 the segment's memory map (verified by BLAKE3 unless ``verify=False``), narrowed, then copied
 once into the target DCP resolves — which is how DCP reshards (e.g. a 4-rank save loaded by
@@ -33,6 +42,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import uuid
 import warnings
 from typing import Any, cast
@@ -69,7 +79,7 @@ from torch.distributed.checkpoint.storage import (  # noqa: E402
 )
 from torch.futures import Future  # noqa: E402
 
-__all__ = ["StoreReader", "StoreWriter"]
+__all__ = ["StoreReader", "StoreWriter", "UnsafePickleError"]
 
 METADATA_BLOB = "dcp/metadata"
 BYTES_PREFIX = "dcp/bytes/"
@@ -77,6 +87,11 @@ METADATA_FORMAT = "ckptstore.dcp-metadata/1"
 # Segment ids reserved per rank and save: a rank writes at most this many segment files (at
 # the smallest segment size, 1 MiB, that is 1 TiB per rank). Unused ids are never reused.
 IDS_PER_RANK = 1 << 20
+
+
+class UnsafePickleError(ValueError):
+    """A stored DCP bytes item is a pickle that ``torch.load(weights_only=True)`` refuses: it
+    would import or call something beyond tensors and plain containers. Nothing of it ran."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,15 +303,22 @@ class StoreReader(StorageReader):
 
     Give ``step`` when saves may commit while ranks load: every rank picks its checkpoint when
     it reads the metadata, and a rank that picked another one than the coordinator raises.
+
+    Bytes items (non-tensor values DCP pickled) are decoded with ``weights_only=True``; one
+    that needs more raises ``UnsafePickleError``. ``allow_pickle=True`` hands them to the
+    planner as stored, whose ``torch.load(weights_only=False)`` runs any code the pickle holds:
+    only for a store whose every writer you trust.
     """
 
     def __init__(self, path: str | os.PathLike, step: int | None = None, *,
-                 id: int | None = None, verify: bool = True) -> None:
+                 id: int | None = None, verify: bool = True,
+                 allow_pickle: bool = False) -> None:
         super().__init__()
         self.path = os.fspath(path)
         self.step = step
         self.id = id
         self.verify = verify
+        self.allow_pickle = allow_pickle
         self.load_id = str(uuid.uuid4())
         self._store: Any = None
         self._ck_id: int | None = None
@@ -368,7 +390,9 @@ class StoreReader(StorageReader):
         for req in plan.items:
             where = self.storage_data[req.storage_index]
             if req.type == LoadItemType.BYTE_IO:
-                planner.load_bytes(req, io.BytesIO(ck.get_blob(where.name)))
+                raw = ck.get_blob(where.name)
+                planner.load_bytes(req, io.BytesIO(raw) if self.allow_pickle
+                                   else _weights_only(req.storage_index.fqn, raw))
                 continue
             if where.name not in stored:
                 mb = s._native.tensor(ck.id, where.name, verify=self.verify)
@@ -392,12 +416,33 @@ class StoreReader(StorageReader):
         return fut
 
 
+def _weights_only(fqn: str, raw: bytes) -> io.BytesIO:
+    """A stored bytes item, decoded without running code (``weights_only=True``) and saved
+    again, for the planner's own ``torch.load``; ``UnsafePickleError`` if it cannot be."""
+    try:
+        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, or a corrupt/foreign byte string
+        # torch's message spans lines (with terminal escapes): its first sentence is enough.
+        why = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split(". ")[0].splitlines()[0] \
+            if str(e) else ""
+        raise UnsafePickleError(
+            f"DCP bytes item {fqn!r}: refused to unpickle it, it needs more than tensors and "
+            f"plain containers ({type(e).__name__}: {why}); nothing of it ran. Pass "
+            f"StoreReader(..., allow_pickle=True) only if you trust every writer of this "
+            f"store") from None
+    out = io.BytesIO()
+    torch.save(obj, out)
+    out.seek(0)
+    return out
+
+
 def _raw_view(u8: np.ndarray, torch_dtype: str, shape: tuple[int, ...]) -> Any:
     """Stored bytes of a dtype the engine lacks, as a (read-only) torch tensor of it."""
+    dtype = _tensors.torch_attr("dtype", torch_dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only array; only read from
         t = torch.from_numpy(u8)
-    return t.view(getattr(torch, torch_dtype)).reshape(shape)
+    return t.view(dtype).reshape(shape)
 
 
 def _copy_into(target: Any, part: Any, dtype: str) -> None:
@@ -488,8 +533,10 @@ def _decode_metadata(raw: bytes) -> Metadata:
             sdm[fqn] = BytesStorageMetadata()
             continue
         props = TensorProperties(
-            dtype=getattr(torch, m["dtype"]), layout=getattr(torch, m["layout"]),
-            requires_grad=m["requires_grad"], memory_format=getattr(torch, m["memory_format"]),
+            dtype=_tensors.torch_attr("dtype", m["dtype"]),
+            layout=_tensors.torch_attr("layout", m["layout"]),
+            requires_grad=m["requires_grad"],
+            memory_format=_tensors.torch_attr("memory_format", m["memory_format"]),
             pin_memory=m["pin_memory"])
         if m.get("strides") is not None and hasattr(props, "strides"):
             props.strides = tuple(m["strides"])

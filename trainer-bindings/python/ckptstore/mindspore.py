@@ -704,7 +704,11 @@ def load_checkpoint(ckpt_file_name: Any, net: Any = None, strict_load: bool = Fa
             elif kind == "str":
                 out[k] = md[k]
             else:
-                np_type = {"int": np.int64, "float": np.float32, "bool": np.bool_}[kind]
+                # The kinds come from the store: anything but these is refused by name.
+                np_type = {"int": np.int64, "float": np.float32, "bool": np.bool_}.get(kind)
+                if np_type is None or k not in md:
+                    raise ValueError(f"checkpoint {ck_id}: append_info value {k!r} of kind "
+                                     f"{kind!r} is not one ckptstore.mindspore writes")
                 out[k] = Parameter(Tensor(np.array(md[k], dtype=np_type)), name=k)
     finally:
         if owned:

@@ -4,12 +4,13 @@
 use super::plan::{plan, Align, Route};
 use super::ring::{Fds, Job, WriteNotes};
 use super::Shared;
+use crate::io::private_fs::{self, Create};
 use crate::io::StorageFile;
 use rustix::fs::{AtFlags, FallocateFlags, OFlags, StatxFlags};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -31,15 +32,19 @@ struct State {
 }
 
 impl UringFile {
-    pub(super) fn open(path: &Path, create_new: bool, shared: Arc<Shared>) -> io::Result<Self> {
-        let buffered = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(create_new)
-            .open(path)?;
+    /// Opens `path` for writing (creating it with `mode` when `create_new`): without following
+    /// a symlink, a regular file only (`private_fs::open_file`).
+    pub(super) fn open(
+        path: &Path,
+        create_new: bool,
+        mode: u32,
+        shared: Arc<Shared>,
+    ) -> io::Result<Self> {
+        let create = if create_new { Create::New } else { Create::No };
+        let buffered = private_fs::open_file(path, true, create, mode)?;
         let len = buffered.metadata()?.len();
         let direct = if shared.cfg.direct {
-            match open_direct(path, shared.cfg.piece_bytes) {
+            match open_direct(&buffered, shared.cfg.piece_bytes) {
                 Ok(d) => Some(d),
                 Err(why) => {
                     shared.note_refusal(path, &why);
@@ -103,14 +108,25 @@ impl UringFile {
     }
 }
 
-/// Opens the O_DIRECT descriptor of `path` and finds its alignment; `Err(why)` when the file
-/// system does not take direct I/O (or needs an alignment the pieces cannot keep).
-fn open_direct(path: &Path, piece: usize) -> Result<(File, Align), String> {
+/// Opens the O_DIRECT descriptor of the file `buffered` is open on and finds its alignment;
+/// `Err(why)` when the file system does not take direct I/O (or needs an alignment the pieces
+/// cannot keep). It reopens the descriptor, not the name (`/proc/self/fd/N` leads to the open
+/// inode), so a name swapped after the first open cannot give the direct writes another file;
+/// the inode is compared to be sure. Without /proc the file is written buffered.
+fn open_direct(buffered: &File, piece: usize) -> Result<(File, Align), String> {
+    let by_fd = format!("/proc/self/fd/{}", buffered.as_raw_fd());
     let f = OpenOptions::new()
         .write(true)
         .custom_flags(OFlags::DIRECT.bits() as i32)
-        .open(path)
-        .map_err(|e| format!("open with O_DIRECT: {e}"))?;
+        .open(&by_fd)
+        .map_err(|e| format!("open with O_DIRECT through {by_fd}: {e}"))?;
+    let (a, b) = (
+        f.metadata().map_err(|e| e.to_string())?,
+        buffered.metadata().map_err(|e| e.to_string())?,
+    );
+    if (a.dev(), a.ino()) != (b.dev(), b.ino()) {
+        return Err(format!("{by_fd} led to another file than the one opened"));
+    }
     let page = rustix::param::page_size() as u64;
     let mut align = Align {
         offset: page.max(4096),
@@ -266,5 +282,34 @@ impl StorageFile for UringFile {
         st.logical = len;
         st.allocated = len;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod direct_by_descriptor_tests {
+    use super::*;
+
+    /// The O_DIRECT descriptor is the buffered one's file, whatever its name leads to now: a
+    /// name swapped (or removed) after the first open cannot give direct writes another file.
+    #[test]
+    fn o_direct_descriptor_is_reopened_from_the_fd_not_the_name() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("00000001.seg");
+        let buffered = private_fs::open_file(&path, true, Create::New, 0o600).unwrap();
+        // The name now leads to another file, then to nothing.
+        std::fs::rename(&path, d.path().join("moved")).unwrap();
+        std::fs::write(&path, b"attacker's file").unwrap();
+        let check = |direct: Result<(File, Align), String>| match direct {
+            Ok((f, _)) => {
+                let (a, b) = (f.metadata().unwrap(), buffered.metadata().unwrap());
+                assert_eq!((a.dev(), a.ino()), (b.dev(), b.ino()));
+            }
+            // A file system without O_DIRECT (tmpfs) refuses it; never another file.
+            Err(why) => assert!(!why.contains("another file"), "{why}"),
+        };
+        check(open_direct(&buffered, 1 << 20));
+        std::fs::remove_file(&path).unwrap();
+        check(open_direct(&buffered, 1 << 20));
+        assert_eq!(std::fs::read(d.path().join("moved")).unwrap(), b"");
     }
 }

@@ -25,7 +25,7 @@ mod file;
 pub(crate) mod plan;
 mod ring;
 
-use super::{StdIo, Storage, StorageFile};
+use super::{DirStatus, StdIo, Storage, StorageFile, DEFAULT_FILE_MODE};
 use file::UringFile;
 use ring::Ring;
 use std::io;
@@ -185,14 +185,40 @@ impl Storage for UringIo {
     }
 
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn StorageFile>> {
-        Ok(Box::new(UringFile::open(path, true, self.shared.clone())?))
+        self.create_new_mode(path, DEFAULT_FILE_MODE)
     }
 
     fn open(&self, path: &Path, write: bool) -> io::Result<Box<dyn StorageFile>> {
         if !write {
             return StdIo.open(path, false);
         }
-        Ok(Box::new(UringFile::open(path, false, self.shared.clone())?))
+        Ok(Box::new(UringFile::open(
+            path,
+            false,
+            0,
+            self.shared.clone(),
+        )?))
+    }
+
+    fn create_new_mode(&self, path: &Path, mode: u32) -> io::Result<Box<dyn StorageFile>> {
+        Ok(Box::new(UringFile::open(
+            path,
+            true,
+            mode,
+            self.shared.clone(),
+        )?))
+    }
+
+    fn create_dir_all_mode(&self, path: &Path, mode: u32) -> io::Result<()> {
+        StdIo.create_dir_all_mode(path, mode)
+    }
+
+    fn try_lock_mode(&self, path: &Path, mode: u32) -> io::Result<Option<Box<dyn StorageFile>>> {
+        StdIo.try_lock_mode(path, mode)
+    }
+
+    fn dir_status(&self, path: &Path) -> io::Result<Option<DirStatus>> {
+        StdIo.dir_status(path)
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
