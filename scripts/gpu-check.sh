@@ -5,7 +5,11 @@
 #   2. runs tests/cuda.rs with CKPT_REQUIRE_GPU=1 (a missing GPU fails instead of skipping);
 #   3. saves SIZE_GIB of random device tensors through the pipeline, checks the checkpoint
 #      bit-exact against a host copy, and prints the D2H staging GB/s next to a plain pinned
-#      cuMemcpyDtoH of the same bytes in the same run (examples/gpu_check.rs).
+#      cuMemcpyDtoH of the same bytes in the same run (examples/gpu_check.rs);
+#   4. where python3 imports torch and ckptstore (the wheel, built with the `cuda` feature):
+#      trainer-bindings/tests/test_cuda.py with CKPT_REQUIRE_GPU=1, and the Python figures
+#      (save_async stall and load(device="cuda:0") next to plain pinned copies,
+#      trainer-bindings/benches/cuda_save_load.py).
 # Usage: scripts/gpu-check.sh [SIZE_GIB=4] [DIR=/tmp/ckpt-gpu-check]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,3 +43,11 @@ echo "== tests/cuda.rs (CKPT_REQUIRE_GPU=1)"
 CKPT_REQUIRE_GPU=1 "$tests" --test-threads=1
 echo "== gpu_check: ${SIZE_GIB} GiB"
 "$check" --size-gib "$SIZE_GIB" --dir "$DIR"
+if python3 -c "import torch, ckptstore" 2>/dev/null; then
+  echo "== python: trainer-bindings/tests/test_cuda.py (CKPT_REQUIRE_GPU=1)"
+  (cd trainer-bindings && CKPT_REQUIRE_GPU=1 python3 -m pytest -q tests/test_cuda.py)
+  echo "== python: benches/cuda_save_load.py"
+  python3 trainer-bindings/benches/cuda_save_load.py --dir "$DIR-py" --gib "$SIZE_GIB"
+else
+  echo "== python: skipped (python3 cannot import torch and ckptstore here)"
+fi

@@ -77,3 +77,32 @@ fn failed_directory_fsync_of_current_then_reopen_then_commit() {
     assert!(Store::open(DIR, sim_opts(&sim)).is_err());
     reopen_commit_and_cut(&sim, &[]);
 }
+
+/// Bug (found putting the three segment writers side by side): a transaction created its
+/// segment file, wrote the header, and only then registered the file for removal on abort,
+/// so a failed header write left the file behind until the next recovery. The one segment
+/// writer registers a file before writing anything to it.
+#[test]
+fn regression_failed_segment_header_write_left_the_file_behind() {
+    let sim = SimIo::new();
+    let mut s = Store::open(DIR, sim_opts(&sim)).unwrap();
+    // The first write after the open is the header of the transaction's first segment.
+    sim.inject(Fault::Eio {
+        kind: OpKind::Write,
+        nth: 1,
+    });
+    let mut t = s.begin(1).unwrap();
+    let e = t
+        .put_tensor("t", ckptstore::DType::U8, &[5000], &data(1, 5000))
+        .unwrap_err();
+    assert!(e.to_string().starts_with("write "), "{e}");
+    drop(t);
+    let left = sim
+        .list_dir(&std::path::Path::new(DIR).join("segments"))
+        .unwrap_or_default();
+    assert!(left.is_empty(), "segment files left behind: {left:?}");
+    // A failed write is not a failed sync: the store keeps working.
+    assert!(s.poisoned().is_none());
+    commit(&mut s, 2, &[("t", &data(2, 5000))]);
+    assert_eq!(s.list().len(), 1);
+}

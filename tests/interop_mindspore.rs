@@ -11,7 +11,7 @@ mod cli_support;
 mod support;
 
 use ckptstore::interop::mindspore::{self as ms, FormatError, ValueKind};
-use ckptstore::interop::{export_mindspore, import_mindspore, MindSporeExport};
+use ckptstore::interop::{self, export_mindspore, import_mindspore, MindSporeExport};
 use ckptstore::io::{CrashMode, SimIo};
 use ckptstore::proto::mindspore as pb;
 use ckptstore::proto::Message;
@@ -227,7 +227,7 @@ fn unsupported_dtypes_are_refused_and_float8_imports_but_does_not_export() {
     let mut s = Store::open(tmp.path(), opts()).unwrap();
     let err = import_bytes(&mut s, std::fs::read(fixture("uint16.ckpt")).unwrap(), None);
     match err.map_err(|e| match e {
-        Error::MindSpore { error, .. } => *error,
+        Error::Interop { error, .. } => ms_error(error),
         other => panic!("{other:?}"),
     }) {
         Err(FormatError::Unsupported { name, what, .. }) => {
@@ -560,9 +560,9 @@ fn import_err(bytes: Vec<u8>) -> FormatError {
     assert!(s.list().is_empty(), "a rejected file committed something");
     support::commit(&mut s, 1, &[("x", &[1])]);
     match err {
-        Error::MindSpore { path, error } => {
+        Error::Interop { path, error } => {
             assert_eq!(path, Path::new("mem.ckpt"));
-            *error
+            ms_error(error)
         }
         other => panic!("not a MindSpore error: {other:?}"),
     }
@@ -805,7 +805,7 @@ fn a_crc_mismatch_aborts_after_streaming_and_leaves_no_segment() {
     let mut s = Store::open(tmp.path(), opts()).unwrap();
     let err = import_bytes(&mut s, file, None).unwrap_err();
     assert!(
-        matches!(&err, Error::MindSpore { error, .. } if matches!(**error, FormatError::CrcMismatch { .. })),
+        matches!(interop::Error::of(&err), Some(interop::Error::MindSpore(e)) if matches!(**e, FormatError::CrcMismatch { .. })),
         "{err:?}"
     );
     assert!(s.list().is_empty());
@@ -1070,4 +1070,15 @@ fn cli_import_export_mindspore_end_to_end() {
     assert_eq!(v["format"], "safetensors");
     assert!(ok(&["export", "--help"]).contains("mindspore"));
     assert!(ok(&["import", "--help"]).contains(".ckpt"));
+}
+
+/// The MindSpore format error inside an engine error's interop error.
+fn ms_error(error: Box<dyn std::error::Error + Send + Sync>) -> FormatError {
+    match *error
+        .downcast::<interop::Error>()
+        .expect("an interop error")
+    {
+        interop::Error::MindSpore(e) => *e,
+        other => panic!("not a MindSpore error: {other:?}"),
+    }
 }

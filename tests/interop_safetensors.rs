@@ -8,7 +8,7 @@ mod cli_support;
 mod support;
 
 use ckptstore::interop::safetensors::{self as st, FormatError, TensorSpec};
-use ckptstore::interop::{export_safetensors, import_safetensors};
+use ckptstore::interop::{self, export_safetensors, import_safetensors};
 use ckptstore::{DType, Error, MetaValue, Options, Selector, Store};
 use cli_support::{fails, ok};
 use std::collections::BTreeMap;
@@ -189,9 +189,15 @@ fn import_err(bytes: Vec<u8>) -> FormatError {
     // Store still usable.
     support::commit(&mut s, 1, &[("x", &[1])]);
     match err {
-        Error::Safetensors { path, error } => {
+        Error::Interop { path, error } => {
             assert_eq!(path, Path::new("mem.safetensors"));
-            error
+            match *error
+                .downcast::<interop::Error>()
+                .expect("an interop error")
+            {
+                interop::Error::Safetensors(e) => e,
+                other => panic!("not a safetensors error: {other:?}"),
+            }
         }
         other => panic!("not a safetensors error: {other:?}"),
     }

@@ -14,12 +14,12 @@
 //! A chunk is stored compressed only when that saves at least 1/8 of its bytes
 //! ([`MIN_SAVING_DIVISOR`]); otherwise it is stored raw and reads of it cost nothing extra.
 
+use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::manifest::DType;
 use ckptstore_proto::v1 as pb;
 
 /// A chunk is compressed only if its frame is at most `raw - raw / MIN_SAVING_DIVISOR` bytes.
-pub const MIN_SAVING_DIVISOR: usize = 8;
+pub(crate) const MIN_SAVING_DIVISOR: usize = 8;
 
 /// Compression of new chunks ([`Options::compression`](crate::Options::compression)).
 ///
@@ -89,7 +89,7 @@ pub fn shuffle_width(codec: i32) -> Option<usize> {
 }
 
 /// Whether this build can decode `codec`.
-pub fn is_known(codec: i32) -> bool {
+pub(crate) fn is_known(codec: i32) -> bool {
     codec == pb::Codec::None as i32 || shuffle_width(codec).is_some()
 }
 
@@ -110,7 +110,7 @@ pub fn shuffle(src: &[u8], width: usize, dst: &mut [u8]) {
 }
 
 /// The inverse of [`shuffle`].
-pub fn unshuffle(src: &[u8], width: usize, dst: &mut [u8]) {
+pub(crate) fn unshuffle(src: &[u8], width: usize, dst: &mut [u8]) {
     assert_eq!(src.len(), dst.len(), "unshuffle needs equal lengths");
     let n = src.len() / width;
     let body = n * width;

@@ -4,6 +4,8 @@
 //! Layout (24 bytes, little-endian; docs/FORMAT.md §CURRENT):
 //! `magic "CKPTCUR\0" | version u16 | reserved u16 = 0 | wal_number u64 | crc32c(bytes 0..20) u32`
 
+use crate::le;
+
 /// File name of the pointer in the store directory.
 pub const CURRENT_NAME: &str = "CURRENT";
 /// Temporary name used while switching the pointer.
@@ -11,7 +13,7 @@ pub const CURRENT_TMP_NAME: &str = "CURRENT.tmp";
 /// Size of the pointer file.
 pub const CURRENT_LEN: usize = 24;
 /// Highest CURRENT format version this build reads and the one it writes.
-pub const CURRENT_VERSION: u16 = 1;
+pub(crate) const CURRENT_VERSION: u16 = 1;
 const MAGIC: &[u8; 8] = b"CKPTCUR\0";
 
 /// Why a `CURRENT` file could not be decoded.
@@ -39,7 +41,7 @@ pub fn decode(b: &[u8]) -> Result<u64, CurrentDecodeError> {
     if b.len() != CURRENT_LEN || &b[0..8] != MAGIC {
         return Err(CurrentDecodeError::Corrupt);
     }
-    let crc = u32::from_le_bytes(b[20..24].try_into().unwrap());
+    let crc = le::u32_at(b, 20);
     if crc != crc32c::crc32c(&b[0..20]) {
         return Err(CurrentDecodeError::Corrupt);
     }
@@ -47,7 +49,7 @@ pub fn decode(b: &[u8]) -> Result<u64, CurrentDecodeError> {
     if version > CURRENT_VERSION {
         return Err(CurrentDecodeError::NewerVersion(version));
     }
-    Ok(u64::from_le_bytes(b[12..20].try_into().unwrap()))
+    Ok(le::u64_at(b, 12))
 }
 
 #[cfg(test)]

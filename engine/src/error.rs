@@ -179,25 +179,16 @@ pub enum Error {
     #[error("CUDA: {0}")]
     Device(String),
 
-    /// A safetensors file (import or export) is malformed or could not be read or written.
-    #[error("{path}: safetensors: {error}")]
-    Safetensors {
+    /// A file in another format (safetensors, MindSpore `.ckpt`) is malformed or could not be
+    /// read or written. `error` is the interop module's error (`interop::Error::of` gets it
+    /// back typed); it is boxed so that this module does not depend on the interop code.
+    #[error("{path}: {error}")]
+    Interop {
         /// The external file.
         path: PathBuf,
         /// What is wrong with it.
         #[source]
-        error: crate::interop::safetensors::FormatError,
-    },
-
-    /// A MindSpore `.ckpt` file (import or export) is malformed or could not be read or
-    /// written.
-    #[error("{path}: MindSpore .ckpt: {error}")]
-    MindSpore {
-        /// The external file.
-        path: PathBuf,
-        /// What is wrong with it (boxed: it would make every `Result` of the engine larger).
-        #[source]
-        error: Box<crate::interop::mindspore::FormatError>,
+        error: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
 
     /// No checkpoint (or no tensor or blob in it) matches the request. A missing tensor or
@@ -231,11 +222,11 @@ pub enum Error {
         /// Tensor name.
         name: String,
         /// Dtype the caller expects.
-        expected_dtype: crate::manifest::DType,
+        expected_dtype: crate::dtype::DType,
         /// Shape the caller expects.
         expected_shape: Vec<u64>,
         /// Dtype in the checkpoint.
-        found_dtype: crate::manifest::DType,
+        found_dtype: crate::dtype::DType,
         /// Shape in the checkpoint.
         found_shape: Vec<u64>,
     },

@@ -11,8 +11,8 @@
 //! made (windows of wall time are aligned to the Unix epoch, not to "now").
 
 use crate::error::{Error, Result};
+use crate::manifest::CheckpointInfo;
 use crate::manifest::MetaValue;
-use crate::store::CheckpointInfo;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// Direction of a "best" metric.
@@ -309,7 +309,9 @@ pub fn plan(policy: &RetentionPolicy, checkpoints: &[CheckpointInfo]) -> Result<
         }
     }
     if let Some(minutes) = policy.keep_one_per_minutes {
-        let w = window_ns(minutes).expect("validated");
+        let w = window_ns(minutes).ok_or_else(|| {
+            Error::invalid(format!("keep_one_per_minutes {minutes} is too large"))
+        })?;
         let mut newest_of: BTreeMap<i64, u64> = BTreeMap::new();
         for c in &list {
             // Ascending ids: the last one seen in a window is its newest.

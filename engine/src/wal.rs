@@ -8,6 +8,8 @@
 //! `crc = crc32c(salt_le ‖ bytes 4..12 of the frame ‖ payload)`. Type 0 is reserved so zeroed
 //! space never validates; the salt (random per file) makes stale bytes of an older file fail.
 
+use crate::le;
+
 /// Size of the WAL file header.
 pub const WAL_HEADER_LEN: usize = 32;
 /// Size of a record frame header.
@@ -15,7 +17,7 @@ pub const RECORD_HEADER_LEN: usize = 12;
 /// Largest payload a record may carry; a length above it is corruption, never an allocation.
 pub const MAX_RECORD_LEN: u32 = 64 << 20;
 /// Highest WAL format version this build reads and the one it writes.
-pub const WAL_VERSION: u16 = 1;
+pub(crate) const WAL_VERSION: u16 = 1;
 const MAGIC: &[u8; 8] = b"CKPTWAL\0";
 
 /// Record types. 0 is reserved and never valid.
@@ -94,13 +96,13 @@ impl WalHeader {
         }
         Ok(WalHeader {
             salt: le32(&b[12..16]),
-            file_number: u64::from_le_bytes(b[16..24].try_into().unwrap()),
+            file_number: le::u64_at(b, 16),
         })
     }
 }
 
 fn le32(b: &[u8]) -> u32 {
-    u32::from_le_bytes(b[0..4].try_into().unwrap())
+    le::u32_at(b, 0)
 }
 
 fn record_crc(salt: u32, frame_fields: &[u8], payload: &[u8]) -> u32 {

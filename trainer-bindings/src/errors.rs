@@ -5,6 +5,7 @@ use ckptstore_engine::Error;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
+use std::path::Path;
 
 create_exception!(
     _native,
@@ -72,6 +73,14 @@ pub struct Failure {
 
 impl From<Error> for Failure {
     fn from(e: Error) -> Self {
+        if let Error::Locked { path, pid } = &e {
+            if pid.trim() == std::process::id().to_string() {
+                return Failure {
+                    kind: Kind::Locked,
+                    message: locked_by_own_pid(path),
+                };
+            }
+        }
         let kind = match &e {
             Error::Locked { .. } => Kind::Locked,
             Error::ReadOnly { .. } => Kind::ReadOnly,
@@ -96,6 +105,59 @@ impl From<Error> for Failure {
             message: e.to_string(),
         }
     }
+}
+
+/// The lock file names this process, yet the lock is taken: either another handle in this
+/// process that does not share the store (a `DcpCoordinator`) holds it, or a child forked
+/// while the store was open inherited it (the pid written is the parent's). Names the other
+/// processes that have the lock file open, never this one as "another writer".
+fn locked_by_own_pid(lock: &Path) -> String {
+    let me = std::process::id();
+    let dir = lock.parent().unwrap_or(lock).display();
+    let others = processes_with_open(lock, me);
+    if others.is_empty() {
+        format!(
+            "store {dir} is locked by another writer in this same process (pid {me}): a \
+             DcpCoordinator (or the engine's Rust API) and a Store on one directory do not \
+             share the lock; close the other one first, or open this one read-only"
+        )
+    } else {
+        let list: Vec<String> = others.iter().map(u32::to_string).collect();
+        format!(
+            "store {dir} is locked by process {} (it holds this process's lock file, \
+             typically a child forked while the store was open); stop it, or open the store \
+             read-only",
+            list.join(", ")
+        )
+    }
+}
+
+/// Processes other than `me` with `path` among their open files (Linux /proc; empty
+/// elsewhere or where /proc cannot be read).
+fn processes_with_open(path: &Path, me: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    let want = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        if fds
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == want))
+        {
+            out.push(pid);
+        }
+    }
+    out
 }
 
 impl Failure {

@@ -4,6 +4,7 @@
 #![deny(unsafe_code)]
 
 mod dcp;
+mod device_bytes;
 mod errors;
 mod host_bytes;
 mod save_job;
@@ -18,6 +19,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<host_bytes::MappedBytes>()?;
     m.add_class::<dcp::DcpCoordinator>()?;
     m.add_function(wrap_pyfunction!(dcp::write_shard, m)?)?;
+    m.add_function(wrap_pyfunction!(device_bytes::cuda_staging, m)?)?;
     errors::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -4,6 +4,7 @@
 //! staging buffers; hashing, writes, fdatasync and the commit record happen on the engine's
 //! threads, in submission order).
 
+use crate::device_bytes::{DeviceBytes, Stagers};
 use crate::errors::Failure;
 use crate::host_bytes::HostBytes;
 use ckptstore_engine::{CommitInfo, DType, MetaValue, Pipeline, Store};
@@ -16,7 +17,13 @@ pub struct TensorIn {
     pub name: String,
     pub dtype: DType,
     pub shape: Vec<u64>,
-    pub bytes: HostBytes,
+    pub bytes: TensorBytes,
+}
+
+/// Where a tensor's bytes are: host memory, or a GPU's (staged by the engine's `CudaStager`).
+pub enum TensorBytes {
+    Host(HostBytes),
+    Device(DeviceBytes),
 }
 
 /// One checkpoint to save.
@@ -29,13 +36,30 @@ pub struct SaveRequest {
 }
 
 impl SaveRequest {
+    /// The devices of its GPU tensors (empty: a host-only save).
+    pub fn devices(&self) -> Vec<usize> {
+        let mut d: Vec<usize> = self
+            .tensors
+            .iter()
+            .filter_map(|t| match &t.bytes {
+                TensorBytes::Device(b) => Some(b.device),
+                TensorBytes::Host(_) => None,
+            })
+            .collect();
+        d.sort_unstable();
+        d.dedup();
+        d
+    }
+
     /// `Err` naming the first tensor whose raw source changed under the read (see
     /// [`HostBytes::check_unchanged`]). Call with the GIL held, after the engine read them.
     pub fn check_sources(&self, py: Python<'_>) -> Result<(), Failure> {
         for t in &self.tensors {
-            t.bytes
-                .check_unchanged(py)
-                .map_err(|why| Failure::store(format!("tensor {:?}: {why}", t.name)))?;
+            // (a GPU source is read by the engine's stager under CUDA's own checks)
+            if let TensorBytes::Host(b) = &t.bytes {
+                b.check_unchanged(py)
+                    .map_err(|why| Failure::store(format!("tensor {:?}: {why}", t.name)))?;
+            }
         }
         Ok(())
     }
@@ -78,7 +102,16 @@ pub fn commit(store: &mut Store, req: &SaveRequest) -> Result<CommitInfo, Failur
         tx.set_metadata(k.clone(), v.clone());
     }
     for t in &req.tensors {
-        tx.put_tensor(&t.name, t.dtype, &t.shape, t.bytes.as_slice())?;
+        match &t.bytes {
+            TensorBytes::Host(b) => tx.put_tensor(&t.name, t.dtype, &t.shape, b.as_slice())?,
+            // (PyStore::save sends saves with GPU tensors through the pipeline)
+            TensorBytes::Device(_) => {
+                return Err(Failure::store(format!(
+                    "tensor {:?}: a GPU tensor needs the write pipeline",
+                    t.name
+                )))
+            }
+        }
     }
     for (name, data) in &req.blobs {
         tx.put_blob(name, data)?;
@@ -90,6 +123,7 @@ pub fn commit(store: &mut Store, req: &SaveRequest) -> Result<CommitInfo, Failur
 /// memory. An error drops the staged save (nothing is committed).
 pub fn submit(
     p: &mut Pipeline,
+    stagers: &Stagers,
     req: &SaveRequest,
 ) -> Result<ckptstore_engine::SaveHandle, Failure> {
     let mut s = p.begin(req.step)?;
@@ -100,7 +134,10 @@ pub fn submit(
         s.set_metadata(k.clone(), v.clone());
     }
     for t in &req.tensors {
-        s.put_tensor(&t.name, t.dtype, &t.shape, t.bytes.as_slice())?;
+        match &t.bytes {
+            TensorBytes::Host(b) => s.put_tensor(&t.name, t.dtype, &t.shape, b.as_slice())?,
+            TensorBytes::Device(b) => stagers.put(&mut s, &t.name, t.dtype, &t.shape, b)?,
+        }
     }
     for (name, data) in &req.blobs {
         s.put_blob(name, data)?;

@@ -2,9 +2,10 @@
 //! `save_async`, by the engine's write pipeline), so calls from Python threads take turns.
 //! Every call that does I/O releases the GIL.
 
+use crate::device_bytes::{DeviceBytes, Stagers};
 use crate::errors::{self, Failure};
 use crate::host_bytes::{HostBytes, LoadTarget, MappedBytes};
-use crate::save_job::{self, Committed, InFlight, SaveHandle, SaveRequest, TensorIn};
+use crate::save_job::{self, Committed, InFlight, SaveHandle, SaveRequest, TensorBytes, TensorIn};
 use ckptstore_engine::{
     CheckpointInfo, DType, MetaValue, MetricMode, Options, Pipeline, PipelineOptions, RecoveryMode,
     RetentionPolicy, Selector, Store,
@@ -31,6 +32,8 @@ pub struct PyStore {
     /// The newest pipeline save, waited for before a synchronous save, a deletion, retention
     /// or close, so checkpoints commit in the order they were handed in.
     last_async: Mutex<Option<Arc<InFlight>>>,
+    /// The CUDA stagers of the pipeline's pool, one per device (locked after `store`).
+    stagers: Mutex<Stagers>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -172,7 +175,10 @@ impl PyStore {
             let dt = DType::from_name(&dtype).ok_or_else(|| {
                 PyTypeError::new_err(format!("tensor {name:?}: unknown dtype {dtype:?}"))
             })?;
-            let bytes = HostBytes::from_py(&name, &src)?;
+            let bytes = match DeviceBytes::from_py(&name, &src)? {
+                Some(d) => TensorBytes::Device(d),
+                None => TensorBytes::Host(HostBytes::from_py(&name, &src)?),
+            };
             ts.push(TensorIn {
                 name,
                 dtype: dt,
@@ -186,6 +192,63 @@ impl PyStore {
             metadata: meta,
             tensors: ts,
             blobs,
+        })
+    }
+}
+
+impl PyStore {
+    /// Stages `req` into the write pipeline (started by the first call) and returns its
+    /// handle. A save with GPU tensors first makes the stagers of their devices, waiting for
+    /// the saves in flight so that no staging buffer is in use while they register the pool.
+    fn submit_async(&self, py: Python<'_>, req: SaveRequest) -> PyResult<SaveHandle> {
+        if self.read_only {
+            return Err(Failure::from(ckptstore_engine::Error::ReadOnly {
+                path: self.dir.clone(),
+            })
+            .into());
+        }
+        let devices = req.devices();
+        if devices.iter().any(|d| !lock(&self.stagers).has(*d)) {
+            self.drain(py);
+        }
+        let store = &self.store;
+        let stagers = &self.stagers;
+        let dir = &self.dir;
+        let opts = self.pipeline_opts.clone();
+        let handle = py.allow_threads(|| -> Result<ckptstore_engine::SaveHandle, Failure> {
+            let mut g = lock(store);
+            let mut p = match g.take().ok_or_else(|| closed(dir))? {
+                Inner::Piped(p) => p,
+                // A failure here (no memory for the staging pool) closes the store: the
+                // engine consumed it. The error says so; reopen to go on.
+                Inner::Plain(s) => Pipeline::new(*s, opts).map_err(|e| {
+                    Failure::from(e).context("cannot start the write pipeline; the store is closed")
+                })?,
+            };
+            let mut st = lock(stagers);
+            let h = devices
+                .iter()
+                .try_for_each(|d| st.add(*d, p.pool()))
+                .and_then(|()| save_job::submit(&mut p, &st, &req));
+            drop(st);
+            *g = Some(Inner::Piped(p));
+            h
+        })?;
+        let stall_seconds = handle.stall().as_secs_f64();
+        let state = Arc::new(InFlight::new(handle));
+        if let Err(changed) = req.check_sources(py) {
+            // The copy into the staging buffers is over: wait for the commit, then undo it.
+            let s2 = state.clone();
+            return match py.allow_threads(move || s2.wait()) {
+                Ok(c) => Err(self.undo(py, c.info.checkpoint.id, changed)),
+                Err(_) => Err(changed.into()),
+            };
+        }
+        drop(req);
+        *lock(&self.last_async) = Some(state.clone());
+        Ok(SaveHandle {
+            state,
+            stall_seconds,
         })
     }
 }
@@ -253,6 +316,7 @@ impl PyStore {
             pipeline_opts,
             store: Mutex::new(Some(Inner::Plain(Box::new(store)))),
             last_async: Mutex::new(None),
+            stagers: Mutex::new(Stagers::default()),
         })
     }
 
@@ -270,11 +334,20 @@ impl PyStore {
     fn close(&self, py: Python<'_>) {
         self.drain(py);
         let store = &self.store;
+        let stagers = &self.stagers;
         py.allow_threads(|| {
-            if let Some(Inner::Piped(p)) = lock(store).take() {
+            let mut g = lock(store);
+            lock(stagers).clear(); // unregisters the pool's buffers while the pool lives
+            if let Some(Inner::Piped(p)) = g.take() {
                 drop(p.close()); // joins the pipeline's threads, then releases the store
             }
         });
+    }
+
+    /// Waits (GIL released) for every background save handed in so far to finish; their
+    /// outcomes belong to their own handles. The store stays open.
+    fn wait_saves(&self, py: Python<'_>) {
+        self.drain(py);
     }
 
     #[getter]
@@ -295,6 +368,16 @@ impl PyStore {
         metadata: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let req = Self::request(step, epoch, metadata, tensors, blobs)?;
+        if !req.devices().is_empty() {
+            // GPU tensors are staged by the engine's stager, which feeds the write pipeline:
+            // the save goes through it and is waited for.
+            let h = self.submit_async(py, req)?;
+            let state = h.state.clone();
+            return match py.allow_threads(move || state.wait()) {
+                Ok(c) => c.to_dict(py),
+                Err(f) => Err(f.into()),
+            };
+        }
         self.drain(py);
         let started = Instant::now();
         let info = self.with_store(py, |s| save_job::commit(s, &req))?;
@@ -324,45 +407,7 @@ impl PyStore {
         metadata: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<SaveHandle> {
         let req = Self::request(step, epoch, metadata, tensors, blobs)?;
-        if self.read_only {
-            return Err(Failure::from(ckptstore_engine::Error::ReadOnly {
-                path: self.dir.clone(),
-            })
-            .into());
-        }
-        let store = &self.store;
-        let dir = &self.dir;
-        let opts = self.pipeline_opts.clone();
-        let handle = py.allow_threads(|| -> Result<ckptstore_engine::SaveHandle, Failure> {
-            let mut g = lock(store);
-            let mut p = match g.take().ok_or_else(|| closed(dir))? {
-                Inner::Piped(p) => p,
-                // A failure here (no memory for the staging pool) closes the store: the
-                // engine consumed it. The error says so; reopen to go on.
-                Inner::Plain(s) => Pipeline::new(*s, opts).map_err(|e| {
-                    Failure::from(e).context("cannot start the write pipeline; the store is closed")
-                })?,
-            };
-            let h = save_job::submit(&mut p, &req);
-            *g = Some(Inner::Piped(p));
-            h
-        })?;
-        let stall_seconds = handle.stall().as_secs_f64();
-        let state = Arc::new(InFlight::new(handle));
-        if let Err(changed) = req.check_sources(py) {
-            // The copy into the staging buffers is over: wait for the commit, then undo it.
-            let s2 = state.clone();
-            return match py.allow_threads(move || s2.wait()) {
-                Ok(c) => Err(self.undo(py, c.info.checkpoint.id, changed)),
-                Err(_) => Err(changed.into()),
-            };
-        }
-        drop(req);
-        *lock(&self.last_async) = Some(state.clone());
-        Ok(SaveHandle {
-            state,
-            stall_seconds,
-        })
+        self.submit_async(py, req)
     }
 
     /// Every live checkpoint, oldest first, as dicts.

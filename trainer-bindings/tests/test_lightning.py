@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 L = pytest.importorskip("lightning")
 
 import ckptstore  # noqa: E402
-from ckptstore.lightning import PATH_KEY, StoreCheckpointIO  # noqa: E402
+from ckptstore.lightning import PATH_KEY, StoreCheckpointIO, _read_pointer  # noqa: E402
 
 
 class Tiny(L.LightningModule):
@@ -40,11 +40,11 @@ def _data():
     return torch.utils.data.DataLoader(ds, batch_size=8)
 
 
-def _trainer(io, dirpath, max_epochs):
-    cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=dirpath, monitor="train_loss",
-                                             save_top_k=2, save_last=True,
-                                             every_n_train_steps=4)
-    t = L.Trainer(max_epochs=max_epochs, plugins=[io], callbacks=[cb], logger=False,
+def _trainer(io, dirpath, max_epochs, **cb_kw):
+    kw = {"monitor": "train_loss", "save_top_k": 2, "save_last": True,
+          "every_n_train_steps": 4, **cb_kw}
+    cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=dirpath, **kw)
+    t = L.Trainer(max_epochs=max_epochs, plugins=[io] if io is not None else None, callbacks=[cb], logger=False,
                   enable_progress_bar=False, enable_model_summary=False,
                   accelerator="cpu", devices=1)
     return t, cb
@@ -68,12 +68,14 @@ def test_trainer_model_checkpoint_and_resume(tmp_path, async_save):
     trainer, cb = _trainer(io, run, max_epochs=2)
     model = Tiny()
     trainer.fit(model, _data())
-    # Nothing at the paths themselves; the store holds top-2 plus last, each path once.
-    assert not run.exists() or not any(run.iterdir())
+    # The store holds top-2 plus last, each path once; at each path a pointer file, and
+    # nothing else in the directory.
     paths = _paths(store_path)
     expected = {os.path.abspath(p) for p in cb.best_k_models} | {os.path.abspath(cb.last_model_path)}
     assert set(paths) == expected and len(expected) == 3, (paths, expected)
     assert all(n == 1 for n in paths.values()), paths
+    assert {str(p) for p in run.iterdir()} == expected
+    assert all(_read_pointer(p)["path"] == p for p in expected)
 
     # load_checkpoint gives Lightning's dict back.
     ck = StoreCheckpointIO(store_path).load_checkpoint(cb.last_model_path)
@@ -140,3 +142,70 @@ def test_python_guide_dcp_lightning_example_runs(monkeypatch, tmp_path):
     env = run_doc_example("docs/PYTHON.md", "## torch.distributed.checkpoint and Lightning",
                           monkeypatch, tmp_path)
     assert [c["step"] for c in ckptstore.Store(env["path"], read_only=True).list()] == [1000, 1001]
+
+
+def _names(d) -> set[str]:
+    return {p.name for p in d.iterdir()}
+
+
+def test_lightnings_async_wrapper_trains_and_resumes_from_last(tmp_path):
+    """Regression: under Lightning's AsyncCheckpointIO the worker thread's save and the main
+    thread's removal each opened a writer, and training died with LockedError; and
+    fit(ckpt_path="last") found nothing (no file at the Lightning paths) and started over."""
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
+    torch.manual_seed(0)
+    store_path, run = tmp_path / "store", tmp_path / "run"
+    inner = StoreCheckpointIO(store_path)
+    trainer, cb = _trainer(AsyncCheckpointIO(inner), run, max_epochs=2)
+    trainer.fit(Tiny(), _data())
+    # Every path Lightning keeps is in the store. (It may hold more: AsyncCheckpointIO removes
+    # on the main thread while the save it overtakes may still be queued on its worker, and
+    # then that save lands after its removal; Lightning's own files do the same.)
+    paths = _paths(store_path)
+    kept = {os.path.abspath(p) for p in cb.best_k_models} | {os.path.abspath(cb.last_model_path)}
+    assert kept <= set(paths) and all(os.path.isfile(p) for p in kept), (paths, kept)
+    # AsyncCheckpointIO.teardown does not call the wrapped IO's teardown: still open
+    assert inner._store is not None and not inner._store.closed
+    inner.teardown()
+    assert inner._store is None
+
+    inner2 = StoreCheckpointIO(store_path)
+    trainer2, _ = _trainer(AsyncCheckpointIO(inner2), run, max_epochs=3)
+    trainer2.fit(Tiny(), _data(), ckpt_path="last")
+    assert trainer2.global_step == trainer.global_step + 8 and trainer2.current_epoch == 3
+    inner2.teardown()
+
+
+def test_a_second_run_into_the_same_dirpath_keeps_the_first_runs_checkpoints(tmp_path):
+    """Regression: a second run saved under the first run's names (nothing existed at the
+    paths, so ModelCheckpoint never added "-v1") and replaced its checkpoints. The names now
+    follow Lightning's own, file-based behaviour in the same two runs."""
+    def one_run(io, run):
+        torch.manual_seed(0)
+        trainer, _ = _trainer(io, run, max_epochs=1, monitor=None, save_top_k=-1)
+        trainer.fit(Tiny(), _data())
+        if io is not None:
+            io.teardown()
+
+    ref = tmp_path / "reference"  # Lightning's own torch.save files
+    one_run(None, ref)
+    one_run(None, ref)
+    store_path, run = tmp_path / "store", tmp_path / "run"
+    one_run(StoreCheckpointIO(store_path), run)
+    first = {p.name: StoreCheckpointIO(store_path).load_checkpoint(p)["state_dict"]
+             for p in run.iterdir()}
+    one_run(StoreCheckpointIO(store_path), run)
+    assert _names(run) == _names(ref) and any("-v1" in n for n in _names(run)), \
+        (_names(run), _names(ref))
+    for name, sd in first.items():  # the first run's checkpoints, unchanged
+        back = StoreCheckpointIO(store_path).load_checkpoint(run / name)["state_dict"]
+        assert all(torch.equal(back[k], v) for k, v in sd.items()), name
+    assert sum(_paths(store_path).values()) == len(_names(run))
+
+
+def test_a_lightning_file_from_before_the_store_still_loads(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"state_dict": {"w": torch.ones(3)}, "global_step": 7}, run / "old.ckpt")
+    ck = StoreCheckpointIO(tmp_path / "store").load_checkpoint(run / "old.ckpt")
+    assert ck["global_step"] == 7 and torch.equal(ck["state_dict"]["w"], torch.ones(3))

@@ -462,3 +462,124 @@ def test_loaded_parameters_own_their_memory(tmp_path):
     for k in ("d", "h", "w16"):
         assert again[k].asnumpy().tobytes() == net.parameters_dict()[k].asnumpy().tobytes()
         assert not first[k].asnumpy().any()
+
+
+# -- drop-in gaps found by MindSpore's own checkpoint tests (issue 15) --------------------------
+
+def test_mindspore_files_in_a_store_directory_are_loadable(tmp_path):
+    """Regression: a .ckpt file already in a directory that became a store was NotFound."""
+    d = tmp_path / "d"
+    d.mkdir()
+    net = Net()
+    ms.save_checkpoint(net, str(d / "old.ckpt"))
+    save_checkpoint(Net(), str(d / "new.ckpt"))  # d is a store now
+    assert_same_dicts(load_checkpoint(str(d / "old.ckpt")), ms.load_checkpoint(str(d / "old.ckpt")))
+    assert list(load_checkpoint(str(d / "new.ckpt"))) == list(params(Net()))
+
+
+def test_a_missing_checkpoint_is_a_value_error_as_in_mindspore(tmp_path):
+    """Regression: NotFoundError only, where MindSpore raises ValueError."""
+    from ckptstore.mindspore import CheckpointNotFoundError
+    d = tmp_path / "s"
+    save_checkpoint(Net(), str(d / "one.ckpt"))
+    for p in (d / "two.ckpt", tmp_path / "nowhere" / "x.ckpt"):
+        with pytest.raises(ValueError):
+            ms.load_checkpoint(str(tmp_path / "no.ckpt"))  # the reference
+        with pytest.raises(ValueError) as ei:
+            load_checkpoint(str(p))
+        assert isinstance(ei.value, ckptstore.NotFoundError)
+        assert isinstance(ei.value, CheckpointNotFoundError)
+
+
+class Unsigned(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        from mindspore._c_expression import TensorPy
+        self.u16 = Parameter(Tensor(np.arange(6, dtype=np.uint16).reshape(2, 3) * 9000),
+                             name="u16")
+        self.u32 = Parameter(Tensor(np.array([0, 1, 2**32 - 1], dtype=np.uint32)), name="u32")
+        self.u64 = Parameter(Tensor(np.array([[2**64 - 1], [7]], dtype=np.uint64)), name="u64")
+        self.q4 = Parameter(Tensor(TensorPy.convert_bytes_to_tensor(
+            bytes([0x12, 0x34, 0xF7]), (3,), ms.qint4x2)), name="q4")
+        self.f = Parameter(Tensor(np.ones(2, np.float32)), name="f")
+
+
+def test_unsigned_and_qint4x2_parameters_round_trip_as_in_mindspore(tmp_path):
+    """Regression: uint16/uint32/uint64/qint4x2 were refused; MindSpore saves and loads them."""
+    net = Unsigned()
+    ours_path = str(tmp_path / "s" / "u.ckpt")
+    save_checkpoint(net, ours_path)
+    ms.save_checkpoint(net, str(tmp_path / "u.ckpt"))
+    ours, theirs = load_checkpoint(ours_path), ms.load_checkpoint(str(tmp_path / "u.ckpt"))
+    assert_same_dicts(ours, theirs)
+    assert [str(ours[k].dtype) for k in ("u16", "u32", "u64", "q4")] == \
+        ["UInt16", "UInt32", "UInt64", "Int4"]
+    fresh = Unsigned()
+    for p in fresh.get_parameters():
+        if str(p.dtype) != "Int4":
+            p.set_data(Tensor(np.zeros(p.shape, p.asnumpy().dtype)))
+    assert load_param_into_net(fresh, ours) == ([], [])
+    for k in ("u16", "u32", "u64"):
+        assert getattr(fresh, k).asnumpy().tobytes() == getattr(net, k).asnumpy().tobytes()
+
+
+def test_a_raising_choice_func_is_a_value_error_as_in_mindspore(tmp_path):
+    """Regression: a choice_func that raised gave its own error (TypeError), not ValueError."""
+    def bad(name):
+        raise TypeError("boom")
+
+    net = Net()
+    ms.save_checkpoint(net, str(tmp_path / "x.ckpt"))
+    with pytest.raises(ValueError):
+        ms.load_checkpoint(str(tmp_path / "x.ckpt"), choice_func=bad)  # the reference
+    save_checkpoint(net, str(tmp_path / "s" / "x.ckpt"))
+    with pytest.raises(ValueError, match="choice_func.*boom"):
+        load_checkpoint(str(tmp_path / "s" / "x.ckpt"), choice_func=bad)
+    with pytest.raises(ValueError, match="choice_func.*boom"):
+        save_checkpoint(net, str(tmp_path / "s" / "y.ckpt"), choice_func=bad)
+
+
+def test_the_directory_is_made_when_the_callback_is_built_as_in_mindspore(tmp_path):
+    """Regression: the directory appeared only at the first save."""
+    MsModelCheckpoint("p", str(tmp_path / "theirs"))
+    ModelCheckpoint("p", str(tmp_path / "ours"))
+    assert (tmp_path / "theirs").is_dir() and (tmp_path / "ours").is_dir()
+
+
+def test_a_callable_directory_as_in_mindspore(tmp_path):
+    """Regression: a callable directory was refused. MindSpore calls it at every step end."""
+    _, _, m = model()
+    cb = ModelCheckpoint("c", lambda cb: str(tmp_path / f"epoch{cb.cur_epoch_num}"),
+                         CheckpointConfig(save_checkpoint_steps=STEPS_PER_EPOCH))
+    m.train(2, dataset(), dataset_sink_mode=False, callbacks=[cb])
+    assert names(tmp_path / "epoch1") == ["c-1_6"]
+    assert names(tmp_path / "epoch2") == ["c-2_6"]
+    assert cb.latest_ckpt_file_name == str(tmp_path / "epoch2" / "c-2_6.ckpt")
+
+
+class SaveBest(Callback):
+    """A "save best" during training, into the directory the ModelCheckpoint saves to."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.d = d
+
+    def step_end(self, run_context):
+        cb = run_context.original_args()
+        if cb.cur_step_num % 4 == 0:
+            save_checkpoint(cb.train_network, str(self.d / "best.ckpt"),
+                            append_dict={"step_num": int(cb.cur_step_num)})
+
+
+def test_two_callbacks_and_a_save_best_on_one_directory_as_in_mindspore(tmp_path):
+    """Regression: a second writer in the same process (another ModelCheckpoint, or
+    save_checkpoint during model.train) got LockedError naming this process."""
+    d = tmp_path / "d"
+    _, _, m = model()
+    cfg = CheckpointConfig(save_checkpoint_steps=STEPS_PER_EPOCH)
+    m.train(1, dataset(), dataset_sink_mode=False,
+            callbacks=[ModelCheckpoint("a", str(d), cfg), ModelCheckpoint("b", str(d), cfg),
+                       SaveBest(d)])
+    got = names(d)
+    assert {"a-1_6", "b-1_6", "best"} <= set(got), got
+    assert load_checkpoint(str(d / "best.ckpt"))["step_num"].asnumpy() == 4

@@ -14,7 +14,7 @@
 
 use super::{Fence, Source};
 use crate::error::{Error, Result};
-use crate::pipeline::{StagingBuf, StagingPool};
+use crate::staging::{StagingBuf, StagingPool};
 use cudarc::driver::{result, sys, CudaContext, CudaEvent, CudaStream, DriverError};
 use std::sync::Arc;
 

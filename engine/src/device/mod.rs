@@ -8,7 +8,7 @@
 pub mod cuda;
 
 use crate::error::Result;
-use crate::pipeline::StagingBuf;
+use crate::staging::StagingBuf;
 
 /// A copy in progress into a staging buffer.
 pub enum Fence {

@@ -25,8 +25,10 @@
 
 use super::mindspore::{self as ms, Entry, FormatError, ValueKind};
 use super::{ExportSummary, ImportSummary, BLOB_PREFIX, TYPES_KEY};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::manifest::{DType, MetaValue};
+use crate::le;
+use crate::manifest::MetaValue;
 use crate::store::{CheckpointReader, Store};
 use std::collections::{BTreeMap, HashSet};
 use std::io::{Read, Seek, Write};
@@ -41,10 +43,7 @@ pub const EPOCH_NUM: &str = "epoch_num";
 const MAX_METADATA_BYTES: u64 = crate::wal::MAX_RECORD_LEN as u64;
 
 fn ms_err(path: &Path) -> impl Fn(FormatError) -> Error + '_ {
-    move |error| Error::MindSpore {
-        path: path.to_path_buf(),
-        error: Box::new(error),
-    }
+    move |error| super::Error::MindSpore(Box::new(error)).at(path)
 }
 
 /// What the import does with one entry.
@@ -66,6 +65,7 @@ fn le_int(dtype: DType, b: &[u8]) -> Option<i64> {
 /// module docs). `step` overrides the file's `step_num`. `path` names the input in errors;
 /// `progress` is called with the bytes of each tensor imported. Returns after the commit is
 /// durable.
+#[allow(clippy::expect_used)] // scan checked the scalar's 8 bytes
 pub fn import_mindspore<R: Read + Seek>(
     store: &mut Store,
     input: &mut R,
@@ -147,7 +147,7 @@ pub fn import_mindspore<R: Read + Seek>(
                         MetaValue::Int(le_int(DType::I64, &b).expect("8 bytes, checked by scan"))
                     }
                     ("float", ValueKind::Tensor(DType::F64)) if e.shape.is_empty() => {
-                        MetaValue::Float(f64::from_le_bytes(b[..].try_into().expect("8 bytes")))
+                        MetaValue::Float(f64::from_le_bytes(le::array(&b, 0)))
                     }
                     ("bytes", ValueKind::Tensor(DType::U8)) if e.shape.len() == 1 => {
                         MetaValue::Bytes(b)

@@ -21,14 +21,18 @@
 //!   from `__metadata__["epoch"]` when present. `ckptstore.id` is not imported (the store
 //!   assigns ids).
 
+mod error;
 pub mod mindspore;
-pub mod mindspore_store;
+mod mindspore_store;
 pub mod safetensors;
+
+pub use error::Error;
 
 pub use mindspore_store::{export_mindspore, import_mindspore, MindSporeExport};
 
-use crate::error::{Error, Result};
-use crate::manifest::{DType, MetaValue};
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::manifest::MetaValue;
 use crate::store::{CheckpointReader, Store};
 use safetensors::{FormatError, TensorSpec};
 use std::collections::BTreeMap;
@@ -84,11 +88,8 @@ pub struct ImportSummary {
     pub data_bytes: u64,
 }
 
-fn st_err(path: &Path) -> impl FnOnce(FormatError) -> Error + '_ {
-    move |error| Error::Safetensors {
-        path: path.to_path_buf(),
-        error,
-    }
+fn st_err(path: &Path) -> impl FnOnce(FormatError) -> crate::Error + '_ {
+    move |error| Error::Safetensors(error).at(path)
 }
 
 fn hex(b: &[u8]) -> String {
@@ -107,7 +108,7 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 
 /// The `__metadata__` an export writes for a checkpoint (see the module docs). A user key that
 /// collides with a reserved key is an error unless it holds the same value.
-pub fn export_metadata(
+pub(crate) fn export_metadata(
     id: u64,
     step: u64,
     epoch: u64,
@@ -140,7 +141,7 @@ pub fn export_metadata(
             }
             Some(MetaValue::Str(s)) if *s == v => {}
             Some(other) => {
-                return Err(Error::invalid(format!(
+                return Err(crate::Error::invalid(format!(
                     "metadata key {k:?} ({other:?}) collides with the checkpoint's {k} ({v}) in \
                      the safetensors __metadata__; rename the key"
                 )))
@@ -149,7 +150,7 @@ pub fn export_metadata(
         out.insert(k.to_owned(), v);
     }
     if user.contains_key(TYPES_KEY) {
-        return Err(Error::invalid(format!(
+        return Err(crate::Error::invalid(format!(
             "metadata key {TYPES_KEY:?} is reserved for the safetensors export"
         )));
     }
@@ -163,7 +164,7 @@ pub fn export_metadata(
 }
 
 /// The step, epoch and user metadata an import takes from `__metadata__` (see the module docs).
-pub fn import_metadata(
+pub(crate) fn import_metadata(
     meta: &BTreeMap<String, String>,
     step: Option<u64>,
 ) -> Result<(u64, u64, BTreeMap<String, MetaValue>)> {
@@ -171,7 +172,7 @@ pub fn import_metadata(
         meta.get(k)
             .map(|s| {
                 s.trim().parse::<u64>().map_err(|_| {
-                    Error::invalid(format!(
+                    crate::Error::invalid(format!(
                         "safetensors __metadata__[{k:?}] = {s:?} is not a non-negative integer"
                     ))
                 })
@@ -187,11 +188,11 @@ pub fn import_metadata(
         None => BTreeMap::new(),
         Some(s) => {
             let v: serde_json::Value = serde_json::from_str(s).map_err(|e| {
-                Error::invalid(format!("safetensors __metadata__[{TYPES_KEY:?}]: {e}"))
+                crate::Error::invalid(format!("safetensors __metadata__[{TYPES_KEY:?}]: {e}"))
             })?;
             v.as_object()
                 .ok_or_else(|| {
-                    Error::invalid(format!(
+                    crate::Error::invalid(format!(
                         "safetensors __metadata__[{TYPES_KEY:?}] is not a JSON object"
                     ))
                 })?
@@ -206,7 +207,7 @@ pub fn import_metadata(
             continue;
         }
         let bad = |ty: &str| {
-            Error::invalid(format!(
+            crate::Error::invalid(format!(
                 "safetensors __metadata__[{k:?}] = {s:?} is not a valid {ty}"
             ))
         };
@@ -220,7 +221,7 @@ pub fn import_metadata(
                     .ok_or_else(|| bad("hex: bytes value"))?,
             ),
             Some(other) => {
-                return Err(Error::invalid(format!(
+                return Err(crate::Error::invalid(format!(
                     "safetensors __metadata__[{TYPES_KEY:?}] names unknown type {other:?} for {k:?}"
                 )))
             }
@@ -276,7 +277,7 @@ pub fn export_safetensors<W: Write>(
     items.sort_by(|a, b| a.1.name.cmp(&b.1.name));
     let specs: Vec<TensorSpec> = items.iter().map(|(_, s, _)| s.clone()).collect();
     let (prefix, infos) = safetensors::encode_header(&metadata, &specs).map_err(st_err(path))?;
-    let werr = |e| Error::io("write", path, e);
+    let werr = |e| crate::Error::io("write", path, e);
     out.write_all(&prefix).map_err(werr)?;
     let mut data_bytes = 0u64;
     for ((src, spec, is_blob), info) in items.iter().zip(&infos) {
@@ -286,7 +287,7 @@ pub fn export_safetensors<W: Write>(
             ck.tensor(src)?.data
         };
         if data.len() as u64 != info.nbytes() {
-            return Err(Error::BadManifest {
+            return Err(crate::Error::BadManifest {
                 context: format!("checkpoint {}", info_id(ck)),
                 reason: format!(
                     "{} {:?} read back {} bytes, its manifest says {}",

@@ -21,17 +21,18 @@
 //! before its buffer is allocated, and every tensor's offsets are checked against the file
 //! before any tensor is read.
 
-use crate::manifest::{tensor_nbytes, DType};
+use crate::dtype::DType;
+use crate::manifest::tensor_nbytes;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashSet};
 use std::io::{Read, Seek, SeekFrom, Write};
 
 /// Largest JSON header this reader accepts (the reference implementation's cap, 100 MB).
-pub const MAX_HEADER_LEN: u64 = 100_000_000;
+pub(crate) const MAX_HEADER_LEN: u64 = 100_000_000;
 
 /// The reserved header key that holds the string → string metadata.
-pub const METADATA_KEY: &str = "__metadata__";
+pub(crate) const METADATA_KEY: &str = "__metadata__";
 
 /// Why a safetensors file was rejected (or could not be written).
 #[derive(Debug, thiserror::Error)]
@@ -160,7 +161,7 @@ pub fn dtype_name(d: DType) -> &'static str {
 
 /// The ckptstore dtype of a safetensors dtype string (`None`: unknown, or one ckptstore has no
 /// equivalent for, such as `U16`, `U32`, `U64`, `F8_E8M0`).
-pub fn parse_dtype(s: &str) -> Option<DType> {
+pub(crate) fn parse_dtype(s: &str) -> Option<DType> {
     Some(match s {
         "F64" => DType::F64,
         "F32" => DType::F32,
@@ -288,7 +289,12 @@ fn parse_tensor(name: &str, v: &Value) -> Result<TensorInfo, FormatError> {
 }
 
 /// Parses and validates the JSON header bytes for a buffer of `buffer_len` bytes.
-pub fn parse_header(json: &[u8], buffer_len: u64, data_start: u64) -> Result<Header, FormatError> {
+#[allow(clippy::expect_used)] // `pos` only moves past 0 after a tensor, which sets `prev`
+pub(crate) fn parse_header(
+    json: &[u8],
+    buffer_len: u64,
+    data_start: u64,
+) -> Result<Header, FormatError> {
     let text = std::str::from_utf8(json)
         .map_err(|e| FormatError::InvalidJson(format!("not UTF-8: {e}")))?;
     let entries: Entries =
@@ -427,6 +433,7 @@ pub struct TensorSpec {
 /// for tensors laid out in the given order. Returns the prefix and each tensor's offsets; the
 /// caller then writes the tensors' bytes in the same order. Keys are written `__metadata__`
 /// first (omitted when empty), then the tensors in the order given.
+#[allow(clippy::expect_used)] // a string always serializes to JSON
 pub fn encode_header(
     metadata: &BTreeMap<String, String>,
     tensors: &[TensorSpec],

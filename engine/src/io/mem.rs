@@ -7,9 +7,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 type Data = Arc<Mutex<Vec<u8>>>;
+
+/// Locks `m`. A test that panicked while holding the lock leaves the tree as consistent as
+/// any single call leaves it, so a poisoned lock is taken as it is.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 #[derive(Debug, Default)]
 struct Tree {
@@ -43,22 +49,16 @@ pub struct MemFaults {
 impl MemFaults {
     /// Denies access to `path` and everything below it (see [`MemFaults::denied`]).
     pub fn deny(&self, path: impl Into<PathBuf>) {
-        self.denied.lock().unwrap().push(path.into());
+        lock(&self.denied).push(path.into());
     }
 
     /// Lifts every denial.
     pub fn allow_all(&self) {
-        self.denied.lock().unwrap().clear();
+        lock(&self.denied).clear();
     }
 
     fn check_access(&self, path: &Path) -> io::Result<()> {
-        if self
-            .denied
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|d| path.starts_with(d))
-        {
+        if lock(&self.denied).iter().any(|d| path.starts_with(d)) {
             return Err(io::Error::from_raw_os_error(13)); // EACCES
         }
         Ok(())
@@ -137,13 +137,13 @@ impl MemIo {
 
     /// A copy of a file's bytes, for tests that inspect or corrupt the image.
     pub fn read_file(&self, path: &Path) -> Option<Vec<u8>> {
-        let tree = self.tree.lock().unwrap();
-        tree.files.get(path).map(|d| d.lock().unwrap().clone())
+        let tree = lock(&self.tree);
+        tree.files.get(path).map(|d| lock(d).clone())
     }
 
     /// Replaces a file's bytes (creating it), for tests that corrupt the image.
     pub fn write_file(&self, path: &Path, bytes: Vec<u8>) {
-        let mut tree = self.tree.lock().unwrap();
+        let mut tree = lock(&self.tree);
         tree.files
             .insert(path.to_path_buf(), Arc::new(Mutex::new(bytes)));
     }
@@ -158,7 +158,7 @@ impl MemIo {
 
 impl Storage for MemIo {
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
-        let mut tree = self.tree.lock().unwrap();
+        let mut tree = lock(&self.tree);
         let mut missing = Vec::new();
         for anc in path.ancestors() {
             if anc.as_os_str().is_empty() || tree.dirs.contains(anc) {
@@ -176,7 +176,7 @@ impl Storage for MemIo {
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn StorageFile>> {
         check_writable(&self.faults)?;
         self.faults.check_access(path)?;
-        let mut tree = self.tree.lock().unwrap();
+        let mut tree = lock(&self.tree);
         Self::parent_exists(&tree, path)?;
         if tree.files.contains_key(path) || tree.dirs.contains(path) {
             return Err(io::Error::new(io::ErrorKind::AlreadyExists, "exists"));
@@ -193,7 +193,7 @@ impl Storage for MemIo {
 
     fn open(&self, path: &Path, write: bool) -> io::Result<Box<dyn StorageFile>> {
         self.faults.check_access(path)?;
-        let tree = self.tree.lock().unwrap();
+        let tree = lock(&self.tree);
         let data = tree.files.get(path).ok_or_else(|| not_found(path))?.clone();
         Ok(Box::new(MemFile {
             data,
@@ -207,7 +207,7 @@ impl Storage for MemIo {
         check_writable(&self.faults)?;
         self.faults.check_access(from)?;
         self.faults.check_access(to)?;
-        let mut tree = self.tree.lock().unwrap();
+        let mut tree = lock(&self.tree);
         Self::parent_exists(&tree, to)?;
         let data = tree.files.remove(from).ok_or_else(|| not_found(from))?;
         tree.files.insert(to.to_path_buf(), data);
@@ -217,7 +217,7 @@ impl Storage for MemIo {
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         check_writable(&self.faults)?;
         self.faults.check_access(path)?;
-        let mut tree = self.tree.lock().unwrap();
+        let mut tree = lock(&self.tree);
         tree.files
             .remove(path)
             .map(|_| ())
@@ -226,7 +226,7 @@ impl Storage for MemIo {
 
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
         self.faults.check_access(path)?;
-        if !self.tree.lock().unwrap().dirs.contains(path) {
+        if !lock(&self.tree).dirs.contains(path) {
             return Err(not_found(path));
         }
         check_sync(&self.faults)
@@ -234,7 +234,7 @@ impl Storage for MemIo {
 
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
         self.faults.check_access(dir)?;
-        let tree = self.tree.lock().unwrap();
+        let tree = lock(&self.tree);
         if !tree.dirs.contains(dir) {
             return Err(not_found(dir));
         }
@@ -246,13 +246,13 @@ impl Storage for MemIo {
     }
 
     fn exists(&self, path: &Path) -> io::Result<bool> {
-        let tree = self.tree.lock().unwrap();
+        let tree = lock(&self.tree);
         Ok(tree.files.contains_key(path) || tree.dirs.contains(path))
     }
 
     fn try_lock(&self, path: &Path) -> io::Result<Option<Box<dyn StorageFile>>> {
         self.faults.check_access(path)?;
-        let mut tree = self.tree.lock().unwrap();
+        let mut tree = lock(&self.tree);
         if tree.locks.contains(path) {
             return Ok(None);
         }
@@ -277,7 +277,7 @@ impl Storage for MemIo {
 
     fn try_lock_existing(&self, path: &Path) -> io::Result<Option<Box<dyn StorageFile>>> {
         self.faults.check_access(path)?;
-        let mut tree = self.tree.lock().unwrap();
+        let mut tree = lock(&self.tree);
         let data = tree.files.get(path).ok_or_else(|| not_found(path))?.clone();
         if !tree.locks.insert(path.to_path_buf()) {
             return Ok(None);
@@ -294,7 +294,7 @@ impl Storage for MemIo {
 impl Drop for MemFile {
     fn drop(&mut self) {
         if let Some((tree, path)) = self.lock.take() {
-            tree.lock().unwrap().locks.remove(&path);
+            lock(&tree).locks.remove(&path);
         }
     }
 }
@@ -311,7 +311,7 @@ impl MemFile {
 impl StorageFile for MemFile {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.check_write()?;
-        let mut d = self.data.lock().unwrap();
+        let mut d = lock(&self.data);
         self.faults.charge(buf.len() as u64)?;
         let end = offset as usize + buf.len();
         if d.len() < end {
@@ -325,7 +325,7 @@ impl StorageFile for MemFile {
         if self.faults.fail_reads.load(Ordering::SeqCst) {
             return Err(io::Error::from_raw_os_error(5)); // EIO
         }
-        let d = self.data.lock().unwrap();
+        let d = lock(&self.data);
         let start = offset as usize;
         if start.checked_add(buf.len()).is_none_or(|end| end > d.len()) {
             return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
@@ -344,7 +344,7 @@ impl StorageFile for MemFile {
 
     fn allocate(&self, len: u64) -> io::Result<()> {
         self.check_write()?;
-        let mut d = self.data.lock().unwrap();
+        let mut d = lock(&self.data);
         if (d.len() as u64) < len {
             self.faults.charge(len - d.len() as u64)?;
             d.resize(len as usize, 0);
@@ -353,12 +353,12 @@ impl StorageFile for MemFile {
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.data.lock().unwrap().len() as u64)
+        Ok(lock(&self.data).len() as u64)
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.check_write()?;
-        let mut d = self.data.lock().unwrap();
+        let mut d = lock(&self.data);
         self.faults.charge(len.saturating_sub(d.len() as u64))?;
         d.resize(len as usize, 0);
         Ok(())

@@ -1,7 +1,8 @@
 //! Read-only memory maps of segment files, for zero-copy loads.
 //!
 //! This module and the `cuda`/io_uring modules are the only places in the engine allowed
-//! `unsafe` (DESIGN.md); each block says which invariant makes it sound.
+//! `unsafe` (the engine denies it everywhere else); each block says which invariant makes it
+//! sound.
 //!
 //! # Why mapping a segment is sound here
 //! A map is only taken of a *segment* file, opened read-only, and only read through `&[u8]`.

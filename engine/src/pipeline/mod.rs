@@ -15,15 +15,15 @@
 //! poisons the store, and every later save reports that.
 
 mod handle;
-mod pool;
 mod worker;
 
+pub use crate::staging::{PoolInfo, StagingBuf, StagingPool};
 pub use handle::{SaveHandle, SaveReport};
-pub use pool::{PoolInfo, StagingBuf, StagingPool};
 
 use crate::device::{HostSource, Source};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::manifest::{self, DType, MetaValue};
+use crate::manifest::{self, MetaValue};
 use crate::store::{StagedEntry, Store};
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::{BTreeMap, HashSet};
@@ -134,6 +134,7 @@ impl Pipeline {
     /// The store, for listing, reading and deleting. Waits while a save is being written.
     /// If what the caller does through it poisons the store (a delete whose fsync fails),
     /// the next [`Pipeline::begin`] refuses with the reason.
+    #[allow(clippy::expect_used)] // the store and the channels are present until close/submit
     pub fn store(&self) -> StoreGuard<'_> {
         StoreGuard {
             store: self
@@ -149,6 +150,7 @@ impl Pipeline {
     /// Starts a save at `step`. Add tensors, then [`Save::submit`]. One save is staged at a
     /// time (the `&mut` borrow), which is what keeps the pool free of deadlock: a save's
     /// chunks are all queued before the next one takes buffers.
+    #[allow(clippy::expect_used)] // the store and the channels are present until close/submit
     pub fn begin(&mut self, step: u64) -> Result<Save<'_>> {
         if let Some(why) = self
             .poisoned
@@ -186,6 +188,7 @@ impl Pipeline {
     }
 
     /// Waits for every save in flight, stops the threads and returns the store.
+    #[allow(clippy::expect_used)] // the store and the channels are present until close/submit
     pub fn close(mut self) -> Store {
         self.shutdown();
         let store = self.store.take().expect("present until close");
@@ -344,6 +347,7 @@ impl Save<'_> {
         out
     }
 
+    #[allow(clippy::expect_used)] // the store and the channels are present until close/submit
     fn stage_chunks(&mut self, entry: StagedEntry, src: &dyn Source) -> Result<()> {
         let total = src.len();
         let cs = self.pipeline.chunk_size as u64;
@@ -399,6 +403,7 @@ impl Save<'_> {
         Ok(())
     }
 
+    #[allow(clippy::expect_used)] // the store and the channels are present until close/submit
     fn send(&mut self, item: Item) -> Result<()> {
         match self.items.as_ref().expect("open until submit").send(item) {
             Ok(()) => Ok(()),
@@ -416,6 +421,7 @@ impl Save<'_> {
 
     /// Ends staging: the snapshot is taken (the caller may change every tensor it passed).
     /// The returned handle reports the commit. Blocks only while staging buffers are busy.
+    #[allow(clippy::expect_used)] // the store and the channels are present until close/submit
     pub fn submit(mut self) -> Result<SaveHandle> {
         self.check_usable()?;
         let t = Instant::now();

@@ -67,6 +67,7 @@ impl Drop for HashJob {
 ///
 /// Compressing in place keeps the pipeline's memory bound: a worker holds one chunk-sized
 /// scratch buffer (the shuffled raw bytes) besides the pool, whatever the checkpoint size.
+#[allow(clippy::expect_used)] // the stager sets a job's buffer and fence before sending it
 pub(super) fn hash_loop(rx: Receiver<HashJob>, compression: Compression) {
     yield_to_the_caller();
     // Levels are checked when the store opens, so this only fails if zstd cannot allocate

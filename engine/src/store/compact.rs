@@ -11,18 +11,16 @@
 //! A crash before 3 leaves the new files as orphans (removed at the next open) and the old
 //! ones live; after 3, the old ones are orphans. Either way every live chunk is readable.
 
-use super::gc::Freed;
+use super::free::Freed;
 use super::state::State;
 use super::{Options, Store, SEGMENTS_DIR};
 use crate::error::{Error, Result};
-use crate::io::StorageFile;
 use crate::manifest;
-use crate::segment::{self, ChunkEntry, FrameHeader, SEGMENT_DATA_OFFSET};
+use crate::segment::{self, SegmentWriter, SEGMENT_DATA_OFFSET};
 use crate::wal::{self, RecordType};
 use ckptstore_proto::v1 as pb;
 use prost::Message;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 /// Segments with a live fraction at or above this are never compacted for the amplification
 /// rule alone: rewriting them would give back little for the bytes copied.
@@ -152,14 +150,6 @@ pub(crate) struct Compacted {
     pub freed: Freed,
 }
 
-/// A new segment being filled.
-struct Output {
-    id: u64,
-    path: PathBuf,
-    file: Box<dyn StorageFile>,
-    end: u64,
-}
-
 impl Store {
     /// Runs `plan`: copy, make durable, commit the Relocate record, free the sources.
     pub(super) fn compact_segments(
@@ -168,35 +158,20 @@ impl Store {
         progress: &mut impl FnMut(u64, u64),
     ) -> Result<Compacted> {
         self.check_writable()?;
-        let mut outputs: Vec<Output> = Vec::new();
-        let copied = self.copy_live_chunks(plan, &mut outputs, progress);
-        let moves = match copied {
-            Ok(moves) => moves,
-            Err((e, poison)) => {
-                // Nothing references the new files yet: remove them (recovery would too).
-                for o in outputs.drain(..) {
-                    drop(o.file);
-                    let _ = self.opts.io.remove_file(&o.path);
-                }
-                return Err(if poison { self.poison(e) } else { e });
-            }
+        // Until the Relocate record may be on disk, dropping the writer removes the new files
+        // (nothing references them; recovery would remove them too).
+        let mut writer = SegmentWriter::new(self.opts.io.clone(), self.dir.join(SEGMENTS_DIR));
+        let (moves, outputs) = match self.copy_live_chunks(plan, &mut writer, progress) {
+            Ok(done) => done,
+            Err(e) if writer.sync_failed() => return Err(self.poison(e)),
+            Err(e) => return Err(e),
         };
         let record = pb::RelocateRecord {
-            new_segments: outputs
-                .iter()
-                .map(|o| pb::SegmentInfo {
-                    id: o.id,
-                    length: o.end,
-                })
-                .collect(),
+            new_segments: outputs.clone(),
             moves,
         };
         let payload = record.encode_to_vec();
         if payload.len() > wal::MAX_RECORD_LEN as usize {
-            for o in outputs.drain(..) {
-                drop(o.file);
-                let _ = self.opts.io.remove_file(&o.path);
-            }
             return Err(Error::invalid("relocation record above the WAL record cap"));
         }
         let lens: BTreeMap<u64, u64> = self
@@ -205,15 +180,22 @@ impl Store {
             .iter()
             .map(|(&k, s)| (k, s.len))
             .collect();
-        let wal = self.wal.as_mut().expect("checked writable");
-        if let Err(e) = wal.append_durable(RecordType::Relocate, &payload) {
-            // It may have reached the disk: the new files stay (recovery decides).
-            return Err(self.poison(e));
-        }
-        let dead = self
+        let appended = self
+            .wal_mut()?
+            .append_durable(RecordType::Relocate, &payload);
+        // The record may have reached the disk even if the append failed: the new files stay
+        // (recovery decides).
+        writer.release();
+        appended.map_err(|e| self.poison(e))?;
+        let dead = match self
             .state
             .apply_relocate(&record, super::commit_record_len, "compaction")
-            .expect("a relocation this store built applies");
+        {
+            Ok(dead) => dead,
+            // Unreachable: this store built the relocation. Should it happen, the durable
+            // record and the memory disagree: refuse further writes.
+            Err(e) => return Err(self.poison(e)),
+        };
         let dead = dead
             .into_iter()
             .map(|s| (s, lens.get(&s).copied().unwrap_or(0)));
@@ -221,23 +203,21 @@ impl Store {
         self.compact_after_durable_write();
         Ok(Compacted {
             written: outputs.iter().map(|o| o.id).collect(),
-            bytes_written: outputs.iter().map(|o| o.end).sum(),
+            bytes_written: outputs.iter().map(|o| o.length).sum(),
             freed,
         })
     }
 
-    /// Copies the plan's live chunks into new segments (pushed to `outputs` as they are
-    /// created) and makes them durable. Errors carry whether they must poison the store (a
-    /// failed sync).
+    /// Copies the plan's live chunks, checked against their BLAKE3, into new segments
+    /// through `writer`, and makes them durable. Returns the moves, sorted, and the new
+    /// segments with their lengths.
     fn copy_live_chunks(
         &mut self,
         plan: &CompactionPlan,
-        outputs: &mut Vec<Output>,
+        writer: &mut SegmentWriter,
         progress: &mut impl FnMut(u64, u64),
-    ) -> std::result::Result<Vec<pb::ChunkMove>, (Error, bool)> {
+    ) -> Result<(Vec<pb::ChunkMove>, Vec<pb::SegmentInfo>)> {
         let live = live_chunks(&self.state);
-        let io = self.opts.io.clone();
-        let seg_dir = self.dir.join(SEGMENTS_DIR);
         let max = self.opts.segment_max_bytes;
         let total: u64 = plan
             .sources
@@ -248,51 +228,33 @@ impl Store {
             .sum();
         let mut done = 0u64;
         let mut moves = Vec::with_capacity(plan.chunks);
-        let plain = |e| (e, false);
         for &src in &plan.sources {
             let Some(chunks) = live.get(&src) else {
                 continue;
             };
             let chunks: Vec<pb::ChunkRef> = chunks.values().cloned().collect();
-            let src_file = self.segment_file(src).map_err(plain)?;
+            let src_file = self.segment_file(src)?;
             let src_path = self.segment_path(src);
             for run in runs(&chunks) {
                 let flen = frame_len(run);
-                let full = outputs
-                    .last()
-                    .is_none_or(|o| o.end > SEGMENT_DATA_OFFSET && o.end + flen > max);
-                if full {
-                    let id = self.state.next_segment_id;
-                    if id == u64::MAX {
-                        return Err(plain(Error::invalid("segment ids are exhausted")));
+                let codec = pb::Codec::try_from(run[0].codec)
+                    .map_err(|_| Error::invalid(format!("unknown codec {}", run[0].codec)))?;
+                // The run is copied as one frame: into the open output if it fits there (or
+                // the output is empty), else into a new one.
+                let fits = |end: u64| {
+                    if end == SEGMENT_DATA_OFFSET || end + flen <= max {
+                        run.len()
+                    } else {
+                        0
                     }
-                    self.state.next_segment_id += 1;
-                    let path = seg_dir.join(segment::file_name(id));
-                    let file = io
-                        .create_new(&path)
-                        .map_err(|e| plain(Error::io("create", &path, e)))?;
-                    let o = Output {
-                        id,
-                        path,
-                        file,
-                        end: SEGMENT_DATA_OFFSET,
-                    };
-                    outputs.push(o);
-                    let o = outputs.last().expect("pushed");
-                    o.file
-                        .write_at(&segment::encode_header(id), 0)
-                        .map_err(|e| plain(Error::io("write", &o.path, e)))?;
-                }
-                let o = outputs.last_mut().expect("an open output");
-                let start = o.end;
-                let header_len = segment::header_len_for(run.len());
-                let mut at = start + header_len;
-                let mut entries = Vec::with_capacity(run.len());
+                };
+                let mut frame =
+                    writer.begin_run(codec, fits, || self.state.allocate_segment_id())?;
                 for c in run {
                     let mut buf = vec![0u8; c.stored_len as usize];
                     src_file
                         .read_at(&mut buf, c.offset)
-                        .map_err(|e| plain(Error::io("read", &src_path, e)))?;
+                        .map_err(|e| Error::io("read", &src_path, e))?;
                     // BLAKE3 covers the raw bytes: a compressed chunk is decoded to check it
                     // (its stored bytes are copied as they are).
                     let hash = if c.codec == pb::Codec::None as i32 {
@@ -305,54 +267,28 @@ impl Store {
                         }
                     };
                     if hash.as_slice() != c.blake3.as_slice() {
-                        return Err(plain(Error::CompactionSourceCorrupt {
+                        return Err(Error::CompactionSourceCorrupt {
                             path: src_path.clone(),
                             offset: c.offset,
-                        }));
+                        });
                     }
-                    o.file
-                        .write_at(&buf, at)
-                        .map_err(|e| plain(Error::io("write", &o.path, e)))?;
+                    let to = writer.write_chunk(&mut frame, &buf, c.raw_len, hash)?;
                     moves.push(pb::ChunkMove {
                         from_segment: src,
                         from_offset: c.offset,
-                        to_segment: o.id,
-                        to_offset: at,
+                        to_segment: to.segment,
+                        to_offset: to.offset,
                     });
-                    entries.push(ChunkEntry {
-                        blake3: hash,
-                        stored_len: c.stored_len,
-                        raw_len: c.raw_len,
-                    });
-                    at += c.stored_len;
                     done += c.stored_len;
                     progress(done, total);
                 }
-                let header = FrameHeader::new(run[0].codec as u8, o.id, entries).encode();
-                o.file
-                    .write_at(&header, start)
-                    .map_err(|e| plain(Error::io("write", &o.path, e)))?;
-                let end = segment::align_up(at);
-                if end > at {
-                    o.file
-                        .write_at(&vec![0u8; (end - at) as usize], at)
-                        .map_err(|e| plain(Error::io("write", &o.path, e)))?;
-                }
-                o.end = end;
+                writer.end_run(frame)?;
             }
         }
-        for o in outputs.iter() {
-            o.file
-                .sync_data()
-                .map_err(|e| (Error::io("fdatasync", &o.path, e), true))?;
-        }
-        if !outputs.is_empty() {
-            io.sync_dir(&seg_dir)
-                .map_err(|e| (Error::io("fsync dir", &seg_dir, e), true))?;
-        }
+        let outputs = writer.finish()?;
         // Moves sorted by (from_segment, from_offset), as docs/FORMAT.md says.
         moves.sort_by_key(|m| (m.from_segment, m.from_offset));
-        Ok(moves)
+        Ok((moves, outputs))
     }
 }
 

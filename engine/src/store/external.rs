@@ -4,17 +4,14 @@
 //! docs/DECISIONS.md, "Multi-process checkpoints".
 
 use super::shard::ShardFragment;
-use super::{CheckpointInfo, Store, SEGMENTS_DIR};
+use super::{Store, SEGMENTS_DIR};
 use crate::error::{Error, Result};
-use crate::manifest::{self, MetaValue};
+use crate::manifest::{self, CheckpointInfo, MetaValue};
 use crate::segment;
-use crate::wal::RecordType;
 use ckptstore_proto::v1 as pb;
-use prost::Message;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Segment ids handed to shard writers and not yet committed or aborted.
 #[derive(Debug, Default)]
@@ -132,67 +129,12 @@ impl Store {
                 c.segment
             )));
         }
-        let seg_dir = self.dir.join(SEGMENTS_DIR);
-        if !m.new_segments.is_empty() {
-            if let Err(e) = self.opts.io.sync_dir(&seg_dir) {
-                return Err(self.poison(Error::io("fsync dir", &seg_dir, e)));
-            }
-        }
-        m.id = self.state.next_checkpoint_id;
-        if m.id == u64::MAX || self.state.checkpoints.contains_key(&m.id) {
-            return Err(Error::invalid(format!(
-                "checkpoint ids are exhausted (next id {})",
-                m.id
-            )));
-        }
-        m.wall_time_unix_ns = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as i64);
-        m.metadata = metadata
-            .into_iter()
-            .map(|(key, v)| pb::MetaEntry {
-                key,
-                value: Some(v.to_pb()),
-            })
-            .collect();
         let context = format!("multi-process checkpoint at step {step}");
-        manifest::validate(&m, &context)?;
-        let payload = pb::CommitRecord {
-            manifest: Some(m.clone()),
-        }
-        .encode_to_vec();
-        if payload.len() > crate::wal::MAX_RECORD_LEN as usize {
-            return Err(Error::invalid(format!(
-                "manifest of {} bytes exceeds the {}-byte WAL record limit (too many tensors)",
-                payload.len(),
-                crate::wal::MAX_RECORD_LEN
-            )));
-        }
-        let wal = self.wal.as_mut().expect("checked writable");
-        let record_len = match wal.append_durable(RecordType::Commit, &payload) {
-            Ok(n) => n,
-            // The record may have reached the disk: the segments stay, and no abort may remove
-            // them (recovery decides, after a reopen).
-            Err(e) => {
-                self.reservations.ranges.clear();
-                return Err(self.poison(e));
-            }
-        };
-        self.reservations.ranges.clear();
-        self.state
-            .apply_commit(m, record_len, &context)
-            .expect("a validated manifest applies");
-        let info = {
-            let m = self
-                .state
-                .checkpoints
-                .values()
-                .next_back()
-                .expect("just committed");
-            CheckpointInfo::of(m, &self.state)
-        };
-        self.compact_after_durable_write();
-        Ok(info)
+        // Once the record may be on disk, no abort may remove the segments (recovery decides,
+        // after a reopen, if the append failed).
+        self.commit_manifest(m, metadata, &context, |store| {
+            store.reservations.ranges.clear()
+        })
     }
 
     fn check_external_segment(&self, s: &pb::SegmentInfo) -> Result<()> {

@@ -19,37 +19,11 @@ pub fn wal_file_name(n: u64) -> String {
 
 /// Parses a WAL file name; foreign names give `None`.
 pub fn parse_wal_file_name(name: &str) -> Option<u64> {
-    let digits = name.strip_suffix(".wal")?;
-    if digits.len() < 8 || !digits.bytes().all(|c| c.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok()
+    crate::segment::parse_numbered(name, ".wal")
 }
 
 /// Reads a whole (small, metadata-only) file.
-/// Payload bytes written between two writeback hints.
-const WRITEBACK_SLICE: usize = 16 << 20;
-
-/// Writes a chunk payload at `at` in slices, asking for writeback of each as soon as it is in
-/// the page cache, so the disk works while later slices are copied and the commit's fdatasync
-/// finds little left to do. The hint changes nothing about durability (a file system that
-/// refuses it just flushes at fdatasync): the fdatasync still decides.
-pub(super) fn write_with_writeback(
-    file: &dyn StorageFile,
-    path: &Path,
-    bytes: &[u8],
-    mut at: u64,
-) -> Result<()> {
-    for slice in bytes.chunks(WRITEBACK_SLICE) {
-        file.write_at(slice, at)
-            .map_err(|e| Error::io("write", path, e))?;
-        let _ = file.start_writeback(at, slice.len() as u64);
-        at += slice.len() as u64;
-    }
-    Ok(())
-}
-
-pub fn read_all(io: &dyn Storage, path: &Path) -> Result<Vec<u8>> {
+pub(crate) fn read_all(io: &dyn Storage, path: &Path) -> Result<Vec<u8>> {
     let f = io
         .open(path, false)
         .map_err(|e| Error::io("open", path, e))?;
@@ -63,7 +37,11 @@ pub fn read_all(io: &dyn Storage, path: &Path) -> Result<Vec<u8>> {
 /// Replaces `CURRENT` atomically so that it names WAL file `wal_number`: write a temp file,
 /// fdatasync it, rename it over `CURRENT`, fsync the directory. A crash at any point leaves
 /// either the old pointer or the new one.
-pub fn switch_current_atomically(io: &dyn Storage, dir: &Path, wal_number: u64) -> Result<()> {
+pub(crate) fn switch_current_atomically(
+    io: &dyn Storage,
+    dir: &Path,
+    wal_number: u64,
+) -> Result<()> {
     let tmp = dir.join(current::CURRENT_TMP_NAME);
     let dst = dir.join(current::CURRENT_NAME);
     match io.remove_file(&tmp) {
@@ -84,7 +62,7 @@ pub fn switch_current_atomically(io: &dyn Storage, dir: &Path, wal_number: u64) 
 }
 
 /// The open, live WAL file: appends records and makes them durable.
-pub struct WalWriter {
+pub(crate) struct WalWriter {
     pub(crate) file: Box<dyn StorageFile>,
     pub(crate) path: PathBuf,
     pub(crate) number: u64,
@@ -96,7 +74,7 @@ pub struct WalWriter {
 impl WalWriter {
     /// Creates WAL file `number` in `dir` holding the header and `records`, fdatasyncs it and
     /// fsyncs the directory, so the file and its entry are durable before anything points to it.
-    pub fn create_durable(
+    pub(crate) fn create_durable(
         io: &dyn Storage,
         dir: &Path,
         number: u64,
@@ -137,7 +115,7 @@ impl WalWriter {
 
     /// Appends one record with a single write and fdatasyncs it. On error the caller must
     /// poison the store: the file's tail is unknown.
-    pub fn append_durable(&mut self, ty: RecordType, payload: &[u8]) -> Result<u64> {
+    pub(crate) fn append_durable(&mut self, ty: RecordType, payload: &[u8]) -> Result<u64> {
         let mut buf = Vec::with_capacity(wal::RECORD_HEADER_LEN + payload.len());
         wal::encode_record(&mut buf, self.salt, ty, payload);
         self.file

@@ -18,6 +18,7 @@
 
 use crate::error::{Error, Result};
 use crate::io::{Storage, StorageFile};
+use crate::le;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,7 +26,7 @@ use std::sync::Arc;
 /// Directory of reader lease files.
 pub const READERS_DIR: &str = "readers";
 /// Version of the lease file format.
-pub const LEASE_VERSION: u16 = 1;
+pub(crate) const LEASE_VERSION: u16 = 1;
 const MAGIC: &[u8; 8] = b"CKPTLSE\0";
 const FLAG_ALL: u16 = 1;
 const FIXED_LEN: usize = 24;
@@ -34,7 +35,7 @@ const TAKE_ATTEMPTS: usize = 16;
 
 /// What a lease holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Held {
+pub(crate) enum Held {
     /// Every segment (a reader that has not read the WAL yet, or an unreadable lease).
     All,
     /// These segments.
@@ -43,7 +44,7 @@ pub enum Held {
 
 /// Encodes a lease file: `magic | version u16 | flags u16 | pid u32 | count u64 |
 /// count × segment id u64 | crc32c u32` (little-endian; docs/FORMAT.md).
-pub fn encode(pid: u32, held: &Held) -> Vec<u8> {
+pub(crate) fn encode(pid: u32, held: &Held) -> Vec<u8> {
     let (flags, ids): (u16, Vec<u64>) = match held {
         Held::All => (FLAG_ALL, Vec::new()),
         Held::Segments(s) => (0, s.iter().copied().collect()),
@@ -64,7 +65,7 @@ pub fn encode(pid: u32, held: &Held) -> Vec<u8> {
 
 /// Decodes a lease file. `None` for anything that is not a whole, valid lease of a version
 /// this build knows (the caller then assumes it holds everything).
-pub fn decode(b: &[u8]) -> Option<Held> {
+pub(crate) fn decode(b: &[u8]) -> Option<Held> {
     if b.len() < FIXED_LEN + 4 || &b[0..8] != MAGIC {
         return None;
     }
@@ -85,7 +86,7 @@ pub fn decode(b: &[u8]) -> Option<Held> {
     }
     let ids = b[FIXED_LEN..body]
         .chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .map(|c| le::u64_at(c, 0))
         .collect();
     Some(Held::Segments(ids))
 }
@@ -116,7 +117,7 @@ impl std::fmt::Debug for ReaderLease {
 
 impl ReaderLease {
     /// Takes a new lease in `dir/readers/` holding every segment. Call before reading the WAL.
-    pub fn take(io: Arc<dyn Storage>, dir: &Path) -> Result<ReaderLease> {
+    pub(crate) fn take(io: Arc<dyn Storage>, dir: &Path) -> Result<ReaderLease> {
         let readers = dir.join(READERS_DIR);
         io.create_dir_all(&readers)
             .map_err(|e| Error::io("create dir", &readers, e))?;
@@ -161,10 +162,11 @@ impl ReaderLease {
     }
 
     /// Narrows (or widens) what the lease holds.
-    pub fn hold(&self, segments: impl IntoIterator<Item = u64>) -> Result<()> {
+    pub(crate) fn hold(&self, segments: impl IntoIterator<Item = u64>) -> Result<()> {
         self.write(&Held::Segments(segments.into_iter().collect()))
     }
 
+    #[allow(clippy::expect_used)] // the lease file is held until drop
     fn write(&self, held: &Held) -> Result<()> {
         let f = self.file.as_ref().expect("held until drop");
         let b = encode(std::process::id(), held);
@@ -177,7 +179,7 @@ impl ReaderLease {
     }
 
     /// The lease file.
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 }
@@ -205,7 +207,7 @@ pub(crate) struct Leases {
 
 impl Leases {
     /// Whether segment `id` may still be mapped by a live reader.
-    pub fn holds(&self, id: u64) -> bool {
+    pub(crate) fn holds(&self, id: u64) -> bool {
         self.all || self.segments.contains(&id)
     }
 }

@@ -1,23 +1,29 @@
 //! The store: open (with recovery), write transactions, listing, reading, deletion,
 //! verification and WAL compaction. See docs/GUARANTEES.md for the contract.
 
+mod commit;
 mod compact;
 mod external;
 mod files;
+mod free;
 mod gc;
 mod lease;
+mod leftovers;
 mod perms;
 mod reader;
 mod recovery;
 mod select;
 mod shard;
 mod state;
+mod suggest;
 mod txn;
 mod view;
 
 pub use compact::CompactionPlan;
+#[doc(hidden)]
 pub use files::{parse_wal_file_name, wal_file_name, LOCK_NAME, SEGMENTS_DIR};
 pub use gc::{GcOptions, GcReport, SpaceStats};
+#[doc(hidden)]
 pub use lease::READERS_DIR;
 pub use reader::{CheckpointReader, Tensor, VerifiedChunks};
 pub use recovery::RecoveryReport;
@@ -32,7 +38,7 @@ use crate::retention::{self, RetentionPlan, RetentionPolicy};
 use crate::codec::Compression;
 use crate::error::{Error, Result};
 use crate::io::{Storage, StorageFile};
-use crate::manifest::{self, Manifest, MetaValue};
+use crate::manifest::{CheckpointInfo, Manifest};
 use crate::segment;
 use crate::wal::{self, RecordType};
 use ckptstore_proto::v1 as pb;
@@ -173,50 +179,6 @@ pub enum Selector {
     Id(u64),
     /// The newest checkpoint with this training step.
     Step(u64),
-}
-
-/// Summary of a committed checkpoint.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CheckpointInfo {
-    /// Id, increasing with commit order.
-    pub id: u64,
-    /// Training step.
-    pub step: u64,
-    /// Epoch.
-    pub epoch: u64,
-    /// Commit time, nanoseconds since the Unix epoch.
-    pub wall_time_unix_ns: i64,
-    /// Number of tensors.
-    pub tensors: usize,
-    /// Number of blobs.
-    pub blobs: usize,
-    /// Raw bytes of all tensors and blobs (before deduplication).
-    pub bytes: u64,
-    /// User metadata.
-    pub metadata: BTreeMap<String, MetaValue>,
-    /// Pinned ([`Store::pin`]): never deleted, by retention or by [`Store::delete`], until
-    /// unpinned.
-    pub pinned: bool,
-}
-
-impl CheckpointInfo {
-    fn of(m: &Manifest, state: &State) -> Self {
-        CheckpointInfo {
-            pinned: state.pinned.contains(&m.id),
-            id: m.id,
-            step: m.step,
-            epoch: m.epoch,
-            wall_time_unix_ns: m.wall_time_unix_ns,
-            tensors: m.tensors.len(),
-            blobs: m.blobs.len(),
-            bytes: manifest::logical_bytes(m),
-            metadata: m
-                .metadata
-                .iter()
-                .filter_map(|e| Some((e.key.clone(), MetaValue::from_pb(e.value.as_ref()?)?)))
-                .collect(),
-        }
-    }
 }
 
 /// What a deletion did.
@@ -364,7 +326,7 @@ impl Store {
         self.state
             .checkpoints
             .values()
-            .map(|m| CheckpointInfo::of(m, &self.state))
+            .map(|m| self.state.info(m))
             .collect()
     }
 
@@ -374,14 +336,14 @@ impl Store {
             .checkpoints
             .values()
             .next_back()
-            .map(|m| CheckpointInfo::of(m, &self.state))
+            .map(|m| self.state.info(m))
     }
 
     /// The newest checkpoint whose every chunk verifies, walking back past damaged ones.
     pub fn latest_valid(&self) -> Result<Option<CheckpointInfo>> {
         for m in self.state.checkpoints.values().rev() {
             match self.verify(m.id) {
-                Ok(()) => return Ok(Some(CheckpointInfo::of(m, &self.state))),
+                Ok(()) => return Ok(Some(self.state.info(m))),
                 Err(Error::ChunkCorrupt { .. } | Error::SegmentMissing { .. }) => continue,
                 Err(e) => return Err(e),
             }
@@ -411,7 +373,7 @@ impl Store {
 
     /// Summary of one checkpoint.
     pub fn info(&self, sel: Selector) -> Result<CheckpointInfo> {
-        self.find(sel).map(|m| CheckpointInfo::of(m, &self.state))
+        self.find(sel).map(|m| self.state.info(m))
     }
 
     /// Opens a checkpoint for reading.
@@ -466,6 +428,14 @@ impl Store {
         Ok(())
     }
 
+    /// The live WAL; a read-only store has none.
+    fn wal_mut(&mut self) -> Result<&mut WalWriter> {
+        let dir = &self.dir;
+        self.wal
+            .as_mut()
+            .ok_or_else(|| Error::ReadOnly { path: dir.clone() })
+    }
+
     /// Marks the store unusable for writes after `e`, returning `e`.
     fn poison(&mut self, e: Error) -> Error {
         if self.poisoned.is_none() {
@@ -493,7 +463,7 @@ impl Store {
             return Err(Error::Pinned { id });
         }
         let payload = pb::DeleteRecord { ids: vec![id] }.encode_to_vec();
-        let wal = self.wal.as_mut().expect("checked writable");
+        let wal = self.wal_mut()?;
         if let Err(e) = wal.append_durable(RecordType::Delete, &payload) {
             return Err(self.poison(e));
         }
@@ -538,13 +508,15 @@ impl Store {
             return Ok(false);
         }
         let payload = pb::PinRecord { id, pinned }.encode_to_vec();
-        let wal = self.wal.as_mut().expect("checked writable");
+        let wal = self.wal_mut()?;
         if let Err(e) = wal.append_durable(RecordType::Pin, &payload) {
             return Err(self.poison(e));
         }
-        self.state
-            .apply_pin(id, pinned, "pin")
-            .expect("a live checkpoint pins");
+        if let Err(e) = self.state.apply_pin(id, pinned, "pin") {
+            // Unreachable: the checkpoint was found live above. Should it happen, the durable
+            // record and the memory disagree: refuse further writes.
+            return Err(self.poison(e));
+        }
         self.compact_after_durable_write();
         Ok(true)
     }
@@ -626,7 +598,7 @@ impl Store {
     /// directory entry), then an atomic switch of `CURRENT`, then removal of the old file.
     pub fn compact_wal(&mut self) -> Result<()> {
         self.check_writable()?;
-        let old = self.wal.as_ref().expect("checked writable");
+        let old = self.wal_mut()?;
         let (old_path, number) = (old.path.clone(), old.number + 1);
         let mut records = vec![(RecordType::Snapshot, self.state.snapshot().encode_to_vec())];
         for m in self.state.checkpoints.values() {
@@ -656,7 +628,7 @@ impl Store {
     }
 
     pub(crate) fn segment_file(&self, id: u64) -> Result<Arc<dyn StorageFile>> {
-        if let Some(f) = self.open_segments.lock().unwrap().get(&id) {
+        if let Some(f) = self.open_segments().get(&id) {
             return Ok(f.clone());
         }
         let path = self.segment_path(id);
@@ -666,8 +638,16 @@ impl Store {
                 .open(&path, false)
                 .map_err(|e| Error::io("open", &path, e))?,
         );
-        self.open_segments.lock().unwrap().insert(id, f.clone());
+        self.open_segments().insert(id, f.clone());
         Ok(f)
+    }
+
+    /// The cache of open segment files. A panic while it was held cannot leave it half
+    /// changed (each use is one insert, lookup or removal), so a poisoned lock is taken as is.
+    fn open_segments(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<dyn StorageFile>>> {
+        self.open_segments
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub(crate) fn segment_path(&self, id: u64) -> PathBuf {

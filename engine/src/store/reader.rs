@@ -2,10 +2,12 @@
 //! chunks, see [`crate::codec`]) and verified against the BLAKE3 of its raw bytes unless the
 //! caller opts out.
 
-use super::{CheckpointInfo, Store};
+use super::Store;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::io::StorageFile;
-use crate::manifest::{DType, Manifest, MetaValue};
+use crate::manifest::CheckpointInfo;
+use crate::manifest::{Manifest, MetaValue};
 use ckptstore_proto::v1 as pb;
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -54,7 +56,7 @@ impl<'s> CheckpointReader<'s> {
 
     /// Summary: id, step, epoch, time, counts, metadata.
     pub fn info(&self) -> CheckpointInfo {
-        CheckpointInfo::of(&self.manifest, &self.store.state)
+        self.store.state.info(&self.manifest)
     }
 
     /// User metadata.
@@ -92,17 +94,14 @@ impl<'s> CheckpointReader<'s> {
             .find(|t| t.name == name)
             .ok_or_else(|| {
                 let names = self.manifest.tensors.iter().map(|t| t.name.as_str());
-                super::select::not_found("tensor", name, self.manifest.id, names)
+                super::suggest::not_found("tensor", name, self.manifest.id, names)
             })
     }
 
     /// Dtype and shape of a tensor, without reading it.
     pub fn tensor_meta(&self, name: &str) -> Result<(DType, Vec<u64>)> {
         let t = self.tensor_entry(name)?;
-        Ok((
-            DType::from_pb(t.dtype).expect("validated dtype"),
-            t.shape.clone(),
-        ))
+        Ok((crate::manifest::tensor_dtype(t)?, t.shape.clone()))
     }
 
     /// Reads a tensor, verifying every chunk.
@@ -117,7 +116,7 @@ impl<'s> CheckpointReader<'s> {
         let mut data = vec![0u8; t.nbytes as usize];
         self.read_chunks("tensor", &t.name, &t.chunks, &mut data, verify)?;
         Ok(Tensor {
-            dtype: DType::from_pb(t.dtype).expect("validated dtype"),
+            dtype: crate::manifest::tensor_dtype(t)?,
             shape: t.shape.clone(),
             data,
         })
@@ -148,7 +147,7 @@ impl<'s> CheckpointReader<'s> {
             .find(|b| b.name == name)
             .ok_or_else(|| {
                 let names = self.manifest.blobs.iter().map(|b| b.name.as_str());
-                super::select::not_found("blob", name, self.manifest.id, names)
+                super::suggest::not_found("blob", name, self.manifest.id, names)
             })?;
         self.check_segments(&b.chunks)?;
         let mut data = vec![0u8; b.nbytes as usize];
@@ -239,6 +238,7 @@ impl<'s> CheckpointReader<'s> {
     /// while another hashes. The disk is kept busy by [`ReadAhead`] hints ahead of the chunks
     /// being read. `scratch` is one reused buffer per thread. The error is the first
     /// (lowest-index) chunk's.
+    #[allow(clippy::expect_used)] // a read thread does not panic
     fn each_chunk<T: Send>(
         &self,
         chunks: &[pb::ChunkRef],

@@ -10,15 +10,16 @@
 //! next recovery (or by [`Store::abort_external`], in `external.rs` with the commit side).
 
 use super::SEGMENTS_DIR;
+use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::io::{Storage, StorageFile};
-use crate::manifest::{self, DType};
-use crate::segment::{self, ChunkEntry, FrameHeader};
+use crate::io::Storage;
+use crate::manifest;
+use crate::segment::{self, Run, SegmentWriter};
 use ckptstore_proto::v1 as pb;
 use prost::Message;
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 /// Where and how a shard writes. `chunk_size` and `segment_max_bytes` should be the store's
@@ -70,23 +71,15 @@ impl ShardFragment {
     }
 }
 
-struct OpenSegment {
-    id: u64,
-    path: PathBuf,
-    file: Box<dyn StorageFile>,
-    end: u64,
-}
-
 /// Writes one process's share of a checkpoint into new segment files with ids from a reserved
 /// range. [`ShardWriter::finish`] makes them durable (fdatasync of each file, fsync of
 /// `segments/`) and returns the fragment to commit. Dropping it unfinished removes its files.
 pub struct ShardWriter {
     opts: ShardOptions,
-    seg_dir: PathBuf,
     ids: Range<u64>,
     next_id: u64,
-    segment: Option<OpenSegment>,
-    finished: Vec<(u64, PathBuf, u64)>,
+    /// The segment files this shard writes (removed unless `finish` hands them over).
+    writer: SegmentWriter,
     manifest: pb::Manifest,
     tensor_names: HashSet<String>,
     blob_names: HashSet<String>,
@@ -127,12 +120,10 @@ impl ShardWriter {
             Err(e) => return Err(Error::io("stat", &seg_dir, e)),
         }
         Ok(ShardWriter {
+            writer: SegmentWriter::new(opts.io.clone(), seg_dir),
             opts,
-            seg_dir,
             next_id: ids.start,
             ids,
-            segment: None,
-            finished: Vec::new(),
             manifest: pb::Manifest::default(),
             tensor_names: HashSet::new(),
             blob_names: HashSet::new(),
@@ -197,19 +188,12 @@ impl ShardWriter {
     /// [`Store::commit_external`].
     pub fn finish(mut self) -> Result<ShardFragment> {
         self.check_usable()?;
-        self.finish_segment()?;
-        if !self.finished.is_empty() {
-            self.opts
-                .io
-                .sync_dir(&self.seg_dir)
-                .map_err(|e| Error::io("fsync dir", &self.seg_dir, e))?;
-        }
+        let new_segments = self.writer.finish()?;
+        // Durable: the segments are the fragment's now (the store's commit takes them, or
+        // its recovery removes them).
+        self.writer.release();
         let mut m = std::mem::take(&mut self.manifest);
-        m.new_segments = self
-            .finished
-            .drain(..)
-            .map(|(id, _, length)| pb::SegmentInfo { id, length })
-            .collect();
+        m.new_segments = new_segments;
         Ok(ShardFragment { manifest: m })
     }
 
@@ -260,159 +244,41 @@ impl ShardWriter {
         chunks: impl Iterator<Item = (&'a [u8], [u8; 32])>,
     ) -> Result<Vec<pb::ChunkRef>> {
         let cs = self.opts.chunk_size;
+        let max = self.opts.segment_max_bytes;
         let total = data.len();
         let mut refs = Vec::with_capacity(total.div_ceil(cs));
-        let mut frame: Option<Frame> = None;
+        let mut run: Option<Run> = None;
         for (k, (chunk, hash)) in chunks.enumerate() {
             if let Some(r) = self.local_index.get(&hash).cloned() {
-                if let Some(f) = frame.take() {
-                    self.close_frame(f)?;
-                }
+                self.writer.end(&mut run)?;
                 refs.push(r);
                 continue;
             }
-            if let Some(f) = frame.take_if(|f| f.chunks.len() == f.capacity) {
-                self.close_frame(f)?;
-            }
-            let f = match &mut frame {
-                Some(f) => f,
-                None => frame.insert(self.open_frame(total, cs, k)?),
-            };
-            let r = self.write_payload(f, chunk, hash)?;
+            // A new run reserves table room for as many chunks from `k` on as fit.
+            let r = self.writer.append(
+                &mut run,
+                pb::Codec::None,
+                |end| segment::frame_capacity(end, max, total, cs, k),
+                || next_shard_id(&mut self.next_id, &self.ids),
+                chunk,
+                chunk.len() as u64,
+                hash,
+            )?;
             self.local_index.insert(hash, r.clone());
             refs.push(r);
         }
-        if let Some(f) = frame.take() {
-            self.close_frame(f)?;
-        }
+        self.writer.end(&mut run)?;
         Ok(refs)
     }
-
-    /// A frame for the run starting at chunk `k`, in the open segment if its first chunk fits,
-    /// else in a new segment; table room for as many chunks as fit.
-    fn open_frame(&mut self, total: usize, cs: usize, k: usize) -> Result<Frame> {
-        let max = self.opts.segment_max_bytes;
-        let fits = |end: u64| segment::frame_capacity(end, max, total, cs, k);
-        let mut capacity = self.segment.as_ref().map_or(0, |s| fits(s.end));
-        if capacity == 0 {
-            self.finish_segment()?;
-            self.open_segment()?;
-            capacity = fits(segment::SEGMENT_DATA_OFFSET).max(1);
-        }
-        let start = self.segment.as_ref().expect("segment open").end;
-        let header_len = segment::header_len_for(capacity);
-        Ok(Frame {
-            start,
-            header_len,
-            capacity,
-            next: start + header_len,
-            chunks: Vec::new(),
-        })
-    }
-
-    fn write_payload(
-        &mut self,
-        f: &mut Frame,
-        chunk: &[u8],
-        hash: [u8; 32],
-    ) -> Result<pb::ChunkRef> {
-        let seg = self.segment.as_ref().expect("segment open");
-        // The writeback hints change nothing about durability; the fdatasync in `finish` decides.
-        super::files::write_with_writeback(&*seg.file, &seg.path, chunk, f.next)?;
-        let len = chunk.len() as u64;
-        f.chunks.push(ChunkEntry {
-            blake3: hash,
-            stored_len: len,
-            raw_len: len,
-        });
-        let r = pb::ChunkRef {
-            segment: seg.id,
-            offset: f.next,
-            stored_len: len,
-            raw_len: len,
-            codec: pb::Codec::None as i32,
-            blake3: hash.to_vec(),
-        };
-        f.next += len;
-        Ok(r)
-    }
-
-    fn close_frame(&mut self, f: Frame) -> Result<()> {
-        let seg = self.segment.as_mut().expect("segment open");
-        let mut header = FrameHeader::new(0, seg.id, f.chunks);
-        header.header_len = f.header_len;
-        seg.file
-            .write_at(&header.encode(), f.start)
-            .map_err(|e| Error::io("write", &seg.path, e))?;
-        let end = segment::align_up(f.next);
-        if end > f.next {
-            seg.file
-                .write_at(
-                    &[0u8; segment::FRAME_ALIGN as usize][..(end - f.next) as usize],
-                    f.next,
-                )
-                .map_err(|e| Error::io("write", &seg.path, e))?;
-        }
-        seg.end = end;
-        Ok(())
-    }
-
-    fn open_segment(&mut self) -> Result<()> {
-        if self.next_id >= self.ids.end {
-            return Err(Error::invalid(format!(
-                "the shard's reserved segment ids {:?} are used up; reserve a larger range",
-                self.ids
-            )));
-        }
-        let id = self.next_id;
-        self.next_id += 1;
-        let path = self.seg_dir.join(segment::file_name(id));
-        let file = self
-            .opts
-            .io
-            .create_new(&path)
-            .map_err(|e| Error::io("create", &path, e))?;
-        // Registered before the first write, so that a failed write still removes the file.
-        self.segment = Some(OpenSegment {
-            id,
-            path: path.clone(),
-            file,
-            end: segment::SEGMENT_DATA_OFFSET,
-        });
-        let seg = self.segment.as_ref().expect("just set");
-        seg.file
-            .write_at(&segment::encode_header(id), 0)
-            .map_err(|e| Error::io("write", &path, e))
-    }
-
-    fn finish_segment(&mut self) -> Result<()> {
-        if let Some(seg) = self.segment.take() {
-            let synced = seg.file.sync_data();
-            self.finished.push((seg.id, seg.path.clone(), seg.end));
-            synced.map_err(|e| Error::io("fdatasync", &seg.path, e))?;
-        }
-        Ok(())
-    }
 }
 
-impl Drop for ShardWriter {
-    fn drop(&mut self) {
-        // Not finished: remove what this shard wrote (best effort; recovery removes orphans).
-        if let Some(seg) = self.segment.take() {
-            drop(seg.file);
-            let _ = self.opts.io.remove_file(&seg.path);
-        }
-        for (_, path, _) in self.finished.drain(..) {
-            let _ = self.opts.io.remove_file(&path);
-        }
+/// The next id of the shard's reserved range.
+fn next_shard_id(next: &mut u64, ids: &Range<u64>) -> Result<u64> {
+    if *next >= ids.end {
+        return Err(Error::invalid(format!(
+            "the shard's reserved segment ids {ids:?} are used up; reserve a larger range"
+        )));
     }
-}
-
-/// A frame being filled (see the transaction's `OpenFrame`).
-struct Frame {
-    start: u64,
-    header_len: u64,
-    capacity: usize,
-    next: u64,
-    chunks: Vec<ChunkEntry>,
+    *next += 1;
+    Ok(*next - 1)
 }

@@ -2,7 +2,7 @@
 //! reference counts, and the content index used for deduplication.
 
 use crate::error::{Error, Result};
-use crate::manifest::{self, Manifest};
+use crate::manifest::{self, CheckpointInfo, Manifest};
 use ckptstore_proto::v1 as pb;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -44,6 +44,7 @@ pub(crate) fn pin_record_len(id: u64) -> u64 {
     (crate::wal::RECORD_HEADER_LEN + rec.encoded_len()) as u64
 }
 
+#[allow(clippy::expect_used)] // manifests are validated (32-byte BLAKE3) before they are applied
 fn key(c: &pb::ChunkRef) -> [u8; 32] {
     c.blake3
         .as_slice()
@@ -61,7 +62,7 @@ pub(crate) fn referenced_segments(m: &Manifest) -> BTreeSet<u64> {
 }
 
 impl State {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         State {
             next_checkpoint_id: 1,
             next_segment_id: 1,
@@ -69,9 +70,27 @@ impl State {
         }
     }
 
+    /// The summary of live checkpoint `m`.
+    pub(crate) fn info(&self, m: &Manifest) -> CheckpointInfo {
+        CheckpointInfo::of(m, self.pinned.contains(&m.id))
+    }
+
+    /// Hands out the next segment id (for a new segment file of this store).
+    pub(crate) fn allocate_segment_id(&mut self) -> Result<u64> {
+        let id = self.next_segment_id;
+        if id == u64::MAX {
+            // Only reachable through a WAL or a file name holding an id near u64::MAX.
+            return Err(Error::invalid(
+                "segment ids are exhausted (u64::MAX reached)",
+            ));
+        }
+        self.next_segment_id += 1;
+        Ok(id)
+    }
+
     /// A live chunk with this BLAKE3 that can be referenced instead of written again: only
     /// one in a live segment that recovery did not find damaged.
-    pub fn lookup(&self, hash: &[u8; 32]) -> Option<&pb::ChunkRef> {
+    pub(crate) fn lookup(&self, hash: &[u8; 32]) -> Option<&pb::ChunkRef> {
         self.index
             .get(hash)
             .map(|e| &e.chunk)
@@ -79,7 +98,7 @@ impl State {
     }
 
     /// Applies a snapshot record: the state restarts from it.
-    pub fn apply_snapshot(&mut self, s: &pb::SnapshotRecord) {
+    pub(crate) fn apply_snapshot(&mut self, s: &pb::SnapshotRecord) {
         *self = State::new();
         self.next_checkpoint_id = s.next_checkpoint_id.max(1);
         self.next_segment_id = s.next_segment_id.max(1);
@@ -98,7 +117,13 @@ impl State {
     }
 
     /// Applies a commit. `context` names the record for errors.
-    pub fn apply_commit(&mut self, m: Manifest, record_bytes: u64, context: &str) -> Result<()> {
+    #[allow(clippy::expect_used)] // the segments were checked or are live
+    pub(crate) fn apply_commit(
+        &mut self,
+        m: Manifest,
+        record_bytes: u64,
+        context: &str,
+    ) -> Result<()> {
         manifest::validate(&m, context)?;
         let bad = |reason: String| Error::BadManifest {
             context: context.to_owned(),
@@ -113,7 +138,7 @@ impl State {
                 refs: 0,
             });
             // Saturating: ids near u64::MAX in a record must not overflow; a transaction
-            // refuses to allocate past the end (see `Transaction`).
+            // refuses to allocate past the end (see `allocate_segment_id`).
             self.next_segment_id = self.next_segment_id.max(s.id.saturating_add(1));
         }
         for c in manifest::all_chunks(&m) {
@@ -155,7 +180,7 @@ impl State {
     }
 
     /// Removes a checkpoint; returns the segments no live checkpoint references any more.
-    pub fn apply_delete(
+    pub(crate) fn apply_delete(
         &mut self,
         id: u64,
         record_bytes_of: impl Fn(&Manifest) -> u64,
@@ -204,7 +229,8 @@ impl State {
     /// no reference are returned (dropped from the table, to be freed). `context` names the
     /// record for errors. Validated in full before anything changes, so a bad record leaves
     /// the state as it was.
-    pub fn apply_relocate(
+    #[allow(clippy::expect_used)] // the segments were checked or are live
+    pub(crate) fn apply_relocate(
         &mut self,
         r: &pb::RelocateRecord,
         record_bytes_of: impl Fn(&Manifest) -> u64,
@@ -321,7 +347,7 @@ impl State {
 
     /// Applies a pin record. `context` names the record for errors: a pin of a checkpoint that
     /// is not live is refused (the writer never writes one; a WAL holding one is damaged).
-    pub fn apply_pin(&mut self, id: u64, pinned: bool, context: &str) -> Result<()> {
+    pub(crate) fn apply_pin(&mut self, id: u64, pinned: bool, context: &str) -> Result<()> {
         if !self.checkpoints.contains_key(&id) {
             return Err(Error::BadManifest {
                 context: context.to_owned(),
@@ -343,7 +369,7 @@ impl State {
 
     /// Drops segments that no live checkpoint references (left by a snapshot or by commits
     /// whose chunks were all deduplicated). Returns them.
-    pub fn drop_unreferenced_segments(&mut self) -> Vec<u64> {
+    pub(crate) fn drop_unreferenced_segments(&mut self) -> Vec<u64> {
         let dead: Vec<u64> = self
             .segments
             .iter()
@@ -357,7 +383,7 @@ impl State {
     }
 
     /// The snapshot record describing the whole live state.
-    pub fn snapshot(&self) -> pb::SnapshotRecord {
+    pub(crate) fn snapshot(&self) -> pb::SnapshotRecord {
         pb::SnapshotRecord {
             next_checkpoint_id: self.next_checkpoint_id,
             next_segment_id: self.next_segment_id,

@@ -1,20 +1,18 @@
-//! Write transactions: chunking, hashing, deduplication, segment writes, and the commit
-//! protocol (segments fdatasync'ed and their directory entries durable, then the commit record
-//! appended to the WAL and fdatasync'ed, then `commit` returns).
+//! Write transactions: staging (chunking, hashing, compressing) and deduplication. New chunks
+//! go to segment files through the [`SegmentWriter`]; `commit` hands the manifest to the
+//! commit protocol ([`Store::commit_manifest`], in `commit.rs`).
 
-use super::{CheckpointInfo, Store, SEGMENTS_DIR};
+use super::{Store, SEGMENTS_DIR};
 use crate::codec::{Compression, Encoder};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::io::StorageFile;
-use crate::manifest::{self, DType, MetaValue};
-use crate::segment::{self, ChunkEntry, FrameHeader};
-use crate::wal::RecordType;
+use crate::manifest::{self, CheckpointInfo, MetaValue};
+use crate::segment::{self, Run, SegmentWriter};
 use ckptstore_proto::v1 as pb;
-use prost::Message;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// What a commit wrote.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,29 +40,9 @@ const HASH_LOOKAHEAD: usize = 64;
 /// of a chunk each, so few).
 const ENCODE_LOOKAHEAD: usize = 2;
 
-/// A frame being filled: payloads are written as their chunks arrive; the header, with the
-/// chunk table, goes to `start` when the run ends.
-struct OpenFrame {
-    start: u64,
-    /// Bytes reserved for the header (table room for `capacity` chunks).
-    header_len: u64,
-    capacity: usize,
-    /// Where the next payload goes.
-    next: u64,
-    chunks: Vec<ChunkEntry>,
-    /// Codec of every chunk in the frame (a frame holds one codec; a change ends the run).
-    codec: pb::Codec,
-}
-
-struct OpenSegment {
-    id: u64,
-    path: PathBuf,
-    file: Box<dyn StorageFile>,
-    end: u64,
-}
-
 /// A checkpoint being written. Dropping it without [`Transaction::commit`] aborts it: the
-/// segment files it wrote are removed (and would be removed by recovery anyway).
+/// segment files it wrote are removed by its [`SegmentWriter`] (and would be removed by
+/// recovery anyway).
 pub struct Transaction<'s> {
     store: &'s mut Store,
     started: Instant,
@@ -72,9 +50,8 @@ pub struct Transaction<'s> {
     metadata: BTreeMap<String, MetaValue>,
     tensor_names: HashSet<String>,
     blob_names: HashSet<String>,
-    segment: Option<OpenSegment>,
-    /// Segments this transaction filled, with their final lengths, already fdatasync'ed.
-    finished_segments: Vec<(u64, PathBuf, u64)>,
+    /// The segment files this transaction writes (removed unless the commit takes them).
+    writer: SegmentWriter,
     /// Chunks written by this transaction, for deduplication within it.
     local_index: HashMap<[u8; 32], pb::ChunkRef>,
     bytes_written: u64,
@@ -171,6 +148,7 @@ fn hash_alone(chunk: &[u8]) -> [u8; 32] {
 
 impl<'s> Transaction<'s> {
     pub(super) fn new(store: &'s mut Store, step: u64) -> Self {
+        let writer = SegmentWriter::new(store.opts.io.clone(), store.dir.join(SEGMENTS_DIR));
         Transaction {
             store,
             started: Instant::now(),
@@ -181,8 +159,7 @@ impl<'s> Transaction<'s> {
             metadata: BTreeMap::new(),
             tensor_names: HashSet::new(),
             blob_names: HashSet::new(),
-            segment: None,
-            finished_segments: Vec::new(),
+            writer,
             local_index: HashMap::new(),
             bytes_written: 0,
             raw_bytes_written: 0,
@@ -344,7 +321,13 @@ impl<'s> Transaction<'s> {
         self.store.check_writable()
     }
 
+    /// Marks the transaction failed by `e`; a failed fdatasync also poisons the store.
     fn fail<T>(&mut self, e: Error) -> Result<T> {
+        let e = if self.writer.sync_failed() {
+            self.store.poison(e)
+        } else {
+            e
+        };
         self.failed = Some(e.to_string());
         Err(e)
     }
@@ -513,8 +496,9 @@ impl<'s> Transaction<'s> {
         chunks: impl Iterator<Item = Result<StagedChunk<C>>>,
     ) -> Result<Vec<pb::ChunkRef>> {
         let cs = self.store.opts.chunk_size;
+        let max = self.store.opts.segment_max_bytes;
         let mut refs = Vec::with_capacity(total.div_ceil(cs));
-        let mut frame: Option<OpenFrame> = None;
+        let mut run: Option<Run> = None;
         for (k, item) in chunks.enumerate() {
             let chunk = item?;
             let hash = chunk.hash;
@@ -524,272 +508,65 @@ impl<'s> Transaction<'s> {
                 .or_else(|| self.store.state.lookup(&hash))
                 .cloned();
             if let Some(r) = known {
-                if let Some(f) = frame.take() {
-                    self.close_frame(f)?;
-                }
+                self.writer.end(&mut run)?;
                 self.bytes_deduplicated += chunk.raw_len as u64;
                 self.chunks_deduplicated += 1;
                 refs.push(r);
                 continue;
             }
-            if let Some(f) =
-                frame.take_if(|f| f.chunks.len() == f.capacity || f.codec != chunk.codec)
-            {
-                self.close_frame(f)?;
-            }
-            let f = match &mut frame {
-                Some(f) => f,
-                None => frame.insert(self.open_frame(total, cs, k, chunk.codec)?),
-            };
-            let r = self.write_payload(f, &chunk)?;
+            let stored = chunk.bytes.as_ref();
+            // A new run reserves table room for as many chunks from `k` on as fit in the
+            // segment, since its length is not known yet. Payloads are budgeted at their raw
+            // length: a compressed run only ends up shorter.
+            let r = self.writer.append(
+                &mut run,
+                chunk.codec,
+                |end| segment::frame_capacity(end, max, total, cs, k),
+                || self.store.state.allocate_segment_id(),
+                stored,
+                chunk.raw_len as u64,
+                hash,
+            )?;
+            self.bytes_written += stored.len() as u64;
+            self.raw_bytes_written += chunk.raw_len as u64;
+            self.chunks_written += 1;
             self.local_index.entry(hash).or_insert_with(|| r.clone());
             refs.push(r);
         }
-        if let Some(f) = frame.take() {
-            self.close_frame(f)?;
-        }
+        self.writer.end(&mut run)?;
         Ok(refs)
     }
 
-    /// Starts a frame for a run beginning at chunk `k`, in the open segment if the run's first
-    /// chunk fits there, else in a new one. Reserves table space for as many of the chunks
-    /// from `k` on as fit in the segment, since the run's length is not known yet.
-    /// Payloads are budgeted at their raw length: a compressed run only ends up shorter.
-    fn open_frame(
-        &mut self,
-        total: usize,
-        cs: usize,
-        k: usize,
-        codec: pb::Codec,
-    ) -> Result<OpenFrame> {
-        let max = self.store.opts.segment_max_bytes;
-        let fits = |end: u64| segment::frame_capacity(end, max, total, cs, k);
-        let mut capacity = self.segment.as_ref().map_or(0, |seg| fits(seg.end));
-        if capacity == 0 {
-            self.finish_segment()?;
-            self.open_segment()?;
-            let seg = self.segment.as_ref().expect("just opened");
-            // An empty segment takes at least one chunk even if it overflows the soft limit.
-            capacity = fits(seg.end).max(1);
-        }
-        let start = self.segment.as_ref().expect("segment open").end;
-        let header_len = segment::header_len_for(capacity);
-        Ok(OpenFrame {
-            start,
-            header_len,
-            capacity,
-            next: start + header_len,
-            chunks: Vec::new(),
-            codec,
-        })
-    }
-
-    /// Writes one new chunk's payload at the end of the frame's run.
-    fn write_payload<C: AsRef<[u8]>>(
-        &mut self,
-        f: &mut OpenFrame,
-        staged: &StagedChunk<C>,
-    ) -> Result<pb::ChunkRef> {
-        debug_assert_eq!(f.codec, staged.codec);
-        let chunk = staged.bytes.as_ref();
-        let hash = staged.hash;
-        let raw_len = staged.raw_len as u64;
-        let seg = self.segment.as_ref().expect("segment open");
-        super::files::write_with_writeback(&*seg.file, &seg.path, chunk, f.next)?;
-        let len = chunk.len() as u64;
-        f.chunks.push(ChunkEntry {
-            blake3: hash,
-            stored_len: len,
-            raw_len,
-        });
-        let r = pb::ChunkRef {
-            segment: seg.id,
-            offset: f.next,
-            stored_len: len,
-            raw_len,
-            codec: staged.codec as i32,
-            blake3: hash.to_vec(),
-        };
-        f.next += len;
-        self.bytes_written += len;
-        self.raw_bytes_written += raw_len;
-        self.chunks_written += 1;
-        Ok(r)
-    }
-
-    /// Ends a run: writes the frame header (with its chunk table) before the payloads, and the
-    /// zero padding after them.
-    fn close_frame(&mut self, f: OpenFrame) -> Result<()> {
-        let seg = self.segment.as_mut().expect("segment open");
-        let mut header = FrameHeader::new(f.codec as u8, seg.id, f.chunks);
-        header.header_len = f.header_len;
-        let wr = |buf: &[u8], off: u64| {
-            seg.file
-                .write_at(buf, off)
-                .map_err(|e| Error::io("write", &seg.path, e))
-        };
-        wr(&header.encode(), f.start)?;
-        let end = segment::align_up(f.next);
-        if end > f.next {
-            wr(
-                &[0u8; segment::FRAME_ALIGN as usize][..(end - f.next) as usize],
-                f.next,
-            )?;
-        }
-        seg.end = end;
-        Ok(())
-    }
-
-    fn open_segment(&mut self) -> Result<()> {
-        let id = self.store.state.next_segment_id;
-        if id == u64::MAX {
-            // Only reachable through a WAL or a file name holding an id near u64::MAX.
-            return Err(Error::invalid(
-                "segment ids are exhausted (u64::MAX reached)",
-            ));
-        }
-        self.store.state.next_segment_id += 1;
-        let path = self
-            .store
-            .dir
-            .join(SEGMENTS_DIR)
-            .join(segment::file_name(id));
-        let io = self.store.opts.io.clone();
-        let file = io
-            .create_new(&path)
-            .map_err(|e| Error::io("create", &path, e))?;
-        file.write_at(&segment::encode_header(id), 0)
-            .map_err(|e| Error::io("write", &path, e))?;
-        self.segment = Some(OpenSegment {
-            id,
-            path,
-            file,
-            end: segment::SEGMENT_DATA_OFFSET,
-        });
-        Ok(())
-    }
-
-    /// fdatasyncs the open segment and sets it aside with its final length.
-    fn finish_segment(&mut self) -> Result<()> {
-        if let Some(seg) = self.segment.take() {
-            let synced = seg.file.sync_data();
-            self.finished_segments
-                .push((seg.id, seg.path.clone(), seg.end));
-            if let Err(e) = synced {
-                return Err(self.store.poison(Error::io("fdatasync", &seg.path, e)));
-            }
-        }
-        Ok(())
-    }
-
-    /// Commits: fdatasync the segments written, fsync the segments directory (their entries),
-    /// append the commit record to the WAL and fdatasync it. Returns only when the checkpoint
-    /// is durable. An fsync failure poisons the store.
+    /// Commits: fdatasyncs the segments written and hands the manifest to the commit
+    /// protocol ([`Store::commit_manifest`]). Returns only when the checkpoint is durable. An
+    /// fsync failure poisons the store.
     pub fn commit(mut self) -> Result<CommitInfo> {
         self.check_usable()?;
-        self.finish_segment()?;
-        let io = self.store.opts.io.clone();
-        if !self.finished_segments.is_empty() {
-            let seg_dir = self.store.dir.join(SEGMENTS_DIR);
-            if let Err(e) = io.sync_dir(&seg_dir) {
-                return Err(self.store.poison(Error::io("fsync dir", &seg_dir, e)));
-            }
-        }
+        let new_segments = match self.writer.sync() {
+            Ok(s) => s,
+            Err(e) => return Err(self.store.poison(e)),
+        };
         let mut m = std::mem::take(&mut self.manifest);
-        m.id = self.store.state.next_checkpoint_id;
-        if m.id == u64::MAX || self.store.state.checkpoints.contains_key(&m.id) {
-            // Only reachable through a WAL holding a checkpoint id near u64::MAX; the record
-            // must not be written, as applying it would fail after it is durable.
-            return Err(Error::invalid(format!(
-                "checkpoint ids are exhausted (next id {})",
-                m.id
-            )));
-        }
-        m.wall_time_unix_ns = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as i64);
-        m.metadata = std::mem::take(&mut self.metadata)
-            .into_iter()
-            .map(|(key, v)| pb::MetaEntry {
-                key,
-                value: Some(v.to_pb()),
-            })
-            .collect();
-        m.new_segments = self
-            .finished_segments
-            .iter()
-            .map(|(id, _, len)| pb::SegmentInfo {
-                id: *id,
-                length: *len,
-            })
-            .collect();
+        m.new_segments = new_segments;
+        let metadata = std::mem::take(&mut self.metadata);
         let context = format!("checkpoint at step {}", m.step);
-        manifest::validate(&m, &context)?;
-        let payload = pb::CommitRecord {
-            manifest: Some(m.clone()),
-        }
-        .encode_to_vec();
-        if payload.len() > crate::wal::MAX_RECORD_LEN as usize {
-            return Err(Error::invalid(format!(
-                "manifest of {} bytes exceeds the {}-byte WAL record limit (too many tensors)",
-                payload.len(),
-                crate::wal::MAX_RECORD_LEN
-            )));
-        }
-        let wal = self.store.wal.as_mut().expect("writable store has a WAL");
-        let record_len = match wal.append_durable(RecordType::Commit, &payload) {
-            Ok(n) => n,
-            Err(e) => {
-                // The record may or may not have reached the disk: keep the segments, so
-                // that if it did they are there; if it did not, recovery removes them.
-                self.finished_segments.clear();
-                return Err(self.store.poison(e));
-            }
-        };
-        // Durable: from here on the segments belong to the store, not to this transaction.
-        self.finished_segments.clear();
-        self.store
-            .state
-            .apply_commit(m, record_len, &context)
-            .expect("a validated manifest applies");
-        let info = {
-            let m = self
-                .store
-                .state
-                .checkpoints
-                .values()
-                .next_back()
-                .expect("just committed");
-            CheckpointInfo::of(m, &self.store.state)
-        };
-        let out = CommitInfo {
-            checkpoint: info,
+        // From the append on, the segments belong to the store (or to recovery, if the append
+        // failed: the record may have reached the disk).
+        let writer = &mut self.writer;
+        let checkpoint = self
+            .store
+            .commit_manifest(m, metadata, &context, |_| writer.release())?;
+        Ok(CommitInfo {
+            checkpoint,
             bytes_written: self.bytes_written,
             raw_bytes_written: self.raw_bytes_written,
             bytes_deduplicated: self.bytes_deduplicated,
             chunks_written: self.chunks_written,
             chunks_deduplicated: self.chunks_deduplicated,
             duration: self.started.elapsed(),
-        };
-        self.store.compact_after_durable_write();
-        Ok(out)
+        })
     }
 
     /// Aborts explicitly (same as dropping).
     pub fn abort(self) {}
-}
-
-impl Drop for Transaction<'_> {
-    fn drop(&mut self) {
-        // Not committed: remove what this transaction wrote. Best effort; recovery removes
-        // any segment no commit record references.
-        let io = self.store.opts.io.clone();
-        if let Some(seg) = self.segment.take() {
-            drop(seg.file);
-            let _ = io.remove_file(&seg.path);
-        }
-        for (_, path, _) in self.finished_segments.drain(..) {
-            let _ = io.remove_file(&path);
-        }
-    }
 }

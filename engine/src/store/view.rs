@@ -8,9 +8,9 @@
 //! [`CheckpointReader::tensor_with`].
 
 use super::reader::{CheckpointReader, Tensor};
+use crate::dtype::DType;
 use crate::error::Result;
 use crate::io::MappedFile;
-use crate::manifest::DType;
 use ckptstore_proto::v1 as pb;
 use std::ops::Range;
 use std::sync::Arc;
@@ -97,7 +97,7 @@ impl CheckpointReader<'_> {
     pub fn tensor_view_with(&self, name: &str, verify: bool) -> Result<TensorView> {
         let t = self.tensor_entry(name)?;
         self.check_segments(&t.chunks)?;
-        let dtype = DType::from_pb(t.dtype).expect("validated dtype");
+        let dtype = crate::manifest::tensor_dtype(t)?;
         if let Some((map, range)) = self.mapped_run(&t.chunks)? {
             if verify {
                 self.verify_mapped(&t.name, &t.chunks, &map, range.start)?;

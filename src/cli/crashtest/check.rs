@@ -6,11 +6,10 @@ use super::ledger::Run;
 use super::workload::store_options;
 use crate::cli::CliResult;
 use ckptstore::manifest::all_chunks;
-use ckptstore::store::{parse_wal_file_name, SEGMENTS_DIR};
-use ckptstore::{current, segment, Selector, Store};
+use ckptstore::store::SEGMENTS_DIR;
+use ckptstore::{segment, Selector, Store};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
-use std::path::Path;
 
 impl Run<'_> {
     /// Reopens the store after a kill and checks (a)–(c), and with a writer open (which
@@ -126,7 +125,7 @@ impl Run<'_> {
         self.contents.retain(|s, _| steps.contains(s));
         // (d) After a writer's recovery, nothing left over.
         if writable {
-            for why in leftovers(self.dir, &store) {
+            for why in store.leftovers() {
                 self.violation(why);
             }
         }
@@ -197,53 +196,4 @@ impl Run<'_> {
         f.sync_all()?;
         Ok(true)
     }
-}
-
-/// (d): what a writer's recovery should have removed and did not.
-fn leftovers(dir: &Path, store: &Store) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut referenced = BTreeSet::new();
-    for c in store.list() {
-        if let Ok(ck) = store.checkpoint(Selector::Id(c.id)) {
-            referenced.extend(all_chunks(ck.manifest()).map(|r| r.segment));
-        }
-    }
-    let names = |d: &Path| -> Vec<String> {
-        std::fs::read_dir(d)
-            .map(|rd| {
-                rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let mut orphans: Vec<String> = names(&dir.join(SEGMENTS_DIR))
-        .into_iter()
-        .filter(|n| segment::parse_file_name(n).is_some_and(|id| !referenced.contains(&id)))
-        .collect();
-    orphans.sort();
-    if !orphans.is_empty() {
-        out.push(format!(
-            "after recovery, segment file(s) {orphans:?} are referenced by no live checkpoint"
-        ));
-    }
-    let top = names(dir);
-    let mut wals: Vec<u64> = top.iter().filter_map(|n| parse_wal_file_name(n)).collect();
-    wals.sort_unstable();
-    let current = std::fs::read(dir.join(current::CURRENT_NAME))
-        .ok()
-        .and_then(|b| current::decode(&b).ok());
-    match current {
-        Some(n) if wals == [n] => {}
-        Some(n) => out.push(format!(
-            "after recovery, the store holds WAL file(s) {wals:?}; expected only {n} (named by CURRENT)"
-        )),
-        None => out.push("after recovery, CURRENT is missing or unreadable".into()),
-    }
-    if top.iter().any(|n| n == current::CURRENT_TMP_NAME) {
-        out.push(format!(
-            "after recovery, a stale {} is left",
-            current::CURRENT_TMP_NAME
-        ));
-    }
-    out
 }

@@ -7,15 +7,20 @@ this module converts Python values and calls it.
 from __future__ import annotations
 
 import builtins
+import logging
 import os
+import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _native, _tensors, _tree
-from ._native import CorruptionError, NotFoundError
+from . import _cuda, _native, _progress, _tensors, _tree
+
+_log = logging.getLogger("ckptstore")
+from ._native import CorruptionError, NotFoundError, StoreError
 
 PathLike = str | os.PathLike
 
@@ -36,10 +41,85 @@ class LoadResult(NamedTuple):
     unexpected_keys: list[str]
 
 
+class _Shared:
+    """One open engine store, shared by every writer handle on the same directory in this
+    process (see ``Store``)."""
+
+    __slots__ = ("native", "refs", "key", "options")
+
+    def __init__(self, native: Any, key: str, options: dict[str, Any]):
+        self.native, self.refs, self.key, self.options = native, 1, key, options
+
+
+# Writer stores open in this process, by canonical directory. The engine's writer lock is an
+# flock(2) on the store's LOCK file, per open file: a second engine store on the same directory
+# in the same process would conflict with the first, so every Store(d) shares one.
+_OPEN: dict[str, _Shared] = {}
+# Reentrant: a handle freed by the garbage collector runs _release on whatever thread the
+# collection happens, possibly inside Store() of this same thread, holding this lock.
+_OPEN_LOCK = threading.RLock()
+
+
+def _release(shared: _Shared) -> None:
+    """Drops one handle's reference; the last one closes the engine store (waiting for its
+    background saves) and releases the writer lock."""
+    with _OPEN_LOCK:
+        shared.refs -= 1
+        if shared.refs > 0:
+            return
+        if _OPEN.get(shared.key) is shared:
+            del _OPEN[shared.key]
+    shared.native.close()
+
+
+def _after_fork_in_child() -> None:
+    # A forked child inherits the parent's open LOCK file, and with it the parent's flock:
+    # the parent could then never take the lock again once it closed its store, and its error
+    # would name its own pid. The child drops its copy (the descriptor now points at
+    # /dev/null, so the engine's later close of that number closes nothing else) and forgets
+    # the parent's stores: a child opens its own.
+    if not _OPEN:
+        return
+    locks = {os.path.join(k, "LOCK") for k in _OPEN}
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        fds = []
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/self/fd/{fd}") in locks and int(fd) != null:
+                    os.dup2(null, int(fd))
+            except (OSError, ValueError):
+                continue
+    finally:
+        os.close(null)
+    import ctypes
+
+    for shared in _OPEN.values():
+        # Never closed or freed in the child (an extra reference it never drops, which outlives
+        # the interpreter's teardown): its pipeline threads were the parent's, and joining them
+        # here would hang.
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(shared.native))
+        shared.refs = 1 << 30
+    _OPEN.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Store:
     """A checkpoint store in one directory: ``Store(path, **options)`` opens it (creating it if
-    needed) and runs recovery. One writer per store (a second gets LockedError);
-    ``read_only=True`` opens coexist with it.
+    needed) and runs recovery.
+
+    One writer per store across processes (a writer in another process gets LockedError
+    naming that process; ``read_only=True`` opens coexist with it). Within one process every
+    ``Store(path)`` of the same directory shares one open engine store and its lock, so
+    several callbacks, a ``save_checkpoint`` during training and a ``load`` in between all
+    work; ``close()`` (or the handle being freed) drops this handle, and the last one closes
+    the store and releases the lock. Handles sharing a store must ask for the same options.
 
     Options: ``read_only`` (False), ``chunk_size`` (bytes, 4 MiB; 4 KiB..1 GiB),
     ``segment_max_bytes`` (1 GiB; >= 1 MiB), ``wal_compact_min_bytes`` (8 MiB),
@@ -57,15 +137,44 @@ class Store:
         bad = sorted(set(options) - known)
         if bad:
             raise TypeError(f"Store(): unknown option(s) {bad}; known: {sorted(known)}")
-        self._native = _native.Store(os.fspath(path), **options)
+        self._path = os.fspath(path)
+        self._closed = False
+        if options.get("read_only"):
+            # takes no lock: a private engine store, never shared
+            shared = _Shared(_native.Store(self._path, **options), "", options)
+        else:
+            key = os.path.realpath(self._path)
+            with _OPEN_LOCK:
+                shared_or_none = _OPEN.get(key)
+                if shared_or_none is not None and not shared_or_none.native.closed:
+                    if shared_or_none.options != options:
+                        raise ValueError(
+                            f"store {key} is already open in this process with options "
+                            f"{shared_or_none.options}; a second handle must ask for the "
+                            f"same ones, not {options}")
+                    shared = shared_or_none
+                    shared.refs += 1
+                else:
+                    shared = _Shared(_native.Store(self._path, **options), key, options)
+                    _OPEN[key] = shared
+        self._shared = shared
+        # Not a method of self (it would keep self alive): releases this handle's reference
+        # when close() runs or when the handle is freed, whichever comes first.
+        self._finalizer = weakref.finalize(self, _release, shared)
+
+    @property
+    def _native(self) -> Any:
+        if self._closed:
+            raise StoreError(f"store {self._path} is closed")
+        return self._shared.native
 
     @property
     def path(self) -> str:
-        return os.fspath(self._native.path)
+        return self._path
 
     @property
     def read_only(self) -> bool:
-        return self._native.read_only
+        return bool(self._shared.native.read_only)
 
     def list(self) -> builtins.list[dict[str, Any]]:
         """Live checkpoints, oldest first: id, step, epoch, wall_time_unix_ns, tensors, blobs,
@@ -113,12 +222,17 @@ class Store:
             dry_run=dry_run)
 
     def close(self) -> None:
-        """Waits for background saves, then releases the store and its writer lock."""
-        self._native.close()
+        """Waits for background saves, then drops this handle; the last handle of the store in
+        this process closes it and releases its writer lock. Closing twice is harmless."""
+        if self._closed:
+            return
+        self._closed = True
+        self._shared.native.wait_saves()
+        self._finalizer()
 
     @property
     def closed(self) -> bool:
-        return self._native.closed
+        return self._closed or bool(self._shared.native.closed)
 
     def __enter__(self) -> Store:
         return self
@@ -127,7 +241,7 @@ class Store:
         self.close()
 
     def __repr__(self) -> str:
-        return repr(self._native)
+        return repr(self._shared.native) + (" (closed)" if self.closed else "")
 
 
 class _Slice:
@@ -167,7 +281,11 @@ class Checkpoint:
         self.metadata: dict[str, Any] = info["metadata"]
         self.framework: str | None = framework
         self.verify = verify
+        # load(mmap=True): tensors over private copy-on-write maps of the segments
+        self.mmap = False
         self._tensor_names: list[str] | None = None
+        self._copiers: dict[str, _cuda.DeviceCopier] = {}
+        self._progress: _progress.Progress | None = None
 
     def keys(self) -> list[str]:
         """Tensor names, in the order they were saved."""
@@ -176,8 +294,10 @@ class Checkpoint:
         return list(self._tensor_names)
 
     def _storage(self, name: str) -> np.ndarray:
-        return _tensors.storage_array(self._store._native.tensor(self.id, name,
-                                                                 verify=self.verify))
+        mb = self._store._native.tensor(self.id, name, verify=self.verify)
+        if self._progress is not None:
+            self._progress.add(len(mb))
+        return _tensors.storage_array(mb)
 
     def get_tensor(self, name: str, *, framework: str | None = None,
                    device: Any = "cpu") -> Any:
@@ -186,13 +306,42 @@ class Checkpoint:
         straight into the new tensor."""
         fw = framework or self.framework or "torch"
         _check_framework(fw)
-        if fw == "torch":
-            return _tensors.read_torch(self._store._native, self.id, name, self.verify, device)
+        if fw == "torch" and not self.mmap and not _cuda.is_cuda(device):
+            t = _tensors.read_torch(self._store._native, self.id, name, self.verify, device)
+            if self._progress is not None:
+                self._progress.add(t.numel() * t.element_size())
+            return t
         mb = self._store._native.tensor(self.id, name, verify=self.verify)
+        if self._progress is not None:
+            self._progress.add(len(mb))
+        if self.mmap:
+            return self._mapped(name, mb, fw)
         storage = _tensors.storage_array(mb)
         if fw == "numpy":
             return _tensors.to_numpy(storage, mb.dtype)
+        if _cuda.is_cuda(device):
+            return self._copier(device).tensor(storage, _tensors.torch_dtype(mb.dtype),
+                                               mb.shape)
         return _tensors.to_torch(storage, mb.dtype, device)
+
+    def _copier(self, device: Any) -> _cuda.DeviceCopier:
+        """The pinned-buffer ring of this checkpoint's loads onto ``device``."""
+        c = self._copiers.get(str(device))
+        if c is None:
+            c = self._copiers[str(device)] = _cuda.DeviceCopier(device)
+        return c
+
+    def _mapped(self, name: str, mb: Any, fw: str) -> Any:
+        """``load(mmap=True)``: a writable tensor (or array) over a private copy-on-write map of
+        the segment, or, where the engine holds the tensor otherwise (compressed, deduplicated
+        or split chunks), over one copy."""
+        u8 = _tensors.private_map(mb)
+        if u8 is None:
+            _log.debug("checkpoint %d tensor %r: not one mapped run, copied", self.id, name)
+            u8 = np.array(_tensors.storage_array(mb)).reshape(-1).view(np.uint8)
+        if fw == "numpy":
+            return u8.view(_tensors.numpy_dtype(mb.dtype)).reshape(tuple(mb.shape))
+        return _tensors.torch_over(u8, mb.dtype, mb.shape)
 
     def get_slice(self, name: str, *, framework: str | None = None) -> _Slice:
         return _Slice(self, name, framework)
@@ -322,7 +471,8 @@ def load(store: Store | PathLike, step: int | None = None, *, id: int | None = N
          prefix: str | Iterable[str] | None = None,
          filter: str | Iterable[str] | Callable[[str], bool] | None = None,
          strict: bool = True, framework: str | None = None, device: Any = "cpu",
-         verify: bool = True) -> Any:
+         verify: bool = True, mmap: bool = False,
+         progress: _progress.ProgressArg = None) -> Any:
     """Loads a checkpoint: ``step``/``id``, or by default the newest one that verifies
     (walking back past damaged ones, with a warning).
 
@@ -336,9 +486,26 @@ def load(store: Store | PathLike, step: int | None = None, *, id: int | None = N
     any of the given prefixes (MindSpore's ``specify_prefix``), ``filter`` drops names starting
     with any of them (``filter_prefix``) or, if callable, keeps names for which it returns True.
     With ``strict``, a prefix that matches nothing is a NotFoundError.
+
+    ``mmap=True`` (``torch.load(mmap=True)``'s convention): CPU tensors (or arrays) backed by
+    the store's segment files through private copy-on-write maps (MAP_PRIVATE): no copy is
+    made and pages are read as they are touched; writing into a tensor changes this process's
+    copy of that page only, never the store. Verified as usual first (``verify=False`` leaves
+    the pages untouched until used). A tensor the engine does not hold as one mapped run
+    (compressed, deduplicated or spread over segments) is copied once instead.
+
+    ``device="cuda:N"``: tensors are copied to the device through a few pinned host buffers
+    with asynchronous copies on torch's current stream (never the whole state in host memory).
+
+    ``progress``: a callable ``(done_bytes, total_bytes)`` called as tensors are read, or True
+    for a tqdm bar (when tqdm is installed; else a log line of logger "ckptstore" at INFO
+    every tenth).
     """
     if framework is not None:
         _check_framework(framework)
+    if mmap and str(device) != "cpu":
+        raise ValueError(f"mmap=True maps tensors into host memory; device={device!r} needs "
+                         f"mmap=False")
     if framework == "numpy" and str(device) != "cpu":
         raise ValueError(f"framework=\"numpy\" loads to host memory; device={device!r} needs "
                          f"framework=\"torch\"")
@@ -346,27 +513,51 @@ def load(store: Store | PathLike, step: int | None = None, *, id: int | None = N
     try:
         if step is not None or id is not None or not verify:
             ck = Checkpoint(s, s._native.info(id=id, step=step), framework, verify)
-            return _load_from(ck, prefix, filter, strict, device)
+            ck.mmap = mmap
+            return _load_from(ck, prefix, filter, strict, device, progress)
         first: Exception | None = None
-        for info in reversed(s.list()):
-            ck = Checkpoint(s, info, framework, verify)
-            try:
-                out = _load_from(ck, prefix, filter, strict, device)
-            except CorruptionError as e:
-                warnings.warn(f"checkpoint {info['id']} (step {info['step']}) is damaged, "
-                              f"trying the one before: {e}", stacklevel=2)
-                first = first or e
-                continue
-            return out
-        if first is not None:
-            raise first
+        try:
+            for info in reversed(s.list()):
+                ck = Checkpoint(s, info, framework, verify)
+                ck.mmap = mmap
+                try:
+                    out = _load_from(ck, prefix, filter, strict, device, progress)
+                except CorruptionError as e:
+                    warnings.warn(f"checkpoint {info['id']} (step {info['step']}) is damaged, "
+                                  f"trying the one before: {e}", stacklevel=2)
+                    first = first or e
+                    continue
+                return out
+            if first is not None:
+                raise first
+        finally:
+            # `first`'s traceback holds this frame, and this frame holds `first`: a reference
+            # cycle that kept the store (and its writer lock) alive after the caller's last
+            # reference was gone, until the garbage collector ran.
+            first = None
         raise NotFoundError(f"no checkpoint in {s.path} (the store is empty)")
     finally:
         if s is not store:
             s.close()
 
 
-def _load_from(ck: Checkpoint, prefix: Any, filt: Any, strict: bool, device: Any) -> Any:
+def _load_from(ck: Checkpoint, prefix: Any, filt: Any, strict: bool, device: Any,
+               progress: _progress.ProgressArg = None) -> Any:
+    if progress is not None and progress is not False:
+        ck._progress = _progress.Progress(f"loading checkpoint {ck.id} (step {ck.step})",
+                                          ck.info["bytes"], progress)
+    done = False
+    try:
+        out = _select(ck, prefix, filt, strict, device)
+        done = True
+        return out
+    finally:
+        if ck._progress is not None:
+            ck._progress.close(complete=done)
+            ck._progress = None
+
+
+def _select(ck: Checkpoint, prefix: Any, filt: Any, strict: bool, device: Any) -> Any:
     if prefix is None and filt is None:
         return ck.state(framework=ck.framework, device=device)
     names = ck.keys()
@@ -387,7 +578,7 @@ def _load_from(ck: Checkpoint, prefix: Any, filt: Any, strict: bool, device: Any
 
 def load_into(module: Any, store: Store | PathLike, step: int | None = None, *,
               id: int | None = None, prefix: str = "", strict: bool = True,
-              verify: bool = True) -> LoadResult:
+              verify: bool = True, progress: _progress.ProgressArg = None) -> LoadResult:
     """Loads a checkpoint's tensors into ``module`` (a ``torch.nn.Module``, or anything with
     ``state_dict()``), MindSpore's ``load_param_into_net``: checkpoint tensor ``prefix + key``
     goes into ``module.state_dict()[key]``, copied straight into its memory.
@@ -395,6 +586,9 @@ def load_into(module: Any, store: Store | PathLike, step: int | None = None, *,
     Checks first, loading nothing on failure: with ``strict`` any missing key or unexpected
     checkpoint tensor (under ``prefix``) is a StrictLoadError listing both; a dtype or shape
     mismatch is a ValueError naming the tensor (strict or not). Returns the lists.
+
+    Tensors of a module on a GPU are filled through pinned buffers with asynchronous copies;
+    ``progress`` as for ``load``.
     """
     s = _as_store(store, read_only=True)
     try:
@@ -421,9 +615,17 @@ def load_into(module: Any, store: Store | PathLike, step: int | None = None, *,
                                  f"{want} {list(dst.shape)}, checkpoint has {dt} {shape}")
         # Every tensor read (and verified) before the first byte goes into the module: a
         # damaged chunk leaves the module as it was.
+        if progress is not None and progress is not False:
+            ck._progress = _progress.Progress(f"loading checkpoint {ck.id} into the module",
+                                              ck.info["bytes"], progress)
         sources = {k: ck._storage(prefix + k) for k in target if prefix + k in have_set}
         for k, src in sources.items():
-            _tensors.copy_into_torch(target[k], src)
+            if _cuda.is_cuda(target[k].device):
+                ck._copier(target[k].device).into(target[k], src)
+            else:
+                _tensors.copy_into_torch(target[k], src)
+        if ck._progress is not None:
+            ck._progress.close()
         return LoadResult(missing, unexpected)
     finally:
         if s is not store:

@@ -4,9 +4,10 @@ out (a numpy view of the segment's map, or one copy into a torch tensor).
 In: a contiguous CPU torch tensor is passed as ``(tensor, tensor.data_ptr(), tensor.nbytes)``
 (any dtype, bfloat16 and float8 included: the engine takes bytes, and the tuple keeps the
 tensor alive); a C-contiguous numpy array through the buffer protocol as a uint8 view of the
-same memory. A non-contiguous tensor or array is made contiguous explicitly (a copy), a CUDA
-tensor is staged to host memory by torch (a copy): never silently wrong, never a silent
-reinterpretation.
+same memory. A non-contiguous tensor or array is made contiguous explicitly (a copy); a CUDA
+tensor goes to the engine's CUDA stager by its device pointer (``_cuda``), or where the
+engine cannot stage it (no CUDA support in the build, no driver) is staged to host memory by
+torch (a copy): never silently wrong, never a silent reinterpretation.
 
 Out: ``framework="numpy"`` gives read-only arrays over the engine's memory map when the engine
 serves the tensor zero-copy (writing raises), else over its one owned copy;
@@ -16,6 +17,7 @@ and an in-place write into the read-only map would crash the process.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -143,7 +145,12 @@ def to_source(key: str, x: Any) -> tuple[str, list[int], Any, dict[str, Any] | N
         raise TypeError(f"{key}: torch dtype {x.dtype} is not storable (supported: "
                         f"{sorted(_TORCH_NAMES) + sorted(_TORCH_RAW)})")
     t = x.detach()
-    if t.device.type != "cpu":
+    on_device = False
+    if t.device.type == "cuda":
+        from . import _cuda
+
+        on_device = _cuda.staging_available()  # else staged by torch, below (said once)
+    if t.device.type != "cpu" and not on_device:
         t = t.to("cpu")  # staged to host memory by torch (one copy); documented
     if t.is_conj():
         t = t.resolve_conj()
@@ -156,8 +163,18 @@ def to_source(key: str, x: Any) -> tuple[str, list[int], Any, dict[str, Any] | N
         # the tree
         u8 = t.reshape(-1).view(torch.uint8)
         raw = {"as": "torch." + tname, "shape": list(t.shape)}
+        if on_device:
+            return "u8", [u8.numel()], _device_source(u8), raw
         return "u8", [u8.numel()], (u8, u8.data_ptr(), u8.numel()), raw
+    if on_device:
+        return name, list(t.shape), _device_source(t), None
     return name, list(t.shape), (t, t.data_ptr(), t.numel() * t.element_size()), None
+
+
+def _device_source(t: Any) -> Any:
+    from . import _cuda
+
+    return _cuda.device_source(t)
 
 
 def storage_array(mb: Any) -> np.ndarray:
@@ -250,3 +267,70 @@ def from_raw(storage: np.ndarray, as_: str, shape: list[int], framework: str,
         torch = require_torch("framework=\"torch\"")
         out = torch.from_numpy(arr.copy())
     return out if str(device) == "cpu" else out.to(device)
+
+
+def _mapping_of(addr: int, nbytes: int) -> tuple[str, int] | None:
+    """``(file, file offset)`` of the bytes at ``addr`` when this process maps them from a
+    file, one mapping covering all ``nbytes`` (Linux /proc/self/maps); else None."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        start, _, end = parts[0].partition(b"-")
+        lo, hi = int(start, 16), int(end, 16)
+        if lo <= addr < hi:
+            if addr + nbytes > hi or len(parts) < 6:
+                return None
+            path = parts[5].decode(errors="surrogateescape")
+            if not path.startswith("/") or path.endswith(" (deleted)"):
+                return None
+            return path, int(parts[2], 16) + (addr - lo)
+    return None
+
+
+def private_map(mb: Any) -> np.ndarray | None:
+    """The stored bytes of ``mb`` as a writable uint8 array over a private copy-on-write map
+    (MAP_PRIVATE) of the same segment file: no copy, and a write touches only this process's
+    copy of that page, never the store. None when the engine did not serve ``mb`` from a
+    segment's map (compressed, deduplicated or split chunks) or the map is not found."""
+    import mmap as _mmap
+
+    if not mb.zero_copy or len(mb) == 0:
+        return None
+    view = np.frombuffer(mb, dtype=np.uint8)
+    where = _mapping_of(view.ctypes.data, view.nbytes)
+    if where is None:
+        return None
+    path, off = where
+    aligned = off - off % _mmap.ALLOCATIONGRANULARITY
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        m = _mmap.mmap(fd, off - aligned + view.nbytes, flags=_mmap.MAP_PRIVATE,
+                       prot=_mmap.PROT_READ | _mmap.PROT_WRITE, offset=aligned)
+    finally:
+        os.close(fd)
+    out = np.frombuffer(m, dtype=np.uint8, count=view.nbytes, offset=off - aligned)
+    # Same file, same offsets: the bytes the engine just served (and verified). Segments are
+    # immutable once written, so a mismatch means the lookup went wrong: refuse, never guess.
+    if out[:64].tobytes() != view[:64].tobytes() or out[-64:].tobytes() != view[-64:].tobytes():
+        return None
+    return out
+
+
+def torch_over(u8: np.ndarray, engine_dtype: str, shape: list[int] | tuple[int, ...]) -> Any:
+    """A torch tensor of ``engine_dtype`` and ``shape`` over the bytes of ``u8`` (no copy)."""
+    torch = require_torch("mmap=True")
+    t = torch.from_numpy(u8)
+    return t.view(getattr(torch, _ENGINE_TO_TORCH[engine_dtype])).reshape(tuple(shape))
+
+
+def torch_dtype(engine_dtype: str) -> Any:
+    """The torch dtype of an engine dtype name."""
+    torch = require_torch("framework=\"torch\"")
+    return getattr(torch, _ENGINE_TO_TORCH[engine_dtype])

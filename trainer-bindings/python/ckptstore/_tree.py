@@ -117,7 +117,12 @@ def encode(state: Mapping[str, Any]) -> Encoded:
                         f"stored (supported: tensors, numpy arrays and scalars, None, bool, int, "
                         f"float, str, bytes, list, tuple, dict)")
 
-    root = enc(state, [])
+    try:
+        root = enc(state, [])
+    finally:
+        # enc refers to itself through its closure cell: without this the cycle would hold
+        # `out` (and the caller's tensors) until the garbage collector ran
+        del enc
     doc = json.dumps({"format": FORMAT, "root": root}, separators=(",", ":"), allow_nan=False)
     out.blobs.append((TREE_BLOB, doc.encode()))
     return out
@@ -131,35 +136,40 @@ def decode(doc: bytes, tensor: Callable[[dict[str, Any]], Any],
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise ValueError(f"{TREE_BLOB}: unknown tree format {d.get('format') if isinstance(d, dict) else d!r}")
 
-    def key(k: Any) -> Any:
-        if isinstance(k, dict):
-            if "f" in k:
-                return float.fromhex(k["f"])
-            if "t" in k:
-                return tuple(key(x) for x in k["t"])
-        return k
+    return _dec(d["root"], tensor, blob)
 
-    def dec(n: Any) -> Any:
-        if n is None or isinstance(n, (bool, int, str)):
-            return n
-        if isinstance(n, list):
-            return [dec(x) for x in n]
-        if "f" in n:
-            return float.fromhex(n["f"])
-        if "np" in n:
-            dt = _tensors.plain_numpy_dtype(n["np"])  # never an object dtype
-            return np.frombuffer(base64.b64decode(n["b"]), dtype=dt)[0]
-        if "b" in n:
-            return base64.b64decode(n["b"])
-        if "blob" in n:
-            return blob(n["blob"])
-        if "tensor" in n:
-            return tensor(n)
-        if "t" in n:
-            return tuple(dec(x) for x in n["t"])
-        if "d" in n:
-            return {key(k): dec(v) for k, v in n["d"]}
-        raise ValueError(f"{TREE_BLOB}: unknown node {n!r}")
 
-    return dec(d["root"])
+# Module-level, not closures inside decode(): a recursive closure refers to itself through its
+# cell, a reference cycle that held ``tensor`` (and with it the checkpoint, the store and its
+# writer lock) after the load had returned, until the garbage collector ran.
+def _dec_key(k: Any) -> Any:
+    if isinstance(k, dict):
+        if "f" in k:
+            return float.fromhex(k["f"])
+        if "t" in k:
+            return tuple(_dec_key(x) for x in k["t"])
+    return k
+
+
+def _dec(n: Any, tensor: Callable[[dict[str, Any]], Any], blob: Callable[[str], bytes]) -> Any:
+    if n is None or isinstance(n, (bool, int, str)):
+        return n
+    if isinstance(n, list):
+        return [_dec(x, tensor, blob) for x in n]
+    if "f" in n:
+        return float.fromhex(n["f"])
+    if "np" in n:
+        dt = _tensors.plain_numpy_dtype(n["np"])  # never an object dtype
+        return np.frombuffer(base64.b64decode(n["b"]), dtype=dt)[0]
+    if "b" in n:
+        return base64.b64decode(n["b"])
+    if "blob" in n:
+        return blob(n["blob"])
+    if "tensor" in n:
+        return tensor(n)
+    if "t" in n:
+        return tuple(_dec(x, tensor, blob) for x in n["t"])
+    if "d" in n:
+        return {_dec_key(k): _dec(v, tensor, blob) for k, v in n["d"]}
+    raise ValueError(f"{TREE_BLOB}: unknown node {n!r}")
 

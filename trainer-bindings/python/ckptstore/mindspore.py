@@ -24,6 +24,14 @@ Differences from MindSpore, on purpose (docs/DECISIONS.md):
   ``model.train(..., initial_epoch=E)`` resumes; MindSpore's ``step_num`` starts over at 0.
 - ``crc_check`` changes nothing: every chunk is BLAKE3-checked on every load anyway.
 - ``enc_key`` (encryption) is not implemented: NotImplementedError naming it.
+- ``uint16``/``uint32``/``uint64``/``qint4x2`` parameters are kept as their bytes (the engine
+  has no such dtypes) with their MindSpore dtype and shape in the checkpoint's metadata
+  (``ckptstore.ms_dtypes``): ``load_checkpoint`` gives them back exactly, while other readers
+  (``ckptstore export``, ``ckptstore.load``) see uint8 byte tensors.
+- A missing checkpoint raises ``CheckpointNotFoundError``, both a ``ValueError`` (as MindSpore)
+  and a ``ckptstore.NotFoundError``.
+- ``DIR/NAME.ckpt`` in a store DIR is the store's checkpoint NAME if it has one, else the
+  MindSpore file at that path (one written before DIR became a store).
 """
 
 from __future__ import annotations
@@ -52,8 +60,14 @@ from . import _tensors
 from ._native import CorruptionError, NotFoundError
 from ._store import Store
 
+
+class CheckpointNotFoundError(NotFoundError, ValueError):
+    """No such checkpoint: a ``ValueError`` as MindSpore raises it, and a
+    ``ckptstore.NotFoundError``."""
+
 __all__ = [
     "CheckpointConfig",
+    "CheckpointNotFoundError",
     "ModelCheckpoint",
     "is_store",
     "load_checkpoint",
@@ -67,11 +81,17 @@ _MS_TO_ENGINE = {
     "Int64": "i64", "Int32": "i32", "Int16": "i16", "Int8": "i8", "UInt8": "u8", "Bool": "bool",
 }
 _ENGINE_TO_MS = {v: k for k, v in _MS_TO_ENGINE.items()}
+# MindSpore dtypes the engine lacks, kept as their bytes (a u8 tensor) with the MindSpore dtype
+# and shape in the metadata key MS_DTYPES_KEY (a JSON object, name -> [dtype, shape]): lossless,
+# and load_checkpoint rebuilds the same dtype. (qint4x2 packs two 4-bit values a byte: its
+# bytes are what MindSpore itself writes.)
+_MS_AS_BYTES = {"UInt16": np.uint16, "UInt32": np.uint32, "UInt64": np.uint64, "Int4": np.int8}
+MS_DTYPES_KEY = "ckptstore.ms_dtypes"
 
 # Metadata: which values append_info put into a checkpoint, and how to rebuild them on load
 # (a JSON object, key -> "epoch_num" | "step_num" | "int" | "float" | "bool" | "str" | "tensor").
 APPEND_KEY = "ckptstore.append_info"
-_RESERVED_META = ("name", "prefix", "breakpoint", APPEND_KEY)
+_RESERVED_META = ("name", "prefix", "breakpoint", APPEND_KEY, MS_DTYPES_KEY)
 _EXTENSIONS = (".ckpt", ".safetensors")
 
 
@@ -132,18 +152,35 @@ def _check_stand_alone(what: str) -> None:
 
 # -- turning MindSpore values into the engine's tensors ---------------------------------------
 
-def _tensor_arg(name: str, value: Any) -> tuple[str, str, list[int], Any]:
+def _tensor_arg(name: str, value: Any, as_bytes: dict[str, Any] | None = None
+                ) -> tuple[str, str, list[int], Any]:
     """``(name, engine dtype, shape, uint8 bytes)`` of a MindSpore Tensor/Parameter (a view of
-    its memory where MindSpore gives one: the save copies or writes it before returning)."""
+    its memory where MindSpore gives one: the save copies or writes it before returning). A
+    dtype the engine lacks (``_MS_AS_BYTES``) goes as its bytes, noted in ``as_bytes``."""
     dt = str(value.dtype)
     engine = _MS_TO_ENGINE.get(dt)
-    if engine is None:
+    if engine is None and (dt not in _MS_AS_BYTES or as_bytes is None):
         raise TypeError(f"{name}: MindSpore dtype {dt} is not storable in ckptstore "
-                        f"(supported: {sorted(_MS_TO_ENGINE)})")
+                        f"(supported: {sorted(_MS_TO_ENGINE) + sorted(_MS_AS_BYTES)})")
     arr = value.asnumpy()
     if not arr.flags.c_contiguous:  # (np.ascontiguousarray would make a 0-d array 1-d)
         arr = arr.copy(order="C")
+    if engine is None:
+        assert as_bytes is not None
+        as_bytes[name] = [dt, list(value.shape)]
+        return name, "u8", [arr.nbytes], arr.reshape(-1).view(np.uint8)
     return name, engine, list(arr.shape), arr.reshape(-1).view(np.uint8)
+
+
+def _choose(choice_func: Callable[[str], bool] | None, name: str) -> bool:
+    """``choice_func(name)``; its exception becomes a ValueError, as in MindSpore."""
+    if choice_func is None:
+        return True
+    try:
+        return bool(choice_func(name))
+    except Exception as e:
+        raise ValueError(f"choice_func raised on the parameter {name!r}: "
+                         f"{type(e).__name__}: {e}") from e
 
 
 def _named_params(save_obj: Any, choice_func: Callable[[str], bool] | None
@@ -173,7 +210,7 @@ def _named_params(save_obj: Any, choice_func: Callable[[str], bool] | None
                                 f"{{'name': ..., 'data': ...}} dicts, not {type(x).__name__}")
     else:
         raise TypeError(f"save_obj must be a Cell, list or dict, not {type(save_obj).__name__}")
-    return [(k, v) for k, v in out.items() if choice_func is None or choice_func(k)]
+    return [(k, v) for k, v in out.items() if _choose(choice_func, k)]
 
 
 def _commit(store: Store, params: list[tuple[str, Any]], append: Mapping[str, Any] | None,
@@ -185,11 +222,12 @@ def _commit(store: Store, params: list[tuple[str, Any]], append: Mapping[str, An
     or the handle of an async save."""
     tensors = []
     strs: dict[str, str] = {}
+    as_bytes: dict[str, Any] = {}
     for k, v in params:
         if isinstance(v, str):  # a str value of a load_checkpoint dict
             strs[k] = v
         elif isinstance(v, Tensor):
-            tensors.append(_tensor_arg(k, v))
+            tensors.append(_tensor_arg(k, v, as_bytes))
         else:
             raise TypeError(f"{k}: {type(v).__name__} is not a MindSpore Tensor or Parameter")
     md: dict[str, Any] = {"name": name}
@@ -213,7 +251,7 @@ def _commit(store: Store, params: list[tuple[str, Any]], append: Mapping[str, An
             kinds[k], md[k] = "str", v
         elif isinstance(v, Tensor):
             kinds[k] = "tensor"
-            tensors.append(_tensor_arg(k, v))
+            tensors.append(_tensor_arg(k, v, as_bytes))
         else:
             raise TypeError(f"append_info {k!r}: {type(v).__name__} is not int, float, bool, "
                             f"str or Tensor")
@@ -223,6 +261,8 @@ def _commit(store: Store, params: list[tuple[str, Any]], append: Mapping[str, An
         md[k] = v
         kinds.setdefault(k, "str")
     md[APPEND_KEY] = json.dumps(kinds)
+    if as_bytes:
+        md[MS_DTYPES_KEY] = json.dumps(as_bytes)
     if step < 0 or epoch < 0:
         raise ValueError(f"step and epoch must be >= 0, not {step}, {epoch}")
     native = store._native
@@ -245,9 +285,12 @@ class ModelCheckpoint(Callback):
     a SIGTERM (a preempted node) lets the running step finish, commits its ``_breakpoint``
     checkpoint, and then ends the process by SIGTERM as before (MindSpore has no such hook).
 
-    ``directory`` (default: the current directory) is opened as a store (created if needed) for
-    the duration of each ``model.train``; another process or ``load_checkpoint`` may read it
-    meanwhile. ``store=`` hands it an open ``ckptstore.Store`` instead (then it is not closed).
+    ``directory`` (default: the current directory; created when the callback is built, as
+    MindSpore does) is opened as a store for the duration of each ``model.train``; another
+    process or ``load_checkpoint`` may read it meanwhile, and other writers in this process
+    (another callback, ``save_checkpoint``) share it. A callable ``directory`` is called with
+    the run context at every step end, as in MindSpore; each directory it names is a store of
+    its own. ``store=`` hands it an open ``ckptstore.Store`` instead (then it is not closed).
     """
 
     def __init__(self, prefix: str | Callable[[Any], str] = "CKP",
@@ -258,9 +301,15 @@ class ModelCheckpoint(Callback):
                                      or "/" in prefix):
             raise ValueError(f"ModelCheckpoint: prefix must be a callable or a non-empty string "
                              f"without '/', not {prefix!r}")
+        self._directory_func: Callable[[Any], Any] | None = None
         if callable(directory):
-            raise NotImplementedError("ModelCheckpoint: a callable directory is not supported "
-                                      "(a store is one directory)")
+            if store is not None:
+                raise ValueError("ModelCheckpoint: give a callable directory or store=, not "
+                                 "both")
+            # as MindSpore: called at every step_end, its directory created then; each
+            # directory is a store of its own
+            self._directory_func = directory
+            directory = None
         if config is None:
             config = CheckpointConfig()
         elif not isinstance(config, _MsCheckpointConfig):
@@ -272,6 +321,8 @@ class ModelCheckpoint(Callback):
         self._prefix_func = prefix if callable(prefix) else None
         self._prefix = prefix if isinstance(prefix, str) else "CKP"
         self._directory = os.fspath(store.path if store is not None else (directory or os.getcwd()))
+        if self._directory_func is None:
+            os.makedirs(self._directory, exist_ok=True)  # as MindSpore: when the callback is built
         self._store = store
         self._owns_store = store is None
         append = dict(config.append_dict or {})
@@ -300,6 +351,15 @@ class ModelCheckpoint(Callback):
             os.makedirs(self._directory, exist_ok=True)
             self._store = Store(self._directory)
         return self._store
+
+    def _switch_directory(self, d: str) -> None:
+        """A callable ``directory`` named ``d``: later saves go to the store there (created if
+        needed); the previous store is finished and closed first."""
+        os.makedirs(d, exist_ok=True)
+        if d != self._directory:
+            self._close()
+            self._store = None
+            self._directory = d
 
     def _close(self) -> None:
         try:
@@ -371,6 +431,8 @@ class ModelCheckpoint(Callback):
         cb = run_context.original_args()
         self._cb_params = cb
         self._completed_step = int(cb.cur_step_num)
+        if self._directory_func is not None:
+            self._switch_directory(os.fspath(self._directory_func(cb)))
         if self._prefix_func is not None:
             p = self._prefix_func(cb)
             if not isinstance(p, str) or not p or "/" in p:
@@ -593,6 +655,12 @@ def _as_prefixes(p: str | Iterable[str] | None, what: str) -> tuple[str, ...] | 
     return t
 
 
+def _has_name(d: str, name: str) -> bool:
+    """Whether the store ``d`` holds a checkpoint called ``name``."""
+    with Store(d, read_only=True) as s:
+        return any(c["metadata"].get("name") == name for c in s.list())
+
+
 def _find(s: Store, name: str) -> tuple[dict[str, Any], bool]:
     """The checkpoint called ``name`` (the newest of that name), or for "latest" the newest one
     that verifies; and whether it was verified already."""
@@ -601,23 +669,34 @@ def _find(s: Store, name: str) -> tuple[dict[str, Any], bool]:
         if info is None:
             if s.list():
                 raise CorruptionError(f"no checkpoint in {s.path} verifies")
-            raise NotFoundError(f"no checkpoint in {s.path} (the store is empty)")
+            raise CheckpointNotFoundError(f"no checkpoint in {s.path} (the store is empty)")
         return info, True
     live = s.list()
     for ck in reversed(live):
         if ck["metadata"].get("name") == name:
             return ck, False
     names = [c["metadata"]["name"] for c in live if "name" in c["metadata"]]
-    raise NotFoundError(f"no checkpoint named {name!r} in {s.path}; it holds "
+    raise CheckpointNotFoundError(f"no checkpoint named {name!r} in {s.path}; it holds "
                         f"{names[-8:] if names else 'no named checkpoints'}"
                         f"{' (newest 8)' if len(names) > 8 else ''}, or ask for \"latest\"")
 
 
-def _ms_parameter(s: Store, ck_id: int, name: str, verify: bool) -> Any:
+def _ms_parameter(s: Store, ck_id: int, name: str, verify: bool,
+                  as_bytes: list[Any] | None = None) -> Any:
     """Tensor ``name`` of checkpoint ``ck_id`` as a ``mindspore.Parameter`` of its own memory:
     one copy out of the store's read-only map (Parameter copies a numpy array; never a view of
-    the map, which an in-place update would fault on)."""
+    the map, which an in-place update would fault on). ``as_bytes``: ``[MindSpore dtype,
+    shape]`` of a tensor kept as its bytes (see ``_MS_AS_BYTES``)."""
     mb = s._native.tensor(ck_id, name, verify=verify)
+    if as_bytes is not None and mb.dtype == "u8":
+        dt, shape = as_bytes
+        raw = _tensors.storage_array(mb)
+        if dt == "Int4":
+            from mindspore._c_expression import TensorPy
+
+            return Parameter(Tensor(TensorPy.convert_bytes_to_tensor(
+                raw.tobytes(), tuple(shape), ms.qint4x2)), name=name)
+        return Parameter(raw.view(_MS_AS_BYTES[dt]).reshape(shape).copy(), name=name)
     if _ENGINE_TO_MS.get(mb.dtype) is None:
         raise TypeError(f"checkpoint {ck_id} tensor {name!r} is {mb.dtype}, which MindSpore "
                         f"cannot hold")
@@ -665,19 +744,21 @@ def load_checkpoint(ckpt_file_name: Any, net: Any = None, strict_load: bool = Fa
             return False
         if filt is not None and any(k.startswith(p) for p in filt):
             return False
-        return not use_choice or bool(choice_func(k))  # type: ignore[misc]
+        return not use_choice or _choose(choice_func, k)
 
     if isinstance(ckpt_file_name, Store):
         s, name, owned = ckpt_file_name, "latest", False
     elif isinstance(ckpt_file_name, (str, os.PathLike)):
         d, name = _split_path(ckpt_file_name)
-        if not is_store(d):
-            p = os.fspath(ckpt_file_name)
-            if os.path.isfile(p):  # a MindSpore file: MindSpore reads it
+        p = os.fspath(ckpt_file_name)
+        if not is_store(d) or (os.path.isfile(p) and not _has_name(d, name)):
+            # a MindSpore file (also one written before its directory became a store):
+            # MindSpore reads it
+            if os.path.isfile(p):
                 return ms.load_checkpoint(p, net, strict_load, filter_prefix, None, dec_mode,
                                           specify_prefix, choice_func, crc_check, False, format)
-            raise NotFoundError(f"load_checkpoint: {p!r}: {d!r} is not a ckptstore store and "
-                                f"no such file exists")
+            raise CheckpointNotFoundError(f"load_checkpoint: {p!r}: {d!r} is not a ckptstore "
+                                          f"store and no such file exists")
         s, owned = Store(d, read_only=True), True
     else:
         raise TypeError(f"load_checkpoint: ckpt_file_name must be a path or a ckptstore.Store, "
@@ -687,10 +768,11 @@ def load_checkpoint(ckpt_file_name: Any, net: Any = None, strict_load: bool = Fa
         out: dict[str, Any] = {}
         ck_id = info["id"]
         check = verify and not verified
+        md = info["metadata"]
+        as_bytes = json.loads(md[MS_DTYPES_KEY]) if MS_DTYPES_KEY in md else {}
         for k in s._native.tensor_names(ck_id):
             if wanted(k):
-                out[k] = _ms_parameter(s, ck_id, k, check)
-        md = info["metadata"]
+                out[k] = _ms_parameter(s, ck_id, k, check, as_bytes.get(k))
         kinds = json.loads(md[APPEND_KEY]) if APPEND_KEY in md else None
         if kinds is None:  # not written by this module: as its MindSpore export reads
             kinds = {k: "str" for k, v in md.items() if isinstance(v, str)}

@@ -1,9 +1,7 @@
 //! Fault injection: EIO on the n-th call of a kind, ENOSPC after a byte budget, short
 //! writes, and the crash armed at the n-th sync (see the module docs of `sim`).
 
-use super::fs::{eio, Fs};
 use super::SimIo;
-use std::io;
 
 /// Kinds of calls a [`Fault::Eio`] can target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,47 +74,5 @@ impl SimIo {
         fs.eio.clear();
         fs.enospc_left = None;
         fs.short_write = None;
-    }
-}
-
-impl Fs {
-    /// Fails every call after the crash, then counts `kind` against armed EIO faults.
-    pub(super) fn enter(&mut self, kind: Option<OpKind>) -> io::Result<()> {
-        if let Some(c) = &self.crashed {
-            return Err(eio(&format!("crashed ({c})")));
-        }
-        let Some(kind) = kind else { return Ok(()) };
-        self.calls[kind as usize] += 1;
-        let mut fire = false;
-        self.eio.retain_mut(|c| {
-            if c.kind != kind {
-                return true;
-            }
-            c.left -= 1;
-            if c.left == 0 {
-                fire = true;
-                return false;
-            }
-            true
-        });
-        if fire {
-            return Err(eio(&format!("injected EIO on {kind:?}")));
-        }
-        Ok(())
-    }
-
-    /// Counts a sync call; the armed one crashes the system instead of happening.
-    pub(super) fn sync_point(&mut self, what: &str) -> io::Result<()> {
-        if let Some(c) = &self.crashed {
-            return Err(eio(&format!("crashed ({c})")));
-        }
-        self.syncs += 1;
-        if self.crash_at == Some(self.syncs) {
-            let desc = format!("crash at sync #{}: {what}", self.syncs);
-            self.log(|| desc.clone());
-            self.crashed = Some(desc.clone());
-            return Err(eio(&desc));
-        }
-        self.enter(Some(OpKind::Sync))
     }
 }

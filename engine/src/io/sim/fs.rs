@@ -1,7 +1,7 @@
 //! The in-memory file system behind `SimIo`: inodes with their current, durable and pending
 //! contents, directories with their current, durable and pending entries.
 
-use super::faults::Countdown;
+use super::faults::{Countdown, OpKind};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -156,6 +156,7 @@ impl Fs {
         self.dirs.get(p).ok_or_else(|| not_found(p))
     }
 
+    #[allow(clippy::expect_used)] // callers look the directory up first
     pub(super) fn dir_op(&mut self, dir: &Path, op: DirOp) {
         let d = self.dirs.get_mut(dir).expect("checked by the caller");
         apply_dir(&mut d.entries, &op);
@@ -175,6 +176,7 @@ impl Fs {
             .ok_or_else(|| not_found(&p))
     }
 
+    #[allow(clippy::expect_used)] // an open file's inode lives as long as the file
     pub(super) fn file_op(&mut self, ino: Ino, op: FileOp) {
         let node = self.inodes.get_mut(&ino).expect("open inode");
         apply(&mut node.data, &op);
@@ -187,5 +189,47 @@ impl Fs {
         self.inodes.insert(ino, Inode::default());
         self.dir_op(parent, DirOp::Set(name, Entry::File(ino)));
         ino
+    }
+}
+
+impl Fs {
+    /// Fails every call after the crash, then counts `kind` against armed EIO faults.
+    pub(super) fn enter(&mut self, kind: Option<OpKind>) -> io::Result<()> {
+        if let Some(c) = &self.crashed {
+            return Err(eio(&format!("crashed ({c})")));
+        }
+        let Some(kind) = kind else { return Ok(()) };
+        self.calls[kind as usize] += 1;
+        let mut fire = false;
+        self.eio.retain_mut(|c| {
+            if c.kind != kind {
+                return true;
+            }
+            c.left -= 1;
+            if c.left == 0 {
+                fire = true;
+                return false;
+            }
+            true
+        });
+        if fire {
+            return Err(eio(&format!("injected EIO on {kind:?}")));
+        }
+        Ok(())
+    }
+
+    /// Counts a sync call; the armed one crashes the system instead of happening.
+    pub(super) fn sync_point(&mut self, what: &str) -> io::Result<()> {
+        if let Some(c) = &self.crashed {
+            return Err(eio(&format!("crashed ({c})")));
+        }
+        self.syncs += 1;
+        if self.crash_at == Some(self.syncs) {
+            let desc = format!("crash at sync #{}: {what}", self.syncs);
+            self.log(|| desc.clone());
+            self.crashed = Some(desc.clone());
+            return Err(eio(&desc));
+        }
+        self.enter(Some(OpKind::Sync))
     }
 }

@@ -30,6 +30,7 @@ impl SimFile {
         }
     }
 
+    #[allow(clippy::expect_used)] // an open file's inode lives as long as the file
     fn sync(&self, what: &str) -> io::Result<()> {
         let mut fs = self.lock();
         let desc = format!("{what} {}", self.path.display());

@@ -124,6 +124,7 @@ impl Ring {
     /// for all of them. Short writes are continued, EINTR/EAGAIN resubmitted; a direct piece
     /// the kernel refuses is rewritten buffered (and noted). The first other error is returned
     /// after every piece in flight completed.
+    #[allow(clippy::expect_used)] // bounce memory is allocated before a bounce op is queued
     pub(crate) fn write(
         &mut self,
         jobs: &[Job<'_>],
@@ -325,6 +326,7 @@ fn is_direct_refusal(errno: i32) -> bool {
 }
 
 /// Where the rest of an op's bytes are, and which descriptor writes them.
+#[allow(clippy::expect_used)] // a bounce op is only submitted with its memory and slot
 fn source(
     op: &Op,
     jobs: &[Job<'_>],

@@ -55,6 +55,7 @@ impl StagingPool {
     /// Allocates `budget / buffer_bytes` buffers of `buffer_bytes` each (page-aligned,
     /// pre-faulted, `mlock`ed when allowed). A budget below one buffer is an error: a pool
     /// with no buffer would block its first caller forever.
+    #[allow(clippy::expect_used)] // the channel has room for every buffer of the pool
     pub fn new(budget: usize, buffer_bytes: usize) -> Result<StagingPool> {
         if buffer_bytes == 0 {
             return Err(Error::invalid("staging buffer size must be positive"));
@@ -110,6 +111,7 @@ impl StagingPool {
 
     /// Takes a buffer, blocking while the pool is empty. Returns it with the time spent
     /// waiting.
+    #[allow(clippy::expect_used)] // the pool owns a sender, so the channel never disconnects
     pub fn acquire(&self) -> (StagingBuf, Duration) {
         let t = Instant::now();
         let map = match self.shared.free_rx.try_recv() {
@@ -134,6 +136,7 @@ impl StagingPool {
     /// Calls `f` with each buffer's memory once, while no buffer is handed out (CUDA host
     /// registration). Fails if a buffer is in use.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    #[allow(clippy::expect_used)] // the channel has room for every buffer of the pool
     pub(crate) fn for_each_buffer(&self, mut f: impl FnMut(&mut [u8]) -> Result<()>) -> Result<()> {
         let mut taken = Vec::with_capacity(self.shared.buffers);
         for _ in 0..self.shared.buffers {
@@ -183,6 +186,7 @@ impl StagingBuf {
     }
 
     /// Sets how many bytes are valid and returns them for writing.
+    #[allow(clippy::expect_used)] // the buffer's memory is present until drop
     pub fn fill(&mut self, len: usize) -> &mut [u8] {
         assert!(len <= self.capacity(), "chunk larger than a staging buffer");
         self.len = len;
@@ -190,11 +194,13 @@ impl StagingBuf {
     }
 
     /// The valid bytes.
+    #[allow(clippy::expect_used)] // the buffer's memory is present until drop
     pub fn bytes(&self) -> &[u8] {
         &self.map.as_ref().expect("present until drop")[..self.len]
     }
 
     /// The valid bytes, writable.
+    #[allow(clippy::expect_used)] // the buffer's memory is present until drop
     pub fn bytes_mut(&mut self) -> &mut [u8] {
         let len = self.len;
         &mut self.map.as_mut().expect("present until drop")[..len]

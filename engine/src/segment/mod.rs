@@ -17,6 +17,12 @@
 //! The manifest, not the frame, is what a reader trusts: it names each chunk's segment, offset,
 //! length and BLAKE3. Frames make a segment self-describing for scrubbing, salvage and fuzzing.
 
+use crate::le;
+
+mod writer;
+
+pub(crate) use writer::{Run, SegmentWriter};
+
 /// Bytes reserved for the segment header; the first frame starts here.
 pub const SEGMENT_DATA_OFFSET: u64 = 4096;
 /// Alignment of every frame start (and so of every first payload byte).
@@ -26,13 +32,13 @@ pub const FRAME_FIXED_LEN: usize = 64;
 /// One chunk-table entry.
 pub const CHUNK_ENTRY_LEN: usize = 48;
 /// Highest segment format version this build reads and the one it writes.
-pub const SEGMENT_VERSION: u16 = 1;
+pub(crate) const SEGMENT_VERSION: u16 = 1;
 const SEG_MAGIC: &[u8; 8] = b"CKPTSEG\0";
 const FRAME_MAGIC: &[u8; 4] = b"CKFR";
 const FRAME_VERSION: u8 = 1;
 
 /// Rounds `x` up to a multiple of [`FRAME_ALIGN`].
-pub fn align_up(x: u64) -> u64 {
+pub(crate) fn align_up(x: u64) -> u64 {
     x.div_ceil(FRAME_ALIGN) * FRAME_ALIGN
 }
 
@@ -43,7 +49,13 @@ pub fn file_name(id: u64) -> String {
 
 /// Parses a segment file name back to its id; foreign names give `None`.
 pub fn parse_file_name(name: &str) -> Option<u64> {
-    let digits = name.strip_suffix(".seg")?;
+    parse_numbered(name, ".seg")
+}
+
+/// The number of a `NNNNNNNN<suffix>` file name (8+ decimal digits), the naming of segment
+/// and WAL files; foreign names give `None`.
+pub(crate) fn parse_numbered(name: &str, suffix: &str) -> Option<u64> {
+    let digits = name.strip_suffix(suffix)?;
     if digits.len() < 8 || !digits.bytes().all(|c| c.is_ascii_digit()) {
         return None;
     }
@@ -76,17 +88,17 @@ pub fn decode_header(b: &[u8]) -> Result<u64, DecodeError> {
     if b.len() < 32 || &b[0..8] != SEG_MAGIC {
         return Err(DecodeError::Corrupt("bad segment magic"));
     }
-    if u32::from_le_bytes(b[28..32].try_into().unwrap()) != crc32c::crc32c(&b[0..28]) {
+    if le::u32_at(b, 28) != crc32c::crc32c(&b[0..28]) {
         return Err(DecodeError::Corrupt("segment header checksum"));
     }
     let version = u16::from_le_bytes([b[8], b[9]]);
     if version > SEGMENT_VERSION {
         return Err(DecodeError::NewerVersion(version));
     }
-    if u32::from_le_bytes(b[12..16].try_into().unwrap()) as u64 != SEGMENT_DATA_OFFSET {
+    if le::u32_at(b, 12) as u64 != SEGMENT_DATA_OFFSET {
         return Err(DecodeError::Corrupt("unexpected data offset"));
     }
-    Ok(u64::from_le_bytes(b[16..24].try_into().unwrap()))
+    Ok(le::u64_at(b, 16))
 }
 
 /// One chunk as listed in a frame's table.
@@ -116,20 +128,21 @@ pub struct FrameHeader {
 }
 
 /// Largest header a frame may declare (a table of 65 536 chunks); larger is corruption.
-pub const MAX_FRAME_HEADER_LEN: u64 = FRAME_FIXED_LEN as u64 + CHUNK_ENTRY_LEN as u64 * 65_536;
+pub(crate) const MAX_FRAME_HEADER_LEN: u64 =
+    FRAME_FIXED_LEN as u64 + CHUNK_ENTRY_LEN as u64 * 65_536;
 
 /// Header length of a frame whose table has room for `n` chunks.
-pub fn header_len_for(n: usize) -> u64 {
+pub(crate) fn header_len_for(n: usize) -> u64 {
     align_up((FRAME_FIXED_LEN + CHUNK_ENTRY_LEN * n) as u64)
 }
 
 /// Most chunks one frame's table lists (the format's cap on a frame header).
-pub const MAX_FRAME_CHUNKS: usize = 65_536;
+pub(crate) const MAX_FRAME_CHUNKS: usize = 65_536;
 
 /// How many chunks of a run fit in a frame starting at `end` of a segment of at most `max`
 /// bytes: the run covers chunks `k..` of `total` bytes cut in chunks of `cs`, and a frame
 /// lists at most `MAX_FRAME_CHUNKS` of them (its header grows with each).
-pub fn frame_capacity(end: u64, max: u64, total: usize, cs: usize, k: usize) -> usize {
+pub(crate) fn frame_capacity(end: u64, max: u64, total: usize, cs: usize, k: usize) -> usize {
     let limit = (total.div_ceil(cs) - k).min(MAX_FRAME_CHUNKS);
     let mut payload = 0u64;
     let mut n = 0;
@@ -209,8 +222,8 @@ impl FrameHeader {
         if b[4] > FRAME_VERSION {
             return Err(DecodeError::NewerVersion(b[4] as u16));
         }
-        let count = u32::from_le_bytes(b[8..12].try_into().unwrap()) as u64;
-        let header_len = u32::from_le_bytes(b[12..16].try_into().unwrap()) as u64;
+        let count = le::u32_at(b, 8) as u64;
+        let header_len = le::u32_at(b, 12) as u64;
         if count == 0
             || header_len < align_up(FRAME_FIXED_LEN as u64 + CHUNK_ENTRY_LEN as u64 * count)
             || header_len > MAX_FRAME_HEADER_LEN
@@ -223,21 +236,21 @@ impl FrameHeader {
             return Ok(Err(table_end));
         }
         let crc = crc32c::crc32c_append(crc32c::crc32c(&b[0..60]), &b[64..table_end]);
-        if u32::from_le_bytes(b[60..64].try_into().unwrap()) != crc {
+        if le::u32_at(b, 60) != crc {
             return Err(DecodeError::Corrupt("frame header checksum"));
         }
         let chunks: Vec<ChunkEntry> = b[FRAME_FIXED_LEN..table_end]
             .chunks_exact(CHUNK_ENTRY_LEN)
             .map(|e| ChunkEntry {
-                blake3: e[0..32].try_into().unwrap(),
-                stored_len: u64::from_le_bytes(e[32..40].try_into().unwrap()),
-                raw_len: u64::from_le_bytes(e[40..48].try_into().unwrap()),
+                blake3: le::array(e, 0),
+                stored_len: le::u64_at(e, 32),
+                raw_len: le::u64_at(e, 40),
             })
             .collect();
         let sum = chunks
             .iter()
             .try_fold(0u64, |acc, c| acc.checked_add(c.stored_len));
-        if sum != Some(u64::from_le_bytes(b[16..24].try_into().unwrap())) {
+        if sum != Some(le::u64_at(b, 16)) {
             return Err(DecodeError::Corrupt("frame payload length"));
         }
         // frame_len() = align_up(header_len + payload_len) must not overflow.
@@ -249,7 +262,7 @@ impl FrameHeader {
         }
         Ok(Ok(FrameHeader {
             codec: b[5],
-            segment_id: u64::from_le_bytes(b[24..32].try_into().unwrap()),
+            segment_id: le::u64_at(b, 24),
             chunks,
             header_len,
         }))

@@ -1,0 +1,308 @@
+//! The one writer of segment files, shared by transactions, shard writers and compaction.
+//!
+//! A [`SegmentWriter`] creates segment files in a directory, writes runs of chunks as frames
+//! (payloads first, as they arrive, with writeback hints; the frame header with its BLAKE3
+//! table when the run ends), rolls to a new file when the next run does not fit, and
+//! fdatasyncs each file as it is finished. Until [`SegmentWriter::release`] says the files
+//! belong to someone else (a durable commit record, or the caller that will commit them),
+//! dropping the writer removes every file it created: a file is registered for that cleanup
+//! before its header is written, so a failed write leaves nothing behind either.
+
+use super::{align_up, encode_header, file_name, header_len_for, ChunkEntry, FrameHeader};
+use super::{FRAME_ALIGN, SEGMENT_DATA_OFFSET};
+use crate::error::{Error, Result};
+use crate::io::{Storage, StorageFile};
+use ckptstore_proto::v1 as pb;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Payload bytes written between two writeback hints.
+const WRITEBACK_SLICE: usize = 16 << 20;
+
+/// A segment file being filled.
+struct OpenSegment {
+    id: u64,
+    path: PathBuf,
+    file: Box<dyn StorageFile>,
+    /// Where the next frame starts.
+    end: u64,
+}
+
+/// A segment file finished (fdatasync'ed, or its fdatasync failed).
+struct Finished {
+    id: u64,
+    path: PathBuf,
+    len: u64,
+}
+
+/// A frame being filled: payloads are written as their chunks arrive; the header, with the
+/// chunk table, goes to `start` when the run ends ([`SegmentWriter::end_run`]).
+pub(crate) struct Run {
+    start: u64,
+    /// Bytes reserved for the header (table room for `capacity` chunks).
+    header_len: u64,
+    capacity: usize,
+    /// Where the next payload goes.
+    next: u64,
+    chunks: Vec<ChunkEntry>,
+    /// Codec of every chunk in the frame (a frame holds one codec).
+    codec: pb::Codec,
+}
+
+impl Run {
+    /// The frame's table is full: the next chunk needs a new run.
+    pub(crate) fn is_full(&self) -> bool {
+        self.chunks.len() == self.capacity
+    }
+}
+
+/// Writes new segment files in one directory (see the module documentation).
+pub(crate) struct SegmentWriter {
+    io: Arc<dyn Storage>,
+    dir: PathBuf,
+    open: Option<OpenSegment>,
+    finished: Vec<Finished>,
+    /// An fdatasync or directory fsync failed: the kernel may have dropped dirty pages, so a
+    /// store that owns this writer must be poisoned.
+    sync_failed: bool,
+}
+
+impl SegmentWriter {
+    /// A writer creating segment files in `dir` (the store's `segments/`).
+    pub(crate) fn new(io: Arc<dyn Storage>, dir: PathBuf) -> Self {
+        SegmentWriter {
+            io,
+            dir,
+            open: None,
+            finished: Vec::new(),
+            sync_failed: false,
+        }
+    }
+
+    /// Whether an fdatasync or directory fsync of this writer failed.
+    pub(crate) fn sync_failed(&self) -> bool {
+        self.sync_failed
+    }
+
+    /// Starts a frame for a run of chunks of `codec`. `capacity(end)` says how many of the
+    /// run's chunks fit in a frame starting at `end` of a segment; when none fit in the open
+    /// segment, it is finished (fdatasync'ed) and a new one created with the id `next_id`
+    /// gives, which takes at least one chunk even if it overflows the caller's size limit.
+    /// The frame reserves table room for that many chunks.
+    pub(crate) fn begin_run(
+        &mut self,
+        codec: pb::Codec,
+        capacity: impl Fn(u64) -> usize,
+        next_id: impl FnOnce() -> Result<u64>,
+    ) -> Result<Run> {
+        let mut cap = self.open.as_ref().map_or(0, |s| capacity(s.end));
+        if cap == 0 {
+            self.finish_open()?;
+            self.create(next_id()?)?;
+            cap = capacity(SEGMENT_DATA_OFFSET).max(1);
+        }
+        let start = self.open_segment()?.end;
+        let header_len = header_len_for(cap);
+        Ok(Run {
+            start,
+            header_len,
+            capacity: cap,
+            next: start + header_len,
+            chunks: Vec::new(),
+            codec,
+        })
+    }
+
+    /// Writes one chunk's stored bytes at the end of the run's payloads, in slices with a
+    /// writeback hint after each (the disk works while later slices are copied, and the
+    /// fdatasync finds little left to do; the hint changes nothing about durability). `hash`
+    /// is the BLAKE3 of the `raw_len` raw bytes. Returns the chunk's reference.
+    pub(crate) fn write_chunk(
+        &mut self,
+        run: &mut Run,
+        stored: &[u8],
+        raw_len: u64,
+        hash: [u8; 32],
+    ) -> Result<pb::ChunkRef> {
+        debug_assert!(!run.is_full());
+        let seg = self.open_segment()?;
+        let mut at = run.next;
+        for slice in stored.chunks(WRITEBACK_SLICE) {
+            seg.file
+                .write_at(slice, at)
+                .map_err(|e| Error::io("write", &seg.path, e))?;
+            let _ = seg.file.start_writeback(at, slice.len() as u64);
+            at += slice.len() as u64;
+        }
+        let len = stored.len() as u64;
+        run.chunks.push(ChunkEntry {
+            blake3: hash,
+            stored_len: len,
+            raw_len,
+        });
+        let r = pb::ChunkRef {
+            segment: seg.id,
+            offset: run.next,
+            stored_len: len,
+            raw_len,
+            codec: run.codec as i32,
+            blake3: hash.to_vec(),
+        };
+        run.next += len;
+        Ok(r)
+    }
+
+    /// Ends a run: writes the frame header (with its chunk table) before the payloads, and
+    /// the zero padding to the next frame boundary after them.
+    pub(crate) fn end_run(&mut self, run: Run) -> Result<()> {
+        let seg = self.open_segment_mut()?;
+        let mut header = FrameHeader::new(run.codec as u8, seg.id, run.chunks);
+        header.header_len = run.header_len;
+        let write = |buf: &[u8], off: u64| {
+            seg.file
+                .write_at(buf, off)
+                .map_err(|e| Error::io("write", &seg.path, e))
+        };
+        write(&header.encode(), run.start)?;
+        let end = align_up(run.next);
+        if end > run.next {
+            write(
+                &[0u8; FRAME_ALIGN as usize][..(end - run.next) as usize],
+                run.next,
+            )?;
+        }
+        seg.end = end;
+        Ok(())
+    }
+
+    /// Writes one chunk as the next of `run`: the run is ended first when its table is full
+    /// or its codec is not `codec`, and begun ([`SegmentWriter::begin_run`], with
+    /// `capacity` and `next_id`) when there is none.
+    #[allow(clippy::too_many_arguments)] // the chunk (3) and how a run begins (3)
+    pub(crate) fn append(
+        &mut self,
+        run: &mut Option<Run>,
+        codec: pb::Codec,
+        capacity: impl Fn(u64) -> usize,
+        next_id: impl FnOnce() -> Result<u64>,
+        stored: &[u8],
+        raw_len: u64,
+        hash: [u8; 32],
+    ) -> Result<pb::ChunkRef> {
+        if run
+            .as_ref()
+            .is_some_and(|r| r.is_full() || r.codec != codec)
+        {
+            self.end(run)?;
+        }
+        let r = match run {
+            Some(r) => r,
+            None => run.insert(self.begin_run(codec, capacity, next_id)?),
+        };
+        self.write_chunk(r, stored, raw_len, hash)
+    }
+
+    /// Ends `run` ([`SegmentWriter::end_run`]), if there is one.
+    pub(crate) fn end(&mut self, run: &mut Option<Run>) -> Result<()> {
+        match run.take() {
+            Some(r) => self.end_run(r),
+            None => Ok(()),
+        }
+    }
+
+    /// fdatasyncs the open segment and returns every segment written, with its final
+    /// length. The directory is not fsync'ed (see [`SegmentWriter::finish`]).
+    pub(crate) fn sync(&mut self) -> Result<Vec<pb::SegmentInfo>> {
+        self.finish_open()?;
+        Ok(self
+            .finished
+            .iter()
+            .map(|s| pb::SegmentInfo {
+                id: s.id,
+                length: s.len,
+            })
+            .collect())
+    }
+
+    /// [`SegmentWriter::sync`], then fsyncs the directory when a segment was written, so the
+    /// files' entries are durable too.
+    pub(crate) fn finish(&mut self) -> Result<Vec<pb::SegmentInfo>> {
+        let written = self.sync()?;
+        if !written.is_empty() {
+            if let Err(e) = self.io.sync_dir(&self.dir) {
+                self.sync_failed = true;
+                return Err(Error::io("fsync dir", &self.dir, e));
+            }
+        }
+        Ok(written)
+    }
+
+    /// The files written now belong to someone else (a commit record that is, or may be,
+    /// durable; a caller that commits them): dropping the writer leaves them.
+    pub(crate) fn release(&mut self) {
+        self.open = None;
+        self.finished.clear();
+    }
+
+    /// Creates segment `id` and registers it for cleanup before writing its header.
+    fn create(&mut self, id: u64) -> Result<()> {
+        let path = self.dir.join(file_name(id));
+        let file = self
+            .io
+            .create_new(&path)
+            .map_err(|e| Error::io("create", &path, e))?;
+        let seg = self.open.insert(OpenSegment {
+            id,
+            path,
+            file,
+            end: SEGMENT_DATA_OFFSET,
+        });
+        seg.file
+            .write_at(&encode_header(id), 0)
+            .map_err(|e| Error::io("write", &seg.path, e))
+    }
+
+    /// fdatasyncs the open segment and sets it aside with its final length (also when the
+    /// fdatasync fails, so that the cleanup still removes it).
+    fn finish_open(&mut self) -> Result<()> {
+        if let Some(seg) = self.open.take() {
+            let synced = seg.file.sync_data();
+            self.finished.push(Finished {
+                id: seg.id,
+                path: seg.path.clone(),
+                len: seg.end,
+            });
+            if let Err(e) = synced {
+                self.sync_failed = true;
+                return Err(Error::io("fdatasync", &seg.path, e));
+            }
+        }
+        Ok(())
+    }
+
+    fn open_segment(&self) -> Result<&OpenSegment> {
+        self.open
+            .as_ref()
+            .ok_or_else(|| Error::invalid("no segment is open (a run was not begun)"))
+    }
+
+    fn open_segment_mut(&mut self) -> Result<&mut OpenSegment> {
+        self.open
+            .as_mut()
+            .ok_or_else(|| Error::invalid("no segment is open (a run was not begun)"))
+    }
+}
+
+impl Drop for SegmentWriter {
+    fn drop(&mut self) {
+        // Not released: remove what this writer created. Best effort; recovery removes any
+        // segment no commit record references.
+        if let Some(seg) = self.open.take() {
+            drop(seg.file);
+            let _ = self.io.remove_file(&seg.path);
+        }
+        for s in self.finished.drain(..) {
+            let _ = self.io.remove_file(&s.path);
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! The commit protocol, in one function: a checkpoint exists once its commit record is
+//! durable in the WAL, and not before (docs/GUARANTEES.md).
+//!
+//! [`Store::commit_manifest`] takes a manifest whose new segments are already fdatasync'ed
+//! (by a transaction's or a shard's segment writer) and:
+//! 1. fsyncs `segments/`, so the segment files' directory entries are durable;
+//! 2. assigns the checkpoint id and wall time, attaches the metadata, validates the manifest
+//!    and bounds the record's size;
+//! 3. appends the commit record to the WAL and fdatasyncs it — the commit point;
+//! 4. applies the manifest to the in-memory state and runs the WAL compaction a durable
+//!    write may call for.
+//!
+//! A failed fsync or append poisons the store: the kernel may have dropped dirty pages, so
+//! nothing written since the last good sync can be trusted until a reopen's recovery.
+
+use super::{Store, SEGMENTS_DIR};
+use crate::error::{Error, Result};
+use crate::manifest::{self, CheckpointInfo, MetaValue};
+use crate::wal::{self, RecordType};
+use ckptstore_proto::v1 as pb;
+use prost::Message;
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+impl Store {
+    /// Commits `m` (step, epoch, tensors, blobs and the new segments it references, already
+    /// fdatasync'ed) with `metadata` as the next checkpoint: the protocol of the module
+    /// documentation. `context` names the checkpoint in errors. Returns only when the
+    /// checkpoint is durable.
+    ///
+    /// `hand_over` runs once the commit record may be on disk — after the append, whether
+    /// it succeeded or not: from then on the new segments belong to the store (or, after a
+    /// failed append, to the next recovery), and the caller must not remove them. Before
+    /// that, on an error, they are still the caller's to clean up.
+    pub(crate) fn commit_manifest(
+        &mut self,
+        mut m: pb::Manifest,
+        metadata: BTreeMap<String, MetaValue>,
+        context: &str,
+        hand_over: impl FnOnce(&mut Store),
+    ) -> Result<CheckpointInfo> {
+        self.check_writable()?;
+        if !m.new_segments.is_empty() {
+            let seg_dir = self.dir.join(SEGMENTS_DIR);
+            if let Err(e) = self.opts.io.sync_dir(&seg_dir) {
+                return Err(self.poison(Error::io("fsync dir", &seg_dir, e)));
+            }
+        }
+        m.id = self.state.next_checkpoint_id;
+        if m.id == u64::MAX || self.state.checkpoints.contains_key(&m.id) {
+            // Only reachable through a WAL holding a checkpoint id near u64::MAX; the record
+            // must not be written, as applying it would fail after it is durable.
+            return Err(Error::invalid(format!(
+                "checkpoint ids are exhausted (next id {})",
+                m.id
+            )));
+        }
+        m.wall_time_unix_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64);
+        m.metadata = metadata
+            .into_iter()
+            .map(|(key, v)| pb::MetaEntry {
+                key,
+                value: Some(v.to_pb()),
+            })
+            .collect();
+        manifest::validate(&m, context)?;
+        let payload = pb::CommitRecord {
+            manifest: Some(m.clone()),
+        }
+        .encode_to_vec();
+        if payload.len() > wal::MAX_RECORD_LEN as usize {
+            return Err(Error::invalid(format!(
+                "manifest of {} bytes exceeds the {}-byte WAL record limit (too many tensors)",
+                payload.len(),
+                wal::MAX_RECORD_LEN
+            )));
+        }
+        let appended = self.wal_mut()?.append_durable(RecordType::Commit, &payload);
+        hand_over(self);
+        // The record may have reached the disk even if the append failed: the segments stay
+        // (if it did, they are needed; if it did not, recovery removes them).
+        let record_len = appended.map_err(|e| self.poison(e))?;
+        let id = m.id;
+        if let Err(e) = self.state.apply_commit(m, record_len, context) {
+            // Unreachable: the manifest was validated and its id is fresh. Should it happen,
+            // the durable record and the memory disagree: refuse further writes.
+            return Err(self.poison(e));
+        }
+        let info = match self.state.checkpoints.get(&id) {
+            Some(m) => self.state.info(m),
+            None => {
+                return Err(self.poison(Error::invalid(format!(
+                    "{context}: committed checkpoint {id} missing from the state"
+                ))))
+            }
+        };
+        self.compact_after_durable_write();
+        Ok(info)
+    }
+}
