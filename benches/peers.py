@@ -10,6 +10,14 @@ interleaved (every method once per round, in a rotating order) and medians repor
 
 Peak extra RSS of the async saves is sampled every 2 ms (RSS above the level before the call).
 
+Two load figures per method: ``load`` is the call alone; ``load+touch`` the call plus reading
+one byte of every page of every tensor, the least a trainer does with a loaded state. They
+differ for lazy loaders: safetensors' ``load_file`` maps the file and returns before reading it
+(its tensors fault in from the page cache on first use), while ckptstore's default load reads,
+verifies and copies everything before it returns.
+
+    python3 benches/peers.py --size 0.25,1,2 --plot peers.svg             # GB/s against size
+
     python3 benches/peers.py --size 2 --rounds 5 --dir /mnt/nvme/peers   # the target size
     python3 benches/peers.py --size 0.25 --rounds 3                       # a small run
     python3 benches/peers.py --json ...                                   # machine-readable
@@ -36,8 +44,9 @@ from typing import Any, Callable
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", type=float, default=2.0,
-                   help="state size in GiB (default 2; the target is >= 2)")
+    p.add_argument("--size", default="2",
+                   help="state size in GiB, or several comma-separated (default 2; the target "
+                   "is >= 2)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--dir", default="/tmp/ckptstore-peers",
                    help="scratch directory on the file system to measure (removed after)")
@@ -48,8 +57,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="ckptstore save_async staging budget (default 256 MiB)")
     p.add_argument("--no-load", action="store_true", help="skip the cold loads")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--plot", default=None,
+                   help="also write an SVG chart of save and load GB/s against size")
     a = p.parse_args(argv)
-    if a.size <= 0 or a.rounds < 1:
+    try:
+        a.sizes = [float(x) for x in str(a.size).split(",") if x]
+    except ValueError:
+        p.error(f"--size {a.size!r}: GiB as a number, or several comma-separated")
+    if not a.sizes or min(a.sizes) <= 0 or a.rounds < 1:
         p.error("--size must be > 0 and --rounds >= 1")
     return a
 
@@ -180,10 +195,12 @@ def save_torch(state: Any, d: str, n: int, args: Any) -> dict[str, float]:
     return {"durable": time.perf_counter() - t}
 
 
-def load_torch(state: Any, d: str) -> float:
+def load_torch(state: Any, d: str, touched: bool = False) -> float:
     import torch
     t = time.perf_counter()
     out = torch.load(f"{d}/state.pt", weights_only=True)
+    if touched:
+        touch(out)
     el = time.perf_counter() - t
     del out
     return el
@@ -197,10 +214,12 @@ def save_safetensors(state: Any, d: str, n: int, args: Any) -> dict[str, float]:
     return {"durable": time.perf_counter() - t}
 
 
-def load_safetensors(state: Any, d: str) -> float:
+def load_safetensors(state: Any, d: str, touched: bool = False) -> float:
     from safetensors.torch import load_file
     t = time.perf_counter()
     out = load_file(f"{d}/state.safetensors")
+    if touched:
+        touch(out)
     el = time.perf_counter() - t
     del out
     return el
@@ -226,12 +245,14 @@ def save_dcp_async(state: Any, d: str, n: int, args: Any) -> dict[str, float]:
     return {"durable": durable, "stall": stall, "extra_rss": peak.extra}
 
 
-def load_dcp(state: Any, d: str) -> float:
+def load_dcp(state: Any, d: str, touched: bool = False) -> float:
     import torch
     import torch.distributed.checkpoint as dcp
     into = {k: {n: torch.empty_like(t) for n, t in sub.items()} for k, sub in state.items()}
     t = time.perf_counter()
     dcp.load(into, storage_reader=dcp.FileSystemReader(d))
+    if touched:
+        touch(into)
     return time.perf_counter() - t
 
 
@@ -262,11 +283,13 @@ def save_cs_async(state: Any, d: str, n: int, args: Any) -> dict[str, float]:
     return {"durable": durable, "stall": stall, "extra_rss": peak.extra}
 
 
-def load_cs(state: Any, d: str) -> float:
+def load_cs(state: Any, d: str, touched: bool = False) -> float:
     import ckptstore as cs
     t = time.perf_counter()
     with cs.Store(d, read_only=True) as store:
         out = cs.load(store)  # verifies every chunk's BLAKE3
+    if touched:
+        touch(out)
     el = time.perf_counter() - t
     del out
     return el
@@ -283,12 +306,25 @@ LOAD: dict[str, Callable[..., float]] = {
 }
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def touch(x: Any) -> int:
+    """Reads one byte of every page of every tensor in ``x`` (faults in what a lazy load left
+    on disk)."""
+    import torch
+    if isinstance(x, dict):
+        return sum(touch(v) for v in x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(touch(v) for v in x)
+    if isinstance(x, torch.Tensor) and x.numel():
+        return int(x.reshape(-1).view(torch.uint8)[::4096].sum())
+    return 0
+
+
+def run(args: argparse.Namespace, size: float) -> dict[str, Any]:
     methods = [m for m in METHODS if not args.only or m in args.only.split(",")]
     unknown = set(filter(None, args.only.split(","))) - set(METHODS)
     if unknown:
         sys.exit(f"peers.py: unknown method(s) {sorted(unknown)}; known: {METHODS}")
-    state = make_state(args.size)
+    state = make_state(size)
     n = nbytes(state)
     os.makedirs(args.dir, exist_ok=True)
     res: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
@@ -307,6 +343,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if not args.no_load and m in LOAD:
                     drop_cache(d)
                     res[base].setdefault("load", []).append(LOAD[base](state, d))
+                    drop_cache(d)
+                    res[base].setdefault("load_touched", []).append(
+                        LOAD[base](state, d, touched=True))
                 shutil.rmtree(d, ignore_errors=True)
                 print(f"round {r + 1}/{args.rounds} {m}: " + ", ".join(
                     f"{k} {v:.3f}" for k, v in out.items() if k != "extra_rss"),
@@ -320,11 +359,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def table(r: dict[str, Any]) -> str:
     n, med = r["bytes"], r["median"]
     gbs = {m: n / 1e9 / v["durable"] for m, v in med.items() if "durable" in v}
+    lt_st = med.get("safetensors", {}).get("load_touched")
     st, dd = gbs.get("safetensors"), gbs.get("dd_direct")
     lines = [f"state {n / 1e9:.2f} GB, median of {r['rounds']} interleaved rounds; "
              f"save = call + fsync of every file and the directory",
              f"{'method':<16} {'save GB/s':>9} {'x safet.':>8} {'x dd':>6} {'stall s':>8} "
-             f"{'extra RSS MiB':>13} {'load GB/s':>9}"]
+             f"{'extra RSS MiB':>13} {'load GB/s':>9} {'load+touch':>10} {'x safet.':>8}"]
     for m, v in med.items():
         g = gbs.get(m)
         cell = lambda x, f: (f % x) if x is not None else "-"  # noqa: E731
@@ -333,16 +373,80 @@ def table(r: dict[str, Any]) -> str:
             f"{cell(g / dd if g and dd else None, '%.2f'):>6} "
             f"{cell(v.get('stall'), '%.3f'):>8} "
             f"{cell(v['extra_rss'] / 2**20 if 'extra_rss' in v else None, '%.0f'):>13} "
-            f"{cell(n / 1e9 / v['load'] if 'load' in v else None, '%.2f'):>9}")
+            f"{cell(n / 1e9 / v['load'] if 'load' in v else None, '%.2f'):>9} "
+            f"{cell(n / 1e9 / v['load_touched'] if 'load_touched' in v else None, '%.2f'):>10} "
+            f"{cell(lt_st / v['load_touched'] if lt_st and 'load_touched' in v else None, '%.2f'):>8}")
     return "\n".join(lines)
+
+
+def plot(results: list[dict[str, Any]], path: str) -> None:
+    """GB/s against state size: every method's durable save (solid) and cold load+touch
+    (dashed), one colour per method; a small hand-written SVG."""
+    import math
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2"]
+    series: list[tuple[str, bool, str, list[tuple[float, float]]]] = []
+    methods = list(results[0]["median"])
+    for i, m in enumerate(methods):
+        c = colors[i % len(colors)]
+        for key, dashed, what in (("durable", False, "save"), ("load_touched", True, "load")):
+            pts = [(r["bytes"] / 1e9, r["bytes"] / 1e9 / r["median"][m][key])
+                   for r in results if key in r["median"].get(m, {})]
+            if pts:
+                series.append((f"{m} {what}", dashed, c, pts))
+    w, h, left, right, top, bottom = 820, 460, 70, 260, 40, 60
+    pw, ph = w - left - right, h - top - bottom
+    xs = sorted({p[0] for s in series for p in s[3]})
+    ymax = max(p[1] for s in series for p in s[3])
+    ytop = next(m * 10 ** math.floor(math.log10(ymax)) for m in (1, 2, 2.5, 5, 10)
+                if m * 10 ** math.floor(math.log10(ymax)) >= ymax)
+    lo, hi = math.log2(xs[0]), math.log2(xs[-1])
+
+    def px(x: float) -> float:
+        return left + (pw / 2 if hi == lo else (math.log2(x) - lo) / (hi - lo) * pw)
+
+    def py(y: float) -> float:
+        return top + ph - y / ytop * ph
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+           f'font-family="sans-serif" font-size="12"><rect width="{w}" height="{h}" fill="white"/>',
+           f'<text x="{left + pw / 2}" y="22" font-size="15" text-anchor="middle">peers: durable '
+           f'save (solid) and cold load + touch (dashed), GB/s against state size</text>']
+    for k in range(6):
+        y = ytop * k / 5
+        out.append(f'<line x1="{left}" y1="{py(y):.1f}" x2="{left + pw}" y2="{py(y):.1f}" '
+                   f'stroke="#ddd"/><text x="{left - 6}" y="{py(y) + 4:.1f}" '
+                   f'text-anchor="end">{y:g}</text>')
+    for x in xs:
+        out.append(f'<text x="{px(x):.1f}" y="{top + ph + 18}" text-anchor="middle">'
+                   f'{x:.2f} GB</text>')
+    out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" '
+               f'stroke="#333"/>')
+    for i, (label, dashed, c, pts) in enumerate(series):
+        dash = ' stroke-dasharray="6 4"' if dashed else ""
+        line = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in sorted(pts))
+        out.append(f'<polyline points="{line}" fill="none" stroke="{c}" stroke-width="2"{dash}/>')
+        out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{c}"/>' for x, y in pts]
+        ly = top + 10 + 18 * i
+        out.append(f'<line x1="{left + pw + 12}" y1="{ly}" x2="{left + pw + 36}" y2="{ly}" '
+                   f'stroke="{c}" stroke-width="2"{dash}/><text x="{left + pw + 42}" '
+                   f'y="{ly + 4}">{label}</text>')
+    out.append("</svg>\n")
+    with open(path, "w") as f:
+        f.write("\n".join(out))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import warnings
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-    r = run(args)
-    print(json.dumps(r, indent=1) if args.json else table(r))
+    results = [run(args, size) for size in args.sizes]
+    if args.json:
+        print(json.dumps(results[0] if len(results) == 1 else results, indent=1))
+    else:
+        print("\n\n".join(table(r) for r in results))
+    if args.plot:
+        plot(results, args.plot)
+        print(f"chart: {args.plot}")
     return 0
 
 

@@ -352,11 +352,16 @@ fn bench_measures_every_figure_and_cleans_up() {
         "1",
         "--budget-mib",
         "4",
+        "--cold",
+        "file",
         "--json",
     ]));
     for key in [
         "raw_write_gbps",
+        "raw_write_buffered_gbps",
         "raw_read_gbps",
+        "raw_read_buffered_gbps",
+        "load_copy_gbps",
         "memcpy_gbps",
         "save_gbps",
         "save_async_durable_gbps",
@@ -370,6 +375,20 @@ fn bench_measures_every_figure_and_cleans_up() {
         assert!(x.is_finite() && x > 0.0, "{key} = {x}");
     }
     assert!(v["save_async_stall_s"].as_f64().unwrap() > 0.0);
+    assert!(v["save_async_stall_floor_s"].as_f64().unwrap() > 0.0);
+    // The raw limits are the faster way of each.
+    let (w, wb) = (
+        v["raw_write_gbps"].as_f64(),
+        v["raw_write_buffered_gbps"].as_f64(),
+    );
+    assert!(w >= wb, "{v}");
+    let (r, rb) = (
+        v["raw_read_gbps"].as_f64(),
+        v["raw_read_buffered_gbps"].as_f64(),
+    );
+    assert!(r >= rb, "{v}");
+    // 90% of the incremental save's chunks are the full save's: it writes a tenth.
+    assert!(v["save_incremental_s"].as_f64().unwrap() > 0.0);
     // Weight-like floats compress: zstd stored fewer bytes than it was given.
     let ratio = v["zstd_stored_over_raw"].as_f64().unwrap();
     assert!(ratio > 0.0 && ratio < 0.95, "{ratio}");
@@ -384,6 +403,37 @@ fn bench_measures_every_figure_and_cleans_up() {
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     let e = fails(&["bench", "--dir", d, "--size", "2 parsecs"]);
     assert!(e.contains("unknown size unit"), "{e}");
+
+    // Several sizes, one report each, and the chart of GB/s against size.
+    let svg = dir.path().join("bench.svg");
+    let v = json(&ok(&[
+        "bench",
+        "--dir",
+        d,
+        "--sizes",
+        "4MiB,8MiB",
+        "--rounds",
+        "1",
+        "--budget-mib",
+        "4",
+        "--cold",
+        "file",
+        "--plot",
+        svg.to_str().unwrap(),
+        "--json",
+    ]));
+    let sizes: Vec<u64> = v["sizes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["size_bytes"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sizes, [4 << 20, 8 << 20]);
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    assert!(chart.starts_with("<svg"), "{chart}");
+    assert_eq!(chart.matches("<polyline").count(), 6, "{chart}");
+    std::fs::remove_file(&svg).unwrap();
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
 
 #[test]

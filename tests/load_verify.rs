@@ -1,6 +1,8 @@
-//! A load hashes chunk k while reading chunk k+1 on another thread; the error must still name
-//! the first damaged chunk of the tensor, whatever the order the damage was found in, and a
-//! load that skips verification must return the stored bytes.
+//! A verified load reads and hashes chunks on several threads (chunk k on thread k % cores,
+//! read ahead by hints); the error must still name the first damaged chunk of the tensor,
+//! whatever the order the damage was found in, and a load that skips verification must return
+//! the stored bytes. Both the small-tensor path (one thread) and the parallel one (tensors of
+//! 8 MiB and more) are covered, through `tensor` and `tensor_into`.
 
 mod support;
 
@@ -16,8 +18,22 @@ fn flip(dir: &std::path::Path, segment: u64, offset: u64) {
 
 #[test]
 fn first_damaged_chunk_is_named() {
+    first_damaged_chunk_is_named_with(CHUNK);
+}
+
+/// Chunks of 1 MiB: the tensor (10 MiB and a bit) is read on every core.
+#[test]
+fn first_damaged_chunk_is_named_when_chunks_are_read_in_parallel() {
+    first_damaged_chunk_is_named_with(1 << 20);
+}
+
+fn first_damaged_chunk_is_named_with(chunk_size: usize) {
+    let opts = || ckptstore::Options {
+        chunk_size,
+        ..opts()
+    };
     let dir = tempfile::tempdir().unwrap();
-    let w = data(5, 10 * CHUNK + 123);
+    let w = data(5, 10 * chunk_size + 123);
     let mut s = Store::open(dir.path(), opts()).unwrap();
     let mut t = s.begin(1).unwrap();
     t.put_tensor("w", DType::U8, &[w.len() as u64], &w).unwrap();
@@ -51,13 +67,32 @@ fn first_damaged_chunk_is_named() {
             }
             other => panic!("{damaged:?}: {other:?}"),
         }
+        let mut into = vec![0u8; w.len()];
+        match ck.tensor_into("w", &mut into, true) {
+            Err(Error::ChunkCorrupt { chunk, .. }) => assert_eq!(chunk, first, "{damaged:?}"),
+            other => panic!("{damaged:?}: tensor_into gave {other:?}"),
+        }
         let raw = ck.tensor_with("w", false).unwrap().data;
         let mut want = w.clone();
         for &k in &damaged {
-            want[k * CHUNK + 7] ^= 0x20;
+            want[k * chunk_size + 7] ^= 0x20;
         }
         assert!(raw == want, "unverified load returns the stored bytes");
+        ck.tensor_into("w", &mut into, false).unwrap();
+        assert!(
+            into == want,
+            "unverified tensor_into returns the stored bytes"
+        );
     }
+    // Undamaged: tensor_into gives the saved bytes, and refuses a destination of another size.
+    let s = Store::open(dir.path(), opts()).unwrap();
+    let ck = s.checkpoint(Selector::Latest).unwrap();
+    let mut into = vec![0u8; w.len()];
+    ck.tensor_into("w", &mut into, true).unwrap();
+    assert!(into == w);
+    let mut short = vec![0u8; w.len() - 1];
+    let e = ck.tensor_into("w", &mut short, true).unwrap_err();
+    assert!(e.to_string().contains("destination"), "{e}");
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

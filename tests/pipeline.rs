@@ -310,3 +310,42 @@ fn a_dropped_handles_failure_is_reported_by_the_next_begin() {
     assert_holds(&store, ok.commit.checkpoint.id, &refs(&tensors(8)));
     assert_holds(&store, last.commit.checkpoint.id, &refs(&tensors(10)));
 }
+
+/// The pipeline's hash and I/O threads run nicer than the caller, so on a machine with few
+/// cores the caller's copy (the stall) gets the cores first (issue 13).
+#[cfg(target_os = "linux")]
+#[test]
+fn pipeline_threads_run_nicer_than_the_caller() {
+    let mem = MemIo::new();
+    let p = Pipeline::new(mem_store(&mem), small_pool(4)).unwrap();
+    // Field 19 of /proc/self/task/TID/stat is the nice value (after the ")" of the name).
+    let nice_of = |stat: &str| -> i32 {
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        rest.split_whitespace().nth(16).unwrap().parse().unwrap()
+    };
+    let mine = nice_of(&std::fs::read_to_string("/proc/thread-self/stat").unwrap());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let mut seen = Vec::new();
+        for e in std::fs::read_dir("/proc/self/task").unwrap() {
+            let dir = e.unwrap().path();
+            let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+            if name.starts_with("ckpt-hash") || name.trim() == "ckpt-io" {
+                let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+                seen.push((name.trim().to_owned(), nice_of(&stat)));
+            }
+        }
+        // (A caller already at the lowest priority, nice 19, has nothing below it.)
+        let all_nicer = seen.len() >= 2 && seen.iter().all(|(_, n)| *n > mine || mine == 19);
+        if all_nicer {
+            break;
+        }
+        // The threads lower their priority as they start: give them a moment.
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{seen:?} vs caller {mine}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    drop(p.close());
+}

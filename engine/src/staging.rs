@@ -173,9 +173,11 @@ pub struct StagingBuf {
 
 impl std::fmt::Debug for StagingBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StagingBuf")
-            .field("len", &self.len)
-            .finish()
+        write!(
+            f,
+            "StagingBuf({} of {} bytes)",
+            self.len, self.pool.buffer_bytes
+        )
     }
 }
 

@@ -1,14 +1,17 @@
 //! `ckptstore bench`: the store against this machine's own limits, in one run, on one file
-//! system: raw O_DIRECT sequential write and read of the same byte count, a memcpy into
-//! reused memory (the floor of a save's stall), durable synchronous save, async save (stall
-//! and time to durable), cold verified load, and the peak extra memory of the async save.
-//! Rounds are interleaved and medians reported; ratios are to the raw figures of the same run.
+//! system: raw sequential write and read of the same byte count (each both O_DIRECT and
+//! through the page cache; the limit is the faster), a memcpy into reused memory (the floor of
+//! a save's stall), durable synchronous save, incremental save, async save (stall and time to
+//! durable), cold verified loads, and the peak extra memory of the async save. Rounds are
+//! interleaved and medians reported; ratios are to the raw limits of the same run. Several
+//! sizes (`--sizes`) run one after another, and `--plot` draws GB/s against size.
 
+use super::bench_raw::{self, Cold, BLOCK};
+use super::plot::{line_chart, Series};
 use super::{emit, emit_json, fail, human_bytes, CliResult};
 use ckptstore::io::{default_backend, IoBackend, StdIo};
 use ckptstore::{Compression, DType, Options, Pipeline, PipelineOptions, Selector, Store};
 use indicatif::{ProgressBar, ProgressStyle};
-use rustix::fs::{Advice, Mode, OFlags};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,8 +22,9 @@ use std::time::{Duration, Instant};
 #[derive(Debug, clap::Args)]
 #[command(after_help = "\
 Every figure is measured in this run on the file system of DIR, rounds interleaved, medians \
-reported. 'Cold' reads drop the files' clean pages from the page cache first \
-(POSIX_FADV_DONTNEED; no root needed). Tensor data is pseudo-random (incompressible, nothing \
+reported. 'Cold' reads drop the page cache first (`sync; echo 3 > /proc/sys/vm/drop_caches` \
+when run as root, else the files' own pages with POSIX_FADV_DONTNEED; --cold file forces the \
+latter). The raw limits are the faster of O_DIRECT and page-cache I/O of the same bytes. Tensor data is pseudo-random (incompressible, nothing \
 deduplicates), except for the compression pair: f32 values spread like trained weights, saved \
 raw and with zstd-1 + byte shuffling. Peak extra RSS is sampled every millisecond during the async save, over the \
 resident size before it.
@@ -31,8 +35,18 @@ pub struct Args {
     #[arg(long, default_value = "ckptstore-bench")]
     pub dir: PathBuf,
     /// Bytes per checkpoint (and for the raw figures): e.g. 2GiB, 512MiB, 1000000.
-    #[arg(long, default_value = "2GiB", value_parser = parse_size)]
+    #[arg(long, default_value = "2GiB", value_parser = parse_size, conflicts_with = "sizes")]
     pub size: u64,
+    /// Several sizes, measured one after another (comma-separated): e.g. 256MiB,1GiB,2GiB.
+    #[arg(long, value_parser = parse_size, value_delimiter = ',')]
+    pub sizes: Vec<u64>,
+    /// Also write an SVG chart of GB/s against size (store save and load next to the raw
+    /// limits) to this file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// How cold reads are made cold: auto (drop the whole page cache when root) or file.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub cold: Cold,
     /// Interleaved rounds; medians are reported.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
@@ -75,8 +89,6 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(v)
 }
 
-const BLOCK: usize = 4 << 20;
-
 /// Median of the samples (seconds).
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
@@ -86,18 +98,256 @@ fn median(v: &[f64]) -> f64 {
 
 #[derive(Default)]
 struct Samples {
-    raw_write: Vec<f64>,
-    raw_read: Vec<f64>,
+    raw_write_direct: Vec<f64>,
+    raw_write_buffered: Vec<f64>,
+    raw_read_direct: Vec<f64>,
+    raw_read_buffered: Vec<f64>,
     memcpy: Vec<f64>,
     save: Vec<f64>,
     save_std: Vec<f64>,
     float_raw: Vec<f64>,
     float_zstd: Vec<f64>,
     zstd_ratio: Vec<f64>,
+    incremental: Vec<f64>,
     stall: Vec<f64>,
     async_durable: Vec<f64>,
     load: Vec<f64>,
+    load_copy: Vec<f64>,
     peak_extra: Vec<u64>,
+    /// Whether every cold read dropped the whole page cache.
+    global_drop: bool,
+}
+
+/// Medians of one size's samples, seconds (and the derived figures).
+struct Report {
+    size: u64,
+    raw_write_direct: Option<f64>,
+    raw_write_buffered: f64,
+    raw_read_direct: Option<f64>,
+    raw_read_buffered: f64,
+    memcpy: f64,
+    save: f64,
+    save_std: Option<f64>,
+    float_raw: f64,
+    float_zstd: f64,
+    zstd_ratio: f64,
+    incremental: f64,
+    stall: f64,
+    durable: f64,
+    load: f64,
+    load_copy: f64,
+    peak_extra: u64,
+    global_drop: bool,
+    budget: u64,
+}
+
+fn median_opt(v: &[f64]) -> Option<f64> {
+    (!v.is_empty()).then(|| median(v))
+}
+
+impl Report {
+    fn of(size: u64, budget: u64, s: &Samples) -> Report {
+        let mut peak = s.peak_extra.clone();
+        peak.sort_unstable();
+        Report {
+            size,
+            raw_write_direct: median_opt(&s.raw_write_direct),
+            raw_write_buffered: median(&s.raw_write_buffered),
+            raw_read_direct: median_opt(&s.raw_read_direct),
+            raw_read_buffered: median(&s.raw_read_buffered),
+            memcpy: median(&s.memcpy),
+            save: median(&s.save),
+            save_std: median_opt(&s.save_std),
+            float_raw: median(&s.float_raw),
+            float_zstd: median(&s.float_zstd),
+            zstd_ratio: median(&s.zstd_ratio),
+            incremental: median(&s.incremental),
+            stall: median(&s.stall),
+            durable: median(&s.async_durable),
+            load: median(&s.load),
+            load_copy: median(&s.load_copy),
+            peak_extra: peak[peak.len() / 2],
+            global_drop: s.global_drop,
+            budget,
+        }
+    }
+
+    /// The async stall's floor: the memcpy of the state into reused memory, or, when the
+    /// staging budget is smaller than the state, the raw write of what does not fit (seconds).
+    fn stall_floor(&self) -> f64 {
+        let over = self.size.saturating_sub(self.budget) as f64 / self.size as f64;
+        self.memcpy.max(over * self.raw_write())
+    }
+
+    fn gb(&self, secs: f64) -> f64 {
+        self.size as f64 / secs / 1e9
+    }
+
+    /// The raw write limit: the faster of O_DIRECT and buffered + fdatasync (seconds).
+    fn raw_write(&self) -> f64 {
+        self.raw_write_direct
+            .map_or(self.raw_write_buffered, |d| d.min(self.raw_write_buffered))
+    }
+
+    /// The raw read limit: the faster of O_DIRECT and buffered, cold (seconds).
+    fn raw_read(&self) -> f64 {
+        self.raw_read_direct
+            .map_or(self.raw_read_buffered, |d| d.min(self.raw_read_buffered))
+    }
+
+    fn json(&self, rounds: usize, budget: usize, dir: &Path) -> serde_json::Value {
+        let gb = |s: f64| self.gb(s);
+        json!({
+            "dir": dir.display().to_string(),
+            "size_bytes": self.size,
+            "rounds": rounds,
+            "budget_bytes": budget,
+            "cold": if self.global_drop { "drop_caches" } else { "fadvise" },
+            "raw_write_gbps": gb(self.raw_write()),
+            "raw_write_direct_gbps": self.raw_write_direct.map(gb),
+            "raw_write_buffered_gbps": gb(self.raw_write_buffered),
+            "raw_read_gbps": gb(self.raw_read()),
+            "raw_read_direct_gbps": self.raw_read_direct.map(gb),
+            "raw_read_buffered_gbps": gb(self.raw_read_buffered),
+            "memcpy_gbps": gb(self.memcpy),
+            "save_gbps": gb(self.save),
+            "save_vs_raw_write": self.raw_write() / self.save,
+            "io_backend": default_backend().backend.to_string(),
+            "save_std_gbps": self.save_std.map(gb),
+            "save_floats_gbps": gb(self.float_raw),
+            "save_floats_zstd_gbps": gb(self.float_zstd),
+            "zstd_stored_over_raw": self.zstd_ratio,
+            "save_incremental_s": self.incremental,
+            "save_incremental_vs_full": self.incremental / self.save,
+            "save_async_stall_s": self.stall,
+            "save_async_stall_vs_memcpy": self.stall / self.memcpy,
+            "save_async_stall_floor_s": self.stall_floor(),
+            "save_async_stall_vs_floor": self.stall / self.stall_floor(),
+            "save_async_durable_gbps": gb(self.durable),
+            "load_gbps": gb(self.load),
+            "load_vs_raw_read": self.raw_read() / self.load,
+            "load_copy_gbps": gb(self.load_copy),
+            "load_copy_vs_raw_read": self.raw_read() / self.load_copy,
+            "peak_extra_rss_bytes": self.peak_extra,
+        })
+    }
+
+    fn table(&self, rounds: usize, budget_mib: usize, dir: &Path) -> String {
+        let backend = default_backend().backend;
+        let row = |what: &str, secs: f64, vs: String| -> Vec<String> {
+            vec![
+                what.to_owned(),
+                format!("{:.3} s", secs),
+                format!("{:.2}", self.gb(secs)),
+                vs,
+            ]
+        };
+        let limit = |secs: f64, best: f64| {
+            if secs == best {
+                "1.00 (limit)".to_owned()
+            } else {
+                format!("{:.2} of the limit", best / secs)
+            }
+        };
+        let (w, r) = (self.raw_write(), self.raw_read());
+        let mut rows = Vec::new();
+        if let Some(d) = self.raw_write_direct {
+            rows.push(row("raw write, O_DIRECT + fdatasync", d, limit(d, w)));
+        }
+        rows.push(row(
+            "raw write, buffered + fdatasync",
+            self.raw_write_buffered,
+            limit(self.raw_write_buffered, w),
+        ));
+        if let Some(d) = self.raw_read_direct {
+            rows.push(row("raw read, O_DIRECT, cold", d, limit(d, r)));
+        }
+        rows.push(row(
+            "raw read, buffered, cold",
+            self.raw_read_buffered,
+            limit(self.raw_read_buffered, r),
+        ));
+        rows.push(row("memcpy into reused memory", self.memcpy, "-".into()));
+        rows.push(row(
+            &format!("store save, durable (sync, {backend})"),
+            self.save,
+            format!("{:.2} of raw write", w / self.save),
+        ));
+        if let Some(std) = self.save_std {
+            rows.push(row(
+                "store save, durable (sync, std)",
+                std,
+                format!("{:.2} of raw write", w / std),
+            ));
+        }
+        rows.extend([
+            row(
+                "store save, weight-like f32, raw",
+                self.float_raw,
+                format!("{:.2} of raw write", w / self.float_raw),
+            ),
+            row(
+                "store save, weight-like f32, zstd-1",
+                self.float_zstd,
+                format!(
+                    "{:.2}× the raw save's time; stored {:.2} of the bytes",
+                    self.float_zstd / self.float_raw,
+                    self.zstd_ratio
+                ),
+            ),
+            row(
+                "store save, incremental (90% unchanged)",
+                self.incremental,
+                format!("{:.2}× the full save's time", self.incremental / self.save),
+            ),
+            row(
+                "store save async: stall",
+                self.stall,
+                format!(
+                    "{:.2}× memcpy; {:.2}× the floor max(memcpy, (state − budget) / raw write)",
+                    self.stall / self.memcpy,
+                    self.stall / self.stall_floor()
+                ),
+            ),
+            row(
+                "store save async: durable",
+                self.durable,
+                format!("{:.2} of raw write", w / self.durable),
+            ),
+            row(
+                "store load, cold, verified (zero-copy)",
+                self.load,
+                format!("{:.2} of raw read", r / self.load),
+            ),
+            row(
+                "store load, cold, verified, into new memory",
+                self.load_copy,
+                format!("{:.2} of raw read", r / self.load_copy),
+            ),
+        ]);
+        let mut text = format!(
+            "ckptstore bench: {} per run, {} rounds (medians), in {}; cold reads after {}\n\n",
+            human_bytes(self.size),
+            rounds,
+            dir.display(),
+            if self.global_drop {
+                "sync + drop_caches"
+            } else {
+                "POSIX_FADV_DONTNEED of the files"
+            }
+        );
+        text += &super::table(
+            &["what", "time", "GB/s", "ratio"],
+            &[false, true, true, false],
+            &rows,
+        );
+        text += &format!(
+            "\npeak extra RSS during the async save: {} (staging budget {})\n",
+            human_bytes(self.peak_extra),
+            human_bytes((budget_mib as u64) << 20),
+        );
+        text
+    }
 }
 
 /// `ckptstore bench`.
@@ -105,134 +355,81 @@ pub fn run(a: Args) -> CliResult {
     if a.rounds == 0 {
         return fail("--rounds must be at least 1");
     }
-    let size = a.size.div_ceil(BLOCK as u64) * BLOCK as u64;
+    let sizes: Vec<u64> = if a.sizes.is_empty() {
+        vec![a.size]
+    } else {
+        a.sizes.clone()
+    };
     std::fs::create_dir_all(&a.dir)
         .map_err(|e| super::Failure(format!("cannot create {}: {e}", a.dir.display())))?;
     let work = a.dir.join(format!("bench-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
-    let result = measure(&a, size, &work);
+    let mut reports = Vec::new();
+    for &size in &sizes {
+        let size = size.div_ceil(BLOCK as u64) * BLOCK as u64;
+        let result = measure(&a, size, &work);
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&work);
+        }
+        reports.push(Report::of(size, (a.budget_mib as u64) << 20, &result?));
+    }
     let _ = std::fs::remove_dir_all(&work);
-    let s = result?;
-    let gb = |secs: f64| size as f64 / secs / 1e9;
-    let raw_w = median(&s.raw_write);
-    let raw_r = median(&s.raw_read);
-    let save = median(&s.save);
-    let save_std = (!s.save_std.is_empty()).then(|| median(&s.save_std));
-    let float_raw = median(&s.float_raw);
-    let float_zstd = median(&s.float_zstd);
-    let zstd_ratio = median(&s.zstd_ratio);
-    let backend = default_backend().backend;
-    let stall = median(&s.stall);
-    let durable = median(&s.async_durable);
-    let load = median(&s.load);
-    let memcpy = median(&s.memcpy);
-    let mut peak = s.peak_extra.clone();
-    peak.sort_unstable();
-    let peak_extra = peak[peak.len() / 2];
     let peak_rss = peak_rss_bytes();
+    if let Some(path) = &a.plot {
+        std::fs::write(path, plot(&reports))
+            .map_err(|e| super::Failure(format!("cannot write {}: {e}", path.display())))?;
+    }
+    let budget = a.budget_mib << 20;
     if a.json {
-        return emit_json(&json!({
-            "dir": a.dir.display().to_string(),
-            "size_bytes": size,
-            "rounds": a.rounds,
-            "budget_bytes": a.budget_mib << 20,
-            "raw_write_gbps": gb(raw_w),
-            "raw_read_gbps": gb(raw_r),
-            "memcpy_gbps": gb(memcpy),
-            "save_gbps": gb(save),
-            "save_vs_raw_write": raw_w / save,
-            "io_backend": backend.to_string(),
-            "save_std_gbps": save_std.map(gb),
-            "save_floats_gbps": gb(float_raw),
-            "save_floats_zstd_gbps": gb(float_zstd),
-            "zstd_stored_over_raw": zstd_ratio,
-            "save_async_stall_s": stall,
-            "save_async_stall_vs_memcpy": stall / memcpy,
-            "save_async_durable_gbps": gb(durable),
-            "load_gbps": gb(load),
-            "load_vs_raw_read": raw_r / load,
-            "peak_extra_rss_bytes": peak_extra,
-            "peak_rss_bytes": peak_rss,
-        }));
+        let mut v = if let [one] = &reports[..] {
+            one.json(a.rounds, budget, &a.dir)
+        } else {
+            json!({
+                "sizes": reports
+                    .iter()
+                    .map(|r| r.json(a.rounds, budget, &a.dir))
+                    .collect::<Vec<_>>()
+            })
+        };
+        v["peak_rss_bytes"] = json!(peak_rss);
+        return emit_json(&v);
     }
-    let row = |what: &str, secs: f64, vs: String| -> Vec<String> {
-        vec![
-            what.to_owned(),
-            format!("{:.3} s", secs),
-            format!("{:.2}", gb(secs)),
-            vs,
-        ]
-    };
-    let mut rows = vec![
-        row(
-            "raw write, O_DIRECT + fdatasync",
-            raw_w,
-            "1.00 (limit)".into(),
-        ),
-        row("raw read, O_DIRECT, cold", raw_r, "1.00 (limit)".into()),
-        row("memcpy into reused memory", memcpy, "-".into()),
-        row(
-            &format!("store save, durable (sync, {backend})"),
-            save,
-            format!("{:.2} of raw write", raw_w / save),
-        ),
-    ];
-    if let Some(std) = save_std {
-        rows.push(row(
-            "store save, durable (sync, std)",
-            std,
-            format!("{:.2} of raw write", raw_w / std),
-        ));
+    let mut text = reports
+        .iter()
+        .map(|r| r.table(a.rounds, a.budget_mib, &a.dir))
+        .collect::<Vec<_>>()
+        .join("\n");
+    text += &format!("peak RSS of this process: {}\n", human_bytes(peak_rss));
+    if let Some(path) = &a.plot {
+        text += &format!("chart: {}\n", path.display());
     }
-    rows.extend([
-        row(
-            "store save, weight-like f32, raw",
-            float_raw,
-            format!("{:.2} of raw write", raw_w / float_raw),
-        ),
-        row(
-            "store save, weight-like f32, zstd-1",
-            float_zstd,
-            format!(
-                "{:.2}× the raw save's time; stored {:.2} of the bytes",
-                float_zstd / float_raw,
-                zstd_ratio
-            ),
-        ),
-        row(
-            "store save async: stall",
-            stall,
-            format!("{:.2}× memcpy", stall / memcpy),
-        ),
-        row(
-            "store save async: durable",
-            durable,
-            format!("{:.2} of raw write", raw_w / durable),
-        ),
-        row(
-            "store load, cold, verified (zero-copy)",
-            load,
-            format!("{:.2} of raw read", raw_r / load),
-        ),
-    ]);
-    let mut text = format!(
-        "ckptstore bench: {} per run, {} rounds (medians), in {}\n\n",
-        human_bytes(size),
-        a.rounds,
-        a.dir.display()
-    );
-    text += &super::table(
-        &["what", "time", "GB/s", "ratio"],
-        &[false, true, true, false],
-        &rows,
-    );
-    text += &format!(
-        "\npeak extra RSS during the async save: {} (staging budget {}); peak RSS of this process: {}\n",
-        human_bytes(peak_extra),
-        human_bytes((a.budget_mib as u64) << 20),
-        human_bytes(peak_rss)
-    );
     emit(&text)
+}
+
+/// GB/s against size: the store's save and loads next to the raw limits.
+fn plot(reports: &[Report]) -> String {
+    let line = |label: &str, dashed: bool, secs: &dyn Fn(&Report) -> f64| Series {
+        label: label.to_owned(),
+        dashed,
+        points: reports
+            .iter()
+            .map(|r| (r.size as f64, r.gb(secs(r))))
+            .collect(),
+    };
+    let series = [
+        line("raw write (limit)", true, &|r| r.raw_write()),
+        line("raw read, cold (limit)", true, &|r| r.raw_read()),
+        line("save, durable", false, &|r| r.save),
+        line("save async, durable", false, &|r| r.durable),
+        line("load, cold, zero-copy", false, &|r| r.load),
+        line("load, cold, new memory", false, &|r| r.load_copy),
+    ];
+    line_chart(
+        "ckptstore bench: GB/s against checkpoint size",
+        "GB/s (10^9 bytes per second)",
+        &series,
+        |x| human_bytes(x as u64),
+    )
 }
 
 /// One durable synchronous save of `data` into a new store at `dir`: seconds.
@@ -258,8 +455,7 @@ fn sync_save_info(dir: &Path, data: &[u8], round: usize, opts: Options) -> CliRe
 
 /// f32 values spread like trained weights (uniform in ±0.02): the bytes a compressor sees in
 /// a real checkpoint, unlike random bytes.
-fn float_weights(n: usize) -> Vec<u8> {
-    let mut out = vec![0u8; n];
+fn float_weights(out: &mut [u8]) {
     let mut x = 0x2545_f491_4f6c_dd1du64;
     for w in out.chunks_mut(4) {
         x ^= x << 13;
@@ -268,69 +464,88 @@ fn float_weights(n: usize) -> Vec<u8> {
         let v = (x >> 32) as i32 as f32 * (0.02 / 2_147_483_648.0);
         w.copy_from_slice(&v.to_le_bytes()[..w.len()]);
     }
-    out
 }
 
 fn measure(a: &Args, size: u64, work: &Path) -> CliResult<Samples> {
     let backend = default_backend().backend;
-    let bar = ProgressBar::new((a.rounds * 6) as u64);
+    let bar = ProgressBar::new((a.rounds * 7) as u64);
     bar.set_style(
         ProgressStyle::with_template("{spinner} bench [{bar:30}] {pos}/{len} {msg}")
             .expect("valid template")
             .progress_chars("=> "),
     );
+    let msg = |round: usize, what: &str| {
+        bar.set_message(format!(
+            "{}, round {}: {what}",
+            human_bytes(size),
+            round + 1
+        ));
+    };
     bar.set_message("generating data");
     let mut data = pseudo_random(size as usize);
-    let mut floats = float_weights(size as usize);
-    let mut s = Samples::default();
+    // Weight-like floats for the compression pair; also the (pre-faulted) destination of the
+    // memcpy, so the bench holds two copies of the state, not three.
+    let mut floats = vec![0u8; size as usize];
+    let mut s = Samples {
+        global_drop: true,
+        ..Samples::default()
+    };
+    let mut cold = |files: &[&Path]| -> CliResult {
+        s.global_drop &= bench_raw::drop_cache(files, a.cold)?;
+        Ok(())
+    };
+    let mut raw_w = [Vec::new(), Vec::new()];
+    let mut raw_r = [Vec::new(), Vec::new()];
+    let (mut memcpy, mut save, mut save_std, mut float_raw, mut float_zstd, mut zstd_ratio) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut load, mut load_copy, mut incremental, mut stall, mut durable, mut peak) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
     for round in 0..a.rounds {
         // Every chunk differs from every earlier round's: nothing deduplicates.
-        for (k, block) in data.chunks_mut(BLOCK).enumerate() {
-            block[..16].copy_from_slice(
-                &[(round as u64).to_le_bytes(), (k as u64).to_le_bytes()].concat(),
-            );
-        }
-        bar.set_message(format!("round {}: raw write", round + 1));
+        stamp(&mut data, round, 0);
+        // The raw limits, both ways, the way first alternating between rounds.
         let raw = work.join("raw.bin");
-        s.raw_write.push(raw_write(&raw, &data)?);
+        for k in 0..2 {
+            let direct = (k + round) % 2 == 0;
+            let way = if direct { "O_DIRECT" } else { "buffered" };
+            msg(round, &format!("raw write and read, {way}"));
+            if let Some(w) = bench_raw::write(&raw, &data, direct)? {
+                raw_w[usize::from(direct)].push(w);
+                cold(&[&raw])?;
+                if let Some(r) = bench_raw::read(&raw, size, direct)? {
+                    raw_r[usize::from(direct)].push(r);
+                }
+            }
+            std::fs::remove_file(&raw)?;
+        }
         bar.inc(1);
-        bar.set_message(format!("round {}: raw read", round + 1));
-        s.raw_read.push(raw_read(&raw, size)?);
-        std::fs::remove_file(&raw)?;
-        bar.inc(1);
-        bar.set_message(format!("round {}: memcpy", round + 1));
-        s.memcpy.push(memcpy_reused(&data));
+        msg(round, "memcpy");
+        memcpy.push(memcpy_reused(&data, &mut floats));
         bar.inc(1);
 
-        bar.set_message(format!("round {}: durable save ({backend})", round + 1));
+        msg(round, &format!("durable save ({backend})"));
         let dir = work.join(format!("sync-{round}"));
-        s.save
-            .push(sync_save(&dir, &data, round, Options::default())?);
+        save.push(sync_save(&dir, &data, round, Options::default())?);
         bar.inc(1);
         if backend != IoBackend::Std {
-            bar.set_message(format!("round {}: durable save (std)", round + 1));
-            for block in data.chunks_mut(BLOCK) {
-                block[17] ^= 0x5a; // differ from the other saves' chunks
-            }
+            msg(round, "durable save (std)");
+            stamp(&mut data, round, 1); // differ from the other saves' chunks
             let std_dir = work.join(format!("sync-std-{round}"));
             let opts = Options {
                 io: Arc::new(StdIo),
                 ..Options::default()
             };
-            s.save_std.push(sync_save(&std_dir, &data, round, opts)?);
+            save_std.push(sync_save(&std_dir, &data, round, opts)?);
             std::fs::remove_dir_all(&std_dir)?;
+            stamp(&mut data, round, 0); // back to the bytes the first save stored
         }
         // Compression, on weight-like floats (random bytes never compress): the same data
         // saved raw and with zstd-1 + byte shuffling.
-        bar.set_message(format!("round {}: float save, raw and zstd", round + 1));
-        for (k, block) in floats.chunks_mut(BLOCK).enumerate() {
-            block[..16].copy_from_slice(
-                &[(round as u64).to_le_bytes(), (k as u64).to_le_bytes()].concat(),
-            );
-        }
+        msg(round, "float save, raw and zstd");
+        float_weights(&mut floats);
+        stamp(&mut floats, round, 0);
         let fdir = work.join(format!("float-raw-{round}"));
-        s.float_raw
-            .push(sync_save(&fdir, &floats, round, Options::default())?);
+        float_raw.push(sync_save(&fdir, &floats, round, Options::default())?);
         std::fs::remove_dir_all(&fdir)?;
         let fdir = work.join(format!("float-zstd-{round}"));
         let zopts = Options {
@@ -338,18 +553,32 @@ fn measure(a: &Args, size: u64, work: &Path) -> CliResult<Samples> {
             ..Options::default()
         };
         let (secs, ratio) = sync_save_info(&fdir, &floats, round, zopts)?;
-        s.float_zstd.push(secs);
-        s.zstd_ratio.push(ratio);
+        float_zstd.push(secs);
+        zstd_ratio.push(ratio);
         std::fs::remove_dir_all(&fdir)?;
-        bar.set_message(format!("round {}: cold load", round + 1));
-        s.load.push(cold_load(&dir)?);
+        bar.inc(1);
+        msg(round, "cold loads");
+        let segments = segment_files(&dir)?;
+        let seg_refs: Vec<&Path> = segments.iter().map(PathBuf::as_path).collect();
+        cold(&seg_refs)?;
+        load.push(cold_load(&dir, true)?);
+        cold(&seg_refs)?;
+        load_copy.push(cold_load(&dir, false)?);
+        bar.inc(1);
+        // Incremental: one 4 MiB block in ten changes, the rest is what the store holds.
+        msg(round, "incremental save");
+        for block in data.chunks_mut(BLOCK).step_by(10) {
+            block[18] ^= 0x5a;
+        }
+        incremental.push(sync_save(&dir, &data, round + 1, Options::default())?);
+        for block in data.chunks_mut(BLOCK).step_by(10) {
+            block[18] ^= 0x5a;
+        }
         std::fs::remove_dir_all(&dir)?;
         bar.inc(1);
 
-        bar.set_message(format!("round {}: async save", round + 1));
-        for block in data.chunks_mut(BLOCK) {
-            block[16] ^= 0x5a; // differ from the sync save's chunks
-        }
+        msg(round, "async save");
+        stamp(&mut data, round, 2); // differ from the sync saves' chunks
         let dir = work.join(format!("async-{round}"));
         // From before the pipeline exists: its staging pool counts as extra memory.
         let sampler = RssSampler::start();
@@ -366,15 +595,54 @@ fn measure(a: &Args, size: u64, work: &Path) -> CliResult<Samples> {
             save.put_tensor(name, DType::F32, &[bytes.len() as u64 / 4], bytes)
         })?;
         let r = save.submit()?.wait()?;
-        s.stall.push(r.stall.as_secs_f64());
-        s.async_durable.push(r.time_to_durable.as_secs_f64());
+        stall.push(r.stall.as_secs_f64());
+        durable.push(r.time_to_durable.as_secs_f64());
         drop(p.close());
-        s.peak_extra.push(sampler.stop());
+        peak.push(sampler.stop());
         std::fs::remove_dir_all(&dir)?;
         bar.inc(1);
     }
     bar.finish_and_clear();
-    Ok(s)
+    let [raw_write_buffered, raw_write_direct] = raw_w;
+    let [raw_read_buffered, raw_read_direct] = raw_r;
+    Ok(Samples {
+        raw_write_direct,
+        raw_write_buffered,
+        raw_read_direct,
+        raw_read_buffered,
+        memcpy,
+        save,
+        save_std,
+        float_raw,
+        float_zstd,
+        zstd_ratio,
+        incremental,
+        stall,
+        async_durable: durable,
+        load,
+        load_copy,
+        peak_extra: peak,
+        global_drop: s.global_drop,
+    })
+}
+
+/// Writes `(round, block, variant)` into the head of every block, so no block equals one of
+/// another round or variant (nothing deduplicates by accident).
+fn stamp(data: &mut [u8], round: usize, variant: u64) {
+    for (k, block) in data.chunks_mut(BLOCK).enumerate() {
+        let head = [round as u64, k as u64, variant];
+        for (i, w) in head.iter().enumerate() {
+            block[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+        }
+    }
+}
+
+fn segment_files(dir: &Path) -> CliResult<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir.join("segments"))? {
+        out.push(e?.path());
+    }
+    Ok(out)
 }
 
 /// Splits the data into tensors of 64 MiB (the last shorter), named like a model's layers.
@@ -397,100 +665,29 @@ fn pseudo_random(n: usize) -> Vec<u8> {
     out
 }
 
-/// A page-aligned, pre-faulted buffer of one block (O_DIRECT needs aligned memory).
-fn aligned_block() -> CliResult<memmap2::MmapMut> {
-    Ok(memmap2::MmapOptions::new()
-        .len(BLOCK)
-        .populate()
-        .map_anon()?)
-}
-
-/// O_DIRECT open, or buffered where the file system refuses O_DIRECT (tmpfs).
-fn open_direct(path: &Path, flags: OFlags) -> CliResult<std::os::fd::OwnedFd> {
-    match rustix::fs::open(
-        path,
-        flags | OFlags::DIRECT | OFlags::CLOEXEC,
-        Mode::from(0o644),
-    ) {
-        Ok(fd) => Ok(fd),
-        Err(rustix::io::Errno::INVAL) => Ok(rustix::fs::open(
-            path,
-            flags | OFlags::CLOEXEC,
-            Mode::from(0o644),
-        )?),
-        Err(e) => Err(super::Failure(format!("open {}: {e}", path.display()))),
-    }
-}
-
-/// Sequential O_DIRECT writes of `data` in 4 MiB blocks, then fdatasync: seconds.
-fn raw_write(path: &Path, data: &[u8]) -> CliResult<f64> {
-    let mut block = aligned_block()?;
-    let t = Instant::now();
-    let fd = open_direct(path, OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC)?;
-    let mut off = 0u64;
-    for chunk in data.chunks(BLOCK) {
-        block[..chunk.len()].copy_from_slice(chunk);
-        let mut done = 0;
-        while done < BLOCK {
-            let n = rustix::io::pwrite(&fd, &block[done..], off + done as u64)?;
-            if n == 0 {
-                return fail("raw write: the disk accepted no bytes");
-            }
-            done += n;
-        }
-        off += BLOCK as u64;
-    }
-    rustix::fs::fdatasync(&fd)?;
-    Ok(t.elapsed().as_secs_f64())
-}
-
-/// Drops the file's clean pages, then reads it with O_DIRECT: seconds.
-fn raw_read(path: &Path, size: u64) -> CliResult<f64> {
-    drop_cache(path)?;
-    let mut block = aligned_block()?;
-    let t = Instant::now();
-    let fd = open_direct(path, OFlags::RDONLY)?;
-    let mut off = 0u64;
-    while off < size {
-        let n = rustix::io::pread(&fd, &mut block[..], off)?;
-        if n == 0 {
-            return fail(format!("raw read: {} ended early", path.display()));
-        }
-        off += n as u64;
-    }
-    std::hint::black_box(&block[..]);
-    Ok(t.elapsed().as_secs_f64())
-}
-
 /// A memcpy of the data into memory that is already faulted in (a save's stall floor).
-fn memcpy_reused(data: &[u8]) -> f64 {
-    let mut dst = vec![0u8; data.len()];
-    dst.copy_from_slice(data); // fault the pages in
+fn memcpy_reused(data: &[u8], dst: &mut [u8]) -> f64 {
+    dst.copy_from_slice(data); // fault the pages in (if they were not)
     let t = Instant::now();
     dst.copy_from_slice(data);
     std::hint::black_box(&dst);
     t.elapsed().as_secs_f64()
 }
 
-fn drop_cache(path: &Path) -> CliResult {
-    let f = std::fs::File::open(path)?;
-    rustix::fs::fadvise(&f, 0, None, Advice::DontNeed)?;
-    Ok(())
-}
-
-/// Drops the store's segment pages, opens it read-only and reads every tensor verified,
-/// through the zero-copy path (a view into the segment's memory map; what the Python
-/// package's numpy loads use).
-fn cold_load(dir: &Path) -> CliResult<f64> {
-    for e in std::fs::read_dir(dir.join("segments"))? {
-        drop_cache(&e?.path())?;
-    }
+/// Opens the (cold) store read-only and reads every tensor verified: `zero_copy` through the
+/// view path (the segment's memory map; what the Python package's numpy loads use), else into
+/// new memory (one copy; what a load into fresh torch tensors costs): seconds.
+fn cold_load(dir: &Path, zero_copy: bool) -> CliResult<f64> {
     let t = Instant::now();
     let store = Store::open(dir, Options::read_only())?;
     let ck = store.checkpoint(Selector::Latest)?;
     let mut n = 0usize;
     for name in ck.tensor_names() {
-        n += ck.tensor_view(name)?.data().len();
+        n += if zero_copy {
+            ck.tensor_view(name)?.data().len()
+        } else {
+            ck.tensor(name)?.data.len()
+        };
     }
     std::hint::black_box(n);
     Ok(t.elapsed().as_secs_f64())

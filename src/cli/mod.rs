@@ -2,6 +2,7 @@
 //! store, checkpoint selection, human-readable sizes and times, JSON output, errors).
 
 mod bench;
+mod bench_raw;
 mod crashtest;
 mod demo;
 mod export;
@@ -10,6 +11,7 @@ mod import;
 mod inspect;
 mod ls;
 mod pin;
+mod plot;
 mod recover;
 mod synth;
 mod verify;

@@ -158,6 +158,52 @@ impl HostBytes {
     }
 }
 
+/// Memory a load writes into: `(owner, address, nbytes)` of a contiguous CPU tensor the Python
+/// wrapper has just allocated for this load (`torch.empty`) and not handed to anyone yet. The
+/// owner is referenced here, so the memory stays allocated while this value lives; the wrapper
+/// promises nothing else reads or writes it until the load returns.
+pub struct LoadTarget {
+    _owner: Py<PyAny>,
+    addr: usize,
+    len: usize,
+}
+
+impl LoadTarget {
+    /// Accepts a tuple `(owner, address, nbytes)`.
+    pub fn from_py(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let (owner, addr, len): (Py<PyAny>, usize, usize) = obj.extract().map_err(|_| {
+            PyTypeError::new_err(format!(
+                "tensor {name:?}: a load target is (owner, address, nbytes)"
+            ))
+        })?;
+        if addr == 0 && len != 0 {
+            return Err(PyValueError::new_err(format!(
+                "tensor {name:?}: null address for {len} bytes"
+            )));
+        }
+        Ok(LoadTarget {
+            _owner: owner,
+            addr,
+            len,
+        })
+    }
+
+    /// The destination bytes.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        if self.len == 0 {
+            return &mut [];
+        }
+        #[allow(unsafe_code)]
+        // SAFETY: `_owner` references the fresh contiguous CPU tensor whose `data_ptr()` and
+        // `nbytes` the wrapper passed, so `len` bytes at `addr` stay allocated while `self`
+        // lives; the wrapper has not shared the tensor yet, and `&mut self` makes this the only
+        // slice of it.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.addr as *mut u8, self.len)
+        }
+    }
+}
+
 /// A loaded tensor's bytes, exported to Python through the buffer protocol, read-only. When
 /// the engine could serve the tensor from a segment's memory map (`zero_copy`), the buffer
 /// *is* the map: numpy arrays built on it (`numpy.frombuffer`) copy nothing, and writing to

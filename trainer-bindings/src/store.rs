@@ -4,7 +4,7 @@
 
 use crate::device_bytes::{DeviceBytes, Stagers};
 use crate::errors::{self, Failure};
-use crate::host_bytes::{HostBytes, MappedBytes};
+use crate::host_bytes::{HostBytes, LoadTarget, MappedBytes};
 use crate::save_job::{self, Committed, InFlight, SaveHandle, SaveRequest, TensorBytes, TensorIn};
 use ckptstore_engine::{
     CheckpointInfo, DType, MetaValue, MetricMode, Options, Pipeline, PipelineOptions, RecoveryMode,
@@ -472,6 +472,28 @@ impl PyStore {
                 .checkpoint(Selector::Id(id))?
                 .tensor_view_with(&name, verify)?;
             Ok(MappedBytes::new(v))
+        })
+    }
+
+    /// Reads a tensor straight into `dst`, `(owner, address, nbytes)` of a fresh contiguous
+    /// CPU tensor the caller allocated and holds: the one copy of a torch load, done by the
+    /// engine's readers (chunks on every core, hashed as they land, the disk read ahead), GIL
+    /// released. BLAKE3-verified unless `verify=False`.
+    #[pyo3(signature = (id, name, dst, *, verify=true))]
+    fn read_into(
+        &self,
+        py: Python<'_>,
+        id: u64,
+        name: String,
+        dst: Bound<'_, PyAny>,
+        verify: bool,
+    ) -> PyResult<()> {
+        let mut target = LoadTarget::from_py(&name, &dst)?;
+        let out = &mut target;
+        self.with_store(py, move |s| {
+            s.checkpoint(Selector::Id(id))?
+                .tensor_into(&name, out.as_mut_slice(), verify)?;
+            Ok(())
         })
     }
 

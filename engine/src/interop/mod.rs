@@ -22,11 +22,13 @@
 //!   assigns ids).
 
 mod error;
+mod io_failure;
 pub mod mindspore;
 mod mindspore_store;
 pub mod safetensors;
 
 pub use error::Error;
+pub use io_failure::IoFailure;
 
 pub use mindspore_store::{export_mindspore, import_mindspore, MindSporeExport};
 

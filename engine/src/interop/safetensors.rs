@@ -21,6 +21,7 @@
 //! before its buffer is allocated, and every tensor's offsets are checked against the file
 //! before any tensor is read.
 
+use super::IoFailure;
 use crate::dtype::DType;
 use crate::manifest::tensor_nbytes;
 use serde::de::{Deserializer, MapAccess, Visitor};
@@ -39,14 +40,8 @@ pub(crate) const METADATA_KEY: &str = "__metadata__";
 #[non_exhaustive]
 pub enum FormatError {
     /// Reading or writing the file failed.
-    #[error("{op} failed: {source}")]
-    Io {
-        /// `read`, `seek` or `write`.
-        op: &'static str,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoFailure),
     /// The file is shorter than the 8-byte length prefix.
     #[error("file is {len} bytes, shorter than the 8-byte header length")]
     TooShort {
@@ -135,10 +130,6 @@ pub enum FormatError {
         /// Its length.
         len: u64,
     },
-}
-
-fn io_err(op: &'static str) -> impl FnOnce(std::io::Error) -> FormatError {
-    move |source| FormatError::Io { op, source }
 }
 
 /// The safetensors dtype string of a ckptstore dtype.
@@ -520,6 +511,11 @@ pub fn write_all<W: Write>(
         w.write_all(data).map_err(io_err("write"))?;
     }
     Ok(())
+}
+
+/// `op`'s OS error as this format's error.
+fn io_err(op: &'static str) -> impl FnOnce(std::io::Error) -> FormatError {
+    super::io_failure::io_err(op)
 }
 
 #[cfg(test)]

@@ -71,11 +71,12 @@ impl MappedFile {
         self.map.is_empty()
     }
 
-    /// Hints that `len` bytes from `offset` will be read soon (MADV_WILLNEED): the kernel starts
-    /// reading them in, so a cold load is not one page fault at a time. Errors are ignored (it
-    /// is only a hint).
+    /// Hints that `len` bytes from `offset` (clipped to the map) will be read soon
+    /// (MADV_WILLNEED): the kernel starts reading them in, so a cold load is not one page
+    /// fault at a time. Errors are ignored (it is only a hint).
     pub fn will_need(&self, offset: usize, len: usize) {
-        if len > 0 && offset.saturating_add(len) <= self.map.len() {
+        let len = len.min(self.map.len().saturating_sub(offset));
+        if len > 0 {
             let _ = self
                 .map
                 .advise_range(memmap2::Advice::WillNeed, offset, len);

@@ -114,6 +114,12 @@ pub trait StorageFile: Send + Sync {
         let _ = (offset, len);
         Ok(())
     }
+    /// A hint: `len` bytes from `offset` will be read soon; start reading them into the page
+    /// cache now, without waiting (POSIX_FADV_WILLNEED). Lets a reader keep the disk busy
+    /// ahead of the chunk it is on. Changes nothing a read returns. Default: no-op.
+    fn will_need(&self, offset: u64, len: u64) {
+        let _ = (offset, len);
+    }
     /// Sets the length (truncate or extend with zeros); durable only after a sync.
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// A read-only memory map of the whole file as it is now, for zero-copy reads of bytes

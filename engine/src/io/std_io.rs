@@ -141,6 +141,13 @@ impl StorageFile for StdFile {
         Ok(())
     }
 
+    fn will_need(&self, offset: u64, len: u64) {
+        if let Some(len) = std::num::NonZeroU64::new(len) {
+            // Only a hint: a file system that refuses it reads on demand.
+            let _ = rustix::fs::fadvise(&self.0, offset, Some(len), rustix::fs::Advice::WillNeed);
+        }
+    }
+
     fn len(&self) -> io::Result<u64> {
         Ok(self.0.metadata()?.len())
     }

@@ -72,6 +72,7 @@ impl Drop for HashJob {
 /// scratch buffer (the shuffled raw bytes) besides the pool, whatever the checkpoint size.
 #[allow(clippy::expect_used)] // the stager sets a job's buffer and fence before sending it
 pub(super) fn hash_loop(rx: Receiver<HashJob>, compression: Compression) {
+    yield_to_the_caller();
     // Levels are checked when the store opens, so this only fails if zstd cannot allocate
     // its context; each chunk then reports the error rather than being stored differently.
     let mut encoder = Encoder::for_compression(compression);
@@ -111,6 +112,7 @@ pub(super) fn io_loop(
     poisoned: Arc<Mutex<Option<String>>>,
     prefix: Prefix,
 ) {
+    yield_to_the_caller();
     for job in jobs {
         let blocked = prefix.blocking(job.seq);
         let (result, own_failure) = {
@@ -210,6 +212,23 @@ fn drain_items(items: &Receiver<Item>) {
     while let Ok(item) = items.try_recv() {
         if let Item::Entry { chunks, .. } = item {
             drain_chunks(&chunks);
+        }
+    }
+}
+
+/// How much nicer than the caller the pipeline's threads run (Linux nice levels).
+const BACKGROUND_NICE: i32 = 10;
+
+/// Lowers this thread's scheduling priority (Linux: the nice value is per thread) so that on
+/// a machine with few cores the caller's copy into the staging pool — the stall — and the
+/// trainer's own work get the cores first, and hashing and writing take what is left (issue
+/// 13). Best effort: where the call is refused the thread runs at the caller's priority.
+fn yield_to_the_caller() {
+    #[cfg(target_os = "linux")]
+    {
+        let tid = rustix::thread::gettid();
+        if let Ok(now) = rustix::process::getpriority_process(Some(tid)) {
+            let _ = rustix::process::setpriority_process(Some(tid), now + BACKGROUND_NICE);
         }
     }
 }

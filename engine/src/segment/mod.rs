@@ -281,6 +281,10 @@ mod tests {
         assert_eq!(parse_file_name("42.seg"), None);
         assert_eq!(parse_file_name("0000004x.seg"), None);
         assert_eq!(parse_file_name("notes.txt"), None);
+        // The same rules for every numbered file of a store (WAL files too).
+        assert_eq!(parse_numbered("00000001.wal", ".wal"), Some(1));
+        assert_eq!(parse_numbered("1.wal", ".wal"), None);
+        assert_eq!(parse_numbered("00000001.wal.bak", ".wal"), None);
     }
 
     /// Pins the segment header and frame layout to docs/FORMAT.md.

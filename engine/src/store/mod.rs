@@ -19,6 +19,7 @@ mod state;
 mod suggest;
 mod txn;
 mod view;
+mod writer_lock;
 
 pub use compact::CompactionPlan;
 #[doc(hidden)]
@@ -218,7 +219,7 @@ pub struct StoreStats {
 pub struct Store {
     dir: PathBuf,
     opts: Options,
-    _lock: Option<Box<dyn StorageFile>>,
+    _lock: Option<writer_lock::WriterLock>,
     wal: Option<WalWriter>,
     state: State,
     poisoned: Option<String>,
@@ -264,7 +265,7 @@ impl Store {
             None
         } else {
             recovery::create_store_dir(&*io, &dir)?;
-            Some(take_lock(&*io, &dir)?)
+            Some(writer_lock::take(&*io, &dir)?)
         };
         // A reader takes its lease (holding everything) before it reads the WAL, and narrows
         // it after: see store/lease.rs for why that order closes the race with a deletion.
@@ -695,30 +696,5 @@ impl Store {
             checkpoint,
             needed: self.state.segments.get(&id).map_or(0, |s| s.len),
         })
-    }
-}
-
-/// Takes the writer lock, writing our pid into it; names the holder's pid if it is taken.
-fn take_lock(io: &dyn Storage, dir: &Path) -> Result<Box<dyn StorageFile>> {
-    let path = dir.join(LOCK_NAME);
-    match io
-        .try_lock(&path)
-        .map_err(|e| Error::io("lock", &path, e))?
-    {
-        Some(f) => {
-            let pid = format!("{}\n", std::process::id());
-            f.set_len(0).map_err(|e| Error::io("write", &path, e))?;
-            f.write_at(pid.as_bytes(), 0)
-                .map_err(|e| Error::io("write", &path, e))?;
-            Ok(f)
-        }
-        None => {
-            let pid = files::read_small(io, &path, 64)
-                .ok()
-                .map(|b| String::from_utf8_lossy(&b).trim().to_string())
-                .filter(|s| !s.is_empty())
-                .unwrap_or_else(|| "unknown".into());
-            Err(Error::Locked { path, pid })
-        }
     }
 }

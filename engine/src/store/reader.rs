@@ -5,11 +5,18 @@
 use super::Store;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::io::StorageFile;
 use crate::manifest::CheckpointInfo;
 use crate::manifest::{Manifest, MetaValue};
 use ckptstore_proto::v1 as pb;
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+/// Below this many bytes a verified read stays on the calling thread.
+const PARALLEL_READ_MIN_BYTES: u64 = 8 << 20;
+/// How far ahead of the chunk being read the disk is asked to read (POSIX_FADV_WILLNEED).
+pub(super) const READ_AHEAD_BYTES: u64 = 64 << 20;
 
 /// A tensor read back from a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,6 +124,22 @@ impl<'s> CheckpointReader<'s> {
         })
     }
 
+    /// Reads a tensor into `out`, which must be exactly its byte length: the one copy a load
+    /// into memory the caller owns needs (a fresh framework tensor, a reused buffer). Every
+    /// chunk is verified unless `verify` is false. On an error `out` holds partial bytes.
+    pub fn tensor_into(&self, name: &str, out: &mut [u8], verify: bool) -> Result<()> {
+        let t = self.tensor_entry(name)?;
+        if out.len() as u64 != t.nbytes {
+            return Err(Error::invalid(format!(
+                "tensor {name:?} holds {} bytes; the destination has {}",
+                t.nbytes,
+                out.len()
+            )));
+        }
+        self.check_segments(&t.chunks)?;
+        self.read_chunks("tensor", &t.name, &t.chunks, out, verify)
+    }
+
     /// Reads a blob, verifying every chunk.
     pub fn blob(&self, name: &str) -> Result<Vec<u8>> {
         let b = self
@@ -171,7 +194,8 @@ impl<'s> CheckpointReader<'s> {
         Ok(())
     }
 
-    #[allow(clippy::expect_used)] // the hashing thread does not panic
+    /// Reads `chunks` into `out` (their raw bytes, back to back), verified unless `verify` is
+    /// false; see [`CheckpointReader::each_chunk`] for the threads.
     fn read_chunks(
         &self,
         kind: &'static str,
@@ -180,39 +204,98 @@ impl<'s> CheckpointReader<'s> {
         out: &mut [u8],
         verify: bool,
     ) -> Result<()> {
-        if !verify || chunks.len() < 2 {
-            let mut at = 0usize;
-            for (i, c) in chunks.iter().enumerate() {
-                let len = c.raw_len as usize;
-                self.read_chunk(kind, name, i, c, &mut out[at..at + len], verify)?;
-                at += len;
+        let mut slices = Vec::with_capacity(chunks.len());
+        let mut rest: &mut [u8] = out;
+        for c in chunks {
+            let (dst, tail) = std::mem::take(&mut rest).split_at_mut(c.raw_len as usize);
+            slices.push(dst);
+            rest = tail;
+        }
+        self.each_chunk(chunks, slices, |i, dst, _| {
+            self.read_chunk(kind, name, i, &chunks[i], dst, verify)
+        })
+    }
+
+    /// Reads and hashes `chunks` without keeping their bytes: each thread reads its chunks into
+    /// one reused buffer and hashes them while they are in the CPU's cache. This is how a
+    /// zero-copy view is verified: after it the pages are in the page cache, and the view maps
+    /// them. Hashing through the map instead measured 1.3–2× the CPU time here (cold pages
+    /// reached through 4 KiB user mappings), and on two shared cores CPU time is wall time
+    /// (DECISIONS.md, "Cold loads").
+    pub(super) fn verify_chunks(
+        &self,
+        kind: &'static str,
+        name: &str,
+        chunks: &[pb::ChunkRef],
+    ) -> Result<()> {
+        self.each_chunk(chunks, vec![(); chunks.len()], |i, (), scratch| {
+            let c = &chunks[i];
+            scratch.resize(c.raw_len as usize, 0);
+            self.read_chunk(kind, name, i, c, scratch, true)
+        })
+    }
+
+    /// Runs `work(i, items[i], scratch)` for every chunk: reads of several megabytes on one
+    /// thread per core, chunk `i` on thread `i % threads`, each thread reading its chunk and
+    /// hashing it while it is still in the cache — the kernel's copy (and the first-touch
+    /// faults of new memory) and BLAKE3 spread over the cores, instead of one thread reading
+    /// while another hashes. The disk is kept busy by [`ReadAhead`] hints ahead of the chunks
+    /// being read. `scratch` is one reused buffer per thread. The error is the first
+    /// (lowest-index) chunk's.
+    #[allow(clippy::expect_used)] // a read thread does not panic
+    fn each_chunk<T: Send>(
+        &self,
+        chunks: &[pb::ChunkRef],
+        items: Vec<T>,
+        work: impl Fn(usize, T, &mut Vec<u8>) -> Result<()> + Sync,
+    ) -> Result<()> {
+        let ahead = ReadAhead::new(self, chunks);
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(chunks.len());
+        let total: u64 = chunks.iter().map(|c| c.raw_len).sum();
+        if threads < 2 || total < PARALLEL_READ_MIN_BYTES {
+            let mut scratch = Vec::new();
+            for (i, item) in items.into_iter().enumerate() {
+                ahead.advance(i);
+                work(i, item, &mut scratch)?;
             }
             return Ok(());
         }
-        // Hash on a second thread while this one reads the next chunk: a cold load then costs
-        // the disk's time, not the disk's plus BLAKE3's.
-        let bad = std::thread::scope(|scope| -> Result<Option<usize>> {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, &[u8])>(4);
-            let hasher = scope.spawn(move || {
-                rx.into_iter()
-                    .find(|&(i, bytes)| blake3::hash(bytes).as_bytes()[..] != chunks[i].blake3[..])
-                    .map(|(i, _)| i)
-            });
-            let mut rest: &mut [u8] = out;
-            for (i, c) in chunks.iter().enumerate() {
-                let (dst, tail) = std::mem::take(&mut rest).split_at_mut(c.raw_len as usize);
-                rest = tail;
-                self.read_chunk(kind, name, i, c, dst, false)?;
-                let dst: &[u8] = dst;
-                if tx.send((i, dst)).is_err() {
-                    break; // the hasher stopped at a mismatch
-                }
-            }
-            drop(tx);
-            Ok(hasher.join().expect("hashing thread does not panic"))
-        })?;
-        match bad {
-            Some(i) => Err(self.chunk_error(kind, name, i, &chunks[i], "BLAKE3 mismatch".into())),
+        let mut per_thread: Vec<Vec<(usize, T)>> = (0..threads).map(|_| Vec::new()).collect();
+        for (i, item) in items.into_iter().enumerate() {
+            per_thread[i % threads].push((i, item));
+        }
+        let failed = std::sync::atomic::AtomicUsize::new(usize::MAX);
+        let first_err = std::thread::scope(|scope| {
+            let handles: Vec<_> = per_thread
+                .into_iter()
+                .map(|mine| {
+                    let (ahead, failed, work) = (&ahead, &failed, &work);
+                    scope.spawn(move || -> Option<(usize, Error)> {
+                        let mut scratch = Vec::new();
+                        for (i, item) in mine {
+                            // A lower chunk failed: the error is that one, stop early.
+                            if failed.load(Ordering::Relaxed) < i {
+                                return None;
+                            }
+                            ahead.advance(i);
+                            if let Err(e) = work(i, item, &mut scratch) {
+                                failed.fetch_min(i, Ordering::Relaxed);
+                                return Some((i, e));
+                            }
+                        }
+                        None
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .filter_map(|h| h.join().expect("read thread panicked"))
+                .min_by_key(|(i, _)| *i)
+        });
+        match first_err {
+            Some((_, e)) => Err(e),
             None => Ok(()),
         }
     }
@@ -277,5 +360,79 @@ impl<'s> CheckpointReader<'s> {
             return Err(corrupt("BLAKE3 mismatch".into()));
         }
         Ok(())
+    }
+}
+
+/// Read-ahead hints for one read of `chunks`: before chunk `i` is read, every chunk that
+/// starts less than [`READ_AHEAD_BYTES`] past it has been hinted (once, merged into one hint
+/// per contiguous run in a segment). After the last chunk, as many bytes past the run's end as
+/// the run holds (at most [`READ_AHEAD_BYTES`]) are hinted too: a load reads tensors in the
+/// order they were put, which is their order in the segment, so the next tensor's bytes are
+/// on their way while this one finishes. Hints change nothing a read returns.
+struct ReadAhead<'r, 's> {
+    reader: &'r CheckpointReader<'s>,
+    chunks: &'r [pb::ChunkRef],
+    /// `starts[i]`: bytes before chunk `i` in the read (stored lengths).
+    starts: Vec<u64>,
+    /// The next chunk to hint (`chunks.len() + 1` once the trailing hint is out too).
+    next: Mutex<usize>,
+}
+
+impl<'r, 's> ReadAhead<'r, 's> {
+    fn new(reader: &'r CheckpointReader<'s>, chunks: &'r [pb::ChunkRef]) -> Self {
+        let mut at = 0;
+        let starts = chunks
+            .iter()
+            .map(|c| {
+                let s = at;
+                at += c.stored_len;
+                s
+            })
+            .collect();
+        ReadAhead {
+            reader,
+            chunks,
+            starts,
+            next: Mutex::new(0),
+        }
+    }
+
+    /// Hints what lies within the window ahead of chunk `i`.
+    fn advance(&self, i: usize) {
+        let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        let n = self.chunks.len();
+        let horizon = self.starts[i] + READ_AHEAD_BYTES;
+        let mut run: Option<(u64, u64, u64)> = None; // (segment, offset, len)
+        while *next < n && self.starts[*next] < horizon {
+            let c = &self.chunks[*next];
+            run = match run {
+                Some((seg, off, len)) if seg == c.segment && off + len == c.offset => {
+                    Some((seg, off, len + c.stored_len))
+                }
+                Some(r) => {
+                    self.hint(r);
+                    Some((c.segment, c.offset, c.stored_len))
+                }
+                None => Some((c.segment, c.offset, c.stored_len)),
+            };
+            *next += 1;
+        }
+        if let Some(r) = run {
+            self.hint(r);
+        }
+        if *next == n {
+            *next += 1;
+            let last = &self.chunks[n - 1];
+            let total = self.starts[n - 1] + last.stored_len;
+            let past = total.min(READ_AHEAD_BYTES);
+            self.hint((last.segment, last.offset + last.stored_len, past));
+        }
+    }
+
+    fn hint(&self, (segment, offset, len): (u64, u64, u64)) {
+        if let Ok(f) = self.reader.store.segment_file(segment) {
+            let f: &dyn StorageFile = &*f;
+            f.will_need(offset, len);
+        }
     }
 }

@@ -336,15 +336,14 @@ impl<'s> Transaction<'s> {
     /// as frames whose payloads are contiguous. `dtype` (`None`: a blob) picks the codec when
     /// compression is on.
     ///
-    /// A tensor of several chunks is hashed on a second thread while this one writes: BLAKE3
-    /// (~4.7 GB/s a core) runs ahead of the copy into the page cache, so hashing costs no
-    /// time on the trainer's path. Payloads go out as soon as their hash is known to be new;
-    /// the frame header, which lists the run's hashes, is written when the run ends.
-    ///
-    /// With compression on, one thread per core hashes and compresses (zstd is ~10× slower
-    /// than BLAKE3), chunk `k` on thread `k % threads`, and the writer takes the results in
-    /// order. Chunks are compressed before the deduplication lookup, so an unchanged chunk
-    /// costs its compression but not its write.
+    /// A tensor of several chunks is hashed (and, with compression on, compressed) on one
+    /// thread per core, chunk `k` on thread `k % threads`, while this one writes, taking the
+    /// results in order: hashing runs ahead of the writes, so it costs no time on the
+    /// trainer's path, and a save of mostly unchanged chunks (nothing to write, only hashes to
+    /// compare) runs at every core's BLAKE3 pace, not one core's (issue 13, DECISIONS.md).
+    /// Payloads go out as soon as their hash is known to be new; the frame header, which lists
+    /// the run's hashes, is written when the run ends. Chunks are compressed before the
+    /// deduplication lookup, so an unchanged chunk costs its compression but not its write.
     fn write_chunks(&mut self, data: &[u8], dtype: Option<DType>) -> Result<Vec<pb::ChunkRef>> {
         let cs = self.store.opts.chunk_size;
         let compression = self.store.opts.compression;
@@ -360,30 +359,21 @@ impl<'s> Transaction<'s> {
             let placed = self.place_chunks(data.len(), chunks);
             self.encoder = enc;
             placed
-        } else if compression == Compression::None {
-            std::thread::scope(|scope| {
-                let (tx, rx) = std::sync::mpsc::sync_channel(HASH_LOOKAHEAD);
-                scope.spawn(move || {
-                    for chunk in data.chunks(cs) {
-                        if tx.send(*blake3::hash(chunk).as_bytes()).is_err() {
-                            break; // the writer stopped on an error
-                        }
-                    }
-                });
-                let chunks = data
-                    .chunks(cs)
-                    .zip(rx)
-                    .map(|(c, h)| Ok(stage(c, h, codec, None)));
-                self.place_chunks(data.len(), chunks)
-            })
         } else {
             let threads = std::thread::available_parallelism()
                 .map_or(1, |n| n.get())
                 .min(data.len().div_ceil(cs));
             std::thread::scope(|scope| {
                 let mut slots = Vec::with_capacity(threads);
+                // Raw chunks are borrowed, so hashes may run far ahead; encoded ones are
+                // buffers, so few.
+                let lookahead = if compression == Compression::None {
+                    HASH_LOOKAHEAD / threads
+                } else {
+                    ENCODE_LOOKAHEAD
+                };
                 for t in 0..threads {
-                    let (tx, rx) = std::sync::mpsc::sync_channel(ENCODE_LOOKAHEAD);
+                    let (tx, rx) = std::sync::mpsc::sync_channel(lookahead);
                     slots.push(rx);
                     scope.spawn(move || {
                         let mut enc = match Encoder::for_compression(compression) {
@@ -407,7 +397,7 @@ impl<'s> Transaction<'s> {
                 let chunks = (0..data.len().div_ceil(cs)).map(|k| {
                     slots[k % threads]
                         .recv()
-                        .map_err(|_| Error::invalid("a compression thread stopped"))?
+                        .map_err(|_| Error::invalid("a hashing thread stopped"))?
                 });
                 self.place_chunks(data.len(), chunks)
             })

@@ -9,14 +9,11 @@
 
 use super::reader::{CheckpointReader, Tensor};
 use crate::dtype::DType;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::io::MappedFile;
 use ckptstore_proto::v1 as pb;
 use std::ops::Range;
 use std::sync::Arc;
-
-/// Below this many bytes a tensor's chunks are hashed on the calling thread.
-const PARALLEL_VERIFY_MIN_BYTES: u64 = 8 << 20;
 
 /// A tensor's bytes: borrowed from a segment's map (zero-copy) or owned.
 ///
@@ -153,9 +150,9 @@ impl CheckpointReader<'_> {
         Ok(Some((map, start..end)))
     }
 
-    /// Hashes each chunk in place in the map, across threads when the run is big; the error
-    /// names the first (lowest-index) bad chunk.
-    #[allow(clippy::expect_used)] // a verify thread does not panic
+    /// Verifies the run's chunks (read on every core into reused buffers and hashed there, see
+    /// `CheckpointReader::verify_chunks`), which leaves their pages in the page cache for the
+    /// view's map; and hints the bytes past the run (the next tensor of a load in order).
     fn verify_mapped(
         &self,
         name: &str,
@@ -163,46 +160,9 @@ impl CheckpointReader<'_> {
         map: &MappedFile,
         start: usize,
     ) -> Result<()> {
-        let bytes = map.as_slice();
-        let total: u64 = chunks.iter().map(|c| c.stored_len).sum();
-        map.will_need(start, total as usize);
-        let bad = |i: usize| -> bool {
-            let c = &chunks[i];
-            let at = c.offset as usize;
-            blake3::hash(&bytes[at..at + c.stored_len as usize]).as_bytes()[..] != c.blake3[..]
-        };
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(chunks.len());
-        let first_bad = if threads <= 1 || total < PARALLEL_VERIFY_MIN_BYTES {
-            (0..chunks.len()).find(|&i| bad(i))
-        } else {
-            // Chunk i goes to thread i % threads: neighbouring chunks are hashed at the same
-            // time, so the kernel's readahead of a cold map serves all threads.
-            std::thread::scope(|s| {
-                let handles: Vec<_> = (0..threads)
-                    .map(|k| {
-                        let bad = &bad;
-                        s.spawn(move || (k..chunks.len()).step_by(threads).find(|&i| bad(i)))
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .filter_map(|h| h.join().expect("verify thread panicked"))
-                    .min()
-            })
-        };
-        match first_bad {
-            None => Ok(()),
-            Some(i) => Err(Error::ChunkCorrupt {
-                checkpoint: self.manifest.id,
-                kind: "tensor",
-                name: name.to_owned(),
-                chunk: i,
-                segment: chunks[i].segment,
-                offset: chunks[i].offset,
-                reason: "BLAKE3 mismatch".into(),
-            }),
-        }
+        let total: usize = chunks.iter().map(|c| c.stored_len as usize).sum();
+        let past = (total as u64).min(super::reader::READ_AHEAD_BYTES) as usize;
+        map.will_need(start + total, past);
+        self.verify_chunks("tensor", name, chunks)
     }
 }

@@ -302,9 +302,15 @@ class Checkpoint:
     def get_tensor(self, name: str, *, framework: str | None = None,
                    device: Any = "cpu") -> Any:
         """One tensor, verified unless the checkpoint was opened with ``verify=False``. numpy:
-        a read-only array over the store's memory map where possible; torch: one copy."""
+        a read-only array over the store's memory map where possible; torch: one copy, read
+        straight into the new tensor."""
         fw = framework or self.framework or "torch"
         _check_framework(fw)
+        if fw == "torch" and not self.mmap and not _cuda.is_cuda(device):
+            t = _tensors.read_torch(self._store._native, self.id, name, self.verify, device)
+            if self._progress is not None:
+                self._progress.add(t.numel() * t.element_size())
+            return t
         mb = self._store._native.tensor(self.id, name, verify=self.verify)
         if self._progress is not None:
             self._progress.add(len(mb))

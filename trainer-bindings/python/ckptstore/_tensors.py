@@ -213,6 +213,17 @@ def to_torch(storage: np.ndarray, engine_dtype: str, device: Any = "cpu") -> Any
     return t
 
 
+def read_torch(native: Any, id: int, name: str, verify: bool, device: Any = "cpu") -> Any:
+    """A stored tensor read straight into a new torch tensor: the one copy is the engine's read
+    into the tensor's memory (chunks on every core, hashed as they land, the disk read ahead),
+    not a read into the page cache and then a copy."""
+    torch = require_torch("framework=\"torch\"")
+    engine_dtype, shape = native.tensor_meta(id, name)
+    t = torch.empty(tuple(shape), dtype=getattr(torch, _ENGINE_TO_TORCH[engine_dtype]))
+    native.read_into(id, name, (t, t.data_ptr(), t.numel() * t.element_size()), verify=verify)
+    return t if str(device) == "cpu" else t.to(device)
+
+
 def torch_engine_dtype(t: Any) -> str | None:
     return _TORCH_NAMES.get(str(t.dtype).removeprefix("torch."))
 

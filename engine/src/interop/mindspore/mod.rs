@@ -39,6 +39,8 @@ pub use reader::{decode_str, read_entry, scan, BodyReader, ContentReader, Entry,
 pub use wire::Crc32;
 pub use writer::ValueWriter;
 
+use crate::interop::IoFailure;
+
 /// The 7 bytes that open the CRC trailer.
 pub(crate) const CRC_MAGIC: &[u8; 7] = b"crc_num";
 /// Length of the CRC trailer: the magic and a 10-byte big-endian number.
@@ -67,14 +69,8 @@ const READ_SKIP_MAX: u64 = 64 << 10;
 #[non_exhaustive]
 pub enum FormatError {
     /// Reading or writing the file failed.
-    #[error("{op} failed: {source}")]
-    Io {
-        /// `read`, `seek` or `write`.
-        op: &'static str,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoFailure),
     /// A field's length (or a varint) runs past the end of its enclosing message or the file.
     #[error("truncated or corrupt: {what} at offset {at} needs {need} bytes, but only {left} remain in its {scope}")]
     Truncated {
@@ -234,8 +230,9 @@ fn bad_wire_type(message: &'static str, field: u64, wire_type: u64, at: u64) -> 
     }
 }
 
+/// `op`'s OS error as this format's error.
 fn io_err(op: &'static str) -> impl FnOnce(std::io::Error) -> FormatError {
-    move |source| FormatError::Io { op, source }
+    crate::interop::io_failure::io_err(op)
 }
 
 #[cfg(test)]

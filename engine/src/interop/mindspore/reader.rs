@@ -5,6 +5,7 @@ use super::dtypes::{parse_dtype, ValueKind};
 use super::wire::{Crc32, Wire};
 use super::{bad_wire_type, io_err, FormatError, CRC_MAGIC, CRC_TRAILER_LEN};
 use super::{MAX_DIMS, MAX_INDEX_BYTES, MAX_STR_LEN, MAX_TAG_LEN, MAX_TYPE_LEN, MAX_VALUES};
+use crate::interop::IoFailure;
 use crate::manifest::tensor_nbytes;
 use std::io::{Read, Seek, SeekFrom};
 
@@ -456,7 +457,7 @@ impl<R: Read + Seek> Read for ContentReader<'_, '_, R> {
             };
             self.next += 1;
             self.body.skip_to(off).map_err(|e| match e {
-                FormatError::Io { source, .. } => source,
+                FormatError::Io(IoFailure { source, .. }) => source,
                 other => std::io::Error::other(other.to_string()),
             })?;
             self.left = len;

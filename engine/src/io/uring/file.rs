@@ -260,6 +260,18 @@ impl StorageFile for UringFile {
         Ok(())
     }
 
+    fn will_need(&self, offset: u64, len: u64) {
+        if let Some(len) = std::num::NonZeroU64::new(len) {
+            // Only a hint: a file system that refuses it reads on demand.
+            let _ = rustix::fs::fadvise(
+                &self.buffered,
+                offset,
+                Some(len),
+                rustix::fs::Advice::WillNeed,
+            );
+        }
+    }
+
     fn len(&self) -> io::Result<u64> {
         Ok(self.state().logical)
     }
