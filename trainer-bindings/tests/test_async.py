@@ -57,7 +57,9 @@ def test_save_async_on_a_read_only_store_is_refused(store_dir):
 def test_ctrl_c_interrupts_wait_but_not_the_save(store_dir):
     """SIGINT 10 ms into wait(): raised inside wait() while the save is still being written
     (a wait that could not be interrupted would only raise once the save is done). On a loaded
-    machine the signal may come late, after the save finished: up to five attempts."""
+    machine the signal may come late, after the save finished: up to five attempts.
+    Regression: the signal's timer thread was started outside the try, and on a loaded machine
+    it fired while Thread.start() still waited, killing the child outside the try."""
     from conftest import run_py
     r = run_py("""
         import os, signal, sys, threading, time, torch, ckptstore as cs
@@ -67,8 +69,17 @@ def test_ctrl_c_interrupts_wait_but_not_the_save(store_dir):
         for attempt in range(1, 6):
             w.add_(1.0)                # every chunk new: nothing deduplicated
             h = cs.save_async(s, {"w": w}, step=attempt)
-            threading.Timer(0.01, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+            # The killer waits for `ready`, set right before wait(): a Timer started here could
+            # fire while start() itself still waits for its thread (a loaded machine), raising
+            # KeyboardInterrupt outside the try.
+            ready = threading.Event()
+            def kill(ready=ready):
+                ready.wait()
+                time.sleep(0.01)
+                os.kill(os.getpid(), signal.SIGINT)
+            threading.Thread(target=kill, daemon=True).start()
             try:
+                ready.set()
                 h.wait()
                 time.sleep(2)          # a late signal lands here
                 outcome = "no interrupt"
