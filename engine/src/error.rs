@@ -264,6 +264,33 @@ pub enum Error {
         /// The checkpoint id.
         id: u64,
     },
+
+    /// The store (or this checkpoint) is encrypted and no key was supplied.
+    #[error(
+        "{what} is encrypted (key id {key_id}); supply its key (`--key-file`, \
+             CKPTSTORE_KEY_FILE or CKPTSTORE_KEY, Options::encryption_key, \
+             Store(..., encryption_key=...))"
+    )]
+    KeyRequired {
+        /// The store directory or the checkpoint.
+        what: String,
+        /// The id of the key it needs (never the key).
+        key_id: String,
+    },
+
+    /// The keys supplied are not the one this store or checkpoint was sealed with.
+    #[error(
+        "{what} is sealed with key id {key_id}; the key(s) supplied have id(s) {supplied}: \
+             wrong key (pass the old key too after a rotation)"
+    )]
+    WrongKey {
+        /// The store directory or the checkpoint.
+        what: String,
+        /// The id of the key it needs.
+        key_id: String,
+        /// Ids of the keys supplied, comma-separated.
+        supplied: String,
+    },
 }
 
 impl Error {

@@ -13,6 +13,7 @@
 mod alloc;
 #[doc(hidden)]
 pub mod codec;
+pub mod crypt;
 #[doc(hidden)]
 pub mod current;
 pub mod device;

@@ -231,6 +231,7 @@ pub fn validate(m: &Manifest, context: &str) -> Result<()> {
         }
         check_chunks(context, &b.name, b.nbytes, &b.chunks)?;
     }
+    check_sealing(m, context)?;
     for w in m.metadata.windows(2) {
         if w[0].key >= w[1].key {
             return Err(bad(context, "metadata keys not sorted and unique"));
@@ -243,6 +244,38 @@ pub fn validate(m: &Manifest, context: &str) -> Result<()> {
         return Err(bad(context, "metadata value without a kind"));
     }
     Ok(())
+}
+
+/// A sealed (encrypted) checkpoint has a 16-byte key id and every chunk a 12-byte nonce and a
+/// 16-byte tag; a plain one has none of them (docs/FORMAT.md, "Encryption").
+fn check_sealing(m: &Manifest, context: &str) -> Result<()> {
+    let sealed = match m.key_id.len() {
+        0 => false,
+        crate::crypt::KEY_ID_LEN => true,
+        n => return Err(bad(context, format!("key id of {n} bytes (want 16)"))),
+    };
+    let ok = |c: &pb::ChunkRef| match sealed {
+        true => c.nonce.len() == crate::crypt::NONCE_LEN && c.tag.len() == crate::crypt::TAG_LEN,
+        false => c.nonce.is_empty() && c.tag.is_empty(),
+    };
+    if let Some((name, i, _)) = named_chunks(m).find(|(_, _, c)| !ok(c)) {
+        return Err(bad(
+            context,
+            format!(
+                "{name:?} chunk {i}: nonce/tag do not match a {} checkpoint",
+                if sealed { "sealed" } else { "plain" }
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Every chunk of a manifest with its tensor's or blob's name and its index there.
+fn named_chunks(m: &Manifest) -> impl Iterator<Item = (&str, usize, &pb::ChunkRef)> {
+    let t = m.tensors.iter().map(|t| (t.name.as_str(), &t.chunks));
+    let b = m.blobs.iter().map(|b| (b.name.as_str(), &b.chunks));
+    t.chain(b)
+        .flat_map(|(n, cs)| cs.iter().enumerate().map(move |(i, c)| (n, i, c)))
 }
 
 /// Sum of the raw bytes of all tensors and blobs.
@@ -282,6 +315,8 @@ mod tests {
                     raw_len: 1 << 60,
                     codec: 0,
                     blake3: vec![0; 32],
+                    nonce: vec![],
+                    tag: vec![],
                 }],
             }],
             ..Default::default()

@@ -110,6 +110,13 @@ pub struct Options {
     /// instead of refusing it (`Error::UnsafeDir`). Default `false`. Symlinked `segments/` or
     /// `readers/` are refused regardless.
     pub allow_unsafe_dir: bool,
+    /// Seal (encrypt and authenticate) the chunks of every checkpoint this store writes with
+    /// this key (docs/FORMAT.md, "Encryption"). Also the key reads use. Default `None`: new
+    /// checkpoints are plain. A store holding sealed checkpoints refuses to open without a key
+    /// for them ([`Error::KeyRequired`], [`Error::WrongKey`]). The key is never stored.
+    pub encryption_key: Option<crate::crypt::Key>,
+    /// Keys of checkpoints sealed before a rotation: read with these, never written with.
+    pub old_keys: Vec<crate::crypt::Key>,
 }
 
 impl Default for Options {
@@ -126,6 +133,8 @@ impl Default for Options {
             io: crate::io::default_storage(),
             file_mode: crate::io::DEFAULT_FILE_MODE,
             allow_unsafe_dir: false,
+            encryption_key: None,
+            old_keys: Vec::new(),
         }
     }
 }
@@ -232,6 +241,8 @@ pub struct Store {
     pending_free: BTreeMap<u64, u64>,
     /// Segment ids handed to shard writers ([`Store::reserve_segment_ids`]).
     reservations: external::Reservations,
+    /// The keys supplied ([`Options::encryption_key`], [`Options::old_keys`]).
+    keys: crate::crypt::Keyring,
 }
 
 impl std::fmt::Debug for Store {
@@ -243,6 +254,36 @@ impl std::fmt::Debug for Store {
             .field("poisoned", &self.poisoned)
             .finish()
     }
+}
+
+/// Refuses to open a store holding sealed checkpoints when no key supplied opens the newest
+/// of them: without a key, [`Error::KeyRequired`]; with other keys, [`Error::WrongKey`]. Older
+/// checkpoints sealed under a key not supplied fail when read (a rotation's old key may be
+/// left out to read only the new ones).
+fn check_keys(dir: &Path, state: &State, keys: &crate::crypt::Keyring) -> Result<()> {
+    let newest_sealed = state
+        .checkpoints
+        .values()
+        .rev()
+        .find_map(|m| crate::crypt::KeyId::from_slice(&m.key_id));
+    let Some(id) = newest_sealed else {
+        return Ok(());
+    };
+    let what = || format!("store {}", dir.display());
+    if keys.is_empty() {
+        return Err(Error::KeyRequired {
+            what: what(),
+            key_id: id.to_string(),
+        });
+    }
+    if keys.find(&id).is_none() {
+        return Err(Error::WrongKey {
+            what: what(),
+            key_id: id.to_string(),
+            supplied: keys.ids().join(", "),
+        });
+    }
+    Ok(())
 }
 
 /// Encoded size of the WAL record that commits `m`.
@@ -281,6 +322,8 @@ impl Store {
             _ => None,
         };
         let rec = recovery::recover(&*io, &dir, &opts)?;
+        let keys = crate::crypt::Keyring::new(opts.encryption_key.as_ref(), &opts.old_keys);
+        check_keys(&dir, &rec.state, &keys)?;
         if let Some(l) = &lease {
             // A failed narrowing leaves the file holding everything (its old content, or
             // bytes a writer cannot decode, which it takes as everything): the reader stays
@@ -299,7 +342,45 @@ impl Store {
             lease,
             pending_free: rec.pending_free,
             reservations: external::Reservations::default(),
+            keys,
         })
+    }
+
+    /// The key that opens checkpoint `m`'s chunks: `None` for a plain checkpoint; an error
+    /// naming the key id when it is sealed and its key was not supplied.
+    pub(crate) fn sealer_for(&self, m: &Manifest) -> Result<Option<Arc<crate::crypt::Sealer>>> {
+        let Some(id) = crate::crypt::KeyId::from_slice(&m.key_id) else {
+            return Ok(None);
+        };
+        self.sealer_by_id(&id, || {
+            format!("checkpoint {} in {}", m.id, self.dir.display())
+        })
+        .map(Some)
+    }
+
+    /// The supplied key with id `id`; else `KeyRequired` or `WrongKey` for `what`.
+    pub(crate) fn sealer_by_id(
+        &self,
+        id: &crate::crypt::KeyId,
+        what: impl FnOnce() -> String,
+    ) -> Result<Arc<crate::crypt::Sealer>> {
+        match self.keys.find(id) {
+            Some(s) => Ok(s.clone()),
+            None if self.keys.is_empty() => Err(Error::KeyRequired {
+                what: what(),
+                key_id: id.to_string(),
+            }),
+            None => Err(Error::WrongKey {
+                what: what(),
+                key_id: id.to_string(),
+                supplied: self.keys.ids().join(", "),
+            }),
+        }
+    }
+
+    /// The keys this store was opened with.
+    pub(crate) fn keys(&self) -> &crate::crypt::Keyring {
+        &self.keys
     }
 
     /// The lease file of a read-only store (`readers/*.lease`), which keeps the writer from
@@ -387,7 +468,7 @@ impl Store {
 
     /// Opens a checkpoint for reading.
     pub fn checkpoint(&self, sel: Selector) -> Result<CheckpointReader<'_>> {
-        Ok(CheckpointReader::new(self, self.find(sel)?.clone()))
+        CheckpointReader::new(self, self.find(sel)?.clone())
     }
 
     /// Reads and hashes every chunk of checkpoint `id`. The error names the first bad

@@ -437,6 +437,8 @@ mod tests {
                     raw_len: 10,
                     codec: 0,
                     blake3: vec![hash; 32],
+                    nonce: vec![],
+                    tag: vec![],
                 }],
             }],
             new_segments: vec![pb::SegmentInfo {
