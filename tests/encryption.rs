@@ -336,3 +336,47 @@ fn a_plain_store_turns_sealed_and_keeps_its_plain_checkpoints_readable() {
     assert_holds(&s, 2, &[("w", &w)]);
     assert!(!s.checkpoint(Selector::Id(1)).unwrap().is_sealed());
 }
+
+mod cli_support;
+
+#[test]
+fn cli_reads_a_sealed_store_with_key_file_or_env_and_names_a_missing_or_wrong_key() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("s");
+    let w = data(4, 10_000);
+    {
+        let mut s = Store::open(&dir, sealed(key())).unwrap();
+        commit(&mut s, 1, &[("w", &w)]);
+    }
+    let kf = d.path().join("key");
+    std::fs::write(&kf, format!("{KEY_HEX}\n")).unwrap();
+    let wrong = d.path().join("wrong");
+    std::fs::write(&wrong, Key::from_hex(OTHER_HEX).unwrap().to_hex().as_str()).unwrap();
+    let (dir_s, kf_s, wrong_s) = (
+        dir.to_str().unwrap(),
+        kf.to_str().unwrap(),
+        wrong.to_str().unwrap(),
+    );
+    let id = key().id().to_string();
+    let e = cli_support::fails(&["ls", dir_s]);
+    assert!(
+        e.contains("encrypted") && e.contains(&id) && e.contains("--key-file"),
+        "{e}"
+    );
+    let e = cli_support::fails(&["verify", "--key-file", wrong_s, dir_s]);
+    assert!(e.contains("wrong key") && !e.contains(OTHER_HEX), "{e}");
+    assert!(cli_support::ok(&["ls", "--key-file", kf_s, dir_s]).contains('1'));
+    cli_support::ok(&["verify", dir_s, "--key-file", kf_s]);
+    for (var, val) in [("CKPTSTORE_KEY_FILE", kf_s), ("CKPTSTORE_KEY", KEY_HEX)] {
+        let o = std::process::Command::new(cli_support::BIN)
+            .args(["verify", dir_s])
+            .env(var, val)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{var}: {}", cli_support::stderr(&o));
+    }
+    // A bad key file is named, its content never shown.
+    std::fs::write(&wrong, "not-a-key-secret").unwrap();
+    let e = cli_support::fails(&["ls", "--key-file", wrong_s, dir_s]);
+    assert!(e.contains("key file") && !e.contains("secret"), "{e}");
+}

@@ -7,7 +7,7 @@ use super::{check_dir, emit, emit_json, fail, human_bytes, info_json, iso_time, 
 use super::{open_read_only, CliResult};
 use ckptstore::current::CURRENT_NAME;
 use ckptstore::store::LOST_FOUND_DIR;
-use ckptstore::{CheckpointInfo, GcOptions, MetricMode, Options, RetentionPolicy, Store};
+use ckptstore::{CheckpointInfo, GcOptions, MetricMode, RetentionPolicy, Store};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -145,7 +145,7 @@ pub fn run(a: Args) -> CliResult {
                 a.dir.display()
             ));
         }
-        Store::open(&a.dir, Options::default())?
+        Store::open(&a.dir, super::store_options())?
     };
     if !has_policy(&a) {
         // --purge-lost-found alone (the argument group requires one of them).

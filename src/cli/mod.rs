@@ -16,12 +16,13 @@ mod recover;
 mod synth;
 mod verify;
 
+use ckptstore::crypt::Key;
 use ckptstore::{CheckpointInfo, MetaValue, Options, Selector, Store};
 use clap::{Parser, Subcommand};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -34,6 +35,56 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    access: StoreAccess,
+}
+
+/// How every subcommand opens a store: its keys and whether an unsafe directory is accepted.
+#[derive(Debug, clap::Args)]
+struct StoreAccess {
+    /// Key file of an encrypted store (32 bytes, or 64 hex digits): new checkpoints are sealed
+    /// with it and sealed ones read with it. Default: the file $CKPTSTORE_KEY_FILE names, else
+    /// the hex key in $CKPTSTORE_KEY, else none (a plain store).
+    #[arg(long, global = true, value_name = "PATH")]
+    key_file: Option<PathBuf>,
+    /// Key file of checkpoints sealed before a key rotation (read with it, never written
+    /// with); may be given several times.
+    #[arg(long, global = true, value_name = "PATH")]
+    old_key_file: Vec<PathBuf>,
+    /// Open a store directory that is world-writable or (for a writer) owned by another user,
+    /// which is refused by default (whoever can write there can plant files the store acts on).
+    #[arg(long, global = true)]
+    allow_unsafe_dir: bool,
+}
+
+/// The store options the command line chose (`--key-file`, `--old-key-file`,
+/// `--allow-unsafe-dir`), set once before the subcommand runs.
+static ACCESS: std::sync::OnceLock<Options> = std::sync::OnceLock::new();
+
+impl StoreAccess {
+    /// Loads the keys (errors name the file, never its content).
+    fn options(&self) -> CliResult<Options> {
+        let encryption_key = match &self.key_file {
+            Some(p) => Some(Key::from_file(p)?),
+            None => Key::from_env()?,
+        };
+        let old_keys = self
+            .old_key_file
+            .iter()
+            .map(|p| Key::from_file(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Options {
+            encryption_key,
+            old_keys,
+            allow_unsafe_dir: self.allow_unsafe_dir,
+            ..Options::default()
+        })
+    }
+}
+
+/// Default store options with the command line's keys and `--allow-unsafe-dir`.
+pub fn store_options() -> Options {
+    ACCESS.get().cloned().unwrap_or_default()
 }
 
 #[derive(Debug, Subcommand)]
@@ -105,6 +156,15 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    match cli.access.options() {
+        Ok(o) => {
+            let _ = ACCESS.set(o);
+        }
+        Err(Failure(reason)) => {
+            eprintln!("ckptstore: {}", escape_controls(&reason));
+            return ExitCode::FAILURE;
+        }
+    }
     let result = match cli.command {
         Command::Ls(a) => ls::run(a),
         Command::Inspect(a) => inspect::run(a),
@@ -166,7 +226,11 @@ pub fn check_dir(dir: &Path) -> CliResult {
 /// Opens a store read-only (no lock, no repair): works while a writer runs.
 pub fn open_read_only(dir: &Path) -> CliResult<Store> {
     check_dir(dir)?;
-    Ok(Store::open(dir, Options::read_only())?)
+    let opts = Options {
+        read_only: true,
+        ..store_options()
+    };
+    Ok(Store::open(dir, opts)?)
 }
 
 /// The checkpoint picked by an optional positional STEP and an optional `--id`.

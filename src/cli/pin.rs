@@ -3,7 +3,7 @@
 
 use super::{check_dir, emit, emit_json, fail, CliResult};
 use ckptstore::current::CURRENT_NAME;
-use ckptstore::{Options, Selector, Store};
+use ckptstore::{Selector, Store};
 use serde_json::json;
 use std::path::PathBuf;
 
@@ -28,7 +28,7 @@ pub fn run(a: Args, pin: bool) -> CliResult {
             a.dir.display()
         ));
     }
-    let mut store = Store::open(&a.dir, Options::default())?;
+    let mut store = Store::open(&a.dir, super::store_options())?;
     let changed = if pin {
         store.pin(a.id)?
     } else {

@@ -92,7 +92,7 @@ pub fn run(a: Args) -> CliResult {
     };
     let opts = Options {
         recovery_mode: mode,
-        ..Default::default()
+        ..super::store_options()
     };
     let store = Store::open(&a.dir, opts)?;
     let r = store.recovery_report().clone();
