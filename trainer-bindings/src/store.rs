@@ -6,6 +6,7 @@ use crate::device_bytes::{DeviceBytes, Stagers};
 use crate::errors::{self, Failure};
 use crate::host_bytes::{HostBytes, LoadTarget, MappedBytes};
 use crate::save_job::{self, Committed, InFlight, SaveHandle, SaveRequest, TensorBytes, TensorIn};
+use ckptstore_engine::crypt::Key;
 use ckptstore_engine::{
     CheckpointInfo, DType, MetaValue, MetricMode, Options, Pipeline, PipelineOptions, RecoveryMode,
     RetentionPolicy, Selector, Store,
@@ -253,13 +254,35 @@ impl PyStore {
     }
 }
 
+/// A store key from Python: 32 bytes, or 64 hex digits. Errors never show it.
+#[derive(FromPyObject)]
+pub enum KeyArg {
+    #[pyo3(transparent, annotation = "bytes")]
+    Bytes(Vec<u8>),
+    #[pyo3(transparent, annotation = "str")]
+    Hex(String),
+}
+
+impl KeyArg {
+    /// The engine key (which zeroes its bytes when dropped; the Python object the caller
+    /// passed is theirs to manage).
+    fn key(self) -> PyResult<Key> {
+        match &self {
+            KeyArg::Bytes(b) => Key::from_bytes(b),
+            KeyArg::Hex(h) => Key::from_hex(h),
+        }
+        .map_err(|e| PyValueError::new_err(format!("encryption_key: {e}")))
+    }
+}
+
 #[pymethods]
 impl PyStore {
     /// Opens (creating if needed) the store in `path` and runs recovery.
     #[new]
     #[pyo3(signature = (path, *, read_only=false, chunk_size=None, segment_max_bytes=None,
                         wal_compact_min_bytes=None, recovery_mode=None, async_budget_bytes=None,
-                        mode=None, allow_unsafe_dir=false))]
+                        mode=None, allow_unsafe_dir=false, encryption_key=None,
+                        old_encryption_keys=Vec::new()))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -272,6 +295,8 @@ impl PyStore {
         async_budget_bytes: Option<usize>,
         mode: Option<u32>,
         allow_unsafe_dir: bool,
+        encryption_key: Option<KeyArg>,
+        old_encryption_keys: Vec<KeyArg>,
     ) -> PyResult<Self> {
         let mut pipeline_opts = PipelineOptions::default();
         if let Some(b) = async_budget_bytes {
@@ -280,6 +305,11 @@ impl PyStore {
         let mut opts = Options {
             read_only,
             allow_unsafe_dir,
+            encryption_key: encryption_key.map(KeyArg::key).transpose()?,
+            old_keys: old_encryption_keys
+                .into_iter()
+                .map(KeyArg::key)
+                .collect::<PyResult<_>>()?,
             ..Options::default()
         };
         if let Some(m) = mode {

@@ -110,6 +110,14 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+_SECRET_OPTIONS = ("encryption_key", "old_encryption_keys")
+
+
+def _shown(options: dict[str, Any]) -> dict[str, Any]:
+    """Options as a message may show them: keys replaced by a placeholder."""
+    return {k: ("<redacted>" if k in _SECRET_OPTIONS else v) for k, v in options.items()}
+
+
 class Store:
     """A checkpoint store in one directory: ``Store(path, **options)`` opens it (creating it if
     needed) and runs recovery.
@@ -128,12 +136,17 @@ class Store:
     allocated by the first ``save_async``; at least one chunk), ``mode`` (0o600: permission bits
     of the files it creates, directories get the matching x bits; 0o640 shares reading with the
     group), ``allow_unsafe_dir`` (False: a world-writable store directory, or for a writer one
-    owned by another user, raises StoreError saying why).
+    owned by another user, raises StoreError saying why), ``encryption_key`` (None: 32 bytes
+    or 64 hex digits; every checkpoint saved is then sealed with AES-256-GCM, and a store holding
+    sealed checkpoints raises EncryptionKeyError without it or with another key; the key is
+    never stored, logged or shown), ``old_encryption_keys`` ([]: keys of checkpoints sealed
+    before a rotation, read with, never written with).
     """
 
     def __init__(self, path: PathLike, **options: Any) -> None:
         known = {"read_only", "chunk_size", "segment_max_bytes", "wal_compact_min_bytes",
-                 "recovery_mode", "async_budget_bytes", "mode", "allow_unsafe_dir"}
+                 "recovery_mode", "async_budget_bytes", "mode", "allow_unsafe_dir",
+                 "encryption_key", "old_encryption_keys"}
         bad = sorted(set(options) - known)
         if bad:
             raise TypeError(f"Store(): unknown option(s) {bad}; known: {sorted(known)}")
@@ -150,8 +163,8 @@ class Store:
                     if shared_or_none.options != options:
                         raise ValueError(
                             f"store {key} is already open in this process with options "
-                            f"{shared_or_none.options}; a second handle must ask for the "
-                            f"same ones, not {options}")
+                            f"{_shown(shared_or_none.options)}; a second handle must ask for "
+                            f"the same ones, not {_shown(options)}")
                     shared = shared_or_none
                     shared.refs += 1
                 else:
