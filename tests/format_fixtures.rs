@@ -293,7 +293,13 @@ fn assert_workload_1(s: &Store, what: &str) {
     let live: Vec<(u64, u64)> = s.list().iter().map(|c| (c.id, c.step)).collect();
     assert_eq!(live, LIVE, "{what}: checkpoints");
     assert_eq!(s.pinned(), PINNED, "{what}: pins");
-    for (id, step) in LIVE {
+    assert_checkpoints(s, &LIVE, what);
+}
+
+/// Checkpoints `live` (id, step) of `s` hold what `commit_step(step)` put, bit-exact, and
+/// every chunk of the store verifies.
+fn assert_checkpoints(s: &Store, live: &[(u64, u64)], what: &str) {
+    for &(id, step) in live {
         let ck = s.checkpoint(Selector::Id(id)).unwrap();
         assert_eq!(ck.info().epoch, step / 20, "{what}: epoch of {id}");
         assert_eq!(ck.metadata(), metadata(step), "{what}: metadata of {id}");
@@ -353,6 +359,72 @@ fn copy_of(fixture: &Path) -> tempfile::TempDir {
     tmp
 }
 
+// ---------------------------------------------------------------- workload 2: sealed
+
+/// The keys of workload 2 (test keys: the fixture is public).
+const KEY_1: &str = "5eed5eed5eed5eed5eed5eed5eed5eed0123456789abcdef0123456789abcdef";
+const KEY_2: &str = "c0ffeec0ffeec0ffeec0ffeec0ffeec0fedcba9876543210fedcba9876543210";
+
+fn key(hex: &str) -> ckptstore::crypt::Key {
+    ckptstore::crypt::Key::from_hex(hex).unwrap()
+}
+
+/// Workload 2's checkpoints at the end: (id, step, sealed); 1 is plain, 2 and 4 sealed under
+/// key 1 (3 was deleted and its segments compacted), 5 under key 2.
+const LIVE_2: [(u64, u64, bool); 4] = [(1, 10, false), (2, 20, true), (4, 30, true), (5, 40, true)];
+
+/// Both keys, the second current.
+fn sealed_opts(compression: Compression) -> Options {
+    Options {
+        encryption_key: Some(key(KEY_2)),
+        old_keys: vec![key(KEY_1)],
+        ..store_opts(compression)
+    }
+}
+
+/// Writes workload 2: a plain checkpoint, then sealed ones under key 1 (compressed, and a
+/// segment compaction of sealed chunks), then under key 2 after a rotation.
+fn write_workload_2(dir: &Path) {
+    let mut s = Store::open(dir, store_opts(Compression::None)).unwrap();
+    commit_step(&mut s, 10);
+    drop(s);
+    let o = Options {
+        encryption_key: Some(key(KEY_1)),
+        ..store_opts(Compression::zstd())
+    };
+    let mut s = Store::open(dir, o).unwrap();
+    commit_step(&mut s, 20);
+    commit_step(&mut s, 25);
+    commit_step(&mut s, 30);
+    s.delete(3).unwrap();
+    s.gc().unwrap();
+    drop(s);
+    let mut s = Store::open(dir, sealed_opts(Compression::None)).unwrap();
+    commit_step(&mut s, 40);
+}
+
+/// Workload 2's checks: the feature is declared, sealed checkpoints are sealed, nothing opens
+/// without the keys, everything reads bit-exact with them.
+fn assert_workload_2(dir: &Path, s: &Store, what: &str) {
+    assert!(
+        s.features().contains(&ckptstore::features::ENCRYPTION),
+        "{what}: features {}",
+        s.features()
+    );
+    let want: Vec<(u64, u64)> = LIVE_2.iter().map(|&(id, step, _)| (id, step)).collect();
+    let live: Vec<(u64, u64)> = s.list().iter().map(|c| (c.id, c.step)).collect();
+    assert_eq!(live, want, "{what}");
+    for (id, _, sealed) in LIVE_2 {
+        let ck = s.checkpoint(Selector::Id(id)).unwrap();
+        assert_eq!(ck.is_sealed(), sealed, "{what}: checkpoint {id}");
+    }
+    assert_checkpoints(s, &want, what);
+    assert!(matches!(
+        Store::open(dir, Options::read_only()),
+        Err(ckptstore::Error::KeyRequired { .. })
+    ));
+}
+
 #[test]
 fn every_fixture_store_opens_bit_exact() {
     let all = fixtures();
@@ -363,6 +435,23 @@ fn every_fixture_store_opens_bit_exact() {
     );
     for fixture in all {
         let name = fixture.file_name().unwrap().to_string_lossy().to_string();
+        if fixture_workload(&fixture) == 2 {
+            let tmp = copy_of(&fixture);
+            let ro = Options {
+                read_only: true,
+                ..sealed_opts(Compression::None)
+            };
+            let s = Store::open(tmp.path(), ro).unwrap();
+            assert_workload_2(tmp.path(), &s, &format!("{name} read-only"));
+            drop(s);
+            let mut s = Store::open(tmp.path(), sealed_opts(Compression::None)).unwrap();
+            commit_step(&mut s, 60);
+            s.compact_wal().unwrap();
+            drop(s);
+            let s = Store::open(tmp.path(), sealed_opts(Compression::None)).unwrap();
+            s.verify(s.latest().unwrap().id).unwrap();
+            continue;
+        }
         assert_eq!(fixture_workload(&fixture), 1, "{name}: unknown workload");
         // Read-only first (changes nothing), then as the writer (recovery may repair).
         let tmp = copy_of(&fixture);
@@ -389,12 +478,35 @@ fn every_fixture_store_opens_bit_exact() {
 #[ignore]
 fn generate_fixture_store() {
     let name = std::env::var("CKPTSTORE_FIXTURE").expect("set CKPTSTORE_FIXTURE=NAME");
+    let workload: u32 =
+        std::env::var("CKPTSTORE_FIXTURE_WORKLOAD").map_or(1, |w| w.parse().unwrap());
     let dir = fixtures_dir().join(&name);
     assert!(
         !dir.exists(),
         "{} exists: fixtures are never regenerated",
         dir.display()
     );
+    if workload == 2 {
+        write_workload_2(&dir);
+        std::fs::remove_file(dir.join(ckptstore::store::LOCK_NAME)).unwrap();
+        std::fs::write(
+            dir.join(FIXTURE_NOTE),
+            format!(
+                "workload 2\nwritten by ckptstore {} ({})\n",
+                env!("CARGO_PKG_VERSION"),
+                std::env::var("CKPTSTORE_FIXTURE_BUILD")
+                    .unwrap_or_else(|_| "unknown commit".into())
+            ),
+        )
+        .unwrap();
+        let ro = Options {
+            read_only: true,
+            ..sealed_opts(Compression::None)
+        };
+        let s = Store::open(&dir, ro).unwrap();
+        assert_workload_2(&dir, &s, &name);
+        return;
+    }
     write_workload_1(&dir);
     std::fs::remove_file(dir.join(ckptstore::store::LOCK_NAME)).unwrap();
     std::fs::write(
@@ -421,4 +533,18 @@ fn workload_1_written_now_passes_the_checks() {
     let s = Store::open(&dir, Options::read_only()).unwrap();
     assert_coverage(&dir, &s);
     assert_workload_1(&s, "this build");
+}
+
+/// Workload 2 written by this build passes its checks.
+#[test]
+fn workload_2_written_now_passes_the_checks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("s");
+    write_workload_2(&dir);
+    let ro = Options {
+        read_only: true,
+        ..sealed_opts(Compression::None)
+    };
+    let s = Store::open(&dir, ro).unwrap();
+    assert_workload_2(&dir, &s, "this build");
 }

@@ -53,7 +53,17 @@ pub struct Feature {
 /// its kind (bits are never reused, even of a feature that is withdrawn), an entry here, its
 /// row in docs/FORMAT.md ("Feature flags"), and a fixture store that uses it
 /// (tests/fixtures/stores/).
-pub const KNOWN: &[Feature] = &[];
+pub const KNOWN: &[Feature] = &[ENCRYPTION];
+
+/// Sealed checkpoints (docs/FORMAT.md, "Encryption"): chunks stored as AES-256-GCM ciphertext
+/// with keyed chunk ids. Incompatible: a build without it would take every sealed chunk for a
+/// BLAKE3 mismatch (the nonce, tag and key id are protobuf fields it ignores) and call the
+/// store corrupt. Turned on by the first writer opened with a key.
+pub const ENCRYPTION: Feature = Feature {
+    name: "encryption",
+    kind: FeatureKind::Incompatible,
+    bit: 1,
+};
 
 /// A set of feature bits, as a WAL header carries them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]

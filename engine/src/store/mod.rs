@@ -333,7 +333,7 @@ impl Store {
             // protected, it only holds more space until it closes. Never dropped for it.
             let _ = l.hold(rec.state.segments.keys().copied());
         }
-        Ok(Store {
+        let mut store = Store {
             dir,
             opts,
             _lock: lock,
@@ -347,7 +347,13 @@ impl Store {
             pending_free: rec.pending_free,
             reservations: external::Reservations::default(),
             keys,
-        })
+        };
+        // A writer with a key seals what it commits: the WAL declares the feature first, so
+        // that a build without it refuses the store by name instead of calling it corrupt.
+        if store.wal.is_some() && store.keys.current().is_some() {
+            store.enable_feature(&features::ENCRYPTION)?;
+        }
+        Ok(store)
     }
 
     /// The key that opens checkpoint `m`'s chunks: `None` for a plain checkpoint; an error
