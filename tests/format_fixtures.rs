@@ -52,7 +52,7 @@ fn values(dtype: DType, seed: u64, elems: usize) -> Vec<u8> {
             DType::I32 => out.extend_from_slice(&(v as i32 * -1000).to_le_bytes()),
             DType::I16 => out.extend_from_slice(&(v as i16 - 6).to_le_bytes()),
             DType::I8 => out.push((v as i8 - 6) as u8),
-            DType::Bool => out.push(u8::from(v % 3 == 0)),
+            DType::Bool => out.push(u8::from(v.is_multiple_of(3))),
             other => panic!("{other:?} is not a dtype of workload 1"),
         }
     }
@@ -419,6 +419,10 @@ fn assert_workload_2(dir: &Path, s: &Store, what: &str) {
         assert_eq!(ck.is_sealed(), sealed, "{what}: checkpoint {id}");
     }
     assert_checkpoints(s, &want, what);
+    let chain = s.verify_chain().unwrap();
+    assert_eq!(chain.unauthenticated, [1], "{what}: {chain:?}");
+    assert_eq!(chain.verified, [2, 4, 5], "{what}: {chain:?}");
+    assert_eq!(chain.breaks, [(2, 4)], "{what}: checkpoint 3 was deleted");
     assert!(matches!(
         Store::open(dir, Options::read_only()),
         Err(ckptstore::Error::KeyRequired { .. })

@@ -19,6 +19,8 @@
 use crate::error::{Error, Result};
 use aes_gcm::aead::AeadInPlace;
 use aes_gcm::{Aes256Gcm, KeyInit};
+use ckptstore_proto::v1 as pb;
+use prost::Message;
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
@@ -41,6 +43,10 @@ pub const KEY_ENV: &str = "CKPTSTORE_KEY";
 const CTX_KEY_ID: &str = "ckptstore 2026-12 key id v1";
 const CTX_CHUNK_ID: &str = "ckptstore 2026-12 chunk id v1";
 const CTX_ENCRYPT: &str = "ckptstore 2026-12 chunk encryption v1";
+const CTX_COMMIT_MAC: &str = "ckptstore 2026-12 commit mac v1";
+
+/// Bytes of a commit MAC.
+pub const MAC_LEN: usize = 32;
 
 /// A 256-bit store key. Its bytes are zeroed on drop; `Debug` shows only its id.
 #[derive(Clone)]
@@ -205,6 +211,7 @@ pub(crate) struct Sealer {
     id: KeyId,
     chunk_hash: ChunkHash,
     aead: Aes256Gcm,
+    mac_key: Zeroizing<[u8; 32]>,
 }
 
 impl fmt::Debug for Sealer {
@@ -229,7 +236,27 @@ impl Sealer {
             id: key.id(),
             chunk_hash: ChunkHash::Keyed(blake3::derive_key(CTX_CHUNK_ID, &key.bytes[..])),
             aead: Aes256Gcm::new(aes_gcm::Key::<Aes256Gcm>::from_slice(&enc[..])),
+            mac_key: Zeroizing::new(blake3::derive_key(CTX_COMMIT_MAC, &key.bytes[..])),
         }
+    }
+
+    /// The commit MAC of `m`: keyed BLAKE3 over the manifest with its chunk locations, its
+    /// `new_segments` and its `mac` cleared (compaction moves chunks and rewrites those; what a
+    /// checkpoint *is* stays covered), `prev_mac` included.
+    pub(crate) fn commit_mac(&self, m: &pb::Manifest) -> [u8; MAC_LEN] {
+        let mut c = m.clone();
+        c.mac.clear();
+        c.new_segments.clear();
+        let chunks = c
+            .tensors
+            .iter_mut()
+            .flat_map(|t| t.chunks.iter_mut())
+            .chain(c.blobs.iter_mut().flat_map(|b| b.chunks.iter_mut()));
+        for ch in chunks {
+            ch.segment = 0;
+            ch.offset = 0;
+        }
+        *blake3::keyed_hash(&self.mac_key, &c.encode_to_vec()).as_bytes()
     }
 
     pub(crate) fn id(&self) -> KeyId {

@@ -296,6 +296,26 @@ pub enum Error {
         key_id: String,
     },
 
+    /// A sealed checkpoint's commit MAC does not match its manifest: its WAL record was changed,
+    /// swapped or replayed by someone who can write the store but does not hold the key.
+    #[error(
+        "{what}: commit MAC mismatch: its record was altered, swapped or replayed \
+             (tampering, not a crash); restore the store from a trusted copy"
+    )]
+    MacMismatch {
+        /// The checkpoint and store.
+        what: String,
+    },
+
+    /// The store no longer holds the MAC chain head a caller saw before (`Store::check_head`).
+    #[error("{what} was rolled back: {reason}")]
+    Rollback {
+        /// The store.
+        what: String,
+        /// How the head differs.
+        reason: String,
+    },
+
     /// The keys supplied are not the one this store or checkpoint was sealed with.
     #[error(
         "{what} is sealed with key id {key_id}; the key(s) supplied have id(s) {supplied}: \

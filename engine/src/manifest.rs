@@ -258,6 +258,13 @@ fn check_sealing(m: &Manifest, context: &str) -> Result<()> {
         true => c.nonce.len() == crate::crypt::NONCE_LEN && c.tag.len() == crate::crypt::TAG_LEN,
         false => c.nonce.is_empty() && c.tag.is_empty(),
     };
+    let mac_ok = |b: &[u8]| b.is_empty() || (sealed && b.len() == crate::crypt::MAC_LEN);
+    if !mac_ok(&m.mac) || !mac_ok(&m.prev_mac) || (m.mac.is_empty() && !m.prev_mac.is_empty()) {
+        return Err(bad(
+            context,
+            "commit MAC fields: 32 bytes each, only in a sealed checkpoint",
+        ));
+    }
     if let Some((name, i, _)) = named_chunks(m).find(|(_, _, c)| !ok(c)) {
         return Err(bad(
             context,

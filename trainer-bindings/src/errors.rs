@@ -106,7 +106,9 @@ impl From<Error> for Failure {
             | Error::ChunkCorrupt { .. }
             | Error::SegmentMissing { .. }
             | Error::CurrentMissing { .. }
-            | Error::CurrentDangling { .. } => Kind::Corruption,
+            | Error::CurrentDangling { .. }
+            | Error::MacMismatch { .. }
+            | Error::Rollback { .. } => Kind::Corruption,
             _ => Kind::Store,
         };
         Failure {

@@ -540,6 +540,25 @@ impl PyStore {
         self.with_store(py, move |s| Ok(s.verify(id)?))
     }
 
+    /// The MAC chain over sealed commits (`Store::verify_chain`): a dict of `verified`,
+    /// `unauthenticated`, `unchecked` (id lists), `breaks` (id pairs) and `head`
+    /// (`(id, mac_hex)` or None).
+    fn verify_chain<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let r = self.with_store(py, move |s| Ok(s.verify_chain()?))?;
+        let d = PyDict::new(py);
+        d.set_item("verified", r.verified)?;
+        d.set_item("unauthenticated", r.unauthenticated)?;
+        d.set_item("unchecked", r.unchecked)?;
+        d.set_item("breaks", r.breaks)?;
+        d.set_item("head", r.head)?;
+        Ok(d)
+    }
+
+    /// Raises unless the store still holds the chain head `(id, mac_hex)` seen earlier.
+    fn check_head(&self, py: Python<'_>, id: u64, mac_hex: String) -> PyResult<()> {
+        self.with_store(py, move |s| Ok(s.check_head(id, &mac_hex)?))
+    }
+
     /// Deletes checkpoint `id` durably; returns the bytes freed.
     fn delete(&self, py: Python<'_>, id: u64) -> PyResult<u64> {
         self.drain(py);

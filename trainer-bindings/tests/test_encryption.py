@@ -69,3 +69,17 @@ def test_rotation_reads_old_checkpoints_with_old_encryption_keys(store_dir):
     with cs.Store(store_dir, read_only=True, encryption_key=OTHER) as s:
         with pytest.raises(cs.EncryptionKeyError, match="wrong key"):
             cs.load(s, step=1, framework="numpy")
+
+
+def test_verify_chain_reports_the_head_and_check_head_sees_a_rollback(store_dir):
+    with cs.Store(store_dir, encryption_key=KEY) as s:
+        for step in (1, 2):
+            cs.save(s, {"a": np.arange(100) + step}, step=step)
+        r = s.verify_chain()
+        assert r["verified"] == [1, 2] and r["breaks"] == [] and r["unauthenticated"] == []
+        head = r["head"]
+        assert head[0] == 2 and len(head[1]) == 64
+        s.check_head(*head)
+        s.delete(2)  # a rollback done by hand
+        with pytest.raises(cs.CorruptionError, match="rolled back"):
+            s.check_head(*head)

@@ -4,8 +4,9 @@
 //! [`Store::commit_manifest`] takes a manifest whose new segments are already fdatasync'ed
 //! (by a transaction's or a shard's segment writer) and:
 //! 1. fsyncs `segments/`, so the segment files' directory entries are durable;
-//! 2. assigns the checkpoint id and wall time, attaches the metadata, validates the manifest
-//!    and bounds the record's size;
+//! 2. assigns the checkpoint id and wall time, attaches the metadata, for a sealed checkpoint
+//!    links it into the MAC chain (crate::store::chain), validates the manifest and bounds the
+//!    record's size;
 //! 3. appends the commit record to the WAL and fdatasyncs it — the commit point;
 //! 4. applies the manifest to the in-memory state and runs the WAL compaction a durable
 //!    write may call for.
@@ -65,6 +66,10 @@ impl Store {
                 value: Some(v.to_pb()),
             })
             .collect();
+        if let Some(sealer) = self.keys().current().filter(|_| !m.key_id.is_empty()) {
+            m.prev_mac = self.state.head_mac().unwrap_or_default();
+            m.mac = sealer.commit_mac(&m).to_vec();
+        }
         manifest::validate(&m, context)?;
         let payload = pb::CommitRecord {
             manifest: Some(m.clone()),

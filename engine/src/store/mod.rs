@@ -1,6 +1,7 @@
 //! The store: open (with recovery), write transactions, listing, reading, deletion,
 //! verification and WAL compaction. See docs/GUARANTEES.md for the contract.
 
+mod chain;
 mod commit;
 mod compact;
 mod external;
@@ -21,6 +22,7 @@ mod txn;
 mod view;
 mod writer_lock;
 
+pub use chain::ChainReport;
 pub use compact::CompactionPlan;
 #[doc(hidden)]
 pub use files::{parse_wal_file_name, wal_file_name, LOCK_NAME, SEGMENTS_DIR};
@@ -327,6 +329,7 @@ impl Store {
         let rec = recovery::recover(&*io, &dir, &opts)?;
         let keys = crate::crypt::Keyring::new(opts.encryption_key.as_ref(), &opts.old_keys);
         check_keys(&dir, &rec.state, &keys)?;
+        chain::check_macs(&dir, &rec.state, &keys)?;
         if let Some(l) = &lease {
             // A failed narrowing leaves the file holding everything (its old content, or
             // bytes a writer cannot decode, which it takes as everything): the reader stays

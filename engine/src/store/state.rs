@@ -71,6 +71,15 @@ impl State {
     }
 
     /// The summary of live checkpoint `m`.
+    /// The commit MAC of the newest live checkpoint that has one (the head of the MAC chain).
+    pub(crate) fn head_mac(&self) -> Option<Vec<u8>> {
+        self.checkpoints
+            .values()
+            .rev()
+            .find(|m| !m.mac.is_empty())
+            .map(|m| m.mac.clone())
+    }
+
     pub(crate) fn info(&self, m: &Manifest) -> CheckpointInfo {
         CheckpointInfo::of(m, self.pinned.contains(&m.id))
     }

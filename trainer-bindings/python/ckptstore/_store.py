@@ -211,6 +211,20 @@ class Store:
     def verify(self, id: int) -> None:
         self._native.verify(id)
 
+    def verify_chain(self) -> dict[str, Any]:
+        """Tamper evidence of a sealed store (one opened with ``encryption_key``): every commit
+        MAC checked (a changed, swapped or replayed commit raises CorruptionError) and linked.
+        Returns ``verified``/``unauthenticated``/``unchecked`` (checkpoint ids: MAC checked, no
+        MAC, key not supplied), ``breaks`` (id pairs with commits gone between them: deleted, or
+        dropped by someone who can write the store) and ``head`` (``(id, mac_hex)``: keep it and
+        pass it to ``check_head`` later to see a rollback)."""
+        return self._native.verify_chain()
+
+    def check_head(self, id: int, mac_hex: str) -> None:
+        """Raises CorruptionError if the store was rolled back past the chain head
+        ``(id, mac_hex)`` that ``verify_chain`` returned earlier."""
+        self._native.check_head(id, mac_hex)
+
     def delete(self, id: int) -> int:
         """Deletes checkpoint ``id`` durably; returns the bytes freed."""
         return self._native.delete(id)
