@@ -380,3 +380,37 @@ fn cli_reads_a_sealed_store_with_key_file_or_env_and_names_a_missing_or_wrong_ke
     let e = cli_support::fails(&["ls", "--key-file", wrong_s, dir_s]);
     assert!(e.contains("key file") && !e.contains("secret"), "{e}");
 }
+
+/// A sealed store declares the incompatible feature `encryption` in a version-2 WAL header
+/// before its first sealed commit: a build with feature flags but without encryption refuses
+/// it naming the bit, a build from before the flags refuses the header version; neither takes
+/// the sealed chunks for corruption.
+#[test]
+fn a_sealed_store_declares_the_incompatible_encryption_feature() {
+    use ckptstore::features::{FeatureSet, ENCRYPTION};
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path(), sealed(key())).unwrap();
+    assert!(s.features().contains(&ENCRYPTION));
+    commit(&mut s, 1, &[("w", &data(1, 5000))]);
+    drop(s);
+    let wal = std::fs::read(support::live_wal(dir.path())).unwrap();
+    assert_eq!(
+        u16::from_le_bytes([wal[8], wal[9]]),
+        2,
+        "WAL header version"
+    );
+    let h = ckptstore::wal::WalHeader::decode(&wal).unwrap();
+    assert!(h.features.contains(&ENCRYPTION));
+    // A build that lacks the feature finds an unknown incompatible bit: it refuses every open.
+    let unknown = h.features.unknown_in(&[]);
+    assert_eq!(unknown, FeatureSet::EMPTY.with(&ENCRYPTION));
+    assert_eq!(
+        ENCRYPTION.kind,
+        ckptstore::features::FeatureKind::Incompatible
+    );
+    // A plain store stays without it (and version 1, readable by landed builds).
+    let plain = tempfile::tempdir().unwrap();
+    let mut s = Store::open(plain.path(), opts()).unwrap();
+    commit(&mut s, 1, &[("w", &data(1, 5000))]);
+    assert!(!s.features().contains(&ENCRYPTION));
+}
