@@ -414,3 +414,58 @@ fn a_sealed_store_declares_the_incompatible_encryption_feature() {
     commit(&mut s, 1, &[("w", &data(1, 5000))]);
     assert!(!s.features().contains(&ENCRYPTION));
 }
+
+/// A sealed checkpoint's names, dtypes, shapes and metadata are sealed too: none of them is in
+/// the clear anywhere in the store. Recovery needs no key: a keyless writer open checks the
+/// WAL's framing and CRCs and cuts a torn tail before it refuses for want of the key.
+#[test]
+fn sealed_manifests_hide_names_and_metadata_and_recovery_runs_keyless() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = data(11, 9000);
+    {
+        let mut s = Store::open(dir.path(), sealed(key())).unwrap();
+        let mut t = s.begin(1).unwrap();
+        t.set_metadata("secret_meta_key", "secret_meta_value");
+        t.put_tensor("layers.secret_tensor_name", DType::U8, &[9000], &w)
+            .unwrap();
+        t.put_blob("secret_blob_name", b"blob").unwrap();
+        t.commit().unwrap();
+        s.compact_wal().unwrap(); // the compacted WAL seals them too
+        commit(&mut s, 2, &[("other_secret_tensor", &data(12, 100))]);
+    }
+    for (path, bytes) in snapshot_tree(dir.path()) {
+        for needle in [
+            "secret_meta",
+            "secret_tensor",
+            "secret_blob",
+            "other_secret",
+        ] {
+            assert!(
+                !bytes.windows(needle.len()).any(|x| x == needle.as_bytes()),
+                "{needle} in the clear in {}",
+                path.display()
+            );
+        }
+    }
+    // A torn tail: cut by a keyless writer open, which then refuses for want of the key.
+    let wal = support::live_wal(dir.path());
+    let good = support::file_len(&wal);
+    let mut b = std::fs::read(&wal).unwrap();
+    b.extend_from_slice(&[0x55; 40]);
+    std::fs::write(&wal, b).unwrap();
+    assert!(matches!(
+        Store::open(dir.path(), opts()),
+        Err(Error::KeyRequired { .. })
+    ));
+    assert_eq!(support::file_len(&wal), good);
+    let s = Store::open(dir.path(), sealed(key())).unwrap();
+    let ck = s.checkpoint(Selector::Id(1)).unwrap();
+    assert_eq!(ck.tensor_names(), ["layers.secret_tensor_name"]);
+    assert_eq!(ck.blob_names(), ["secret_blob_name"]);
+    assert_eq!(ck.tensor("layers.secret_tensor_name").unwrap().data, w);
+    assert_eq!(
+        ck.metadata().get("secret_meta_key"),
+        Some(&ckptstore::MetaValue::Str("secret_meta_value".into()))
+    );
+    assert_eq!(s.verify_chain().unwrap().verified, [1, 2]);
+}

@@ -417,6 +417,12 @@ fn assert_workload_2(dir: &Path, s: &Store, what: &str) {
     for (id, _, sealed) in LIVE_2 {
         let ck = s.checkpoint(Selector::Id(id)).unwrap();
         assert_eq!(ck.is_sealed(), sealed, "{what}: checkpoint {id}");
+        // Sealed manifests carry their names, shapes and metadata in a sealed body.
+        assert_eq!(
+            !ck.manifest().sealed_body.is_empty(),
+            sealed,
+            "{what}: checkpoint {id}"
+        );
     }
     assert_checkpoints(s, &want, what);
     let chain = s.verify_chain().unwrap();

@@ -220,6 +220,33 @@ impl fmt::Debug for Sealer {
     }
 }
 
+/// Associated data of a sealed manifest body: a label, the checkpoint id and the key id.
+fn body_aad(m: &pb::Manifest) -> Vec<u8> {
+    let mut a = b"ckptstore manifest body v1".to_vec();
+    a.extend_from_slice(&m.id.to_le_bytes());
+    a.extend_from_slice(&m.key_id);
+    a
+}
+
+/// The copy of `m` the WAL holds: for a manifest with a sealed body, without the names,
+/// dtypes, shapes and metadata the body carries; otherwise `m` itself.
+pub(crate) fn wal_form(m: &pb::Manifest) -> std::borrow::Cow<'_, pb::Manifest> {
+    if m.sealed_body.is_empty() {
+        return std::borrow::Cow::Borrowed(m);
+    }
+    let mut c = m.clone();
+    c.metadata.clear();
+    for t in &mut c.tensors {
+        t.name.clear();
+        t.dtype = 0;
+        t.shape.clear();
+    }
+    for b in &mut c.blobs {
+        b.name.clear();
+    }
+    std::borrow::Cow::Owned(c)
+}
+
 /// Associated data of a sealed chunk: its chunk id, raw length and codec.
 fn aad(hash: &[u8], raw_len: u64, codec: i32) -> [u8; 44] {
     let mut a = [0u8; 44];
@@ -240,6 +267,80 @@ impl Sealer {
         }
     }
 
+    /// Seals `m`'s names, dtypes, shapes and metadata into its `sealed_body` (see
+    /// [`wal_form`] for the copy the WAL holds). The associated data binds the body to the
+    /// checkpoint id and key id.
+    pub(crate) fn seal_body(&self, m: &mut pb::Manifest) -> Result<()> {
+        let body = pb::ManifestBody {
+            metadata: m.metadata.clone(),
+            tensors: m
+                .tensors
+                .iter()
+                .map(|t| pb::TensorHead {
+                    name: t.name.clone(),
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                })
+                .collect(),
+            blob_names: m.blobs.iter().map(|b| b.name.clone()).collect(),
+        };
+        let mut buf = body.encode_to_vec();
+        let seal = self.seal_raw(&mut buf, &body_aad(m))?;
+        let mut out = Vec::with_capacity(NONCE_LEN + buf.len() + TAG_LEN);
+        out.extend_from_slice(&seal.nonce);
+        out.extend_from_slice(&buf);
+        out.extend_from_slice(&seal.tag);
+        m.sealed_body = out;
+        Ok(())
+    }
+
+    /// Fills a sealed manifest's names, dtypes, shapes and metadata from its `sealed_body`;
+    /// `Err` with the reason when it does not authenticate or fit.
+    pub(crate) fn open_body(&self, m: &mut pb::Manifest) -> std::result::Result<(), String> {
+        let b = &m.sealed_body;
+        if b.len() < NONCE_LEN + TAG_LEN {
+            return Err("sealed body too short".into());
+        }
+        let (nonce, rest) = b.split_at(NONCE_LEN);
+        let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
+        let mut buf = ct.to_vec();
+        self.aead
+            .decrypt_in_place_detached(
+                aes_gcm::Nonce::from_slice(nonce),
+                &body_aad(m),
+                &mut buf,
+                aes_gcm::Tag::from_slice(tag),
+            )
+            .map_err(|_| "sealed body does not authenticate (altered or moved)".to_string())?;
+        let body = pb::ManifestBody::decode(&buf[..]).map_err(|e| e.to_string())?;
+        if body.tensors.len() != m.tensors.len() || body.blob_names.len() != m.blobs.len() {
+            return Err("sealed body does not match the entries".into());
+        }
+        m.metadata = body.metadata;
+        for (t, h) in m.tensors.iter_mut().zip(body.tensors) {
+            (t.name, t.dtype, t.shape) = (h.name, h.dtype, h.shape);
+        }
+        for (b, n) in m.blobs.iter_mut().zip(body.blob_names) {
+            b.name = n;
+        }
+        Ok(())
+    }
+
+    /// Encrypts `buf` in place under a fresh random nonce with associated data `aad`.
+    fn seal_raw(&self, buf: &mut Vec<u8>, aad: &[u8]) -> Result<Seal> {
+        let mut nonce = [0u8; NONCE_LEN];
+        getrandom::fill(&mut nonce)
+            .map_err(|e| Error::invalid(format!("no random bytes for a nonce: {e}")))?;
+        let tag = self
+            .aead
+            .encrypt_in_place_detached(aes_gcm::Nonce::from_slice(&nonce), aad, buf)
+            .map_err(|_| Error::invalid("AES-GCM refused to seal a manifest (too long)"))?;
+        Ok(Seal {
+            nonce,
+            tag: tag.into(),
+        })
+    }
+
     /// The commit MAC of `m`: keyed BLAKE3 over the manifest with its chunk locations, its
     /// `new_segments` and its `mac` cleared (compaction moves chunks and rewrites those; what a
     /// checkpoint *is* stays covered), `prev_mac` included.
@@ -247,6 +348,7 @@ impl Sealer {
         let mut c = m.clone();
         c.mac.clear();
         c.new_segments.clear();
+        c.sealed_body.clear();
         let chunks = c
             .tensors
             .iter_mut()

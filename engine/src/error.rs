@@ -299,12 +299,14 @@ pub enum Error {
     /// A sealed checkpoint's commit MAC does not match its manifest: its WAL record was changed,
     /// swapped or replayed by someone who can write the store but does not hold the key.
     #[error(
-        "{what}: commit MAC mismatch: its record was altered, swapped or replayed \
+        "{what}: {reason}: its record was altered, swapped or replayed \
              (tampering, not a crash); restore the store from a trusted copy"
     )]
     MacMismatch {
         /// The checkpoint and store.
         what: String,
+        /// What does not authenticate: the commit MAC, or the sealed manifest body.
+        reason: String,
     },
 
     /// The store no longer holds the MAC chain head a caller saw before (`Store::check_head`).

@@ -203,7 +203,19 @@ fn check_chunks(context: &str, name: &str, nbytes: u64, chunks: &[pb::ChunkRef])
 /// the chunks, bounded chunk lengths, unique names, sorted unique metadata keys.
 pub fn validate(m: &Manifest, context: &str) -> Result<()> {
     let mut names = HashSet::new();
-    for t in &m.tensors {
+    // A sealed manifest as the WAL holds it: names, dtypes, shapes and metadata are in its
+    // sealed body (docs/FORMAT.md, "Sealed manifests"); only the chunks are checked here.
+    let opaque = |t: &pb::TensorEntry| !m.sealed_body.is_empty() && t.dtype == 0;
+    if !m.sealed_body.is_empty() && m.key_id.is_empty() {
+        return Err(bad(context, "sealed body without a key id"));
+    }
+    for (i, t) in m.tensors.iter().enumerate().filter(|(_, t)| opaque(t)) {
+        if !t.name.is_empty() || !t.shape.is_empty() {
+            return Err(bad(context, format!("sealed tensor #{i} has clear fields")));
+        }
+        check_chunks(context, &format!("#{i}"), t.nbytes, &t.chunks)?;
+    }
+    for t in m.tensors.iter().filter(|t| !opaque(t)) {
         let dtype = DType::from_pb(t.dtype).ok_or_else(|| {
             bad(
                 context,
@@ -226,6 +238,10 @@ pub fn validate(m: &Manifest, context: &str) -> Result<()> {
     }
     names.clear();
     for b in &m.blobs {
+        if !(m.sealed_body.is_empty() || !b.name.is_empty()) {
+            check_chunks(context, "(sealed blob)", b.nbytes, &b.chunks)?;
+            continue;
+        }
         if !names.insert(b.name.as_str()) {
             return Err(bad(context, format!("duplicate blob {:?}", b.name)));
         }

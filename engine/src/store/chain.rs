@@ -47,6 +47,7 @@ pub(super) fn check_macs(dir: &Path, state: &State, keys: &Keyring) -> Result<()
         if sealer.commit_mac(m)[..] != m.mac[..] {
             return Err(Error::MacMismatch {
                 what: format!("checkpoint {} in {}", m.id, dir.display()),
+                reason: "commit MAC mismatch".into(),
             });
         }
     }

@@ -66,13 +66,14 @@ impl Store {
                 value: Some(v.to_pb()),
             })
             .collect();
+        manifest::validate(&m, context)?;
         if let Some(sealer) = self.keys().current().filter(|_| !m.key_id.is_empty()) {
             m.prev_mac = self.state.head_mac().unwrap_or_default();
             m.mac = sealer.commit_mac(&m).to_vec();
+            sealer.seal_body(&mut m)?;
         }
-        manifest::validate(&m, context)?;
         let payload = pb::CommitRecord {
-            manifest: Some(m.clone()),
+            manifest: Some(crate::crypt::wal_form(&m).into_owned()),
         }
         .encode_to_vec();
         if payload.len() > wal::MAX_RECORD_LEN as usize {

@@ -402,7 +402,7 @@ impl State {
         let mut records = vec![(RecordType::Snapshot, self.snapshot().encode_to_vec())];
         for m in self.checkpoints.values() {
             let rec = pb::CommitRecord {
-                manifest: Some((**m).clone()),
+                manifest: Some(crate::crypt::wal_form(m).into_owned()),
             };
             records.push((RecordType::Commit, rec.encode_to_vec()));
         }
