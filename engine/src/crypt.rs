@@ -327,7 +327,7 @@ impl Sealer {
     }
 
     /// Encrypts `buf` in place under a fresh random nonce with associated data `aad`.
-    fn seal_raw(&self, buf: &mut Vec<u8>, aad: &[u8]) -> Result<Seal> {
+    fn seal_raw(&self, buf: &mut [u8], aad: &[u8]) -> Result<Seal> {
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::fill(&mut nonce)
             .map_err(|e| Error::invalid(format!("no random bytes for a nonce: {e}")))?;

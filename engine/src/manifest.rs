@@ -238,7 +238,7 @@ pub fn validate(m: &Manifest, context: &str) -> Result<()> {
     }
     names.clear();
     for b in &m.blobs {
-        if !(m.sealed_body.is_empty() || !b.name.is_empty()) {
+        if !m.sealed_body.is_empty() && b.name.is_empty() {
             check_chunks(context, "(sealed blob)", b.nbytes, &b.chunks)?;
             continue;
         }
