@@ -375,6 +375,22 @@ fn cli_reads_a_sealed_store_with_key_file_or_env_and_names_a_missing_or_wrong_ke
             .unwrap();
         assert!(o.status.success(), "{var}: {}", cli_support::stderr(&o));
     }
+    // Rotation from the command line: rekey under a new key, then the old one is not needed.
+    let newer = d.path().join("newer");
+    std::fs::write(&newer, [7u8; 32]).unwrap();
+    let newer_s = newer.to_str().unwrap();
+    let out = cli_support::ok(&[
+        "rekey",
+        dir_s,
+        "--key-file",
+        newer_s,
+        "--old-key-file",
+        kf_s,
+    ]);
+    assert!(out.contains("resealed 1 checkpoint"), "{out}");
+    cli_support::ok(&["verify", "--key-file", newer_s, dir_s]);
+    let e = cli_support::fails(&["verify", "--key-file", kf_s, dir_s]);
+    assert!(e.contains("wrong key"), "{e}");
     // A bad key file is named, its content never shown.
     std::fs::write(&wrong, "not-a-key-secret").unwrap();
     let e = cli_support::fails(&["ls", "--key-file", wrong_s, dir_s]);

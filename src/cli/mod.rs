@@ -13,6 +13,7 @@ mod ls;
 mod pin;
 mod plot;
 mod recover;
+mod rekey;
 mod synth;
 mod verify;
 
@@ -105,6 +106,9 @@ enum Command {
     Pin(pin::Args),
     /// Unpin a checkpoint pinned with `ckptstore pin`.
     Unpin(pin::Args),
+    /// Reseal every checkpoint under the key of --key-file (after a key rotation; the old
+    /// keys given with --old-key-file), crash-safely, then free the old bytes.
+    Rekey(rekey::Args),
     /// Write one checkpoint to a file in another format (safetensors, MindSpore .ckpt).
     Export(export::Args),
     /// Commit a file in another format (safetensors, MindSpore .ckpt) to a store as a new checkpoint.
@@ -173,6 +177,7 @@ pub fn main() -> ExitCode {
         Command::Gc(a) => gc::run(a),
         Command::Pin(a) => pin::run(a, true),
         Command::Unpin(a) => pin::run(a, false),
+        Command::Rekey(a) => rekey::run(a),
         Command::Export(a) => export::run(a),
         Command::Import(a) => import::run(a),
         Command::Bench(a) => bench::run(a),

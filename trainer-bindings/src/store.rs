@@ -554,6 +554,13 @@ impl PyStore {
         Ok(d)
     }
 
+    /// Reseals every checkpoint not under the store's `encryption_key` (`Store::rekey`);
+    /// returns the ids resealed.
+    fn rekey(&self, py: Python<'_>) -> PyResult<Vec<u64>> {
+        self.drain(py);
+        self.with_store(py, move |s| Ok(s.rekey(|_, _| {})?.checkpoints))
+    }
+
     /// Raises unless the store still holds the chain head `(id, mac_hex)` seen earlier.
     fn check_head(&self, py: Python<'_>, id: u64, mac_hex: String) -> PyResult<()> {
         self.with_store(py, move |s| Ok(s.check_head(id, &mac_hex)?))

@@ -69,6 +69,10 @@ def test_rotation_reads_old_checkpoints_with_old_encryption_keys(store_dir):
     with cs.Store(store_dir, read_only=True, encryption_key=OTHER) as s:
         with pytest.raises(cs.EncryptionKeyError, match="wrong key"):
             cs.load(s, step=1, framework="numpy")
+    with cs.Store(store_dir, encryption_key=OTHER, old_encryption_keys=[KEY]) as s:
+        assert s.rekey() == [1]
+    with cs.Store(store_dir, read_only=True, encryption_key=OTHER) as s:
+        assert (cs.load(s, step=1, framework="numpy")["a"] == a).all()
 
 
 def test_verify_chain_reports_the_head_and_check_head_sees_a_rollback(store_dir):

@@ -220,6 +220,13 @@ class Store:
         pass it to ``check_head`` later to see a rollback)."""
         return self._native.verify_chain()
 
+    def rekey(self) -> builtins.list[int]:
+        """After a key rotation (opened with the new ``encryption_key`` and the old ones in
+        ``old_encryption_keys``): reseals every checkpoint not under the new key, crash-safely,
+        and frees the old bytes; afterwards the old keys are not needed. Returns the ids
+        resealed."""
+        return self._native.rekey()
+
     def check_head(self, id: int, mac_hex: str) -> None:
         """Raises CorruptionError if the store was rolled back past the chain head
         ``(id, mac_hex)`` that ``verify_chain`` returned earlier."""
