@@ -53,7 +53,24 @@ pub struct Feature {
 /// its kind (bits are never reused, even of a feature that is withdrawn), an entry here, its
 /// row in docs/FORMAT.md ("Feature flags"), and a fixture store that uses it
 /// (tests/fixtures/stores/).
-pub const KNOWN: &[Feature] = &[];
+pub const KNOWN: &[Feature] = &[SEGMENT_COMMIT_TRAILER];
+
+/// Each commit's last new segment ends with a copy of its commit record (docs/FORMAT.md,
+/// "Commit trailer"), so `ckptstore recover --rebuild` can restore the store from its
+/// segments. Compatible: the trailer lies past the segment's committed length, which builds
+/// without it never read.
+pub const SEGMENT_COMMIT_TRAILER: Feature = Feature {
+    name: "segment-commit-trailer",
+    kind: FeatureKind::Compatible,
+    bit: 0,
+};
+
+/// The features a store this build creates starts with.
+pub const NEW_STORE: FeatureSet = FeatureSet {
+    compat: 1 << SEGMENT_COMMIT_TRAILER.bit,
+    ro_compat: 0,
+    incompat: 0,
+};
 
 /// A set of feature bits, as a WAL header carries them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -197,7 +214,7 @@ mod tests {
     const B: Feature = Feature {
         name: "b",
         kind: FeatureKind::Compatible,
-        bit: 0,
+        bit: 14,
     };
 
     #[test]
@@ -219,7 +236,7 @@ mod tests {
         // Neither is in this build's registry.
         assert_eq!(
             s.names(),
-            ["incompatible feature bit 3", "compatible feature bit 0"]
+            ["incompatible feature bit 3", "compatible feature bit 14"]
         );
         assert_eq!(s.blocking(true), Some(FeatureSet::EMPTY.with(&A)));
         assert_eq!(FeatureSet::EMPTY.with(&B).blocking(false), None);
