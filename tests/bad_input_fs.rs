@@ -1421,7 +1421,6 @@ fn a_store_with_an_unknown_read_only_compatible_feature_opens_read_only() {
 /// are skipped, and the bit survives this build's WAL compaction.
 #[test]
 fn a_store_with_an_unknown_compatible_feature_opens_and_keeps_the_bit() {
-    use ckptstore::features::FeatureSet;
     let dir = tempfile::tempdir().unwrap();
     fs_store(dir.path());
     // This build's own features (the store was created with them) plus one it lacks.

@@ -121,10 +121,7 @@ pub fn walk(file: &dyn StorageFile, id: u64) -> Result<Walked, WalkError> {
         ..Default::default()
     };
     let mut at = SEGMENT_DATA_OFFSET;
-    loop {
-        let Some(h) = read_frame_header(file, at, len).map_err(WalkError::Io)? else {
-            break;
-        };
+    while let Some(h) = read_frame_header(file, at, len).map_err(WalkError::Io)? {
         if h.segment_id != id {
             break;
         }
