@@ -52,7 +52,7 @@ fn values(dtype: DType, seed: u64, elems: usize) -> Vec<u8> {
             DType::I32 => out.extend_from_slice(&(v as i32 * -1000).to_le_bytes()),
             DType::I16 => out.extend_from_slice(&(v as i16 - 6).to_le_bytes()),
             DType::I8 => out.push((v as i8 - 6) as u8),
-            DType::Bool => out.push(u8::from(v % 3 == 0)),
+            DType::Bool => out.push(u8::from(v.is_multiple_of(3))),
             other => panic!("{other:?} is not a dtype of workload 1"),
         }
     }
