@@ -120,6 +120,17 @@ pub fn run(a: Args) -> CliResult {
         ..Default::default()
     };
     let (store, rebuilt) = if a.rebuild {
+        // Only a store that does not open: a rebuild of a healthy one would drop its pins and
+        // bring back deleted checkpoints, for nothing.
+        if let Ok(s) = Store::open(&a.dir, Options::read_only()) {
+            return fail(format!(
+                "{} opens ({} checkpoints): its WAL is intact, nothing to rebuild (a rebuild \
+                 would drop its pins and bring back deleted checkpoints); run `ckptstore \
+                 recover` without --rebuild",
+                a.dir.display(),
+                s.list().len()
+            ));
+        }
         let (s, r) = Store::rebuild(&a.dir, opts)?;
         (s, Some(r))
     } else {
