@@ -481,6 +481,59 @@ fn every_fixture_store_opens_bit_exact() {
     }
 }
 
+/// Every fixture whose segments carry commit trailers (its WAL header declares the
+/// `segment-commit-trailer` feature) rebuilds from its segments alone — CURRENT and WAL
+/// removed — with every live checkpoint bit-exact (pins are not restored); one without them
+/// is refused and left as it was.
+#[test]
+fn every_fixture_store_rebuilds_from_its_segments_or_is_refused() {
+    use ckptstore::features::SEGMENT_COMMIT_TRAILER;
+    let mut rebuilt = 0;
+    for fixture in fixtures() {
+        let name = fixture.file_name().unwrap().to_string_lossy().to_string();
+        let header = std::fs::read(support::live_wal(&fixture)).unwrap();
+        let trailers = WalHeader::decode(&header)
+            .unwrap()
+            .features
+            .contains(&SEGMENT_COMMIT_TRAILER);
+        let tmp = copy_of(&fixture);
+        for e in std::fs::read_dir(tmp.path()).unwrap() {
+            let p = e.unwrap().path();
+            let n = p.file_name().unwrap().to_string_lossy().to_string();
+            if n == "CURRENT" || n.ends_with(".wal") {
+                std::fs::remove_file(p).unwrap();
+            }
+        }
+        let before = support::snapshot_tree(tmp.path());
+        match Store::rebuild(tmp.path(), store_opts(Compression::None)) {
+            Ok((s, report)) if trailers => {
+                let live: Vec<u64> = LIVE.iter().map(|l| l.0).collect();
+                assert_eq!(report.restored, live, "{name}: {report:?}");
+                assert!(report.repointed_chunks > 0, "{name}: relocated chunks");
+                for (id, step) in LIVE {
+                    let ck = s.checkpoint(Selector::Id(id)).unwrap();
+                    assert_eq!(ck.metadata(), metadata(step), "{name}: {id}");
+                    for (t, _, _, bytes) in tensors(step) {
+                        assert!(ck.tensor(&t).unwrap().data == bytes, "{name}: {id}/{t}");
+                    }
+                }
+                for (id, r) in s.verify_all() {
+                    r.unwrap_or_else(|e| panic!("{name}: {id}: {e}"));
+                }
+                rebuilt += 1;
+            }
+            Err(ckptstore::Error::NotFound(msg)) if !trailers => {
+                assert!(msg.contains("commit trailer"), "{name}: {msg}");
+                let mut after = support::snapshot_tree(tmp.path());
+                after.remove(Path::new("LOCK"));
+                assert_eq!(after, before, "{name}: changed");
+            }
+            other => panic!("{name} (trailers: {trailers}): {:?}", other.map(|x| x.1)),
+        }
+    }
+    assert!(rebuilt > 0, "no fixture with commit trailers");
+}
+
 /// Writes a new fixture store with this build: `CKPTSTORE_FIXTURE=NAME cargo test --test
 /// format_fixtures -- --ignored generate_fixture_store` (docs/TESTING.md). Refuses to
 /// overwrite one: fixtures are added, never regenerated.

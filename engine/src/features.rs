@@ -53,16 +53,34 @@ pub struct Feature {
 /// its kind (bits are never reused, even of a feature that is withdrawn), an entry here, its
 /// row in docs/FORMAT.md ("Feature flags"), and a fixture store that uses it
 /// (tests/fixtures/stores/).
-pub const KNOWN: &[Feature] = &[ENCRYPTION];
+pub const KNOWN: &[Feature] = &[SEGMENT_COMMIT_TRAILER, ENCRYPTION];
+
+/// Each commit's last new segment ends with a copy of its commit record (docs/FORMAT.md,
+/// "Commit trailer"), so `ckptstore recover --rebuild` can restore the store from its
+/// segments. Compatible: the trailer lies past the segment's committed length, which builds
+/// without it never read.
+pub const SEGMENT_COMMIT_TRAILER: Feature = Feature {
+    name: "segment-commit-trailer",
+    kind: FeatureKind::Compatible,
+    bit: 0,
+};
 
 /// Sealed checkpoints (docs/FORMAT.md, "Encryption"): chunks stored as AES-256-GCM ciphertext
-/// with keyed chunk ids. Incompatible: a build without it would take every sealed chunk for a
-/// BLAKE3 mismatch (the nonce, tag and key id are protobuf fields it ignores) and call the
-/// store corrupt. Turned on by the first writer opened with a key.
+/// with keyed chunk ids, sealed manifest bodies, commit MACs. Incompatible: a build without it
+/// would take every sealed chunk for a BLAKE3 mismatch (the nonce, tag and key id are
+/// protobuf fields it ignores) and call the store corrupt. Turned on by the first writer
+/// opened with a key.
 pub const ENCRYPTION: Feature = Feature {
     name: "encryption",
     kind: FeatureKind::Incompatible,
     bit: 1,
+};
+
+/// The features a store this build creates starts with.
+pub const NEW_STORE: FeatureSet = FeatureSet {
+    compat: 1 << SEGMENT_COMMIT_TRAILER.bit,
+    ro_compat: 0,
+    incompat: 0,
 };
 
 /// A set of feature bits, as a WAL header carries them.
@@ -207,7 +225,7 @@ mod tests {
     const B: Feature = Feature {
         name: "b",
         kind: FeatureKind::Compatible,
-        bit: 0,
+        bit: 14,
     };
 
     #[test]
@@ -229,7 +247,7 @@ mod tests {
         // Neither is in this build's registry.
         assert_eq!(
             s.names(),
-            ["incompatible feature bit 3", "compatible feature bit 0"]
+            ["incompatible feature bit 3", "compatible feature bit 14"]
         );
         assert_eq!(s.blocking(true), Some(FeatureSet::EMPTY.with(&A)));
         assert_eq!(FeatureSet::EMPTY.with(&B).blocking(false), None);

@@ -44,7 +44,7 @@ pub use pipeline::{Pipeline, PipelineOptions, SaveHandle, SaveReport};
 pub use retention::{KeepReason, MetricMode, RetentionPlan, RetentionPolicy};
 pub use store::{
     ChainReport, CheckpointReader, CommitInfo, CompactionPlan, DeleteInfo, GcOptions, GcReport,
-    LoadReport, LoadSpec, Options, RecoveryMode, RecoveryReport, Selector, ShardFragment,
-    ShardOptions, ShardWriter, SpaceStats, Store, StoreStats, Tensor, TensorView, Transaction,
-    VerifiedChunks,
+    LoadReport, LoadSpec, Options, RebuildReport, RecoveryMode, RecoveryReport, Selector,
+    ShardFragment, ShardOptions, ShardWriter, SpaceStats, Store, StoreStats, Tensor, TensorView,
+    Transaction, VerifiedChunks,
 };
