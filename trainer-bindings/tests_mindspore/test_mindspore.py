@@ -450,7 +450,9 @@ def test_damaged_checkpoint_is_refused_by_name_and_skipped_by_latest(tmp_path):
     # flip a byte in the data of the newest segment, near its end: inside b's last chunk
     seg = max((d / "segments").iterdir(), key=lambda p: p.name)
     data = bytearray(seg.read_bytes())
-    data[len(data) - 64] ^= 0xFF
+    # (before the commit trailer that ends the segment, docs/FORMAT.md, if there is one)
+    end = data.rfind(b"CKPTTRL\0")
+    data[(end if end >= 0 else len(data)) - 64] ^= 0xFF
     seg.write_bytes(bytes(data))
     with ckptstore.Store(d, read_only=True) as s:
         a_id, b_id = [c["id"] for c in s.list()]
