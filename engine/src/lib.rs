@@ -41,7 +41,8 @@ pub use manifest::{CheckpointInfo, MetaValue};
 pub use pipeline::{Pipeline, PipelineOptions, SaveHandle, SaveReport};
 pub use retention::{KeepReason, MetricMode, RetentionPlan, RetentionPolicy};
 pub use store::{
-    CheckpointReader, CommitInfo, CompactionPlan, DeleteInfo, GcOptions, GcReport, LoadReport,
+    CheckpointReader, ChunkLocation, CommitInfo, CompactionPlan, DeleteInfo, GcOptions, GcReport,
+    HealReport, LoadReport,
     LoadSpec, Options, RecoveryMode, RecoveryReport, Selector, ShardFragment, ShardOptions,
     ShardWriter, SpaceStats, Store, StoreStats, Tensor, TensorView, Transaction, VerifiedChunks,
 };

@@ -36,7 +36,15 @@ pub enum RecordType {
     /// Live chunks moved by segment compaction (`RelocateRecord`). Likewise refused by a
     /// reader older than this type.
     Relocate = 5,
+    /// Chunks found bad, and references repointed at fresh copies (`QuarantineRecord`). A
+    /// format feature: see [`QUARANTINE_FEATURE`].
+    Quarantine = 6,
 }
+
+/// The format feature a WAL holding a [`RecordType::Quarantine`] record needs (written only
+/// once a store has quarantined a chunk, so a store with no bad chunk stays readable by a
+/// build without it).
+pub(crate) const QUARANTINE_FEATURE: &str = "quarantine";
 
 impl RecordType {
     fn from_u8(t: u8) -> Option<Self> {
@@ -46,6 +54,7 @@ impl RecordType {
             3 => Some(Self::Snapshot),
             4 => Some(Self::Pin),
             5 => Some(Self::Relocate),
+            6 => Some(Self::Quarantine),
             _ => None,
         }
     }

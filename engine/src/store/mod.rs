@@ -11,6 +11,7 @@ mod lease;
 mod leftovers;
 mod lost_found;
 mod perms;
+mod quarantine;
 mod reader;
 mod recovery;
 mod select;
@@ -29,6 +30,7 @@ pub use gc::{GcOptions, GcReport, SpaceStats};
 pub use lease::READERS_DIR;
 pub use lost_found::{PurgeReport, LOST_FOUND_DIR};
 pub use reader::{CheckpointReader, Tensor, VerifiedChunks};
+pub use quarantine::{ChunkLocation, HealReport};
 pub use recovery::RecoveryReport;
 pub use select::{LoadReport, LoadSpec, NamePredicate};
 pub use shard::{ShardFragment, ShardOptions, ShardWriter};
@@ -232,6 +234,8 @@ pub struct Store {
     pending_free: BTreeMap<u64, u64>,
     /// Segment ids handed to shard writers ([`Store::reserve_segment_ids`]).
     reservations: external::Reservations,
+    /// Chunks verified reads found bad, not yet quarantined (see `quarantine.rs`).
+    suspects: quarantine::Suspects,
 }
 
 impl std::fmt::Debug for Store {
@@ -287,7 +291,7 @@ impl Store {
             // protected, it only holds more space until it closes. Never dropped for it.
             let _ = l.hold(rec.state.segments.keys().copied());
         }
-        Ok(Store {
+        let mut store = Store {
             dir,
             opts,
             _lock: lock,
@@ -299,7 +303,13 @@ impl Store {
             lease,
             pending_free: rec.pending_free,
             reservations: external::Reservations::default(),
-        })
+            suspects: quarantine::Suspects::default(),
+        };
+        // A crash between a commit and the heal it allowed leaves the heal to this open.
+        if store.wal.is_some() && !store.state.quarantined.is_empty() {
+            store.heal()?;
+        }
+        Ok(store)
     }
 
     /// The lease file of a read-only store (`readers/*.lease`), which keeps the writer from
@@ -457,6 +467,9 @@ impl Store {
     /// visible until [`Transaction::commit`] returns; dropping the transaction aborts it.
     pub fn begin(&mut self, step: u64) -> Result<Transaction<'_>> {
         self.check_writable()?;
+        // What verified reads found bad is quarantined first, so this save never references
+        // it (it writes a fresh copy, which heals the checkpoints that do).
+        self.heal()?;
         Ok(Transaction::new(self, step))
     }
 

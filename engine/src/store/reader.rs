@@ -354,9 +354,15 @@ impl<'s> CheckpointReader<'s> {
             let mut stored = vec![0u8; c.stored_len as usize];
             file.read_at(&mut stored, c.offset)
                 .map_err(|e| corrupt(format!("read failed: {e}")))?;
-            crate::codec::decode(c.codec, &stored, out, &mut Vec::new()).map_err(corrupt)?;
+            if let Err(why) = crate::codec::decode(c.codec, &stored, out, &mut Vec::new()) {
+                self.store.suspect(c);
+                return Err(corrupt(why));
+            }
         }
         if verify && blake3::hash(out).as_bytes()[..] != c.blake3[..] {
+            // The bytes on disk are not the ones committed: quarantined by the writer's next
+            // `heal` (store/quarantine.rs).
+            self.store.suspect(c);
             return Err(corrupt("BLAKE3 mismatch".into()));
         }
         Ok(())

@@ -1,0 +1,173 @@
+//! Quarantine and self-healing (docs/GUARANTEES.md, "Bad chunks: quarantine and healing").
+//!
+//! A verified read that finds a chunk whose bytes do not match its BLAKE3 (or whose frame does
+//! not decode) notes it as a suspect. Reads take `&Store`, so they cannot append to the WAL:
+//! the writer records its suspects durably — one Quarantine record (type 6), through
+//! [`Store::heal`] — before the next transaction begins, at the start of `gc` and in
+//! `scrub`. From then on deduplication never references the chunk, so the next save holding
+//! the same bytes writes a fresh copy, and the same kind of record, appended right after that
+//! commit, repoints every live reference at the copy: the checkpoints that used the bad chunk
+//! verify again. A read-only store keeps its suspects in memory and reports them through its
+//! errors; the next writer's verified read or `scrub` records them.
+//!
+//! Crash safety: the record is the only durable effect, appended and fdatasync'ed in one
+//! piece. A crash before it loses only the note (the next verified read finds the chunk
+//! again); a crash between a commit and its heal leaves the heal to the next writer open,
+//! which heals whatever a live copy can heal. Segments a heal leaves unreferenced are freed
+//! after the record, as after a deletion (orphans, set aside, at the next open if a crash
+//! comes first).
+
+use super::Store;
+use crate::error::{Error, Result};
+use crate::wal::{self, RecordType};
+use ckptstore_proto::v1 as pb;
+use prost::Message;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+/// Chunks reads found bad and the writer has not recorded yet, by (segment, offset).
+#[derive(Debug, Default)]
+pub(crate) struct Suspects(Mutex<BTreeMap<(u64, u64), pb::ChunkRef>>);
+
+impl Suspects {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(u64, u64), pb::ChunkRef>> {
+        // One insert or one take at a time: a panic cannot leave the map half changed.
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A chunk location: segment and offset of its stored bytes.
+pub type ChunkLocation = (u64, u64);
+
+/// What [`Store::heal`] recorded.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HealReport {
+    /// Chunks quarantined by this call (found bad by reads since the last one).
+    pub quarantined: Vec<ChunkLocation>,
+    /// Quarantined chunks whose references now point at a fresh copy: (bad, copy).
+    pub healed: Vec<(ChunkLocation, ChunkLocation)>,
+    /// Quarantined chunks live checkpoints still reference, no copy of their bytes being
+    /// stored yet, with those checkpoints' ids: healed by the next save that holds the bytes.
+    pub unhealed: Vec<(ChunkLocation, Vec<u64>)>,
+}
+
+impl HealReport {
+    /// Checkpoints left broken by a quarantined chunk no save has healed yet, ascending.
+    pub fn broken_checkpoints(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> = self.unhealed.iter().flat_map(|(_, c)| c.clone()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+}
+
+impl Store {
+    /// Notes chunk `c` as found bad by a verified read (recorded by the next [`Store::heal`]).
+    pub(crate) fn suspect(&self, c: &pb::ChunkRef) {
+        self.suspects
+            .lock()
+            .entry((c.segment, c.offset))
+            .or_insert_with(|| c.clone());
+    }
+
+    /// Chunks in quarantine, by location (what the WAL recorded, healed ones excepted).
+    pub fn quarantined(&self) -> Vec<ChunkLocation> {
+        self.state.quarantined.keys().copied().collect()
+    }
+
+    /// Records durably (one Quarantine WAL record, fdatasync'ed) the chunks verified reads of
+    /// this store found bad, and repoints every live reference to a quarantined chunk whose
+    /// bytes a later save stored again at that copy. Runs by itself before each transaction,
+    /// after each commit, at a writer's open, in `gc` and in `scrub`; a no-op (nothing
+    /// written) when there is nothing to record. A read-only store records nothing (it keeps
+    /// what it found for its own errors) and reports the unhealed chunks only.
+    pub fn heal(&mut self) -> Result<HealReport> {
+        if self.wal.is_none() {
+            return Ok(self.heal_report(Vec::new(), Vec::new()));
+        }
+        self.check_writable()?;
+        let suspects: Vec<pb::ChunkRef> = std::mem::take(&mut *self.suspects.lock())
+            .into_values()
+            .filter(|c| {
+                self.state.segments.contains_key(&c.segment)
+                    && !self.state.quarantined.contains_key(&(c.segment, c.offset))
+            })
+            .collect();
+        let healed = self.state.heals(&suspects);
+        if suspects.is_empty() && healed.is_empty() {
+            return Ok(self.heal_report(Vec::new(), Vec::new()));
+        }
+        let record = pb::QuarantineRecord {
+            bad: suspects,
+            healed,
+        };
+        let payload = record.encode_to_vec();
+        if payload.len() > wal::MAX_RECORD_LEN as usize {
+            return Err(Error::invalid("quarantine record above the WAL record cap"));
+        }
+        let lens: BTreeMap<u64, u64> = self
+            .state
+            .segments
+            .iter()
+            .map(|(&k, s)| (k, s.len))
+            .collect();
+        if let Err(e) = self.append_quarantine(&payload) {
+            return Err(self.poison(e));
+        }
+        let dead = match self
+            .state
+            .apply_quarantine(&record, super::commit_record_len, "quarantine")
+        {
+            Ok(dead) => dead,
+            // Unreachable: built from this state. Should it happen, the durable record and the
+            // memory disagree: refuse further writes.
+            Err(e) => return Err(self.poison(e)),
+        };
+        let dead = dead
+            .into_iter()
+            .map(|s| (s, lens.get(&s).copied().unwrap_or(0)));
+        self.free_segments(dead);
+        let quarantined = record.bad.iter().map(|c| (c.segment, c.offset)).collect();
+        let healed = record
+            .healed
+            .iter()
+            .filter_map(|h| {
+                let to = h.to.as_ref()?;
+                Some(((h.from_segment, h.from_offset), (to.segment, to.offset)))
+            })
+            .collect();
+        Ok(self.heal_report(quarantined, healed))
+    }
+
+    fn heal_report(
+        &self,
+        quarantined: Vec<ChunkLocation>,
+        healed: Vec<(ChunkLocation, ChunkLocation)>,
+    ) -> HealReport {
+        HealReport {
+            quarantined,
+            healed,
+            unhealed: self
+                .state
+                .unhealed()
+                .into_iter()
+                .map(|(loc, (_, ids))| (loc, ids))
+                .collect(),
+        }
+    }
+
+    /// [`Store::heal`] after a write that is already durable: a failure poisons the store
+    /// (the next write reports it) but does not fail that write.
+    pub(crate) fn heal_after_durable_write(&mut self) {
+        if let Err(e) = self.heal() {
+            self.poison(e);
+        }
+    }
+
+    /// Appends a Quarantine record: the one place the WAL gets one, and so where the format
+    /// feature it needs ([`wal::QUARANTINE_FEATURE`]) is declared in the WAL header.
+    fn append_quarantine(&mut self, payload: &[u8]) -> Result<u64> {
+        self.wal_mut()?
+            .append_durable(RecordType::Quarantine, payload)
+    }
+}
