@@ -37,7 +37,11 @@ fn frozen_store(dir: &Path) -> (Vec<u8>, Vec<Vec<u8>>) {
     }
     let first = chunks(&s, 1, "embed");
     for id in 2..=4 {
-        assert_eq!(chunks(&s, id, "embed"), first, "the frozen tensor is deduplicated");
+        assert_eq!(
+            chunks(&s, id, "embed"),
+            first,
+            "the frozen tensor is deduplicated"
+        );
     }
     (frozen, weights)
 }
@@ -69,22 +73,40 @@ fn a_flipped_frozen_chunk_is_healed_by_the_next_save_and_earlier_checkpoints_ver
     // The trainer's live memory: the next save holds the same frozen bytes.
     let w5 = data(105, CHUNK);
     let info = commit(&mut s, 5, &[("embed", &frozen), ("w", &w5)]);
-    assert_eq!(info.chunks_written, 2, "a fresh copy of the bad chunk, and w");
+    assert_eq!(
+        info.chunks_written, 2,
+        "a fresh copy of the bad chunk, and w"
+    );
     let healed = chunks(&s, 5, "embed")[1].clone();
     assert_ne!((healed.segment, healed.offset), (bad.segment, bad.offset));
     for id in 1..=4u64 {
-        assert_eq!(chunks(&s, id, "embed")[1], healed, "checkpoint {id} repointed");
-        assert_holds(&s, id, &[("embed", &frozen), ("w", &weights[id as usize - 1])]);
+        assert_eq!(
+            chunks(&s, id, "embed")[1],
+            healed,
+            "checkpoint {id} repointed"
+        );
+        assert_holds(
+            &s,
+            id,
+            &[("embed", &frozen), ("w", &weights[id as usize - 1])],
+        );
     }
     assert_holds(&s, 5, &[("embed", &frozen), ("w", &w5)]);
     assert_eq!(s.latest_valid().unwrap().unwrap().id, 5);
-    assert!(s.quarantined().is_empty(), "healed chunks leave the quarantine");
+    assert!(
+        s.quarantined().is_empty(),
+        "healed chunks leave the quarantine"
+    );
     drop(s);
 
     // Durable: a reopen replays the heal, and so does a compacted WAL.
     let mut s = Store::open(dir.path(), opts()).unwrap();
     for id in 1..=4u64 {
-        assert_holds(&s, id, &[("embed", &frozen), ("w", &weights[id as usize - 1])]);
+        assert_holds(
+            &s,
+            id,
+            &[("embed", &frozen), ("w", &weights[id as usize - 1])],
+        );
     }
     s.compact_wal().unwrap();
     drop(s);
@@ -141,11 +163,18 @@ fn a_read_only_reader_reports_and_writes_nothing() {
     let mut r = Store::open(dir.path(), Options::read_only()).unwrap();
     assert!(r.verify(2).is_err());
     assert!(r.heal().unwrap().quarantined.is_empty());
-    assert_eq!(std::fs::read(&wal).unwrap(), before, "a reader wrote the WAL");
+    assert_eq!(
+        std::fs::read(&wal).unwrap(),
+        before,
+        "a reader wrote the WAL"
+    );
     // The writer has read nothing bad: nothing to record.
     assert!(s.heal().unwrap().quarantined.is_empty());
     assert!(s.verify(3).is_err());
-    assert_eq!(s.heal().unwrap().quarantined, vec![(bad.segment, bad.offset)]);
+    assert_eq!(
+        s.heal().unwrap().quarantined,
+        vec![(bad.segment, bad.offset)]
+    );
 }
 
 /// Bit rot in a compressed chunk (a frame that no longer decodes) is quarantined and healed
@@ -179,5 +208,9 @@ fn a_corrupt_compressed_chunk_is_healed_by_a_raw_save() {
         let got = s.checkpoint(Selector::Id(id)).unwrap().tensor("embed");
         assert_eq!(got.unwrap().data, frozen, "checkpoint {id}");
     }
-    assert_eq!(chunks(&s, 1, "embed")[0].codec, 0, "repointed at the raw copy");
+    assert_eq!(
+        chunks(&s, 1, "embed")[0].codec,
+        0,
+        "repointed at the raw copy"
+    );
 }

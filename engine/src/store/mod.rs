@@ -29,8 +29,8 @@ pub use gc::{GcOptions, GcReport, SpaceStats};
 #[doc(hidden)]
 pub use lease::READERS_DIR;
 pub use lost_found::{PurgeReport, LOST_FOUND_DIR};
+pub use quarantine::{ChunkLocation, HealReport, ScrubReport};
 pub use reader::{CheckpointReader, Tensor, VerifiedChunks};
-pub use quarantine::{ChunkLocation, HealReport};
 pub use recovery::RecoveryReport;
 pub use select::{LoadReport, LoadSpec, NamePredicate};
 pub use shard::{ShardFragment, ShardOptions, ShardWriter};

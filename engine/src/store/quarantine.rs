@@ -32,7 +32,9 @@ pub(crate) struct Suspects(Mutex<BTreeMap<(u64, u64), pb::ChunkRef>>);
 impl Suspects {
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(u64, u64), pb::ChunkRef>> {
         // One insert or one take at a time: a panic cannot leave the map half changed.
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -114,15 +116,16 @@ impl Store {
         if let Err(e) = self.append_quarantine(&payload) {
             return Err(self.poison(e));
         }
-        let dead = match self
-            .state
-            .apply_quarantine(&record, super::commit_record_len, "quarantine")
-        {
-            Ok(dead) => dead,
-            // Unreachable: built from this state. Should it happen, the durable record and the
-            // memory disagree: refuse further writes.
-            Err(e) => return Err(self.poison(e)),
-        };
+        let dead =
+            match self
+                .state
+                .apply_quarantine(&record, super::commit_record_len, "quarantine")
+            {
+                Ok(dead) => dead,
+                // Unreachable: built from this state. Should it happen, the durable record and the
+                // memory disagree: refuse further writes.
+                Err(e) => return Err(self.poison(e)),
+            };
         let dead = dead
             .into_iter()
             .map(|s| (s, lens.get(&s).copied().unwrap_or(0)));
@@ -169,5 +172,49 @@ impl Store {
     fn append_quarantine(&mut self, payload: &[u8]) -> Result<u64> {
         self.wal_mut()?
             .append_durable(RecordType::Quarantine, payload)
+    }
+}
+
+/// What [`Store::scrub`] found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScrubReport {
+    /// Live checkpoints checked.
+    pub checkpoints: usize,
+    /// Stored bytes read (each distinct chunk once).
+    pub bytes_read: u64,
+    /// What was quarantined, healed, and is left unhealed (see [`Store::heal`]).
+    pub heal: HealReport,
+    /// Checkpoints that still fail verification after the heal, oldest first, with the
+    /// first error of each: a quarantined chunk no save has stored again, a missing segment.
+    pub broken: Vec<(u64, String)>,
+}
+
+impl Store {
+    /// Verifies every chunk of every live checkpoint (each distinct chunk once, going on past
+    /// bad ones), quarantines those that do not match their BLAKE3, heals every checkpoint a
+    /// stored copy of the bytes can heal ([`Store::heal`]), and reports which checkpoints stay
+    /// broken. On a read-only store it records nothing and reports the same.
+    pub fn scrub(&mut self) -> Result<ScrubReport> {
+        let mut seen = super::VerifiedChunks::default();
+        let mut bad = super::VerifiedChunks::default();
+        let mut report = ScrubReport {
+            checkpoints: self.state.checkpoints.len(),
+            ..Default::default()
+        };
+        let manifests: Vec<_> = self.state.checkpoints.values().cloned().collect();
+        for m in manifests {
+            let (read, _) = super::CheckpointReader::new(self, m).scrub_with(&mut seen, &mut bad);
+            report.bytes_read += read;
+        }
+        report.heal = self.heal()?;
+        // Healed checkpoints now reference copies `seen` holds as intact (a live checkpoint
+        // references each): only the bad chunks are read again.
+        let ids: Vec<u64> = self.state.checkpoints.keys().copied().collect();
+        for id in ids {
+            if let Err(e) = self.verify_with(id, &mut seen) {
+                report.broken.push((id, e.to_string()));
+            }
+        }
+        Ok(report)
     }
 }

@@ -406,8 +406,7 @@ impl State {
                 .to
                 .as_ref()
                 .ok_or_else(|| bad(format!("heal of the chunk at {from:?} without a target")))?;
-            if !inside(to) || now_bad(&(to.segment, to.offset)) || (to.segment, to.offset) == from
-            {
+            if !inside(to) || now_bad(&(to.segment, to.offset)) || (to.segment, to.offset) == from {
                 return Err(bad(format!(
                     "heal of the chunk at {from:?} onto segment {} offset {}: not a live, \
                      unquarantined chunk",
