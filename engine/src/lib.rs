@@ -18,6 +18,7 @@ pub mod current;
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod features;
 pub mod interop;
 pub mod io;
 mod le;
