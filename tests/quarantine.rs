@@ -214,3 +214,46 @@ fn a_corrupt_compressed_chunk_is_healed_by_a_raw_save() {
         "repointed at the raw copy"
     );
 }
+
+/// The format feature is declared only from the store's first quarantine on (a store that
+/// never had a bad chunk keeps a header every older build reads), and a WAL compaction once
+/// everything is healed drops it again.
+#[test]
+fn the_quarantine_feature_is_set_at_the_first_quarantine_and_dropped_once_healed() {
+    use ckptstore::features::QUARANTINE;
+    let dir = tempfile::tempdir().unwrap();
+    let (frozen, _) = frozen_store(dir.path());
+    let header = |dir: &Path| {
+        let wal = std::fs::read(support::live_wal(dir)).unwrap();
+        ckptstore::wal::WalHeader::decode(&wal).unwrap().features
+    };
+    let mut s = Store::open(dir.path(), opts()).unwrap();
+    s.compact_wal().unwrap();
+    assert!(s.features().is_empty() && header(dir.path()).is_empty());
+    let bad = chunks(&s, 1, "embed")[0].clone();
+    flip(dir.path(), bad.segment, bad.offset);
+    assert!(s.verify(1).is_err());
+    s.heal().unwrap();
+    assert!(s.features().contains(&QUARANTINE));
+    assert!(
+        header(dir.path()).contains(&QUARANTINE),
+        "durable in the header"
+    );
+    drop(s);
+    let mut s = Store::open(dir.path(), opts()).unwrap();
+    assert!(s.features().contains(&QUARANTINE));
+    // A compaction while something is still quarantined keeps the feature (and the record).
+    s.compact_wal().unwrap();
+    drop(s);
+    let mut s = Store::open(dir.path(), opts()).unwrap();
+    assert_eq!(s.quarantined(), vec![(bad.segment, bad.offset)]);
+    commit(&mut s, 9, &[("embed", &frozen)]);
+    assert!(s.quarantined().is_empty());
+    s.compact_wal().unwrap();
+    assert!(header(dir.path()).is_empty(), "healed: no feature left");
+    drop(s);
+    let s = Store::open(dir.path(), opts()).unwrap();
+    for (id, r) in s.verify_all() {
+        r.unwrap_or_else(|e| panic!("checkpoint {id}: {e}"));
+    }
+}

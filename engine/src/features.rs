@@ -53,7 +53,20 @@ pub struct Feature {
 /// its kind (bits are never reused, even of a feature that is withdrawn), an entry here, its
 /// row in docs/FORMAT.md ("Feature flags"), and a fixture store that uses it
 /// (tests/fixtures/stores/).
-pub const KNOWN: &[Feature] = &[];
+pub const KNOWN: &[Feature] = &[QUARANTINE];
+
+/// WAL record type 6 (Quarantine): chunks found bad, and references repointed at fresh
+/// copies (docs/FORMAT.md, "Quarantine and healing"). Incompatible: a build that skipped the
+/// records would read healed checkpoints at their old, freed locations — a resume would fall
+/// back to an older checkpoint than the newest intact one — and as a writer would deduplicate
+/// against the bad chunk again (docs/DECISIONS.md, "Quarantine is an incompatible feature").
+/// Turned on at a store's first quarantine, and off again by a WAL compaction once nothing is
+/// quarantined.
+pub const QUARANTINE: Feature = Feature {
+    name: "quarantine",
+    kind: FeatureKind::Incompatible,
+    bit: 0,
+};
 
 /// A set of feature bits, as a WAL header carries them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]

@@ -41,15 +41,10 @@ pub enum RecordType {
     /// Live chunks moved by segment compaction (`RelocateRecord`). Likewise refused by a
     /// reader older than this type.
     Relocate = 5,
-    /// Chunks found bad, and references repointed at fresh copies (`QuarantineRecord`). A
-    /// format feature: see [`QUARANTINE_FEATURE`].
+    /// Chunks found bad, and references repointed at fresh copies (`QuarantineRecord`). Only
+    /// in a WAL whose header declares `crate::features::QUARANTINE`.
     Quarantine = 6,
 }
-
-/// The format feature a WAL holding a [`RecordType::Quarantine`] record needs (written only
-/// once a store has quarantined a chunk, so a store with no bad chunk stays readable by a
-/// build without it).
-pub(crate) const QUARANTINE_FEATURE: &str = "quarantine";
 
 impl RecordType {
     fn from_u8(t: u8) -> Option<Self> {

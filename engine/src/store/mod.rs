@@ -651,7 +651,13 @@ impl Store {
     /// Rewrites the WAL as a snapshot of the live state: a new WAL file (durable, with its
     /// directory entry), then an atomic switch of `CURRENT`, then removal of the old file.
     pub fn compact_wal(&mut self) -> Result<()> {
-        self.rewrite_wal(self.features)
+        let mut features = self.features;
+        if self.state.quarantined.is_empty() {
+            // The compacted WAL holds no Quarantine record (healed references are in its
+            // Commit records): it no longer needs the feature, and older builds open it again.
+            features.incompat &= !(1 << features::QUARANTINE.bit);
+        }
+        self.rewrite_wal(features)
     }
 
     /// The format features this store's WAL header declares (docs/FORMAT.md, "Feature

@@ -19,6 +19,7 @@
 
 use super::Store;
 use crate::error::{Error, Result};
+use crate::features;
 use crate::wal::{self, RecordType};
 use ckptstore_proto::v1 as pb;
 use prost::Message;
@@ -168,8 +169,10 @@ impl Store {
     }
 
     /// Appends a Quarantine record: the one place the WAL gets one, and so where the format
-    /// feature it needs ([`wal::QUARANTINE_FEATURE`]) is declared in the WAL header.
+    /// feature it needs ([`features::QUARANTINE`]) is turned on first — at the store's first
+    /// quarantine, so a store that never had a bad chunk stays readable by older builds.
     fn append_quarantine(&mut self, payload: &[u8]) -> Result<u64> {
+        self.enable_feature(&features::QUARANTINE)?;
         self.wal_mut()?
             .append_durable(RecordType::Quarantine, payload)
     }
