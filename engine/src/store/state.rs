@@ -234,13 +234,26 @@ impl State {
         dead
     }
 
-    /// Drops freed segments from the table, with what is known about their damage.
+    /// Drops freed segments from the table, with what is known about their damage, and the
+    /// quarantined chunks no live checkpoint references any more (nothing can reach them:
+    /// deduplication only finds chunks live checkpoints reference).
     fn forget_segments(&mut self, dead: &[u64]) {
         for s in dead {
             self.segments.remove(s);
             self.damaged_segments.remove(s);
         }
-        self.quarantined.retain(|(seg, _), _| !dead.contains(seg));
+        if self.quarantined.is_empty() {
+            return;
+        }
+        let referenced: BTreeSet<(u64, u64)> = self
+            .checkpoints
+            .values()
+            .flat_map(|m| manifest::all_chunks(m))
+            .map(|c| (c.segment, c.offset))
+            .filter(|loc| self.quarantined.contains_key(loc))
+            .collect();
+        self.quarantined
+            .retain(|loc, _| referenced.contains(loc) && !dead.contains(&loc.0));
     }
 
     /// Applies a relocation (segment compaction): the new segments join the table, every live
@@ -670,5 +683,59 @@ mod tests {
         assert_eq!(s.lookup(&[9; 32]).unwrap().segment, 3);
         assert_eq!(s.apply_delete(3, |_| 0), vec![3]);
         assert!(s.lookup(&[9; 32]).is_none());
+    }
+
+    /// A quarantined chunk is never handed out; a fresh copy becomes the dedup target and
+    /// the heal repoints the old checkpoint (freeing its segment); a quarantined chunk whose
+    /// checkpoints are all deleted leaves the quarantine.
+    #[test]
+    fn quarantine_skips_heals_and_prunes() {
+        let mut s = State::new();
+        s.apply_commit(manifest(1, 1, 9), 0, "t").unwrap();
+        let bad = s.checkpoints[&1].tensors[0].chunks[0].clone();
+        let q = pb::QuarantineRecord {
+            bad: vec![bad.clone()],
+            healed: vec![],
+        };
+        assert!(s.apply_quarantine(&q, |_| 0, "t").unwrap().is_empty());
+        assert!(s.lookup(&[9; 32]).is_none(), "never deduplicated against");
+        assert!(s.heals(&[]).is_empty(), "no copy yet");
+        s.apply_commit(manifest(2, 2, 9), 0, "t").unwrap();
+        assert_eq!(s.lookup(&[9; 32]).unwrap().segment, 2);
+        let heals = s.heals(&[]);
+        assert_eq!(heals.len(), 1);
+        let r = pb::QuarantineRecord {
+            bad: vec![],
+            healed: heals,
+        };
+        assert_eq!(s.apply_quarantine(&r, |_| 0, "t").unwrap(), vec![1]);
+        assert_eq!(s.checkpoints[&1].tensors[0].chunks[0].segment, 2);
+        assert!(
+            s.checkpoints[&1].new_segments.is_empty(),
+            "freed segment forgotten"
+        );
+        assert!(s.quarantined.is_empty());
+        // Quarantined, then its only checkpoint deleted (segment kept by another chunk).
+        let mut s = State::new();
+        let mut m = manifest(1, 1, 9);
+        let mut other = m.tensors[0].clone();
+        other.name = "u".into();
+        other.chunks[0].offset = 4096 + 10;
+        other.chunks[0].blake3 = vec![8; 32];
+        m.tensors.push(other);
+        m.new_segments[0].length = 5000;
+        s.apply_commit(m, 0, "t").unwrap();
+        let mut m2 = manifest(2, 1, 8);
+        m2.tensors[0].chunks[0].offset = 4096 + 10;
+        m2.new_segments.clear();
+        s.apply_commit(m2, 0, "t").unwrap();
+        s.apply_quarantine(&q, |_| 0, "t").unwrap();
+        assert_eq!(s.quarantined.len(), 1);
+        assert!(s.apply_delete(1, |_| 0).is_empty(), "segment 1 still used");
+        assert!(s.quarantined.is_empty(), "unreachable: pruned");
+        assert!(s
+            .compacted_records()
+            .iter()
+            .all(|r| r.0 != crate::wal::RecordType::Quarantine));
     }
 }
