@@ -1422,13 +1422,13 @@ fn a_store_with_an_unknown_read_only_compatible_feature_opens_read_only() {
 /// are skipped, and the bit survives this build's WAL compaction.
 #[test]
 fn a_store_with_an_unknown_compatible_feature_opens_and_keeps_the_bit() {
-    use ckptstore::features::FeatureSet;
     let dir = tempfile::tempdir().unwrap();
     fs_store(dir.path());
-    let f = FeatureSet {
-        compat: 1 << 12,
-        ..FeatureSet::EMPTY
-    };
+    // This build's own features (the store was created with them) plus one it lacks.
+    let mut f = wal::WalHeader::decode(&std::fs::read(live_wal(dir.path())).unwrap())
+        .unwrap()
+        .features;
+    f.compat |= 1 << 12;
     set_wal_features(dir.path(), f);
     append_unknown_record(dir.path(), 202);
     let mut s = Store::open(dir.path(), opts()).unwrap();

@@ -420,9 +420,15 @@ fn missing_segment_is_reported_skipped_and_never_deduplicated_against() {
 fn truncated_segment_is_reported_skipped_and_never_deduplicated_against() {
     damaged_segment_case(
         |p| {
-            let len = file_len(p);
+            // 100 bytes short of its committed length: the end of its frames, where its
+            // commit trailer (docs/FORMAT.md), past that length, starts.
+            let bytes = std::fs::read(p).unwrap();
+            let committed = bytes
+                .windows(8)
+                .rposition(|w| w == b"CKPTTRL\0")
+                .expect("a commit trailer");
             let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
-            f.set_len(len - 100).unwrap();
+            f.set_len(committed as u64 - 100).unwrap();
         },
         "truncated",
     );

@@ -53,19 +53,36 @@ pub struct Feature {
 /// its kind (bits are never reused, even of a feature that is withdrawn), an entry here, its
 /// row in docs/FORMAT.md ("Feature flags"), and a fixture store that uses it
 /// (tests/fixtures/stores/).
-pub const KNOWN: &[Feature] = &[QUARANTINE];
+pub const KNOWN: &[Feature] = &[SEGMENT_COMMIT_TRAILER, QUARANTINE];
+
+/// Each commit's last new segment ends with a copy of its commit record (docs/FORMAT.md,
+/// "Commit trailer"), so `ckptstore recover --rebuild` can restore the store from its
+/// segments. Compatible: the trailer lies past the segment's committed length, which builds
+/// without it never read.
+pub const SEGMENT_COMMIT_TRAILER: Feature = Feature {
+    name: "segment-commit-trailer",
+    kind: FeatureKind::Compatible,
+    bit: 0,
+};
 
 /// WAL record type 6 (Quarantine): chunks found bad, and references repointed at fresh
 /// copies (docs/FORMAT.md, "Quarantine and healing"). Incompatible: a build that skipped the
 /// records would read healed checkpoints at their old, freed locations — a resume would fall
 /// back to an older checkpoint than the newest intact one — and as a writer would deduplicate
-/// against the bad chunk again (docs/DECISIONS.md, "Quarantine is an incompatible feature").
-/// Turned on at a store's first quarantine, and off again by a WAL compaction once nothing is
+/// against the bad chunk again (docs/DECISIONS.md, "Quarantine and self-healing"). Turned on
+/// at a store's first quarantine, and off again by a WAL compaction once nothing is
 /// quarantined.
 pub const QUARANTINE: Feature = Feature {
     name: "quarantine",
     kind: FeatureKind::Incompatible,
     bit: 0,
+};
+
+/// The features a store this build creates starts with.
+pub const NEW_STORE: FeatureSet = FeatureSet {
+    compat: 1 << SEGMENT_COMMIT_TRAILER.bit,
+    ro_compat: 0,
+    incompat: 0,
 };
 
 /// A set of feature bits, as a WAL header carries them.
@@ -210,7 +227,7 @@ mod tests {
     const B: Feature = Feature {
         name: "b",
         kind: FeatureKind::Compatible,
-        bit: 0,
+        bit: 14,
     };
 
     #[test]
@@ -232,7 +249,7 @@ mod tests {
         // Neither is in this build's registry.
         assert_eq!(
             s.names(),
-            ["incompatible feature bit 3", "compatible feature bit 0"]
+            ["incompatible feature bit 3", "compatible feature bit 14"]
         );
         assert_eq!(s.blocking(true), Some(FeatureSet::EMPTY.with(&A)));
         assert_eq!(FeatureSet::EMPTY.with(&B).blocking(false), None);

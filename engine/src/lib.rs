@@ -43,7 +43,7 @@ pub use pipeline::{Pipeline, PipelineOptions, SaveHandle, SaveReport};
 pub use retention::{KeepReason, MetricMode, RetentionPlan, RetentionPolicy};
 pub use store::{
     CheckpointReader, ChunkLocation, CommitInfo, CompactionPlan, DeleteInfo, GcOptions, GcReport,
-    HealReport, LoadReport, LoadSpec, Options, RecoveryMode, RecoveryReport, ScrubReport, Selector,
-    ShardFragment, ShardOptions, ShardWriter, SpaceStats, Store, StoreStats, Tensor, TensorView,
-    Transaction, VerifiedChunks,
+    HealReport, LoadReport, LoadSpec, Options, RebuildReport, RecoveryMode, RecoveryReport,
+    ScrubReport, Selector, ShardFragment, ShardOptions, ShardWriter, SpaceStats, Store, StoreStats,
+    Tensor, TensorView, Transaction, VerifiedChunks,
 };

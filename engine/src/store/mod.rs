@@ -13,6 +13,7 @@ mod lost_found;
 mod perms;
 mod quarantine;
 mod reader;
+mod rebuild;
 mod recovery;
 mod select;
 mod shard;
@@ -31,6 +32,7 @@ pub use lease::READERS_DIR;
 pub use lost_found::{PurgeReport, LOST_FOUND_DIR};
 pub use quarantine::{ChunkLocation, HealReport, ScrubReport};
 pub use reader::{CheckpointReader, Tensor, VerifiedChunks};
+pub use rebuild::RebuildReport;
 pub use recovery::RecoveryReport;
 pub use select::{LoadReport, LoadSpec, NamePredicate};
 pub use shard::{ShardFragment, ShardOptions, ShardWriter};
@@ -808,9 +810,10 @@ mod feature_tests {
             s.enable_feature(&stranger),
             Err(Error::InvalidArgument(_))
         ));
-        assert!(s.features().is_empty());
+        assert_eq!(s.features(), features::NEW_STORE);
         for f in features::KNOWN {
-            assert!(s.enable_feature(f).unwrap());
+            let was_on = features::NEW_STORE.contains(f);
+            assert_eq!(s.enable_feature(f).unwrap(), !was_on, "{f:?}");
             assert!(!s.enable_feature(f).unwrap(), "already on");
             assert!(s.features().contains(f));
         }

@@ -432,7 +432,7 @@ fn initialize(
     let parent = parent_dir(dir);
     io.sync_dir(parent)
         .map_err(|e| Error::io("fsync dir", parent, e))?;
-    let wal = WalWriter::create_durable(io, dir, 1, FeatureSet::EMPTY, &[])?;
+    let wal = WalWriter::create_durable(io, dir, 1, crate::features::NEW_STORE, &[])?;
     files::switch_current_atomically(io, dir, 1)?;
     report.created = true;
     report.wal_file = wal.path.clone();
@@ -442,7 +442,7 @@ fn initialize(
     report.duration = started.elapsed();
     Ok(Recovered {
         state,
-        features: FeatureSet::EMPTY,
+        features: crate::features::NEW_STORE,
         wal: Some(wal),
         report,
         pending_free,
