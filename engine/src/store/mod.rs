@@ -311,8 +311,12 @@ impl Store {
             reservations: external::Reservations::default(),
             suspects: quarantine::Suspects::default(),
         };
-        // A crash between a commit and the heal it allowed leaves the heal to this open.
-        if store.wal.is_some() && !store.state.quarantined.is_empty() {
+        // A crash between a commit and the heal it allowed leaves the heal to this open
+        // (not to a strict one, which repairs nothing).
+        if store.wal.is_some()
+            && !store.state.quarantined.is_empty()
+            && store.opts.recovery_mode != RecoveryMode::AbsoluteConsistency
+        {
             store.heal()?;
         }
         Ok(store)
