@@ -389,6 +389,64 @@ fn every_fixture_store_opens_bit_exact() {
     }
 }
 
+/// Every fixture whose segments carry commit trailers (its WAL header declares the
+/// `segment-commit-trailer` feature) rebuilds from its segments alone — CURRENT and WAL
+/// removed — with every live checkpoint bit-exact (pins are not restored); one without them
+/// is refused and left as it was.
+#[test]
+fn every_fixture_store_rebuilds_from_its_segments_or_is_refused() {
+    use ckptstore::features::SEGMENT_COMMIT_TRAILER;
+    let mut rebuilt = 0;
+    for fixture in fixtures() {
+        let name = fixture.file_name().unwrap().to_string_lossy().to_string();
+        let header = std::fs::read(support::live_wal(&fixture)).unwrap();
+        let trailers = WalHeader::decode(&header)
+            .unwrap()
+            .features
+            .contains(&SEGMENT_COMMIT_TRAILER);
+        let tmp = copy_of(&fixture);
+        for e in std::fs::read_dir(tmp.path()).unwrap() {
+            let p = e.unwrap().path();
+            let n = p.file_name().unwrap().to_string_lossy().to_string();
+            if n == "CURRENT" || n.ends_with(".wal") {
+                std::fs::remove_file(p).unwrap();
+            }
+        }
+        let before = support::snapshot_tree(tmp.path());
+        if fixture_workload(&fixture) == 2 {
+            check_workload_2_rebuild(tmp.path(), &name);
+            rebuilt += 1;
+            continue;
+        }
+        match Store::rebuild(tmp.path(), store_opts(Compression::None)) {
+            Ok((s, report)) if trailers => {
+                let live: Vec<u64> = LIVE.iter().map(|l| l.0).collect();
+                assert_eq!(report.restored, live, "{name}: {report:?}");
+                assert!(report.repointed_chunks > 0, "{name}: relocated chunks");
+                for (id, step) in LIVE {
+                    let ck = s.checkpoint(Selector::Id(id)).unwrap();
+                    assert_eq!(ck.metadata(), metadata(step), "{name}: {id}");
+                    for (t, _, _, bytes) in tensors(step) {
+                        assert!(ck.tensor(&t).unwrap().data == bytes, "{name}: {id}/{t}");
+                    }
+                }
+                for (id, r) in s.verify_all() {
+                    r.unwrap_or_else(|e| panic!("{name}: {id}: {e}"));
+                }
+                rebuilt += 1;
+            }
+            Err(ckptstore::Error::NotFound(msg)) if !trailers => {
+                assert!(msg.contains("commit trailer"), "{name}: {msg}");
+                let mut after = support::snapshot_tree(tmp.path());
+                after.remove(Path::new("LOCK"));
+                assert_eq!(after, before, "{name}: changed");
+            }
+            other => panic!("{name} (trailers: {trailers}): {:?}", other.map(|x| x.1)),
+        }
+    }
+    assert!(rebuilt > 0, "no fixture with commit trailers");
+}
+
 /// Writes a new fixture store with this build: `CKPTSTORE_FIXTURE=NAME cargo test --test
 /// format_fixtures -- --ignored generate_fixture_store` (docs/TESTING.md). Refuses to
 /// overwrite one: fixtures are added, never regenerated.
@@ -558,4 +616,22 @@ fn workload_2_written_now_passes_the_checks() {
     write_workload_2(&dir);
     let s = Store::open(&dir, Options::read_only()).unwrap();
     assert_workload_2(&dir, &s, "this build");
+}
+
+/// A workload-2 fixture rebuilt from its segments (WAL and CURRENT removed): the rebuild
+/// restores checkpoints 1..=4 but not the quarantine (it lived in the WAL), so their rotten
+/// chunks are referenced again; a `scrub` finds and quarantines them, heals "frozen" with the
+/// copy checkpoint 4 holds, and names 1..=3 broken by "gone" until a save holds it again.
+fn check_workload_2_rebuild(dir: &Path, name: &str) {
+    let (mut s, report) = Store::rebuild(dir, store_opts(Compression::None)).unwrap();
+    assert_eq!(report.restored, [1, 2, 3, 4], "{name}: {report:?}");
+    let r = s.scrub().unwrap();
+    assert_eq!(r.heal.quarantined.len(), 2, "{name}: {r:?}");
+    assert_eq!(r.heal.healed.len(), 1, "{name}: frozen healed: {r:?}");
+    let broken: Vec<u64> = r.broken.iter().map(|b| b.0).collect();
+    assert_eq!(broken, [1, 2, 3], "{name}: {r:?}");
+    commit_2(&mut s, 3);
+    for (id, r) in s.verify_all() {
+        r.unwrap_or_else(|e| panic!("{name}: rebuilt and healed, checkpoint {id}: {e}"));
+    }
 }

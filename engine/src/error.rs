@@ -121,7 +121,7 @@ pub enum Error {
     /// `CURRENT` is missing although the directory holds a store's files (a WAL longer than
     /// its header, whatever its state; segment files; files in `lost+found/`). Nothing was
     /// changed: a store is created only in an empty or new directory.
-    #[error("{path}: CURRENT is missing but the directory holds a store: {found}. Refusing to open or re-create it; nothing was changed. Next: copy the directory aside (`cp -a`) and restore CURRENT from a backup of the store; do not reuse this directory for a new store")]
+    #[error("{path}: CURRENT is missing but the directory holds a store: {found}. Refusing to open or re-create it; nothing was changed. Next: copy the directory aside (`cp -a`), then `ckptstore recover --rebuild {path}` rebuilds the WAL from the segments (it deletes nothing); do not reuse this directory for a new store")]
     CurrentMissing {
         /// The store directory.
         path: PathBuf,

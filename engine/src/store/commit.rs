@@ -82,7 +82,9 @@ impl Store {
                 wal::MAX_RECORD_LEN
             )));
         }
-        self.write_commit_trailer(&m, &payload)?;
+        if let Err(e) = self.write_commit_trailer(&m, &payload) {
+            return Err(self.poison(e));
+        }
         let appended = self.wal_mut()?.append_durable(RecordType::Commit, &payload);
         hand_over(self);
         // The record may have reached the disk even if the append failed: the segments stay
@@ -113,8 +115,8 @@ impl Store {
     /// so every acknowledged commit that created a segment has its trailer durable. A commit
     /// that created no segment (every chunk deduplicated, or no chunk) has none. The first
     /// commit of a store from before the trailers turns the feature on (a WAL rewrite).
-    /// A failed trailer write fails the commit before its commit point: the segments are
-    /// still the caller's to remove, and the WAL is untouched (not poisoned).
+    /// A failed trailer write fails the commit before its commit point (nothing committed)
+    /// and, like every failed write or sync, poisons the store.
     fn write_commit_trailer(&mut self, m: &pb::Manifest, payload: &[u8]) -> Result<()> {
         let Some(seg) = m.new_segments.iter().max_by_key(|s| s.id) else {
             return Ok(());

@@ -89,21 +89,37 @@ impl Store {
             return Ok(self.heal_report(Vec::new(), Vec::new()));
         }
         self.check_writable()?;
-        let suspects: Vec<pb::ChunkRef> = std::mem::take(&mut *self.suspects.lock())
+        let mut suspects: Vec<pb::ChunkRef> = std::mem::take(&mut *self.suspects.lock())
             .into_values()
             .filter(|c| {
                 self.state.segments.contains_key(&c.segment)
                     && !self.state.quarantined.contains_key(&(c.segment, c.offset))
             })
             .collect();
-        let healed = self.state.heals(&suspects);
-        if suspects.is_empty() && healed.is_empty() {
-            return Ok(self.heal_report(Vec::new(), Vec::new()));
+        let (mut quarantined, mut healed) = (Vec::new(), Vec::new());
+        // Twice at most: quarantining may point deduplication at another stored copy of the
+        // bytes (state.rs, `retarget_index_off_quarantine`), which the second round heals with.
+        for _ in 0..2 {
+            let heals = self.state.heals(&suspects);
+            if suspects.is_empty() && heals.is_empty() {
+                break;
+            }
+            let record = pb::QuarantineRecord {
+                bad: std::mem::take(&mut suspects),
+                healed: heals,
+            };
+            self.append_and_apply_quarantine(&record)?;
+            quarantined.extend(record.bad.iter().map(|c| (c.segment, c.offset)));
+            healed.extend(record.healed.iter().filter_map(|h| {
+                let to = h.to.as_ref()?;
+                Some(((h.from_segment, h.from_offset), (to.segment, to.offset)))
+            }));
         }
-        let record = pb::QuarantineRecord {
-            bad: suspects,
-            healed,
-        };
+        Ok(self.heal_report(quarantined, healed))
+    }
+
+    /// Appends `record` durably, applies it, frees the segments it leaves unreferenced.
+    fn append_and_apply_quarantine(&mut self, record: &pb::QuarantineRecord) -> Result<()> {
         let payload = record.encode_to_vec();
         if payload.len() > wal::MAX_RECORD_LEN as usize {
             return Err(Error::invalid("quarantine record above the WAL record cap"));
@@ -117,30 +133,20 @@ impl Store {
         if let Err(e) = self.append_quarantine(&payload) {
             return Err(self.poison(e));
         }
-        let dead =
-            match self
-                .state
-                .apply_quarantine(&record, super::commit_record_len, "quarantine")
-            {
-                Ok(dead) => dead,
-                // Unreachable: built from this state. Should it happen, the durable record and the
-                // memory disagree: refuse further writes.
-                Err(e) => return Err(self.poison(e)),
-            };
+        let dead = match self
+            .state
+            .apply_quarantine(record, super::commit_record_len, "quarantine")
+        {
+            Ok(dead) => dead,
+            // Unreachable: built from this state. Should it happen, the durable record and the
+            // memory disagree: refuse further writes.
+            Err(e) => return Err(self.poison(e)),
+        };
         let dead = dead
             .into_iter()
             .map(|s| (s, lens.get(&s).copied().unwrap_or(0)));
         self.free_segments(dead);
-        let quarantined = record.bad.iter().map(|c| (c.segment, c.offset)).collect();
-        let healed = record
-            .healed
-            .iter()
-            .filter_map(|h| {
-                let to = h.to.as_ref()?;
-                Some(((h.from_segment, h.from_offset), (to.segment, to.offset)))
-            })
-            .collect();
-        Ok(self.heal_report(quarantined, healed))
+        Ok(())
     }
 
     fn heal_report(

@@ -468,6 +468,7 @@ impl State {
         for c in &r.bad {
             self.quarantined.insert((c.segment, c.offset), c.clone());
         }
+        self.retarget_index_off_quarantine(&r.bad);
         let mut touched = BTreeSet::new();
         for (old, new) in &rewritten {
             for s in referenced_segments(old) {
@@ -496,6 +497,37 @@ impl State {
             self.checkpoints.insert(new.id, Arc::new(new));
         }
         Ok(dead)
+    }
+
+    /// Points the index entries of newly quarantined chunks at another usable copy of the
+    /// same bytes a live checkpoint references, if there is one (two copies exist after a
+    /// sharded commit, which does not deduplicate, or a rebuild): so that copy heals them.
+    fn retarget_index_off_quarantine(&mut self, bad: &[pb::ChunkRef]) {
+        for c in bad {
+            let Some(e) = self.index.get(&key(c)) else {
+                continue;
+            };
+            if usable(
+                &self.segments,
+                &self.damaged_segments,
+                &self.quarantined,
+                &e.chunk,
+            ) {
+                continue;
+            }
+            let copy = self
+                .checkpoints
+                .values()
+                .flat_map(|m| manifest::all_chunks(m))
+                .find(|x| {
+                    x.blake3 == c.blake3
+                        && usable(&self.segments, &self.damaged_segments, &self.quarantined, x)
+                })
+                .cloned();
+            if let (Some(copy), Some(e)) = (copy, self.index.get_mut(&key(c))) {
+                e.chunk = copy;
+            }
+        }
     }
 
     /// The heals possible once `also_bad` is quarantined too: every quarantined chunk a live
@@ -737,5 +769,26 @@ mod tests {
             .compacted_records()
             .iter()
             .all(|r| r.0 != crate::wal::RecordType::Quarantine));
+    }
+
+    /// Two stored copies of the same bytes (a sharded commit does not deduplicate; a rebuild
+    /// restores both): quarantining the one deduplication used points it at the other, which
+    /// heals the first at once — no new save needed.
+    #[test]
+    fn quarantine_of_one_copy_heals_with_the_other() {
+        let mut s = State::new();
+        s.apply_commit(manifest(1, 1, 9), 0, "t").unwrap();
+        s.apply_commit(manifest(2, 2, 9), 0, "t").unwrap();
+        assert_eq!(s.lookup(&[9; 32]).unwrap().segment, 1);
+        let bad = s.checkpoints[&1].tensors[0].chunks[0].clone();
+        let q = pb::QuarantineRecord {
+            bad: vec![bad],
+            healed: vec![],
+        };
+        s.apply_quarantine(&q, |_| 0, "t").unwrap();
+        assert_eq!(s.lookup(&[9; 32]).unwrap().segment, 2);
+        let heals = s.heals(&[]);
+        assert_eq!(heals.len(), 1);
+        assert_eq!(heals[0].to.as_ref().unwrap().segment, 2);
     }
 }
