@@ -381,6 +381,12 @@ fn every_fixture_store_opens_bit_exact() {
         assert_workload_1(&s, &format!("{name} writer"));
         // And it stays a working store: a commit, a compaction, a reopen.
         commit_step(&mut s, 60);
+        // The first commit of this build turns its trailer feature on, in an older store too.
+        assert!(
+            s.features()
+                .contains(&ckptstore::features::SEGMENT_COMMIT_TRAILER),
+            "{name}"
+        );
         s.compact_wal().unwrap();
         drop(s);
         let s = Store::open(tmp.path(), Options::read_only()).unwrap();
