@@ -262,3 +262,38 @@ fn the_quarantine_feature_is_set_at_the_first_quarantine_and_dropped_once_healed
         r.unwrap_or_else(|e| panic!("checkpoint {id}: {e}"));
     }
 }
+
+/// Regression, issue 14 item 2 ("one rotten chunk spreads"): a chunk failing its BLAKE3 stayed
+/// a dedup target — every later save of the same bytes referenced it, `latest_valid()` walked
+/// back to nothing, and every `gc` failed with `CompactionSourceCorrupt` on its segment. Now
+/// the save after the rot writes a fresh copy and is intact, `latest_valid()` finds it, and gc
+/// keeps working (leaving only the rotten chunk in place until the heal frees it).
+#[test]
+fn regression_one_rotten_chunk_no_longer_spreads() {
+    let dir = tempfile::tempdir().unwrap();
+    let frozen = data(40, 2 * CHUNK);
+    let mut s = Store::open(dir.path(), opts()).unwrap();
+    // Segment 1: the frozen tensor and a big one-off tensor, dead once checkpoint 1 goes.
+    commit(
+        &mut s,
+        1,
+        &[("frozen", &frozen), ("big", &data(41, 16 * CHUNK))],
+    );
+    commit(&mut s, 2, &[("frozen", &frozen)]);
+    s.delete(1).unwrap();
+    let bad = chunks(&s, 2, "frozen")[0].clone();
+    flip(dir.path(), bad.segment, bad.offset + 1);
+    // gc no longer fails on the rotten source: it quarantines and moves the rest.
+    let g = s.gc().unwrap();
+    assert_eq!(g.corrupt_chunks, vec![(bad.segment, bad.offset)]);
+    assert_eq!(s.quarantined(), vec![(bad.segment, bad.offset)]);
+    assert!(s.gc().is_ok(), "and again");
+    assert_eq!(s.latest_valid().unwrap(), None, "checkpoint 2 is rotten");
+    // The next save does not reference the rotten chunk: it is intact, and heals 2.
+    commit(&mut s, 3, &[("frozen", &frozen)]);
+    assert_eq!(s.latest_valid().unwrap().unwrap().step, 3);
+    assert_holds(&s, 2, &[("frozen", &frozen)]);
+    assert!(s.gc().unwrap().corrupt_chunks.is_empty());
+    let seg1 = dir.path().join("segments").join("00000001.seg");
+    assert!(!seg1.exists(), "the rotten segment is freed once healed");
+}
