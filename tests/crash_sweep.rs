@@ -806,8 +806,10 @@ fn rebuild_after_every_step_restores_every_acknowledged_checkpoint() {
 struct HealModel {
     acked: BTreeMap<u64, Expected>,
     in_flight: InFlight,
-    /// Where the frozen tensor's chunk was flipped (segment, offset), once it was.
-    flipped: Option<(u64, u64)>,
+    /// Where the frozen tensor's chunks were flipped (segment, offset).
+    flipped: Vec<(u64, u64)>,
+    /// Chunks acknowledged gc calls found corrupt while compacting (the sweep must cover it).
+    corrupt_found: usize,
     /// A save after the quarantine was acknowledged: its begin made the Quarantine record
     /// durable, so any writer open from then on heals (the heal record itself may be lost).
     heal_acked: bool,
@@ -850,7 +852,7 @@ fn heal_workload(
     }
     let store = slot.as_mut().unwrap();
     let c = store.checkpoint(Selector::Id(1))?.manifest().tensors[0].chunks[1].clone();
-    m.flipped = Some((c.segment, c.offset));
+    m.flipped.push((c.segment, c.offset));
     rot(sim, c.segment, c.offset + 11).map_err(|source| Error::Io {
         op: "rot",
         path: DIR.into(),
@@ -871,6 +873,45 @@ fn heal_workload(
     *slot = None;
     *slot = Some(Store::open(DIR, opts(sim))?);
     step_commit(slot.as_mut().unwrap(), m, 7)?;
+    // Another chunk the next save holds again rots; this time segment compaction finds it:
+    // checkpoints 2..=5 go, gc plans their mostly dead segments, meets the rotten chunk while
+    // copying, quarantines it and moves the rest; the save of step 8 heals 6 and 7.
+    let store = slot.as_mut().unwrap();
+    for id in 2..=5 {
+        m.in_flight = InFlight::Delete(id);
+        store.delete(id)?;
+        m.acked.remove(&id);
+    }
+    let plan = store.plan_compaction();
+    let mut target = None;
+    for id in [6, 7] {
+        let ck = store.checkpoint(Selector::Id(id))?;
+        for t in &ck.manifest().tensors {
+            let constant = match t.name.as_str() {
+                "embed.frozen" => t.chunks.len(),
+                "partial" => 2,
+                _ => 0,
+            };
+            target = target.or_else(|| {
+                t.chunks[..constant]
+                    .iter()
+                    .find(|c| plan.sources.contains(&c.segment))
+                    .cloned()
+            });
+        }
+    }
+    let c = target.expect("a constant chunk in a segment gc compacts");
+    m.heal_acked = false;
+    m.flipped.push((c.segment, c.offset));
+    rot(sim, c.segment, c.offset + 5).map_err(|source| Error::Io {
+        op: "rot",
+        path: DIR.into(),
+        source,
+    })?;
+    m.in_flight = InFlight::SegmentGc;
+    m.corrupt_found += store.gc()?.corrupt_chunks.len();
+    step_commit(store, m, 8)?;
+    m.heal_acked = true;
     Ok(())
 }
 
@@ -907,13 +948,23 @@ fn check_heal_store(store: &Store, m: &HealModel, healed: bool) -> Result<(), St
         match store.verify(id) {
             Err(Error::ChunkCorrupt {
                 segment, offset, ..
-            }) if Some((segment, offset)) == m.flipped => {}
+            }) if m.flipped.contains(&(segment, offset)) => {}
             other => return Err(format!("checkpoint {id}: {why} ({other:?})")),
         }
+        // Every tensor without a rotten chunk reads back bit-exact.
         let ck = store
             .checkpoint(Selector::Id(id))
             .map_err(|x| x.to_string())?;
-        for (name, _, _, bytes) in e.tensors.iter().filter(|t| t.0 != "embed.frozen") {
+        for (name, _, _, bytes) in &e.tensors {
+            let rotten = ck.manifest().tensors.iter().any(|t| {
+                t.name == *name
+                    && t.chunks
+                        .iter()
+                        .any(|c| m.flipped.contains(&(c.segment, c.offset)))
+            });
+            if rotten {
+                continue;
+            }
             let t = ck.tensor(name).map_err(|x| format!("{id} {name}: {x}"))?;
             ensure!(t.data == *bytes, "checkpoint {id} tensor {name} differs");
         }
@@ -957,7 +1008,8 @@ fn run_heal_workload(sim: &SimIo) -> (HealModel, ckptstore::Result<()>) {
     let mut m = HealModel {
         acked: BTreeMap::new(),
         in_flight: InFlight::Nothing,
-        flipped: None,
+        flipped: Vec::new(),
+        corrupt_found: 0,
         heal_acked: false,
     };
     let r = heal_workload(sim, &mut m, &mut None);
@@ -974,6 +1026,7 @@ fn quarantine_and_healing_survive_a_crash_at_every_sync_in_every_mode() {
     let (clean, r) = run_heal_workload(&SimIo::new());
     r.expect("the healing workload runs clean");
     assert!(clean.heal_acked);
+    assert_eq!(clean.corrupt_found, 1, "gc found the second rot");
     let total = {
         let sim = SimIo::new();
         run_heal_workload(&sim).1.unwrap();
@@ -984,7 +1037,8 @@ fn quarantine_and_healing_survive_a_crash_at_every_sync_in_every_mode() {
         let sim = SimIo::new();
         sim.crash_at_sync(index);
         let (m, r) = run_heal_workload(&sim);
-        if index <= total && r.is_ok() {
+        // (A crash at the sync of a heal after a commit leaves the commit acknowledged.)
+        if index <= total && (r.is_ok() && sim.crashed().is_none()) {
             failures.push(format!(
                 "sync #{index}: the workload did not stop at the crash"
             ));
