@@ -148,7 +148,7 @@ pub(crate) struct WriteNotes {
 
 /// An io_uring with `depth` entries and `depth` bounce slots of `piece` bytes.
 pub(crate) struct Ring {
-    queue: Box<dyn Queue>,
+    pub(super) queue: Box<dyn Queue>,
     /// Sequence number of the current call, the high half of its entries' tags.
     seq: u32,
     /// The process that set the ring up: a forked child must not submit to its parent's
