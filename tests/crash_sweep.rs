@@ -107,16 +107,19 @@ const CI_URING: Params = Params {
     uring: true,
 };
 
+/// The io_uring backend's settings in the uring sweep: 4 KiB pieces (a chunk's frame is cut
+/// in several), 4 in flight, direct I/O, a reserve ahead of direct writes (rounded up to a MiB).
+const URING: UringConfig = UringConfig {
+    queue_depth: 4,
+    piece_bytes: 4096,
+    direct: true,
+    prealloc_bytes: 64 << 10,
+};
+
 fn opts(sim: &SimIo, p: &Params) -> Options {
     Options {
         io: if p.uring {
-            let cfg = UringConfig {
-                queue_depth: 4,
-                piece_bytes: 4096,
-                direct: true,
-                prealloc_bytes: 64 << 10,
-            };
-            Arc::new(UringIo::simulated(sim, cfg, UringSimConfig::default()).unwrap())
+            Arc::new(UringIo::simulated(sim, URING, UringSimConfig::default()).unwrap())
         } else {
             Arc::new(sim.clone())
         },
@@ -354,7 +357,8 @@ fn check_image(
     mode: CrashMode,
     seed: u64,
 ) -> Result<BTreeSet<u64>, String> {
-    let mut store = Store::open(DIR, opts(img, p)).map_err(|e| format!("(a) reopen failed: {e}"))?;
+    let mut store =
+        Store::open(DIR, opts(img, p)).map_err(|e| format!("(a) reopen failed: {e}"))?;
     let live = check_recovered(&store, m)?;
     let ids = live.keys().copied().collect();
     // (e) The store keeps working: a commit that also deduplicates against old chunks.
@@ -600,6 +604,28 @@ fn crash_at_every_sync_in_every_mode_compressed() {
 fn crash_at_every_sync_in_every_mode_through_the_uring_backend() {
     // A crash during the recovery of every 4th image (the plain sweeps do every image).
     sweep(CI_URING, 4);
+}
+
+/// The uring sweep's workload does go through the backend's paths: pieces written direct and
+/// buffered, and files whose O_DIRECT the device refused midway (and that went on buffered).
+#[test]
+fn the_uring_workload_takes_direct_buffered_and_fallback_paths() {
+    let sim = SimIo::new();
+    let uring = UringIo::simulated(&sim, URING, UringSimConfig::default()).unwrap();
+    let mut store = Store::open(
+        DIR,
+        Options {
+            io: Arc::new(uring.clone()),
+            ..writer_opts(&sim, &CI_URING)
+        },
+    )
+    .unwrap();
+    for step in 1..=CI_URING.commits {
+        commit(&mut store, &checkpoint_for(step, &CI_URING)).unwrap();
+    }
+    let s = uring.stats();
+    assert!(s.direct_pieces > 0 && s.buffered_pieces > 0, "{s:?}");
+    assert!(s.direct_refused_files > 0, "{s:?}");
 }
 
 /// fsyncgate through the ring: a failing fdatasync at each sync index, reported through the

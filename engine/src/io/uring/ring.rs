@@ -370,7 +370,8 @@ impl Ring {
             for &(user_data, res) in &done {
                 // Credited only to the op of this call its tag names, and only while that op
                 // is in flight: never by arrival order, never twice.
-                let Some(i) = ours(user_data, seq).filter(|&i| ops.get(i).is_some_and(|o| o.in_flight))
+                let Some(i) =
+                    ours(user_data, seq).filter(|&i| ops.get(i).is_some_and(|o| o.in_flight))
                 else {
                     continue;
                 };

@@ -437,7 +437,11 @@ fn regression_fsync_eio_on_the_ebusy_path_is_not_lost() {
         nth: 1,
     });
     let e = f.sync_data().unwrap_err();
-    assert_eq!(e.raw_os_error(), Some(rustix::io::Errno::IO.raw_os_error()), "{e}");
+    assert_eq!(
+        e.raw_os_error(),
+        Some(rustix::io::Errno::IO.raw_os_error()),
+        "{e}"
+    );
     // The error was the truth: a power cut now loses the data the failed sync was to persist.
     let img = sim.crash_image(CrashMode::DropUnsynced, 1);
     assert_eq!(img.read_file(path).unwrap().len(), 0);
@@ -469,7 +473,10 @@ fn regression_fsync_result_is_its_own_completion_not_the_first_in_the_queue() {
         kind: OpKind::Sync,
         nth: 1,
     });
-    assert!(f.sync_data().is_err(), "the fsync's EIO was answered by another completion");
+    assert!(
+        f.sync_data().is_err(),
+        "the fsync's EIO was answered by another completion"
+    );
     f.write_at(&pattern(100_000, 1), 10).unwrap();
     f.sync_data().unwrap();
 }
