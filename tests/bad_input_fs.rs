@@ -1307,7 +1307,11 @@ fn a_128_mib_zero_tail_of_the_wal_is_cut_as_torn_and_loses_nothing() {
     drop(s);
     let mut s = Store::open(DIR, mem_opts(&mem)).unwrap();
     assert_eq!(s.list().len(), 2);
-    assert_eq!(mem.read_file(&wal_path).unwrap().len(), end, "the tail is cut");
+    assert_eq!(
+        mem.read_file(&wal_path).unwrap().len(),
+        end,
+        "the tail is cut"
+    );
     assert_holds(&s, 2, &[("w", &ws[1])]);
     commit(&mut s, 3, &[("w", &ws[0])]);
     drop(s);

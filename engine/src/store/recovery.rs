@@ -65,7 +65,7 @@ pub(crate) struct Recovered {
 }
 
 /// Largest `CURRENT` read (it is 24 bytes; anything past 4 KiB is no pointer).
-const MAX_CURRENT_LEN: u64 = 4096;
+pub(super) const MAX_CURRENT_LEN: u64 = 4096;
 
 fn not_found(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::NotFound
