@@ -259,23 +259,69 @@ fn valid_frame_after(buf: &[u8], bad: usize, salt: u32) -> After {
     let tail = (buf.len() - bad) as u64;
     let budget = 2 * tail + u64::from(MAX_RECORD_LEN);
     let mut hashed = 0u64;
-    for p in bad + 1..buf.len() {
-        let Ok(range) = frame_shape(buf, p) else {
-            continue;
-        };
-        if RecordType::from_u8(buf[p + 8]).is_none() {
+    let mut p = bad + 1;
+    while p + RECORD_HEADER_LEN <= buf.len() {
+        if buf[p + 8] == 0 {
+            // Type 0 never validates: jump to the next nonzero type byte (a zeroed tail — a
+            // preallocated reserve a power cut kept — is crossed a word at a time).
+            p = next_nonzero(buf, p + 8) - 8;
             continue;
         }
+        let at = p;
+        p += 1;
+        let Some(range) = candidate(buf, at) else {
+            continue;
+        };
         hashed += range.len() as u64;
         if hashed > budget {
             return After::GaveUp(hashed - range.len() as u64);
         }
-        let h = &buf[p..p + RECORD_HEADER_LEN];
+        let h = &buf[at..at + RECORD_HEADER_LEN];
         if le32(&h[0..4]) == record_crc(salt, &h[4..12], &buf[range]) {
-            return After::Valid(p);
+            return After::Valid(at);
         }
     }
     After::None
+}
+
+/// The index of the first nonzero byte of `buf` at or after `from` (`buf.len()` if none),
+/// eight bytes at a time where it can.
+fn next_nonzero(buf: &[u8], from: usize) -> usize {
+    let mut i = from;
+    while i < buf.len() && !i.is_multiple_of(8) {
+        if buf[i] != 0 {
+            return i;
+        }
+        i += 1;
+    }
+    for w in buf[i.min(buf.len())..].chunks_exact(8) {
+        if w != [0u8; 8] {
+            break;
+        }
+        i += 8;
+    }
+    while i < buf.len() && buf[i] == 0 {
+        i += 1;
+    }
+    i
+}
+
+/// The payload range of a frame at `at` worth checksumming in the search: a known type,
+/// zero reserved bytes, a length within the cap and inside `buf`. [`frame_shape`] without the
+/// reason: the search calls it at every offset of the tail, so it checks the type byte first
+/// (a zeroed or filler stretch fails there at once) and allocates nothing.
+fn candidate(buf: &[u8], at: usize) -> Option<std::ops::Range<usize>> {
+    let h = buf.get(at..at.checked_add(RECORD_HEADER_LEN)?)?;
+    if RecordType::from_u8(h[8]).is_none() || h[9..12] != [0, 0, 0] {
+        return None;
+    }
+    let len = le32(&h[4..8]);
+    if len > MAX_RECORD_LEN {
+        return None;
+    }
+    let start = at + RECORD_HEADER_LEN;
+    let end = start + len as usize;
+    (end <= buf.len()).then_some(start..end)
 }
 
 /// The offset of the first valid frame of a known type after offset `bad`, within the same
