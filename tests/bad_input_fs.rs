@@ -1346,3 +1346,18 @@ fn a_128_mib_run_of_records_with_bad_checksums_is_refused_and_changes_nothing() 
     }
     assert_eq!(mem_files(&mem), before);
 }
+
+/// Issue 14, item 5 (`read_all` had no cap on small-by-format files): a second writer finding
+/// the store locked reads the holder's pid from `LOCK` to name it in the error. A `LOCK` grown
+/// to 8 MiB (crafted, or written by something else) was read whole into that message; now it
+/// is read no further than a pid can be, and the holder is "unknown".
+#[test]
+fn regression_an_oversized_lock_file_is_not_read_into_the_locked_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let _writer = Store::open(dir.path(), opts()).unwrap();
+    std::fs::write(dir.path().join("LOCK"), vec![b'7'; 8 << 20]).unwrap();
+    match Store::open(dir.path(), opts()) {
+        Err(Error::Locked { pid, .. }) => assert_eq!(pid, "unknown"),
+        other => panic!("{:?}", other.map(|s| s.list().len())),
+    }
+}
