@@ -257,7 +257,27 @@ fn search_after(reason: String, after: After) -> (String, bool) {
 /// candidates — and bounds a hostile one to a few hundred MiB of checksumming.
 fn valid_frame_after(buf: &[u8], bad: usize, salt: u32) -> After {
     let tail = (buf.len() - bad) as u64;
-    let budget = 2 * tail + u64::from(MAX_RECORD_LEN);
+    let mut budget = SearchBudget(2 * tail + u64::from(MAX_RECORD_LEN));
+    valid_frame_within(buf, bad, salt, &mut budget)
+}
+
+/// Bytes the torn-tail search may still checksum. One open searches once, with a budget of
+/// its own; a salvage searches after every damaged record it skips, and shares one budget
+/// across all of them ([`SearchBudget::for_file`]) — a fresh budget per search would let a
+/// crafted WAL of many short damaged stretches cost O(stretches × budget).
+#[derive(Debug, Clone, Copy)]
+pub struct SearchBudget(u64);
+
+impl SearchBudget {
+    /// The budget of every search over a file of `len` bytes together: twice the file plus
+    /// one largest record, as one search of the whole file gets.
+    pub fn for_file(len: usize) -> Self {
+        SearchBudget(2 * len as u64 + u64::from(MAX_RECORD_LEN))
+    }
+}
+
+fn valid_frame_within(buf: &[u8], bad: usize, salt: u32, left: &mut SearchBudget) -> After {
+    let budget = left.0;
     let mut hashed = 0u64;
     let mut p = bad + 1;
     while p + RECORD_HEADER_LEN <= buf.len() {
@@ -274,8 +294,10 @@ fn valid_frame_after(buf: &[u8], bad: usize, salt: u32) -> After {
         };
         hashed += range.len() as u64;
         if hashed > budget {
+            left.0 = 0;
             return After::GaveUp(hashed - range.len() as u64);
         }
+        left.0 = budget - hashed;
         let h = &buf[at..at + RECORD_HEADER_LEN];
         if le32(&h[0..4]) == record_crc(salt, &h[4..12], &buf[range]) {
             return After::Valid(at);
@@ -334,6 +356,14 @@ pub fn resync(buf: &[u8], bad: u64, salt: u32) -> Option<u64> {
     }
 }
 
+/// [`resync`] drawing on a budget shared with the other searches of a salvage.
+pub fn resync_within(buf: &[u8], bad: u64, salt: u32, budget: &mut SearchBudget) -> Option<u64> {
+    match valid_frame_within(buf, bad as usize, salt, budget) {
+        After::Valid(p) => Some(p as u64),
+        _ => None,
+    }
+}
+
 /// Whether the frame at `at` is whole and checksummed but of a type this build does not know:
 /// a newer version's record, whose meaning later records may depend on (a salvage stops there
 /// rather than skip it).
@@ -359,6 +389,17 @@ pub fn scan(buf: &[u8], salt: u32) -> Scan {
 
 /// [`scan`] from offset `start` (a frame boundary, e.g. from [`resync`]).
 pub fn scan_from(buf: &[u8], start: u64, salt: u32) -> Scan {
+    scan_impl(buf, start, salt, None)
+}
+
+/// [`scan_from`] whose torn-tail search draws on a budget shared with the other searches of a
+/// salvage (see [`SearchBudget`]).
+pub fn scan_from_within(buf: &[u8], start: u64, salt: u32, budget: &mut SearchBudget) -> Scan {
+    scan_impl(buf, start, salt, Some(budget))
+}
+
+/// The scan; the search after a bad frame has a budget of its own unless one is given.
+fn scan_impl(buf: &[u8], start: u64, salt: u32, budget: Option<&mut SearchBudget>) -> Scan {
     let mut records = Vec::new();
     let mut at = (start as usize).min(buf.len());
     loop {
@@ -379,7 +420,10 @@ pub fn scan_from(buf: &[u8], start: u64, salt: u32) -> Scan {
                 at = next;
             }
             Err(e) => {
-                let any_valid_after = || valid_frame_after(buf, at, salt);
+                let any_valid_after = || match budget {
+                    Some(b) => valid_frame_within(buf, at, salt, b),
+                    None => valid_frame_after(buf, at, salt),
+                };
                 let (reason, valid_record_after) = match e {
                     FrameError::UnknownType(t) => (
                         format!(

@@ -213,11 +213,14 @@ fn recover_once(io: &dyn Storage, dir: &Path, opts: &Options) -> Result<Recovere
         if bad.valid_record_after {
             let mut skipped = vec![bad.offset];
             let mut at = bad.offset;
+            // One checksum budget for every search of the salvage: bounded by the file, not
+            // by the number of damaged stretches in it.
+            let mut budget = wal::SearchBudget::for_file(buf.len());
             while let Some(p) = (!wal::newer_record_at(&buf, at, header.salt))
-                .then(|| wal::resync(&buf, at, header.salt))
+                .then(|| wal::resync_within(&buf, at, header.salt, &mut budget))
                 .flatten()
             {
-                let more = wal::scan_from(&buf, p, header.salt);
+                let more = wal::scan_from_within(&buf, p, header.salt, &mut budget);
                 for rec in &more.records {
                     let mut trial = state.clone();
                     match apply_record(&mut trial, rec, &buf, &wal_path, false) {
