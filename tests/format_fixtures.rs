@@ -359,9 +359,9 @@ fn copy_of(fixture: &Path) -> tempfile::TempDir {
     tmp
 }
 
-// ---------------------------------------------------------------- workload 2: sealed
+// ---------------------------------------------------------------- workload 3: sealed
 
-/// The keys of workload 2 (test keys: the fixture is public).
+/// The keys of workload 3 (test keys: the fixture is public).
 const KEY_1: &str = "5eed5eed5eed5eed5eed5eed5eed5eed0123456789abcdef0123456789abcdef";
 const KEY_2: &str = "c0ffeec0ffeec0ffeec0ffeec0ffeec0fedcba9876543210fedcba9876543210";
 
@@ -369,9 +369,9 @@ fn key(hex: &str) -> ckptstore::crypt::Key {
     ckptstore::crypt::Key::from_hex(hex).unwrap()
 }
 
-/// Workload 2's checkpoints at the end: (id, step, sealed); 1 is plain, 2 and 4 sealed under
+/// Workload 3's checkpoints at the end: (id, step, sealed); 1 is plain, 2 and 4 sealed under
 /// key 1 (3 was deleted and its segments compacted), 5 under key 2.
-const LIVE_2: [(u64, u64, bool); 4] = [(1, 10, false), (2, 20, true), (4, 30, true), (5, 40, true)];
+const LIVE_3: [(u64, u64, bool); 4] = [(1, 10, false), (2, 20, true), (4, 30, true), (5, 40, true)];
 
 /// Both keys, the second current.
 fn sealed_opts(compression: Compression) -> Options {
@@ -382,9 +382,9 @@ fn sealed_opts(compression: Compression) -> Options {
     }
 }
 
-/// Writes workload 2: a plain checkpoint, then sealed ones under key 1 (compressed, and a
+/// Writes workload 3: a plain checkpoint, then sealed ones under key 1 (compressed, and a
 /// segment compaction of sealed chunks), then under key 2 after a rotation.
-fn write_workload_2(dir: &Path) {
+fn write_workload_3(dir: &Path) {
     let mut s = Store::open(dir, store_opts(Compression::None)).unwrap();
     commit_step(&mut s, 10);
     drop(s);
@@ -403,18 +403,18 @@ fn write_workload_2(dir: &Path) {
     commit_step(&mut s, 40);
 }
 
-/// Workload 2's checks: the feature is declared, sealed checkpoints are sealed, nothing opens
+/// Workload 3's checks: the feature is declared, sealed checkpoints are sealed, nothing opens
 /// without the keys, everything reads bit-exact with them.
-fn assert_workload_2(dir: &Path, s: &Store, what: &str) {
+fn assert_workload_3(dir: &Path, s: &Store, what: &str) {
     assert!(
         s.features().contains(&ckptstore::features::ENCRYPTION),
         "{what}: features {}",
         s.features()
     );
-    let want: Vec<(u64, u64)> = LIVE_2.iter().map(|&(id, step, _)| (id, step)).collect();
+    let want: Vec<(u64, u64)> = LIVE_3.iter().map(|&(id, step, _)| (id, step)).collect();
     let live: Vec<(u64, u64)> = s.list().iter().map(|c| (c.id, c.step)).collect();
     assert_eq!(live, want, "{what}");
-    for (id, _, sealed) in LIVE_2 {
+    for (id, _, sealed) in LIVE_3 {
         let ck = s.checkpoint(Selector::Id(id)).unwrap();
         assert_eq!(ck.is_sealed(), sealed, "{what}: checkpoint {id}");
         // Sealed manifests carry their names, shapes and metadata in a sealed body.
@@ -435,6 +435,58 @@ fn assert_workload_2(dir: &Path, s: &Store, what: &str) {
     ));
 }
 
+/// A workload-3 fixture: read-only with both keys, then as the writer (a commit, a WAL
+/// compaction, a reopen).
+fn check_workload_3_fixture(fixture: &Path, name: &str) {
+    let tmp = copy_of(fixture);
+    let ro = Options {
+        read_only: true,
+        ..sealed_opts(Compression::None)
+    };
+    let s = Store::open(tmp.path(), ro).unwrap();
+    assert_workload_3(tmp.path(), &s, &format!("{name} read-only"));
+    drop(s);
+    let mut s = Store::open(tmp.path(), sealed_opts(Compression::None)).unwrap();
+    commit_step(&mut s, 60);
+    s.compact_wal().unwrap();
+    drop(s);
+    let s = Store::open(tmp.path(), sealed_opts(Compression::None)).unwrap();
+    s.verify(s.latest().unwrap().id).unwrap();
+}
+
+/// A workload-3 fixture rebuilt from its segments: the trailers hold the WAL form (sealed
+/// bodies, keyed chunk ids); the rebuild needs no key for the structure, the open after it
+/// needs the keys.
+fn check_workload_3_rebuild(dir: &Path, name: &str) {
+    let (s, report) = Store::rebuild(dir, sealed_opts(Compression::None))
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    for (id, step, _) in LIVE_3 {
+        assert!(report.restored.contains(&id), "{name}: {report:?}");
+        let ck = s.checkpoint(Selector::Id(id)).unwrap();
+        assert_eq!(ck.metadata(), metadata(step), "{name}: {id}");
+        for (t, _, _, bytes) in tensors(step) {
+            assert!(ck.tensor(&t).unwrap().data == bytes, "{name}: {id}/{t}");
+        }
+    }
+    for (id, r) in s.verify_all() {
+        r.unwrap_or_else(|e| panic!("{name}: {id}: {e}"));
+    }
+}
+
+/// Workload 3 written by this build passes its checks.
+#[test]
+fn workload_3_written_now_passes_the_checks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("s");
+    write_workload_3(&dir);
+    let ro = Options {
+        read_only: true,
+        ..sealed_opts(Compression::None)
+    };
+    let s = Store::open(&dir, ro).unwrap();
+    assert_workload_3(&dir, &s, "this build");
+}
+
 #[test]
 fn every_fixture_store_opens_bit_exact() {
     let all = fixtures();
@@ -445,24 +497,18 @@ fn every_fixture_store_opens_bit_exact() {
     );
     for fixture in all {
         let name = fixture.file_name().unwrap().to_string_lossy().to_string();
-        if fixture_workload(&fixture) == 2 {
-            let tmp = copy_of(&fixture);
-            let ro = Options {
-                read_only: true,
-                ..sealed_opts(Compression::None)
-            };
-            let s = Store::open(tmp.path(), ro).unwrap();
-            assert_workload_2(tmp.path(), &s, &format!("{name} read-only"));
-            drop(s);
-            let mut s = Store::open(tmp.path(), sealed_opts(Compression::None)).unwrap();
-            commit_step(&mut s, 60);
-            s.compact_wal().unwrap();
-            drop(s);
-            let s = Store::open(tmp.path(), sealed_opts(Compression::None)).unwrap();
-            s.verify(s.latest().unwrap().id).unwrap();
-            continue;
+        match fixture_workload(&fixture) {
+            1 => {}
+            2 => {
+                check_workload_2_fixture(&fixture, &name);
+                continue;
+            }
+            3 => {
+                check_workload_3_fixture(&fixture, &name);
+                continue;
+            }
+            n => panic!("{name}: unknown workload {n}"),
         }
-        assert_eq!(fixture_workload(&fixture), 1, "{name}: unknown workload");
         // Read-only first (changes nothing), then as the writer (recovery may repair).
         let tmp = copy_of(&fixture);
         let s = Store::open(tmp.path(), Options::read_only()).unwrap();
@@ -511,22 +557,14 @@ fn every_fixture_store_rebuilds_from_its_segments_or_is_refused() {
             }
         }
         let before = support::snapshot_tree(tmp.path());
-        if fixture_workload(&fixture) == 2 && trailers {
-            // Sealed: the trailers hold the WAL form (sealed bodies, keyed chunk ids); the
-            // rebuild needs no key, the open after it does.
-            let (s, report) = Store::rebuild(tmp.path(), sealed_opts(Compression::None))
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
-            for (id, step, _) in LIVE_2 {
-                assert!(report.restored.contains(&id), "{name}: {report:?}");
-                let ck = s.checkpoint(Selector::Id(id)).unwrap();
-                assert_eq!(ck.metadata(), metadata(step), "{name}: {id}");
-                for (t, _, _, bytes) in tensors(step) {
-                    assert!(ck.tensor(&t).unwrap().data == bytes, "{name}: {id}/{t}");
-                }
-            }
-            for (id, r) in s.verify_all() {
-                r.unwrap_or_else(|e| panic!("{name}: {id}: {e}"));
-            }
+        if fixture_workload(&fixture) == 2 {
+            check_workload_2_rebuild(tmp.path(), &name);
+            rebuilt += 1;
+            continue;
+        }
+        if fixture_workload(&fixture) == 3 && trailers {
+            check_workload_3_rebuild(tmp.path(), &name);
+            rebuilt += 1;
             continue;
         }
         match Store::rebuild(tmp.path(), store_opts(Compression::None)) {
@@ -565,47 +603,46 @@ fn every_fixture_store_rebuilds_from_its_segments_or_is_refused() {
 #[ignore]
 fn generate_fixture_store() {
     let name = std::env::var("CKPTSTORE_FIXTURE").expect("set CKPTSTORE_FIXTURE=NAME");
-    let workload: u32 =
-        std::env::var("CKPTSTORE_FIXTURE_WORKLOAD").map_or(1, |w| w.parse().unwrap());
     let dir = fixtures_dir().join(&name);
     assert!(
         !dir.exists(),
         "{} exists: fixtures are never regenerated",
         dir.display()
     );
-    if workload == 2 {
-        write_workload_2(&dir);
-        std::fs::remove_file(dir.join(ckptstore::store::LOCK_NAME)).unwrap();
-        std::fs::write(
-            dir.join(FIXTURE_NOTE),
-            format!(
-                "workload 2\nwritten by ckptstore {} ({})\n",
-                env!("CARGO_PKG_VERSION"),
-                std::env::var("CKPTSTORE_FIXTURE_BUILD")
-                    .unwrap_or_else(|_| "unknown commit".into())
-            ),
-        )
-        .unwrap();
-        let ro = Options {
-            read_only: true,
-            ..sealed_opts(Compression::None)
-        };
-        let s = Store::open(&dir, ro).unwrap();
-        assert_workload_2(&dir, &s, &name);
-        return;
+    // CKPTSTORE_FIXTURE_WORKLOAD=2: the quarantine workload (feature `quarantine`); 3: the
+    // sealed workload (feature `encryption`).
+    let workload: u32 =
+        std::env::var("CKPTSTORE_FIXTURE_WORKLOAD").map_or(1, |w| w.parse().unwrap());
+    match workload {
+        1 => write_workload_1(&dir),
+        2 => write_workload_2(&dir),
+        3 => write_workload_3(&dir),
+        n => panic!("no workload {n}"),
     }
-    write_workload_1(&dir);
     std::fs::remove_file(dir.join(ckptstore::store::LOCK_NAME)).unwrap();
     std::fs::write(
         dir.join(FIXTURE_NOTE),
         format!(
-            "workload 1\nwritten by ckptstore {} ({})\n",
+            "workload {workload}\nwritten by ckptstore {} ({})\n",
             env!("CARGO_PKG_VERSION"),
             std::env::var("CKPTSTORE_FIXTURE_BUILD").unwrap_or_else(|_| "unknown commit".into())
         ),
     )
     .unwrap();
+    if workload == 3 {
+        let ro = Options {
+            read_only: true,
+            ..sealed_opts(Compression::None)
+        };
+        let s = Store::open(&dir, ro).unwrap();
+        assert_workload_3(&dir, &s, &name);
+        return;
+    }
     let s = Store::open(&dir, Options::read_only()).unwrap();
+    if workload == 2 {
+        assert_workload_2(&dir, &s, &name);
+        return;
+    }
     assert_coverage(&dir, &s);
     assert_workload_1(&s, &name);
 }
@@ -622,16 +659,139 @@ fn workload_1_written_now_passes_the_checks() {
     assert_workload_1(&s, "this build");
 }
 
-/// Workload 2 written by this build passes its checks.
+// ---------------------------------------------------------------- workload 2: quarantine
+
+/// Workload 2's tensors at `step` (1..=4): "frozen" (two chunks, the same at every step), "w"
+/// (new every step) and, at steps 1..=3 only, "gone" (one chunk, the same at those steps).
+fn tensors_2(step: u64) -> Vec<(&'static str, Vec<u8>)> {
+    let mut t = vec![
+        ("frozen", noise(900, 2 * CHUNK)),
+        ("w", noise(900 + step, 100)),
+    ];
+    if step <= 3 {
+        t.push(("gone", noise(901, CHUNK)));
+    }
+    t
+}
+
+fn commit_2(s: &mut Store, step: u64) {
+    let mut t = s.begin(step).unwrap();
+    for (name, bytes) in tensors_2(step) {
+        t.put_tensor(name, DType::U8, &[bytes.len() as u64], &bytes)
+            .unwrap();
+    }
+    t.commit().unwrap();
+}
+
+/// The chunk of `tensor` (index `k`) in checkpoint 1 of workload 2.
+fn chunk_2(s: &Store, tensor: &str, k: usize) -> pb::ChunkRef {
+    let ck = s.checkpoint(Selector::Id(1)).unwrap();
+    let t = ck.manifest().tensors.iter().find(|t| t.name == tensor);
+    t.unwrap().chunks[k].clone()
+}
+
+/// Writes workload 2 into `dir`: three checkpoints share "frozen" and "gone"; a bit of each
+/// rots on disk; a scrub finds both and the writer quarantines them (the feature
+/// `quarantine` turned on, a Quarantine record's `bad`); the save of step 4 holds "frozen"
+/// again and heals it (a Quarantine record's `healed`); "gone" stays quarantined, unhealed.
+fn write_workload_2(dir: &Path) {
+    let mut s = Store::open(dir, store_opts(Compression::None)).unwrap();
+    for step in 1..=3 {
+        commit_2(&mut s, step);
+    }
+    for (tensor, k) in [("frozen", 1), ("gone", 0)] {
+        let c = chunk_2(&s, tensor, k);
+        let seg = dir.join(SEGMENTS_DIR).join(format!("{:08}.seg", c.segment));
+        let mut b = std::fs::read(&seg).unwrap();
+        b[c.offset as usize + 9] ^= 0x01;
+        std::fs::write(&seg, b).unwrap();
+    }
+    assert_eq!(s.scrub().unwrap().heal.quarantined.len(), 2);
+    commit_2(&mut s, 4);
+}
+
+/// Workload 2 as this build must read it: "frozen" healed in every checkpoint, "gone" still
+/// quarantined and failing in checkpoints 1..=3 (naming its chunk), everything else bit-exact.
+fn assert_workload_2(dir: &Path, s: &Store, what: &str) {
+    assert!(
+        s.features().contains(&ckptstore::features::QUARANTINE),
+        "{what}: feature"
+    );
+    let wal_bytes = std::fs::read(support::live_wal(dir)).unwrap();
+    let h = WalHeader::decode(&wal_bytes).unwrap();
+    let types: BTreeSet<u8> = wal::scan(&wal_bytes, h.salt)
+        .records
+        .iter()
+        .map(|r| r.ty as u8)
+        .collect();
+    assert!(
+        types.contains(&(RecordType::Quarantine as u8)),
+        "{what}: {types:?}"
+    );
+    let gone = chunk_2(s, "gone", 0);
+    assert_eq!(s.quarantined(), vec![(gone.segment, gone.offset)], "{what}");
+    let ids: Vec<u64> = s.list().iter().map(|c| c.id).collect();
+    assert_eq!(ids, [1, 2, 3, 4], "{what}");
+    for step in 1..=4u64 {
+        let ck = s.checkpoint(Selector::Id(step)).unwrap();
+        for (name, bytes) in tensors_2(step) {
+            match ck.tensor(name) {
+                Ok(t) => assert!(t.data == bytes, "{what}: {step}/{name} differs"),
+                Err(ckptstore::Error::ChunkCorrupt {
+                    segment, offset, ..
+                }) if name == "gone" && (segment, offset) == (gone.segment, gone.offset) => {}
+                Err(e) => panic!("{what}: {step}/{name}: {e}"),
+            }
+        }
+    }
+    assert_eq!(s.latest_valid().unwrap().map(|c| c.id), Some(4), "{what}");
+}
+
+/// A workload-2 fixture: read-only and as the writer as written; then the save that holds
+/// "gone" again heals checkpoints 1..=3, and a compaction with nothing quarantined drops the
+/// feature.
+fn check_workload_2_fixture(fixture: &Path, name: &str) {
+    let tmp = copy_of(fixture);
+    let s = Store::open(tmp.path(), Options::read_only()).unwrap();
+    assert_workload_2(tmp.path(), &s, &format!("{name} read-only"));
+    drop(s);
+    let mut s = Store::open(tmp.path(), store_opts(Compression::None)).unwrap();
+    assert_workload_2(tmp.path(), &s, &format!("{name} writer"));
+    commit_2(&mut s, 3);
+    assert!(s.quarantined().is_empty(), "{name}: healed");
+    s.compact_wal().unwrap();
+    assert!(!s.features().contains(&ckptstore::features::QUARANTINE));
+    drop(s);
+    let s = Store::open(tmp.path(), Options::read_only()).unwrap();
+    for (id, r) in s.verify_all() {
+        r.unwrap_or_else(|e| panic!("{name}: checkpoint {id}: {e}"));
+    }
+}
+
+/// Workload 2 written by this build passes its checks (what a fixture of it must).
 #[test]
 fn workload_2_written_now_passes_the_checks() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("s");
     write_workload_2(&dir);
-    let ro = Options {
-        read_only: true,
-        ..sealed_opts(Compression::None)
-    };
-    let s = Store::open(&dir, ro).unwrap();
+    let s = Store::open(&dir, Options::read_only()).unwrap();
     assert_workload_2(&dir, &s, "this build");
+}
+
+/// A workload-2 fixture rebuilt from its segments (WAL and CURRENT removed): the rebuild
+/// restores checkpoints 1..=4 but not the quarantine (it lived in the WAL), so their rotten
+/// chunks are referenced again; a `scrub` finds and quarantines them, heals "frozen" with the
+/// copy checkpoint 4 holds, and names 1..=3 broken by "gone" until a save holds it again.
+fn check_workload_2_rebuild(dir: &Path, name: &str) {
+    let (mut s, report) = Store::rebuild(dir, store_opts(Compression::None)).unwrap();
+    assert_eq!(report.restored, [1, 2, 3, 4], "{name}: {report:?}");
+    let r = s.scrub().unwrap();
+    assert_eq!(r.heal.quarantined.len(), 2, "{name}: {r:?}");
+    assert_eq!(r.heal.healed.len(), 1, "{name}: frozen healed: {r:?}");
+    let broken: Vec<u64> = r.broken.iter().map(|b| b.0).collect();
+    assert_eq!(broken, [1, 2, 3], "{name}: {r:?}");
+    commit_2(&mut s, 3);
+    for (id, r) in s.verify_all() {
+        r.unwrap_or_else(|e| panic!("{name}: rebuilt and healed, checkpoint {id}: {e}"));
+    }
 }

@@ -111,6 +111,8 @@ impl Store {
                 ))))
             }
         };
+        // A fresh copy of a quarantined chunk heals the checkpoints that reference it.
+        self.heal_after_durable_write();
         self.compact_after_durable_write();
         Ok(info)
     }

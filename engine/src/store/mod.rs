@@ -12,6 +12,7 @@ mod lease;
 mod leftovers;
 mod lost_found;
 mod perms;
+mod quarantine;
 mod reader;
 mod rebuild;
 mod recovery;
@@ -32,6 +33,7 @@ pub use gc::{GcOptions, GcReport, SpaceStats};
 #[doc(hidden)]
 pub use lease::READERS_DIR;
 pub use lost_found::{PurgeReport, LOST_FOUND_DIR};
+pub use quarantine::{ChunkLocation, HealReport, ScrubReport};
 pub use reader::{CheckpointReader, Tensor, VerifiedChunks};
 pub use rebuild::RebuildReport;
 pub use recovery::RecoveryReport;
@@ -252,6 +254,8 @@ pub struct Store {
     reservations: external::Reservations,
     /// The keys supplied ([`Options::encryption_key`], [`Options::old_keys`]).
     keys: crate::crypt::Keyring,
+    /// Chunks verified reads found bad, not yet quarantined (see `quarantine.rs`).
+    suspects: quarantine::Suspects,
 }
 
 impl std::fmt::Debug for Store {
@@ -384,11 +388,20 @@ impl Store {
             pending_free: rec.pending_free,
             reservations: external::Reservations::default(),
             keys,
+            suspects: quarantine::Suspects::default(),
         };
         // A writer with a key seals what it commits: the WAL declares the feature first, so
         // that a build without it refuses the store by name instead of calling it corrupt.
         if store.wal.is_some() && store.keys.current().is_some() {
             store.enable_feature(&features::ENCRYPTION)?;
+        }
+        // A crash between a commit and the heal it allowed leaves the heal to this open
+        // (not to a strict one, which repairs nothing).
+        if store.wal.is_some()
+            && !store.state.quarantined.is_empty()
+            && store.opts.recovery_mode != RecoveryMode::AbsoluteConsistency
+        {
+            store.heal()?;
         }
         Ok(store)
     }
@@ -585,6 +598,9 @@ impl Store {
     /// visible until [`Transaction::commit`] returns; dropping the transaction aborts it.
     pub fn begin(&mut self, step: u64) -> Result<Transaction<'_>> {
         self.check_writable()?;
+        // What verified reads found bad is quarantined first, so this save never references
+        // it (it writes a fresh copy, which heals the checkpoints that do).
+        self.heal()?;
         Ok(Transaction::new(self, step))
     }
 
@@ -762,7 +778,13 @@ impl Store {
     /// Rewrites the WAL as a snapshot of the live state: a new WAL file (durable, with its
     /// directory entry), then an atomic switch of `CURRENT`, then removal of the old file.
     pub fn compact_wal(&mut self) -> Result<()> {
-        self.rewrite_wal(self.features)
+        let mut features = self.features;
+        if self.state.quarantined.is_empty() {
+            // The compacted WAL holds no Quarantine record (healed references are in its
+            // Commit records): it no longer needs the feature, and older builds open it again.
+            features.incompat &= !(1 << features::QUARANTINE.bit);
+        }
+        self.rewrite_wal(features)
     }
 
     /// The format features this store's WAL header declares (docs/FORMAT.md, "Feature
