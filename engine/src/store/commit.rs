@@ -97,6 +97,9 @@ impl Store {
             }
         };
         self.compact_after_durable_write();
+        // The bucket tier: a replica is queued (nothing waits on the network); a bucket store
+        // (`s3://`) publishes here, and the commit is durable only once that returns.
+        self.publish_after_durable_write()?;
         Ok(info)
     }
 }

@@ -201,6 +201,7 @@ impl Store {
             .map(|s| (s, lens.get(&s).copied().unwrap_or(0)));
         let freed = self.free_segments(dead);
         self.compact_after_durable_write();
+        self.publish_after_durable_write()?;
         Ok(Compacted {
             written: outputs.iter().map(|o| o.id).collect(),
             bytes_written: outputs.iter().map(|o| o.length).sum(),
