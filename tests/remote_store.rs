@@ -120,6 +120,13 @@ fn bucket_store_round_trip_s3() {
 
 fn two_writers(url: &str) {
     let cache = tempfile::tempdir().unwrap();
+    // Concurrent writers: an open's sweep must not take the other's upload in flight for a
+    // leftover (the grace this test's other stores set to zero).
+    let opts = |dir: &Path| {
+        let mut o = opts(dir);
+        o.remote_policy.orphan_grace = Duration::from_secs(3600);
+        o
+    };
     let mut a = Store::open(url, opts(&cache.path().join("a"))).unwrap();
     let mut b = Store::open(url, opts(&cache.path().join("b"))).unwrap();
     let x = data(4, 3000);

@@ -80,6 +80,8 @@ pub struct Bucket {
     policy: RetryPolicy,
     faults: Option<Arc<Faults>>,
     cancel: AtomicBool,
+    /// Set once a request was refused as stopped (cancelled, or a test's simulated death).
+    stopped: AtomicBool,
     requests: AtomicU64,
 }
 
@@ -197,6 +199,7 @@ impl Bucket {
             policy: RetryPolicy::default(),
             faults: None,
             cancel: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
             requests: AtomicU64::new(0),
         }
     }
@@ -239,6 +242,11 @@ impl Bucket {
         self.cancel.store(true, Ordering::Relaxed);
     }
 
+    /// Whether a request was refused because this client is stopped (no later one can pass).
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Relaxed)
+    }
+
     fn path(&self, key: &str) -> ObjPath {
         if self.prefix.is_empty() {
             ObjPath::from(key)
@@ -269,11 +277,15 @@ impl Bucket {
     /// Counts one request and asks the fault injector about it: `Ok(delay)` to go ahead.
     fn gate(&self) -> std::result::Result<Option<Duration>, Failure> {
         if self.cancel.load(Ordering::Relaxed) {
+            self.stopped.store(true, Ordering::Relaxed);
             return Err(Failure::Stopped);
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
         match self.faults.as_ref().map(|f| f.next()) {
-            Some(Verdict::Stopped) => Err(Failure::Stopped),
+            Some(Verdict::Stopped) => {
+                self.stopped.store(true, Ordering::Relaxed);
+                Err(Failure::Stopped)
+            }
             Some(Verdict::Fault(Fault::Error)) => {
                 Err(Failure::Transient("injected transient fault".into()))
             }

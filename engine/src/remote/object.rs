@@ -153,7 +153,7 @@ impl CommitObject {
             );
         }
         let frames = &body[at..];
-        let scan = wal::scan(frames, salt);
+        let scan = wal::scan_from(frames, 0, salt);
         if let Some(badrec) = scan.bad {
             return Err(bad(format!(
                 "record at offset {} of the log: {}",

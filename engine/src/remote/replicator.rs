@@ -171,13 +171,15 @@ fn run(mut publisher: Publisher, rx: Receiver<LocalImage>, shared: Shared) {
                 }
             }
             Err(e) => {
-                let conflict = matches!(e, Error::WriterConflict { .. });
+                // Another writer won the bucket, or this client was stopped: for good.
+                let stop = matches!(e, Error::WriterConflict { .. })
+                    || publisher.bucket().is_stopped();
                 let mut st = lock(&shared);
                 st.last_error = Some(e.to_string());
-                st.stopped = conflict;
+                st.stopped = stop;
                 drop(st);
                 shared.1.notify_all();
-                if conflict {
+                if stop {
                     return;
                 }
                 match rx.recv_timeout(backoff) {
