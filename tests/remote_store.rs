@@ -244,7 +244,10 @@ fn a_slow_request_times_out_and_is_retried() {
     faults.at(n + 1, Fault::Slow(Duration::from_secs(5)));
     let t0 = std::time::Instant::now();
     commit(&mut s, 1, &[("x", &[1, 2, 3])]);
-    assert!(t0.elapsed() < Duration::from_secs(5), "the slow request was not abandoned");
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "the slow request was not abandoned"
+    );
     assert!(faults.requests() > n + 1);
 }
 
@@ -326,7 +329,9 @@ fn crash_sweep(base: &str, mkdir: impl Fn(u64)) {
 fn crash_sweep_file() {
     let (d, url) = file_url();
     let root = d.path().to_path_buf();
-    crash_sweep(&url, |n| std::fs::create_dir_all(root.join(n.to_string())).unwrap());
+    crash_sweep(&url, |n| {
+        std::fs::create_dir_all(root.join(n.to_string())).unwrap()
+    });
 }
 
 #[test]
@@ -473,7 +478,10 @@ fn missing_bucket_is_a_clear_error_before_anything_is_written() {
         ..opts(root.path())
     };
     assert!(Store::open(&dir, o).is_err());
-    assert!(!dir.exists(), "the local store was created before the check");
+    assert!(
+        !dir.exists(),
+        "the local store was created before the check"
+    );
     let Some(_) = remote_support::moto() else {
         return;
     };
@@ -538,8 +546,52 @@ fn crc32c(b: &[u8]) -> u32 {
     for &x in b {
         c ^= x as u32;
         for _ in 0..8 {
-            c = if c & 1 != 0 { (c >> 1) ^ 0x82f6_3b78 } else { c >> 1 };
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0x82f6_3b78
+            } else {
+                c >> 1
+            };
         }
     }
     !c
+}
+
+#[test]
+fn cli_commands_take_a_url() {
+    let (_d, url) = file_url();
+    let root = tempfile::tempdir().unwrap();
+    let cache = root.path().join("cache");
+    let x = data(11, 9000);
+    {
+        let mut s = Store::open(&url, opts(&cache.join("w"))).unwrap();
+        commit(&mut s, 5, &[("x", &x)]);
+    }
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ckptstore"))
+            .args(args)
+            .env("CKPTSTORE_CACHE_DIR", &cache)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {text}");
+        text
+    };
+    let ls = run(&["ls", &url, "--json"]);
+    assert!(
+        ls.contains("\"step\": 5") || ls.contains("\"step\":5"),
+        "{ls}"
+    );
+    run(&["verify", &url]);
+    run(&["inspect", &url, "5"]);
+    let dir = root.path().join("pulled");
+    run(&["pull", &url, dir.to_str().unwrap()]);
+    let s = Store::open(&dir, Options::read_only()).unwrap();
+    assert_holds(&s, 1, &[("x", &x)]);
+    // A directory is not a URL to pull from, and a store is not pulled over.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ckptstore"))
+        .args(["pull", &url, dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
 }

@@ -81,7 +81,10 @@ pub fn create_bucket(endpoint: &str, name: &str) {
     .unwrap();
     let mut resp = String::new();
     let _ = s.read_to_string(&mut resp);
-    assert!(resp.starts_with("HTTP/1.1 200"), "create bucket {name}: {resp}");
+    assert!(
+        resp.starts_with("HTTP/1.1 200"),
+        "create bucket {name}: {resp}"
+    );
 }
 
 /// A fresh `s3://` store URL on moto (its own bucket), or `None` to skip.

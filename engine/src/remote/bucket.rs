@@ -176,14 +176,17 @@ impl Bucket {
                 (Arc::new(s), prefix.clone())
             }
             RemoteUrl::File { root } => {
-                let s = object_store::local::LocalFileSystem::new_with_prefix(root).map_err(
-                    |e| Error::Remote {
-                        url: url.to_string(),
-                        op: "open",
-                        key: String::new(),
-                        message: format!("{e} (a file:// bucket must be an existing directory)"),
-                    },
-                )?;
+                let s =
+                    object_store::local::LocalFileSystem::new_with_prefix(root).map_err(|e| {
+                        Error::Remote {
+                            url: url.to_string(),
+                            op: "open",
+                            key: String::new(),
+                            message: format!(
+                                "{e} (a file:// bucket must be an existing directory)"
+                            ),
+                        }
+                    })?;
                 (Arc::new(s), String::new())
             }
         };
@@ -344,18 +347,20 @@ impl Bucket {
     /// before anything is written.
     pub fn check_access(&self) -> Result<()> {
         let key = format!("{}/", super::layout::LOG_DIR);
-        self.list(super::layout::LOG_DIR).map(|_| ()).map_err(|e| match e {
-            Error::Remote { url, message, .. } => Error::Remote {
-                url,
-                op: "open",
-                key,
-                message: format!(
-                    "cannot list the store's commit log (does the bucket exist, and may these \
+        self.list(super::layout::LOG_DIR)
+            .map(|_| ())
+            .map_err(|e| match e {
+                Error::Remote { url, message, .. } => Error::Remote {
+                    url,
+                    op: "open",
+                    key,
+                    message: format!(
+                        "cannot list the store's commit log (does the bucket exist, and may these \
                      credentials read it?): {message}"
-                ),
-            },
-            other => other,
-        })
+                    ),
+                },
+                other => other,
+            })
     }
 
     /// Creates `key` holding `bytes` if no object has that name. `Ok(false)`: one exists (not
@@ -386,9 +391,9 @@ impl Bucket {
     /// The object `key`, whole; `None` if there is none.
     pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
         let path = self.path(key);
-        let r = self.block_on(self.retried(|| {
-            self.attempt(async { self.store.get(&path).await?.bytes().await })
-        }))?;
+        let r = self.block_on(
+            self.retried(|| self.attempt(async { self.store.get(&path).await?.bytes().await })),
+        )?;
         match r {
             Ok(b) => Ok(Some(b.to_vec())),
             Err(Failure::NotFound) => Ok(None),
@@ -495,7 +500,9 @@ impl Bucket {
                         put.await
                     };
                     match tokio::time::timeout(timeout, timed).await {
-                        Err(_) => Err(Failure::Transient(format!("part: no answer within {timeout:?}"))),
+                        Err(_) => Err(Failure::Transient(format!(
+                            "part: no answer within {timeout:?}"
+                        ))),
                         Ok(r) => r.map_err(classify),
                     }
                 });

@@ -35,5 +35,5 @@ pub use layout::{log_key, parse_log_key, segment_key, LOG_DIR, SEGMENTS_DIR};
 pub use object::{CommitObject, SegmentObject, COMMIT_MAGIC, COMMIT_VERSION};
 pub use publish::{LocalImage, Publisher};
 pub use pull::{download_segments, latest};
-pub use replicator::{Replication, ReplicaStatus, Replicator};
+pub use replicator::{ReplicaStatus, Replication, Replicator};
 pub use url::{is_url, RemoteUrl};

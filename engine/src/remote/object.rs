@@ -93,7 +93,9 @@ impl CommitObject {
             reason,
         };
         if b.len() < FIXED + 4 || &b[..8] != COMMIT_MAGIC {
-            return Err(bad("not a ckptstore commit object (bad magic or too short)".into()));
+            return Err(bad(
+                "not a ckptstore commit object (bad magic or too short)".into(),
+            ));
         }
         let (body, tail) = b.split_at(b.len() - 4);
         if le::u32_at(tail, 0) != crc32c::crc32c(body) {
@@ -108,7 +110,10 @@ impl CommitObject {
             });
         }
         let incompat = le::u64_at(b, 12);
-        let known: u64 = KNOWN_INCOMPAT.iter().map(|(bit, _)| bit).fold(0, |a, b| a | b);
+        let known: u64 = KNOWN_INCOMPAT
+            .iter()
+            .map(|(bit, _)| bit)
+            .fold(0, |a, b| a | b);
         let unknown = incompat & !known;
         if unknown != 0 {
             let names: Vec<String> = (0..64)
@@ -118,7 +123,10 @@ impl CommitObject {
                     FUTURE_INCOMPAT_NAMES
                         .iter()
                         .find(|(b, _)| *b == bit)
-                        .map_or_else(|| format!("bit {}", bit.trailing_zeros()), |(_, n)| n.to_string())
+                        .map_or_else(
+                            || format!("bit {}", bit.trailing_zeros()),
+                            |(_, n)| n.to_string(),
+                        )
                 })
                 .collect();
             return Err(bad(format!(
@@ -224,7 +232,10 @@ mod tests {
     fn newer_version_and_unknown_features_are_refused_by_name() {
         let b = with_header(sample().encode(), 8, &2u16.to_le_bytes());
         let e = CommitObject::decode("log/7", &b).unwrap_err();
-        assert!(matches!(e, Error::UnsupportedVersion { found: 2, .. }), "{e}");
+        assert!(
+            matches!(e, Error::UnsupportedVersion { found: 2, .. }),
+            "{e}"
+        );
         let b = with_header(sample().encode(), 12, &1u64.to_le_bytes());
         let e = CommitObject::decode("log/7", &b).unwrap_err().to_string();
         assert!(e.contains("encryption") && e.contains("upgrade"), "{e}");

@@ -58,11 +58,7 @@ impl Publisher {
     ) -> Result<Publisher> {
         let mut uploaded = BTreeMap::new();
         for o in bucket.list(&format!("{SEGMENTS_DIR}/{token}"))? {
-            let id = o
-                .key
-                .rsplit('/')
-                .next()
-                .and_then(segment::parse_file_name);
+            let id = o.key.rsplit('/').next().and_then(segment::parse_file_name);
             if let Some(id) = id {
                 uploaded.insert(
                     id,

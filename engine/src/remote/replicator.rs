@@ -172,8 +172,8 @@ fn run(mut publisher: Publisher, rx: Receiver<LocalImage>, shared: Shared) {
             }
             Err(e) => {
                 // Another writer won the bucket, or this client was stopped: for good.
-                let stop = matches!(e, Error::WriterConflict { .. })
-                    || publisher.bucket().is_stopped();
+                let stop =
+                    matches!(e, Error::WriterConflict { .. }) || publisher.bucket().is_stopped();
                 let mut st = lock(&shared);
                 st.last_error = Some(e.to_string());
                 st.stopped = stop;

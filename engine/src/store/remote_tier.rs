@@ -7,7 +7,7 @@ use super::{Options, Store};
 use crate::error::{Error, Result};
 use crate::io::Storage;
 use crate::remote::{
-    self, Bucket, CommitObject, LocalImage, Publisher, RemoteUrl, Replication, ReplicaStatus,
+    self, Bucket, CommitObject, LocalImage, Publisher, RemoteUrl, ReplicaStatus, Replication,
     Replicator,
 };
 use crate::wal::RecordType;
@@ -146,10 +146,10 @@ pub(crate) fn start_replica(store: &Store, bucket: Arc<Bucket>) -> Result<Remote
     let img = store.image(1);
     let same = head.is_some_and(|h| {
         h.records == img.records
-            && h.segments.iter().map(|(&id, s)| (id, s.len)).eq(img
-                .segments
+            && h.segments
                 .iter()
-                .map(|(&id, &len)| (id, len)))
+                .map(|(&id, s)| (id, s.len))
+                .eq(img.segments.iter().map(|(&id, &len)| (id, len)))
     });
     tier.generation = 1;
     if let Kind::Replica(r) = &tier.kind {
@@ -338,15 +338,16 @@ impl Store {
         let Kind::Replica(rep) = &tier.kind else {
             return Ok(());
         };
-        rep.wait(tier.generation, timeout).map_err(|st| Error::Remote {
-            url: self.opts.replica.clone().unwrap_or_default(),
-            op: "replicate",
-            key: String::new(),
-            message: match (st.stopped, st.last_error) {
-                (true, Some(e)) => format!("the replicator stopped: {e}"),
-                (_, Some(e)) => format!("not replicated within {timeout:?}; last failure: {e}"),
-                (_, None) => format!("not replicated within {timeout:?}"),
-            },
-        })
+        rep.wait(tier.generation, timeout)
+            .map_err(|st| Error::Remote {
+                url: self.opts.replica.clone().unwrap_or_default(),
+                op: "replicate",
+                key: String::new(),
+                message: match (st.stopped, st.last_error) {
+                    (true, Some(e)) => format!("the replicator stopped: {e}"),
+                    (_, Some(e)) => format!("not replicated within {timeout:?}; last failure: {e}"),
+                    (_, None) => format!("not replicated within {timeout:?}"),
+                },
+            })
     }
 }
