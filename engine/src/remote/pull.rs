@@ -50,7 +50,7 @@ pub fn download_segments(
     io: &dyn Storage,
 ) -> Result<()> {
     io.create_dir_all(seg_dir)
-        .map_err(|e| Error::io("create dir", &seg_dir, e))?;
+        .map_err(|e| Error::io("create dir", seg_dir, e))?;
     for (&id, s) in &obj.segments {
         let path = seg_dir.join(segment::file_name(id));
         if let Ok(f) = io.open(&path, false) {
