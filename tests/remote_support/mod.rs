@@ -46,12 +46,14 @@ pub fn moto() -> Option<&'static str> {
                  kill $m 2>/dev/null",
                 pid = std::process::id()
             );
-            Command::new("sh")
+            let mut watchdog = Command::new("sh")
                 .args(["-c", &script])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("start moto_server");
+            // Reaped when it exits (after the server, once this binary is gone or it died).
+            std::thread::spawn(move || watchdog.wait());
             let deadline = Instant::now() + Duration::from_secs(30);
             while TcpStream::connect(("127.0.0.1", port)).is_err() {
                 assert!(Instant::now() < deadline, "moto_server did not listen within 30 s");
