@@ -584,10 +584,20 @@ fn cli_commands_take_a_url() {
     );
     run(&["verify", &url]);
     run(&["inspect", &url, "5"]);
+    let st = root.path().join("x.safetensors");
+    run(&["export", &url, st.to_str().unwrap()]);
+    run(&["import", st.to_str().unwrap(), &url, "--step", "6"]);
+    run(&["gc", &url, "--keep-last", "1"]);
+    let ls = run(&["ls", &url, "--json"]);
+    assert!(
+        !ls.contains("\"step\": 5") && ls.contains("\"step\": 6"),
+        "{ls}"
+    );
     let dir = root.path().join("pulled");
     run(&["pull", &url, dir.to_str().unwrap()]);
     let s = Store::open(&dir, Options::read_only()).unwrap();
-    assert_holds(&s, 1, &[("x", &x)]);
+    assert_eq!(s.list().len(), 1);
+    assert_eq!(s.list()[0].step, 6);
     // A directory is not a URL to pull from, and a store is not pulled over.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ckptstore"))
         .args(["pull", &url, dir.to_str().unwrap()])
