@@ -605,3 +605,46 @@ fn cli_commands_take_a_url() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+#[test]
+fn the_replica_keeps_more_with_replica_keep_last() {
+    let (_d, url) = file_url();
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("local");
+    let o = || Options {
+        replica: Some(url.clone()),
+        replica_keep_last: Some(3),
+        ..opts(root.path())
+    };
+    let xs: Vec<Vec<u8>> = (0..5).map(|i| data(20 + i, 6000)).collect();
+    {
+        let mut s = Store::open(&dir, o()).unwrap();
+        for (i, x) in xs.iter().enumerate() {
+            commit(&mut s, i as u64, &[("x", x)]);
+            // The local store keeps one checkpoint; the bucket the newest three.
+            let older: Vec<u64> = s.list().iter().rev().skip(1).map(|c| c.id).collect();
+            for id in older {
+                s.delete(id).unwrap();
+            }
+            s.wait_replicated(Some(Duration::from_secs(60))).unwrap();
+        }
+        assert_eq!(s.list().len(), 1);
+    }
+    let pulled = root.path().join("pulled");
+    ckptstore::store::pull(&url, &pulled, &opts(root.path())).unwrap();
+    let s = Store::open(&pulled, Options::read_only()).unwrap();
+    assert_eq!(s.list().iter().map(|c| c.id).collect::<Vec<_>>(), [3, 4, 5]);
+    for id in 3..=5u64 {
+        assert_holds(&s, id, &[("x", &xs[id as usize - 1])]);
+    }
+    drop(s);
+    assert_no_leftovers(&url);
+    assert!(Store::open(
+        root.path().join("z"),
+        Options {
+            replica_keep_last: Some(0),
+            ..o()
+        }
+    )
+    .is_err());
+}

@@ -260,7 +260,8 @@ impl PyStore {
     #[new]
     #[pyo3(signature = (path, *, read_only=false, chunk_size=None, segment_max_bytes=None,
                         wal_compact_min_bytes=None, recovery_mode=None, async_budget_bytes=None,
-                        mode=None, allow_unsafe_dir=false, replica=None))]
+                        mode=None, allow_unsafe_dir=false, replica=None,
+                        replica_keep_last=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -274,6 +275,7 @@ impl PyStore {
         mode: Option<u32>,
         allow_unsafe_dir: bool,
         replica: Option<String>,
+        replica_keep_last: Option<usize>,
     ) -> PyResult<Self> {
         let mut pipeline_opts = PipelineOptions::default();
         if let Some(b) = async_budget_bytes {
@@ -283,6 +285,7 @@ impl PyStore {
             read_only,
             allow_unsafe_dir,
             replica,
+            replica_keep_last,
             ..Options::default()
         };
         if let Some(m) = mode {

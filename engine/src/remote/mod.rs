@@ -27,6 +27,7 @@ mod object;
 mod publish;
 mod pull;
 mod replicator;
+mod retain;
 mod url;
 
 pub use bucket::{Bucket, RetryPolicy};

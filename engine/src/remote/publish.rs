@@ -40,6 +40,9 @@ pub struct Publisher {
     head: Option<CommitObject>,
     /// Segment objects of this token that exist and no commit names yet (resumed uploads).
     uploaded: BTreeMap<u64, SegmentObject>,
+    /// `Some(k)`: the bucket also keeps, of the checkpoints the local store deleted, those
+    /// among the newest `k` (`replica_keep_last`). `None`: it mirrors the local store.
+    keep_last: Option<usize>,
 }
 
 impl Publisher {
@@ -77,7 +80,14 @@ impl Publisher {
             token: token.to_string(),
             head,
             uploaded,
+            keep_last: None,
         })
+    }
+
+    /// Keeps up to `k` checkpoints in the bucket even when the local store keeps fewer.
+    pub fn with_keep_last(mut self, k: Option<usize>) -> Self {
+        self.keep_last = k;
+        self
     }
 
     /// The newest commit object this publisher knows.
@@ -101,7 +111,10 @@ impl Publisher {
     /// uploaded is reused by the next call.
     pub fn publish(&mut self, img: &LocalImage) -> Result<u64> {
         let seq = self.head_seq() + 1;
-        let mut segments = BTreeMap::new();
+        let (records, mut segments) = match (&self.head, self.keep_last) {
+            (Some(h), Some(k)) => super::retain::merge(&img.records, &img.segments, h, k)?,
+            _ => (img.records.clone(), BTreeMap::new()),
+        };
         for (&id, &len) in &img.segments {
             let have = self
                 .head
@@ -130,7 +143,7 @@ impl Publisher {
         let obj = CommitObject {
             seq,
             segments,
-            records: img.records.clone(),
+            records,
         };
         if !self.bucket.put_create(&log_key(seq), obj.encode())? {
             return Err(Error::WriterConflict {
@@ -143,7 +156,7 @@ impl Publisher {
         let dead: Vec<u64> = self
             .uploaded
             .keys()
-            .filter(|id| !img.segments.contains_key(id))
+            .filter(|id| !obj.segments.contains_key(id))
             .copied()
             .collect();
         for id in dead {

@@ -117,6 +117,10 @@ pub struct Options {
     /// [`Store::replication`], [`Store::wait_replicated`]). Opening a directory without a store
     /// in it pulls the bucket's newest state first. Default `None`.
     pub replica: Option<String>,
+    /// With a replica: the bucket keeps, of the checkpoints this store deletes, those among
+    /// the newest `N` (the bucket may keep more than the local disk). Default `None`: the
+    /// bucket mirrors the local store. At least 1.
+    pub replica_keep_last: Option<usize>,
     /// Where a bucket store (`Store::open("s3://...")`) keeps its local cache. Default `None`:
     /// `$CKPTSTORE_CACHE_DIR`, else `$XDG_CACHE_HOME/ckptstore`, else `~/.cache/ckptstore`,
     /// then `remote/<hash of the URL>`. One process at a time per cache.
@@ -143,6 +147,7 @@ impl Default for Options {
             file_mode: crate::io::DEFAULT_FILE_MODE,
             allow_unsafe_dir: false,
             replica: None,
+            replica_keep_last: None,
             cache_dir: None,
             remote_policy: crate::remote::RetryPolicy::default(),
             remote_faults: None,
@@ -190,6 +195,9 @@ impl Options {
                  write (e.g. 0600, 0640)",
                 self.file_mode
             )));
+        }
+        if self.replica_keep_last == Some(0) {
+            return Err(Error::invalid("replica_keep_last 0: keep at least 1"));
         }
         self.compression.validate()
     }

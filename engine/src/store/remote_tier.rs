@@ -134,7 +134,8 @@ fn token(io: &dyn Storage, path: &Path) -> Result<String> {
 pub(crate) fn start_replica(store: &Store, bucket: Arc<Bucket>) -> Result<RemoteTier> {
     let io = &*store.opts.io;
     let token = token(io, &store.dir.join(REPLICA_TOKEN_NAME))?;
-    let mut publisher = Publisher::new(bucket, &token)?;
+    let mut publisher =
+        Publisher::new(bucket, &token)?.with_keep_last(store.opts.replica_keep_last);
     let _ = publisher.sweep();
     let head = publisher.head().cloned();
     let known = head.as_ref().map(checkpoints_of).unwrap_or_default();

@@ -131,7 +131,9 @@ class Store:
     owned by another user, raises StoreError saying why), ``replica`` (None; a bucket URL,
     ``s3://bucket/prefix``: commits stay local and durable on return, a background thread
     copies them to the bucket, see ``replication()`` and ``wait_replicated()``; an empty
-    directory is restored from the bucket's newest state first).
+    directory is restored from the bucket's newest state first), ``replica_keep_last`` (None:
+    the bucket mirrors the local store; N: it keeps the newest N checkpoints even after the
+    local store deleted them).
 
     ``path`` may itself be a bucket URL (``s3://bucket/prefix``, ``file:///dir``): the store
     then lives in the bucket, with a local cache, and a save is durable once its commit object
@@ -141,7 +143,8 @@ class Store:
 
     def __init__(self, path: PathLike, **options: Any) -> None:
         known = {"read_only", "chunk_size", "segment_max_bytes", "wal_compact_min_bytes",
-                 "recovery_mode", "async_budget_bytes", "mode", "allow_unsafe_dir", "replica"}
+                 "recovery_mode", "async_budget_bytes", "mode", "allow_unsafe_dir", "replica",
+                 "replica_keep_last"}
         bad = sorted(set(options) - known)
         if bad:
             raise TypeError(f"Store(): unknown option(s) {bad}; known: {sorted(known)}")
