@@ -63,6 +63,7 @@
 //! | 54 | a salvage past a Relocate record, a torn Relocate record (its outputs the only copy) | bad_input_fs::salvage_skips_the_damaged_record_and_keeps_a_relocate_records_outputs, bad_input_fs::a_torn_relocate_records_outputs_go_to_lost_found, bad_input_fs::orphan_segments_go_to_lost_found_with_a_note |
 //! | 55 | a manifest claiming a 1 PiB tensor; a sparse 1 PiB WAL; an oversized CURRENT | bad_input_fs::a_manifest_claiming_a_1_pib_tensor_is_a_typed_error, bad_input_fs::a_sparse_petabyte_wal_is_a_typed_error, bad_input_fs::an_oversized_current_is_a_bad_header |
 //! | 56 | a crafted 128 MiB WAL tail (a well-formed frame every 16 bytes) | bad_input_fs::a_crafted_128_mib_wal_tail_is_refused_without_a_quadratic_search |
+//! | 57 | a store from a newer build (unknown incompatible, read-only-compatible, compatible feature) | bad_input_fs::a_store_from_a_newer_build_is_refused_as_newer_not_corrupt, bad_input_fs::a_store_with_an_unknown_read_only_compatible_feature_opens_read_only, bad_input_fs::a_store_with_an_unknown_compatible_feature_opens_and_keeps_the_bit |
 //!
 //! Beyond these classes, the fuzz targets in `fuzz/` (and `tests/model_proptest.rs`) feed
 //! arbitrary bytes and operation sequences to the decoders and to recovery.
@@ -1288,4 +1289,157 @@ fn a_crafted_128_mib_wal_tail_is_refused_without_a_quadratic_search() {
         other => panic!("{other:?}"),
     }
     assert_eq!(mem_files(&mem), before);
+}
+
+// ---------------------------------------------------------------- a store from a newer build
+
+/// Rewrites the header of `dir`'s live WAL to declare `features` (what a newer build that
+/// turned them on writes), keeping its salt and file number.
+fn set_wal_features(dir: &Path, features: ckptstore::features::FeatureSet) {
+    let wal = live_wal(dir);
+    let mut b = std::fs::read(&wal).unwrap();
+    let h = wal::WalHeader {
+        features,
+        ..wal::WalHeader::decode(&b).unwrap()
+    };
+    b[..wal::WAL_HEADER_LEN].copy_from_slice(&h.encode());
+    std::fs::write(&wal, b).unwrap();
+}
+
+/// Appends a CRC-valid record of type `ty` (one this build does not know) to `dir`'s WAL.
+fn append_unknown_record(dir: &Path, ty: u8) {
+    let wal = live_wal(dir);
+    let mut b = std::fs::read(&wal).unwrap();
+    let salt = wal_salt(&b);
+    let payload = b"a newer build's record";
+    let mut fields = [0u8; 8];
+    fields[0..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    fields[4] = ty;
+    let mut crc_in = salt.to_le_bytes().to_vec();
+    crc_in.extend_from_slice(&fields);
+    crc_in.extend_from_slice(payload);
+    b.extend_from_slice(&crc32c(&crc_in).to_le_bytes());
+    b.extend_from_slice(&fields);
+    b.extend_from_slice(payload);
+    std::fs::write(&wal, b).unwrap();
+}
+
+/// Issue 14, item 4: a store from a newer build that uses an incompatible feature this build
+/// lacks is refused as newer — `NewerFormat` naming the feature bit, never `WalCorrupt` and
+/// never a salvage hint — by every open (writer, reader, salvage), and nothing changes. Even
+/// with records of an unknown type after it: the header decides first.
+#[test]
+fn a_store_from_a_newer_build_is_refused_as_newer_not_corrupt() {
+    use ckptstore::features::FeatureSet;
+    let dir = tempfile::tempdir().unwrap();
+    fs_store(dir.path());
+    set_wal_features(
+        dir.path(),
+        FeatureSet {
+            incompat: 1 << 15,
+            ..FeatureSet::EMPTY
+        },
+    );
+    append_unknown_record(dir.path(), 200);
+    let before = tree_without_lock(dir.path());
+    for mode in [
+        RecoveryMode::TolerateTailCorruption,
+        RecoveryMode::PointInTime,
+        RecoveryMode::AbsoluteConsistency,
+    ] {
+        for ro in [false, true] {
+            let o = Options {
+                read_only: ro,
+                recovery_mode: mode,
+                ..opts()
+            };
+            match Store::open(dir.path(), o) {
+                Err(e @ Error::NewerFormat { .. }) => {
+                    let msg = e.to_string();
+                    assert!(
+                        msg.contains(
+                            "written by a newer ckptstore: needs incompatible feature bit 15"
+                        ),
+                        "{msg}"
+                    );
+                    assert!(msg.contains("00000001.wal"), "{msg}");
+                    assert!(!msg.contains("salvage"), "{msg}");
+                    assert!(!msg.contains("read-only"), "{msg}");
+                }
+                other => panic!("{mode:?} ro={ro}: {other:?}"),
+            }
+        }
+    }
+    assert_eq!(tree_without_lock(dir.path()), before, "the store changed");
+    // With CURRENT lost too, the refusal says what the WAL is.
+    std::fs::remove_file(dir.path().join("CURRENT")).unwrap();
+    assert_current_missing_refused(
+        dir.path(),
+        "written by a newer ckptstore: needs incompatible feature bit 15",
+    );
+}
+
+/// A read-only-compatible feature this build lacks: read-only opens read it (skipping the
+/// feature's records), a writer is refused as newer with the read-only hint.
+#[test]
+fn a_store_with_an_unknown_read_only_compatible_feature_opens_read_only() {
+    use ckptstore::features::FeatureSet;
+    let dir = tempfile::tempdir().unwrap();
+    fs_store(dir.path());
+    set_wal_features(
+        dir.path(),
+        FeatureSet {
+            ro_compat: 1 << 9,
+            ..FeatureSet::EMPTY
+        },
+    );
+    append_unknown_record(dir.path(), 201);
+    let before = tree_without_lock(dir.path());
+    match Store::open(dir.path(), opts()) {
+        Err(e @ Error::NewerFormat { .. }) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains(
+                    "written by a newer ckptstore: needs read-only-compatible feature bit 9"
+                ),
+                "{msg}"
+            );
+            assert!(msg.contains("open it read-only"), "{msg}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(tree_without_lock(dir.path()), before);
+    let s = Store::open(dir.path(), Options::read_only()).unwrap();
+    assert_eq!(s.recovery_report().unknown_records_skipped, 1);
+    assert_holds(&s, 2, &[("w", &data(2, 3 * CHUNK))]);
+    assert_eq!(s.features().ro_compat, 1 << 9);
+    drop(s);
+    assert_eq!(tree_without_lock(dir.path()), before);
+}
+
+/// A compatible feature this build lacks: the store opens read-write, the feature's records
+/// are skipped, and the bit survives this build's WAL compaction.
+#[test]
+fn a_store_with_an_unknown_compatible_feature_opens_and_keeps_the_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    fs_store(dir.path());
+    // This build's own features (the store was created with them) plus one it lacks.
+    let mut f = wal::WalHeader::decode(&std::fs::read(live_wal(dir.path())).unwrap())
+        .unwrap()
+        .features;
+    f.compat |= 1 << 12;
+    set_wal_features(dir.path(), f);
+    append_unknown_record(dir.path(), 202);
+    let mut s = Store::open(dir.path(), opts()).unwrap();
+    assert_eq!(s.recovery_report().unknown_records_skipped, 1);
+    commit(&mut s, 3, &[("w", &data(3, 3 * CHUNK))]);
+    s.compact_wal().unwrap();
+    assert_eq!(s.features(), f);
+    drop(s);
+    let b = std::fs::read(live_wal(dir.path())).unwrap();
+    assert_eq!(wal::WalHeader::decode(&b).unwrap().features, f);
+    // Compatible bits alone keep the header at version 1, which builds before the flags read.
+    assert_eq!(&b[8..10], &[1, 0]);
+    let s = Store::open(dir.path(), opts()).unwrap();
+    assert_holds(&s, 3, &[("w", &data(3, 3 * CHUNK))]);
 }

@@ -67,6 +67,24 @@ pub enum Error {
         supported: u32,
     },
 
+    /// The store uses format features this build does not have (docs/FORMAT.md, "Feature
+    /// flags"): incompatible ones, or, for a read-write open, read-only-compatible ones.
+    /// Nothing was changed. Not damage: open it with a newer ckptstore.
+    #[error(
+        "{path}: written by a newer ckptstore: needs {features}; nothing was changed. Open it \
+         with a ckptstore that has these features{}",
+        if *.read_only_would_open { " (or open it read-only: this build can read it)" } else { "" }
+    )]
+    NewerFormat {
+        /// The WAL file whose header declares them.
+        path: PathBuf,
+        /// The features this build lacks, by name or as `incompatible feature bit N`.
+        features: String,
+        /// Whether a read-only open of this build would succeed (only read-only-compatible
+        /// features are missing).
+        read_only_would_open: bool,
+    },
+
     /// A file does not start with the expected magic bytes.
     #[error("{path}: not a ckptstore {what} file (bad magic or header checksum)")]
     BadHeader {
@@ -103,7 +121,7 @@ pub enum Error {
     /// `CURRENT` is missing although the directory holds a store's files (a WAL longer than
     /// its header, whatever its state; segment files; files in `lost+found/`). Nothing was
     /// changed: a store is created only in an empty or new directory.
-    #[error("{path}: CURRENT is missing but the directory holds a store: {found}. Refusing to open or re-create it; nothing was changed. Next: copy the directory aside (`cp -a`) and restore CURRENT from a backup of the store; do not reuse this directory for a new store")]
+    #[error("{path}: CURRENT is missing but the directory holds a store: {found}. Refusing to open or re-create it; nothing was changed. Next: copy the directory aside (`cp -a`), then `ckptstore recover --rebuild {path}` rebuilds the WAL from the segments (it deletes nothing); do not reuse this directory for a new store")]
     CurrentMissing {
         /// The store directory.
         path: PathBuf,

@@ -18,6 +18,7 @@ pub mod current;
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod features;
 pub mod interop;
 pub mod io;
 mod le;
@@ -43,6 +44,7 @@ pub use pipeline::{Pipeline, PipelineOptions, SaveHandle, SaveReport};
 pub use retention::{KeepReason, MetricMode, RetentionPlan, RetentionPolicy};
 pub use store::{
     CheckpointReader, CommitInfo, CompactionPlan, DeleteInfo, GcOptions, GcReport, LoadReport,
-    LoadSpec, Options, RecoveryMode, RecoveryReport, Selector, ShardFragment, ShardOptions,
-    ShardWriter, SpaceStats, Store, StoreStats, Tensor, TensorView, Transaction, VerifiedChunks,
+    LoadSpec, Options, RebuildReport, RecoveryMode, RecoveryReport, Selector, ShardFragment,
+    ShardOptions, ShardWriter, SpaceStats, Store, StoreStats, Tensor, TensorView, Transaction,
+    VerifiedChunks,
 };

@@ -63,6 +63,7 @@ fuzz_target!(|data: &[u8]| {
     let mut wal_bytes = WalHeader {
         salt: SALT,
         file_number: 1,
+        features: Default::default(),
     }
     .encode()
     .to_vec();

@@ -5,9 +5,10 @@
 //! ```text
 //! 0   8  magic "CKPTLOG\0"
 //! 8   2  format version (1)
-//! 10  2  reserved, zero
-//! 12  8  incompatible feature bits: a reader refuses an object with a bit it does not know
-//! 20  8  compatible feature bits: a reader may ignore the ones it does not know
+//! 10  2  compatible feature bits      } the store's format features, as a WAL header
+//! 12  2  read-only-compatible bits    } declares them (engine/src/features.rs): unknown
+//! 14  2  incompatible feature bits    } incompatible ones refuse the object, by name
+//! 16 12  reserved, zero
 //! 28  8  sequence number (equals the one in the object's name)
 //! 36  4  salt of the record checksums
 //! 40  4  segment count N
@@ -17,6 +18,7 @@
 //! ```
 
 use crate::error::{Error, Result};
+use crate::features::FeatureSet;
 use crate::le;
 use crate::wal::{self, RecordType};
 use std::collections::BTreeMap;
@@ -25,13 +27,6 @@ use std::collections::BTreeMap;
 pub const COMMIT_MAGIC: &[u8; 8] = b"CKPTLOG\0";
 /// The commit object format this build writes and reads.
 pub const COMMIT_VERSION: u16 = 1;
-/// Incompatible feature bits this build knows, with their names (none yet: the table a future
-/// feature extends, so an older reader refuses a newer object by the feature's name).
-const KNOWN_INCOMPAT: &[(u64, &str)] = &[];
-/// Names of incompatible features some later build may set, so that this build can name them
-/// when it refuses an object (a bit not listed here is named by its number).
-const FUTURE_INCOMPAT_NAMES: &[(u64, &str)] = &[(1, "encryption"), (2, "incremental-log")];
-
 const FIXED: usize = 44;
 
 /// A segment as the commit object names it.
@@ -48,6 +43,8 @@ pub struct SegmentObject {
 pub struct CommitObject {
     /// Its sequence number.
     pub seq: u64,
+    /// The store's format features.
+    pub features: FeatureSet,
     /// Segment id → object.
     pub segments: BTreeMap<u64, SegmentObject>,
     /// The state: a snapshot record, one commit record per live checkpoint, pin records.
@@ -65,9 +62,10 @@ impl CommitObject {
         let mut b = Vec::with_capacity(FIXED + 64 * self.segments.len());
         b.extend_from_slice(COMMIT_MAGIC);
         b.extend_from_slice(&COMMIT_VERSION.to_le_bytes());
-        b.extend_from_slice(&[0, 0]);
-        b.extend_from_slice(&0u64.to_le_bytes());
-        b.extend_from_slice(&0u64.to_le_bytes());
+        b.extend_from_slice(&self.features.compat.to_le_bytes());
+        b.extend_from_slice(&self.features.ro_compat.to_le_bytes());
+        b.extend_from_slice(&self.features.incompat.to_le_bytes());
+        b.extend_from_slice(&[0u8; 12]);
         b.extend_from_slice(&self.seq.to_le_bytes());
         b.extend_from_slice(&salt.to_le_bytes());
         b.extend_from_slice(&(self.segments.len() as u32).to_le_bytes());
@@ -109,30 +107,20 @@ impl CommitObject {
                 supported: COMMIT_VERSION as u32,
             });
         }
-        let incompat = le::u64_at(b, 12);
-        let known: u64 = KNOWN_INCOMPAT
-            .iter()
-            .map(|(bit, _)| bit)
-            .fold(0, |a, b| a | b);
-        let unknown = incompat & !known;
-        if unknown != 0 {
-            let names: Vec<String> = (0..64)
-                .map(|i| 1u64 << i)
-                .filter(|bit| unknown & bit != 0)
-                .map(|bit| {
-                    FUTURE_INCOMPAT_NAMES
-                        .iter()
-                        .find(|(b, _)| *b == bit)
-                        .map_or_else(
-                            || format!("bit {}", bit.trailing_zeros()),
-                            |(_, n)| n.to_string(),
-                        )
-                })
-                .collect();
-            return Err(bad(format!(
-                "written with feature(s) this build does not support: {}; upgrade ckptstore",
-                names.join(", ")
-            )));
+        let u16_at = |at: usize| u16::from_le_bytes([b[at], b[at + 1]]);
+        let features = FeatureSet {
+            compat: u16_at(10),
+            ro_compat: u16_at(12),
+            incompat: u16_at(14),
+        };
+        // Unknown incompatible features refuse the object here; read-only-compatible ones are
+        // refused by a writer (`Publisher`) and by the open of a pulled store.
+        if let Some(missing) = features.blocking(true) {
+            return Err(Error::NewerFormat {
+                path: name.into(),
+                features: missing.names().join(", "),
+                read_only_would_open: false,
+            });
         }
         let seq = le::u64_at(b, 28);
         let salt = le::u32_at(b, 36);
@@ -175,6 +163,7 @@ impl CommitObject {
             .collect();
         Ok(CommitObject {
             seq,
+            features,
             segments,
             records,
         })
@@ -188,6 +177,7 @@ mod tests {
     fn sample() -> CommitObject {
         CommitObject {
             seq: 7,
+            features: FeatureSet::EMPTY,
             segments: [(
                 3,
                 SegmentObject {
@@ -236,14 +226,22 @@ mod tests {
             matches!(e, Error::UnsupportedVersion { found: 2, .. }),
             "{e}"
         );
-        let b = with_header(sample().encode(), 12, &1u64.to_le_bytes());
-        let e = CommitObject::decode("log/7", &b).unwrap_err().to_string();
-        assert!(e.contains("encryption") && e.contains("upgrade"), "{e}");
-        let b = with_header(sample().encode(), 12, &(1u64 << 40).to_le_bytes());
-        let e = CommitObject::decode("log/7", &b).unwrap_err().to_string();
-        assert!(e.contains("bit 40"), "{e}");
-        // Compatible bits are ignored.
-        let b = with_header(sample().encode(), 20, &(1u64 << 5).to_le_bytes());
-        assert_eq!(CommitObject::decode("log/7", &b).unwrap(), sample());
+        let b = with_header(sample().encode(), 14, &(1u16 << 9).to_le_bytes());
+        let e = CommitObject::decode("log/7", &b).unwrap_err();
+        assert!(matches!(e, Error::NewerFormat { .. }), "{e}");
+        assert!(e.to_string().contains("incompatible feature bit 9"), "{e}");
+        // Unknown compatible and read-only-compatible bits decode (a writer refuses the
+        // latter); known ones are kept.
+        let b = with_header(sample().encode(), 10, &(1u16 << 5 | 1).to_le_bytes());
+        let o = CommitObject::decode("log/7", &b).unwrap();
+        assert_eq!(o.features.compat, 1 << 5 | 1);
+        let b = with_header(sample().encode(), 12, &(1u16 << 3).to_le_bytes());
+        assert_eq!(
+            CommitObject::decode("log/7", &b)
+                .unwrap()
+                .features
+                .ro_compat,
+            1 << 3
+        );
     }
 }

@@ -18,6 +18,8 @@ use std::time::SystemTime;
 /// A local store's live state, as the publisher needs it.
 #[derive(Debug, Clone)]
 pub struct LocalImage {
+    /// The store's format features (what its WAL header declares).
+    pub features: crate::features::FeatureSet,
     /// Increases with every durable write of the local store (what `wait_replicated` waits for).
     pub generation: u64,
     /// The records of a compacted WAL of the state.
@@ -59,6 +61,13 @@ impl Publisher {
         token: &str,
         head: Option<CommitObject>,
     ) -> Result<Publisher> {
+        if let Some(missing) = head.as_ref().and_then(|h| h.features.blocking(false)) {
+            return Err(Error::NewerFormat {
+                path: super::layout::log_key(head.as_ref().map_or(0, |h| h.seq)).into(),
+                features: missing.names().join(", "),
+                read_only_would_open: true,
+            });
+        }
         let mut uploaded = BTreeMap::new();
         for o in bucket.list(&format!("{SEGMENTS_DIR}/{token}"))? {
             let id = o.key.rsplit('/').next().and_then(segment::parse_file_name);
@@ -140,8 +149,15 @@ impl Publisher {
             };
             segments.insert(id, obj);
         }
+        // Segment objects hold committed bytes only, not the commit trailer past them: a store
+        // pulled from the bucket has none, so it must not claim them.
+        let features = crate::features::FeatureSet {
+            compat: img.features.compat & !(1 << crate::features::SEGMENT_COMMIT_TRAILER.bit),
+            ..img.features
+        };
         let obj = CommitObject {
             seq,
+            features,
             segments,
             records,
         };

@@ -12,6 +12,7 @@ mod leftovers;
 mod lost_found;
 mod perms;
 mod reader;
+mod rebuild;
 mod recovery;
 mod remote_tier;
 mod select;
@@ -30,6 +31,7 @@ pub use gc::{GcOptions, GcReport, SpaceStats};
 pub use lease::READERS_DIR;
 pub use lost_found::{PurgeReport, LOST_FOUND_DIR};
 pub use reader::{CheckpointReader, Tensor, VerifiedChunks};
+pub use rebuild::RebuildReport;
 pub use recovery::RecoveryReport;
 pub use remote_tier::{pull, REPLICA_TOKEN_NAME};
 pub use select::{LoadReport, LoadSpec, NamePredicate};
@@ -42,6 +44,7 @@ use crate::retention::{self, RetentionPlan, RetentionPolicy};
 
 use crate::codec::Compression;
 use crate::error::{Error, Result};
+use crate::features::{self, Feature, FeatureSet};
 use crate::io::{Storage, StorageFile};
 use crate::manifest::{CheckpointInfo, Manifest};
 use crate::segment;
@@ -249,6 +252,8 @@ pub struct Store {
     opts: Options,
     _lock: Option<writer_lock::WriterLock>,
     wal: Option<WalWriter>,
+    /// The format features the live WAL's header declares.
+    features: FeatureSet,
     state: State,
     poisoned: Option<String>,
     report: RecoveryReport,
@@ -350,6 +355,7 @@ impl Store {
             opts,
             _lock: lock,
             wal: rec.wal,
+            features: rec.features,
             state: rec.state,
             poisoned: None,
             report: rec.report,
@@ -695,12 +701,44 @@ impl Store {
     /// Rewrites the WAL as a snapshot of the live state: a new WAL file (durable, with its
     /// directory entry), then an atomic switch of `CURRENT`, then removal of the old file.
     pub fn compact_wal(&mut self) -> Result<()> {
+        self.rewrite_wal(self.features)
+    }
+
+    /// The format features this store's WAL header declares (docs/FORMAT.md, "Feature
+    /// flags"); those this build does not know are named by kind and bit.
+    pub fn features(&self) -> FeatureSet {
+        self.features
+    }
+
+    /// Turns format feature `f` on for this store, durably, before the first write that uses
+    /// it: the WAL is rewritten with `f` in its header (the mechanism of [`Store::compact_wal`]:
+    /// a new WAL file made durable, then an atomic switch of `CURRENT`), so a crash leaves the
+    /// store either without the feature and without its data, or with it. From then on a
+    /// build that lacks `f` treats the store as its kind says (refuse, read-only, or open).
+    /// Returns whether anything changed (`false`: it was on already).
+    pub fn enable_feature(&mut self, f: &Feature) -> Result<bool> {
+        self.check_writable()?;
+        if !features::KNOWN.contains(f) {
+            return Err(Error::invalid(format!(
+                "feature {:?} is not in this build's registry (features::KNOWN)",
+                f.name
+            )));
+        }
+        if self.features.contains(f) {
+            return Ok(false);
+        }
+        self.rewrite_wal(self.features.with(f))?;
+        Ok(true)
+    }
+
+    /// Rewrites the WAL as [`Store::compact_wal`] does, its header declaring `features`.
+    pub(crate) fn rewrite_wal(&mut self, features: FeatureSet) -> Result<()> {
         self.check_writable()?;
         let old = self.wal_mut()?;
         let (old_path, number) = (old.path.clone(), old.number + 1);
         let records = self.state.compacted_records();
         let io = self.opts.io.clone();
-        let new = match WalWriter::create_durable(&*io, &self.dir, number, &records) {
+        let new = match WalWriter::create_durable(&*io, &self.dir, number, features, &records) {
             Ok(w) => w,
             Err(e) => return Err(self.poison(e)),
         };
@@ -708,6 +746,7 @@ impl Store {
             return Err(self.poison(e));
         }
         self.wal = Some(new);
+        self.features = features;
         // CURRENT no longer names it; a failed unlink leaves a stale file recovery removes.
         let _ = io.remove_file(&old_path);
         Ok(())
@@ -757,5 +796,71 @@ impl Store {
             checkpoint,
             needed: self.state.segments.get(&id).map_or(0, |s| s.len),
         })
+    }
+}
+
+#[cfg(test)]
+mod feature_tests {
+    use super::*;
+    use crate::features::FeatureKind;
+    use crate::io::MemIo;
+
+    fn mem_opts(mem: &MemIo, read_only: bool) -> Options {
+        Options {
+            io: Arc::new(mem.clone()),
+            read_only,
+            ..Options::default()
+        }
+    }
+
+    /// The writer's call that turns features on rewrites the WAL (new file, CURRENT switched)
+    /// with the bits in its header, keeps every checkpoint, and the bits survive compaction.
+    #[test]
+    fn rewrite_wal_declares_features_durably_and_compaction_keeps_them() {
+        let mem = MemIo::new();
+        let mut s = Store::open("/s", mem_opts(&mem, false)).unwrap();
+        let mut t = s.begin(1).unwrap();
+        t.put_blob("b", b"hello").unwrap();
+        t.commit().unwrap();
+        let f = FeatureSet {
+            compat: 1,
+            ro_compat: 0,
+            incompat: 0,
+        };
+        s.rewrite_wal(f).unwrap();
+        assert_eq!(s.features(), f);
+        s.compact_wal().unwrap();
+        drop(s);
+        let s = Store::open("/s", mem_opts(&mem, false)).unwrap();
+        assert_eq!(s.features(), f);
+        assert_eq!(s.list().len(), 1);
+        let wal = mem.read_file(&s.report.wal_file).unwrap();
+        assert_eq!(wal::WalHeader::decode(&wal).unwrap().features, f);
+    }
+
+    /// A feature outside this build's registry cannot be turned on.
+    #[test]
+    fn enable_feature_refuses_an_unregistered_feature() {
+        let mem = MemIo::new();
+        let mut s = Store::open("/s", mem_opts(&mem, false)).unwrap();
+        let stranger = Feature {
+            name: "not-registered",
+            kind: FeatureKind::Incompatible,
+            bit: 15,
+        };
+        assert!(matches!(
+            s.enable_feature(&stranger),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(s.features().is_empty());
+        for f in features::KNOWN {
+            assert!(s.enable_feature(f).unwrap());
+            assert!(!s.enable_feature(f).unwrap(), "already on");
+            assert!(s.features().contains(f));
+        }
+        let mut ro = Store::open("/s", mem_opts(&mem, true)).unwrap();
+        if let Some(f) = features::KNOWN.first() {
+            assert!(matches!(ro.enable_feature(f), Err(Error::ReadOnly { .. })));
+        }
     }
 }

@@ -65,7 +65,13 @@ fn checkpoints_of(obj: &CommitObject) -> BTreeSet<u64> {
 /// `CURRENT` (the restore's commit point: a pull cut short leaves no store, and resumes).
 fn restore(io: &dyn Storage, dir: &Path, obj: &CommitObject, bucket: &Bucket) -> Result<()> {
     remote::download_segments(bucket, obj, &dir.join(super::SEGMENTS_DIR), io)?;
-    drop(WalWriter::create_durable(io, dir, 1, &obj.records)?);
+    drop(WalWriter::create_durable(
+        io,
+        dir,
+        1,
+        obj.features,
+        &obj.records,
+    )?);
     switch_current_atomically(io, dir, 1)
 }
 
@@ -260,6 +266,7 @@ impl Store {
     /// The live state as the publisher takes it, as generation `generation`.
     fn image(&self, generation: u64) -> LocalImage {
         LocalImage {
+            features: self.features,
             generation,
             records: self.state.compacted_records(),
             segments: self
