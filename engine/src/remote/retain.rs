@@ -10,6 +10,9 @@ use ckptstore_proto::v1 as pb;
 use prost::Message;
 use std::collections::{BTreeMap, BTreeSet};
 
+/// A state's WAL records.
+type Records = Vec<(RecordType, Vec<u8>)>;
+
 /// The records and segment table to publish: `records`/`segments` (the local state) merged
 /// with the checkpoints of `head` that `keep_last` keeps. Segments that only kept checkpoints
 /// reference come with their objects from `head`.
@@ -18,7 +21,7 @@ pub(crate) fn merge(
     segments: &BTreeMap<u64, u64>,
     head: &CommitObject,
     keep_last: usize,
-) -> Result<(Vec<(RecordType, Vec<u8>)>, BTreeMap<u64, SegmentObject>)> {
+) -> Result<(Records, BTreeMap<u64, SegmentObject>)> {
     let bad = |what: &str| Error::BadCommitObject {
         name: super::layout::log_key(head.seq),
         reason: what.to_string(),
