@@ -86,6 +86,8 @@ fn report_json(r: &RecoveryReport, mode: &str, store: &Store) -> Value {
         "stale_files": r.stale_files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
         "damaged_segments": r.damaged_segments.iter().map(|(s, p)| json!({"segment": s, "problem": p})).collect::<Vec<_>>(),
         "checkpoints": r.checkpoints,
+        "features": store.features().names(),
+        "unknown_records_skipped": r.unknown_records_skipped,
         "duration_ns": r.duration.as_nanos() as u64,
         "latest": store.latest().as_ref().map(info_json),
     })
@@ -264,6 +266,7 @@ pub fn run(a: Args) -> CliResult {
                     .join(", ")
             },
         );
+        line("format features", store.features().to_string());
         line(
             "checkpoints",
             match store.latest() {

@@ -94,9 +94,16 @@ impl Store {
 fn rebuild_wal(io: &dyn Storage, dir: &Path) -> Result<RebuildReport> {
     let mut report = RebuildReport::default();
     let seg_dir = dir.join(SEGMENTS_DIR);
-    let names = io
-        .list(&seg_dir)
-        .map_err(|e| Error::io("list", &seg_dir, e))?;
+    let names = match io.list(&seg_dir) {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::NotFound(format!(
+                "commit trailer in {}: no such directory; nothing was changed",
+                seg_dir.display()
+            )))
+        }
+        Err(e) => return Err(Error::io("list", &seg_dir, e)),
+    };
     let mut ids: Vec<u64> = names
         .iter()
         .filter_map(|n| segment::parse_file_name(n))
