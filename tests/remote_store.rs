@@ -649,3 +649,61 @@ fn the_replica_keeps_more_with_replica_keep_last() {
     )
     .is_err());
 }
+
+/// A real SIGKILL of `ckptstore import URL` at several points of its publish: a new open from
+/// an empty cache sees only whole checkpoints that verify, and after it the bucket holds only
+/// what its newest commit object names.
+#[test]
+fn sigkill_of_the_cli_mid_publish() {
+    let (_d, url) = file_url();
+    let root = tempfile::tempdir().unwrap();
+    let local = root.path().join("local");
+    let w = data(30, 24 << 20);
+    {
+        let mut s = Store::open(&local, opts(root.path())).unwrap();
+        commit(&mut s, 1, &[("w", &w)]);
+    }
+    let st = root.path().join("w.safetensors");
+    let bin = env!("CARGO_BIN_EXE_ckptstore");
+    let out = std::process::Command::new(bin)
+        .args(["export", local.to_str().unwrap(), st.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut last = 0;
+    for (i, delay_ms) in [0u64, 40, 100, 200, 400, 800, 1600].into_iter().enumerate() {
+        let mut child = std::process::Command::new(bin)
+            .args([
+                "import",
+                st.to_str().unwrap(),
+                &url,
+                "--step",
+                &i.to_string(),
+            ])
+            .env("CKPTSTORE_CACHE_DIR", root.path().join("cache-w"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        child.wait().unwrap();
+        let s = Store::open(&url, opts(&root.path().join(format!("r{i}")))).unwrap();
+        let ids: Vec<u64> = s.list().iter().map(|c| c.id).collect();
+        assert!(ids.len() <= i + 1 && ids.len() >= last, "{i}: {ids:?}");
+        last = ids.len();
+        for c in s.list() {
+            s.verify(c.id).unwrap();
+            assert_eq!(
+                s.checkpoint(ckptstore::Selector::Id(c.id))
+                    .unwrap()
+                    .tensor("w")
+                    .unwrap()
+                    .data,
+                w
+            );
+        }
+        drop(s);
+        assert_no_leftovers(&url);
+    }
+}
