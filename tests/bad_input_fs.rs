@@ -51,7 +51,7 @@
 //! | 42 | checkpoint deleted while a reader holds it (same process, another process) | reader_lease::same_process_reader_keeps_reading_and_space_is_freed_after_it_closes, reader_lease::another_process_keeps_reading_a_deleted_checkpoint_and_space_is_freed_after_it_exits |
 //! | 43 | reader killed (SIGKILL) while holding a lease | reader_lease::a_reader_killed_with_sigkill_does_not_pin_space |
 //! | 44 | GC / segment compaction interrupted by a power cut at any point | crash_sweep::crash_at_every_sync_in_every_mode (gc every 8 steps) |
-//! | 45 | bit rot in a chunk being compacted | compaction::a_corrupt_source_chunk_stops_compaction_and_changes_nothing |
+//! | 45 | bit rot in a chunk being compacted | compaction::a_corrupt_source_chunk_is_quarantined_and_left_while_the_rest_compacts |
 //! | 46 | CRC-valid Relocate record that does not fit the state | compaction::a_bad_relocate_record_refuses_the_open |
 //! | 47 | `LOCK` (or any store file) a symlink to a victim | store_security::lock_symlink_victim_untouched |
 //! | 48 | FIFO named like `LOCK`, a WAL, a segment or a lease (or a symlinked lease) | store_security::fifo_named_like_lock_wal_or_segment_does_not_hang_an_open, store_security::fifo_or_symlink_named_like_a_lease_neither_hangs_nor_pins_space |
@@ -64,6 +64,7 @@
 //! | 55 | a manifest claiming a 1 PiB tensor; a sparse 1 PiB WAL; an oversized CURRENT | bad_input_fs::a_manifest_claiming_a_1_pib_tensor_is_a_typed_error, bad_input_fs::a_sparse_petabyte_wal_is_a_typed_error, bad_input_fs::an_oversized_current_is_a_bad_header |
 //! | 56 | a crafted 128 MiB WAL tail (a well-formed frame every 16 bytes) | bad_input_fs::a_crafted_128_mib_wal_tail_is_refused_without_a_quadratic_search |
 //! | 57 | a store from a newer build (unknown incompatible, read-only-compatible, compatible feature) | bad_input_fs::a_store_from_a_newer_build_is_refused_as_newer_not_corrupt, bad_input_fs::a_store_with_an_unknown_read_only_compatible_feature_opens_read_only, bad_input_fs::a_store_with_an_unknown_compatible_feature_opens_and_keeps_the_bit |
+//! | 58 | a bad chunk shared by 10 checkpoints; a CRC-valid Quarantine record that does not fit the state | bad_input_fs::a_bad_chunk_shared_by_10_checkpoints_is_reported_for_all_and_one_save_heals_all, bad_input_fs::a_quarantine_record_healing_onto_other_bytes_refuses_the_open |
 //!
 //! Beyond these classes, the fuzz targets in `fuzz/` (and `tests/model_proptest.rs`) feed
 //! arbitrary bytes and operation sequences to the decoders and to recovery.
@@ -1442,4 +1443,96 @@ fn a_store_with_an_unknown_compatible_feature_opens_and_keeps_the_bit() {
     assert_eq!(&b[8..10], &[1, 0]);
     let s = Store::open(dir.path(), opts()).unwrap();
     assert_holds(&s, 3, &[("w", &data(3, 3 * CHUNK))]);
+}
+
+/// A chunk of a frozen tensor that 10 checkpoints share rots on disk: `scrub` reports all 10
+/// as broken (and `latest_valid` finds none), one save of the same tensor heals all 10 —
+/// bit-exact, and after a reopen.
+#[test]
+fn a_bad_chunk_shared_by_10_checkpoints_is_reported_for_all_and_one_save_heals_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let frozen = data(77, 3 * CHUNK);
+    let mut s = Store::open(dir.path(), opts()).unwrap();
+    let mut own = BTreeMap::new();
+    for step in 1..=10u64 {
+        let w = data(500 + step, 100);
+        let id = commit(&mut s, step, &[("frozen", &frozen), ("w", &w)])
+            .checkpoint
+            .id;
+        own.insert(id, w);
+    }
+    let m = s.checkpoint(Selector::Id(1)).unwrap().manifest().clone();
+    let bad = m.tensors[0].chunks[2].clone();
+    let seg = dir
+        .path()
+        .join("segments")
+        .join(format!("{:08}.seg", bad.segment));
+    let mut b = std::fs::read(&seg).unwrap();
+    b[bad.offset as usize + 99] ^= 0x80;
+    std::fs::write(&seg, b).unwrap();
+
+    let r = s.scrub().unwrap();
+    assert_eq!(r.heal.quarantined, vec![(bad.segment, bad.offset)]);
+    assert_eq!(r.heal.unhealed.len(), 1);
+    assert_eq!(r.heal.broken_checkpoints(), (1..=10).collect::<Vec<u64>>());
+    let broken: Vec<u64> = r.broken.iter().map(|b| b.0).collect();
+    assert_eq!(
+        broken,
+        (1..=10).collect::<Vec<u64>>(),
+        "all 10 are reported"
+    );
+    assert!(r.broken.iter().all(|(_, e)| e.contains("BLAKE3")), "{r:?}");
+    assert_eq!(s.latest_valid().unwrap(), None);
+
+    let info = commit(&mut s, 11, &[("frozen", &frozen)]);
+    assert_eq!(info.chunks_written, 1, "one fresh copy");
+    let check = |s: &Store| {
+        for (id, w) in &own {
+            assert_holds(s, *id, &[("frozen", &frozen), ("w", w)]);
+        }
+        assert!(s.quarantined().is_empty());
+    };
+    check(&s);
+    assert!(s.scrub().unwrap().broken.is_empty());
+    drop(s);
+    check(&Store::open(dir.path(), Options::read_only()).unwrap());
+}
+
+/// A CRC-valid Quarantine record whose heal points a chunk at bytes with another BLAKE3 is a
+/// bad record: the open is refused naming it, never a checkpoint silently rewired.
+#[test]
+fn a_quarantine_record_healing_onto_other_bytes_refuses_the_open() {
+    let mem = MemIo::new();
+    let mut s = Store::open(DIR, mem_opts(&mem)).unwrap();
+    commit(&mut s, 1, &[("a", &data(1, 100))]);
+    commit(&mut s, 2, &[("b", &data(2, 100))]);
+    let a = s.checkpoint(Selector::Id(1)).unwrap().manifest().tensors[0].chunks[0].clone();
+    let b = s.checkpoint(Selector::Id(2)).unwrap().manifest().tensors[0].chunks[0].clone();
+    s.enable_feature(&ckptstore::features::QUARANTINE).unwrap();
+    let wal_path = PathBuf::from(DIR).join(ckptstore::store::wal_file_name(2));
+    drop(s);
+    let mut bytes = mem.read_file(&wal_path).unwrap();
+    let salt = wal_salt(&bytes);
+    let rec = pb::QuarantineRecord {
+        bad: vec![a.clone()],
+        healed: vec![pb::ChunkHeal {
+            from_segment: a.segment,
+            from_offset: a.offset,
+            to: Some(b),
+        }],
+    };
+    wal::encode_record(
+        &mut bytes,
+        salt,
+        RecordType::Quarantine,
+        &rec.encode_to_vec(),
+    );
+    let f = mem.open(&wal_path, true).unwrap();
+    f.write_at(&bytes, 0).unwrap();
+    match Store::open(DIR, mem_read_only(&mem)) {
+        Err(e @ Error::BadManifest { .. }) => {
+            assert!(e.to_string().contains("other bytes"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
 }

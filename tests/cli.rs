@@ -194,6 +194,83 @@ fn verify_names_the_corrupt_checkpoint_tensor_and_chunk() {
     assert_eq!(c[2]["ok"], true);
 }
 
+/// `scrub` on a store whose frozen chunk rotted: it quarantines the chunk, names the three
+/// checkpoints that stay broken (JSON and text) and exits 1; after the next save of the same
+/// tensor (which heals them), `scrub` and `verify` pass and it exits 0.
+#[test]
+fn scrub_quarantines_reports_what_stays_broken_and_passes_after_a_healing_save() {
+    let d = store();
+    let dir = d.path().to_str().unwrap();
+    assert!(ok(&["scrub", dir]).contains("every checkpoint verifies"));
+    let frozen = {
+        let s = Store::open(d.path(), Options::read_only()).unwrap();
+        let ck = s.checkpoint(Selector::Id(1)).unwrap();
+        ck.manifest().tensors[0].chunks[0].clone()
+    };
+    let seg = d
+        .path()
+        .join("segments")
+        .join(format!("{:08}.seg", frozen.segment));
+    let mut data = std::fs::read(&seg).unwrap();
+    data[frozen.offset as usize + 5] ^= 0x04;
+    std::fs::write(&seg, data).unwrap();
+
+    let o = run(&["scrub", dir, "--json"]);
+    assert_eq!(o.status.code(), Some(1));
+    let v = json(&stdout(&o));
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["checkpoints"], 3);
+    let q = v["quarantined"].as_array().unwrap();
+    assert_eq!(q.len(), 1, "{v}");
+    assert_eq!(q[0]["segment"], frozen.segment);
+    assert_eq!(q[0]["offset"], frozen.offset);
+    assert_eq!(
+        v["unhealed"][0]["checkpoints"],
+        serde_json::json!([1, 2, 3])
+    );
+    let broken: Vec<u64> = v["broken"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(broken, vec![1, 2, 3]);
+    assert!(
+        stderr(&o).contains("3 checkpoint(s) stay broken"),
+        "{}",
+        stderr(&o)
+    );
+
+    // Text: already quarantined (nothing new), still unhealed.
+    let o = run(&["scrub", dir]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = stdout(&o);
+    assert!(!out.contains("quarantined "), "{out}");
+    assert!(
+        out.contains("unhealed") && out.contains("[1, 2, 3]"),
+        "{out}"
+    );
+    assert!(out.contains("BROKEN       checkpoint 2"), "{out}");
+
+    // The trainer saves the same frozen tensor again: every checkpoint heals.
+    {
+        let mut s = Store::open(d.path(), opts()).unwrap();
+        let mut t = s.begin(40).unwrap();
+        t.put_tensor(
+            "frozen.embed",
+            DType::F32,
+            &[2, CHUNK as u64 / 4],
+            &bytes(99, 2 * CHUNK),
+        )
+        .unwrap();
+        t.commit().unwrap();
+    }
+    let out = ok(&["scrub", dir]);
+    assert!(out.contains("every checkpoint verifies"), "{out}");
+    assert!(ok(&["verify", dir]).contains("verified 4 checkpoints"));
+    assert_eq!(json(&ok(&["scrub", dir, "--json"]))["ok"], true);
+}
+
 #[test]
 fn recover_reports_a_torn_tail_and_orphans() {
     let d = store();
@@ -265,7 +342,7 @@ fn bad_directories_and_usage_give_one_line_errors() {
 #[test]
 fn help_for_every_subcommand() {
     let top = ok(&["--help"]);
-    for cmd in ["ls", "inspect", "verify", "recover", "demo"] {
+    for cmd in ["ls", "inspect", "verify", "recover", "scrub", "demo"] {
         assert!(top.contains(cmd), "{top}");
         let h = ok(&[cmd, "--help"]);
         assert!(h.contains("Usage: ckptstore"), "{cmd}: {h}");

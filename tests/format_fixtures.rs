@@ -363,7 +363,14 @@ fn every_fixture_store_opens_bit_exact() {
     );
     for fixture in all {
         let name = fixture.file_name().unwrap().to_string_lossy().to_string();
-        assert_eq!(fixture_workload(&fixture), 1, "{name}: unknown workload");
+        match fixture_workload(&fixture) {
+            1 => {}
+            2 => {
+                check_workload_2_fixture(&fixture, &name);
+                continue;
+            }
+            n => panic!("{name}: unknown workload {n}"),
+        }
         // Read-only first (changes nothing), then as the writer (recovery may repair).
         let tmp = copy_of(&fixture);
         let s = Store::open(tmp.path(), Options::read_only()).unwrap();
@@ -374,6 +381,12 @@ fn every_fixture_store_opens_bit_exact() {
         assert_workload_1(&s, &format!("{name} writer"));
         // And it stays a working store: a commit, a compaction, a reopen.
         commit_step(&mut s, 60);
+        // The first commit of this build turns its trailer feature on, in an older store too.
+        assert!(
+            s.features()
+                .contains(&ckptstore::features::SEGMENT_COMMIT_TRAILER),
+            "{name}"
+        );
         s.compact_wal().unwrap();
         drop(s);
         let s = Store::open(tmp.path(), Options::read_only()).unwrap();
@@ -406,6 +419,11 @@ fn every_fixture_store_rebuilds_from_its_segments_or_is_refused() {
             }
         }
         let before = support::snapshot_tree(tmp.path());
+        if fixture_workload(&fixture) == 2 {
+            check_workload_2_rebuild(tmp.path(), &name);
+            rebuilt += 1;
+            continue;
+        }
         match Store::rebuild(tmp.path(), store_opts(Compression::None)) {
             Ok((s, report)) if trailers => {
                 let live: Vec<u64> = LIVE.iter().map(|l| l.0).collect();
@@ -448,18 +466,29 @@ fn generate_fixture_store() {
         "{} exists: fixtures are never regenerated",
         dir.display()
     );
-    write_workload_1(&dir);
+    // CKPTSTORE_FIXTURE_WORKLOAD=2: the quarantine workload (feature `quarantine`).
+    let workload: u32 =
+        std::env::var("CKPTSTORE_FIXTURE_WORKLOAD").map_or(1, |w| w.parse().unwrap());
+    match workload {
+        1 => write_workload_1(&dir),
+        2 => write_workload_2(&dir),
+        n => panic!("no workload {n}"),
+    }
     std::fs::remove_file(dir.join(ckptstore::store::LOCK_NAME)).unwrap();
     std::fs::write(
         dir.join(FIXTURE_NOTE),
         format!(
-            "workload 1\nwritten by ckptstore {} ({})\n",
+            "workload {workload}\nwritten by ckptstore {} ({})\n",
             env!("CARGO_PKG_VERSION"),
             std::env::var("CKPTSTORE_FIXTURE_BUILD").unwrap_or_else(|_| "unknown commit".into())
         ),
     )
     .unwrap();
     let s = Store::open(&dir, Options::read_only()).unwrap();
+    if workload == 2 {
+        assert_workload_2(&dir, &s, &name);
+        return;
+    }
     assert_coverage(&dir, &s);
     assert_workload_1(&s, &name);
 }
@@ -474,4 +503,141 @@ fn workload_1_written_now_passes_the_checks() {
     let s = Store::open(&dir, Options::read_only()).unwrap();
     assert_coverage(&dir, &s);
     assert_workload_1(&s, "this build");
+}
+
+// ---------------------------------------------------------------- workload 2: quarantine
+
+/// Workload 2's tensors at `step` (1..=4): "frozen" (two chunks, the same at every step), "w"
+/// (new every step) and, at steps 1..=3 only, "gone" (one chunk, the same at those steps).
+fn tensors_2(step: u64) -> Vec<(&'static str, Vec<u8>)> {
+    let mut t = vec![
+        ("frozen", noise(900, 2 * CHUNK)),
+        ("w", noise(900 + step, 100)),
+    ];
+    if step <= 3 {
+        t.push(("gone", noise(901, CHUNK)));
+    }
+    t
+}
+
+fn commit_2(s: &mut Store, step: u64) {
+    let mut t = s.begin(step).unwrap();
+    for (name, bytes) in tensors_2(step) {
+        t.put_tensor(name, DType::U8, &[bytes.len() as u64], &bytes)
+            .unwrap();
+    }
+    t.commit().unwrap();
+}
+
+/// The chunk of `tensor` (index `k`) in checkpoint 1 of workload 2.
+fn chunk_2(s: &Store, tensor: &str, k: usize) -> pb::ChunkRef {
+    let ck = s.checkpoint(Selector::Id(1)).unwrap();
+    let t = ck.manifest().tensors.iter().find(|t| t.name == tensor);
+    t.unwrap().chunks[k].clone()
+}
+
+/// Writes workload 2 into `dir`: three checkpoints share "frozen" and "gone"; a bit of each
+/// rots on disk; a scrub finds both and the writer quarantines them (the feature
+/// `quarantine` turned on, a Quarantine record's `bad`); the save of step 4 holds "frozen"
+/// again and heals it (a Quarantine record's `healed`); "gone" stays quarantined, unhealed.
+fn write_workload_2(dir: &Path) {
+    let mut s = Store::open(dir, store_opts(Compression::None)).unwrap();
+    for step in 1..=3 {
+        commit_2(&mut s, step);
+    }
+    for (tensor, k) in [("frozen", 1), ("gone", 0)] {
+        let c = chunk_2(&s, tensor, k);
+        let seg = dir.join(SEGMENTS_DIR).join(format!("{:08}.seg", c.segment));
+        let mut b = std::fs::read(&seg).unwrap();
+        b[c.offset as usize + 9] ^= 0x01;
+        std::fs::write(&seg, b).unwrap();
+    }
+    assert_eq!(s.scrub().unwrap().heal.quarantined.len(), 2);
+    commit_2(&mut s, 4);
+}
+
+/// Workload 2 as this build must read it: "frozen" healed in every checkpoint, "gone" still
+/// quarantined and failing in checkpoints 1..=3 (naming its chunk), everything else bit-exact.
+fn assert_workload_2(dir: &Path, s: &Store, what: &str) {
+    assert!(
+        s.features().contains(&ckptstore::features::QUARANTINE),
+        "{what}: feature"
+    );
+    let wal_bytes = std::fs::read(support::live_wal(dir)).unwrap();
+    let h = WalHeader::decode(&wal_bytes).unwrap();
+    let types: BTreeSet<u8> = wal::scan(&wal_bytes, h.salt)
+        .records
+        .iter()
+        .map(|r| r.ty as u8)
+        .collect();
+    assert!(
+        types.contains(&(RecordType::Quarantine as u8)),
+        "{what}: {types:?}"
+    );
+    let gone = chunk_2(s, "gone", 0);
+    assert_eq!(s.quarantined(), vec![(gone.segment, gone.offset)], "{what}");
+    let ids: Vec<u64> = s.list().iter().map(|c| c.id).collect();
+    assert_eq!(ids, [1, 2, 3, 4], "{what}");
+    for step in 1..=4u64 {
+        let ck = s.checkpoint(Selector::Id(step)).unwrap();
+        for (name, bytes) in tensors_2(step) {
+            match ck.tensor(name) {
+                Ok(t) => assert!(t.data == bytes, "{what}: {step}/{name} differs"),
+                Err(ckptstore::Error::ChunkCorrupt {
+                    segment, offset, ..
+                }) if name == "gone" && (segment, offset) == (gone.segment, gone.offset) => {}
+                Err(e) => panic!("{what}: {step}/{name}: {e}"),
+            }
+        }
+    }
+    assert_eq!(s.latest_valid().unwrap().map(|c| c.id), Some(4), "{what}");
+}
+
+/// A workload-2 fixture: read-only and as the writer as written; then the save that holds
+/// "gone" again heals checkpoints 1..=3, and a compaction with nothing quarantined drops the
+/// feature.
+fn check_workload_2_fixture(fixture: &Path, name: &str) {
+    let tmp = copy_of(fixture);
+    let s = Store::open(tmp.path(), Options::read_only()).unwrap();
+    assert_workload_2(tmp.path(), &s, &format!("{name} read-only"));
+    drop(s);
+    let mut s = Store::open(tmp.path(), store_opts(Compression::None)).unwrap();
+    assert_workload_2(tmp.path(), &s, &format!("{name} writer"));
+    commit_2(&mut s, 3);
+    assert!(s.quarantined().is_empty(), "{name}: healed");
+    s.compact_wal().unwrap();
+    assert!(!s.features().contains(&ckptstore::features::QUARANTINE));
+    drop(s);
+    let s = Store::open(tmp.path(), Options::read_only()).unwrap();
+    for (id, r) in s.verify_all() {
+        r.unwrap_or_else(|e| panic!("{name}: checkpoint {id}: {e}"));
+    }
+}
+
+/// Workload 2 written by this build passes its checks (what a fixture of it must).
+#[test]
+fn workload_2_written_now_passes_the_checks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("s");
+    write_workload_2(&dir);
+    let s = Store::open(&dir, Options::read_only()).unwrap();
+    assert_workload_2(&dir, &s, "this build");
+}
+
+/// A workload-2 fixture rebuilt from its segments (WAL and CURRENT removed): the rebuild
+/// restores checkpoints 1..=4 but not the quarantine (it lived in the WAL), so their rotten
+/// chunks are referenced again; a `scrub` finds and quarantines them, heals "frozen" with the
+/// copy checkpoint 4 holds, and names 1..=3 broken by "gone" until a save holds it again.
+fn check_workload_2_rebuild(dir: &Path, name: &str) {
+    let (mut s, report) = Store::rebuild(dir, store_opts(Compression::None)).unwrap();
+    assert_eq!(report.restored, [1, 2, 3, 4], "{name}: {report:?}");
+    let r = s.scrub().unwrap();
+    assert_eq!(r.heal.quarantined.len(), 2, "{name}: {r:?}");
+    assert_eq!(r.heal.healed.len(), 1, "{name}: frozen healed: {r:?}");
+    let broken: Vec<u64> = r.broken.iter().map(|b| b.0).collect();
+    assert_eq!(broken, [1, 2, 3], "{name}: {r:?}");
+    commit_2(&mut s, 3);
+    for (id, r) in s.verify_all() {
+        r.unwrap_or_else(|e| panic!("{name}: rebuilt and healed, checkpoint {id}: {e}"));
+    }
 }

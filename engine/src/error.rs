@@ -172,8 +172,9 @@ pub enum Error {
         needed: u64,
     },
 
-    /// Segment compaction read a live chunk whose bytes do not match its BLAKE3. Nothing was
-    /// changed (the new files were removed); the checkpoints using the chunk fail `verify`.
+    /// Segment compaction read a live chunk whose bytes do not match its BLAKE3. No longer
+    /// returned: compaction quarantines such a chunk and leaves it in place
+    /// (`GcReport::corrupt_chunks`); kept so that code matching on it still compiles.
     #[error(
         "{path}: live chunk at offset {offset} does not match its BLAKE3; compaction changed \
              nothing (run `ckptstore verify --all`; `ckptstore gc --no-compact` still frees space)"

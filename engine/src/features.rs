@@ -53,7 +53,7 @@ pub struct Feature {
 /// its kind (bits are never reused, even of a feature that is withdrawn), an entry here, its
 /// row in docs/FORMAT.md ("Feature flags"), and a fixture store that uses it
 /// (tests/fixtures/stores/).
-pub const KNOWN: &[Feature] = &[SEGMENT_COMMIT_TRAILER];
+pub const KNOWN: &[Feature] = &[SEGMENT_COMMIT_TRAILER, QUARANTINE];
 
 /// Each commit's last new segment ends with a copy of its commit record (docs/FORMAT.md,
 /// "Commit trailer"), so `ckptstore recover --rebuild` can restore the store from its
@@ -62,6 +62,19 @@ pub const KNOWN: &[Feature] = &[SEGMENT_COMMIT_TRAILER];
 pub const SEGMENT_COMMIT_TRAILER: Feature = Feature {
     name: "segment-commit-trailer",
     kind: FeatureKind::Compatible,
+    bit: 0,
+};
+
+/// WAL record type 6 (Quarantine): chunks found bad, and references repointed at fresh
+/// copies (docs/FORMAT.md, "Quarantine and healing"). Incompatible: a build that skipped the
+/// records would read healed checkpoints at their old, freed locations — a resume would fall
+/// back to an older checkpoint than the newest intact one — and as a writer would deduplicate
+/// against the bad chunk again (docs/DECISIONS.md, "Quarantine and self-healing"). Turned on
+/// at a store's first quarantine, and off again by a WAL compaction once nothing is
+/// quarantined.
+pub const QUARANTINE: Feature = Feature {
+    name: "quarantine",
+    kind: FeatureKind::Incompatible,
     bit: 0,
 };
 

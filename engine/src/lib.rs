@@ -43,8 +43,8 @@ pub use manifest::{CheckpointInfo, MetaValue};
 pub use pipeline::{Pipeline, PipelineOptions, SaveHandle, SaveReport};
 pub use retention::{KeepReason, MetricMode, RetentionPlan, RetentionPolicy};
 pub use store::{
-    CheckpointReader, CommitInfo, CompactionPlan, DeleteInfo, GcOptions, GcReport, LoadReport,
-    LoadSpec, Options, RebuildReport, RecoveryMode, RecoveryReport, Selector, ShardFragment,
-    ShardOptions, ShardWriter, SpaceStats, Store, StoreStats, Tensor, TensorView, Transaction,
-    VerifiedChunks,
+    CheckpointReader, ChunkLocation, CommitInfo, CompactionPlan, DeleteInfo, GcOptions, GcReport,
+    HealReport, LoadReport, LoadSpec, Options, RebuildReport, RecoveryMode, RecoveryReport,
+    ScrubReport, Selector, ShardFragment, ShardOptions, ShardWriter, SpaceStats, Store, StoreStats,
+    Tensor, TensorView, Transaction, VerifiedChunks,
 };

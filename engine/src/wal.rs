@@ -41,6 +41,9 @@ pub enum RecordType {
     /// Live chunks moved by segment compaction (`RelocateRecord`). Likewise refused by a
     /// reader older than this type.
     Relocate = 5,
+    /// Chunks found bad, and references repointed at fresh copies (`QuarantineRecord`). Only
+    /// in a WAL whose header declares `crate::features::QUARANTINE`.
+    Quarantine = 6,
 }
 
 impl RecordType {
@@ -51,6 +54,7 @@ impl RecordType {
             3 => Some(Self::Snapshot),
             4 => Some(Self::Pin),
             5 => Some(Self::Relocate),
+            6 => Some(Self::Quarantine),
             _ => None,
         }
     }

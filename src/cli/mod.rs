@@ -14,6 +14,7 @@ mod pin;
 mod plot;
 mod pull;
 mod recover;
+mod scrub;
 mod synth;
 mod verify;
 
@@ -47,6 +48,9 @@ enum Command {
     Verify(verify::Args),
     /// Open a store as its writer, run crash recovery, and report what it repaired.
     Recover(recover::Args),
+    /// Verify every chunk, quarantine the bad ones, heal the checkpoints a stored copy of the
+    /// bytes can heal; exits non-zero naming the checkpoints that stay broken.
+    Scrub(scrub::Args),
     /// Apply a retention policy: keep what any --keep-* rule keeps (and the newest and every
     /// pinned checkpoint), delete the rest, free their space (segments open readers still hold
     /// wait for them), then compact mostly-dead segments unless --no-compact.
@@ -114,6 +118,7 @@ pub fn main() -> ExitCode {
         Command::Inspect(a) => inspect::run(a),
         Command::Verify(a) => verify::run(a),
         Command::Recover(a) => recover::run(a),
+        Command::Scrub(a) => scrub::run(a),
         Command::Gc(a) => gc::run(a),
         Command::Pin(a) => pin::run(a, true),
         Command::Unpin(a) => pin::run(a, false),

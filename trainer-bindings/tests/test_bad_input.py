@@ -70,7 +70,10 @@ def test_damaged_newest_checkpoint_is_skipped_with_a_warning(store_dir):
     segs = sorted((store_dir / "segments").iterdir())
     newest = segs[-1]
     data = bytearray(newest.read_bytes())
-    data[-100] ^= 0xFF  # inside the last tensor's payload
+    # Inside the last tensor's payload: before the commit trailer that ends the segment
+    # (docs/FORMAT.md), if there is one.
+    end = data.rfind(b"CKPTTRL\0")
+    data[(end if end >= 0 else len(data)) - 100] ^= 0xFF
     newest.write_bytes(bytes(data))
     with cs.Store(store_dir) as s:
         with pytest.warns(UserWarning, match="damaged"):

@@ -11,6 +11,7 @@ mod lease;
 mod leftovers;
 mod lost_found;
 mod perms;
+mod quarantine;
 mod reader;
 mod rebuild;
 mod recovery;
@@ -30,6 +31,7 @@ pub use gc::{GcOptions, GcReport, SpaceStats};
 #[doc(hidden)]
 pub use lease::READERS_DIR;
 pub use lost_found::{PurgeReport, LOST_FOUND_DIR};
+pub use quarantine::{ChunkLocation, HealReport, ScrubReport};
 pub use reader::{CheckpointReader, Tensor, VerifiedChunks};
 pub use rebuild::RebuildReport;
 pub use recovery::RecoveryReport;
@@ -267,6 +269,8 @@ pub struct Store {
     reservations: external::Reservations,
     /// The bucket tier: a replicator, or a bucket store's synchronous publisher.
     remote: Option<remote_tier::RemoteTier>,
+    /// Chunks verified reads found bad, not yet quarantined (see `quarantine.rs`).
+    suspects: quarantine::Suspects,
 }
 
 impl std::fmt::Debug for Store {
@@ -350,7 +354,7 @@ impl Store {
             // protected, it only holds more space until it closes. Never dropped for it.
             let _ = l.hold(rec.state.segments.keys().copied());
         }
-        Ok(Store {
+        let mut store = Store {
             dir,
             opts,
             _lock: lock,
@@ -364,7 +368,17 @@ impl Store {
             pending_free: rec.pending_free,
             reservations: external::Reservations::default(),
             remote: None,
-        })
+            suspects: quarantine::Suspects::default(),
+        };
+        // A crash between a commit and the heal it allowed leaves the heal to this open
+        // (not to a strict one, which repairs nothing).
+        if store.wal.is_some()
+            && !store.state.quarantined.is_empty()
+            && store.opts.recovery_mode != RecoveryMode::AbsoluteConsistency
+        {
+            store.heal()?;
+        }
+        Ok(store)
     }
 
     /// The lease file of a read-only store (`readers/*.lease`), which keeps the writer from
@@ -522,6 +536,9 @@ impl Store {
     /// visible until [`Transaction::commit`] returns; dropping the transaction aborts it.
     pub fn begin(&mut self, step: u64) -> Result<Transaction<'_>> {
         self.check_writable()?;
+        // What verified reads found bad is quarantined first, so this save never references
+        // it (it writes a fresh copy, which heals the checkpoints that do).
+        self.heal()?;
         Ok(Transaction::new(self, step))
     }
 
@@ -701,7 +718,13 @@ impl Store {
     /// Rewrites the WAL as a snapshot of the live state: a new WAL file (durable, with its
     /// directory entry), then an atomic switch of `CURRENT`, then removal of the old file.
     pub fn compact_wal(&mut self) -> Result<()> {
-        self.rewrite_wal(self.features)
+        let mut features = self.features;
+        if self.state.quarantined.is_empty() {
+            // The compacted WAL holds no Quarantine record (healed references are in its
+            // Commit records): it no longer needs the feature, and older builds open it again.
+            features.incompat &= !(1 << features::QUARANTINE.bit);
+        }
+        self.rewrite_wal(features)
     }
 
     /// The format features this store's WAL header declares (docs/FORMAT.md, "Feature
@@ -852,7 +875,9 @@ mod feature_tests {
             s.enable_feature(&stranger),
             Err(Error::InvalidArgument(_))
         ));
-        assert!(s.features().is_empty());
+        assert_eq!(s.features(), features::NEW_STORE);
+        // A store from before the features: none set; each known one turns on once.
+        s.rewrite_wal(FeatureSet::EMPTY).unwrap();
         for f in features::KNOWN {
             assert!(s.enable_feature(f).unwrap());
             assert!(!s.enable_feature(f).unwrap(), "already on");

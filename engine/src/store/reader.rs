@@ -194,6 +194,50 @@ impl<'s> CheckpointReader<'s> {
         Ok(())
     }
 
+    /// Reads and hashes every chunk that neither `seen` (intact) nor `bad` holds, adding each
+    /// to one of them: unlike [`CheckpointReader::verify_with`] it goes on past a bad chunk
+    /// (each bad one is noted for quarantine by the read itself). Returns the stored bytes
+    /// read and the first error that is not about a chunk's bytes (a missing segment).
+    pub(super) fn scrub_with(
+        &self,
+        seen: &mut VerifiedChunks,
+        bad: &mut VerifiedChunks,
+    ) -> (u64, Option<Error>) {
+        let mut buf = Vec::new();
+        let mut read = 0u64;
+        let mut other = None;
+        let items = self
+            .manifest
+            .tensors
+            .iter()
+            .map(|t| ("tensor", &t.name, &t.chunks))
+            .chain(
+                self.manifest
+                    .blobs
+                    .iter()
+                    .map(|b| ("blob", &b.name, &b.chunks)),
+            );
+        for (kind, name, chunks) in items {
+            for (i, c) in chunks.iter().enumerate() {
+                let key = chunk_key(c);
+                if seen.0.contains(&key) || bad.0.contains(&key) {
+                    continue;
+                }
+                if let Err(e) = self.check_segment(c) {
+                    other.get_or_insert(e);
+                    continue;
+                }
+                buf.resize(c.raw_len as usize, 0);
+                read += c.stored_len;
+                match self.read_chunk(kind, name, i, c, &mut buf, true) {
+                    Ok(()) => seen.0.insert(key),
+                    Err(_) => bad.0.insert(key),
+                };
+            }
+        }
+        (read, other)
+    }
+
     /// Reads `chunks` into `out` (their raw bytes, back to back), verified unless `verify` is
     /// false; see [`CheckpointReader::each_chunk`] for the threads.
     fn read_chunks(
@@ -354,9 +398,15 @@ impl<'s> CheckpointReader<'s> {
             let mut stored = vec![0u8; c.stored_len as usize];
             file.read_at(&mut stored, c.offset)
                 .map_err(|e| corrupt(format!("read failed: {e}")))?;
-            crate::codec::decode(c.codec, &stored, out, &mut Vec::new()).map_err(corrupt)?;
+            if let Err(why) = crate::codec::decode(c.codec, &stored, out, &mut Vec::new()) {
+                self.store.suspect(c);
+                return Err(corrupt(why));
+            }
         }
         if verify && blake3::hash(out).as_bytes()[..] != c.blake3[..] {
+            // The bytes on disk are not the ones committed: quarantined by the writer's next
+            // `heal` (store/quarantine.rs).
+            self.store.suspect(c);
             return Err(corrupt("BLAKE3 mismatch".into()));
         }
         Ok(())

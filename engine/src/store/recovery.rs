@@ -498,6 +498,11 @@ fn apply_record(
             // live reader's lease holds them.
             state.apply_relocate(&r, super::commit_record_len, &context)?;
         }
+        RecordType::Quarantine => {
+            let q = pb::QuarantineRecord::decode(payload).map_err(decode_err)?;
+            // Segments a heal leaves unreferenced are orphans now, like a relocation's sources.
+            state.apply_quarantine(&q, super::commit_record_len, &context)?;
+        }
     }
     Ok(())
 }
