@@ -34,7 +34,7 @@
 #[macro_use]
 mod support;
 
-use ckptstore::io::{CrashMode, Fault, OpKind, SimIo};
+use ckptstore::io::{CrashMode, Fault, OpKind, SimIo, UringConfig, UringIo, UringSimConfig};
 use ckptstore::{Compression, DType, Error, MetaValue, Options, Selector, Store};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -64,6 +64,9 @@ struct Params {
     seeds: u64,
     /// The writer compresses (zstd), and the float tensors hold compressible bytes.
     compress: bool,
+    /// Every open writes through the io_uring backend's own logic over the simulator
+    /// (`UringIo::simulated`), not through `SimIo` directly.
+    uring: bool,
 }
 
 const CI: Params = Params {
@@ -75,6 +78,7 @@ const CI: Params = Params {
     big: false,
     seeds: 1,
     compress: false,
+    uring: false,
 };
 
 /// A shorter workload whose writer compresses: compressed frames, raw chunks among them, and
@@ -89,11 +93,41 @@ const CI_ZSTD: Params = Params {
     big: false,
     seeds: 1,
     compress: true,
+    uring: false,
 };
 
-fn opts(sim: &SimIo) -> Options {
+/// The default backend's own logic under the sweep: writes cut into 4 KiB pieces, O_DIRECT
+/// and bounce routes, a reserve ahead of direct writes cut before each sync, files whose
+/// O_DIRECT is refused midway, short writes, EBUSY, entries executed and completed out of
+/// order (`UringIo::simulated`). A shorter workload: each crash image costs more here.
+const CI_URING: Params = Params {
+    commits: 21,
+    keep: 3,
+    reopen_at: 11,
+    compact_at: 16,
+    gc_every: 8,
+    big: false,
+    seeds: 1,
+    compress: false,
+    uring: true,
+};
+
+/// The io_uring backend's settings in the uring sweep: 4 KiB pieces (a chunk's frame is cut
+/// in several), 4 in flight, direct I/O, a reserve ahead of direct writes (rounded up to a MiB).
+const URING: UringConfig = UringConfig {
+    queue_depth: 4,
+    piece_bytes: 4096,
+    direct: true,
+    prealloc_bytes: 64 << 10,
+};
+
+fn opts(sim: &SimIo, p: &Params) -> Options {
     Options {
-        io: Arc::new(sim.clone()),
+        io: if p.uring {
+            Arc::new(UringIo::simulated(sim, URING, UringSimConfig::default()).unwrap())
+        } else {
+            Arc::new(sim.clone())
+        },
         chunk_size: CHUNK,
         segment_max_bytes: 1 << 20,
         // Small, so that automatic compaction happens every dozen records or so.
@@ -110,7 +144,7 @@ fn writer_opts(sim: &SimIo, p: &Params) -> Options {
         } else {
             Compression::None
         },
-        ..opts(sim)
+        ..opts(sim, p)
     }
 }
 
@@ -328,7 +362,8 @@ fn check_image(
     mode: CrashMode,
     seed: u64,
 ) -> Result<BTreeSet<u64>, String> {
-    let mut store = Store::open(DIR, opts(img)).map_err(|e| format!("(a) reopen failed: {e}"))?;
+    let mut store =
+        Store::open(DIR, opts(img, p)).map_err(|e| format!("(a) reopen failed: {e}"))?;
     let live = check_recovered(&store, m)?;
     let ids = live.keys().copied().collect();
     // (e) The store keeps working: a commit that also deduplicates against old chunks.
@@ -336,7 +371,7 @@ fn check_image(
     let id = commit(&mut store, &e).map_err(|x| format!("(e) commit after recovery: {x}"))?;
     drop(store);
     let img2 = img.crash_image(mode, seed ^ 0x5eed);
-    let store = Store::open(DIR, opts(&img2)).map_err(|x| format!("(e) second reopen: {x}"))?;
+    let store = Store::open(DIR, opts(&img2, p)).map_err(|x| format!("(e) second reopen: {x}"))?;
     let mut acked = live;
     acked.insert(id, e);
     let m2 = Model {
@@ -423,7 +458,7 @@ fn sweep_index(index: u64, total: u64, p: &Params, recovery_every: u64, tally: &
             }
             // A crash at each sync of the recovery of this image, then recovery again.
             let probe = img.fork();
-            let _ = Store::open(DIR, opts(&probe));
+            let _ = Store::open(DIR, opts(&probe, p));
             let syncs = probe.sync_count();
             for r in 1..=syncs {
                 let mode2 = CrashMode::ALL[(mi + r as usize) % CrashMode::ALL.len()];
@@ -434,7 +469,7 @@ fn sweep_index(index: u64, total: u64, p: &Params, recovery_every: u64, tally: &
                     let f = img.fork();
                     f.crash_at_sync(r);
                     ensure!(
-                        Store::open(DIR, opts(&f)).is_err(),
+                        Store::open(DIR, opts(&f, p)).is_err(),
                         "recovery did not stop at the crash"
                     );
                     let img2 = f.crash_image(mode2, seed2);
@@ -551,7 +586,7 @@ fn crash_at_every_sync_in_every_mode_compressed() {
     // The workload does write compressed chunks, and raw ones among them.
     let sim = SimIo::new();
     run_workload(&sim, &CI_ZSTD).1.unwrap();
-    let store = Store::open(DIR, opts(&sim)).unwrap();
+    let store = Store::open(DIR, opts(&sim, &CI_ZSTD)).unwrap();
     let ck = store.checkpoint(Selector::Latest).unwrap();
     let m = ck.manifest();
     let codecs: std::collections::BTreeSet<i32> = m
@@ -567,6 +602,52 @@ fn crash_at_every_sync_in_every_mode_compressed() {
     }
     drop(store);
     sweep(CI_ZSTD, 1);
+}
+
+/// The sweep through the io_uring backend's own logic (see [`CI_URING`]).
+#[test]
+fn crash_at_every_sync_in_every_mode_through_the_uring_backend() {
+    // A crash during the recovery of every 4th image (the plain sweeps do every image).
+    sweep(CI_URING, 4);
+}
+
+/// The uring sweep's workload does go through the backend's paths: pieces written direct and
+/// buffered, and files whose O_DIRECT the device refused midway (and that went on buffered).
+#[test]
+fn the_uring_workload_takes_direct_buffered_and_fallback_paths() {
+    let sim = SimIo::new();
+    let uring = UringIo::simulated(&sim, URING, UringSimConfig::default()).unwrap();
+    let mut store = Store::open(
+        DIR,
+        Options {
+            io: Arc::new(uring.clone()),
+            ..writer_opts(&sim, &CI_URING)
+        },
+    )
+    .unwrap();
+    for step in 1..=CI_URING.commits {
+        commit(&mut store, &checkpoint_for(step, &CI_URING)).unwrap();
+    }
+    let s = uring.stats();
+    assert!(s.direct_pieces > 0 && s.buffered_pieces > 0, "{s:?}");
+    assert!(s.direct_refused_files > 0, "{s:?}");
+}
+
+/// fsyncgate through the ring: a failing fdatasync at each sync index, reported through the
+/// simulated io_uring (EBUSY, completions out of order), poisons the store and loses nothing.
+#[test]
+fn failed_sync_at_every_index_poisons_through_the_uring_backend() {
+    let total = count_syncs(&CI_URING);
+    let failures: Vec<String> = (1..=total)
+        .filter_map(|nth| {
+            let f = Fault::Eio {
+                kind: OpKind::Sync,
+                nth,
+            };
+            fault_case(&CI_URING, f, true).err()
+        })
+        .collect();
+    report("failed-sync sweep (uring)", total, failures);
 }
 
 /// The long sweep: a bigger workload with multi-segment checkpoints, many seeds per crash
@@ -587,6 +668,7 @@ fn long_crash_sweep() {
             big: true,
             seeds,
             compress: false,
+            uring: false,
         },
         1,
     );

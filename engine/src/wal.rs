@@ -293,25 +293,93 @@ fn search_after(reason: String, after: After) -> (String, bool) {
 /// candidates — and bounds a hostile one to a few hundred MiB of checksumming.
 fn valid_frame_after(buf: &[u8], bad: usize, salt: u32) -> After {
     let tail = (buf.len() - bad) as u64;
-    let budget = 2 * tail + u64::from(MAX_RECORD_LEN);
+    let mut budget = SearchBudget(2 * tail + u64::from(MAX_RECORD_LEN));
+    valid_frame_within(buf, bad, salt, &mut budget)
+}
+
+/// Bytes the torn-tail search may still checksum. One open searches once, with a budget of
+/// its own; a salvage searches after every damaged record it skips, and shares one budget
+/// across all of them ([`SearchBudget::for_file`]) — a fresh budget per search would let a
+/// crafted WAL of many short damaged stretches cost O(stretches × budget).
+#[derive(Debug, Clone, Copy)]
+pub struct SearchBudget(u64);
+
+impl SearchBudget {
+    /// The budget of every search over a file of `len` bytes together: twice the file plus
+    /// one largest record, as one search of the whole file gets.
+    pub fn for_file(len: usize) -> Self {
+        SearchBudget(2 * len as u64 + u64::from(MAX_RECORD_LEN))
+    }
+}
+
+fn valid_frame_within(buf: &[u8], bad: usize, salt: u32, left: &mut SearchBudget) -> After {
+    let budget = left.0;
     let mut hashed = 0u64;
-    for p in bad + 1..buf.len() {
-        let Ok(range) = frame_shape(buf, p) else {
+    let mut p = bad + 1;
+    while p + RECORD_HEADER_LEN <= buf.len() {
+        if buf[p + 8] == 0 {
+            // Type 0 never validates: jump to the next nonzero type byte (a zeroed tail — a
+            // preallocated reserve a power cut kept — is crossed a word at a time).
+            p = next_nonzero(buf, p + 8) - 8;
+            continue;
+        }
+        let at = p;
+        p += 1;
+        let Some(range) = candidate(buf, at) else {
             continue;
         };
-        if RecordType::from_u8(buf[p + 8]).is_none() {
-            continue;
-        }
         hashed += range.len() as u64;
         if hashed > budget {
+            left.0 = 0;
             return After::GaveUp(hashed - range.len() as u64);
         }
-        let h = &buf[p..p + RECORD_HEADER_LEN];
+        left.0 = budget - hashed;
+        let h = &buf[at..at + RECORD_HEADER_LEN];
         if le32(&h[0..4]) == record_crc(salt, &h[4..12], &buf[range]) {
-            return After::Valid(p);
+            return After::Valid(at);
         }
     }
     After::None
+}
+
+/// The index of the first nonzero byte of `buf` at or after `from` (`buf.len()` if none),
+/// eight bytes at a time where it can.
+fn next_nonzero(buf: &[u8], from: usize) -> usize {
+    let mut i = from;
+    while i < buf.len() && !i.is_multiple_of(8) {
+        if buf[i] != 0 {
+            return i;
+        }
+        i += 1;
+    }
+    for w in buf[i.min(buf.len())..].chunks_exact(8) {
+        if w != [0u8; 8] {
+            break;
+        }
+        i += 8;
+    }
+    while i < buf.len() && buf[i] == 0 {
+        i += 1;
+    }
+    i
+}
+
+/// The payload range of a frame at `at` worth checksumming in the search: a known type,
+/// zero reserved bytes, a length within the cap and inside `buf`. [`frame_shape`] without the
+/// reason: the search calls it at every offset of the tail, so it checks the type byte first
+/// (a zeroed or filler stretch fails there at once) and allocates nothing.
+fn candidate(buf: &[u8], at: usize) -> Option<std::ops::Range<usize>> {
+    let h = buf.get(at..at.checked_add(RECORD_HEADER_LEN)?)?;
+    if RecordType::from_u8(h[8]).is_none() || h[9..12] != [0, 0, 0] {
+        return None;
+    }
+    let len = le32(&h[4..8]);
+    if len > MAX_RECORD_LEN {
+        return None;
+    }
+    let start = at + RECORD_HEADER_LEN;
+    let end = start + len as usize;
+    (end <= buf.len()).then_some(start..end)
 }
 
 /// The offset of the first valid frame of a known type after offset `bad`, within the same
@@ -319,6 +387,14 @@ fn valid_frame_after(buf: &[u8], bad: usize, salt: u32) -> After {
 /// What a salvage resumes from.
 pub fn resync(buf: &[u8], bad: u64, salt: u32) -> Option<u64> {
     match valid_frame_after(buf, bad as usize, salt) {
+        After::Valid(p) => Some(p as u64),
+        _ => None,
+    }
+}
+
+/// [`resync`] drawing on a budget shared with the other searches of a salvage.
+pub fn resync_within(buf: &[u8], bad: u64, salt: u32, budget: &mut SearchBudget) -> Option<u64> {
+    match valid_frame_within(buf, bad as usize, salt, budget) {
         After::Valid(p) => Some(p as u64),
         _ => None,
     }
@@ -349,13 +425,36 @@ pub fn scan(buf: &[u8], salt: u32) -> Scan {
 
 /// [`scan`] from offset `start` (a frame boundary, e.g. from [`resync`]).
 pub fn scan_from(buf: &[u8], start: u64, salt: u32) -> Scan {
-    scan_with(buf, start, salt, false)
+    scan_impl(buf, start, salt, false, None)
 }
 
 /// [`scan_from`]; with `skip_unknown` (the header declares a compatible or read-only-compatible
 /// feature this build lacks: `FeatureSet::may_hold_unknown_records`), a valid frame of an
 /// unknown type is that feature's record and is skipped, not corruption.
 pub fn scan_with(buf: &[u8], start: u64, salt: u32, skip_unknown: bool) -> Scan {
+    scan_impl(buf, start, salt, skip_unknown, None)
+}
+
+/// [`scan_with`] whose torn-tail search draws on a budget shared with the other searches of a
+/// salvage (see [`SearchBudget`]).
+pub fn scan_from_within(
+    buf: &[u8],
+    start: u64,
+    salt: u32,
+    skip_unknown: bool,
+    budget: &mut SearchBudget,
+) -> Scan {
+    scan_impl(buf, start, salt, skip_unknown, Some(budget))
+}
+
+/// The scan; the search after a bad frame has a budget of its own unless one is given.
+fn scan_impl(
+    buf: &[u8],
+    start: u64,
+    salt: u32,
+    skip_unknown: bool,
+    budget: Option<&mut SearchBudget>,
+) -> Scan {
     let mut records = Vec::new();
     let mut skipped_unknown = Vec::new();
     let mut at = (start as usize).min(buf.len());
@@ -387,7 +486,10 @@ pub fn scan_with(buf: &[u8], start: u64, salt: u32, skip_unknown: bool) -> Scan 
                 at = next;
             }
             Err(e) => {
-                let any_valid_after = || valid_frame_after(buf, at, salt);
+                let any_valid_after = || match budget {
+                    Some(b) => valid_frame_within(buf, at, salt, b),
+                    None => valid_frame_after(buf, at, salt),
+                };
                 let (reason, valid_record_after) = match e {
                     FrameError::UnknownType(t) => (
                         format!(

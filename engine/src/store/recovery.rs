@@ -72,7 +72,7 @@ pub(crate) struct Recovered {
 }
 
 /// Largest `CURRENT` read (it is 24 bytes; anything past 4 KiB is no pointer).
-const MAX_CURRENT_LEN: u64 = 4096;
+pub(super) const MAX_CURRENT_LEN: u64 = 4096;
 
 fn not_found(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::NotFound
@@ -230,11 +230,15 @@ fn recover_once(io: &dyn Storage, dir: &Path, opts: &Options) -> Result<Recovere
         if bad.valid_record_after {
             let mut skipped = vec![bad.offset];
             let mut at = bad.offset;
+            // One checksum budget for every search of the salvage: bounded by the file, not
+            // by the number of damaged stretches in it.
+            let mut budget = wal::SearchBudget::for_file(buf.len());
             while let Some(p) = (!wal::newer_record_at(&buf, at, header.salt))
-                .then(|| wal::resync(&buf, at, header.salt))
+                .then(|| wal::resync_within(&buf, at, header.salt, &mut budget))
                 .flatten()
             {
-                let more = wal::scan_with(&buf, p, header.salt, skip_unknown);
+                let more =
+                    wal::scan_from_within(&buf, p, header.salt, skip_unknown, &mut budget);
                 for rec in &more.records {
                     let mut trial = state.clone();
                     match apply_record(&mut trial, rec, &buf, &wal_path, false) {
