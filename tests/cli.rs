@@ -354,6 +354,33 @@ fn help_for_every_subcommand() {
     assert!(ok(&["recover", "--help"]).contains("--salvage"));
 }
 
+/// Seen in CI on a loaded machine: the parent read the writer's lines so late that the writer
+/// had finished every save and exited, and the demo failed with "the writer exited before the
+/// SIGKILL landed". The writer now waits for its stdin to close, so a late kill still lands
+/// (between saves) and the demo goes on.
+#[test]
+fn regression_demo_kill_after_the_writer_finished_still_finds_it_alive() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("late");
+    let out = ok(&[
+        "demo",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--state-mib",
+        "1",
+        "--steps",
+        "2",
+        "--save-every",
+        "1",
+        "--kill-after",
+        "1",
+        "--kill-delay-ms",
+        "1500",
+    ]);
+    assert!(out.starts_with("ckptstore demo: ok"), "{out}");
+    assert!(out.contains("by SIGKILL between saves"), "{out}");
+}
+
 #[test]
 fn demo_kills_recovers_resumes() {
     let d = tempfile::tempdir().unwrap();

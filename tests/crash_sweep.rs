@@ -842,7 +842,7 @@ fn rebuild_after_every_step_restores_every_acknowledged_checkpoint() {
         let how = damage_log(&img, index);
         let case = format!("crash at sync {index}/{total}, mode {mode}, {how}");
         let res = catch(|| {
-            let (store, report) = match Store::rebuild(DIR, opts(&img)) {
+            let (store, report) = match Store::rebuild(DIR, opts(&img, &p)) {
                 Ok(r) => r,
                 Err(e) if m.acked.is_empty() => return Ok(format!("nothing to rebuild: {e}")),
                 Err(e) => return Err(format!("rebuild failed: {e}")),
@@ -920,7 +920,7 @@ fn heal_workload(
     slot: &mut Option<Store>,
 ) -> ckptstore::Result<()> {
     m.in_flight = InFlight::Open;
-    *slot = Some(Store::open(DIR, opts(sim))?);
+    *slot = Some(Store::open(DIR, opts(sim, &CI))?);
     let step_commit = |store: &mut Store, m: &mut HealModel, step: u64| {
         let e = checkpoint_for(step, &CI);
         m.in_flight = InFlight::Commit(Box::new(e.clone()));
@@ -953,7 +953,7 @@ fn heal_workload(
     store.compact_wal()?;
     m.in_flight = InFlight::Open;
     *slot = None;
-    *slot = Some(Store::open(DIR, opts(sim))?);
+    *slot = Some(Store::open(DIR, opts(sim, &CI))?);
     step_commit(slot.as_mut().unwrap(), m, 7)?;
     // Another chunk the next save holds again rots; this time segment compaction finds it:
     // checkpoints 2..=5 go, gc plans their mostly dead segments, meets the rotten chunk while
@@ -1059,7 +1059,7 @@ fn check_heal_store(store: &Store, m: &HealModel, healed: bool) -> Result<(), St
 /// Recovery of a crash image, then the healing guarantee itself: a verified read and the next
 /// save of the frozen tensor heal every checkpoint, and that survives another power cut.
 fn check_heal_image(img: &SimIo, m: &HealModel, mode: CrashMode, seed: u64) -> Result<(), String> {
-    let mut store = Store::open(DIR, opts(img)).map_err(|e| format!("(a) reopen: {e}"))?;
+    let mut store = Store::open(DIR, opts(img, &CI)).map_err(|e| format!("(a) reopen: {e}"))?;
     check_heal_store(&store, m, false)?;
     let _ = store.verify_all();
     let e = checkpoint_for(1_000_000, &CI);
@@ -1082,7 +1082,7 @@ fn check_heal_image(img: &SimIo, m: &HealModel, mode: CrashMode, seed: u64) -> R
     check_heal_store(&store, &m2, true).map_err(|x| format!("after the healing save: {x}"))?;
     drop(store);
     let img2 = img.crash_image(mode, seed ^ 0x5eed);
-    let store = Store::open(DIR, opts(&img2)).map_err(|x| format!("second reopen: {x}"))?;
+    let store = Store::open(DIR, opts(&img2, &CI)).map_err(|x| format!("second reopen: {x}"))?;
     check_heal_store(&store, &m2, true).map_err(|x| format!("after a power cut: {x}"))
 }
 
@@ -1144,14 +1144,17 @@ fn quarantine_and_healing_survive_a_crash_at_every_sync_in_every_mode() {
                 continue;
             }
             let probe = img.fork();
-            let _ = Store::open(DIR, opts(&probe));
+            let _ = Store::open(DIR, opts(&probe, &CI));
             for r in 1..=probe.sync_count() {
                 let mode2 = CrashMode::ALL[(mi + r as usize) % CrashMode::ALL.len()];
                 recovery_images += 1;
                 let res = catch(|| {
                     let f = img.fork();
                     f.crash_at_sync(r);
-                    ensure!(Store::open(DIR, opts(&f)).is_err(), "recovery did not stop");
+                    ensure!(
+                        Store::open(DIR, opts(&f, &CI)).is_err(),
+                        "recovery did not stop"
+                    );
                     check_heal_image(&f.crash_image(mode2, seed ^ r), &m, mode2, seed ^ r)
                 });
                 if let Err(e) = res {

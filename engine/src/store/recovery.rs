@@ -237,8 +237,7 @@ fn recover_once(io: &dyn Storage, dir: &Path, opts: &Options) -> Result<Recovere
                 .then(|| wal::resync_within(&buf, at, header.salt, &mut budget))
                 .flatten()
             {
-                let more =
-                    wal::scan_from_within(&buf, p, header.salt, skip_unknown, &mut budget);
+                let more = wal::scan_from_within(&buf, p, header.salt, skip_unknown, &mut budget);
                 for rec in &more.records {
                     let mut trial = state.clone();
                     match apply_record(&mut trial, rec, &buf, &wal_path, false) {
