@@ -25,6 +25,7 @@ mod le;
 #[doc(hidden)]
 pub mod manifest;
 pub mod pipeline;
+pub mod remote;
 pub mod retention;
 #[doc(hidden)]
 pub mod segment;

@@ -15,6 +15,7 @@ mod quarantine;
 mod reader;
 mod rebuild;
 mod recovery;
+mod remote_tier;
 mod select;
 mod shard;
 mod state;
@@ -34,6 +35,7 @@ pub use quarantine::{ChunkLocation, HealReport, ScrubReport};
 pub use reader::{CheckpointReader, Tensor, VerifiedChunks};
 pub use rebuild::RebuildReport;
 pub use recovery::RecoveryReport;
+pub use remote_tier::{pull, REPLICA_TOKEN_NAME};
 pub use select::{LoadReport, LoadSpec, NamePredicate};
 pub use shard::{ShardFragment, ShardOptions, ShardWriter};
 pub use txn::{CommitInfo, Transaction};
@@ -115,6 +117,24 @@ pub struct Options {
     /// instead of refusing it (`Error::UnsafeDir`). Default `false`. Symlinked `segments/` or
     /// `readers/` are refused regardless.
     pub allow_unsafe_dir: bool,
+    /// A replica bucket (`s3://bucket/prefix` or `file:///dir`): commits stay local and durable
+    /// on return, and a background replicator copies each committed state to the bucket (see
+    /// [`Store::replication`], [`Store::wait_replicated`]). Opening a directory without a store
+    /// in it pulls the bucket's newest state first. Default `None`.
+    pub replica: Option<String>,
+    /// With a replica: the bucket keeps, of the checkpoints this store deletes, those among
+    /// the newest `N` (the bucket may keep more than the local disk). Default `None`: the
+    /// bucket mirrors the local store. At least 1.
+    pub replica_keep_last: Option<usize>,
+    /// Where a bucket store (`Store::open("s3://...")`) keeps its local cache. Default `None`:
+    /// `$CKPTSTORE_CACHE_DIR`, else `$XDG_CACHE_HOME/ckptstore`, else `~/.cache/ckptstore`,
+    /// then `remote/<hash of the URL>`. One process at a time per cache.
+    pub cache_dir: Option<PathBuf>,
+    /// Retries, timeouts, part size and parts in flight of the bucket tier's requests.
+    pub remote_policy: crate::remote::RetryPolicy,
+    /// A fault injector for the bucket tier's requests (tests).
+    #[doc(hidden)]
+    pub remote_faults: Option<Arc<crate::remote::Faults>>,
 }
 
 impl Default for Options {
@@ -131,6 +151,11 @@ impl Default for Options {
             io: crate::io::default_storage(),
             file_mode: crate::io::DEFAULT_FILE_MODE,
             allow_unsafe_dir: false,
+            replica: None,
+            replica_keep_last: None,
+            cache_dir: None,
+            remote_policy: crate::remote::RetryPolicy::default(),
+            remote_faults: None,
         }
     }
 }
@@ -175,6 +200,9 @@ impl Options {
                  write (e.g. 0600, 0640)",
                 self.file_mode
             )));
+        }
+        if self.replica_keep_last == Some(0) {
+            return Err(Error::invalid("replica_keep_last 0: keep at least 1"));
         }
         self.compression.validate()
     }
@@ -239,6 +267,8 @@ pub struct Store {
     pending_free: BTreeMap<u64, u64>,
     /// Segment ids handed to shard writers ([`Store::reserve_segment_ids`]).
     reservations: external::Reservations,
+    /// The bucket tier: a replicator, or a bucket store's synchronous publisher.
+    remote: Option<remote_tier::RemoteTier>,
     /// Chunks verified reads found bad, not yet quarantined (see `quarantine.rs`).
     suspects: quarantine::Suspects,
 }
@@ -264,9 +294,34 @@ pub(crate) fn commit_record_len(m: &Manifest) -> u64 {
 
 impl Store {
     /// Opens the store in `dir`, creating it if absent (unless read-only), and runs recovery.
-    pub fn open(dir: impl AsRef<Path>, mut opts: Options) -> Result<Store> {
+    ///
+    /// `dir` may be a bucket URL (`s3://bucket/prefix`, `file:///dir`): the store then lives in
+    /// the bucket, with a local cache, and a commit is durable once its commit object is
+    /// created there (docs/GUARANTEES.md, "Object storage").
+    pub fn open(dir: impl AsRef<Path>, opts: Options) -> Result<Store> {
+        if let Some(url) = dir.as_ref().to_str().filter(|s| crate::remote::is_url(s)) {
+            return remote_tier::open_url(url, opts);
+        }
+        let replica = match (&opts.replica, opts.read_only) {
+            (Some(url), false) => Some(remote_tier::replica_bucket(url, &opts)?),
+            _ => None,
+        };
+        let mut store = Store::open_dir(dir.as_ref(), opts, replica.as_ref())?;
+        if let Some(bucket) = replica {
+            store.remote = Some(remote_tier::start_replica(&store, bucket)?);
+        }
+        Ok(store)
+    }
+
+    /// [`Store::open`] of a directory; with `restore_from`, an empty one is filled from that
+    /// bucket's newest state first.
+    fn open_dir(
+        dir: &Path,
+        mut opts: Options,
+        restore_from: Option<&Arc<crate::remote::Bucket>>,
+    ) -> Result<Store> {
         opts.validate()?;
-        let dir = dir.as_ref().to_path_buf();
+        let dir = dir.to_path_buf();
         perms::check_store_dir(&*opts.io, &dir, &opts)?;
         opts.io = crate::io::WithMode::wrap(opts.io.clone(), opts.file_mode);
         let io = opts.io.clone();
@@ -276,6 +331,9 @@ impl Store {
             recovery::create_store_dir(&*io, &dir)?;
             Some(writer_lock::take(&*io, &dir)?)
         };
+        if let Some(bucket) = restore_from {
+            remote_tier::restore_if_empty(&*io, &dir, bucket)?;
+        }
         // A reader takes its lease (holding everything) before it reads the WAL, and narrows
         // it after: see store/lease.rs for why that order closes the race with a deletion.
         // Only in an existing store (a read-only open never creates one); a reader that cannot
@@ -309,6 +367,7 @@ impl Store {
             lease,
             pending_free: rec.pending_free,
             reservations: external::Reservations::default(),
+            remote: None,
             suspects: quarantine::Suspects::default(),
         };
         // A crash between a commit and the heal it allowed leaves the heal to this open
@@ -517,6 +576,7 @@ impl Store {
             segments_pending: freed.pending,
         };
         self.compact_after_durable_write();
+        self.publish_after_durable_write()?;
         Ok(info)
     }
 
@@ -550,6 +610,7 @@ impl Store {
             return Err(self.poison(e));
         }
         self.compact_after_durable_write();
+        self.publish_after_durable_write()?;
         Ok(true)
     }
 
