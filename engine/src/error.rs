@@ -332,6 +332,41 @@ pub enum Error {
         /// Ids of the keys supplied, comma-separated.
         supplied: String,
     },
+
+    /// Another writer created the bucket's next commit object first (the conditional create
+    /// of `log/<seq>` lost the race): this process is not the store's writer any more.
+    /// Nothing was overwritten; reopen the store to see the other writer's commits.
+    #[error("{url}: another writer committed sequence number {seq} first; reopen the store (one writer at a time)")]
+    WriterConflict {
+        /// The store's URL (no credentials: they never appear in a URL this crate prints).
+        url: String,
+        /// The commit sequence number both tried to create.
+        seq: u64,
+    },
+
+    /// A commit object in the bucket is damaged or from a newer build (named by the feature
+    /// this build lacks).
+    #[error("commit object {name}: {reason}")]
+    BadCommitObject {
+        /// Its key.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// A request to the object store failed (after the bounded retries, for a transient
+    /// failure). Nothing is committed by a failed publish; the next open cleans up.
+    #[error("{url}: {op} {key}: {message}")]
+    Remote {
+        /// The store's URL.
+        url: String,
+        /// The request (`put`, `get`, `list`, `delete`, `upload part`...).
+        op: &'static str,
+        /// The object key, relative to the bucket.
+        key: String,
+        /// What the server or the client said (never credentials).
+        message: String,
+    },
 }
 
 impl Error {

@@ -26,6 +26,7 @@ mod le;
 #[doc(hidden)]
 pub mod manifest;
 pub mod pipeline;
+pub mod remote;
 pub mod retention;
 #[doc(hidden)]
 pub mod segment;

@@ -114,6 +114,9 @@ impl Store {
         // A fresh copy of a quarantined chunk heals the checkpoints that reference it.
         self.heal_after_durable_write();
         self.compact_after_durable_write();
+        // The bucket tier: a replica is queued (nothing waits on the network); a bucket store
+        // (`s3://`) publishes here, and the commit is durable only once that returns.
+        self.publish_after_durable_write()?;
         Ok(info)
     }
 

@@ -235,6 +235,7 @@ impl Store {
         // The chunks found corrupt are quarantined now (their sources stay live).
         self.heal_after_durable_write();
         self.compact_after_durable_write();
+        self.publish_after_durable_write()?;
         Ok(Compacted {
             written: outputs.iter().map(|o| o.id).collect(),
             bytes_written: outputs.iter().map(|o| o.length).sum(),

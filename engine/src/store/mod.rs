@@ -17,6 +17,7 @@ mod reader;
 mod rebuild;
 mod recovery;
 mod rekey;
+mod remote_tier;
 mod select;
 mod shard;
 mod state;
@@ -38,6 +39,7 @@ pub use reader::{CheckpointReader, Tensor, VerifiedChunks};
 pub use rebuild::RebuildReport;
 pub use recovery::RecoveryReport;
 pub use rekey::RekeyReport;
+pub use remote_tier::{pull, REPLICA_TOKEN_NAME};
 pub use select::{LoadReport, LoadSpec, NamePredicate};
 pub use shard::{ShardFragment, ShardOptions, ShardWriter};
 pub use txn::{CommitInfo, Transaction};
@@ -126,6 +128,24 @@ pub struct Options {
     pub encryption_key: Option<crate::crypt::Key>,
     /// Keys of checkpoints sealed before a rotation: read with these, never written with.
     pub old_keys: Vec<crate::crypt::Key>,
+    /// A replica bucket (`s3://bucket/prefix` or `file:///dir`): commits stay local and durable
+    /// on return, and a background replicator copies each committed state to the bucket (see
+    /// [`Store::replication`], [`Store::wait_replicated`]). Opening a directory without a store
+    /// in it pulls the bucket's newest state first. Default `None`.
+    pub replica: Option<String>,
+    /// With a replica: the bucket keeps, of the checkpoints this store deletes, those among
+    /// the newest `N` (the bucket may keep more than the local disk). Default `None`: the
+    /// bucket mirrors the local store. At least 1.
+    pub replica_keep_last: Option<usize>,
+    /// Where a bucket store (`Store::open("s3://...")`) keeps its local cache. Default `None`:
+    /// `$CKPTSTORE_CACHE_DIR`, else `$XDG_CACHE_HOME/ckptstore`, else `~/.cache/ckptstore`,
+    /// then `remote/<hash of the URL>`. One process at a time per cache.
+    pub cache_dir: Option<PathBuf>,
+    /// Retries, timeouts, part size and parts in flight of the bucket tier's requests.
+    pub remote_policy: crate::remote::RetryPolicy,
+    /// A fault injector for the bucket tier's requests (tests).
+    #[doc(hidden)]
+    pub remote_faults: Option<Arc<crate::remote::Faults>>,
 }
 
 impl Default for Options {
@@ -144,6 +164,11 @@ impl Default for Options {
             allow_unsafe_dir: false,
             encryption_key: None,
             old_keys: Vec::new(),
+            replica: None,
+            replica_keep_last: None,
+            cache_dir: None,
+            remote_policy: crate::remote::RetryPolicy::default(),
+            remote_faults: None,
         }
     }
 }
@@ -188,6 +213,9 @@ impl Options {
                  write (e.g. 0600, 0640)",
                 self.file_mode
             )));
+        }
+        if self.replica_keep_last == Some(0) {
+            return Err(Error::invalid("replica_keep_last 0: keep at least 1"));
         }
         self.compression.validate()
     }
@@ -254,6 +282,8 @@ pub struct Store {
     reservations: external::Reservations,
     /// The keys supplied ([`Options::encryption_key`], [`Options::old_keys`]).
     keys: crate::crypt::Keyring,
+    /// The bucket tier: a replicator, or a bucket store's synchronous publisher.
+    remote: Option<remote_tier::RemoteTier>,
     /// Chunks verified reads found bad, not yet quarantined (see `quarantine.rs`).
     suspects: quarantine::Suspects,
 }
@@ -337,9 +367,34 @@ pub(crate) fn commit_record_len(m: &Manifest) -> u64 {
 
 impl Store {
     /// Opens the store in `dir`, creating it if absent (unless read-only), and runs recovery.
-    pub fn open(dir: impl AsRef<Path>, mut opts: Options) -> Result<Store> {
+    ///
+    /// `dir` may be a bucket URL (`s3://bucket/prefix`, `file:///dir`): the store then lives in
+    /// the bucket, with a local cache, and a commit is durable once its commit object is
+    /// created there (docs/GUARANTEES.md, "Object storage").
+    pub fn open(dir: impl AsRef<Path>, opts: Options) -> Result<Store> {
+        if let Some(url) = dir.as_ref().to_str().filter(|s| crate::remote::is_url(s)) {
+            return remote_tier::open_url(url, opts);
+        }
+        let replica = match (&opts.replica, opts.read_only) {
+            (Some(url), false) => Some(remote_tier::replica_bucket(url, &opts)?),
+            _ => None,
+        };
+        let mut store = Store::open_dir(dir.as_ref(), opts, replica.as_ref())?;
+        if let Some(bucket) = replica {
+            store.remote = Some(remote_tier::start_replica(&store, bucket)?);
+        }
+        Ok(store)
+    }
+
+    /// [`Store::open`] of a directory; with `restore_from`, an empty one is filled from that
+    /// bucket's newest state first.
+    fn open_dir(
+        dir: &Path,
+        mut opts: Options,
+        restore_from: Option<&Arc<crate::remote::Bucket>>,
+    ) -> Result<Store> {
         opts.validate()?;
-        let dir = dir.as_ref().to_path_buf();
+        let dir = dir.to_path_buf();
         perms::check_store_dir(&*opts.io, &dir, &opts)?;
         opts.io = crate::io::WithMode::wrap(opts.io.clone(), opts.file_mode);
         let io = opts.io.clone();
@@ -349,6 +404,9 @@ impl Store {
             recovery::create_store_dir(&*io, &dir)?;
             Some(writer_lock::take(&*io, &dir)?)
         };
+        if let Some(bucket) = restore_from {
+            remote_tier::restore_if_empty(&*io, &dir, bucket)?;
+        }
         // A reader takes its lease (holding everything) before it reads the WAL, and narrows
         // it after: see store/lease.rs for why that order closes the race with a deletion.
         // Only in an existing store (a read-only open never creates one); a reader that cannot
@@ -388,6 +446,7 @@ impl Store {
             pending_free: rec.pending_free,
             reservations: external::Reservations::default(),
             keys,
+            remote: None,
             suspects: quarantine::Suspects::default(),
         };
         // A writer with a key seals what it commits: the WAL declares the feature first, so
@@ -638,6 +697,7 @@ impl Store {
             segments_pending: freed.pending,
         };
         self.compact_after_durable_write();
+        self.publish_after_durable_write()?;
         Ok(info)
     }
 
@@ -671,6 +731,7 @@ impl Store {
             return Err(self.poison(e));
         }
         self.compact_after_durable_write();
+        self.publish_after_durable_write()?;
         Ok(true)
     }
 
