@@ -5,7 +5,7 @@
 use super::Store;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::io::StorageFile;
+use crate::io::{ReadBuf, StorageFile};
 use crate::manifest::CheckpointInfo;
 use crate::manifest::{Manifest, MetaValue};
 use ckptstore_proto::v1 as pb;
@@ -15,6 +15,10 @@ use std::sync::{Arc, Mutex};
 
 /// Below this many bytes a verified read stays on the calling thread.
 const PARALLEL_READ_MIN_BYTES: u64 = 8 << 20;
+/// At least this many reading threads (more where there are more cores): a direct read blocks
+/// its thread on the disk, so the disk is kept busy by several reads in flight, not by the
+/// kernel's read-ahead (direct reads have none).
+const READ_THREADS: usize = 4;
 /// How far ahead of the chunk being read the disk is asked to read (POSIX_FADV_WILLNEED).
 pub(super) const READ_AHEAD_BYTES: u64 = 64 << 20;
 
@@ -168,7 +172,7 @@ impl<'s> CheckpointReader<'s> {
     /// the ones this call finds intact. A damaged chunk is never recorded, so every checkpoint
     /// that uses it fails.
     pub fn verify_with(&self, seen: &mut VerifiedChunks) -> Result<()> {
-        let mut buf = Vec::new();
+        let mut scratch = Scratch::default();
         let items = self
             .manifest
             .tensors
@@ -186,8 +190,7 @@ impl<'s> CheckpointReader<'s> {
                     continue;
                 }
                 self.check_segment(c)?;
-                buf.resize(c.raw_len as usize, 0);
-                self.read_chunk(kind, name, i, c, &mut buf, true)?;
+                self.read_chunk(kind, name, i, c, None, &mut scratch, true)?;
                 seen.0.insert(chunk_key(c));
             }
         }
@@ -204,6 +207,12 @@ impl<'s> CheckpointReader<'s> {
         out: &mut [u8],
         verify: bool,
     ) -> Result<()> {
+        // New memory (a fresh tensor) is zeroed and mapped by the kernel at its first touch:
+        // asked for in huge pages, and faulted in a chunk at a time by the thread that fills
+        // it, before its read, so the faulting of one chunk overlaps the disk reads of others.
+        if out.len() as u64 >= PARALLEL_READ_MIN_BYTES {
+            crate::io::advise_huge(out);
+        }
         let mut slices = Vec::with_capacity(chunks.len());
         let mut rest: &mut [u8] = out;
         for c in chunks {
@@ -211,8 +220,9 @@ impl<'s> CheckpointReader<'s> {
             slices.push(dst);
             rest = tail;
         }
-        self.each_chunk(chunks, slices, |i, dst, _| {
-            self.read_chunk(kind, name, i, &chunks[i], dst, verify)
+        self.each_chunk(chunks, slices, |i, dst, scratch| {
+            crate::io::prefault(dst);
+            self.read_chunk(kind, name, i, &chunks[i], Some(dst), scratch, verify)
         })
     }
 
@@ -229,9 +239,7 @@ impl<'s> CheckpointReader<'s> {
         chunks: &[pb::ChunkRef],
     ) -> Result<()> {
         self.each_chunk(chunks, vec![(); chunks.len()], |i, (), scratch| {
-            let c = &chunks[i];
-            scratch.resize(c.raw_len as usize, 0);
-            self.read_chunk(kind, name, i, c, scratch, true)
+            self.read_chunk(kind, name, i, &chunks[i], None, scratch, true)
         })
     }
 
@@ -247,15 +255,16 @@ impl<'s> CheckpointReader<'s> {
         &self,
         chunks: &[pb::ChunkRef],
         items: Vec<T>,
-        work: impl Fn(usize, T, &mut Vec<u8>) -> Result<()> + Sync,
+        work: impl Fn(usize, T, &mut Scratch) -> Result<()> + Sync,
     ) -> Result<()> {
         let ahead = ReadAhead::new(self, chunks);
         let threads = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
+            .max(READ_THREADS)
             .min(chunks.len());
         let total: u64 = chunks.iter().map(|c| c.raw_len).sum();
         if threads < 2 || total < PARALLEL_READ_MIN_BYTES {
-            let mut scratch = Vec::new();
+            let mut scratch = Scratch::default();
             for (i, item) in items.into_iter().enumerate() {
                 ahead.advance(i);
                 work(i, item, &mut scratch)?;
@@ -273,7 +282,7 @@ impl<'s> CheckpointReader<'s> {
                 .map(|mine| {
                     let (ahead, failed, work) = (&ahead, &failed, &work);
                     scope.spawn(move || -> Option<(usize, Error)> {
-                        let mut scratch = Vec::new();
+                        let mut scratch = Scratch::default();
                         for (i, item) in mine {
                             // A lower chunk failed: the error is that one, stop early.
                             if failed.load(Ordering::Relaxed) < i {
@@ -333,34 +342,65 @@ impl<'s> CheckpointReader<'s> {
         }
     }
 
+    /// Reads chunk `index` (`c`) of `name`: its stored bytes through
+    /// [`StorageFile::read_cold`] into `scratch`, decoded if compressed, hashed (unless
+    /// `verify` is false) where they lie — in the reused buffer, still in the CPU's cache — and
+    /// copied into `out` when there is one (a verification keeps nothing).
+    #[allow(clippy::too_many_arguments)]
     fn read_chunk(
         &self,
         kind: &'static str,
         name: &str,
         index: usize,
         c: &pb::ChunkRef,
-        out: &mut [u8],
+        out: Option<&mut [u8]>,
+        scratch: &mut Scratch,
         verify: bool,
     ) -> Result<()> {
         self.check_segment(c)?;
         let corrupt = |reason: String| self.chunk_error(kind, name, index, c, reason);
         let file = self.store.segment_file(c.segment)?;
-        if c.codec == pb::Codec::None as i32 {
-            file.read_at(out, c.offset)
-                .map_err(|e| corrupt(format!("read failed: {e}")))?;
+        let plain = c.codec == pb::Codec::None as i32;
+        // An uncompressed chunk is its raw bytes; a compressed one, its stored frame.
+        let len = if plain { c.raw_len } else { c.stored_len };
+        let stored = file
+            .read_cold(c.offset, len as usize, &mut scratch.read)
+            .map_err(|e| corrupt(format!("read failed: {e}")))?;
+        let raw: &[u8] = if plain {
+            stored
         } else {
-            // A compressed chunk: its frame (shorter than `out`, the manifest says so) is
-            // read whole, then decoded into `out`; a bad frame is a corrupt chunk.
-            let mut stored = vec![0u8; c.stored_len as usize];
-            file.read_at(&mut stored, c.offset)
-                .map_err(|e| corrupt(format!("read failed: {e}")))?;
-            crate::codec::decode(c.codec, &stored, out, &mut Vec::new()).map_err(corrupt)?;
-        }
-        if verify && blake3::hash(out).as_bytes()[..] != c.blake3[..] {
+            // A compressed chunk: its frame (shorter than the raw bytes, the manifest says
+            // so) decoded into `out`, or into the scratch when only verifying; a bad frame is
+            // a corrupt chunk.
+            let dst = match out {
+                Some(o) => o,
+                None => {
+                    scratch.decoded.resize(c.raw_len as usize, 0);
+                    &mut scratch.decoded[..]
+                }
+            };
+            crate::codec::decode(c.codec, stored, dst, &mut Vec::new()).map_err(corrupt)?;
+            if verify && blake3::hash(dst).as_bytes()[..] != c.blake3[..] {
+                return Err(corrupt("BLAKE3 mismatch".into()));
+            }
+            return Ok(());
+        };
+        if verify && blake3::hash(raw).as_bytes()[..] != c.blake3[..] {
             return Err(corrupt("BLAKE3 mismatch".into()));
+        }
+        if let Some(out) = out {
+            out.copy_from_slice(raw);
         }
         Ok(())
     }
+}
+
+/// One reading thread's reused buffers: what it reads into (aligned for direct reads) and,
+/// when verifying a compressed chunk, what it decodes into.
+#[derive(Default)]
+pub(super) struct Scratch {
+    read: ReadBuf,
+    decoded: Vec<u8>,
 }
 
 /// Read-ahead hints for one read of `chunks`: before chunk `i` is read, every chunk that
