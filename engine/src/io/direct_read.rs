@@ -101,6 +101,14 @@ impl Drop for ReadBuf {
     }
 }
 
+/// Whether cold reads may go direct: yes, unless `CKPTSTORE_DIRECT_READ=0` is set (read once
+/// per process) — the escape hatch if a file system misbehaves under O_DIRECT, and the way to
+/// compare both routes in one build.
+pub(crate) fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("CKPTSTORE_DIRECT_READ").map_or(true, |v| v != "0"))
+}
+
 /// The O_DIRECT read descriptor of an open file, with the offset alignment its file system
 /// needs.
 pub(crate) struct DirectReader {

@@ -43,7 +43,12 @@ impl StdFile {
             return None;
         }
         self.direct
-            .get_or_init(|| DirectReader::open(&self.file).ok())
+            .get_or_init(|| {
+                if !super::direct_read::enabled() {
+                    return None;
+                }
+                DirectReader::open(&self.file).ok()
+            })
             .as_ref()
     }
 

@@ -172,7 +172,6 @@ impl<'s> CheckpointReader<'s> {
     /// the ones this call finds intact. A damaged chunk is never recorded, so every checkpoint
     /// that uses it fails.
     pub fn verify_with(&self, seen: &mut VerifiedChunks) -> Result<()> {
-        let mut scratch = Scratch::default();
         let items = self
             .manifest
             .tensors
@@ -184,17 +183,38 @@ impl<'s> CheckpointReader<'s> {
                     .iter()
                     .map(|b| ("blob", &b.name, &b.chunks)),
             );
+        // Every chunk not yet seen, once, in order: read and hashed on every core like a
+        // load's chunks (`each_chunk`); the error is the first damaged one's in that order.
+        let mut todo = Vec::new();
+        let mut refs = Vec::new();
+        let mut keys = std::collections::HashSet::new();
         for (kind, name, chunks) in items {
             for (i, c) in chunks.iter().enumerate() {
-                if seen.0.contains(&chunk_key(c)) {
+                let key = chunk_key(c);
+                if seen.0.contains(&key) || !keys.insert(key) {
                     continue;
                 }
                 self.check_segment(c)?;
-                self.read_chunk(kind, name, i, c, None, &mut scratch, true)?;
-                seen.0.insert(chunk_key(c));
+                todo.push((kind, name.as_str(), i));
+                refs.push(c.clone());
             }
         }
-        Ok(())
+        let r = self.each_chunk(&refs, todo, |k, (kind, name, i), scratch| {
+            self.read_chunk(kind, name, i, &refs[k], None, scratch, true)
+        });
+        // Chunks before the first damaged one were all read and found intact.
+        let intact = match &r {
+            Ok(()) => refs.len(),
+            Err(Error::ChunkCorrupt {
+                segment, offset, ..
+            }) => refs
+                .iter()
+                .position(|c| (c.segment, c.offset) == (*segment, *offset))
+                .unwrap_or(0),
+            Err(_) => 0,
+        };
+        seen.0.extend(refs[..intact].iter().map(chunk_key));
+        r
     }
 
     /// Reads `chunks` into `out` (their raw bytes, back to back), verified unless `verify` is
