@@ -10,94 +10,59 @@
 //! a file system that refuses O_DIRECT (tmpfs) or an alignment we cannot keep falls back to
 //! buffered reads.
 //!
-//! Like `mmap.rs` and the io_uring module, this module is allowed `unsafe` (an aligned
-//! allocation and `madvise`/`mincore` on memory we hold); each block says why it is sound.
+//! Like `mmap.rs` and the io_uring module, this module is allowed `unsafe` (`madvise` and
+//! `mincore` on memory we hold); each block says why it is sound.
 
 use rustix::fs::{AtFlags, OFlags, StatxFlags};
-use std::alloc::Layout;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
-use std::ptr::NonNull;
 
-/// Alignment of [`ReadBuf`]'s memory: a page, more than any block device asks of O_DIRECT
-/// memory here (`statx` reports 512 or 4 for virtio and NVMe).
+/// Alignment of [`ReadBuf`]'s memory: a page (it is an anonymous map), more than any block
+/// device asks of O_DIRECT memory here (`statx` reports 512 or 4 for virtio and NVMe).
 const BUF_ALIGN: usize = 4096;
 
-/// A heap buffer aligned for O_DIRECT, grown on demand and reused: after its first use its
-/// pages are mapped, so a direct read into it faults nothing. One per reading thread.
+/// A buffer aligned for O_DIRECT (an anonymous map, so page-aligned and zeroed by the kernel
+/// without a memset pass), grown on demand and reused: its pages are mapped when it is made,
+/// so a direct read into it faults nothing. One per reading thread, kept between reads.
+#[derive(Default)]
 pub struct ReadBuf {
-    ptr: NonNull<u8>,
-    cap: usize,
-}
-
-// SAFETY: `ReadBuf` owns its allocation exclusively (like a `Vec<u8>`); moving it to another
-// thread moves that ownership.
-#[allow(unsafe_code)]
-unsafe impl Send for ReadBuf {}
-
-impl Default for ReadBuf {
-    fn default() -> Self {
-        ReadBuf {
-            ptr: NonNull::dangling(),
-            cap: 0,
-        }
-    }
+    map: Option<memmap2::MmapMut>,
 }
 
 impl std::fmt::Debug for ReadBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReadBuf").field("cap", &self.cap).finish()
+        f.debug_struct("ReadBuf")
+            .field("cap", &self.map.as_ref().map_or(0, |m| m.len()))
+            .finish()
     }
 }
 
 impl ReadBuf {
     /// The first `len` bytes: the contents of the last use when it is long enough, else a
-    /// new, longer buffer (contents not kept).
+    /// new, longer buffer (contents not kept). Panics if the memory cannot be mapped, as a
+    /// failed allocation aborts.
     pub fn get_mut(&mut self, len: usize) -> &mut [u8] {
-        if len > self.cap {
-            self.release();
-            // Round up to 1 MiB so chunks of slightly different sizes reuse one allocation.
+        if len == 0 {
+            return &mut [];
+        }
+        if self.map.as_ref().is_none_or(|m| m.len() < len) {
+            self.map = None;
+            // Round up to 1 MiB so chunks of slightly different sizes reuse one buffer.
             let cap = len.div_ceil(1 << 20) << 20;
-            #[allow(clippy::expect_used)] // a size that fits a slice fits a Layout
-            let layout = Layout::from_size_align(cap, BUF_ALIGN).expect("valid layout");
-            #[allow(unsafe_code)]
-            // SAFETY: `layout` has a non-zero size (len > cap >= 0, so cap >= 1 MiB).
-            let p = unsafe { std::alloc::alloc_zeroed(layout) };
-            let Some(ptr) = NonNull::new(p) else {
-                std::alloc::handle_alloc_error(layout)
-            };
-            self.ptr = ptr;
-            self.cap = cap;
+            #[allow(clippy::expect_used)] // as an allocation failure
+            let map = memmap2::MmapOptions::new()
+                .len(cap)
+                .populate()
+                .map_anon()
+                .expect("mapping a read buffer");
+            self.map = Some(map);
         }
-        #[allow(unsafe_code)]
-        // SAFETY: `ptr` points to `cap >= len` initialized (zeroed, then only written through
-        // this slice) bytes owned by `self`, borrowed mutably for the slice's lifetime; for
-        // `cap == 0` it is dangling but aligned and `len == 0`.
-        unsafe {
-            std::slice::from_raw_parts_mut(self.ptr.as_ptr(), len)
+        match self.map.as_mut() {
+            Some(m) => &mut m[..len],
+            None => &mut [],
         }
-    }
-
-    fn release(&mut self) {
-        if self.cap > 0 {
-            #[allow(clippy::expect_used)] // the layout it was allocated with
-            let layout = Layout::from_size_align(self.cap, BUF_ALIGN).expect("valid layout");
-            #[allow(unsafe_code)]
-            // SAFETY: allocated by `get_mut` with exactly this layout, and not freed since.
-            unsafe {
-                std::alloc::dealloc(self.ptr.as_ptr(), layout)
-            };
-            self.ptr = NonNull::dangling();
-            self.cap = 0;
-        }
-    }
-}
-
-impl Drop for ReadBuf {
-    fn drop(&mut self) {
-        self.release();
     }
 }
 
