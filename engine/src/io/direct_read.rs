@@ -204,18 +204,6 @@ pub(crate) fn resident(map: &[u8], offset: usize, len: usize) -> bool {
     rc != 0 || vec.iter().all(|v| v & 1 == 1)
 }
 
-/// Asks for huge pages for the page-aligned inside of `dst` (MADV_HUGEPAGE): a load into new
-/// memory then zeroes and maps it 2 MiB at a time instead of 4 KiB (measured 0.5 s → 0.14 s
-/// per GiB here). Only advice: refused (no THP, not anonymous memory), nothing changes.
-pub fn advise_huge(dst: &mut [u8]) {
-    if let Some((p, n)) = inner_pages(dst) {
-        #[allow(unsafe_code)]
-        // SAFETY: `p..p+n` lies inside `dst`, memory we hold exclusively; MADV_HUGEPAGE only
-        // changes how its pages are backed, never their contents.
-        let _ = unsafe { rustix::mm::madvise(p, n, rustix::mm::Advice::LinuxHugepage) };
-    }
-}
-
 /// Faults in the page-aligned inside of `dst` in one call (MADV_POPULATE_WRITE, Linux 5.14+),
 /// before the bytes are copied into it: one kernel entry instead of one fault per page. Pages
 /// already there are untouched (their contents stay). Refused (an older kernel), the copy
@@ -258,7 +246,6 @@ mod tests {
     fn prefault_keeps_contents() {
         let mut v = vec![0u8; 3 << 20];
         v[12345] = 9;
-        advise_huge(&mut v);
         prefault(&mut v);
         assert_eq!(v[12345], 9);
         assert_eq!(v.iter().map(|&b| b as u64).sum::<u64>(), 9);

@@ -14,7 +14,7 @@ mod std_io;
 mod uring;
 mod with_mode;
 
-pub use direct_read::{advise_huge, prefault, ReadBuf};
+pub use direct_read::{prefault, ReadBuf};
 pub use mem::{MemFaults, MemIo};
 pub use mmap::MappedFile;
 pub use private_fs::{DirStatus, DEFAULT_FILE_MODE};

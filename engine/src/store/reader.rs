@@ -228,11 +228,10 @@ impl<'s> CheckpointReader<'s> {
         verify: bool,
     ) -> Result<()> {
         // New memory (a fresh tensor) is zeroed and mapped by the kernel at its first touch:
-        // asked for in huge pages, and faulted in a chunk at a time by the thread that fills
-        // it, before its read, so the faulting of one chunk overlaps the disk reads of others.
-        if out.len() as u64 >= PARALLEL_READ_MIN_BYTES {
-            crate::io::advise_huge(out);
-        }
+        // faulted in a chunk at a time, in one call, by the thread that fills it, so the
+        // faulting of one chunk overlaps the disk reads of others. Not in huge pages: with
+        // `defrag=madvise` a MADV_HUGEPAGE fault compacts memory, and under memory pressure
+        // that took 22-25 s per GiB here (DECISIONS "Cold reads go direct").
         let mut slices = Vec::with_capacity(chunks.len());
         let mut rest: &mut [u8] = out;
         for c in chunks {
