@@ -698,7 +698,11 @@ fn cold_load(dir: &Path, zero_copy: bool) -> CliResult<f64> {
 
 /// Reads one byte of every 4 KiB page of `b` (a user's first look at a loaded tensor).
 fn touch(b: &[u8]) -> usize {
-    b.iter().step_by(4096).map(|&x| usize::from(x)).sum::<usize>() + b.len()
+    b.iter()
+        .step_by(4096)
+        .map(|&x| usize::from(x))
+        .sum::<usize>()
+        + b.len()
 }
 
 /// Resident set size now, from /proc/self/statm (0 where unavailable).

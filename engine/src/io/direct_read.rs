@@ -238,7 +238,11 @@ mod tests {
         let p = b.get_mut(5000).as_ptr() as usize;
         assert_eq!(p % BUF_ALIGN, 0);
         b.get_mut(5000)[4999] = 7;
-        assert_eq!(b.get_mut(100).as_ptr() as usize, p, "a shorter use reuses it");
+        assert_eq!(
+            b.get_mut(100).as_ptr() as usize,
+            p,
+            "a shorter use reuses it"
+        );
         assert_eq!(b.get_mut(3 << 20).len(), 3 << 20);
     }
 

@@ -114,7 +114,8 @@ pub trait StorageFile: Send + Sync {
     /// Whether `len` bytes from `offset` are best read through the page cache (a map, a
     /// pread): true for a backend without direct reads (the default) and for bytes already
     /// cached; false for cold bytes a direct read fetches faster (see
-    /// [`StorageFile::read_cold`]). Only a choice of route: both return the same bytes.
+    /// [`StorageFile::read_cold`]), which a reader should then not hint into the cache with
+    /// [`StorageFile::will_need`]. Only a choice of route: both return the same bytes.
     fn cached(&self, offset: u64, len: u64) -> bool {
         let _ = (offset, len);
         true

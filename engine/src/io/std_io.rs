@@ -217,14 +217,10 @@ impl StorageFile for StdFile {
     }
 
     fn will_need(&self, offset: u64, len: u64) {
-        // A file read direct is not read ahead into the page cache: cached pages would be
-        // read through the cache, and their first touch is the slow part (see `read_cold`).
-        if self.direct().is_some() {
-            return;
-        }
         if let Some(len) = std::num::NonZeroU64::new(len) {
             // Only a hint: a file system that refuses it reads on demand.
-            let _ = rustix::fs::fadvise(&self.file, offset, Some(len), rustix::fs::Advice::WillNeed);
+            let _ =
+                rustix::fs::fadvise(&self.file, offset, Some(len), rustix::fs::Advice::WillNeed);
         }
     }
 
@@ -318,7 +314,10 @@ mod cold_read_tests {
             drop_cache(&path);
             let mut scratch = ReadBuf::default();
             f.read_cold(4096 + 64, 3 << 20, &mut scratch).unwrap();
-            assert!(!f.cached(8192, 1 << 20), "a direct read filled the page cache");
+            assert!(
+                !f.cached(8192, 1 << 20),
+                "a direct read filled the page cache"
+            );
         } else {
             eprintln!("no O_DIRECT here: the buffered route was checked");
         }
@@ -350,7 +349,10 @@ mod cold_read_tests {
             direct: OnceLock::from(None),
             direct_refused: AtomicBool::new(false),
         };
-        assert!(no_direct.cached(64, 1 << 20), "no direct reader: read through the cache");
+        assert!(
+            no_direct.cached(64, 1 << 20),
+            "no direct reader: read through the cache"
+        );
         check_reads(&no_direct, &path, &want);
 
         // A direct reader that believes offsets need no alignment: its unaligned reads are

@@ -199,8 +199,8 @@ impl<'s> CheckpointReader<'s> {
                 refs.push(c.clone());
             }
         }
-        let r = self.each_chunk(&refs, todo, |k, (kind, name, i), scratch| {
-            self.read_chunk(kind, name, i, &refs[k], None, scratch, true)
+        let r = self.each_chunk(&refs, todo, Route::Cold, |k, (kind, name, i), scratch| {
+            self.read_chunk(kind, name, i, &refs[k], None, Route::Cold, scratch, true)
         });
         // Chunks before the first damaged one were all read and found intact.
         let intact = match &r {
@@ -239,9 +239,18 @@ impl<'s> CheckpointReader<'s> {
             slices.push(dst);
             rest = tail;
         }
-        self.each_chunk(chunks, slices, |i, dst, scratch| {
+        self.each_chunk(chunks, slices, Route::Cold, |i, dst, scratch| {
             crate::io::prefault(dst);
-            self.read_chunk(kind, name, i, &chunks[i], Some(dst), scratch, verify)
+            self.read_chunk(
+                kind,
+                name,
+                i,
+                &chunks[i],
+                Some(dst),
+                Route::Cold,
+                scratch,
+                verify,
+            )
         })
     }
 
@@ -257,9 +266,14 @@ impl<'s> CheckpointReader<'s> {
         name: &str,
         chunks: &[pb::ChunkRef],
     ) -> Result<()> {
-        self.each_chunk(chunks, vec![(); chunks.len()], |i, (), scratch| {
-            self.read_chunk(kind, name, i, &chunks[i], None, scratch, true)
-        })
+        self.each_chunk(
+            chunks,
+            vec![(); chunks.len()],
+            Route::Cache,
+            |i, (), scratch| {
+                self.read_chunk(kind, name, i, &chunks[i], None, Route::Cache, scratch, true)
+            },
+        )
     }
 
     /// Runs `work(i, items[i], scratch)` for every chunk: reads of several megabytes on one
@@ -274,9 +288,10 @@ impl<'s> CheckpointReader<'s> {
         &self,
         chunks: &[pb::ChunkRef],
         items: Vec<T>,
+        route: Route,
         work: impl Fn(usize, T, &mut Scratch) -> Result<()> + Sync,
     ) -> Result<()> {
-        let ahead = ReadAhead::new(self, chunks);
+        let ahead = ReadAhead::new(self, chunks, route);
         let threads = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
             .max(READ_THREADS)
@@ -378,6 +393,7 @@ impl<'s> CheckpointReader<'s> {
         index: usize,
         c: &pb::ChunkRef,
         out: Option<&mut [u8]>,
+        route: Route,
         scratch: &mut Scratch,
         verify: bool,
     ) -> Result<()> {
@@ -386,10 +402,15 @@ impl<'s> CheckpointReader<'s> {
         let file = self.store.segment_file(c.segment)?;
         let plain = c.codec == pb::Codec::None as i32;
         // An uncompressed chunk is its raw bytes; a compressed one, its stored frame.
-        let len = if plain { c.raw_len } else { c.stored_len };
-        let stored = file
-            .read_cold(c.offset, len as usize, &mut scratch.read)
-            .map_err(|e| corrupt(format!("read failed: {e}")))?;
+        let len = if plain { c.raw_len } else { c.stored_len } as usize;
+        let stored = match route {
+            Route::Cold => file.read_cold(c.offset, len, &mut scratch.read),
+            Route::Cache => {
+                let buf = scratch.read.get_mut(len);
+                file.read_at(buf, c.offset).map(|()| &*buf)
+            }
+        }
+        .map_err(|e| corrupt(format!("read failed: {e}")))?;
         let raw: &[u8] = if plain {
             stored
         } else {
@@ -417,6 +438,17 @@ impl<'s> CheckpointReader<'s> {
         }
         Ok(())
     }
+}
+
+/// How a read brings bytes in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Route {
+    /// The fastest way for bytes that may be cold ([`StorageFile::read_cold`]: direct where
+    /// the backend can), for reads whose bytes end up in memory of their own (or nowhere).
+    Cold,
+    /// Through the page cache, hinted ahead, leaving the pages there: the verification of a
+    /// zero-copy view, whose map then reads the same pages.
+    Cache,
 }
 
 /// One reading thread's reused buffers: what it reads into (aligned for direct reads) and,
@@ -466,10 +498,11 @@ struct ReadAhead<'r, 's> {
     starts: Vec<u64>,
     /// The next chunk to hint (`chunks.len() + 1` once the trailing hint is out too).
     next: Mutex<usize>,
+    route: Route,
 }
 
 impl<'r, 's> ReadAhead<'r, 's> {
-    fn new(reader: &'r CheckpointReader<'s>, chunks: &'r [pb::ChunkRef]) -> Self {
+    fn new(reader: &'r CheckpointReader<'s>, chunks: &'r [pb::ChunkRef], route: Route) -> Self {
         let mut at = 0;
         let starts = chunks
             .iter()
@@ -484,6 +517,7 @@ impl<'r, 's> ReadAhead<'r, 's> {
             chunks,
             starts,
             next: Mutex::new(0),
+            route,
         }
     }
 
@@ -522,7 +556,11 @@ impl<'r, 's> ReadAhead<'r, 's> {
     fn hint(&self, (segment, offset, len): (u64, u64, u64)) {
         if let Ok(f) = self.reader.store.segment_file(segment) {
             let f: &dyn StorageFile = &*f;
-            f.will_need(offset, len);
+            // Cold bytes a direct read will fetch are not wanted in the page cache: filling
+            // it is the slow part of a cold read here (`StorageFile::read_cold`).
+            if self.route == Route::Cache || f.cached(offset, len) {
+                f.will_need(offset, len);
+            }
         }
     }
 }

@@ -87,10 +87,7 @@ impl std::ops::Deref for TensorView {
 }
 
 impl CheckpointReader<'_> {
-    /// A tensor's bytes without copying them where possible, every chunk verified: bytes in
-    /// the page cache are mapped (zero-copy); cold bytes of a file the backend reads direct
-    /// (`StdIo` on a file system with O_DIRECT) are read into new memory, the faster way to
-    /// bring them in here (DECISIONS "Cold reads go direct").
+    /// A tensor's bytes without copying them where possible, every chunk verified.
     pub fn tensor_view(&self, name: &str) -> Result<TensorView> {
         self.tensor_view_with(name, true)
     }
@@ -103,14 +100,6 @@ impl CheckpointReader<'_> {
         let dtype = crate::manifest::tensor_dtype(t)?;
         if let Some((map, range)) = self.mapped_run(&t.chunks)? {
             if verify {
-                // Cold bytes of a file read direct are read, verified, into new memory
-                // instead: verifying them through the cache would fill it, and a new
-                // page-cache page's first touch is the slow part of a cold read here
-                // (`StorageFile::read_cold`, DECISIONS "Cold reads go direct").
-                let file = self.store.segment_file(t.chunks[0].segment)?;
-                if !file.cached(range.start as u64, range.len() as u64) {
-                    return self.owned_view(name, verify);
-                }
                 self.verify_mapped(&t.name, &t.chunks, &map, range.start)?;
             }
             return Ok(TensorView {
@@ -119,10 +108,6 @@ impl CheckpointReader<'_> {
                 data: ViewData::Mapped { map, range },
             });
         }
-        self.owned_view(name, verify)
-    }
-
-    fn owned_view(&self, name: &str, verify: bool) -> Result<TensorView> {
         let owned = self.tensor_with(name, verify)?;
         Ok(TensorView {
             dtype: owned.dtype,
@@ -162,7 +147,6 @@ impl CheckpointReader<'_> {
         if end > map.len() {
             return Ok(None);
         }
-
         Ok(Some((map, start..end)))
     }
 
@@ -178,13 +162,7 @@ impl CheckpointReader<'_> {
     ) -> Result<()> {
         let total: usize = chunks.iter().map(|c| c.stored_len as usize).sum();
         let past = (total as u64).min(super::reader::READ_AHEAD_BYTES) as usize;
-        // The next tensor's bytes, unless they are cold in a file read direct (then they are
-        // not wanted in the page cache: `StorageFile::cached`).
-        if let Ok(f) = self.store.segment_file(chunks[0].segment) {
-            if f.cached((start + total) as u64, past as u64) {
-                map.will_need(start + total, past);
-            }
-        }
+        map.will_need(start + total, past);
         self.verify_chunks("tensor", name, chunks)
     }
 }
