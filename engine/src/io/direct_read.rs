@@ -162,7 +162,7 @@ impl DirectReader {
                 }
                 // A short read ends at the file's end (or a signal): only the last one may
                 // leave `done` unaligned, and then the loop is over or the next read is EOF.
-                Ok(n) if (done + n) % self.align as usize != 0 && done + n < need => {
+                Ok(n) if !(done + n).is_multiple_of(self.align as usize) && done + n < need => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         "read past the end of the file",
