@@ -6,6 +6,7 @@
 //! interleaved and medians reported; ratios are to the raw limits of the same run. Several
 //! sizes (`--sizes`) run one after another, and `--plot` draws GB/s against size.
 
+use super::bench_cost::{costed, Cost};
 use super::bench_raw::{self, Cold, BLOCK};
 use super::plot::{line_chart, Series};
 use super::{emit, emit_json, fail, human_bytes, CliResult};
@@ -114,9 +115,19 @@ struct Samples {
     load: Vec<f64>,
     load_copy: Vec<f64>,
     peak_extra: Vec<u64>,
+    /// What the durable save, the std save and the two cold loads cost (see `bench_cost`).
+    costs: [Vec<Cost>; 4],
     /// Whether every cold read dropped the whole page cache.
     global_drop: bool,
 }
+
+/// The steps whose cost is shown, in `Samples::costs` order.
+const COSTED: [&str; 4] = [
+    "durable save",
+    "durable save (std)",
+    "cold load, zero-copy",
+    "cold load, new memory",
+];
 
 /// Medians of one size's samples, seconds (and the derived figures).
 struct Report {
@@ -137,6 +148,7 @@ struct Report {
     load: f64,
     load_copy: f64,
     peak_extra: u64,
+    costs: [Cost; 4],
     global_drop: bool,
     budget: u64,
 }
@@ -167,6 +179,7 @@ impl Report {
             load: median(&s.load),
             load_copy: median(&s.load_copy),
             peak_extra: peak[peak.len() / 2],
+            costs: s.costs.each_ref().map(|c| Cost::median(c)),
             global_drop: s.global_drop,
             budget,
         }
@@ -229,6 +242,13 @@ impl Report {
             "load_copy_gbps": gb(self.load_copy),
             "load_copy_vs_raw_read": self.raw_read() / self.load_copy,
             "peak_extra_rss_bytes": self.peak_extra,
+            "costs": COSTED.iter().zip(&self.costs).map(|(what, c)| json!({
+                "what": what,
+                "user_s": c.user,
+                "sys_s": c.sys,
+                "dirty_writeback_peak_bytes": c.dirty_peak,
+                "rss_peak_bytes": c.rss_peak,
+            })).collect::<Vec<_>>(),
         })
     }
 
@@ -340,6 +360,35 @@ impl Report {
             &["what", "time", "GB/s", "ratio"],
             &[false, true, true, false],
             &rows,
+        );
+        let gib = self.size as f64 / f64::from(1u32 << 30);
+        let cost_rows: Vec<Vec<String>> = COSTED
+            .iter()
+            .zip(&self.costs)
+            .filter(|(_, c)| c.user + c.sys > 0.0 || c.rss_peak > 0)
+            .map(|(what, c)| {
+                vec![
+                    what.to_string(),
+                    format!("{:.2} s", c.user),
+                    format!("{:.2} s", c.sys),
+                    format!("{:.2} s", (c.user + c.sys) / gib),
+                    human_bytes(c.dirty_peak),
+                    human_bytes(c.rss_peak),
+                ]
+            })
+            .collect();
+        text += "\nwhere the time went (medians; CPU of all this process's threads):\n";
+        text += &super::table(
+            &[
+                "step",
+                "user",
+                "sys",
+                "CPU per GiB",
+                "peak dirty+writeback",
+                "peak RSS",
+            ],
+            &[false, true, true, true, true, true],
+            &cost_rows,
         );
         text += &format!(
             "\npeak extra RSS during the async save: {} (staging budget {})\n",
@@ -500,6 +549,7 @@ fn measure(a: &Args, size: u64, work: &Path) -> CliResult<Samples> {
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     let (mut load, mut load_copy, mut incremental, mut stall, mut durable, mut peak) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut costs: [Vec<Cost>; 4] = Default::default();
     for round in 0..a.rounds {
         // Every chunk differs from every earlier round's: nothing deduplicates.
         stamp(&mut data, round, 0);
@@ -525,7 +575,9 @@ fn measure(a: &Args, size: u64, work: &Path) -> CliResult<Samples> {
 
         msg(round, &format!("durable save ({backend})"));
         let dir = work.join(format!("sync-{round}"));
-        save.push(sync_save(&dir, &data, round, Options::default())?);
+        let (secs, cost) = costed(|| sync_save(&dir, &data, round, Options::default()));
+        save.push(secs?);
+        costs[0].push(cost);
         bar.inc(1);
         if backend != IoBackend::Std {
             msg(round, "durable save (std)");
@@ -535,7 +587,9 @@ fn measure(a: &Args, size: u64, work: &Path) -> CliResult<Samples> {
                 io: Arc::new(StdIo),
                 ..Options::default()
             };
-            save_std.push(sync_save(&std_dir, &data, round, opts)?);
+            let (secs, cost) = costed(|| sync_save(&std_dir, &data, round, opts));
+            save_std.push(secs?);
+            costs[1].push(cost);
             std::fs::remove_dir_all(&std_dir)?;
             stamp(&mut data, round, 0); // back to the bytes the first save stored
         }
@@ -561,9 +615,13 @@ fn measure(a: &Args, size: u64, work: &Path) -> CliResult<Samples> {
         let segments = segment_files(&dir)?;
         let seg_refs: Vec<&Path> = segments.iter().map(PathBuf::as_path).collect();
         cold(&seg_refs)?;
-        load.push(cold_load(&dir, true)?);
+        let (secs, cost) = costed(|| cold_load(&dir, true));
+        load.push(secs?);
+        costs[2].push(cost);
         cold(&seg_refs)?;
-        load_copy.push(cold_load(&dir, false)?);
+        let (secs, cost) = costed(|| cold_load(&dir, false));
+        load_copy.push(secs?);
+        costs[3].push(cost);
         bar.inc(1);
         // Incremental: one 4 MiB block in ten changes, the rest is what the store holds.
         msg(round, "incremental save");
@@ -622,6 +680,7 @@ fn measure(a: &Args, size: u64, work: &Path) -> CliResult<Samples> {
         load,
         load_copy,
         peak_extra: peak,
+        costs,
         global_drop: s.global_drop,
     })
 }
@@ -706,7 +765,7 @@ fn touch(b: &[u8]) -> usize {
 }
 
 /// Resident set size now, from /proc/self/statm (0 where unavailable).
-fn rss_bytes() -> u64 {
+pub(super) fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
