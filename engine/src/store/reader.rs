@@ -254,7 +254,8 @@ impl<'s> CheckpointReader<'s> {
         })
     }
 
-    /// Reads and hashes `chunks` without keeping their bytes: each thread reads its chunks into
+    /// Reads (through the page cache: [`Route::Cache`]) and hashes `chunks` without keeping
+    /// their bytes: each thread reads its chunks into
     /// one reused buffer and hashes them while they are in the CPU's cache. This is how a
     /// zero-copy view is verified: after it the pages are in the page cache, and the view maps
     /// them. Hashing through the map instead measured 1.3–2× the CPU time here (cold pages
@@ -277,11 +278,12 @@ impl<'s> CheckpointReader<'s> {
     }
 
     /// Runs `work(i, items[i], scratch)` for every chunk: reads of several megabytes on one
-    /// thread per core, chunk `i` on thread `i % threads`, each thread reading its chunk and
-    /// hashing it while it is still in the cache — the kernel's copy (and the first-touch
-    /// faults of new memory) and BLAKE3 spread over the cores, instead of one thread reading
-    /// while another hashes. The disk is kept busy by [`ReadAhead`] hints ahead of the chunks
-    /// being read. `scratch` is one reused buffer per thread. The error is the first
+    /// thread per core (at least [`READ_THREADS`]), chunk `i` on thread `i % threads`, each
+    /// thread reading its chunk and hashing it while it is still in the CPU's cache — copies,
+    /// the first-touch faults of new memory and BLAKE3 spread over the cores, instead of one
+    /// thread reading while another hashes. The disk is kept busy by the threads' reads in
+    /// flight and, for bytes read through the page cache, by [`ReadAhead`] hints. `scratch`
+    /// is one reused set of buffers per thread, from the store's pool. The error is the first
     /// (lowest-index) chunk's.
     #[allow(clippy::expect_used)] // a read thread does not panic
     fn each_chunk<T: Send>(
