@@ -40,6 +40,11 @@ impl std::fmt::Debug for ReadBuf {
 }
 
 impl ReadBuf {
+    /// Bytes held.
+    pub fn capacity(&self) -> usize {
+        self.map.as_ref().map_or(0, |m| m.len())
+    }
+
     /// The first `len` bytes: the contents of the last use when it is long enough, else a
     /// new, longer buffer (contents not kept). Panics if the memory cannot be mapped, as a
     /// failed allocation aborts.

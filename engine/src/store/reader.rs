@@ -470,6 +470,9 @@ pub(super) struct ScratchPool(Mutex<Vec<Scratch>>);
 impl ScratchPool {
     /// Kept at most: one per reading thread of a machine with this many cores.
     const MAX_KEPT: usize = 16;
+    /// Buffers larger than this (a store with huge chunks) are freed, not kept: the pool
+    /// holds at most `MAX_KEPT` × this between reads.
+    const MAX_KEPT_BYTES: usize = 32 << 20;
 
     fn take(&self) -> Scratch {
         self.0
@@ -480,6 +483,9 @@ impl ScratchPool {
     }
 
     fn give_back(&self, s: Scratch) {
+        if s.read.capacity() + s.decoded.capacity() > Self::MAX_KEPT_BYTES {
+            return;
+        }
         let mut pool = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if pool.len() < Self::MAX_KEPT {
             pool.push(s);
