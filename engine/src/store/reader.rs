@@ -19,6 +19,8 @@ const PARALLEL_READ_MIN_BYTES: u64 = 8 << 20;
 /// its thread on the disk, so the disk is kept busy by several reads in flight, not by the
 /// kernel's read-ahead (direct reads have none).
 const READ_THREADS: usize = 4;
+/// Chunks up to this size get [`READ_THREADS`]; larger ones one thread per core.
+const READ_THREADS_MAX_CHUNK: u64 = 64 << 20;
 /// How far ahead of the chunk being read the disk is asked to read (POSIX_FADV_WILLNEED).
 pub(super) const READ_AHEAD_BYTES: u64 = 64 << 20;
 
@@ -294,10 +296,16 @@ impl<'s> CheckpointReader<'s> {
         work: impl Fn(usize, T, &mut Scratch) -> Result<()> + Sync,
     ) -> Result<()> {
         let ahead = ReadAhead::new(self, chunks, route);
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .max(READ_THREADS)
-            .min(chunks.len());
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // Each thread holds one chunk-sized buffer: extra threads only for ordinary chunks.
+        let largest = chunks.iter().map(|c| c.stored_len.max(c.raw_len)).max();
+        let extra = largest.unwrap_or(0) <= READ_THREADS_MAX_CHUNK;
+        let threads = if extra {
+            cores.max(READ_THREADS)
+        } else {
+            cores
+        }
+        .min(chunks.len());
         let total: u64 = chunks.iter().map(|c| c.raw_len).sum();
         if threads < 2 || total < PARALLEL_READ_MIN_BYTES {
             let mut scratch = self.store.read_scratch.take();
