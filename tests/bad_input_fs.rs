@@ -51,7 +51,7 @@
 //! | 42 | checkpoint deleted while a reader holds it (same process, another process) | reader_lease::same_process_reader_keeps_reading_and_space_is_freed_after_it_closes, reader_lease::another_process_keeps_reading_a_deleted_checkpoint_and_space_is_freed_after_it_exits |
 //! | 43 | reader killed (SIGKILL) while holding a lease | reader_lease::a_reader_killed_with_sigkill_does_not_pin_space |
 //! | 44 | GC / segment compaction interrupted by a power cut at any point | crash_sweep::crash_at_every_sync_in_every_mode (gc every 8 steps) |
-//! | 45 | bit rot in a chunk being compacted | compaction::a_corrupt_source_chunk_stops_compaction_and_changes_nothing |
+//! | 45 | bit rot in a chunk being compacted | compaction::a_corrupt_source_chunk_is_quarantined_and_left_while_the_rest_compacts |
 //! | 46 | CRC-valid Relocate record that does not fit the state | compaction::a_bad_relocate_record_refuses_the_open |
 //! | 47 | `LOCK` (or any store file) a symlink to a victim | store_security::lock_symlink_victim_untouched |
 //! | 48 | FIFO named like `LOCK`, a WAL, a segment or a lease (or a symlinked lease) | store_security::fifo_named_like_lock_wal_or_segment_does_not_hang_an_open, store_security::fifo_or_symlink_named_like_a_lease_neither_hangs_nor_pins_space |
@@ -63,6 +63,8 @@
 //! | 54 | a salvage past a Relocate record, a torn Relocate record (its outputs the only copy) | bad_input_fs::salvage_skips_the_damaged_record_and_keeps_a_relocate_records_outputs, bad_input_fs::a_torn_relocate_records_outputs_go_to_lost_found, bad_input_fs::orphan_segments_go_to_lost_found_with_a_note |
 //! | 55 | a manifest claiming a 1 PiB tensor; a sparse 1 PiB WAL; an oversized CURRENT | bad_input_fs::a_manifest_claiming_a_1_pib_tensor_is_a_typed_error, bad_input_fs::a_sparse_petabyte_wal_is_a_typed_error, bad_input_fs::an_oversized_current_is_a_bad_header |
 //! | 56 | a crafted 128 MiB WAL tail (a well-formed frame every 16 bytes) | bad_input_fs::a_crafted_128_mib_wal_tail_is_refused_without_a_quadratic_search |
+//! | 57 | a store from a newer build (unknown incompatible, read-only-compatible, compatible feature) | bad_input_fs::a_store_from_a_newer_build_is_refused_as_newer_not_corrupt, bad_input_fs::a_store_with_an_unknown_read_only_compatible_feature_opens_read_only, bad_input_fs::a_store_with_an_unknown_compatible_feature_opens_and_keeps_the_bit |
+//! | 58 | a bad chunk shared by 10 checkpoints; a CRC-valid Quarantine record that does not fit the state | bad_input_fs::a_bad_chunk_shared_by_10_checkpoints_is_reported_for_all_and_one_save_heals_all, bad_input_fs::a_quarantine_record_healing_onto_other_bytes_refuses_the_open |
 //!
 //! Beyond these classes, the fuzz targets in `fuzz/` (and `tests/model_proptest.rs`) feed
 //! arbitrary bytes and operation sequences to the decoders and to recovery.
@@ -1288,4 +1290,364 @@ fn a_crafted_128_mib_wal_tail_is_refused_without_a_quadratic_search() {
         other => panic!("{other:?}"),
     }
     assert_eq!(mem_files(&mem), before);
+}
+
+// ---------------------------------------------------------------- a store from a newer build
+
+/// Rewrites the header of `dir`'s live WAL to declare `features` (what a newer build that
+/// turned them on writes), keeping its salt and file number.
+fn set_wal_features(dir: &Path, features: ckptstore::features::FeatureSet) {
+    let wal = live_wal(dir);
+    let mut b = std::fs::read(&wal).unwrap();
+    let h = wal::WalHeader {
+        features,
+        ..wal::WalHeader::decode(&b).unwrap()
+    };
+    b[..wal::WAL_HEADER_LEN].copy_from_slice(&h.encode());
+    std::fs::write(&wal, b).unwrap();
+}
+
+/// Appends a CRC-valid record of type `ty` (one this build does not know) to `dir`'s WAL.
+fn append_unknown_record(dir: &Path, ty: u8) {
+    let wal = live_wal(dir);
+    let mut b = std::fs::read(&wal).unwrap();
+    let salt = wal_salt(&b);
+    let payload = b"a newer build's record";
+    let mut fields = [0u8; 8];
+    fields[0..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    fields[4] = ty;
+    let mut crc_in = salt.to_le_bytes().to_vec();
+    crc_in.extend_from_slice(&fields);
+    crc_in.extend_from_slice(payload);
+    b.extend_from_slice(&crc32c(&crc_in).to_le_bytes());
+    b.extend_from_slice(&fields);
+    b.extend_from_slice(payload);
+    std::fs::write(&wal, b).unwrap();
+}
+
+/// Issue 14, item 4: a store from a newer build that uses an incompatible feature this build
+/// lacks is refused as newer — `NewerFormat` naming the feature bit, never `WalCorrupt` and
+/// never a salvage hint — by every open (writer, reader, salvage), and nothing changes. Even
+/// with records of an unknown type after it: the header decides first.
+#[test]
+fn a_store_from_a_newer_build_is_refused_as_newer_not_corrupt() {
+    use ckptstore::features::FeatureSet;
+    let dir = tempfile::tempdir().unwrap();
+    fs_store(dir.path());
+    set_wal_features(
+        dir.path(),
+        FeatureSet {
+            incompat: 1 << 15,
+            ..FeatureSet::EMPTY
+        },
+    );
+    append_unknown_record(dir.path(), 200);
+    let before = tree_without_lock(dir.path());
+    for mode in [
+        RecoveryMode::TolerateTailCorruption,
+        RecoveryMode::PointInTime,
+        RecoveryMode::AbsoluteConsistency,
+    ] {
+        for ro in [false, true] {
+            let o = Options {
+                read_only: ro,
+                recovery_mode: mode,
+                ..opts()
+            };
+            match Store::open(dir.path(), o) {
+                Err(e @ Error::NewerFormat { .. }) => {
+                    let msg = e.to_string();
+                    assert!(
+                        msg.contains(
+                            "written by a newer ckptstore: needs incompatible feature bit 15"
+                        ),
+                        "{msg}"
+                    );
+                    assert!(msg.contains("00000001.wal"), "{msg}");
+                    assert!(!msg.contains("salvage"), "{msg}");
+                    assert!(!msg.contains("read-only"), "{msg}");
+                }
+                other => panic!("{mode:?} ro={ro}: {other:?}"),
+            }
+        }
+    }
+    assert_eq!(tree_without_lock(dir.path()), before, "the store changed");
+    // With CURRENT lost too, the refusal says what the WAL is.
+    std::fs::remove_file(dir.path().join("CURRENT")).unwrap();
+    assert_current_missing_refused(
+        dir.path(),
+        "written by a newer ckptstore: needs incompatible feature bit 15",
+    );
+}
+
+/// A read-only-compatible feature this build lacks: read-only opens read it (skipping the
+/// feature's records), a writer is refused as newer with the read-only hint.
+#[test]
+fn a_store_with_an_unknown_read_only_compatible_feature_opens_read_only() {
+    use ckptstore::features::FeatureSet;
+    let dir = tempfile::tempdir().unwrap();
+    fs_store(dir.path());
+    set_wal_features(
+        dir.path(),
+        FeatureSet {
+            ro_compat: 1 << 9,
+            ..FeatureSet::EMPTY
+        },
+    );
+    append_unknown_record(dir.path(), 201);
+    let before = tree_without_lock(dir.path());
+    match Store::open(dir.path(), opts()) {
+        Err(e @ Error::NewerFormat { .. }) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains(
+                    "written by a newer ckptstore: needs read-only-compatible feature bit 9"
+                ),
+                "{msg}"
+            );
+            assert!(msg.contains("open it read-only"), "{msg}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(tree_without_lock(dir.path()), before);
+    let s = Store::open(dir.path(), Options::read_only()).unwrap();
+    assert_eq!(s.recovery_report().unknown_records_skipped, 1);
+    assert_holds(&s, 2, &[("w", &data(2, 3 * CHUNK))]);
+    assert_eq!(s.features().ro_compat, 1 << 9);
+    drop(s);
+    assert_eq!(tree_without_lock(dir.path()), before);
+}
+
+/// A compatible feature this build lacks: the store opens read-write, the feature's records
+/// are skipped, and the bit survives this build's WAL compaction.
+#[test]
+fn a_store_with_an_unknown_compatible_feature_opens_and_keeps_the_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    fs_store(dir.path());
+    // This build's own features (the store was created with them) plus one it lacks.
+    let mut f = wal::WalHeader::decode(&std::fs::read(live_wal(dir.path())).unwrap())
+        .unwrap()
+        .features;
+    f.compat |= 1 << 12;
+    set_wal_features(dir.path(), f);
+    append_unknown_record(dir.path(), 202);
+    let mut s = Store::open(dir.path(), opts()).unwrap();
+    assert_eq!(s.recovery_report().unknown_records_skipped, 1);
+    commit(&mut s, 3, &[("w", &data(3, 3 * CHUNK))]);
+    s.compact_wal().unwrap();
+    assert_eq!(s.features(), f);
+    drop(s);
+    let b = std::fs::read(live_wal(dir.path())).unwrap();
+    assert_eq!(wal::WalHeader::decode(&b).unwrap().features, f);
+    // Compatible bits alone keep the header at version 1, which builds before the flags read.
+    assert_eq!(&b[8..10], &[1, 0]);
+    let s = Store::open(dir.path(), opts()).unwrap();
+    assert_holds(&s, 3, &[("w", &data(3, 3 * CHUNK))]);
+}
+
+/// A chunk of a frozen tensor that 10 checkpoints share rots on disk: `scrub` reports all 10
+/// as broken (and `latest_valid` finds none), one save of the same tensor heals all 10 —
+/// bit-exact, and after a reopen.
+#[test]
+fn a_bad_chunk_shared_by_10_checkpoints_is_reported_for_all_and_one_save_heals_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let frozen = data(77, 3 * CHUNK);
+    let mut s = Store::open(dir.path(), opts()).unwrap();
+    let mut own = BTreeMap::new();
+    for step in 1..=10u64 {
+        let w = data(500 + step, 100);
+        let id = commit(&mut s, step, &[("frozen", &frozen), ("w", &w)])
+            .checkpoint
+            .id;
+        own.insert(id, w);
+    }
+    let m = s.checkpoint(Selector::Id(1)).unwrap().manifest().clone();
+    let bad = m.tensors[0].chunks[2].clone();
+    let seg = dir
+        .path()
+        .join("segments")
+        .join(format!("{:08}.seg", bad.segment));
+    let mut b = std::fs::read(&seg).unwrap();
+    b[bad.offset as usize + 99] ^= 0x80;
+    std::fs::write(&seg, b).unwrap();
+
+    let r = s.scrub().unwrap();
+    assert_eq!(r.heal.quarantined, vec![(bad.segment, bad.offset)]);
+    assert_eq!(r.heal.unhealed.len(), 1);
+    assert_eq!(r.heal.broken_checkpoints(), (1..=10).collect::<Vec<u64>>());
+    let broken: Vec<u64> = r.broken.iter().map(|b| b.0).collect();
+    assert_eq!(
+        broken,
+        (1..=10).collect::<Vec<u64>>(),
+        "all 10 are reported"
+    );
+    assert!(r.broken.iter().all(|(_, e)| e.contains("BLAKE3")), "{r:?}");
+    assert_eq!(s.latest_valid().unwrap(), None);
+
+    let info = commit(&mut s, 11, &[("frozen", &frozen)]);
+    assert_eq!(info.chunks_written, 1, "one fresh copy");
+    let check = |s: &Store| {
+        for (id, w) in &own {
+            assert_holds(s, *id, &[("frozen", &frozen), ("w", w)]);
+        }
+        assert!(s.quarantined().is_empty());
+    };
+    check(&s);
+    assert!(s.scrub().unwrap().broken.is_empty());
+    drop(s);
+    check(&Store::open(dir.path(), Options::read_only()).unwrap());
+}
+
+/// A CRC-valid Quarantine record whose heal points a chunk at bytes with another BLAKE3 is a
+/// bad record: the open is refused naming it, never a checkpoint silently rewired.
+#[test]
+fn a_quarantine_record_healing_onto_other_bytes_refuses_the_open() {
+    let mem = MemIo::new();
+    let mut s = Store::open(DIR, mem_opts(&mem)).unwrap();
+    commit(&mut s, 1, &[("a", &data(1, 100))]);
+    commit(&mut s, 2, &[("b", &data(2, 100))]);
+    let a = s.checkpoint(Selector::Id(1)).unwrap().manifest().tensors[0].chunks[0].clone();
+    let b = s.checkpoint(Selector::Id(2)).unwrap().manifest().tensors[0].chunks[0].clone();
+    s.enable_feature(&ckptstore::features::QUARANTINE).unwrap();
+    let wal_path = PathBuf::from(DIR).join(ckptstore::store::wal_file_name(2));
+    drop(s);
+    let mut bytes = mem.read_file(&wal_path).unwrap();
+    let salt = wal_salt(&bytes);
+    let rec = pb::QuarantineRecord {
+        bad: vec![a.clone()],
+        healed: vec![pb::ChunkHeal {
+            from_segment: a.segment,
+            from_offset: a.offset,
+            to: Some(b),
+        }],
+    };
+    wal::encode_record(
+        &mut bytes,
+        salt,
+        RecordType::Quarantine,
+        &rec.encode_to_vec(),
+    );
+    let f = mem.open(&wal_path, true).unwrap();
+    f.write_at(&bytes, 0).unwrap();
+    match Store::open(DIR, mem_read_only(&mem)) {
+        Err(e @ Error::BadManifest { .. }) => {
+            assert!(e.to_string().contains("other bytes"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A 128 MiB zero tail after the last record — what a power cut leaves when the io_uring
+/// backend's reserve (fallocate ahead of direct writes) reached the disk and its trim did not:
+/// a torn tail, cut by the writer's open; every checkpoint is kept and the WAL takes commits
+/// again. How fast: `cargo bench --bench hostile_wal` (case `zeros`).
+#[test]
+fn a_128_mib_zero_tail_of_the_wal_is_cut_as_torn_and_loses_nothing() {
+    let (mem, ws) = mem_store();
+    let wal_path = Path::new(DIR).join("00000001.wal");
+    let mut bytes = mem.read_file(&wal_path).unwrap();
+    let end = bytes.len();
+    bytes.resize(end + (128 << 20), 0);
+    mem.write_file(&wal_path, bytes);
+    let s = Store::open(DIR, mem_read_only(&mem)).unwrap();
+    assert_eq!(s.list().len(), 2);
+    drop(s);
+    let mut s = Store::open(DIR, mem_opts(&mem)).unwrap();
+    assert_eq!(s.list().len(), 2);
+    assert_eq!(
+        mem.read_file(&wal_path).unwrap().len(),
+        end,
+        "the tail is cut"
+    );
+    assert_holds(&s, 2, &[("w", &ws[1])]);
+    commit(&mut s, 3, &[("w", &ws[0])]);
+    drop(s);
+    let s = Store::open(DIR, mem_opts(&mem)).unwrap();
+    assert_eq!(s.list().len(), 3);
+}
+
+/// 128 MiB of whole, well-formed records whose checksums are all wrong: damage (more than one
+/// record cannot be in flight), refused at the first one without a search, and nothing is
+/// changed. How fast: `cargo bench --bench hostile_wal` (case `bad_crc_records`).
+#[test]
+fn a_128_mib_run_of_records_with_bad_checksums_is_refused_and_changes_nothing() {
+    let (mem, _) = mem_store();
+    let wal_path = Path::new(DIR).join("00000001.wal");
+    let mut bytes = mem.read_file(&wal_path).unwrap();
+    let bad_at = bytes.len();
+    let payload = vec![0x5au8; 4096 - wal::RECORD_HEADER_LEN];
+    for i in 0..(128usize << 20) / 4096 {
+        bytes.extend_from_slice(&(i as u32).to_le_bytes());
+        bytes.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&[1, 0, 0, 0]);
+        bytes.extend_from_slice(&payload);
+    }
+    mem.write_file(&wal_path, bytes);
+    let before = mem_files(&mem);
+    match Store::open(DIR, mem_opts(&mem)) {
+        Err(Error::WalCorrupt { offset, reason, .. }) => {
+            assert_eq!(offset, bad_at as u64);
+            assert!(reason.contains("another whole record follows"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(mem_files(&mem), before);
+}
+
+/// Issue 14, item 5 (`read_all` had no cap on small-by-format files): a second writer finding
+/// the store locked reads the holder's pid from `LOCK` to name it in the error. A `LOCK` grown
+/// to 8 MiB (crafted, or written by something else) was read whole into that message; now it
+/// is read no further than a pid can be, and the holder is "unknown".
+#[test]
+fn regression_an_oversized_lock_file_is_not_read_into_the_locked_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let _writer = Store::open(dir.path(), opts()).unwrap();
+    std::fs::write(dir.path().join("LOCK"), vec![b'7'; 8 << 20]).unwrap();
+    match Store::open(dir.path(), opts()) {
+        Err(Error::Locked { pid, .. }) => assert_eq!(pid, "unknown"),
+        other => panic!("{:?}", other.map(|s| s.list().len())),
+    }
+}
+
+/// After every damaged record it skips, a salvage searches for the next valid one. Each search
+/// had a budget of its own, so a crafted WAL of many short damaged stretches — a bad frame, two
+/// frame headers each claiming the rest of the file, one checksummed record — cost
+/// O(stretches × file) of checksumming (here ~20,000 × 1.5 MiB × 4: a hang). The searches of
+/// one salvage now share one budget (twice the file plus one largest record); the salvage ends
+/// keeping what it proved, and nothing is deleted.
+#[test]
+fn a_salvage_of_many_damaged_stretches_shares_one_search_budget() {
+    let (mem, ws) = mem_store();
+    let wal_path = Path::new(DIR).join("00000001.wal");
+    let mut bytes = mem.read_file(&wal_path).unwrap();
+    let salt = wal_salt(&bytes);
+    let mut record = Vec::new();
+    wal::encode_record(&mut record, salt, RecordType::Delete, &[0xff; 20]);
+    let stretches = 20_000usize;
+    let stretch = wal::RECORD_HEADER_LEN + 32 + record.len();
+    let end = bytes.len() + stretches * stretch;
+    for _ in 0..stretches {
+        bytes.extend_from_slice(&[0xee; wal::RECORD_HEADER_LEN]);
+        for _ in 0..2 {
+            let rest = (end - bytes.len() - wal::RECORD_HEADER_LEN) as u32;
+            bytes.extend_from_slice(&0xdead_beefu32.to_le_bytes());
+            bytes.extend_from_slice(&rest.to_le_bytes());
+            bytes.extend_from_slice(&[1, 0, 0, 0, 0xab, 0xab, 0xab, 0xab]);
+        }
+        bytes.extend_from_slice(&record);
+    }
+    assert_eq!(bytes.len(), end);
+    mem.write_file(&wal_path, bytes);
+    assert!(matches!(
+        Store::open(DIR, mem_opts(&mem)),
+        Err(Error::WalCorrupt { .. })
+    ));
+    let salvage = Options {
+        recovery_mode: RecoveryMode::PointInTime,
+        ..mem_opts(&mem)
+    };
+    let s = Store::open(DIR, salvage).unwrap();
+    assert!(s.recovery_report().salvaged_corruption.is_some());
+    assert_eq!(s.list().len(), 2);
+    assert_holds(&s, 2, &[("w", &ws[1])]);
 }

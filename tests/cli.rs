@@ -194,6 +194,83 @@ fn verify_names_the_corrupt_checkpoint_tensor_and_chunk() {
     assert_eq!(c[2]["ok"], true);
 }
 
+/// `scrub` on a store whose frozen chunk rotted: it quarantines the chunk, names the three
+/// checkpoints that stay broken (JSON and text) and exits 1; after the next save of the same
+/// tensor (which heals them), `scrub` and `verify` pass and it exits 0.
+#[test]
+fn scrub_quarantines_reports_what_stays_broken_and_passes_after_a_healing_save() {
+    let d = store();
+    let dir = d.path().to_str().unwrap();
+    assert!(ok(&["scrub", dir]).contains("every checkpoint verifies"));
+    let frozen = {
+        let s = Store::open(d.path(), Options::read_only()).unwrap();
+        let ck = s.checkpoint(Selector::Id(1)).unwrap();
+        ck.manifest().tensors[0].chunks[0].clone()
+    };
+    let seg = d
+        .path()
+        .join("segments")
+        .join(format!("{:08}.seg", frozen.segment));
+    let mut data = std::fs::read(&seg).unwrap();
+    data[frozen.offset as usize + 5] ^= 0x04;
+    std::fs::write(&seg, data).unwrap();
+
+    let o = run(&["scrub", dir, "--json"]);
+    assert_eq!(o.status.code(), Some(1));
+    let v = json(&stdout(&o));
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["checkpoints"], 3);
+    let q = v["quarantined"].as_array().unwrap();
+    assert_eq!(q.len(), 1, "{v}");
+    assert_eq!(q[0]["segment"], frozen.segment);
+    assert_eq!(q[0]["offset"], frozen.offset);
+    assert_eq!(
+        v["unhealed"][0]["checkpoints"],
+        serde_json::json!([1, 2, 3])
+    );
+    let broken: Vec<u64> = v["broken"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(broken, vec![1, 2, 3]);
+    assert!(
+        stderr(&o).contains("3 checkpoint(s) stay broken"),
+        "{}",
+        stderr(&o)
+    );
+
+    // Text: already quarantined (nothing new), still unhealed.
+    let o = run(&["scrub", dir]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = stdout(&o);
+    assert!(!out.contains("quarantined "), "{out}");
+    assert!(
+        out.contains("unhealed") && out.contains("[1, 2, 3]"),
+        "{out}"
+    );
+    assert!(out.contains("BROKEN       checkpoint 2"), "{out}");
+
+    // The trainer saves the same frozen tensor again: every checkpoint heals.
+    {
+        let mut s = Store::open(d.path(), opts()).unwrap();
+        let mut t = s.begin(40).unwrap();
+        t.put_tensor(
+            "frozen.embed",
+            DType::F32,
+            &[2, CHUNK as u64 / 4],
+            &bytes(99, 2 * CHUNK),
+        )
+        .unwrap();
+        t.commit().unwrap();
+    }
+    let out = ok(&["scrub", dir]);
+    assert!(out.contains("every checkpoint verifies"), "{out}");
+    assert!(ok(&["verify", dir]).contains("verified 4 checkpoints"));
+    assert_eq!(json(&ok(&["scrub", dir, "--json"]))["ok"], true);
+}
+
 #[test]
 fn recover_reports_a_torn_tail_and_orphans() {
     let d = store();
@@ -265,7 +342,7 @@ fn bad_directories_and_usage_give_one_line_errors() {
 #[test]
 fn help_for_every_subcommand() {
     let top = ok(&["--help"]);
-    for cmd in ["ls", "inspect", "verify", "recover", "demo"] {
+    for cmd in ["ls", "inspect", "verify", "recover", "scrub", "demo"] {
         assert!(top.contains(cmd), "{top}");
         let h = ok(&[cmd, "--help"]);
         assert!(h.contains("Usage: ckptstore"), "{cmd}: {h}");
@@ -275,6 +352,33 @@ fn help_for_every_subcommand() {
     assert!(!top.contains("__demo-writer"), "{top}");
     assert!(ok(&["ls", "--help"]).contains("--json"));
     assert!(ok(&["recover", "--help"]).contains("--salvage"));
+}
+
+/// Seen in CI on a loaded machine: the parent read the writer's lines so late that the writer
+/// had finished every save and exited, and the demo failed with "the writer exited before the
+/// SIGKILL landed". The writer now waits for its stdin to close, so a late kill still lands
+/// (between saves) and the demo goes on.
+#[test]
+fn regression_demo_kill_after_the_writer_finished_still_finds_it_alive() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("late");
+    let out = ok(&[
+        "demo",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--state-mib",
+        "1",
+        "--steps",
+        "2",
+        "--save-every",
+        "1",
+        "--kill-after",
+        "1",
+        "--kill-delay-ms",
+        "1500",
+    ]);
+    assert!(out.starts_with("ckptstore demo: ok"), "{out}");
+    assert!(out.contains("by SIGKILL between saves"), "{out}");
 }
 
 #[test]
@@ -471,4 +575,86 @@ fn demo_runs_through_the_uring_backend() {
     ok(&["verify", dir_s]);
     let e = fails(&["demo", "--io", "tokio"]);
     assert!(e.contains("expected auto, std or uring"), "{e}");
+}
+
+/// Issue 14, item 4: `recover`, `ls`, `inspect` and `verify` on a store whose WAL header needs
+/// an incompatible feature this build lacks say it was written by a newer ckptstore, one
+/// line, no salvage hint, and change nothing.
+#[test]
+fn a_store_from_a_newer_build_is_refused_by_every_command() {
+    use ckptstore::features::FeatureSet;
+    use ckptstore::wal::{WalHeader, WAL_HEADER_LEN};
+    let d = store();
+    let dir = d.path().to_str().unwrap();
+    let wal = support::live_wal(d.path());
+    let mut b = std::fs::read(&wal).unwrap();
+    let h = WalHeader {
+        features: FeatureSet {
+            incompat: 1 << 4,
+            ..FeatureSet::EMPTY
+        },
+        ..WalHeader::decode(&b).unwrap()
+    };
+    b[..WAL_HEADER_LEN].copy_from_slice(&h.encode());
+    std::fs::write(&wal, &b).unwrap();
+    let before = support::snapshot_tree(d.path());
+    for args in [
+        vec!["recover", dir],
+        vec!["recover", dir, "--salvage"],
+        vec!["ls", dir],
+        vec!["inspect", dir],
+        vec!["verify", dir],
+    ] {
+        let e = fails(&args);
+        assert!(
+            e.contains("written by a newer ckptstore: needs incompatible feature bit 4"),
+            "{args:?}: {e}"
+        );
+        assert!(!e.contains("salvage"), "{args:?}: {e}");
+        assert_eq!(e.trim_end().lines().count(), 1, "{args:?}: {e}");
+    }
+    let mut after = support::snapshot_tree(d.path());
+    after.remove(Path::new("LOCK"));
+    let mut before = before;
+    before.remove(Path::new("LOCK"));
+    assert_eq!(after, before, "the store changed");
+}
+
+/// Issue 14, items 1 and 2: CURRENT removed and the WAL header overwritten. `recover` refuses
+/// and deletes nothing; `recover --rebuild` brings every checkpoint back, bit-exact and
+/// verified, and keeps the damaged WAL in lost+found/. On a healthy store it refuses.
+#[test]
+fn recover_rebuild_brings_back_a_store_whose_current_and_wal_header_are_gone() {
+    let d = store();
+    let dir = d.path().to_str().unwrap();
+    let e = fails(&["recover", dir, "--rebuild"]);
+    assert!(e.contains("nothing to rebuild"), "{e}");
+    let before = json(&ok(&["ls", dir, "--json"]));
+    std::fs::remove_file(d.path().join("CURRENT")).unwrap();
+    let wal = d.path().join("00000001.wal");
+    let mut b = std::fs::read(&wal).unwrap();
+    b[0..4].copy_from_slice(b"XXXX");
+    std::fs::write(&wal, &b).unwrap();
+    let tree = support::snapshot_tree(d.path());
+    let e = fails(&["recover", dir]);
+    assert!(e.contains("recover --rebuild"), "{e}");
+    let mut after = support::snapshot_tree(d.path());
+    after.remove(Path::new("LOCK"));
+    let mut tree = tree;
+    tree.remove(Path::new("LOCK"));
+    assert_eq!(after, tree, "recover changed the store");
+
+    let v = json(&ok(&["recover", dir, "--rebuild", "--json"]));
+    assert_eq!(
+        v["rebuild"]["restored"],
+        serde_json::json!([1, 2, 3]),
+        "{v}"
+    );
+    assert_eq!(v["verify_failures"], serde_json::json!([]), "{v}");
+    assert_eq!(json(&ok(&["ls", dir, "--json"])), before);
+    ok(&["verify", dir, "--all"]);
+    assert_eq!(
+        std::fs::read(d.path().join("lost+found/00000001.wal")).unwrap(),
+        b
+    );
 }

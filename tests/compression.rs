@@ -120,6 +120,9 @@ fn frames(path: &Path) -> HashMap<u64, (u8, u64, u64)> {
     let mut at = SEGMENT_DATA_OFFSET as usize;
     let mut out = HashMap::new();
     while at + FRAME_FIXED_LEN <= b.len() {
+        if b[at..].starts_with(b"CKPTTRL\0") {
+            break; // the commit trailer (docs/FORMAT.md) follows the last frame
+        }
         let h = match FrameHeader::decode(&b[at..]) {
             Ok(Ok(h)) => h,
             other => panic!("frame at {at} in {path:?}: {other:?}"),

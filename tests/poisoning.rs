@@ -114,7 +114,7 @@ fn sync_failure_at_each_sync_of_a_commit() {
         }
         match t.commit() {
             Ok(_) => {
-                assert_eq!(n, 4, "a commit makes three syncs");
+                assert_eq!(n, 5, "a commit makes four syncs");
                 assert!(s.poisoned().is_none());
                 break;
             }
@@ -127,16 +127,24 @@ fn sync_failure_at_each_sync_of_a_commit() {
         assert_poisoned(&mut s);
         drop(s);
         let present = reopen_and_check(&mem, &[1, 2], &[3]);
-        if n < 3 {
+        if n < 4 {
             // The WAL record was never written: the checkpoint cannot be there.
             assert_eq!(present, vec![1, 2], "sync {n}");
         }
     }
     let ops: Vec<&str> = failed_ops.iter().map(|(op, _)| *op).collect();
-    assert_eq!(ops, vec!["fdatasync", "fsync dir", "fdatasync"]);
+    // The segment, its directory entry, the commit trailer (docs/FORMAT.md), the WAL record.
+    assert_eq!(
+        ops,
+        vec!["fdatasync", "fsync dir", "fdatasync", "fdatasync"]
+    );
     assert_eq!(failed_ops[0].1.extension().unwrap(), "seg");
     assert!(failed_ops[1].1.ends_with("segments"));
-    assert_eq!(failed_ops[2].1.extension().unwrap(), "wal");
+    assert_eq!(
+        failed_ops[2].1, failed_ops[0].1,
+        "the trailer is in that segment"
+    );
+    assert_eq!(failed_ops[3].1.extension().unwrap(), "wal");
 }
 
 #[test]
@@ -258,8 +266,9 @@ fn failed_automatic_compaction_does_not_fail_a_durable_commit() {
     let mem = MemIo::new();
     let mut s = store_due_for_compaction(&mem);
     assert_eq!(wal_files(&mem), vec!["00000001.wal"]);
-    // The commit's own three syncs succeed; the compaction after it fails.
-    fail_sync(&mem, 4);
+    // The commit's own four syncs (segment, directory, commit trailer, WAL) succeed; the
+    // compaction after it fails.
+    fail_sync(&mem, 5);
     let mut t = s.begin(3).unwrap();
     for (name, bytes) in tensors(3) {
         t.put_tensor(&name, ckptstore::DType::U8, &[bytes.len() as u64], &bytes)

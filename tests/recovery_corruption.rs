@@ -420,9 +420,15 @@ fn missing_segment_is_reported_skipped_and_never_deduplicated_against() {
 fn truncated_segment_is_reported_skipped_and_never_deduplicated_against() {
     damaged_segment_case(
         |p| {
-            let len = file_len(p);
+            // 100 bytes short of its committed length: the end of its frames, where its
+            // commit trailer (docs/FORMAT.md), past that length, starts.
+            let bytes = std::fs::read(p).unwrap();
+            let committed = bytes
+                .windows(8)
+                .rposition(|w| w == b"CKPTTRL\0")
+                .expect("a commit trailer");
             let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
-            f.set_len(len - 100).unwrap();
+            f.set_len(committed as u64 - 100).unwrap();
         },
         "truncated",
     );
@@ -604,6 +610,10 @@ fn foreign_files_are_ignored_and_never_deleted() {
 // ---------------------------------------------------------------- newer versions
 
 fn expect_unsupported(dir: &Path, file: &Path) {
+    expect_unsupported_version(dir, file, 2, 1)
+}
+
+fn expect_unsupported_version(dir: &Path, file: &Path, want_found: u32, want_supported: u32) {
     for o in [opts(), read_only(), with_mode(RecoveryMode::PointInTime)] {
         match Store::open(dir, o) {
             Err(Error::UnsupportedVersion {
@@ -612,7 +622,7 @@ fn expect_unsupported(dir: &Path, file: &Path) {
                 supported,
             }) => {
                 assert_eq!(path, file);
-                assert_eq!((found, supported), (2, 1));
+                assert_eq!((found, supported), (want_found, want_supported));
             }
             other => panic!("{}: {other:?}", file.display()),
         }
@@ -633,9 +643,10 @@ fn newer_wal_version_is_unsupported() {
     let dir = tempfile::tempdir().unwrap();
     store_with(dir.path(), 1);
     let wal = live_wal(dir.path());
-    set_version(&wal, 8, 2, 28);
+    // Version 2 is the header with feature flags (docs/FORMAT.md): 3 is the first unknown one.
+    set_version(&wal, 8, 3, 28);
     let before = files_without_lock(dir.path());
-    expect_unsupported(dir.path(), &wal);
+    expect_unsupported_version(dir.path(), &wal, 3, 2);
     assert_eq!(before, files_without_lock(dir.path()));
 }
 

@@ -159,18 +159,34 @@ fn wal_compaction_keeps_live_state() {
 }
 
 /// Walks the frames of a segment file and returns (payload offset, chunk table) per frame.
+/// After the frames, exactly nothing or one commit trailer (docs/FORMAT.md) may follow.
 fn frames_of(path: &std::path::Path) -> Vec<(u64, Vec<ckptstore::segment::ChunkEntry>)> {
+    frames_and_end(path).0
+}
+
+/// [`frames_of`], and the end of the last frame (the segment's committed length).
+fn frames_and_end(
+    path: &std::path::Path,
+) -> (Vec<(u64, Vec<ckptstore::segment::ChunkEntry>)>, u64) {
     use ckptstore::segment::{FrameHeader, SEGMENT_DATA_OFFSET};
     let b = std::fs::read(path).unwrap();
     let mut at = SEGMENT_DATA_OFFSET as usize;
     let mut out = Vec::new();
-    while at < b.len() {
+    while at < b.len() && &b[at..at + 4] == b"CKFR" {
         let h = FrameHeader::decode(&b[at..]).unwrap().unwrap();
         out.push((at as u64 + h.header_len(), h.chunks.clone()));
         at += h.frame_len() as usize;
     }
-    assert_eq!(at, b.len(), "frames tile the segment exactly");
-    out
+    if at < b.len() {
+        assert_eq!(
+            &b[at..at + 8],
+            b"CKPTTRL\0",
+            "only a trailer follows the frames"
+        );
+        let n = u32::from_le_bytes(b[at + 12..at + 16].try_into().unwrap()) as usize;
+        assert_eq!(b.len(), at + 32 + n, "the trailer ends the file");
+    }
+    (out, at as u64)
 }
 
 /// A tensor written in one run is one contiguous byte range (the zero-copy read path relies
@@ -276,8 +292,7 @@ fn tensors_span_segments() {
             .path()
             .join("segments")
             .join(format!("{:08}.seg", seg.id));
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), seg.length);
-        frames_of(&path);
+        assert_eq!(frames_and_end(&path).1, seg.length);
     }
     assert_eq!(ck.tensor("big").unwrap().data, big);
     assert_eq!(ck.tensor("small").unwrap().data, small);

@@ -335,10 +335,11 @@ fn failed_commit_sync_poisons_and_abort_keeps_the_segments() {
         .map(|(r, ids)| write_shard(Path::new("/s"), ids, shard_opts(&store), r as u64))
         .collect();
     let before = sim.list_dir(Path::new("/s/segments")).unwrap();
-    // The directory fsync is the first sync of the commit, the WAL's fdatasync the second.
+    // The directory fsync is the first sync of the commit, the commit trailer's fdatasync
+    // the second, the WAL's fdatasync the third.
     sim.inject(Fault::Eio {
         kind: OpKind::Sync,
-        nth: 2,
+        nth: 3,
     });
     let e = store
         .commit_external(2, 0, BTreeMap::new(), &frags)
@@ -354,4 +355,34 @@ fn failed_commit_sync_poisons_and_abort_keeps_the_segments() {
         [c] => assert_rank_data(&store, c.id, 2),
         more => panic!("{more:?}"),
     }
+}
+
+/// A failed fdatasync of the commit trailer (docs/FORMAT.md) fails the commit before its
+/// commit point: nothing is committed, and the store is poisoned like after any failed sync.
+/// After a reopen nothing was committed and no orphan is left in `segments/`.
+#[test]
+fn failed_trailer_sync_fails_the_commit_before_its_commit_point() {
+    let sim = SimIo::new();
+    let mut store = Store::open("/s", small_opts(Some(sim.clone()))).unwrap();
+    let ranges = store.reserve_segment_ids(2, 8).unwrap();
+    let frags: Vec<ShardFragment> = ranges
+        .into_iter()
+        .enumerate()
+        .map(|(r, ids)| write_shard(Path::new("/s"), ids, shard_opts(&store), r as u64))
+        .collect();
+    sim.inject(Fault::Eio {
+        kind: OpKind::Sync,
+        nth: 2,
+    });
+    let e = store
+        .commit_external(2, 0, BTreeMap::new(), &frags)
+        .unwrap_err();
+    assert!(e.to_string().contains("fdatasync"), "{e}");
+    assert!(store.poisoned().is_some(), "{e}");
+    assert!(store.list().is_empty());
+    sim.clear_faults();
+    drop(store);
+    let store = Store::open("/s", small_opts(Some(sim.clone()))).unwrap();
+    assert!(store.list().is_empty());
+    assert!(sim.list_dir(Path::new("/s/segments")).unwrap().is_empty());
 }

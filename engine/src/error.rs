@@ -67,6 +67,24 @@ pub enum Error {
         supported: u32,
     },
 
+    /// The store uses format features this build does not have (docs/FORMAT.md, "Feature
+    /// flags"): incompatible ones, or, for a read-write open, read-only-compatible ones.
+    /// Nothing was changed. Not damage: open it with a newer ckptstore.
+    #[error(
+        "{path}: written by a newer ckptstore: needs {features}; nothing was changed. Open it \
+         with a ckptstore that has these features{}",
+        if *.read_only_would_open { " (or open it read-only: this build can read it)" } else { "" }
+    )]
+    NewerFormat {
+        /// The WAL file whose header declares them.
+        path: PathBuf,
+        /// The features this build lacks, by name or as `incompatible feature bit N`.
+        features: String,
+        /// Whether a read-only open of this build would succeed (only read-only-compatible
+        /// features are missing).
+        read_only_would_open: bool,
+    },
+
     /// A file does not start with the expected magic bytes.
     #[error("{path}: not a ckptstore {what} file (bad magic or header checksum)")]
     BadHeader {
@@ -103,7 +121,7 @@ pub enum Error {
     /// `CURRENT` is missing although the directory holds a store's files (a WAL longer than
     /// its header, whatever its state; segment files; files in `lost+found/`). Nothing was
     /// changed: a store is created only in an empty or new directory.
-    #[error("{path}: CURRENT is missing but the directory holds a store: {found}. Refusing to open or re-create it; nothing was changed. Next: copy the directory aside (`cp -a`) and restore CURRENT from a backup of the store; do not reuse this directory for a new store")]
+    #[error("{path}: CURRENT is missing but the directory holds a store: {found}. Refusing to open or re-create it; nothing was changed. Next: copy the directory aside (`cp -a`), then `ckptstore recover --rebuild {path}` rebuilds the WAL from the segments (it deletes nothing); do not reuse this directory for a new store")]
     CurrentMissing {
         /// The store directory.
         path: PathBuf,
@@ -154,8 +172,9 @@ pub enum Error {
         needed: u64,
     },
 
-    /// Segment compaction read a live chunk whose bytes do not match its BLAKE3. Nothing was
-    /// changed (the new files were removed); the checkpoints using the chunk fail `verify`.
+    /// Segment compaction read a live chunk whose bytes do not match its BLAKE3. No longer
+    /// returned: compaction quarantines such a chunk and leaves it in place
+    /// (`GcReport::corrupt_chunks`); kept so that code matching on it still compiles.
     #[error(
         "{path}: live chunk at offset {offset} does not match its BLAKE3; compaction changed \
              nothing (run `ckptstore verify --all`; `ckptstore gc --no-compact` still frees space)"
@@ -263,6 +282,41 @@ pub enum Error {
     Pinned {
         /// The checkpoint id.
         id: u64,
+    },
+
+    /// Another writer created the bucket's next commit object first (the conditional create
+    /// of `log/<seq>` lost the race): this process is not the store's writer any more.
+    /// Nothing was overwritten; reopen the store to see the other writer's commits.
+    #[error("{url}: another writer committed sequence number {seq} first; reopen the store (one writer at a time)")]
+    WriterConflict {
+        /// The store's URL (no credentials: they never appear in a URL this crate prints).
+        url: String,
+        /// The commit sequence number both tried to create.
+        seq: u64,
+    },
+
+    /// A commit object in the bucket is damaged or from a newer build (named by the feature
+    /// this build lacks).
+    #[error("commit object {name}: {reason}")]
+    BadCommitObject {
+        /// Its key.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// A request to the object store failed (after the bounded retries, for a transient
+    /// failure). Nothing is committed by a failed publish; the next open cleans up.
+    #[error("{url}: {op} {key}: {message}")]
+    Remote {
+        /// The store's URL.
+        url: String,
+        /// The request (`put`, `get`, `list`, `delete`, `upload part`...).
+        op: &'static str,
+        /// The object key, relative to the bucket.
+        key: String,
+        /// What the server or the client said (never credentials).
+        message: String,
     },
 }
 

@@ -18,12 +18,14 @@ pub mod current;
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod features;
 pub mod interop;
 pub mod io;
 mod le;
 #[doc(hidden)]
 pub mod manifest;
 pub mod pipeline;
+pub mod remote;
 pub mod retention;
 #[doc(hidden)]
 pub mod segment;
@@ -41,7 +43,8 @@ pub use manifest::{CheckpointInfo, MetaValue};
 pub use pipeline::{Pipeline, PipelineOptions, SaveHandle, SaveReport};
 pub use retention::{KeepReason, MetricMode, RetentionPlan, RetentionPolicy};
 pub use store::{
-    CheckpointReader, CommitInfo, CompactionPlan, DeleteInfo, GcOptions, GcReport, LoadReport,
-    LoadSpec, Options, RecoveryMode, RecoveryReport, Selector, ShardFragment, ShardOptions,
-    ShardWriter, SpaceStats, Store, StoreStats, Tensor, TensorView, Transaction, VerifiedChunks,
+    CheckpointReader, ChunkLocation, CommitInfo, CompactionPlan, DeleteInfo, GcOptions, GcReport,
+    HealReport, LoadReport, LoadSpec, Options, RebuildReport, RecoveryMode, RecoveryReport,
+    ScrubReport, Selector, ShardFragment, ShardOptions, ShardWriter, SpaceStats, Store, StoreStats,
+    Tensor, TensorView, Transaction, VerifiedChunks,
 };

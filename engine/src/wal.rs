@@ -1,13 +1,17 @@
 //! Write-ahead log framing: the file header, record frames, and the scanner that tells a torn
 //! tail from corruption. (What the records mean is the store's business.)
 //!
-//! File header (32 bytes): `magic "CKPTWAL\0" | version u16 | flags u16 = 0 | salt u32 |
-//! file_number u64 | reserved u32 = 0 | crc32c(bytes 0..28) u32`.
+//! File header (32 bytes): `magic "CKPTWAL\0" | version u16 | compat features u16 | salt u32 |
+//! file_number u64 | ro_compat features u16 | incompat features u16 | crc32c(bytes 0..28) u32`.
+//! Version 1 when no read-only-compatible or incompatible feature is set (bytes 24..28 zero:
+//! a build from before the feature flags reads it, ignoring the compatible bits), version 2
+//! otherwise (such a build refuses it as a newer version). See crate::features.
 //!
 //! Record frame: `crc u32 | len u32 | type u8 | reserved [u8; 3] = 0 | payload[len]`, where
 //! `crc = crc32c(salt_le ‖ bytes 4..12 of the frame ‖ payload)`. Type 0 is reserved so zeroed
 //! space never validates; the salt (random per file) makes stale bytes of an older file fail.
 
+use crate::features::FeatureSet;
 use crate::le;
 
 /// Size of the WAL file header.
@@ -16,8 +20,9 @@ pub const WAL_HEADER_LEN: usize = 32;
 pub const RECORD_HEADER_LEN: usize = 12;
 /// Largest payload a record may carry; a length above it is corruption, never an allocation.
 pub const MAX_RECORD_LEN: u32 = 64 << 20;
-/// Highest WAL format version this build reads and the one it writes.
-pub(crate) const WAL_VERSION: u16 = 1;
+/// Highest WAL format version this build reads. It writes version 1 unless the header carries a
+/// read-only-compatible or incompatible feature bit, which only version 2 has room for.
+pub(crate) const WAL_VERSION: u16 = 2;
 const MAGIC: &[u8; 8] = b"CKPTWAL\0";
 
 /// Record types. 0 is reserved and never valid.
@@ -36,6 +41,9 @@ pub enum RecordType {
     /// Live chunks moved by segment compaction (`RelocateRecord`). Likewise refused by a
     /// reader older than this type.
     Relocate = 5,
+    /// Chunks found bad, and references repointed at fresh copies (`QuarantineRecord`). Only
+    /// in a WAL whose header declares `crate::features::QUARANTINE`.
+    Quarantine = 6,
 }
 
 impl RecordType {
@@ -46,6 +54,7 @@ impl RecordType {
             3 => Some(Self::Snapshot),
             4 => Some(Self::Pin),
             5 => Some(Self::Relocate),
+            6 => Some(Self::Quarantine),
             _ => None,
         }
     }
@@ -58,6 +67,8 @@ pub struct WalHeader {
     pub salt: u32,
     /// The number in the file name.
     pub file_number: u64,
+    /// The format features the store uses (crate::features).
+    pub features: FeatureSet,
 }
 
 /// Why a WAL header could not be decoded.
@@ -73,8 +84,17 @@ impl WalHeader {
     /// Encodes the header.
     pub fn encode(&self) -> [u8; WAL_HEADER_LEN] {
         let mut b = [0u8; WAL_HEADER_LEN];
+        let f = self.features;
+        let version: u16 = if f.ro_compat == 0 && f.incompat == 0 {
+            1
+        } else {
+            2
+        };
         b[0..8].copy_from_slice(MAGIC);
-        b[8..10].copy_from_slice(&WAL_VERSION.to_le_bytes());
+        b[8..10].copy_from_slice(&version.to_le_bytes());
+        b[10..12].copy_from_slice(&f.compat.to_le_bytes());
+        b[24..26].copy_from_slice(&f.ro_compat.to_le_bytes());
+        b[26..28].copy_from_slice(&f.incompat.to_le_bytes());
         b[12..16].copy_from_slice(&self.salt.to_le_bytes());
         b[16..24].copy_from_slice(&self.file_number.to_le_bytes());
         let crc = crc32c::crc32c(&b[0..28]);
@@ -94,9 +114,21 @@ impl WalHeader {
         if version > WAL_VERSION {
             return Err(HeaderError::NewerVersion(version));
         }
+        let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+        // Version 1's bytes 24..28 were "reserved = 0": read as no feature, as every build
+        // before the flags did.
+        let (ro_compat, incompat) = match version {
+            0 | 1 => (0, 0),
+            _ => (u16_at(24), u16_at(26)),
+        };
         Ok(WalHeader {
             salt: le32(&b[12..16]),
             file_number: le::u64_at(b, 16),
+            features: FeatureSet {
+                compat: u16_at(10),
+                ro_compat,
+                incompat,
+            },
         })
     }
 }
@@ -157,6 +189,10 @@ pub struct Scan {
     pub valid_end: u64,
     /// The first invalid frame, if the file does not end cleanly after the valid records.
     pub bad: Option<BadRecord>,
+    /// Valid frames of a type this build does not know, skipped (offset, type): only when the
+    /// scan was told the header declares a feature this build lacks that may write them
+    /// ([`scan_with`]); otherwise such a frame is corruption.
+    pub skipped_unknown: Vec<(u64, u8)>,
 }
 
 /// Why a frame did not validate.
@@ -257,25 +293,93 @@ fn search_after(reason: String, after: After) -> (String, bool) {
 /// candidates — and bounds a hostile one to a few hundred MiB of checksumming.
 fn valid_frame_after(buf: &[u8], bad: usize, salt: u32) -> After {
     let tail = (buf.len() - bad) as u64;
-    let budget = 2 * tail + u64::from(MAX_RECORD_LEN);
+    let mut budget = SearchBudget(2 * tail + u64::from(MAX_RECORD_LEN));
+    valid_frame_within(buf, bad, salt, &mut budget)
+}
+
+/// Bytes the torn-tail search may still checksum. One open searches once, with a budget of
+/// its own; a salvage searches after every damaged record it skips, and shares one budget
+/// across all of them ([`SearchBudget::for_file`]) — a fresh budget per search would let a
+/// crafted WAL of many short damaged stretches cost O(stretches × budget).
+#[derive(Debug, Clone, Copy)]
+pub struct SearchBudget(u64);
+
+impl SearchBudget {
+    /// The budget of every search over a file of `len` bytes together: twice the file plus
+    /// one largest record, as one search of the whole file gets.
+    pub fn for_file(len: usize) -> Self {
+        SearchBudget(2 * len as u64 + u64::from(MAX_RECORD_LEN))
+    }
+}
+
+fn valid_frame_within(buf: &[u8], bad: usize, salt: u32, left: &mut SearchBudget) -> After {
+    let budget = left.0;
     let mut hashed = 0u64;
-    for p in bad + 1..buf.len() {
-        let Ok(range) = frame_shape(buf, p) else {
+    let mut p = bad + 1;
+    while p + RECORD_HEADER_LEN <= buf.len() {
+        if buf[p + 8] == 0 {
+            // Type 0 never validates: jump to the next nonzero type byte (a zeroed tail — a
+            // preallocated reserve a power cut kept — is crossed a word at a time).
+            p = next_nonzero(buf, p + 8) - 8;
+            continue;
+        }
+        let at = p;
+        p += 1;
+        let Some(range) = candidate(buf, at) else {
             continue;
         };
-        if RecordType::from_u8(buf[p + 8]).is_none() {
-            continue;
-        }
         hashed += range.len() as u64;
         if hashed > budget {
+            left.0 = 0;
             return After::GaveUp(hashed - range.len() as u64);
         }
-        let h = &buf[p..p + RECORD_HEADER_LEN];
+        left.0 = budget - hashed;
+        let h = &buf[at..at + RECORD_HEADER_LEN];
         if le32(&h[0..4]) == record_crc(salt, &h[4..12], &buf[range]) {
-            return After::Valid(p);
+            return After::Valid(at);
         }
     }
     After::None
+}
+
+/// The index of the first nonzero byte of `buf` at or after `from` (`buf.len()` if none),
+/// eight bytes at a time where it can.
+fn next_nonzero(buf: &[u8], from: usize) -> usize {
+    let mut i = from;
+    while i < buf.len() && !i.is_multiple_of(8) {
+        if buf[i] != 0 {
+            return i;
+        }
+        i += 1;
+    }
+    for w in buf[i.min(buf.len())..].chunks_exact(8) {
+        if w != [0u8; 8] {
+            break;
+        }
+        i += 8;
+    }
+    while i < buf.len() && buf[i] == 0 {
+        i += 1;
+    }
+    i
+}
+
+/// The payload range of a frame at `at` worth checksumming in the search: a known type,
+/// zero reserved bytes, a length within the cap and inside `buf`. [`frame_shape`] without the
+/// reason: the search calls it at every offset of the tail, so it checks the type byte first
+/// (a zeroed or filler stretch fails there at once) and allocates nothing.
+fn candidate(buf: &[u8], at: usize) -> Option<std::ops::Range<usize>> {
+    let h = buf.get(at..at.checked_add(RECORD_HEADER_LEN)?)?;
+    if RecordType::from_u8(h[8]).is_none() || h[9..12] != [0, 0, 0] {
+        return None;
+    }
+    let len = le32(&h[4..8]);
+    if len > MAX_RECORD_LEN {
+        return None;
+    }
+    let start = at + RECORD_HEADER_LEN;
+    let end = start + len as usize;
+    (end <= buf.len()).then_some(start..end)
 }
 
 /// The offset of the first valid frame of a known type after offset `bad`, within the same
@@ -283,6 +387,14 @@ fn valid_frame_after(buf: &[u8], bad: usize, salt: u32) -> After {
 /// What a salvage resumes from.
 pub fn resync(buf: &[u8], bad: u64, salt: u32) -> Option<u64> {
     match valid_frame_after(buf, bad as usize, salt) {
+        After::Valid(p) => Some(p as u64),
+        _ => None,
+    }
+}
+
+/// [`resync`] drawing on a budget shared with the other searches of a salvage.
+pub fn resync_within(buf: &[u8], bad: u64, salt: u32, budget: &mut SearchBudget) -> Option<u64> {
+    match valid_frame_within(buf, bad as usize, salt, budget) {
         After::Valid(p) => Some(p as u64),
         _ => None,
     }
@@ -313,7 +425,38 @@ pub fn scan(buf: &[u8], salt: u32) -> Scan {
 
 /// [`scan`] from offset `start` (a frame boundary, e.g. from [`resync`]).
 pub fn scan_from(buf: &[u8], start: u64, salt: u32) -> Scan {
+    scan_impl(buf, start, salt, false, None)
+}
+
+/// [`scan_from`]; with `skip_unknown` (the header declares a compatible or read-only-compatible
+/// feature this build lacks: `FeatureSet::may_hold_unknown_records`), a valid frame of an
+/// unknown type is that feature's record and is skipped, not corruption.
+pub fn scan_with(buf: &[u8], start: u64, salt: u32, skip_unknown: bool) -> Scan {
+    scan_impl(buf, start, salt, skip_unknown, None)
+}
+
+/// [`scan_with`] whose torn-tail search draws on a budget shared with the other searches of a
+/// salvage (see [`SearchBudget`]).
+pub fn scan_from_within(
+    buf: &[u8],
+    start: u64,
+    salt: u32,
+    skip_unknown: bool,
+    budget: &mut SearchBudget,
+) -> Scan {
+    scan_impl(buf, start, salt, skip_unknown, Some(budget))
+}
+
+/// The scan; the search after a bad frame has a budget of its own unless one is given.
+fn scan_impl(
+    buf: &[u8],
+    start: u64,
+    salt: u32,
+    skip_unknown: bool,
+    budget: Option<&mut SearchBudget>,
+) -> Scan {
     let mut records = Vec::new();
+    let mut skipped_unknown = Vec::new();
     let mut at = (start as usize).min(buf.len());
     loop {
         if at == buf.len() {
@@ -321,7 +464,17 @@ pub fn scan_from(buf: &[u8], start: u64, salt: u32) -> Scan {
                 records,
                 valid_end: at as u64,
                 bad: None,
+                skipped_unknown,
             };
+        }
+        if skip_unknown {
+            if let (Err(FrameError::UnknownType(t)), Ok(p)) =
+                (check_frame(buf, at, salt), frame_shape(buf, at))
+            {
+                skipped_unknown.push((at as u64, t));
+                at = p.end;
+                continue;
+            }
         }
         match check_frame(buf, at, salt) {
             Ok((ty, payload, next)) => {
@@ -333,12 +486,16 @@ pub fn scan_from(buf: &[u8], start: u64, salt: u32) -> Scan {
                 at = next;
             }
             Err(e) => {
-                let any_valid_after = || valid_frame_after(buf, at, salt);
+                let any_valid_after = || match budget {
+                    Some(b) => valid_frame_within(buf, at, salt, b),
+                    None => valid_frame_after(buf, at, salt),
+                };
                 let (reason, valid_record_after) = match e {
                     FrameError::UnknownType(t) => (
                         format!(
-                            "record type {t} with a valid checksum: written by a newer \
-                             ckptstore, upgrade it"
+                            "record type {t} with a valid checksum, of no feature the WAL \
+                             header declares (a build that adds a record type declares a \
+                             feature for it: docs/FORMAT.md)"
                         ),
                         true,
                     ),
@@ -367,6 +524,7 @@ pub fn scan_from(buf: &[u8], start: u64, salt: u32) -> Scan {
                         reason,
                         valid_record_after,
                     }),
+                    skipped_unknown,
                 };
             }
         }
@@ -381,6 +539,7 @@ mod tests {
         let mut b = WalHeader {
             salt,
             file_number: 1,
+            features: FeatureSet::EMPTY,
         }
         .encode()
         .to_vec();
@@ -396,6 +555,7 @@ mod tests {
         let h = WalHeader {
             salt: 0x0403_0201,
             file_number: 2,
+            features: FeatureSet::EMPTY,
         };
         let mut expected = Vec::new();
         expected.extend_from_slice(b"CKPTWAL\0");
@@ -535,6 +695,7 @@ mod tests {
         let mut h = WalHeader {
             salt: 1,
             file_number: 1,
+            features: FeatureSet::EMPTY,
         }
         .encode();
         h[8] = 9;
@@ -542,5 +703,66 @@ mod tests {
         h[28..32].copy_from_slice(&crc.to_le_bytes());
         assert_eq!(WalHeader::decode(&h), Err(HeaderError::NewerVersion(9)));
         assert_eq!(WalHeader::decode(&h[..10]), Err(HeaderError::Corrupt));
+    }
+
+    /// Pins the feature-flag layout to docs/FORMAT.md: compatible bits alone keep version 1
+    /// (bytes 10..12, which builds before the flags ignore); a read-only-compatible or
+    /// incompatible bit makes version 2, with those bits at 24..26 and 26..28.
+    #[test]
+    fn golden_bytes_feature_flags() {
+        let compat_only = WalHeader {
+            salt: 0x0403_0201,
+            file_number: 2,
+            features: FeatureSet {
+                compat: 0x0005,
+                ..FeatureSet::EMPTY
+            },
+        };
+        let b = compat_only.encode();
+        assert_eq!(&b[8..12], &[1, 0, 5, 0]);
+        assert_eq!(&b[24..28], &[0, 0, 0, 0]);
+        assert_eq!(WalHeader::decode(&b), Ok(compat_only));
+
+        let all = WalHeader {
+            features: FeatureSet {
+                compat: 0x0001,
+                ro_compat: 0x0102,
+                incompat: 0x8004,
+            },
+            ..compat_only
+        };
+        let b = all.encode();
+        assert_eq!(&b[8..12], &[2, 0, 1, 0]);
+        assert_eq!(&b[24..28], &[2, 1, 4, 0x80]);
+        assert_eq!(&b[28..32], &crc32c::crc32c(&b[0..28]).to_le_bytes());
+        assert_eq!(WalHeader::decode(&b), Ok(all));
+
+        // Version 1 bytes 24..28 (reserved, written 0) never read as features.
+        let mut v1 = compat_only.encode();
+        v1[26] = 1;
+        let crc = crc32c::crc32c(&v1[0..28]);
+        v1[28..32].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            WalHeader::decode(&v1).unwrap().features,
+            compat_only.features
+        );
+    }
+
+    #[test]
+    fn unknown_records_are_skipped_only_when_asked() {
+        let mut b = file_with(5, &[(RecordType::Commit, b"x")]);
+        let at = b.len();
+        encode_record(&mut b, 5, RecordType::Commit, b"future");
+        b[at + 8] = 200;
+        let crc = record_crc(5, &b[at + 4..at + 12], b"future");
+        b[at..at + 4].copy_from_slice(&crc.to_le_bytes());
+        encode_record(&mut b, 5, RecordType::Delete, b"y");
+        let strict = scan(&b, 5);
+        assert!(strict.bad.unwrap().valid_record_after);
+        let lax = scan_with(&b, WAL_HEADER_LEN as u64, 5, true);
+        assert_eq!(lax.bad, None);
+        assert_eq!(lax.records.len(), 2);
+        assert_eq!(lax.skipped_unknown, vec![(at as u64, 200)]);
+        assert_eq!(lax.valid_end, b.len() as u64);
     }
 }

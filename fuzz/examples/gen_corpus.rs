@@ -101,7 +101,7 @@ fn main() {
     );
     write("segment_frame", "header", &with_mode(2, &seg[..64]));
 
-    // manifest_decode: [type % 5: 0 commit, 1 delete, 2 snapshot, 3 pin, 4 relocate][len u16][payload]...
+    // manifest_decode: [type % 6: 0 commit, 1 delete, 2 snapshot, 3 pin, 4 relocate, 5 quarantine][len u16][payload]...
     let records = |w: &[u8]| {
         let salt = wal::WalHeader::decode(w).unwrap().salt;
         let mut out = Vec::new();
@@ -112,6 +112,7 @@ fn main() {
                 RecordType::Snapshot => 2,
                 RecordType::Pin => 3,
                 RecordType::Relocate => 4,
+                RecordType::Quarantine => 5,
             };
             let p = &w[r.payload];
             out.push(ty);

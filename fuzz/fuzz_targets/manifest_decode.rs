@@ -38,17 +38,19 @@ fuzz_target!(|data: &[u8]| {
     let _ = pb::DeleteRecord::decode(data);
     let _ = pb::PinRecord::decode(data);
     let _ = pb::RelocateRecord::decode(data);
+    let _ = pb::QuarantineRecord::decode(data);
 
     // 2. The input as a list of records: [type][len u16][payload]..., replayed by recovery.
     let mut records = Vec::new();
     let mut rest = data;
     while rest.len() >= 3 && records.len() < 16 {
-        let ty = match rest[0] % 5 {
+        let ty = match rest[0] % 6 {
             0 => RecordType::Commit,
             1 => RecordType::Delete,
             2 => RecordType::Snapshot,
             3 => RecordType::Pin,
-            _ => RecordType::Relocate,
+            4 => RecordType::Relocate,
+            _ => RecordType::Quarantine,
         };
         let len = (u16::from_le_bytes([rest[1], rest[2]]) as usize).min(rest.len() - 3);
         records.push((ty, &rest[3..3 + len]));
@@ -63,6 +65,7 @@ fuzz_target!(|data: &[u8]| {
     let mut wal_bytes = WalHeader {
         salt: SALT,
         file_number: 1,
+        features: Default::default(),
     }
     .encode()
     .to_vec();
@@ -86,7 +89,7 @@ fuzz_target!(|data: &[u8]| {
                     segs = r.new_segments;
                 }
             }
-            RecordType::Delete | RecordType::Pin => {}
+            RecordType::Delete | RecordType::Pin | RecordType::Quarantine => {}
         }
         for s in segs.iter().take(4) {
             if s.length <= 64 << 10 {

@@ -76,6 +76,9 @@ fuzz_target!(|input: &[u8]| {
             RecordType::Relocate => {
                 let _ = pb::RelocateRecord::decode(p);
             }
+            RecordType::Quarantine => {
+                let _ = pb::QuarantineRecord::decode(p);
+            }
         }
     }
     assert_eq!(scan.valid_end, at);

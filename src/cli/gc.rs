@@ -3,9 +3,8 @@
 //! before its space is freed — then compact mostly-dead segments (unless `--no-compact`) and
 //! free what readers that have closed left behind. `--dry-run` only prints the plan.
 
-use super::{check_dir, emit, emit_json, fail, human_bytes, info_json, iso_time, table};
+use super::{check_dir, emit, emit_json, fail, has_store, human_bytes, info_json, iso_time, table};
 use super::{open_read_only, CliResult};
-use ckptstore::current::CURRENT_NAME;
 use ckptstore::store::LOST_FOUND_DIR;
 use ckptstore::{CheckpointInfo, GcOptions, MetricMode, Options, RetentionPolicy, Store};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -72,7 +71,8 @@ pub struct Args {
     pub purge_lost_found: bool,
     /// Print JSON: {"dir", "dry_run", "kept": [checkpoint as in `ls --json` + "reasons":
     /// [{"kind", "text"}]], "deleted": [checkpoint], "segments_freed", "bytes_freed",
-    /// "segments_compacted", "segments_written", "bytes_written", "bytes_reclaimed"
+    /// "segments_compacted", "segments_written", "bytes_written", "corrupt_chunks" ([{"segment",
+    /// "offset"}]: found bad while copied, quarantined and left in place), "bytes_reclaimed"
     /// (freed − written), "segments_pending" and "bytes_pending" (kept for open readers),
     /// "live_bytes", "segment_bytes", "amplification" (after), "lost_found_purged" (files,
     /// or with --dry-run files that would be) and "lost_found_bytes"}. With
@@ -139,7 +139,7 @@ pub fn run(a: Args) -> CliResult {
         open_read_only(&a.dir)?
     } else {
         check_dir(&a.dir)?;
-        if !a.dir.join(CURRENT_NAME).exists() {
+        if !has_store(&a.dir) {
             return fail(format!(
                 "{} is not a ckptstore store (no CURRENT file)",
                 a.dir.display()
@@ -252,6 +252,7 @@ pub fn run(a: Args) -> CliResult {
             "segments_compacted": gc.segments_compacted,
             "segments_written": gc.segments_written,
             "bytes_written": gc.bytes_written,
+            "corrupt_chunks": gc.corrupt_chunks.iter().map(|(s, o)| json!({"segment": s, "offset": o})).collect::<Vec<_>>(),
             "bytes_reclaimed": bytes_reclaimed,
             "segments_pending": gc.segments_pending,
             "bytes_pending": gc.bytes_pending,
@@ -313,6 +314,12 @@ pub fn run(a: Args) -> CliResult {
             "{verb} {compacted} segment{cs} (copying {}); reclaimed {} in all\n",
             human_bytes(gc.bytes_written),
             human_bytes(bytes_reclaimed)
+        );
+    }
+    for (seg, off) in &gc.corrupt_chunks {
+        out += &format!(
+            "chunk at segment {seg} offset {off} does not match its BLAKE3: quarantined and left \
+             in place (run `ckptstore scrub`; the next save of the same tensor heals it)\n"
         );
     }
     if !gc.segments_pending.is_empty() {

@@ -13,7 +13,9 @@ mod inspect;
 mod ls;
 mod pin;
 mod plot;
+mod pull;
 mod recover;
+mod scrub;
 mod synth;
 mod verify;
 
@@ -47,6 +49,9 @@ enum Command {
     Verify(verify::Args),
     /// Open a store as its writer, run crash recovery, and report what it repaired.
     Recover(recover::Args),
+    /// Verify every chunk, quarantine the bad ones, heal the checkpoints a stored copy of the
+    /// bytes can heal; exits non-zero naming the checkpoints that stay broken.
+    Scrub(scrub::Args),
     /// Apply a retention policy: keep what any --keep-* rule keeps (and the newest and every
     /// pinned checkpoint), delete the rest, free their space (segments open readers still hold
     /// wait for them), then compact mostly-dead segments unless --no-compact.
@@ -62,6 +67,9 @@ enum Command {
     /// Measure the store against this machine's limits: raw O_DIRECT write/read, memcpy,
     /// durable and async save, cold load, peak memory (one run, medians of rounds).
     Bench(bench::Args),
+    /// Copy a bucket store's newest state (s3://bucket/prefix, file:///dir) into an empty
+    /// local directory: segments, then the log, then CURRENT (a pull cut short leaves no store).
+    Pull(pull::Args),
     /// Run a synthetic training job, SIGKILL its writer mid-save, recover, verify, resume.
     Demo(demo::Args),
     /// SIGKILL a writer again and again on this file system; check every acknowledged
@@ -111,12 +119,14 @@ pub fn main() -> ExitCode {
         Command::Inspect(a) => inspect::run(a),
         Command::Verify(a) => verify::run(a),
         Command::Recover(a) => recover::run(a),
+        Command::Scrub(a) => scrub::run(a),
         Command::Gc(a) => gc::run(a),
         Command::Pin(a) => pin::run(a, true),
         Command::Unpin(a) => pin::run(a, false),
         Command::Export(a) => export::run(a),
         Command::Import(a) => import::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Pull(a) => pull::run(a),
         Command::Demo(a) => demo::run(a),
         Command::DemoWriter(a) => demo::run_writer(a),
         Command::Crashtest(a) => crashtest::run(a),
@@ -151,9 +161,23 @@ pub fn fail<T>(reason: impl Into<String>) -> CliResult<T> {
     Err(Failure(reason.into()))
 }
 
-/// Checks that `dir` is an existing directory, so that a typo is reported as such rather
-/// than as a failed file-system call deep inside the engine.
+/// Whether `dir` is a bucket store's URL (`s3://`, `file://`) rather than a directory.
+pub fn is_url(dir: &Path) -> bool {
+    dir.to_str().is_some_and(ckptstore::remote::is_url)
+}
+
+/// Whether `dir` holds a store: a URL always may (the bucket is checked at open), a directory
+/// when it has a `CURRENT` file.
+pub fn has_store(dir: &Path) -> bool {
+    is_url(dir) || dir.join(ckptstore::current::CURRENT_NAME).exists()
+}
+
+/// Checks that `dir` is an existing directory (or a bucket URL, checked at open), so that a
+/// typo is reported as such rather than as a failed file-system call deep inside the engine.
 pub fn check_dir(dir: &Path) -> CliResult {
+    if is_url(dir) {
+        return Ok(());
+    }
     match std::fs::metadata(dir) {
         Ok(m) if m.is_dir() => Ok(()),
         Ok(_) => fail(format!("{} is not a directory", dir.display())),

@@ -5,7 +5,7 @@ use super::CliResult;
 use super::{check_dir, emit, emit_json, fail, human_bytes, human_duration, info_json};
 use ckptstore::current::CURRENT_NAME;
 use ckptstore::store::{parse_wal_file_name, SEGMENTS_DIR};
-use ckptstore::{Options, RecoveryMode, RecoveryReport, Store};
+use ckptstore::{Options, RebuildReport, RecoveryMode, RecoveryReport, Store};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
@@ -24,6 +24,13 @@ pub struct Args {
     /// (RecoveryMode::AbsoluteConsistency): a check that the store is clean.
     #[arg(long, conflicts_with = "salvage")]
     pub strict: bool,
+    /// Rebuild the WAL from the commit trailers in the segments (the WAL or CURRENT is lost
+    /// or damaged): restores every checkpoint whose trailer and chunks are present, then
+    /// verifies them all. Nothing is deleted: the old CURRENT and WAL files go to
+    /// `lost+found/`. Pins are not restored; a deleted checkpoint whose chunks are still
+    /// stored comes back (delete it again).
+    #[arg(long, conflicts_with_all = ["salvage", "strict"])]
+    pub rebuild: bool,
     /// Print JSON: every field of the recovery report, plus `latest` (the newest checkpoint,
     /// as in `ls --json`, or null).
     #[arg(long)]
@@ -50,6 +57,19 @@ fn names(paths: &[PathBuf]) -> String {
         .join(", ")
 }
 
+fn rebuild_json(r: &RebuildReport) -> Value {
+    json!({
+        "segments_scanned": r.segments_scanned,
+        "unreadable_segments": r.unreadable_segments.iter().map(|(s, p)| json!({"segment": s, "problem": p})).collect::<Vec<_>>(),
+        "trailers": r.trailers,
+        "restored": r.restored,
+        "not_restored": r.unrestorable.iter().map(|(id, why)| json!({"id": id, "why": why})).collect::<Vec<_>>(),
+        "repointed_chunks": r.repointed_chunks,
+        "wal_file": r.wal_file.display().to_string(),
+        "lost_found": r.lost_found.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+    })
+}
+
 fn report_json(r: &RecoveryReport, mode: &str, store: &Store) -> Value {
     json!({
         "dir": store.dir().display().to_string(),
@@ -66,6 +86,8 @@ fn report_json(r: &RecoveryReport, mode: &str, store: &Store) -> Value {
         "stale_files": r.stale_files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
         "damaged_segments": r.damaged_segments.iter().map(|(s, p)| json!({"segment": s, "problem": p})).collect::<Vec<_>>(),
         "checkpoints": r.checkpoints,
+        "features": store.features().names(),
+        "unknown_records_skipped": r.unknown_records_skipped,
         "duration_ns": r.duration.as_nanos() as u64,
         "latest": store.latest().as_ref().map(info_json),
     })
@@ -80,7 +102,12 @@ pub fn run(a: Args) -> CliResult {
             a.dir.display()
         ));
     }
-    let (mode, mode_name) = if a.salvage {
+    let (mode, mode_name) = if a.rebuild {
+        (
+            RecoveryMode::TolerateTailCorruption,
+            "rebuild from segments",
+        )
+    } else if a.salvage {
         (RecoveryMode::PointInTime, "point-in-time (salvage)")
     } else if a.strict {
         (RecoveryMode::AbsoluteConsistency, "absolute-consistency")
@@ -94,10 +121,43 @@ pub fn run(a: Args) -> CliResult {
         recovery_mode: mode,
         ..Default::default()
     };
-    let store = Store::open(&a.dir, opts)?;
+    let (store, rebuilt) = if a.rebuild {
+        // Only a store that does not open: a rebuild of a healthy one would drop its pins and
+        // bring back deleted checkpoints, for nothing.
+        if let Ok(s) = Store::open(&a.dir, Options::read_only()) {
+            return fail(format!(
+                "{} opens ({} checkpoints): its WAL is intact, nothing to rebuild (a rebuild \
+                 would drop its pins and bring back deleted checkpoints); run `ckptstore \
+                 recover` without --rebuild",
+                a.dir.display(),
+                s.list().len()
+            ));
+        }
+        let (s, r) = Store::rebuild(&a.dir, opts)?;
+        (s, Some(r))
+    } else {
+        (Store::open(&a.dir, opts)?, None)
+    };
     let r = store.recovery_report().clone();
+    // A rebuild verifies what it restored: the trailers are copies, the chunks are the truth.
+    let bad: Vec<(u64, String)> = match rebuilt {
+        Some(_) => store
+            .verify_all()
+            .into_iter()
+            .filter_map(|(id, r)| r.err().map(|e| (id, e.to_string())))
+            .collect(),
+        None => Vec::new(),
+    };
     if a.json {
-        emit_json(&report_json(&r, mode_name, &store))?;
+        let mut v = report_json(&r, mode_name, &store);
+        if let Some(rb) = &rebuilt {
+            v["rebuild"] = rebuild_json(rb);
+            v["verify_failures"] = bad
+                .iter()
+                .map(|(id, e)| json!({"id": id, "error": e}))
+                .collect();
+        }
+        emit_json(&v)?;
     } else {
         let mut out = format!(
             "recovered {} in {} (mode: {mode_name})\n",
@@ -105,6 +165,44 @@ pub fn run(a: Args) -> CliResult {
             human_duration(r.duration)
         );
         let mut line = |k: &str, v: String| out += &format!("  {k:<18}{v}\n");
+        if let Some(rb) = &rebuilt {
+            line(
+                "rebuild",
+                format!(
+                    "{} segment(s) read, {} commit trailer(s), {} checkpoint(s) restored {:?}, \
+                     {} chunk reference(s) found moved; new WAL {}",
+                    rb.segments_scanned,
+                    rb.trailers,
+                    rb.restored.len(),
+                    rb.restored,
+                    rb.repointed_chunks,
+                    rb.wal_file.display()
+                ),
+            );
+            for (id, why) in &rb.unrestorable {
+                line("not restored", format!("checkpoint {id}: {why}"));
+            }
+            for (s, why) in &rb.unreadable_segments {
+                line("unreadable", format!("segment {s}: {why}"));
+            }
+            if !rb.lost_found.is_empty() {
+                line(
+                    "set aside",
+                    format!("in lost+found/: {}", names(&rb.lost_found)),
+                );
+            }
+            line(
+                "verify",
+                if bad.is_empty() {
+                    format!("all {} checkpoint(s) verify", r.checkpoints)
+                } else {
+                    bad.iter()
+                        .map(|(id, e)| format!("checkpoint {id}: {e}"))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                },
+            );
+        }
         line(
             "wal",
             format!(
@@ -168,6 +266,7 @@ pub fn run(a: Args) -> CliResult {
                     .join(", ")
             },
         );
+        line("format features", store.features().to_string());
         line(
             "checkpoints",
             match store.latest() {
@@ -179,6 +278,16 @@ pub fn run(a: Args) -> CliResult {
             },
         );
         emit(&out)?;
+    }
+    if !bad.is_empty() {
+        return fail(format!(
+            "rebuilt, but {} checkpoint(s) do not verify: {}",
+            bad.len(),
+            bad.iter()
+                .map(|(id, _)| id.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
     }
     if !r.damaged_segments.is_empty() {
         return fail(format!(

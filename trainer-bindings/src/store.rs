@@ -6,6 +6,7 @@ use crate::device_bytes::{DeviceBytes, Stagers};
 use crate::errors::{self, Failure};
 use crate::host_bytes::{HostBytes, LoadTarget, MappedBytes};
 use crate::save_job::{self, Committed, InFlight, SaveHandle, SaveRequest, TensorBytes, TensorIn};
+use ckptstore_engine::remote::Replication;
 use ckptstore_engine::{
     CheckpointInfo, DType, MetaValue, MetricMode, Options, Pipeline, PipelineOptions, RecoveryMode,
     RetentionPolicy, Selector, Store,
@@ -259,7 +260,8 @@ impl PyStore {
     #[new]
     #[pyo3(signature = (path, *, read_only=false, chunk_size=None, segment_max_bytes=None,
                         wal_compact_min_bytes=None, recovery_mode=None, async_budget_bytes=None,
-                        mode=None, allow_unsafe_dir=false))]
+                        mode=None, allow_unsafe_dir=false, replica=None,
+                        replica_keep_last=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -272,6 +274,8 @@ impl PyStore {
         async_budget_bytes: Option<usize>,
         mode: Option<u32>,
         allow_unsafe_dir: bool,
+        replica: Option<String>,
+        replica_keep_last: Option<usize>,
     ) -> PyResult<Self> {
         let mut pipeline_opts = PipelineOptions::default();
         if let Some(b) = async_budget_bytes {
@@ -280,6 +284,8 @@ impl PyStore {
         let mut opts = Options {
             read_only,
             allow_unsafe_dir,
+            replica,
+            replica_keep_last,
             ..Options::default()
         };
         if let Some(m) = mode {
@@ -514,6 +520,38 @@ impl PyStore {
     fn delete(&self, py: Python<'_>, id: u64) -> PyResult<u64> {
         self.drain(py);
         self.with_store(py, move |s| Ok(s.delete(id)?.bytes_freed))
+    }
+
+    /// `[(id, "replicated" | "local_only")]` for every live checkpoint, oldest first.
+    fn replication(&self, py: Python<'_>) -> PyResult<Vec<(u64, &'static str)>> {
+        self.with_store(py, |s| {
+            Ok(s.replication()
+                .into_iter()
+                .map(|(id, r)| {
+                    let r = match r {
+                        Replication::Replicated => "replicated",
+                        Replication::LocalOnly => "local_only",
+                    };
+                    (id, r)
+                })
+                .collect())
+        })
+    }
+
+    /// Blocks (without the GIL) until the replica holds the current state; raises StoreError
+    /// after `timeout` seconds (None: no limit).
+    #[pyo3(signature = (timeout=None))]
+    fn wait_replicated(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
+        let t = match timeout {
+            Some(t) if !(t.is_finite() && t >= 0.0) => {
+                return Err(PyValueError::new_err(format!(
+                    "timeout {t}: a number of seconds >= 0, or None"
+                )))
+            }
+            Some(t) => Some(std::time::Duration::from_secs_f64(t)),
+            None => None,
+        };
+        self.with_store(py, move |s| Ok(s.wait_replicated(t)?))
     }
 
     fn pin(&self, py: Python<'_>, id: u64) -> PyResult<bool> {

@@ -70,7 +70,10 @@ def test_damaged_newest_checkpoint_is_skipped_with_a_warning(store_dir):
     segs = sorted((store_dir / "segments").iterdir())
     newest = segs[-1]
     data = bytearray(newest.read_bytes())
-    data[-100] ^= 0xFF  # inside the last tensor's payload
+    # Inside the last tensor's payload: before the commit trailer that ends the segment
+    # (docs/FORMAT.md), if there is one.
+    end = data.rfind(b"CKPTTRL\0")
+    data[(end if end >= 0 else len(data)) - 100] ^= 0xFF
     newest.write_bytes(bytes(data))
     with cs.Store(store_dir) as s:
         with pytest.warns(UserWarning, match="damaged"):
@@ -168,3 +171,34 @@ def test_bad_options_and_arguments(store_dir):
     with cs.Store(store_dir, read_only=True) as ro:
         with pytest.raises(cs.ReadOnlyError):
             cs.save(ro, {"w": torch.ones(1)}, step=1)
+
+
+def _crc32c(data):
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def test_a_store_from_a_newer_build_is_refused_as_newer_not_corrupt(store_dir):
+    # Issue 14, item 4: the WAL header declares an incompatible feature this build lacks
+    # (docs/FORMAT.md, "Feature flags"): Store() says so, never "corrupt", never salvage.
+    import struct
+    with cs.Store(store_dir) as s:
+        cs.save(s, {"w": torch.ones(3)}, step=1)
+    number = struct.unpack_from("<Q", (store_dir / "CURRENT").read_bytes(), 12)[0]
+    wal = store_dir / f"{number:08}.wal"
+    b = bytearray(wal.read_bytes())
+    struct.pack_into("<H", b, 8, 2)          # version 2: room for the incompatible bits
+    struct.pack_into("<H", b, 26, 1 << 7)    # incompatible feature bit 7
+    struct.pack_into("<I", b, 28, _crc32c(bytes(b[:28])))
+    wal.write_bytes(bytes(b))
+    for ro in (False, True):
+        with pytest.raises(cs.StoreError,
+                           match="written by a newer ckptstore: needs incompatible feature bit 7") as e:
+            cs.Store(store_dir, read_only=ro)
+        assert not isinstance(e.value, cs.CorruptionError)
+        assert "salvage" not in str(e.value)
+    assert bytes(b) == wal.read_bytes()

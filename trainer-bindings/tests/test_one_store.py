@@ -106,7 +106,10 @@ def test_save_and_load_leave_no_garbage(store_dir, no_gc):
 def _damage_newest(store_dir) -> None:
     newest = sorted((store_dir / "segments").iterdir())[-1]
     data = bytearray(newest.read_bytes())
-    data[-100] ^= 0xFF  # inside the last tensor's payload
+    # Inside the last tensor's payload: before the commit trailer that ends the segment
+    # (docs/FORMAT.md), if there is one.
+    end = data.rfind(b"CKPTTRL\0")
+    data[(end if end >= 0 else len(data)) - 100] ^= 0xFF
     newest.write_bytes(bytes(data))
 
 

@@ -21,7 +21,7 @@ pub use private_fs::{DirStatus, DEFAULT_FILE_MODE};
 pub use sim::{CrashMode, Fault, OpKind, SimIo};
 pub use std_io::StdIo;
 #[cfg(target_os = "linux")]
-pub use uring::{UringConfig, UringIo, UringStats, UringUnavailable};
+pub use uring::{UringConfig, UringIo, UringSimConfig, UringStats, UringUnavailable};
 pub use with_mode::WithMode;
 
 use std::io;

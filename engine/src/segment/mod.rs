@@ -19,6 +19,7 @@
 
 use crate::le;
 
+pub mod trailer;
 mod writer;
 
 pub(crate) use writer::{Run, SegmentWriter};

@@ -6,8 +6,11 @@
 //! 1. fsyncs `segments/`, so the segment files' directory entries are durable;
 //! 2. assigns the checkpoint id and wall time, attaches the metadata, validates the manifest
 //!    and bounds the record's size;
-//! 3. appends the commit record to the WAL and fdatasyncs it — the commit point;
-//! 4. applies the manifest to the in-memory state and runs the WAL compaction a durable
+//! 3. writes a copy of the commit record after the frames of the commit's last new segment
+//!    (the commit trailer, docs/FORMAT.md) and fdatasyncs it, so the segments alone can
+//!    rebuild the store (`Store::rebuild`);
+//! 4. appends the commit record to the WAL and fdatasyncs it — the commit point;
+//! 5. applies the manifest to the in-memory state and runs the WAL compaction a durable
 //!    write may call for.
 //!
 //! A failed fsync or append poisons the store: the kernel may have dropped dirty pages, so
@@ -15,7 +18,9 @@
 
 use super::{Store, SEGMENTS_DIR};
 use crate::error::{Error, Result};
+use crate::features::SEGMENT_COMMIT_TRAILER;
 use crate::manifest::{self, CheckpointInfo, MetaValue};
+use crate::segment::trailer;
 use crate::wal::{self, RecordType};
 use ckptstore_proto::v1 as pb;
 use prost::Message;
@@ -77,6 +82,9 @@ impl Store {
                 wal::MAX_RECORD_LEN
             )));
         }
+        if let Err(e) = self.write_commit_trailer(&m, &payload) {
+            return Err(self.poison(e));
+        }
         let appended = self.wal_mut()?.append_durable(RecordType::Commit, &payload);
         hand_over(self);
         // The record may have reached the disk even if the append failed: the segments stay
@@ -96,7 +104,37 @@ impl Store {
                 ))))
             }
         };
+        // A fresh copy of a quarantined chunk heals the checkpoints that reference it.
+        self.heal_after_durable_write();
         self.compact_after_durable_write();
+        // The bucket tier: a replica is queued (nothing waits on the network); a bucket store
+        // (`s3://`) publishes here, and the commit is durable only once that returns.
+        self.publish_after_durable_write()?;
         Ok(info)
+    }
+
+    /// Step 3: the commit trailer, in the new segment with the highest id (for a shard
+    /// commit, a shard's segment: the committing process writes it). Before the WAL record,
+    /// so every acknowledged commit that created a segment has its trailer durable. A commit
+    /// that created no segment (every chunk deduplicated, or no chunk) has none. The first
+    /// commit of a store from before the trailers turns the feature on (a WAL rewrite).
+    /// A failed trailer write fails the commit before its commit point (nothing committed)
+    /// and, like every failed write or sync, poisons the store.
+    fn write_commit_trailer(&mut self, m: &pb::Manifest, payload: &[u8]) -> Result<()> {
+        let Some(seg) = m.new_segments.iter().max_by_key(|s| s.id) else {
+            return Ok(());
+        };
+        if !self.features.contains(&SEGMENT_COMMIT_TRAILER) {
+            self.enable_feature(&SEGMENT_COMMIT_TRAILER)?;
+        }
+        let path = self.segment_path(seg.id);
+        let f = self
+            .opts
+            .io
+            .open(&path, true)
+            .map_err(|e| Error::io("open", &path, e))?;
+        f.write_at(&trailer::encode(seg.id, payload), seg.length)
+            .map_err(|e| Error::io("write", &path, e))?;
+        f.sync_data().map_err(|e| Error::io("fdatasync", &path, e))
     }
 }

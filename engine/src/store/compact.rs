@@ -44,11 +44,16 @@ pub struct CompactionPlan {
     pub chunks: usize,
 }
 
-/// The distinct live chunks of each segment, by offset.
+/// The distinct live chunks of each segment that compaction may move, by offset: every live
+/// chunk but the quarantined ones (their bytes are bad; they stay where they are, and keep
+/// their segment, until a save heals them or their checkpoints are deleted).
 fn live_chunks(state: &State) -> BTreeMap<u64, BTreeMap<u64, pb::ChunkRef>> {
     let mut out: BTreeMap<u64, BTreeMap<u64, pb::ChunkRef>> = BTreeMap::new();
     for m in state.checkpoints.values() {
         for c in manifest::all_chunks(m) {
+            if state.quarantined.contains_key(&(c.segment, c.offset)) {
+                continue;
+            }
             out.entry(c.segment)
                 .or_default()
                 .entry(c.offset)
@@ -148,6 +153,8 @@ pub(crate) struct Compacted {
     pub written: Vec<u64>,
     pub bytes_written: u64,
     pub freed: Freed,
+    /// Chunks that failed their BLAKE3 while being copied: left in place and quarantined.
+    pub corrupt: Vec<(u64, u64)>,
 }
 
 impl Store {
@@ -161,11 +168,22 @@ impl Store {
         // Until the Relocate record may be on disk, dropping the writer removes the new files
         // (nothing references them; recovery would remove them too).
         let mut writer = SegmentWriter::new(self.opts.io.clone(), self.dir.join(SEGMENTS_DIR));
-        let (moves, outputs) = match self.copy_live_chunks(plan, &mut writer, progress) {
+        let (moves, outputs, corrupt) = match self.copy_live_chunks(plan, &mut writer, progress) {
             Ok(done) => done,
             Err(e) if writer.sync_failed() => return Err(self.poison(e)),
             Err(e) => return Err(e),
         };
+        if moves.is_empty() {
+            // Every chunk of the plan was corrupt: no record, nothing moved, nothing written
+            // (a frame begins only at a chunk that verifies). Quarantine what was found.
+            self.heal()?;
+            return Ok(Compacted {
+                written: Vec::new(),
+                bytes_written: 0,
+                freed: Freed::default(),
+                corrupt,
+            });
+        }
         let record = pb::RelocateRecord {
             new_segments: outputs.clone(),
             moves,
@@ -200,23 +218,30 @@ impl Store {
             .into_iter()
             .map(|s| (s, lens.get(&s).copied().unwrap_or(0)));
         let freed = self.free_segments(dead);
+        // The chunks found corrupt are quarantined now (their sources stay live).
+        self.heal_after_durable_write();
         self.compact_after_durable_write();
+        self.publish_after_durable_write()?;
         Ok(Compacted {
             written: outputs.iter().map(|o| o.id).collect(),
             bytes_written: outputs.iter().map(|o| o.length).sum(),
             freed,
+            corrupt,
         })
     }
 
     /// Copies the plan's live chunks, checked against their BLAKE3, into new segments
-    /// through `writer`, and makes them durable. Returns the moves, sorted, and the new
-    /// segments with their lengths.
+    /// through `writer`, and makes them durable. A chunk that fails its check is not copied:
+    /// it is noted for quarantine and stays where it is, so its segment stays live (a corrupt
+    /// source is skipped, never a reason to fail the plan). Returns the moves, sorted, the new
+    /// segments with their lengths, and the corrupt chunks' locations.
+    #[allow(clippy::type_complexity)]
     fn copy_live_chunks(
         &mut self,
         plan: &CompactionPlan,
         writer: &mut SegmentWriter,
         progress: &mut impl FnMut(u64, u64),
-    ) -> Result<(Vec<pb::ChunkMove>, Vec<pb::SegmentInfo>)> {
+    ) -> Result<(Vec<pb::ChunkMove>, Vec<pb::SegmentInfo>, Vec<(u64, u64)>)> {
         let live = live_chunks(&self.state);
         let max = self.opts.segment_max_bytes;
         let total: u64 = plan
@@ -228,6 +253,7 @@ impl Store {
             .sum();
         let mut done = 0u64;
         let mut moves = Vec::with_capacity(plan.chunks);
+        let mut corrupt = Vec::new();
         for &src in &plan.sources {
             let Some(chunks) = live.get(&src) else {
                 continue;
@@ -240,7 +266,8 @@ impl Store {
                 let codec = pb::Codec::try_from(run[0].codec)
                     .map_err(|_| Error::invalid(format!("unknown codec {}", run[0].codec)))?;
                 // The run is copied as one frame: into the open output if it fits there (or
-                // the output is empty), else into a new one.
+                // the output is empty), else into a new one. The frame begins at the run's
+                // first chunk that verifies (none: no frame).
                 let fits = |end: u64| {
                     if end == SEGMENT_DATA_OFFSET || end + flen <= max {
                         run.len()
@@ -248,8 +275,7 @@ impl Store {
                         0
                     }
                 };
-                let mut frame =
-                    writer.begin_run(codec, fits, || self.state.allocate_segment_id())?;
+                let mut frame = None;
                 for c in run {
                     let mut buf = vec![0u8; c.stored_len as usize];
                     src_file
@@ -266,29 +292,37 @@ impl Store {
                             Err(_) => [0u8; 32], // not a valid frame: corrupt below
                         }
                     };
+                    done += c.stored_len;
                     if hash.as_slice() != c.blake3.as_slice() {
-                        return Err(Error::CompactionSourceCorrupt {
-                            path: src_path.clone(),
-                            offset: c.offset,
-                        });
+                        self.suspect(c);
+                        corrupt.push((src, c.offset));
+                        progress(done, total);
+                        continue;
                     }
-                    let to = writer.write_chunk(&mut frame, &buf, c.raw_len, hash)?;
+                    let f = match frame.as_mut() {
+                        Some(f) => f,
+                        None => frame.insert(
+                            writer.begin_run(codec, fits, || self.state.allocate_segment_id())?,
+                        ),
+                    };
+                    let to = writer.write_chunk(f, &buf, c.raw_len, hash)?;
                     moves.push(pb::ChunkMove {
                         from_segment: src,
                         from_offset: c.offset,
                         to_segment: to.segment,
                         to_offset: to.offset,
                     });
-                    done += c.stored_len;
                     progress(done, total);
                 }
-                writer.end_run(frame)?;
+                if let Some(f) = frame {
+                    writer.end_run(f)?;
+                }
             }
         }
         let outputs = writer.finish()?;
         // Moves sorted by (from_segment, from_offset), as docs/FORMAT.md says.
         moves.sort_by_key(|m| (m.from_segment, m.from_offset));
-        Ok((moves, outputs))
+        Ok((moves, outputs, corrupt))
     }
 }
 

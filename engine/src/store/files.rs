@@ -3,6 +3,7 @@
 
 use crate::current;
 use crate::error::{Error, Result};
+use crate::features::FeatureSet;
 use crate::io::{Storage, StorageFile};
 use crate::wal::{self, RecordType, WalHeader};
 use std::path::{Path, PathBuf};
@@ -92,12 +93,14 @@ pub(crate) struct WalWriter {
 }
 
 impl WalWriter {
-    /// Creates WAL file `number` in `dir` holding the header and `records`, fdatasyncs it and
-    /// fsyncs the directory, so the file and its entry are durable before anything points to it.
+    /// Creates WAL file `number` in `dir` holding a header declaring `features` and `records`,
+    /// fdatasyncs it and fsyncs the directory, so the file and its entry are durable before
+    /// anything points to it.
     pub(crate) fn create_durable(
         io: &dyn Storage,
         dir: &Path,
         number: u64,
+        features: FeatureSet,
         records: &[(RecordType, Vec<u8>)],
     ) -> Result<Self> {
         let path = dir.join(wal_file_name(number));
@@ -110,6 +113,7 @@ impl WalWriter {
         let header = WalHeader {
             salt,
             file_number: number,
+            features,
         };
         let mut buf = header.encode().to_vec();
         for (ty, payload) in records {

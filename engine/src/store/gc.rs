@@ -71,6 +71,10 @@ pub struct GcReport {
     pub segments_pending: Vec<u64>,
     /// Their bytes.
     pub bytes_pending: u64,
+    /// Live chunks compaction found not to match their BLAKE3: quarantined (see
+    /// [`Store::heal`]) and left where they are, so their segments stay until a save heals
+    /// them or their checkpoints are deleted. The rest of the plan compacted.
+    pub corrupt_chunks: Vec<super::ChunkLocation>,
     /// Space before.
     pub before: SpaceStats,
     /// Space after (with `dry_run`: as planned).
@@ -178,16 +182,30 @@ impl Store {
             return Ok(report);
         }
         self.check_writable()?;
+        // What verified reads (a retention pass's, say) found bad is quarantined first, so
+        // the plan leaves it alone.
+        self.heal()?;
+        let plan = if opts.compact {
+            self.plan_compaction()
+        } else {
+            CompactionPlan::default()
+        };
         let freed = self.free_segments([]);
         report.segments_freed = freed.freed;
         report.bytes_freed = freed.bytes_freed;
         if !plan.sources.is_empty() {
             let done = self.compact_segments(&plan, &mut progress)?;
-            report.segments_compacted = plan.sources;
+            // A source holding a corrupt chunk keeps it, and so stays.
+            report.segments_compacted = plan
+                .sources
+                .into_iter()
+                .filter(|s| !done.corrupt.iter().any(|c| c.0 == *s))
+                .collect();
             report.segments_written = done.written;
             report.bytes_written = done.bytes_written;
             report.segments_freed.extend(done.freed.freed);
             report.bytes_freed += done.freed.bytes_freed;
+            report.corrupt_chunks = done.corrupt;
         }
         report.segments_pending = self.pending_free.keys().copied().collect();
         report.bytes_pending = self.pending_free.values().sum();

@@ -1,7 +1,7 @@
 //! What a writer's recovery should have removed and did not: the check every crash test runs
 //! after a recovery (the power-cut sweeps, `ckptstore crashtest`'s kill loop).
 
-use super::files::{parse_wal_file_name, read_all, wal_file_name};
+use super::files::{parse_wal_file_name, read_small, wal_file_name};
 use super::{Store, SEGMENTS_DIR};
 use crate::{current, manifest, segment};
 use std::collections::BTreeSet;
@@ -58,9 +58,13 @@ impl Store {
         top.sort();
         let mut wals: Vec<u64> = top.iter().filter_map(|n| parse_wal_file_name(n)).collect();
         wals.sort_unstable();
-        let current = read_all(io, &self.dir.join(current::CURRENT_NAME))
-            .ok()
-            .and_then(|b| current::decode(&b).ok());
+        let current = read_small(
+            io,
+            &self.dir.join(current::CURRENT_NAME),
+            super::recovery::MAX_CURRENT_LEN,
+        )
+        .ok()
+        .and_then(|b| current::decode(&b).ok());
         match current {
             Some(n) if wals == [n] => {}
             Some(n) => out.push(format!(

@@ -11,8 +11,11 @@ mod lease;
 mod leftovers;
 mod lost_found;
 mod perms;
+mod quarantine;
 mod reader;
+mod rebuild;
 mod recovery;
+mod remote_tier;
 mod select;
 mod shard;
 mod state;
@@ -28,8 +31,11 @@ pub use gc::{GcOptions, GcReport, SpaceStats};
 #[doc(hidden)]
 pub use lease::READERS_DIR;
 pub use lost_found::{PurgeReport, LOST_FOUND_DIR};
+pub use quarantine::{ChunkLocation, HealReport, ScrubReport};
 pub use reader::{CheckpointReader, Tensor, VerifiedChunks};
+pub use rebuild::RebuildReport;
 pub use recovery::RecoveryReport;
+pub use remote_tier::{pull, REPLICA_TOKEN_NAME};
 pub use select::{LoadReport, LoadSpec, NamePredicate};
 pub use shard::{ShardFragment, ShardOptions, ShardWriter};
 pub use txn::{CommitInfo, Transaction};
@@ -40,6 +46,7 @@ use crate::retention::{self, RetentionPlan, RetentionPolicy};
 
 use crate::codec::Compression;
 use crate::error::{Error, Result};
+use crate::features::{self, Feature, FeatureSet};
 use crate::io::{Storage, StorageFile};
 use crate::manifest::{CheckpointInfo, Manifest};
 use crate::segment;
@@ -110,6 +117,24 @@ pub struct Options {
     /// instead of refusing it (`Error::UnsafeDir`). Default `false`. Symlinked `segments/` or
     /// `readers/` are refused regardless.
     pub allow_unsafe_dir: bool,
+    /// A replica bucket (`s3://bucket/prefix` or `file:///dir`): commits stay local and durable
+    /// on return, and a background replicator copies each committed state to the bucket (see
+    /// [`Store::replication`], [`Store::wait_replicated`]). Opening a directory without a store
+    /// in it pulls the bucket's newest state first. Default `None`.
+    pub replica: Option<String>,
+    /// With a replica: the bucket keeps, of the checkpoints this store deletes, those among
+    /// the newest `N` (the bucket may keep more than the local disk). Default `None`: the
+    /// bucket mirrors the local store. At least 1.
+    pub replica_keep_last: Option<usize>,
+    /// Where a bucket store (`Store::open("s3://...")`) keeps its local cache. Default `None`:
+    /// `$CKPTSTORE_CACHE_DIR`, else `$XDG_CACHE_HOME/ckptstore`, else `~/.cache/ckptstore`,
+    /// then `remote/<hash of the URL>`. One process at a time per cache.
+    pub cache_dir: Option<PathBuf>,
+    /// Retries, timeouts, part size and parts in flight of the bucket tier's requests.
+    pub remote_policy: crate::remote::RetryPolicy,
+    /// A fault injector for the bucket tier's requests (tests).
+    #[doc(hidden)]
+    pub remote_faults: Option<Arc<crate::remote::Faults>>,
 }
 
 impl Default for Options {
@@ -126,6 +151,11 @@ impl Default for Options {
             io: crate::io::default_storage(),
             file_mode: crate::io::DEFAULT_FILE_MODE,
             allow_unsafe_dir: false,
+            replica: None,
+            replica_keep_last: None,
+            cache_dir: None,
+            remote_policy: crate::remote::RetryPolicy::default(),
+            remote_faults: None,
         }
     }
 }
@@ -170,6 +200,9 @@ impl Options {
                  write (e.g. 0600, 0640)",
                 self.file_mode
             )));
+        }
+        if self.replica_keep_last == Some(0) {
+            return Err(Error::invalid("replica_keep_last 0: keep at least 1"));
         }
         self.compression.validate()
     }
@@ -221,6 +254,8 @@ pub struct Store {
     opts: Options,
     _lock: Option<writer_lock::WriterLock>,
     wal: Option<WalWriter>,
+    /// The format features the live WAL's header declares.
+    features: FeatureSet,
     state: State,
     poisoned: Option<String>,
     report: RecoveryReport,
@@ -234,6 +269,10 @@ pub struct Store {
     pending_free: BTreeMap<u64, u64>,
     /// Segment ids handed to shard writers ([`Store::reserve_segment_ids`]).
     reservations: external::Reservations,
+    /// The bucket tier: a replicator, or a bucket store's synchronous publisher.
+    remote: Option<remote_tier::RemoteTier>,
+    /// Chunks verified reads found bad, not yet quarantined (see `quarantine.rs`).
+    suspects: quarantine::Suspects,
 }
 
 impl std::fmt::Debug for Store {
@@ -257,9 +296,34 @@ pub(crate) fn commit_record_len(m: &Manifest) -> u64 {
 
 impl Store {
     /// Opens the store in `dir`, creating it if absent (unless read-only), and runs recovery.
-    pub fn open(dir: impl AsRef<Path>, mut opts: Options) -> Result<Store> {
+    ///
+    /// `dir` may be a bucket URL (`s3://bucket/prefix`, `file:///dir`): the store then lives in
+    /// the bucket, with a local cache, and a commit is durable once its commit object is
+    /// created there (docs/GUARANTEES.md, "Object storage").
+    pub fn open(dir: impl AsRef<Path>, opts: Options) -> Result<Store> {
+        if let Some(url) = dir.as_ref().to_str().filter(|s| crate::remote::is_url(s)) {
+            return remote_tier::open_url(url, opts);
+        }
+        let replica = match (&opts.replica, opts.read_only) {
+            (Some(url), false) => Some(remote_tier::replica_bucket(url, &opts)?),
+            _ => None,
+        };
+        let mut store = Store::open_dir(dir.as_ref(), opts, replica.as_ref())?;
+        if let Some(bucket) = replica {
+            store.remote = Some(remote_tier::start_replica(&store, bucket)?);
+        }
+        Ok(store)
+    }
+
+    /// [`Store::open`] of a directory; with `restore_from`, an empty one is filled from that
+    /// bucket's newest state first.
+    fn open_dir(
+        dir: &Path,
+        mut opts: Options,
+        restore_from: Option<&Arc<crate::remote::Bucket>>,
+    ) -> Result<Store> {
         opts.validate()?;
-        let dir = dir.as_ref().to_path_buf();
+        let dir = dir.to_path_buf();
         perms::check_store_dir(&*opts.io, &dir, &opts)?;
         opts.io = crate::io::WithMode::wrap(opts.io.clone(), opts.file_mode);
         let io = opts.io.clone();
@@ -269,6 +333,9 @@ impl Store {
             recovery::create_store_dir(&*io, &dir)?;
             Some(writer_lock::take(&*io, &dir)?)
         };
+        if let Some(bucket) = restore_from {
+            remote_tier::restore_if_empty(&*io, &dir, bucket)?;
+        }
         // A reader takes its lease (holding everything) before it reads the WAL, and narrows
         // it after: see store/lease.rs for why that order closes the race with a deletion.
         // Only in an existing store (a read-only open never creates one); a reader that cannot
@@ -289,11 +356,12 @@ impl Store {
             // protected, it only holds more space until it closes. Never dropped for it.
             let _ = l.hold(rec.state.segments.keys().copied());
         }
-        Ok(Store {
+        let mut store = Store {
             dir,
             opts,
             _lock: lock,
             wal: rec.wal,
+            features: rec.features,
             state: rec.state,
             poisoned: None,
             report: rec.report,
@@ -302,7 +370,18 @@ impl Store {
             lease,
             pending_free: rec.pending_free,
             reservations: external::Reservations::default(),
-        })
+            remote: None,
+            suspects: quarantine::Suspects::default(),
+        };
+        // A crash between a commit and the heal it allowed leaves the heal to this open
+        // (not to a strict one, which repairs nothing).
+        if store.wal.is_some()
+            && !store.state.quarantined.is_empty()
+            && store.opts.recovery_mode != RecoveryMode::AbsoluteConsistency
+        {
+            store.heal()?;
+        }
+        Ok(store)
     }
 
     /// The lease file of a read-only store (`readers/*.lease`), which keeps the writer from
@@ -460,6 +539,9 @@ impl Store {
     /// visible until [`Transaction::commit`] returns; dropping the transaction aborts it.
     pub fn begin(&mut self, step: u64) -> Result<Transaction<'_>> {
         self.check_writable()?;
+        // What verified reads found bad is quarantined first, so this save never references
+        // it (it writes a fresh copy, which heals the checkpoints that do).
+        self.heal()?;
         Ok(Transaction::new(self, step))
     }
 
@@ -497,6 +579,7 @@ impl Store {
             segments_pending: freed.pending,
         };
         self.compact_after_durable_write();
+        self.publish_after_durable_write()?;
         Ok(info)
     }
 
@@ -530,6 +613,7 @@ impl Store {
             return Err(self.poison(e));
         }
         self.compact_after_durable_write();
+        self.publish_after_durable_write()?;
         Ok(true)
     }
 
@@ -637,12 +721,50 @@ impl Store {
     /// Rewrites the WAL as a snapshot of the live state: a new WAL file (durable, with its
     /// directory entry), then an atomic switch of `CURRENT`, then removal of the old file.
     pub fn compact_wal(&mut self) -> Result<()> {
+        let mut features = self.features;
+        if self.state.quarantined.is_empty() {
+            // The compacted WAL holds no Quarantine record (healed references are in its
+            // Commit records): it no longer needs the feature, and older builds open it again.
+            features.incompat &= !(1 << features::QUARANTINE.bit);
+        }
+        self.rewrite_wal(features)
+    }
+
+    /// The format features this store's WAL header declares (docs/FORMAT.md, "Feature
+    /// flags"); those this build does not know are named by kind and bit.
+    pub fn features(&self) -> FeatureSet {
+        self.features
+    }
+
+    /// Turns format feature `f` on for this store, durably, before the first write that uses
+    /// it: the WAL is rewritten with `f` in its header (the mechanism of [`Store::compact_wal`]:
+    /// a new WAL file made durable, then an atomic switch of `CURRENT`), so a crash leaves the
+    /// store either without the feature and without its data, or with it. From then on a
+    /// build that lacks `f` treats the store as its kind says (refuse, read-only, or open).
+    /// Returns whether anything changed (`false`: it was on already).
+    pub fn enable_feature(&mut self, f: &Feature) -> Result<bool> {
+        self.check_writable()?;
+        if !features::KNOWN.contains(f) {
+            return Err(Error::invalid(format!(
+                "feature {:?} is not in this build's registry (features::KNOWN)",
+                f.name
+            )));
+        }
+        if self.features.contains(f) {
+            return Ok(false);
+        }
+        self.rewrite_wal(self.features.with(f))?;
+        Ok(true)
+    }
+
+    /// Rewrites the WAL as [`Store::compact_wal`] does, its header declaring `features`.
+    pub(crate) fn rewrite_wal(&mut self, features: FeatureSet) -> Result<()> {
         self.check_writable()?;
         let old = self.wal_mut()?;
         let (old_path, number) = (old.path.clone(), old.number + 1);
         let records = self.state.compacted_records();
         let io = self.opts.io.clone();
-        let new = match WalWriter::create_durable(&*io, &self.dir, number, &records) {
+        let new = match WalWriter::create_durable(&*io, &self.dir, number, features, &records) {
             Ok(w) => w,
             Err(e) => return Err(self.poison(e)),
         };
@@ -650,6 +772,7 @@ impl Store {
             return Err(self.poison(e));
         }
         self.wal = Some(new);
+        self.features = features;
         // CURRENT no longer names it; a failed unlink leaves a stale file recovery removes.
         let _ = io.remove_file(&old_path);
         Ok(())
@@ -699,5 +822,73 @@ impl Store {
             checkpoint,
             needed: self.state.segments.get(&id).map_or(0, |s| s.len),
         })
+    }
+}
+
+#[cfg(test)]
+mod feature_tests {
+    use super::*;
+    use crate::features::FeatureKind;
+    use crate::io::MemIo;
+
+    fn mem_opts(mem: &MemIo, read_only: bool) -> Options {
+        Options {
+            io: Arc::new(mem.clone()),
+            read_only,
+            ..Options::default()
+        }
+    }
+
+    /// The writer's call that turns features on rewrites the WAL (new file, CURRENT switched)
+    /// with the bits in its header, keeps every checkpoint, and the bits survive compaction.
+    #[test]
+    fn rewrite_wal_declares_features_durably_and_compaction_keeps_them() {
+        let mem = MemIo::new();
+        let mut s = Store::open("/s", mem_opts(&mem, false)).unwrap();
+        let mut t = s.begin(1).unwrap();
+        t.put_blob("b", b"hello").unwrap();
+        t.commit().unwrap();
+        let f = FeatureSet {
+            compat: 1,
+            ro_compat: 0,
+            incompat: 0,
+        };
+        s.rewrite_wal(f).unwrap();
+        assert_eq!(s.features(), f);
+        s.compact_wal().unwrap();
+        drop(s);
+        let s = Store::open("/s", mem_opts(&mem, false)).unwrap();
+        assert_eq!(s.features(), f);
+        assert_eq!(s.list().len(), 1);
+        let wal = mem.read_file(&s.report.wal_file).unwrap();
+        assert_eq!(wal::WalHeader::decode(&wal).unwrap().features, f);
+    }
+
+    /// A feature outside this build's registry cannot be turned on.
+    #[test]
+    fn enable_feature_refuses_an_unregistered_feature() {
+        let mem = MemIo::new();
+        let mut s = Store::open("/s", mem_opts(&mem, false)).unwrap();
+        let stranger = Feature {
+            name: "not-registered",
+            kind: FeatureKind::Incompatible,
+            bit: 15,
+        };
+        assert!(matches!(
+            s.enable_feature(&stranger),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert_eq!(s.features(), features::NEW_STORE);
+        // A store from before the features: none set; each known one turns on once.
+        s.rewrite_wal(FeatureSet::EMPTY).unwrap();
+        for f in features::KNOWN {
+            assert!(s.enable_feature(f).unwrap());
+            assert!(!s.enable_feature(f).unwrap(), "already on");
+            assert!(s.features().contains(f));
+        }
+        let mut ro = Store::open("/s", mem_opts(&mem, true)).unwrap();
+        if let Some(f) = features::KNOWN.first() {
+            assert!(matches!(ro.enable_feature(f), Err(Error::ReadOnly { .. })));
+        }
     }
 }

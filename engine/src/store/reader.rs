@@ -219,6 +219,49 @@ impl<'s> CheckpointReader<'s> {
         r
     }
 
+    /// Reads and hashes every chunk that neither `seen` (intact) nor `bad` holds, adding each
+    /// to one of them: unlike [`CheckpointReader::verify_with`] it goes on past a bad chunk
+    /// (each bad one is noted for quarantine by the read itself). Returns the stored bytes
+    /// read and the first error that is not about a chunk's bytes (a missing segment).
+    pub(super) fn scrub_with(
+        &self,
+        seen: &mut VerifiedChunks,
+        bad: &mut VerifiedChunks,
+    ) -> (u64, Option<Error>) {
+        let mut scratch = Scratch::default();
+        let mut read = 0u64;
+        let mut other = None;
+        let items = self
+            .manifest
+            .tensors
+            .iter()
+            .map(|t| ("tensor", &t.name, &t.chunks))
+            .chain(
+                self.manifest
+                    .blobs
+                    .iter()
+                    .map(|b| ("blob", &b.name, &b.chunks)),
+            );
+        for (kind, name, chunks) in items {
+            for (i, c) in chunks.iter().enumerate() {
+                let key = chunk_key(c);
+                if seen.0.contains(&key) || bad.0.contains(&key) {
+                    continue;
+                }
+                if let Err(e) = self.check_segment(c) {
+                    other.get_or_insert(e);
+                    continue;
+                }
+                read += c.stored_len;
+                match self.read_chunk(kind, name, i, c, None, Route::Cold, &mut scratch, true) {
+                    Ok(()) => seen.0.insert(key),
+                    Err(_) => bad.0.insert(key),
+                };
+            }
+        }
+        (read, other)
+    }
+
     /// Reads `chunks` into `out` (their raw bytes, back to back), verified unless `verify` is
     /// false; see [`CheckpointReader::each_chunk`] for the threads.
     fn read_chunks(
@@ -434,13 +477,22 @@ impl<'s> CheckpointReader<'s> {
                     &mut scratch.decoded[..]
                 }
             };
-            crate::codec::decode(c.codec, stored, dst, &mut Vec::new()).map_err(corrupt)?;
+            if let Err(why) = crate::codec::decode(c.codec, stored, dst, &mut Vec::new()) {
+                self.store.suspect(c);
+                return Err(corrupt(why));
+            }
             if verify && blake3::hash(dst).as_bytes()[..] != c.blake3[..] {
+                // The bytes on disk are not the ones committed: quarantined by the writer's
+                // next `heal` (store/quarantine.rs).
+                self.store.suspect(c);
                 return Err(corrupt("BLAKE3 mismatch".into()));
             }
             return Ok(());
         };
         if verify && blake3::hash(raw).as_bytes()[..] != c.blake3[..] {
+            // The bytes on disk are not the ones committed: quarantined by the writer's next
+            // `heal` (store/quarantine.rs).
+            self.store.suspect(c);
             return Err(corrupt("BLAKE3 mismatch".into()));
         }
         if let Some(out) = out {

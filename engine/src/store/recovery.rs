@@ -9,6 +9,7 @@ use super::state::State;
 use super::{Options, RecoveryMode};
 use crate::current::{self, CurrentDecodeError};
 use crate::error::{Error, Result};
+use crate::features::FeatureSet;
 use crate::io::Storage;
 use crate::manifest;
 use crate::segment::{self, DecodeError};
@@ -28,6 +29,10 @@ pub struct RecoveryReport {
     pub wal_file: PathBuf,
     /// Records replayed.
     pub records_replayed: usize,
+    /// Records of a type this build does not know, skipped because the WAL header declares a
+    /// compatible or read-only-compatible feature this build lacks (docs/FORMAT.md, "Feature
+    /// flags").
+    pub unknown_records_skipped: usize,
     /// Bytes of a torn WAL tail that were cut off (0 if the log ended cleanly).
     pub truncated_tail_bytes: u64,
     /// Why the torn tail's first record was rejected.
@@ -58,6 +63,8 @@ pub struct RecoveryReport {
 
 pub(crate) struct Recovered {
     pub state: State,
+    /// The features the live WAL's header declares.
+    pub features: FeatureSet,
     pub wal: Option<WalWriter>,
     pub report: RecoveryReport,
     /// Unreferenced segments kept for live readers (id → bytes): freed later.
@@ -65,7 +72,7 @@ pub(crate) struct Recovered {
 }
 
 /// Largest `CURRENT` read (it is 24 bytes; anything past 4 KiB is no pointer).
-const MAX_CURRENT_LEN: u64 = 4096;
+pub(super) const MAX_CURRENT_LEN: u64 = 4096;
 
 fn not_found(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::NotFound
@@ -171,7 +178,17 @@ fn recover_once(io: &dyn Storage, dir: &Path, opts: &Options) -> Result<Recovere
         }
     };
 
-    let scan = wal::scan(&buf, header.salt);
+    // The header's features decide before any record is read: a store that needs a feature
+    // this build lacks is a newer store, never damage.
+    if let Some(missing) = header.features.blocking(opts.read_only) {
+        return Err(Error::NewerFormat {
+            path: wal_path,
+            features: missing.to_string(),
+            read_only_would_open: missing.incompat == 0,
+        });
+    }
+    let skip_unknown = header.features.may_hold_unknown_records();
+    let scan = wal::scan_with(&buf, wal::WAL_HEADER_LEN as u64, header.salt, skip_unknown);
     let valid_end = scan.valid_end;
     if let Some(bad) = &scan.bad {
         match (bad.valid_record_after, opts.recovery_mode) {
@@ -213,11 +230,14 @@ fn recover_once(io: &dyn Storage, dir: &Path, opts: &Options) -> Result<Recovere
         if bad.valid_record_after {
             let mut skipped = vec![bad.offset];
             let mut at = bad.offset;
+            // One checksum budget for every search of the salvage: bounded by the file, not
+            // by the number of damaged stretches in it.
+            let mut budget = wal::SearchBudget::for_file(buf.len());
             while let Some(p) = (!wal::newer_record_at(&buf, at, header.salt))
-                .then(|| wal::resync(&buf, at, header.salt))
+                .then(|| wal::resync_within(&buf, at, header.salt, &mut budget))
                 .flatten()
             {
-                let more = wal::scan_from(&buf, p, header.salt);
+                let more = wal::scan_from_within(&buf, p, header.salt, skip_unknown, &mut budget);
                 for rec in &more.records {
                     let mut trial = state.clone();
                     match apply_record(&mut trial, rec, &buf, &wal_path, false) {
@@ -252,6 +272,7 @@ fn recover_once(io: &dyn Storage, dir: &Path, opts: &Options) -> Result<Recovere
         }
     }
     report.records_replayed = scan.records.len() + kept_after;
+    report.unknown_records_skipped = scan.skipped_unknown.len();
     state.drop_unreferenced_segments();
 
     let mut live_wal = wal_number;
@@ -262,7 +283,13 @@ fn recover_once(io: &dyn Storage, dir: &Path, opts: &Options) -> Result<Recovere
             path: dir.join(current::CURRENT_NAME),
             what: "CURRENT",
         })?;
-        let new = WalWriter::create_durable(io, dir, live_wal, &state.compacted_records())?;
+        let new = WalWriter::create_durable(
+            io,
+            dir,
+            live_wal,
+            header.features,
+            &state.compacted_records(),
+        )?;
         files::switch_current_atomically(io, dir, live_wal)?;
         let why = format!(
             "{} as it was before `recover --salvage` ({}); the store's WAL is now {}",
@@ -326,6 +353,7 @@ fn recover_once(io: &dyn Storage, dir: &Path, opts: &Options) -> Result<Recovere
     report.duration = started.elapsed();
     Ok(Recovered {
         state,
+        features: header.features,
         wal,
         report,
         pending_free,
@@ -407,7 +435,7 @@ fn initialize(
     let parent = parent_dir(dir);
     io.sync_dir(parent)
         .map_err(|e| Error::io("fsync dir", parent, e))?;
-    let wal = WalWriter::create_durable(io, dir, 1, &[])?;
+    let wal = WalWriter::create_durable(io, dir, 1, crate::features::NEW_STORE, &[])?;
     files::switch_current_atomically(io, dir, 1)?;
     report.created = true;
     report.wal_file = wal.path.clone();
@@ -417,6 +445,7 @@ fn initialize(
     report.duration = started.elapsed();
     Ok(Recovered {
         state,
+        features: crate::features::NEW_STORE,
         wal: Some(wal),
         report,
         pending_free,
@@ -472,6 +501,11 @@ fn apply_record(
             // live reader's lease holds them.
             state.apply_relocate(&r, super::commit_record_len, &context)?;
         }
+        RecordType::Quarantine => {
+            let q = pb::QuarantineRecord::decode(payload).map_err(decode_err)?;
+            // Segments a heal leaves unreferenced are orphans now, like a relocation's sources.
+            state.apply_quarantine(&q, super::commit_record_len, &context)?;
+        }
     }
     Ok(())
 }
@@ -506,6 +540,10 @@ fn store_contents(io: &dyn Storage, dir: &Path, names: &[String]) -> Result<Vec<
         let what = match WalHeader::decode(&head) {
             Err(HeaderError::Corrupt) => "a damaged header".to_string(),
             Err(HeaderError::NewerVersion(v)) => format!("a header of newer version {v}"),
+            Ok(h) if h.features.blocking(true).is_some() => format!(
+                "written by a newer ckptstore: needs {}",
+                h.features.unknown()
+            ),
             Ok(h) => match wal::scan(&head, h.salt).records.first() {
                 Some(_) => "committed records".to_string(),
                 None => "a damaged first record".to_string(),

@@ -35,6 +35,9 @@ pub(crate) struct State {
     pub live_record_bytes: u64,
     /// Pinned checkpoints (all live): never deleted until unpinned.
     pub pinned: BTreeSet<u64>,
+    /// Chunks found not to match their BLAKE3 (Quarantine records), by (segment, offset):
+    /// never deduplicated against; healed when a fresh copy of the same bytes is committed.
+    pub quarantined: BTreeMap<(u64, u64), pb::ChunkRef>,
 }
 
 /// Encoded size of the WAL record that pins checkpoint `id` (what a compacted WAL holds for it).
@@ -52,9 +55,17 @@ fn key(c: &pb::ChunkRef) -> [u8; 32] {
         .expect("validated 32-byte BLAKE3")
 }
 
-/// Whether chunks in segment `id` may be referenced by a new commit.
-fn usable(segments: &BTreeMap<u64, SegmentState>, damaged: &BTreeSet<u64>, id: u64) -> bool {
-    segments.contains_key(&id) && !damaged.contains(&id)
+/// Whether chunk `c` may be referenced by a new commit: in a live segment that recovery did
+/// not find damaged, and not quarantined.
+fn usable(
+    segments: &BTreeMap<u64, SegmentState>,
+    damaged: &BTreeSet<u64>,
+    quarantined: &BTreeMap<(u64, u64), pb::ChunkRef>,
+    c: &pb::ChunkRef,
+) -> bool {
+    segments.contains_key(&c.segment)
+        && !damaged.contains(&c.segment)
+        && !quarantined.contains_key(&(c.segment, c.offset))
 }
 
 pub(crate) fn referenced_segments(m: &Manifest) -> BTreeSet<u64> {
@@ -89,12 +100,12 @@ impl State {
     }
 
     /// A live chunk with this BLAKE3 that can be referenced instead of written again: only
-    /// one in a live segment that recovery did not find damaged.
+    /// one in a live segment that recovery did not find damaged, never a quarantined one.
     pub(crate) fn lookup(&self, hash: &[u8; 32]) -> Option<&pb::ChunkRef> {
         self.index
             .get(hash)
             .map(|e| &e.chunk)
-            .filter(|c| usable(&self.segments, &self.damaged_segments, c.segment))
+            .filter(|c| usable(&self.segments, &self.damaged_segments, &self.quarantined, c))
     }
 
     /// Applies a snapshot record: the state restarts from it.
@@ -156,15 +167,17 @@ impl State {
         for s in referenced_segments(&m) {
             self.segments.get_mut(&s).expect("checked above").refs += 1;
         }
-        let (segments, damaged) = (&self.segments, &self.damaged_segments);
+        let (segments, damaged, quarantined) =
+            (&self.segments, &self.damaged_segments, &self.quarantined);
         for c in manifest::all_chunks(&m) {
             self.index
                 .entry(key(c))
                 .and_modify(|e| {
                     e.refs += 1;
                     // A second copy exists only because the first was unusable (its segment
-                    // damaged, or since freed): point future deduplication at the new one.
-                    if !usable(segments, damaged, e.chunk.segment) {
+                    // damaged or since freed, or the chunk quarantined): point future
+                    // deduplication (and healing) at the new one.
+                    if !usable(segments, damaged, quarantined, &e.chunk) {
                         e.chunk = c.clone();
                     }
                 })
@@ -217,11 +230,30 @@ impl State {
                 dead.push(s.id);
             }
         }
-        for s in &dead {
+        self.forget_segments(&dead);
+        dead
+    }
+
+    /// Drops freed segments from the table, with what is known about their damage, and the
+    /// quarantined chunks no live checkpoint references any more (nothing can reach them:
+    /// deduplication only finds chunks live checkpoints reference).
+    fn forget_segments(&mut self, dead: &[u64]) {
+        for s in dead {
             self.segments.remove(s);
             self.damaged_segments.remove(s);
         }
-        dead
+        if self.quarantined.is_empty() {
+            return;
+        }
+        let referenced: BTreeSet<(u64, u64)> = self
+            .checkpoints
+            .values()
+            .flat_map(|m| manifest::all_chunks(m))
+            .map(|c| (c.segment, c.offset))
+            .filter(|loc| self.quarantined.contains_key(loc))
+            .collect();
+        self.quarantined
+            .retain(|loc, _| referenced.contains(loc) && !dead.contains(&loc.0));
     }
 
     /// Applies a relocation (segment compaction): the new segments join the table, every live
@@ -326,14 +358,13 @@ impl State {
                 e.chunk.offset = off;
             }
         }
+        // A quarantined chunk that was moved was verified as it was copied: the copy is good.
+        self.quarantined.retain(|loc, _| !moves.contains_key(loc));
         let dead: Vec<u64> = touched
             .into_iter()
             .filter(|s| self.segments.get(s).is_some_and(|seg| seg.refs == 0))
             .collect();
-        for s in &dead {
-            self.segments.remove(s);
-            self.damaged_segments.remove(s);
-        }
+        self.forget_segments(&dead);
         for (old, mut new) in rewritten {
             // A freed segment is no longer one this checkpoint "created" (a compacted WAL
             // must not bring it back).
@@ -343,6 +374,212 @@ impl State {
             self.checkpoints.insert(new.id, Arc::new(new));
         }
         Ok(dead)
+    }
+
+    /// Applies a Quarantine record: its bad chunks join the quarantine, then every live
+    /// reference at a healed location becomes its fresh copy (same BLAKE3 and raw length).
+    /// Returns the segments left with no reference (dropped from the table, to be freed).
+    /// `context` names the record for errors. Validated in full before anything changes, so a
+    /// bad record leaves the state as it was.
+    #[allow(clippy::expect_used)] // the segments were checked or are live
+    pub(crate) fn apply_quarantine(
+        &mut self,
+        r: &pb::QuarantineRecord,
+        record_bytes_of: impl Fn(&Manifest) -> u64,
+        context: &str,
+    ) -> Result<Vec<u64>> {
+        let bad = |reason: String| Error::BadManifest {
+            context: context.to_owned(),
+            reason,
+        };
+        let inside = |c: &pb::ChunkRef| {
+            c.blake3.len() == 32
+                && self.segments.get(&c.segment).is_some_and(|s| {
+                    c.offset
+                        .checked_add(c.stored_len)
+                        .is_some_and(|end| end <= s.len)
+                })
+        };
+        for c in &r.bad {
+            if !inside(c) {
+                return Err(bad(format!(
+                    "quarantine of a chunk at {}+{} of segment {}, outside the live segments",
+                    c.offset, c.stored_len, c.segment
+                )));
+            }
+        }
+        let now_bad = |loc: &(u64, u64)| {
+            self.quarantined.contains_key(loc)
+                || r.bad.iter().any(|c| (c.segment, c.offset) == *loc)
+        };
+        let mut heals: HashMap<(u64, u64), &pb::ChunkRef> = HashMap::new();
+        for h in &r.healed {
+            let from = (h.from_segment, h.from_offset);
+            let to = h
+                .to
+                .as_ref()
+                .ok_or_else(|| bad(format!("heal of the chunk at {from:?} without a target")))?;
+            if !inside(to) || now_bad(&(to.segment, to.offset)) || (to.segment, to.offset) == from {
+                return Err(bad(format!(
+                    "heal of the chunk at {from:?} onto segment {} offset {}: not a live, \
+                     unquarantined chunk",
+                    to.segment, to.offset
+                )));
+            }
+            if heals.insert(from, to).is_some() {
+                return Err(bad(format!("chunk at {from:?} healed twice")));
+            }
+        }
+        // Rewrite the manifests that use a healed chunk; the copy must hold the same bytes.
+        let mut used = std::collections::HashSet::new();
+        let mut rewritten = Vec::new();
+        for m in self.checkpoints.values() {
+            if !manifest::all_chunks(m).any(|c| heals.contains_key(&(c.segment, c.offset))) {
+                continue;
+            }
+            let mut new = (**m).clone();
+            let chunks = new
+                .tensors
+                .iter_mut()
+                .flat_map(|t| t.chunks.iter_mut())
+                .chain(new.blobs.iter_mut().flat_map(|b| b.chunks.iter_mut()));
+            for c in chunks {
+                let loc = (c.segment, c.offset);
+                let Some(&to) = heals.get(&loc) else {
+                    continue;
+                };
+                if to.blake3 != c.blake3 || to.raw_len != c.raw_len {
+                    return Err(bad(format!(
+                        "heal of the chunk at {loc:?} onto a chunk of other bytes"
+                    )));
+                }
+                used.insert(loc);
+                *c = to.clone();
+            }
+            manifest::validate(&new, context)?;
+            rewritten.push((m.clone(), new));
+        }
+        if used.len() != heals.len() {
+            return Err(bad(
+                "heal of a chunk no live checkpoint references".to_string()
+            ));
+        }
+        // Valid: apply.
+        for c in &r.bad {
+            self.quarantined.insert((c.segment, c.offset), c.clone());
+        }
+        self.retarget_index_off_quarantine(&r.bad);
+        let mut touched = BTreeSet::new();
+        for (old, new) in &rewritten {
+            for s in referenced_segments(old) {
+                self.segments.get_mut(&s).expect("live segment").refs -= 1;
+                touched.insert(s);
+            }
+            for s in referenced_segments(new) {
+                self.segments.get_mut(&s).expect("checked").refs += 1;
+            }
+        }
+        for e in self.index.values_mut() {
+            if let Some(&to) = heals.get(&(e.chunk.segment, e.chunk.offset)) {
+                e.chunk = to.clone();
+            }
+        }
+        self.quarantined.retain(|loc, _| !heals.contains_key(loc));
+        let dead: Vec<u64> = touched
+            .into_iter()
+            .filter(|s| self.segments.get(s).is_some_and(|seg| seg.refs == 0))
+            .collect();
+        self.forget_segments(&dead);
+        for (old, mut new) in rewritten {
+            new.new_segments.retain(|s| !dead.contains(&s.id));
+            self.live_record_bytes = self.live_record_bytes.saturating_sub(record_bytes_of(&old))
+                + record_bytes_of(&new);
+            self.checkpoints.insert(new.id, Arc::new(new));
+        }
+        Ok(dead)
+    }
+
+    /// Points the index entries of newly quarantined chunks at another usable copy of the
+    /// same bytes a live checkpoint references, if there is one (two copies exist after a
+    /// sharded commit, which does not deduplicate, or a rebuild): so that copy heals them.
+    fn retarget_index_off_quarantine(&mut self, bad: &[pb::ChunkRef]) {
+        for c in bad {
+            let Some(e) = self.index.get(&key(c)) else {
+                continue;
+            };
+            if usable(
+                &self.segments,
+                &self.damaged_segments,
+                &self.quarantined,
+                &e.chunk,
+            ) {
+                continue;
+            }
+            let copy = self
+                .checkpoints
+                .values()
+                .flat_map(|m| manifest::all_chunks(m))
+                .find(|x| {
+                    x.blake3 == c.blake3
+                        && usable(&self.segments, &self.damaged_segments, &self.quarantined, x)
+                })
+                .cloned();
+            if let (Some(copy), Some(e)) = (copy, self.index.get_mut(&key(c))) {
+                e.chunk = copy;
+            }
+        }
+    }
+
+    /// The heals possible once `also_bad` is quarantined too: every quarantined chunk a live
+    /// checkpoint still references whose bytes have a usable copy (one a later save wrote),
+    /// with that copy.
+    pub(crate) fn heals(&self, also_bad: &[pb::ChunkRef]) -> Vec<pb::ChunkHeal> {
+        if self.quarantined.is_empty() && also_bad.is_empty() {
+            return Vec::new();
+        }
+        let mut bad = self.quarantined.clone();
+        for c in also_bad {
+            bad.insert((c.segment, c.offset), c.clone());
+        }
+        let referenced: BTreeSet<(u64, u64)> = self
+            .checkpoints
+            .values()
+            .flat_map(|m| manifest::all_chunks(m))
+            .map(|c| (c.segment, c.offset))
+            .filter(|loc| bad.contains_key(loc))
+            .collect();
+        referenced
+            .into_iter()
+            .filter_map(|loc| {
+                let chunk = &bad[&loc];
+                let copy = &self.index.get(&key(chunk))?.chunk;
+                let ok = usable(&self.segments, &self.damaged_segments, &bad, copy)
+                    && copy.raw_len == chunk.raw_len;
+                ok.then(|| pb::ChunkHeal {
+                    from_segment: loc.0,
+                    from_offset: loc.1,
+                    to: Some(copy.clone()),
+                })
+            })
+            .collect()
+    }
+
+    /// Quarantined chunks that live checkpoints still reference, with those checkpoints'
+    /// ids: what no save has healed yet.
+    pub(crate) fn unhealed(&self) -> BTreeMap<(u64, u64), (pb::ChunkRef, Vec<u64>)> {
+        let mut out: BTreeMap<(u64, u64), (pb::ChunkRef, Vec<u64>)> = BTreeMap::new();
+        for m in self.checkpoints.values() {
+            for c in manifest::all_chunks(m) {
+                let loc = (c.segment, c.offset);
+                if let Some(q) = self.quarantined.get(&loc) {
+                    let e = out.entry(loc).or_insert_with(|| (q.clone(), Vec::new()));
+                    if e.1.last() != Some(&m.id) {
+                        e.1.push(m.id);
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Applies a pin record. `context` names the record for errors: a pin of a checkpoint that
@@ -376,9 +613,7 @@ impl State {
             .filter(|(_, s)| s.refs == 0)
             .map(|(&id, _)| id)
             .collect();
-        for s in &dead {
-            self.segments.remove(s);
-        }
+        self.forget_segments(&dead);
         dead
     }
 
@@ -400,6 +635,15 @@ impl State {
         for &id in &self.pinned {
             let rec = pb::PinRecord { id, pinned: true };
             records.push((RecordType::Pin, rec.encode_to_vec()));
+        }
+        // Only when something is quarantined: a store without bad chunks holds no type-6
+        // record (and needs no format feature).
+        if !self.quarantined.is_empty() {
+            let rec = pb::QuarantineRecord {
+                bad: self.quarantined.values().cloned().collect(),
+                healed: Vec::new(),
+            };
+            records.push((RecordType::Quarantine, rec.encode_to_vec()));
         }
         records
     }
@@ -471,5 +715,80 @@ mod tests {
         assert_eq!(s.lookup(&[9; 32]).unwrap().segment, 3);
         assert_eq!(s.apply_delete(3, |_| 0), vec![3]);
         assert!(s.lookup(&[9; 32]).is_none());
+    }
+
+    /// A quarantined chunk is never handed out; a fresh copy becomes the dedup target and
+    /// the heal repoints the old checkpoint (freeing its segment); a quarantined chunk whose
+    /// checkpoints are all deleted leaves the quarantine.
+    #[test]
+    fn quarantine_skips_heals_and_prunes() {
+        let mut s = State::new();
+        s.apply_commit(manifest(1, 1, 9), 0, "t").unwrap();
+        let bad = s.checkpoints[&1].tensors[0].chunks[0].clone();
+        let q = pb::QuarantineRecord {
+            bad: vec![bad.clone()],
+            healed: vec![],
+        };
+        assert!(s.apply_quarantine(&q, |_| 0, "t").unwrap().is_empty());
+        assert!(s.lookup(&[9; 32]).is_none(), "never deduplicated against");
+        assert!(s.heals(&[]).is_empty(), "no copy yet");
+        s.apply_commit(manifest(2, 2, 9), 0, "t").unwrap();
+        assert_eq!(s.lookup(&[9; 32]).unwrap().segment, 2);
+        let heals = s.heals(&[]);
+        assert_eq!(heals.len(), 1);
+        let r = pb::QuarantineRecord {
+            bad: vec![],
+            healed: heals,
+        };
+        assert_eq!(s.apply_quarantine(&r, |_| 0, "t").unwrap(), vec![1]);
+        assert_eq!(s.checkpoints[&1].tensors[0].chunks[0].segment, 2);
+        assert!(
+            s.checkpoints[&1].new_segments.is_empty(),
+            "freed segment forgotten"
+        );
+        assert!(s.quarantined.is_empty());
+        // Quarantined, then its only checkpoint deleted (segment kept by another chunk).
+        let mut s = State::new();
+        let mut m = manifest(1, 1, 9);
+        let mut other = m.tensors[0].clone();
+        other.name = "u".into();
+        other.chunks[0].offset = 4096 + 10;
+        other.chunks[0].blake3 = vec![8; 32];
+        m.tensors.push(other);
+        m.new_segments[0].length = 5000;
+        s.apply_commit(m, 0, "t").unwrap();
+        let mut m2 = manifest(2, 1, 8);
+        m2.tensors[0].chunks[0].offset = 4096 + 10;
+        m2.new_segments.clear();
+        s.apply_commit(m2, 0, "t").unwrap();
+        s.apply_quarantine(&q, |_| 0, "t").unwrap();
+        assert_eq!(s.quarantined.len(), 1);
+        assert!(s.apply_delete(1, |_| 0).is_empty(), "segment 1 still used");
+        assert!(s.quarantined.is_empty(), "unreachable: pruned");
+        assert!(s
+            .compacted_records()
+            .iter()
+            .all(|r| r.0 != crate::wal::RecordType::Quarantine));
+    }
+
+    /// Two stored copies of the same bytes (a sharded commit does not deduplicate; a rebuild
+    /// restores both): quarantining the one deduplication used points it at the other, which
+    /// heals the first at once — no new save needed.
+    #[test]
+    fn quarantine_of_one_copy_heals_with_the_other() {
+        let mut s = State::new();
+        s.apply_commit(manifest(1, 1, 9), 0, "t").unwrap();
+        s.apply_commit(manifest(2, 2, 9), 0, "t").unwrap();
+        assert_eq!(s.lookup(&[9; 32]).unwrap().segment, 1);
+        let bad = s.checkpoints[&1].tensors[0].chunks[0].clone();
+        let q = pb::QuarantineRecord {
+            bad: vec![bad],
+            healed: vec![],
+        };
+        s.apply_quarantine(&q, |_| 0, "t").unwrap();
+        assert_eq!(s.lookup(&[9; 32]).unwrap().segment, 2);
+        let heals = s.heals(&[]);
+        assert_eq!(heals.len(), 1);
+        assert_eq!(heals[0].to.as_ref().unwrap().segment, 2);
     }
 }

@@ -35,13 +35,16 @@ pub(super) fn train_and_kill(a: &Args, dir: &Path, bar: &ProgressBar) -> CliResu
         .args(["--state-mib", &a.state_mib.to_string()])
         .args(["--seed", &a.seed.to_string()])
         .args(["--io", &a.io.to_string()])
-        .stdin(Stdio::null())
+        // The writer waits for its stdin to close before it exits, so the SIGKILL always finds
+        // it alive, however late this parent reads its lines on a loaded machine.
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .map_err(|e| Failure(format!("spawn the demo writer: {e}")))?;
     let pid = child.id();
     let stdout = child.stdout.take().expect("piped");
+    let hold_open = child.stdin.take();
     let mut reaper = Reaper(Some(child));
     bar.set_prefix("writer");
     say(bar, format!("demo: writer process {pid} started"));
@@ -126,6 +129,7 @@ pub(super) fn train_and_kill(a: &Args, dir: &Path, bar: &ProgressBar) -> CliResu
         break;
     }
     let Some((announced_step, killed_after)) = killed else {
+        drop(hold_open);
         let status = reaper.0.take().map(|mut c| c.wait()).transpose()?;
         return fail(format!(
             "the demo writer ended ({}) before the kill point",

@@ -34,6 +34,11 @@ pub fn run_writer(a: WriterArgs) -> CliResult {
         )?;
         out.flush()?;
     }
+    // Stay alive until the parent closes our stdin (or kills us): a parent that reads our
+    // lines late must still find a process to SIGKILL, not one that already exited.
+    drop(out);
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut rest);
     Ok(())
 }
 /// One acknowledged commit.

@@ -128,12 +128,23 @@ class Store:
     allocated by the first ``save_async``; at least one chunk), ``mode`` (0o600: permission bits
     of the files it creates, directories get the matching x bits; 0o640 shares reading with the
     group), ``allow_unsafe_dir`` (False: a world-writable store directory, or for a writer one
-    owned by another user, raises StoreError saying why).
+    owned by another user, raises StoreError saying why), ``replica`` (None; a bucket URL,
+    ``s3://bucket/prefix``: commits stay local and durable on return, a background thread
+    copies them to the bucket, see ``replication()`` and ``wait_replicated()``; an empty
+    directory is restored from the bucket's newest state first), ``replica_keep_last`` (None:
+    the bucket mirrors the local store; N: it keeps the newest N checkpoints even after the
+    local store deleted them).
+
+    ``path`` may itself be a bucket URL (``s3://bucket/prefix``, ``file:///dir``): the store
+    then lives in the bucket, with a local cache, and a save is durable once its commit object
+    exists there. Endpoint and credentials come from the AWS environment variables
+    (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...).
     """
 
     def __init__(self, path: PathLike, **options: Any) -> None:
         known = {"read_only", "chunk_size", "segment_max_bytes", "wal_compact_min_bytes",
-                 "recovery_mode", "async_budget_bytes", "mode", "allow_unsafe_dir"}
+                 "recovery_mode", "async_budget_bytes", "mode", "allow_unsafe_dir", "replica",
+                 "replica_keep_last"}
         bad = sorted(set(options) - known)
         if bad:
             raise TypeError(f"Store(): unknown option(s) {bad}; known: {sorted(known)}")
@@ -143,7 +154,8 @@ class Store:
             # takes no lock: a private engine store, never shared
             shared = _Shared(_native.Store(self._path, **options), "", options)
         else:
-            key = os.path.realpath(self._path)
+            is_url = self._path.startswith(("s3://", "file://"))
+            key = self._path if is_url else os.path.realpath(self._path)
             with _OPEN_LOCK:
                 shared_or_none = _OPEN.get(key)
                 if shared_or_none is not None and not shared_or_none.native.closed:
@@ -201,6 +213,18 @@ class Store:
     def delete(self, id: int) -> int:
         """Deletes checkpoint ``id`` durably; returns the bytes freed."""
         return self._native.delete(id)
+
+    def replication(self) -> dict[int, str]:
+        """Where each live checkpoint is: ``{id: "replicated" | "local_only"}``, oldest first.
+        Without ``replica=`` every one is ``"local_only"``; in a bucket store (``s3://``)
+        every one is ``"replicated"`` (a save returns only then)."""
+        return dict(self._native.replication())
+
+    def wait_replicated(self, timeout: float | None = None) -> None:
+        """Blocks until the replica holds every checkpoint committed so far (and every
+        deletion); raises StoreError after ``timeout`` seconds, with the replicator's last
+        failure. Returns at once without ``replica=``."""
+        self._native.wait_replicated(timeout)
 
     def pin(self, id: int) -> bool:
         return self._native.pin(id)

@@ -9,22 +9,83 @@ use crate::io::StorageFile;
 use rustix::fs::{AtFlags, FallocateFlags, OFlags, StatxFlags};
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+/// The file under a `UringFile`, for everything but the ring's writes and syncs: a real file,
+/// or a file of the power-loss simulator (`super::sim_device`).
+pub(super) trait Disk: Send + Sync {
+    /// The descriptor buffered writes and syncs go to.
+    fn fd(&self) -> RawFd;
+    /// fallocate(mode 0) of `[from, from + len)`: reserves the space, grows the length.
+    fn fallocate(&self, from: u64, len: u64) -> io::Result<()>;
+    /// ftruncate.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// The length on disk.
+    fn len(&self) -> io::Result<u64>;
+    /// pread of all of `buf`.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// posix_fadvise: DONTNEED, or WILLNEED when `will_need`.
+    fn advise(&self, offset: u64, len: std::num::NonZeroU64, will_need: bool) -> io::Result<()>;
+}
+
+impl Disk for File {
+    fn fd(&self) -> RawFd {
+        self.as_raw_fd()
+    }
+
+    fn fallocate(&self, from: u64, len: u64) -> io::Result<()> {
+        Ok(rustix::fs::fallocate(
+            self,
+            FallocateFlags::empty(),
+            from,
+            len,
+        )?)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        File::set_len(self, len)
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        FileExt::read_exact_at(self, buf, offset)
+    }
+
+    fn advise(&self, offset: u64, len: std::num::NonZeroU64, will_need: bool) -> io::Result<()> {
+        let advice = if will_need {
+            rustix::fs::Advice::WillNeed
+        } else {
+            rustix::fs::Advice::DontNeed
+        };
+        Ok(rustix::fs::fadvise(self, offset, Some(len), advice)?)
+    }
+}
+
+/// The O_DIRECT side of a file: its descriptor (owned by `_file` for a real file) and the
+/// alignment direct pieces keep.
+pub(super) struct Direct {
+    pub(super) _file: Option<File>,
+    pub(super) fd: RawFd,
+    pub(super) align: Align,
+}
+
 pub(super) struct UringFile {
     path: PathBuf,
-    buffered: File,
+    buffered: Box<dyn Disk>,
     state: Mutex<State>,
     shared: Arc<Shared>,
 }
 
 struct State {
     /// The O_DIRECT descriptor and its alignment; `None` once the file is buffered only.
-    direct: Option<(File, Align)>,
+    direct: Option<Direct>,
     /// The length the store sees: the end of the furthest write (or `set_len`/`allocate`).
     logical: u64,
     /// The file's real length, past `logical` by the preallocated reserve.
@@ -42,10 +103,13 @@ impl UringFile {
     ) -> io::Result<Self> {
         let create = if create_new { Create::New } else { Create::No };
         let buffered = private_fs::open_file(path, true, create, mode)?;
-        let len = buffered.metadata()?.len();
         let direct = if shared.cfg.direct {
             match open_direct(&buffered, shared.cfg.piece_bytes) {
-                Ok(d) => Some(d),
+                Ok((f, align)) => Some(Direct {
+                    fd: f.as_raw_fd(),
+                    _file: Some(f),
+                    align,
+                }),
                 Err(why) => {
                     shared.note_refusal(path, &why);
                     None
@@ -54,6 +118,17 @@ impl UringFile {
         } else {
             None
         };
+        Self::over(path, Box::new(buffered), direct, shared)
+    }
+
+    /// A `UringFile` over an open `disk` and its direct side (the simulator's files too).
+    pub(super) fn over(
+        path: &Path,
+        buffered: Box<dyn Disk>,
+        direct: Option<Direct>,
+        shared: Arc<Shared>,
+    ) -> io::Result<Self> {
+        let len = buffered.len()?;
         Ok(UringFile {
             path: path.to_path_buf(),
             buffered,
@@ -82,9 +157,7 @@ impl UringFile {
         let ahead = step.min(written.saturating_mul(16));
         let target = end.saturating_add(ahead).div_ceil(1 << 20) << 20;
         let from = st.allocated;
-        if rustix::fs::fallocate(&self.buffered, FallocateFlags::empty(), from, target - from)
-            .is_ok()
-        {
+        if self.buffered.fallocate(from, target - from).is_ok() {
             st.allocated = target;
         }
     }
@@ -103,8 +176,7 @@ impl UringFile {
         let mut st = self.state();
         self.trim(&mut st)?;
         let mut ring = self.shared.ring.lock().unwrap_or_else(|e| e.into_inner());
-        ring.for_this_process()?
-            .sync(self.buffered.as_raw_fd(), data_only)
+        ring.for_this_process()?.sync(self.buffered.fd(), data_only)
     }
 }
 
@@ -161,7 +233,7 @@ impl StorageFile for UringFile {
 
     fn write_many(&self, writes: &[(u64, &[u8])]) -> io::Result<()> {
         let mut st = self.state();
-        let align = st.direct.as_ref().map(|(_, a)| *a);
+        let align = st.direct.as_ref().map(|d| d.align);
         let piece = self.shared.cfg.piece_bytes;
         let mut end = 0u64;
         let jobs: Vec<Job<'_>> = writes
@@ -183,8 +255,8 @@ impl StorageFile for UringFile {
             self.reserve(&mut st, end, written);
         }
         let fds = Fds {
-            buffered: self.buffered.as_raw_fd(),
-            direct: st.direct.as_ref().map(|(f, a)| (f.as_raw_fd(), *a)),
+            buffered: self.buffered.fd(),
+            direct: st.direct.as_ref().map(|d| (d.fd, d.align)),
         };
         let mut notes = WriteNotes::default();
         let res = {
@@ -231,15 +303,15 @@ impl StorageFile for UringFile {
 
     fn allocate(&self, len: u64) -> io::Result<()> {
         let mut st = self.state();
-        match rustix::fs::fallocate(&self.buffered, FallocateFlags::empty(), 0, len) {
+        match self.buffered.fallocate(0, len) {
             Ok(()) => {}
             // As StdIo: keep the length contract where space cannot be reserved.
-            Err(rustix::io::Errno::OPNOTSUPP) => {
-                if self.buffered.metadata()?.len() < len {
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::OPNOTSUPP.raw_os_error()) => {
+                if self.buffered.len()? < len {
                     self.buffered.set_len(len)?;
                 }
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
         st.logical = st.logical.max(len);
         st.allocated = st.allocated.max(len);
@@ -251,24 +323,13 @@ impl StorageFile for UringFile {
         let Some(len) = std::num::NonZeroU64::new(len) else {
             return Ok(());
         };
-        rustix::fs::fadvise(
-            &self.buffered,
-            offset,
-            Some(len),
-            rustix::fs::Advice::DontNeed,
-        )?;
-        Ok(())
+        self.buffered.advise(offset, len, false)
     }
 
     fn will_need(&self, offset: u64, len: u64) {
         if let Some(len) = std::num::NonZeroU64::new(len) {
             // Only a hint: a file system that refuses it reads on demand.
-            let _ = rustix::fs::fadvise(
-                &self.buffered,
-                offset,
-                Some(len),
-                rustix::fs::Advice::WillNeed,
-            );
+            let _ = self.buffered.advise(offset, len, true);
         }
     }
 

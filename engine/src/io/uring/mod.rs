@@ -24,10 +24,14 @@
 mod file;
 pub(crate) mod plan;
 mod ring;
+mod sim_device;
 
-use super::{DirStatus, StdIo, Storage, StorageFile, DEFAULT_FILE_MODE};
+pub use sim_device::UringSimConfig;
+
+use super::{DirStatus, SimIo, StdIo, Storage, StorageFile, DEFAULT_FILE_MODE};
 use file::UringFile;
 use ring::Ring;
+use sim_device::SimBase;
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -116,6 +120,8 @@ pub struct UringIo {
 #[derive(Debug)]
 struct Shared {
     cfg: UringConfig,
+    /// The power-loss simulator under a [`UringIo::simulated`]; `None`: the real file system.
+    sim: Option<SimBase>,
     ring: Mutex<Ring>,
     refused: AtomicU64,
     refusal_logged: AtomicBool,
@@ -127,7 +133,8 @@ impl Shared {
     /// Counts a file's fall back to buffered writes; logs the first one.
     fn note_refusal(&self, path: &Path, why: &str) {
         self.refused.fetch_add(1, Ordering::Relaxed);
-        if !self.refusal_logged.swap(true, Ordering::Relaxed) {
+        // A simulated device refuses on purpose, in every test open: counted, not logged.
+        if self.sim.is_none() && !self.refusal_logged.swap(true, Ordering::Relaxed) {
             eprintln!(
                 "ckptstore: O_DIRECT refused for {} ({why}); writing such files through the page \
                  cache (fdatasync still makes them durable). Logged once.",
@@ -147,16 +154,54 @@ impl UringIo {
     pub fn with_config(cfg: UringConfig) -> Result<UringIo, UringUnavailable> {
         cfg.validate()?;
         let ring = Ring::new(cfg.queue_depth, cfg.piece_bytes).map_err(UringUnavailable::Setup)?;
-        Ok(UringIo {
+        Ok(Self::build(cfg, ring, None))
+    }
+
+    /// The io_uring backend's own logic — pieces, O_DIRECT routes, the reserve and its trim,
+    /// the direct → buffered fallback, short-write continuation, completion matching, fsync
+    /// results — over the power-loss simulator `sim`, through a simulated device that
+    /// executes and completes the ring's entries in random order, answers EBUSY, makes writes
+    /// short and refuses O_DIRECT as `dev` says. Needs no kernel io_uring. Crash points,
+    /// faults and crash images are `sim`'s, as for the `SimIo` itself.
+    pub fn simulated(
+        sim: &SimIo,
+        cfg: UringConfig,
+        dev: UringSimConfig,
+    ) -> Result<UringIo, UringUnavailable> {
+        cfg.validate()?;
+        let (base, queue) = sim_device::device(sim, dev, cfg.queue_depth);
+        let ring = Ring::over(Box::new(queue), cfg.queue_depth, cfg.piece_bytes);
+        Ok(Self::build(cfg, ring, Some(base)))
+    }
+
+    fn build(cfg: UringConfig, ring: Ring, sim: Option<SimBase>) -> UringIo {
+        UringIo {
             shared: Arc::new(Shared {
                 cfg,
+                sim,
                 ring: Mutex::new(ring),
                 refused: AtomicU64::new(0),
                 refusal_logged: AtomicBool::new(false),
                 direct_pieces: AtomicU64::new(0),
                 buffered_pieces: AtomicU64::new(0),
             }),
-        })
+        }
+    }
+
+    /// Where directory calls and read-only opens go: the real file system, or the simulator.
+    fn base(&self) -> &dyn Storage {
+        match &self.shared.sim {
+            Some(b) => &b.sim,
+            None => &StdIo,
+        }
+    }
+
+    /// Opens `path` for writing as a `UringFile`.
+    fn open_file(&self, path: &Path, create_new: bool, mode: u32) -> io::Result<UringFile> {
+        match &self.shared.sim {
+            Some(b) => b.open(path, create_new, self.shared.clone()),
+            None => UringFile::open(path, create_new, mode, self.shared.clone()),
+        }
     }
 
     /// The settings in force.
@@ -181,7 +226,7 @@ impl UringIo {
 
 impl Storage for UringIo {
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
-        StdIo.create_dir_all(path)
+        self.base().create_dir_all(path)
     }
 
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn StorageFile>> {
@@ -190,63 +235,53 @@ impl Storage for UringIo {
 
     fn open(&self, path: &Path, write: bool) -> io::Result<Box<dyn StorageFile>> {
         if !write {
-            return StdIo.open(path, false);
+            return self.base().open(path, false);
         }
-        Ok(Box::new(UringFile::open(
-            path,
-            false,
-            0,
-            self.shared.clone(),
-        )?))
+        Ok(Box::new(self.open_file(path, false, 0)?))
     }
 
     fn create_new_mode(&self, path: &Path, mode: u32) -> io::Result<Box<dyn StorageFile>> {
-        Ok(Box::new(UringFile::open(
-            path,
-            true,
-            mode,
-            self.shared.clone(),
-        )?))
+        Ok(Box::new(self.open_file(path, true, mode)?))
     }
 
     fn create_dir_all_mode(&self, path: &Path, mode: u32) -> io::Result<()> {
-        StdIo.create_dir_all_mode(path, mode)
+        self.base().create_dir_all_mode(path, mode)
     }
 
     fn try_lock_mode(&self, path: &Path, mode: u32) -> io::Result<Option<Box<dyn StorageFile>>> {
-        StdIo.try_lock_mode(path, mode)
+        self.base().try_lock_mode(path, mode)
     }
 
     fn dir_status(&self, path: &Path) -> io::Result<Option<DirStatus>> {
-        StdIo.dir_status(path)
+        self.base().dir_status(path)
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        StdIo.rename(from, to)
+        self.base().rename(from, to)
     }
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
-        StdIo.remove_file(path)
+        self.base().remove_file(path)
     }
 
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
-        StdIo.sync_dir(path)
+        self.base().sync_dir(path)
     }
 
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
-        StdIo.list(dir)
+        self.base().list(dir)
     }
 
     fn exists(&self, path: &Path) -> io::Result<bool> {
-        StdIo.exists(path)
+        self.base().exists(path)
     }
 
     fn try_lock(&self, path: &Path) -> io::Result<Option<Box<dyn StorageFile>>> {
-        StdIo.try_lock(path)
+        self.base().try_lock(path)
     }
 
     fn try_lock_existing(&self, path: &Path) -> io::Result<Option<Box<dyn StorageFile>>> {
-        StdIo.try_lock_existing(path)
+        self.base().try_lock_existing(path)
     }
 }
 

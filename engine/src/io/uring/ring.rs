@@ -11,12 +11,122 @@
 //! no buffer is freed or reused while the kernel may still read it. A bounce slot is filled
 //! only while free (no entry in flight points into it); the copy into it touches no other
 //! slot, so bytes the kernel is reading never change under it.
+//!
+//! # Completions are matched by `user_data`
+//! Every entry carries a tag: the call's sequence number in the high 32 bits, the piece's
+//! index (or [`SYNC_INDEX`]) in the low ones. A completion is credited to the entry its tag
+//! names, whatever order the kernel completes them in; one whose tag belongs to no entry of
+//! this call in flight is ignored, never credited to another. An fsync waits for *its own*
+//! completion — through EBUSY (a full completion queue) and through completions of other
+//! entries — so its result, an EIO above all, is never dropped or replaced by a retry's.
+//!
+//! The ring talks to the kernel through [`Queue`]; [`KernelQueue`] is io_uring itself, and
+//! `super::sim_device` a simulated device (power-loss sweeps, fault injection).
 
 use super::plan::{rest_stays_aligned, Align, Piece, Route};
 use io_uring::{opcode, squeue, types, IoUring};
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::RawFd;
+
+/// One submission entry, as the ring's logic builds it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Sqe {
+    /// pwrite of `len` bytes at `ptr` to `fd` at `offset`.
+    Write {
+        fd: RawFd,
+        ptr: *const u8,
+        len: u32,
+        offset: u64,
+    },
+    /// fdatasync (`data_only`) or fsync of `fd`, after every entry submitted before it
+    /// (IO_DRAIN).
+    Fsync { fd: RawFd, data_only: bool },
+}
+
+/// What the ring needs from an io_uring: the kernel's ([`KernelQueue`]) or a simulated one.
+pub(crate) trait Queue: Send {
+    /// Queues `e` tagged `user_data`; `false` when the submission queue is full.
+    ///
+    /// # Safety
+    /// A `Write`'s buffer must stay valid until the entry's completion has been reaped.
+    #[allow(unsafe_code)]
+    unsafe fn push(&mut self, e: Sqe, user_data: u64) -> bool;
+    /// Submits what is queued and waits for at least `want` completions (io_uring_enter):
+    /// EINTR, and EBUSY when completions must be reaped first, come back as errors.
+    fn submit_and_wait(&mut self, want: usize) -> io::Result<()>;
+    /// Appends the completions ready now, as (user_data, result), to `out`.
+    fn reap(&mut self, out: &mut Vec<(u64, i32)>);
+    /// Replaces the queue with a fresh one (after `fork`, in the child).
+    fn renew(&mut self) -> io::Result<()>;
+}
+
+/// The kernel's io_uring.
+pub(crate) struct KernelQueue {
+    ring: IoUring,
+    depth: u32,
+}
+
+impl KernelQueue {
+    pub(crate) fn new(depth: u32) -> io::Result<KernelQueue> {
+        Ok(KernelQueue {
+            ring: IoUring::new(depth)?,
+            depth,
+        })
+    }
+}
+
+impl Queue for KernelQueue {
+    #[allow(unsafe_code)]
+    unsafe fn push(&mut self, e: Sqe, user_data: u64) -> bool {
+        let entry = match e {
+            Sqe::Write {
+                fd,
+                ptr,
+                len,
+                offset,
+            } => opcode::Write::new(types::Fd(fd), ptr, len)
+                .offset(offset)
+                .build(),
+            Sqe::Fsync { fd, data_only } => {
+                let flags = if data_only {
+                    types::FsyncFlags::DATASYNC
+                } else {
+                    types::FsyncFlags::empty()
+                };
+                opcode::Fsync::new(types::Fd(fd))
+                    .flags(flags)
+                    .build()
+                    .flags(squeue::Flags::IO_DRAIN)
+            }
+        };
+        // SAFETY: the caller keeps a write's buffer valid until its completion is reaped
+        // (this function's contract); an fsync carries no buffer.
+        #[allow(unsafe_code)]
+        let pushed = unsafe { self.ring.submission().push(&entry.user_data(user_data)) };
+        pushed.is_ok()
+    }
+
+    fn submit_and_wait(&mut self, want: usize) -> io::Result<()> {
+        self.ring.submit_and_wait(want).map(|_| ())
+    }
+
+    fn reap(&mut self, out: &mut Vec<(u64, i32)>) {
+        out.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+    }
+
+    fn renew(&mut self) -> io::Result<()> {
+        self.ring = IoUring::new(self.depth)?;
+        Ok(())
+    }
+}
+
+/// The low half of an fsync entry's tag.
+const SYNC_INDEX: u32 = u32::MAX;
+
+fn tag(seq: u32, index: u32) -> u64 {
+    (u64::from(seq) << 32) | u64::from(index)
+}
 
 /// The two descriptors of one file: the buffered one, and the O_DIRECT one with its
 /// alignment when the file takes direct I/O.
@@ -38,7 +148,9 @@ pub(crate) struct WriteNotes {
 
 /// An io_uring with `depth` entries and `depth` bounce slots of `piece` bytes.
 pub(crate) struct Ring {
-    ring: IoUring,
+    pub(super) queue: Box<dyn Queue>,
+    /// Sequence number of the current call, the high half of its entries' tags.
+    seq: u32,
     /// The process that set the ring up: a forked child must not submit to its parent's
     /// queues (they are shared memory), so it sets up its own ([`Ring::for_this_process`]).
     pub(super) pid: rustix::process::Pid,
@@ -88,14 +200,21 @@ struct Op {
     piece: Piece,
     done: usize,
     slot: Option<usize>,
+    /// Submitted and not completed: only then is a completion tagged with this op credited.
+    in_flight: bool,
 }
 
 impl Ring {
     /// Sets up a ring of `depth` entries (the kernel may round up).
     pub(crate) fn new(depth: u32, piece: usize) -> io::Result<Ring> {
-        let ring = IoUring::new(depth)?;
-        Ok(Ring {
-            ring,
+        Ok(Self::over(Box::new(KernelQueue::new(depth)?), depth, piece))
+    }
+
+    /// A ring over `queue` (the kernel's, or a simulated device).
+    pub(crate) fn over(queue: Box<dyn Queue>, depth: u32, piece: usize) -> Ring {
+        Ring {
+            queue,
+            seq: 0,
             pid: rustix::process::getpid(),
             depth: depth as usize,
             piece,
@@ -106,14 +225,14 @@ impl Ring {
             inject_short_writes: 0,
             #[cfg(test)]
             inject_sync_errno: None,
-        })
+        }
     }
 
     /// Replaces the ring with a new one when this is a forked child of the process that set
     /// it up (a process-wide default ring outlives a `fork`).
     pub(crate) fn for_this_process(&mut self) -> io::Result<&mut Ring> {
         if self.pid != rustix::process::getpid() {
-            self.ring = IoUring::new(self.depth as u32)?;
+            self.queue.renew()?;
             self.pid = rustix::process::getpid();
             self.bounce = None;
         }
@@ -150,15 +269,16 @@ impl Ring {
                     piece,
                     done: 0,
                     slot: None,
+                    in_flight: false,
                 })
             })
             .collect();
         let mut pending: VecDeque<usize> = (0..ops.len()).collect();
         let mut first_err: Option<io::Error> = None;
-        let mut drain = Drain {
-            ring: &mut self.ring,
-            in_flight: 0,
-        };
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        let mut drain = Drain::new(&mut *self.queue, seq);
+        let mut done: Vec<(u64, i32)> = Vec::new();
         loop {
             let before = pending.len();
             // Fill the queue.
@@ -210,22 +330,25 @@ impl Ring {
                     }
                 }
                 let at = jobs[op.job].offset + (op.piece.start + op.done) as u64;
-                let entry = opcode::Write::new(types::Fd(fd), ptr, len)
-                    .offset(at)
-                    .build()
-                    .user_data(i as u64);
+                let entry = Sqe::Write {
+                    fd,
+                    ptr,
+                    len,
+                    offset: at,
+                };
                 // SAFETY: `ptr..ptr + len` lies in a job's `buf` (borrowed until this call returns)
                 // or in a bounce slot owned by this op until it completes; `drain` waits for
                 // every pushed entry before `write` returns or unwinds (module comment).
                 #[allow(unsafe_code)]
-                let pushed = unsafe { drain.ring.submission().push(&entry) };
-                if pushed.is_err() {
+                let pushed = unsafe { drain.queue.push(entry, tag(seq, i as u32)) };
+                if !pushed {
                     // The queue is full of entries not yet submitted: submit, then retry.
                     pending.push_front(i);
                     drain.submit(0)?;
                     continue;
                 }
                 drain.in_flight += 1;
+                op.in_flight = true;
                 if notes_direct(op) {
                     notes.direct_pieces += 1;
                 }
@@ -242,15 +365,20 @@ impl Ring {
                 continue;
             }
             drain.submit(1)?;
-            let done: Vec<(u64, i32)> = drain
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
-            drain.in_flight -= done.len();
-            for (i, res) in done {
+            done.clear();
+            drain.queue.reap(&mut done);
+            for &(user_data, res) in &done {
+                // Credited only to the op of this call its tag names, and only while that op
+                // is in flight: never by arrival order, never twice.
+                let Some(i) =
+                    ours(user_data, seq).filter(|&i| ops.get(i).is_some_and(|o| o.in_flight))
+                else {
+                    continue;
+                };
+                ops[i].in_flight = false;
+                drain.in_flight -= 1;
                 handle(
-                    i as usize,
+                    i,
                     res,
                     &mut ops,
                     &mut pending,
@@ -269,38 +397,40 @@ impl Ring {
     }
 
     /// fdatasync (or fsync) of `fd` through the ring, with IO_DRAIN: it starts only after
-    /// every entry submitted before it completed. Retries EINTR/EAGAIN.
+    /// every entry submitted before it completed. Waits for this entry's own completion
+    /// (matched by tag) through EBUSY and through other completions; only EINTR/EAGAIN *as
+    /// its result* submit it again. Any other result — EIO — is returned, never retried: after
+    /// a writeback error the kernel marks the pages clean, and a second fsync would report
+    /// success for data that never reached the disk.
     pub(crate) fn sync(&mut self, fd: RawFd, data_only: bool) -> io::Result<()> {
-        let flags = if data_only {
-            types::FsyncFlags::DATASYNC
-        } else {
-            types::FsyncFlags::empty()
-        };
         #[cfg(test)]
         if let Some(errno) = self.inject_sync_errno {
             return Err(io::Error::from_raw_os_error(errno));
         }
+        let mut done: Vec<(u64, i32)> = Vec::new();
         loop {
-            let entry = opcode::Fsync::new(types::Fd(fd))
-                .flags(flags)
-                .build()
-                .flags(squeue::Flags::IO_DRAIN)
-                .user_data(u64::MAX);
-            let mut drain = Drain {
-                ring: &mut self.ring,
-                in_flight: 0,
-            };
-            // SAFETY: an fsync entry carries no buffer.
-            #[allow(unsafe_code)]
-            let pushed = unsafe { drain.ring.submission().push(&entry) };
-            if pushed.is_err() {
+            self.seq = self.seq.wrapping_add(1);
+            let seq = self.seq;
+            let me = tag(seq, SYNC_INDEX);
+            let mut drain = Drain::new(&mut *self.queue, seq);
+            loop {
+                // SAFETY: an fsync entry carries no buffer.
+                #[allow(unsafe_code)]
+                let pushed = unsafe { drain.queue.push(Sqe::Fsync { fd, data_only }, me) };
+                if pushed {
+                    break;
+                }
                 drain.submit(0)?;
-                continue;
             }
             drain.in_flight = 1;
-            drain.submit(1)?;
-            let res = drain.ring.completion().next().map(|c| c.result());
-            let Some(res) = res else { continue };
+            let res = loop {
+                drain.submit(1)?;
+                done.clear();
+                drain.queue.reap(&mut done);
+                if let Some(&(_, r)) = done.iter().find(|(u, _)| *u == me) {
+                    break r;
+                }
+            };
             drain.in_flight = 0;
             match res {
                 r if r >= 0 => return Ok(()),
@@ -309,6 +439,12 @@ impl Ring {
             }
         }
     }
+}
+
+/// The index of the op a completion's `user_data` names, if it is an entry of call `seq`.
+fn ours(user_data: u64, seq: u32) -> Option<usize> {
+    let (s, i) = ((user_data >> 32) as u32, user_data as u32);
+    (s == seq && i != SYNC_INDEX).then_some(i as usize)
 }
 
 fn notes_direct(op: &Op) -> bool {
@@ -457,20 +593,30 @@ impl Bounce {
     }
 }
 
-/// Counts entries in flight; waits for them all on drop, so that an early return or an unwind
-/// never leaves the kernel reading a buffer that is about to be freed.
+/// Counts this call's entries in flight; waits for them all on drop, so that an early return
+/// or an unwind never leaves the kernel reading a buffer that is about to be freed.
 struct Drain<'r> {
-    ring: &'r mut IoUring,
+    queue: &'r mut dyn Queue,
+    /// The call whose entries are counted (the high half of their tags).
+    seq: u32,
     in_flight: usize,
 }
 
-impl Drain<'_> {
+impl<'r> Drain<'r> {
+    fn new(queue: &'r mut dyn Queue, seq: u32) -> Self {
+        Drain {
+            queue,
+            seq,
+            in_flight: 0,
+        }
+    }
+
     /// Submits what is queued and waits for at least `want` completions; EINTR retried,
     /// EBUSY (completion queue full) returns so the caller reaps first.
     fn submit(&mut self, want: usize) -> io::Result<()> {
         loop {
-            match self.ring.submit_and_wait(want) {
-                Ok(_) => return Ok(()),
+            match self.queue.submit_and_wait(want) {
+                Ok(()) => return Ok(()),
                 Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INTR.raw_os_error()) => {}
                 Err(e) if e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error()) => {
                     return Ok(())
@@ -483,13 +629,19 @@ impl Drain<'_> {
 
 impl Drop for Drain<'_> {
     fn drop(&mut self) {
+        let mut done = Vec::new();
         while self.in_flight > 0 {
-            if self.ring.submit_and_wait(1).is_err() {
+            if self.queue.submit_and_wait(1).is_err() {
                 // Without the kernel's completions nothing can be known; spinning is the only
                 // way to keep the buffers alive until they come.
                 std::thread::yield_now();
             }
-            let n = self.ring.completion().count();
+            done.clear();
+            self.queue.reap(&mut done);
+            let n = done
+                .iter()
+                .filter(|(u, _)| (u >> 32) as u32 == self.seq)
+                .count();
             self.in_flight = self.in_flight.saturating_sub(n);
         }
     }

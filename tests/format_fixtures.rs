@@ -1,0 +1,643 @@
+//! Invariant: a store written by any landed build opens in every later build, bit-exact
+//! (docs/FORMAT.md, "Fixture stores"). `tests/fixtures/stores/NAME/` holds small stores
+//! written by past builds with the workload below; this test opens a copy of each (open may
+//! recover or compact, so never the checked-in files), checks every live checkpoint's
+//! tensors, blobs, metadata and pins against values derived here from seeds, and verifies
+//! every chunk.
+//!
+//! A fixture is written once, by `generate_fixture_store` (ignored; see docs/TESTING.md), and
+//! never regenerated: a failure here is a broken compatibility promise, not a test to update.
+//! The workload functions below are part of that promise too — change them only by adding a
+//! new workload number.
+
+mod support;
+
+use ckptstore::proto::v1 as pb;
+use ckptstore::store::SEGMENTS_DIR;
+use ckptstore::wal::{self, RecordType, WalHeader};
+use ckptstore::{
+    Compression, DType, MetaValue, Options, Selector, ShardOptions, ShardWriter, Store,
+};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+const CHUNK: usize = 4096;
+/// Name of the file in a fixture directory that says which workload wrote it (a foreign
+/// name: the store ignores it).
+const FIXTURE_NOTE: &str = "FIXTURE";
+
+fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/stores")
+}
+
+// ---------------------------------------------------------------- workload 1: deterministic values
+
+/// xorshift bytes of `seed`: incompressible (stored with codec NONE).
+fn noise(seed: u64, n: usize) -> Vec<u8> {
+    support::data(seed, n)
+}
+
+/// `elems` elements of `dtype`, compressible (small repeating values), different per seed.
+fn values(dtype: DType, seed: u64, elems: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(elems * dtype.size());
+    for i in 0..elems as u64 {
+        let v = (i * 7 + seed * 3) % 13;
+        match dtype {
+            DType::F64 => out.extend_from_slice(&(v as f64 - 6.0).to_le_bytes()),
+            DType::F32 => out.extend_from_slice(&(v as f32 * 0.5).to_le_bytes()),
+            DType::F16 => out.extend_from_slice(&(0x3c00u16 + v as u16).to_le_bytes()),
+            DType::BF16 => out.extend_from_slice(&(0x3f80u16 + v as u16).to_le_bytes()),
+            DType::F8E4M3 | DType::F8E5M2 | DType::U8 => out.push(0x30 + v as u8),
+            DType::I64 => out.extend_from_slice(&(v as i64 - 6).to_le_bytes()),
+            DType::I32 => out.extend_from_slice(&(v as i32 * -1000).to_le_bytes()),
+            DType::I16 => out.extend_from_slice(&(v as i16 - 6).to_le_bytes()),
+            DType::I8 => out.push((v as i8 - 6) as u8),
+            DType::Bool => out.push(u8::from(v.is_multiple_of(3))),
+            other => panic!("{other:?} is not a dtype of workload 1"),
+        }
+    }
+    out
+}
+
+/// The dtypes of workload 1: the baseline's twelve (a later dtype is a later workload's).
+const DTYPES: [DType; 12] = [
+    DType::F64,
+    DType::F32,
+    DType::F16,
+    DType::BF16,
+    DType::F8E4M3,
+    DType::F8E5M2,
+    DType::I64,
+    DType::I32,
+    DType::I16,
+    DType::I8,
+    DType::U8,
+    DType::Bool,
+];
+
+/// One tensor of a checkpoint: name, dtype, shape, bytes.
+type Tensor = (String, DType, Vec<u64>, Vec<u8>);
+
+/// The tensors of the checkpoint at `step` of workload 1, in put order.
+fn tensors(step: u64) -> Vec<Tensor> {
+    let mut out = Vec::new();
+    // Every dtype; 3 chunks' worth of elements of each (shape [3, n]).
+    if step <= 20 {
+        for d in DTYPES {
+            let n = (3 * CHUNK / d.size() / 3) as u64;
+            out.push((
+                format!("all/{}", d.name()),
+                d,
+                vec![3, n],
+                values(d, step, 3 * n as usize),
+            ));
+        }
+    }
+    // Unchanged across checkpoints: deduplicated, then relocated by the segment compaction.
+    out.push((
+        "frozen".into(),
+        DType::F32,
+        vec![2 * CHUNK as u64 / 4],
+        values(DType::F32, 1000, 2 * CHUNK / 4),
+    ));
+    // Changes every step.
+    out.push((
+        "w".into(),
+        DType::BF16,
+        vec![CHUNK as u64],
+        values(DType::BF16, step + 1, CHUNK),
+    ));
+    out.push(("noise".into(), DType::U8, vec![3000], noise(step, 3000)));
+    if step == 30 {
+        // The i8 tensor of step 10, deduplicated into its (compacted) segment.
+        let n = CHUNK as u64;
+        out.push((
+            "again/i8".into(),
+            DType::I8,
+            vec![3, n],
+            values(DType::I8, 10, 3 * n as usize),
+        ));
+    }
+    out
+}
+
+/// The blobs of the checkpoint at `step`.
+fn blobs(step: u64) -> Vec<(String, Vec<u8>)> {
+    vec![
+        (
+            "config.json".into(),
+            format!("{{\"step\": {step}, \"layers\": [64, 64, 64, 64, 64, 64, 64, 64]}}")
+                .repeat(40)
+                .into_bytes(),
+        ),
+        ("rng".into(), noise(step + 77, 64)),
+        ("empty".into(), Vec::new()),
+    ]
+}
+
+/// The metadata of the checkpoint at `step`: every value kind.
+fn metadata(step: u64) -> BTreeMap<String, MetaValue> {
+    BTreeMap::from([
+        (
+            "bytes".to_string(),
+            MetaValue::Bytes(vec![1, 2, 3, step as u8]),
+        ),
+        (
+            "str".to_string(),
+            MetaValue::Str(format!("step {step} ünïcode")),
+        ),
+        (
+            "int".to_string(),
+            MetaValue::Int(-(step as i64) * 1_000_000_007),
+        ),
+        ("float".to_string(), MetaValue::Float(1.0 / step as f64)),
+    ])
+}
+
+/// Workload 1's checkpoints at the end: (id, step), the pinned ids.
+const LIVE: [(u64, u64); 4] = [(2, 20), (3, 30), (4, 40), (5, 50)];
+const PINNED: [u64; 1] = [2];
+
+fn store_opts(compression: Compression) -> Options {
+    Options {
+        chunk_size: CHUNK,
+        compression,
+        ..Default::default()
+    }
+}
+
+fn commit_step(s: &mut Store, step: u64) {
+    let mut t = s.begin(step).unwrap();
+    t.set_epoch(step / 20);
+    for (k, v) in metadata(step) {
+        t.set_metadata(k, v);
+    }
+    for (name, d, shape, bytes) in tensors(step) {
+        t.put_tensor(&name, d, &shape, &bytes).unwrap();
+    }
+    for (name, b) in blobs(step) {
+        t.put_blob(&name, &b).unwrap();
+    }
+    t.commit().unwrap();
+}
+
+/// Step 40 is written by two shard writers and committed as one checkpoint.
+fn commit_sharded(s: &mut Store, dir: &Path, step: u64) {
+    let ranges = s.reserve_segment_ids(2, 4).unwrap();
+    let all = tensors(step);
+    let mut fragments = Vec::new();
+    for (r, ids) in ranges.into_iter().enumerate() {
+        let o = ShardOptions {
+            chunk_size: CHUNK,
+            segment_max_bytes: 1 << 20,
+            io: s.options().io.clone(),
+        };
+        let mut w = ShardWriter::new(dir, ids, o).unwrap();
+        for (name, d, shape, bytes) in all.iter().skip(r).step_by(2) {
+            w.put_tensor(name, *d, shape, bytes).unwrap();
+        }
+        if r == 0 {
+            for (name, b) in blobs(step) {
+                w.put_blob(&name, &b).unwrap();
+            }
+        }
+        fragments.push(w.finish().unwrap());
+    }
+    s.commit_external(step, step / 20, metadata(step), &fragments)
+        .unwrap();
+}
+
+/// Writes workload 1 into `dir` with this build: every WAL record type (a Snapshot first,
+/// Commits, Pin and unpin, a Delete, a Relocate from segment compaction), every codec, every
+/// dtype, every metadata kind, a multi-process (sharded) commit.
+fn write_workload_1(dir: &Path) {
+    let mut s = Store::open(dir, store_opts(Compression::zstd())).unwrap();
+    commit_step(&mut s, 10);
+    commit_step(&mut s, 20);
+    s.compact_wal().unwrap();
+    drop(s);
+    let mut s = Store::open(dir, store_opts(Compression::None)).unwrap();
+    commit_step(&mut s, 30);
+    assert!(s.pin(2).unwrap());
+    assert!(s.pin(3).unwrap());
+    assert!(s.unpin(3).unwrap());
+    commit_sharded(&mut s, dir, 40);
+    s.delete(1).unwrap();
+    let gc = s.gc().unwrap();
+    assert!(
+        !gc.segments_compacted.is_empty(),
+        "the workload must relocate: {gc:?}"
+    );
+    drop(s);
+    let mut s = Store::open(dir, store_opts(Compression::zstd())).unwrap();
+    commit_step(&mut s, 50);
+}
+
+// ---------------------------------------------------------------- checks
+
+/// What a fixture must cover, so it keeps proving what it is there for.
+fn assert_coverage(fixture: &Path, s: &Store) {
+    let wal_bytes = std::fs::read(support::live_wal(fixture)).unwrap();
+    let h = WalHeader::decode(&wal_bytes).unwrap();
+    let types: BTreeSet<u8> = wal::scan(&wal_bytes, h.salt)
+        .records
+        .iter()
+        .map(|r| r.ty as u8)
+        .collect();
+    for t in [
+        RecordType::Commit,
+        RecordType::Delete,
+        RecordType::Snapshot,
+        RecordType::Pin,
+        RecordType::Relocate,
+    ] {
+        assert!(
+            types.contains(&(t as u8)),
+            "{}: no {t:?} record",
+            fixture.display()
+        );
+    }
+    let mut codecs = BTreeSet::new();
+    let mut dtypes = BTreeSet::new();
+    for c in s.list() {
+        let ck = s.checkpoint(Selector::Id(c.id)).unwrap();
+        let m = ck.manifest();
+        for t in &m.tensors {
+            dtypes.insert(t.dtype);
+        }
+        for c in ckptstore::manifest::all_chunks(m) {
+            codecs.insert(c.codec);
+        }
+    }
+    let want: BTreeSet<i32> = [
+        pb::Codec::None,
+        pb::Codec::Zstd,
+        pb::Codec::ZstdShuffle2,
+        pb::Codec::ZstdShuffle4,
+        pb::Codec::ZstdShuffle8,
+    ]
+    .into_iter()
+    .map(|c| c as i32)
+    .collect();
+    assert_eq!(codecs, want, "{}: codecs", fixture.display());
+    assert_eq!(
+        dtypes.len(),
+        DType::ALL.len(),
+        "{}: dtypes",
+        fixture.display()
+    );
+}
+
+/// Every live checkpoint of workload 1 in `s`, bit-exact, and every chunk verifies.
+fn assert_workload_1(s: &Store, what: &str) {
+    let live: Vec<(u64, u64)> = s.list().iter().map(|c| (c.id, c.step)).collect();
+    assert_eq!(live, LIVE, "{what}: checkpoints");
+    assert_eq!(s.pinned(), PINNED, "{what}: pins");
+    for (id, step) in LIVE {
+        let ck = s.checkpoint(Selector::Id(id)).unwrap();
+        assert_eq!(ck.info().epoch, step / 20, "{what}: epoch of {id}");
+        assert_eq!(ck.metadata(), metadata(step), "{what}: metadata of {id}");
+        let want = tensors(step);
+        let mut names: Vec<&str> = ck.tensor_names();
+        names.sort_unstable();
+        let mut want_names: Vec<&str> = want.iter().map(|t| t.0.as_str()).collect();
+        want_names.sort_unstable();
+        assert_eq!(names, want_names, "{what}: tensors of {id}");
+        for (name, d, shape, bytes) in &want {
+            let t = ck.tensor(name).unwrap();
+            assert_eq!((t.dtype, &t.shape), (*d, shape), "{what}: {id}/{name}");
+            assert!(
+                t.data == *bytes,
+                "{what}: checkpoint {id} tensor {name} differs"
+            );
+        }
+        for (name, b) in blobs(step) {
+            assert_eq!(ck.blob(&name).unwrap(), b, "{what}: {id} blob {name}");
+        }
+    }
+    for (id, r) in s.verify_all() {
+        r.unwrap_or_else(|e| panic!("{what}: checkpoint {id} does not verify: {e}"));
+    }
+}
+
+fn fixture_workload(fixture: &Path) -> u32 {
+    let note = std::fs::read_to_string(fixture.join(FIXTURE_NOTE))
+        .unwrap_or_else(|e| panic!("{}: {FIXTURE_NOTE}: {e}", fixture.display()));
+    note.lines()
+        .find_map(|l| l.strip_prefix("workload "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{}: no workload line", fixture.display()))
+}
+
+/// The fixture stores checked in, by name.
+fn fixtures() -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(fixtures_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    out.sort();
+    out
+}
+
+/// A private copy of `fixture` (open may recover or compact).
+fn copy_of(fixture: &Path) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    support::copy_tree(fixture, tmp.path());
+    // Checked-out files carry the checkout's modes; the store wants its own private ones.
+    for sub in ["", SEGMENTS_DIR] {
+        let d = tmp.path().join(sub);
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    tmp
+}
+
+#[test]
+fn every_fixture_store_opens_bit_exact() {
+    let all = fixtures();
+    assert!(
+        !all.is_empty(),
+        "no fixture stores in {}",
+        fixtures_dir().display()
+    );
+    for fixture in all {
+        let name = fixture.file_name().unwrap().to_string_lossy().to_string();
+        match fixture_workload(&fixture) {
+            1 => {}
+            2 => {
+                check_workload_2_fixture(&fixture, &name);
+                continue;
+            }
+            n => panic!("{name}: unknown workload {n}"),
+        }
+        // Read-only first (changes nothing), then as the writer (recovery may repair).
+        let tmp = copy_of(&fixture);
+        let s = Store::open(tmp.path(), Options::read_only()).unwrap();
+        assert_coverage(&fixture, &s);
+        assert_workload_1(&s, &format!("{name} read-only"));
+        drop(s);
+        let mut s = Store::open(tmp.path(), store_opts(Compression::None)).unwrap();
+        assert_workload_1(&s, &format!("{name} writer"));
+        // And it stays a working store: a commit, a compaction, a reopen.
+        commit_step(&mut s, 60);
+        // The first commit of this build turns its trailer feature on, in an older store too.
+        assert!(
+            s.features()
+                .contains(&ckptstore::features::SEGMENT_COMMIT_TRAILER),
+            "{name}"
+        );
+        s.compact_wal().unwrap();
+        drop(s);
+        let s = Store::open(tmp.path(), Options::read_only()).unwrap();
+        assert_eq!(s.list().len(), LIVE.len() + 1, "{name}");
+        s.verify(s.latest().unwrap().id).unwrap();
+    }
+}
+
+/// Every fixture whose segments carry commit trailers (its WAL header declares the
+/// `segment-commit-trailer` feature) rebuilds from its segments alone — CURRENT and WAL
+/// removed — with every live checkpoint bit-exact (pins are not restored); one without them
+/// is refused and left as it was.
+#[test]
+fn every_fixture_store_rebuilds_from_its_segments_or_is_refused() {
+    use ckptstore::features::SEGMENT_COMMIT_TRAILER;
+    let mut rebuilt = 0;
+    for fixture in fixtures() {
+        let name = fixture.file_name().unwrap().to_string_lossy().to_string();
+        let header = std::fs::read(support::live_wal(&fixture)).unwrap();
+        let trailers = WalHeader::decode(&header)
+            .unwrap()
+            .features
+            .contains(&SEGMENT_COMMIT_TRAILER);
+        let tmp = copy_of(&fixture);
+        for e in std::fs::read_dir(tmp.path()).unwrap() {
+            let p = e.unwrap().path();
+            let n = p.file_name().unwrap().to_string_lossy().to_string();
+            if n == "CURRENT" || n.ends_with(".wal") {
+                std::fs::remove_file(p).unwrap();
+            }
+        }
+        let before = support::snapshot_tree(tmp.path());
+        if fixture_workload(&fixture) == 2 {
+            check_workload_2_rebuild(tmp.path(), &name);
+            rebuilt += 1;
+            continue;
+        }
+        match Store::rebuild(tmp.path(), store_opts(Compression::None)) {
+            Ok((s, report)) if trailers => {
+                let live: Vec<u64> = LIVE.iter().map(|l| l.0).collect();
+                assert_eq!(report.restored, live, "{name}: {report:?}");
+                assert!(report.repointed_chunks > 0, "{name}: relocated chunks");
+                for (id, step) in LIVE {
+                    let ck = s.checkpoint(Selector::Id(id)).unwrap();
+                    assert_eq!(ck.metadata(), metadata(step), "{name}: {id}");
+                    for (t, _, _, bytes) in tensors(step) {
+                        assert!(ck.tensor(&t).unwrap().data == bytes, "{name}: {id}/{t}");
+                    }
+                }
+                for (id, r) in s.verify_all() {
+                    r.unwrap_or_else(|e| panic!("{name}: {id}: {e}"));
+                }
+                rebuilt += 1;
+            }
+            Err(ckptstore::Error::NotFound(msg)) if !trailers => {
+                assert!(msg.contains("commit trailer"), "{name}: {msg}");
+                let mut after = support::snapshot_tree(tmp.path());
+                after.remove(Path::new("LOCK"));
+                assert_eq!(after, before, "{name}: changed");
+            }
+            other => panic!("{name} (trailers: {trailers}): {:?}", other.map(|x| x.1)),
+        }
+    }
+    assert!(rebuilt > 0, "no fixture with commit trailers");
+}
+
+/// Writes a new fixture store with this build: `CKPTSTORE_FIXTURE=NAME cargo test --test
+/// format_fixtures -- --ignored generate_fixture_store` (docs/TESTING.md). Refuses to
+/// overwrite one: fixtures are added, never regenerated.
+#[test]
+#[ignore]
+fn generate_fixture_store() {
+    let name = std::env::var("CKPTSTORE_FIXTURE").expect("set CKPTSTORE_FIXTURE=NAME");
+    let dir = fixtures_dir().join(&name);
+    assert!(
+        !dir.exists(),
+        "{} exists: fixtures are never regenerated",
+        dir.display()
+    );
+    // CKPTSTORE_FIXTURE_WORKLOAD=2: the quarantine workload (feature `quarantine`).
+    let workload: u32 =
+        std::env::var("CKPTSTORE_FIXTURE_WORKLOAD").map_or(1, |w| w.parse().unwrap());
+    match workload {
+        1 => write_workload_1(&dir),
+        2 => write_workload_2(&dir),
+        n => panic!("no workload {n}"),
+    }
+    std::fs::remove_file(dir.join(ckptstore::store::LOCK_NAME)).unwrap();
+    std::fs::write(
+        dir.join(FIXTURE_NOTE),
+        format!(
+            "workload {workload}\nwritten by ckptstore {} ({})\n",
+            env!("CARGO_PKG_VERSION"),
+            std::env::var("CKPTSTORE_FIXTURE_BUILD").unwrap_or_else(|_| "unknown commit".into())
+        ),
+    )
+    .unwrap();
+    let s = Store::open(&dir, Options::read_only()).unwrap();
+    if workload == 2 {
+        assert_workload_2(&dir, &s, &name);
+        return;
+    }
+    assert_coverage(&dir, &s);
+    assert_workload_1(&s, &name);
+}
+
+/// The workload itself, in memory of this build: it must keep passing the checks (so that a
+/// fixture written by this build would).
+#[test]
+fn workload_1_written_now_passes_the_checks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("s");
+    write_workload_1(&dir);
+    let s = Store::open(&dir, Options::read_only()).unwrap();
+    assert_coverage(&dir, &s);
+    assert_workload_1(&s, "this build");
+}
+
+// ---------------------------------------------------------------- workload 2: quarantine
+
+/// Workload 2's tensors at `step` (1..=4): "frozen" (two chunks, the same at every step), "w"
+/// (new every step) and, at steps 1..=3 only, "gone" (one chunk, the same at those steps).
+fn tensors_2(step: u64) -> Vec<(&'static str, Vec<u8>)> {
+    let mut t = vec![
+        ("frozen", noise(900, 2 * CHUNK)),
+        ("w", noise(900 + step, 100)),
+    ];
+    if step <= 3 {
+        t.push(("gone", noise(901, CHUNK)));
+    }
+    t
+}
+
+fn commit_2(s: &mut Store, step: u64) {
+    let mut t = s.begin(step).unwrap();
+    for (name, bytes) in tensors_2(step) {
+        t.put_tensor(name, DType::U8, &[bytes.len() as u64], &bytes)
+            .unwrap();
+    }
+    t.commit().unwrap();
+}
+
+/// The chunk of `tensor` (index `k`) in checkpoint 1 of workload 2.
+fn chunk_2(s: &Store, tensor: &str, k: usize) -> pb::ChunkRef {
+    let ck = s.checkpoint(Selector::Id(1)).unwrap();
+    let t = ck.manifest().tensors.iter().find(|t| t.name == tensor);
+    t.unwrap().chunks[k].clone()
+}
+
+/// Writes workload 2 into `dir`: three checkpoints share "frozen" and "gone"; a bit of each
+/// rots on disk; a scrub finds both and the writer quarantines them (the feature
+/// `quarantine` turned on, a Quarantine record's `bad`); the save of step 4 holds "frozen"
+/// again and heals it (a Quarantine record's `healed`); "gone" stays quarantined, unhealed.
+fn write_workload_2(dir: &Path) {
+    let mut s = Store::open(dir, store_opts(Compression::None)).unwrap();
+    for step in 1..=3 {
+        commit_2(&mut s, step);
+    }
+    for (tensor, k) in [("frozen", 1), ("gone", 0)] {
+        let c = chunk_2(&s, tensor, k);
+        let seg = dir.join(SEGMENTS_DIR).join(format!("{:08}.seg", c.segment));
+        let mut b = std::fs::read(&seg).unwrap();
+        b[c.offset as usize + 9] ^= 0x01;
+        std::fs::write(&seg, b).unwrap();
+    }
+    assert_eq!(s.scrub().unwrap().heal.quarantined.len(), 2);
+    commit_2(&mut s, 4);
+}
+
+/// Workload 2 as this build must read it: "frozen" healed in every checkpoint, "gone" still
+/// quarantined and failing in checkpoints 1..=3 (naming its chunk), everything else bit-exact.
+fn assert_workload_2(dir: &Path, s: &Store, what: &str) {
+    assert!(
+        s.features().contains(&ckptstore::features::QUARANTINE),
+        "{what}: feature"
+    );
+    let wal_bytes = std::fs::read(support::live_wal(dir)).unwrap();
+    let h = WalHeader::decode(&wal_bytes).unwrap();
+    let types: BTreeSet<u8> = wal::scan(&wal_bytes, h.salt)
+        .records
+        .iter()
+        .map(|r| r.ty as u8)
+        .collect();
+    assert!(
+        types.contains(&(RecordType::Quarantine as u8)),
+        "{what}: {types:?}"
+    );
+    let gone = chunk_2(s, "gone", 0);
+    assert_eq!(s.quarantined(), vec![(gone.segment, gone.offset)], "{what}");
+    let ids: Vec<u64> = s.list().iter().map(|c| c.id).collect();
+    assert_eq!(ids, [1, 2, 3, 4], "{what}");
+    for step in 1..=4u64 {
+        let ck = s.checkpoint(Selector::Id(step)).unwrap();
+        for (name, bytes) in tensors_2(step) {
+            match ck.tensor(name) {
+                Ok(t) => assert!(t.data == bytes, "{what}: {step}/{name} differs"),
+                Err(ckptstore::Error::ChunkCorrupt {
+                    segment, offset, ..
+                }) if name == "gone" && (segment, offset) == (gone.segment, gone.offset) => {}
+                Err(e) => panic!("{what}: {step}/{name}: {e}"),
+            }
+        }
+    }
+    assert_eq!(s.latest_valid().unwrap().map(|c| c.id), Some(4), "{what}");
+}
+
+/// A workload-2 fixture: read-only and as the writer as written; then the save that holds
+/// "gone" again heals checkpoints 1..=3, and a compaction with nothing quarantined drops the
+/// feature.
+fn check_workload_2_fixture(fixture: &Path, name: &str) {
+    let tmp = copy_of(fixture);
+    let s = Store::open(tmp.path(), Options::read_only()).unwrap();
+    assert_workload_2(tmp.path(), &s, &format!("{name} read-only"));
+    drop(s);
+    let mut s = Store::open(tmp.path(), store_opts(Compression::None)).unwrap();
+    assert_workload_2(tmp.path(), &s, &format!("{name} writer"));
+    commit_2(&mut s, 3);
+    assert!(s.quarantined().is_empty(), "{name}: healed");
+    s.compact_wal().unwrap();
+    assert!(!s.features().contains(&ckptstore::features::QUARANTINE));
+    drop(s);
+    let s = Store::open(tmp.path(), Options::read_only()).unwrap();
+    for (id, r) in s.verify_all() {
+        r.unwrap_or_else(|e| panic!("{name}: checkpoint {id}: {e}"));
+    }
+}
+
+/// Workload 2 written by this build passes its checks (what a fixture of it must).
+#[test]
+fn workload_2_written_now_passes_the_checks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("s");
+    write_workload_2(&dir);
+    let s = Store::open(&dir, Options::read_only()).unwrap();
+    assert_workload_2(&dir, &s, "this build");
+}
+
+/// A workload-2 fixture rebuilt from its segments (WAL and CURRENT removed): the rebuild
+/// restores checkpoints 1..=4 but not the quarantine (it lived in the WAL), so their rotten
+/// chunks are referenced again; a `scrub` finds and quarantines them, heals "frozen" with the
+/// copy checkpoint 4 holds, and names 1..=3 broken by "gone" until a save holds it again.
+fn check_workload_2_rebuild(dir: &Path, name: &str) {
+    let (mut s, report) = Store::rebuild(dir, store_opts(Compression::None)).unwrap();
+    assert_eq!(report.restored, [1, 2, 3, 4], "{name}: {report:?}");
+    let r = s.scrub().unwrap();
+    assert_eq!(r.heal.quarantined.len(), 2, "{name}: {r:?}");
+    assert_eq!(r.heal.healed.len(), 1, "{name}: frozen healed: {r:?}");
+    let broken: Vec<u64> = r.broken.iter().map(|b| b.0).collect();
+    assert_eq!(broken, [1, 2, 3], "{name}: {r:?}");
+    commit_2(&mut s, 3);
+    for (id, r) in s.verify_all() {
+        r.unwrap_or_else(|e| panic!("{name}: rebuilt and healed, checkpoint {id}: {e}"));
+    }
+}
