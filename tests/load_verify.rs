@@ -167,3 +167,128 @@ fn verify_all_reads_shared_chunks_once() {
         }
     }
 }
+
+/// Drops the page cache's clean pages of every segment file of `dir` (after syncing them), so
+/// the next read is cold and takes the direct route where the file system has one.
+fn make_cold(dir: &std::path::Path) {
+    for path in walk(&dir.join("segments")) {
+        let f = std::fs::File::open(&path).unwrap();
+        f.sync_all().unwrap();
+        rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    }
+}
+
+/// Cold loads read chunks with O_DIRECT where the file system takes it: the aligned range
+/// around each chunk (frames start at 64-byte, not 4 KiB, boundaries; tensors of odd lengths
+/// put later chunks anywhere) into a reused buffer. Every way of loading must return the saved
+/// bytes — owned, into a caller's buffer, as a view, compressed, and with direct reads off
+/// (`CKPTSTORE_DIRECT_READ=0` is read once per process, so that way is the fallback test in
+/// the engine's `io::std_io` tests).
+#[test]
+fn cold_direct_reads_return_the_saved_bytes_at_unaligned_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunk_size = 1 << 20;
+    let opts = |compress: bool| ckptstore::Options {
+        chunk_size,
+        compression: if compress {
+            ckptstore::Compression::zstd()
+        } else {
+            Default::default()
+        },
+        ..opts()
+    };
+    // Odd lengths: every chunk after the first tensor starts off any 4 KiB boundary.
+    let tensors: Vec<(String, Vec<u8>)> = [
+        (1, 100),
+        (2, 3 * chunk_size + 77),
+        (3, 9 * chunk_size + 4097),
+        (4, 5),
+    ]
+    .iter()
+    .map(|&(seed, n)| (format!("t{seed}"), data(seed, n)))
+    .collect();
+    for compress in [false, true] {
+        let d = dir.path().join(format!("c{compress}"));
+        let mut s = Store::open(&d, opts(compress)).unwrap();
+        let mut t = s.begin(1).unwrap();
+        for (name, w) in &tensors {
+            t.put_tensor(name, DType::U8, &[w.len() as u64], w).unwrap();
+        }
+        t.commit().unwrap();
+        let offsets: Vec<u64> = s
+            .checkpoint(Selector::Latest)
+            .unwrap()
+            .manifest()
+            .tensors
+            .iter()
+            .flat_map(|t| t.chunks.iter().map(|c| c.offset))
+            .collect();
+        assert!(offsets.iter().any(|o| o % 4096 != 0), "{offsets:?}");
+        drop(s);
+        let s = Store::open(&d, ckptstore::Options::read_only()).unwrap();
+        let ck = s.checkpoint(Selector::Latest).unwrap();
+        for (name, w) in &tensors {
+            make_cold(&d);
+            assert!(
+                ck.tensor(name).unwrap().data == *w,
+                "{name} compressed={compress}"
+            );
+            make_cold(&d);
+            let mut into = vec![0u8; w.len()];
+            ck.tensor_into(name, &mut into, true).unwrap();
+            assert!(into == *w, "{name} into, compressed={compress}");
+            make_cold(&d);
+            assert!(*ck.tensor_view(name).unwrap() == w[..], "{name} view");
+        }
+        make_cold(&d);
+        ck.verify().unwrap();
+    }
+}
+
+/// A damaged chunk read cold (through O_DIRECT where the file system takes it) is still
+/// named: the first one of the tensor, by `tensor`, `tensor_into` and `verify`.
+#[test]
+fn damaged_chunk_is_named_when_read_cold() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunk_size = 1 << 20;
+    let opts = ckptstore::Options {
+        chunk_size,
+        ..opts()
+    };
+    let w = data(9, 10 * chunk_size + 123);
+    let mut s = Store::open(dir.path(), opts).unwrap();
+    let mut t = s.begin(1).unwrap();
+    t.put_tensor("lead", DType::U8, &[1000], &data(8, 1000))
+        .unwrap();
+    t.put_tensor("w", DType::U8, &[w.len() as u64], &w).unwrap();
+    t.commit().unwrap();
+    let chunks = s.checkpoint(Selector::Latest).unwrap().manifest().tensors[1]
+        .chunks
+        .clone();
+    drop(s);
+    for k in [7usize, 3] {
+        flip(dir.path(), chunks[k].segment, chunks[k].offset + 4095);
+    }
+    let s = Store::open(dir.path(), ckptstore::Options::read_only()).unwrap();
+    let ck = s.checkpoint(Selector::Latest).unwrap();
+    make_cold(dir.path());
+    match ck.tensor("w") {
+        Err(Error::ChunkCorrupt { chunk, offset, .. }) => {
+            assert_eq!((chunk, offset), (3, chunks[3].offset))
+        }
+        other => panic!("{other:?}"),
+    }
+    make_cold(dir.path());
+    let mut into = vec![0u8; w.len()];
+    match ck.tensor_into("w", &mut into, true) {
+        Err(Error::ChunkCorrupt { chunk, .. }) => assert_eq!(chunk, 3),
+        other => panic!("tensor_into gave {other:?}"),
+    }
+    make_cold(dir.path());
+    match ck.verify() {
+        Err(Error::ChunkCorrupt { name, chunk, .. }) => {
+            assert_eq!((name.as_str(), chunk), ("w", 3))
+        }
+        other => panic!("verify gave {other:?}"),
+    }
+}

@@ -6,6 +6,7 @@
 //! interleaved and medians reported; ratios are to the raw limits of the same run. Several
 //! sizes (`--sizes`) run one after another, and `--plot` draws GB/s against size.
 
+use super::bench_cost::{costed, Cost};
 use super::bench_raw::{self, Cold, BLOCK};
 use super::plot::{line_chart, Series};
 use super::{emit, emit_json, fail, human_bytes, CliResult};
@@ -118,6 +119,8 @@ struct Samples {
     load: Vec<f64>,
     load_copy: Vec<f64>,
     peak_extra: Vec<u64>,
+    /// What the durable save, the std save and the two cold loads cost (see `bench_cost`).
+    costs: [Vec<Cost>; 4],
     /// Whether every cold read dropped the whole page cache.
     global_drop: bool,
     /// `--encrypt`: (wall, CPU) seconds of the plain durable save and cold load into new
@@ -128,25 +131,12 @@ struct Samples {
     sealed_load: Vec<(f64, f64)>,
 }
 
-/// CPU seconds (user + sys, every thread) this process has used, from /proc/self/stat.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let ticks = rustix::param::clock_ticks_per_second() as f64;
-    f.iter().sum::<u64>() as f64 / ticks
-}
-
-/// Runs `f`, returning its result with the (wall, CPU) seconds it took.
+/// Runs `f`, returning its result with the (wall, CPU) seconds it took (CPU: user + sys of
+/// every thread, as [`costed`] measures it).
 fn timed<T>(f: impl FnOnce() -> CliResult<T>) -> CliResult<(T, f64, f64)> {
-    let (t, c) = (Instant::now(), cpu_seconds());
-    let out = f()?;
-    Ok((out, t.elapsed().as_secs_f64(), cpu_seconds() - c))
+    let t = Instant::now();
+    let (out, cost) = costed(f);
+    Ok((out?, t.elapsed().as_secs_f64(), cost.user + cost.sys))
 }
 
 /// `--encrypt` figures: medians of (wall, CPU) seconds.
@@ -158,6 +148,14 @@ struct Sealed {
     load: f64,
     load_cpu: f64,
 }
+
+/// The steps whose cost is shown, in `Samples::costs` order.
+const COSTED: [&str; 4] = [
+    "durable save",
+    "durable save (std)",
+    "cold load, zero-copy",
+    "cold load, new memory",
+];
 
 /// Medians of one size's samples, seconds (and the derived figures).
 struct Report {
@@ -178,6 +176,7 @@ struct Report {
     load: f64,
     load_copy: f64,
     peak_extra: u64,
+    costs: [Cost; 4],
     global_drop: bool,
     budget: u64,
     sealed: Option<Sealed>,
@@ -209,6 +208,7 @@ impl Report {
             load: median(&s.load),
             load_copy: median(&s.load_copy),
             peak_extra: peak[peak.len() / 2],
+            costs: s.costs.each_ref().map(|c| Cost::median(c)),
             global_drop: s.global_drop,
             budget,
             sealed: (!s.sealed_save.is_empty()).then(|| {
@@ -300,6 +300,13 @@ impl Report {
                 "load_copy_cpu_s_per_gb": self.cpu_per_gb(e.load_cpu),
                 "plain_load_copy_cpu_s_per_gb": self.cpu_per_gb(e.plain_load_cpu),
             })),
+            "costs": COSTED.iter().zip(&self.costs).map(|(what, c)| json!({
+                "what": what,
+                "user_s": c.user,
+                "sys_s": c.sys,
+                "dirty_writeback_peak_bytes": c.dirty_peak,
+                "rss_peak_bytes": c.rss_peak,
+            })).collect::<Vec<_>>(),
         })
     }
 
@@ -435,6 +442,35 @@ impl Report {
             &["what", "time", "GB/s", "ratio"],
             &[false, true, true, false],
             &rows,
+        );
+        let gib = self.size as f64 / f64::from(1u32 << 30);
+        let cost_rows: Vec<Vec<String>> = COSTED
+            .iter()
+            .zip(&self.costs)
+            .filter(|(_, c)| c.user + c.sys > 0.0 || c.rss_peak > 0)
+            .map(|(what, c)| {
+                vec![
+                    what.to_string(),
+                    format!("{:.2} s", c.user),
+                    format!("{:.2} s", c.sys),
+                    format!("{:.2} s", (c.user + c.sys) / gib),
+                    human_bytes(c.dirty_peak),
+                    human_bytes(c.rss_peak),
+                ]
+            })
+            .collect();
+        text += "\nwhere the time went (medians; CPU of all this process's threads):\n";
+        text += &super::table(
+            &[
+                "step",
+                "user",
+                "sys",
+                "CPU per GiB",
+                "peak dirty+writeback",
+                "peak RSS",
+            ],
+            &[false, true, true, true, true, true],
+            &cost_rows,
         );
         text += &format!(
             "\npeak extra RSS during the async save: {} (staging budget {})\n",
@@ -597,6 +633,7 @@ fn measure(a: &Args, size: u64, work: &Path) -> CliResult<Samples> {
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     let (mut load, mut load_copy, mut incremental, mut stall, mut durable, mut peak) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut costs: [Vec<Cost>; 4] = Default::default();
     for round in 0..a.rounds {
         // Every chunk differs from every earlier round's: nothing deduplicates.
         stamp(&mut data, round, 0);
@@ -622,9 +659,10 @@ fn measure(a: &Args, size: u64, work: &Path) -> CliResult<Samples> {
 
         msg(round, &format!("durable save ({backend})"));
         let dir = work.join(format!("sync-{round}"));
-        let (secs, _, cpu) = timed(|| sync_save(&dir, &data, round, Options::default()))?;
-        save.push(secs);
-        plain_save_cpu.push(cpu);
+        let (secs, cost) = costed(|| sync_save(&dir, &data, round, Options::default()));
+        save.push(secs?);
+        plain_save_cpu.push(cost.user + cost.sys);
+        costs[0].push(cost);
         bar.inc(1);
         if a.encrypt {
             msg(round, "durable save, sealed");
@@ -651,7 +689,9 @@ fn measure(a: &Args, size: u64, work: &Path) -> CliResult<Samples> {
                 io: Arc::new(StdIo),
                 ..Options::default()
             };
-            save_std.push(sync_save(&std_dir, &data, round, opts)?);
+            let (secs, cost) = costed(|| sync_save(&std_dir, &data, round, opts));
+            save_std.push(secs?);
+            costs[1].push(cost);
             std::fs::remove_dir_all(&std_dir)?;
             stamp(&mut data, round, 0); // back to the bytes the first save stored
         }
@@ -677,11 +717,14 @@ fn measure(a: &Args, size: u64, work: &Path) -> CliResult<Samples> {
         let segments = segment_files(&dir)?;
         let seg_refs: Vec<&Path> = segments.iter().map(PathBuf::as_path).collect();
         cold(&seg_refs)?;
-        load.push(cold_load(&dir, true)?);
+        let (secs, cost) = costed(|| cold_load(&dir, true));
+        load.push(secs?);
+        costs[2].push(cost);
         cold(&seg_refs)?;
-        let (secs, _, cpu) = timed(|| cold_load(&dir, false))?;
-        load_copy.push(secs);
-        plain_load_cpu.push(cpu);
+        let (secs, cost) = costed(|| cold_load(&dir, false));
+        load_copy.push(secs?);
+        plain_load_cpu.push(cost.user + cost.sys);
+        costs[3].push(cost);
         bar.inc(1);
         // Incremental: one 4 MiB block in ten changes, the rest is what the store holds.
         msg(round, "incremental save");
@@ -740,6 +783,7 @@ fn measure(a: &Args, size: u64, work: &Path) -> CliResult<Samples> {
         load,
         load_copy,
         peak_extra: peak,
+        costs,
         global_drop: s.global_drop,
         plain_save_cpu,
         plain_load_cpu,
@@ -798,7 +842,8 @@ fn memcpy_reused(data: &[u8], dst: &mut [u8]) -> f64 {
 
 /// Opens the (cold) store read-only and reads every tensor verified: `zero_copy` through the
 /// view path (the segment's memory map; what the Python package's numpy loads use), else into
-/// new memory (one copy; what a load into fresh torch tensors costs): seconds.
+/// new memory (one copy; what a load into fresh torch tensors costs), one byte of every page
+/// read after: seconds.
 fn cold_load(dir: &Path, zero_copy: bool) -> CliResult<f64> {
     cold_load_with(dir, zero_copy, Options::default())
 }
@@ -814,18 +859,29 @@ fn cold_load_with(dir: &Path, zero_copy: bool, opts: Options) -> CliResult<f64> 
     let ck = store.checkpoint(Selector::Latest)?;
     let mut n = 0usize;
     for name in ck.tensor_names() {
+        // Every page touched: a load that left bytes unread (a map not yet faulted in) would
+        // look faster than it is.
         n += if zero_copy {
-            ck.tensor_view(name)?.data().len()
+            touch(ck.tensor_view(name)?.data())
         } else {
-            ck.tensor(name)?.data.len()
+            touch(&ck.tensor(name)?.data)
         };
     }
     std::hint::black_box(n);
     Ok(t.elapsed().as_secs_f64())
 }
 
+/// Reads one byte of every 4 KiB page of `b` (a user's first look at a loaded tensor).
+fn touch(b: &[u8]) -> usize {
+    b.iter()
+        .step_by(4096)
+        .map(|&x| usize::from(x))
+        .sum::<usize>()
+        + b.len()
+}
+
 /// Resident set size now, from /proc/self/statm (0 where unavailable).
-fn rss_bytes() -> u64 {
+pub(super) fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())

@@ -2,6 +2,7 @@
 //! store, checkpoint selection, human-readable sizes and times, JSON output, errors).
 
 mod bench;
+mod bench_cost;
 mod bench_raw;
 mod crashtest;
 mod demo;

@@ -4,6 +4,7 @@
 //!
 //! Errors here are plain `std::io::Error`; the layers above attach the path and operation.
 
+mod direct_read;
 mod mem;
 mod mmap;
 pub mod private_fs;
@@ -13,6 +14,7 @@ mod std_io;
 mod uring;
 mod with_mode;
 
+pub use direct_read::{prefault, ReadBuf};
 pub use mem::{MemFaults, MemIo};
 pub use mmap::MappedFile;
 pub use private_fs::{DirStatus, DEFAULT_FILE_MODE};
@@ -94,6 +96,30 @@ pub trait StorageFile: Send + Sync {
     }
     /// Fills `buf` from `offset` (pread); `UnexpectedEof` if the file is shorter.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// The `len` bytes at `offset`, read into `scratch` (a reused buffer of the calling thread)
+    /// the fastest way for bytes that may be cold: a backend with direct I/O (`StdIo` on a
+    /// file system that takes O_DIRECT) reads bytes not in the page cache around it, into the
+    /// reused buffer; bytes in the cache are copied from it. The returned slice lies inside
+    /// `scratch`. Default: [`StorageFile::read_at`] into `scratch`.
+    fn read_cold<'b>(
+        &self,
+        offset: u64,
+        len: usize,
+        scratch: &'b mut ReadBuf,
+    ) -> io::Result<&'b mut [u8]> {
+        let buf = scratch.get_mut(len);
+        self.read_at(buf, offset)?;
+        Ok(buf)
+    }
+    /// Whether `len` bytes from `offset` are best read through the page cache (a map, a
+    /// pread): true for a backend without direct reads (the default) and for bytes already
+    /// cached; false for cold bytes a direct read fetches faster (see
+    /// [`StorageFile::read_cold`]), which a reader should then not hint into the cache with
+    /// [`StorageFile::will_need`]. Only a choice of route: both return the same bytes.
+    fn cached(&self, offset: u64, len: u64) -> bool {
+        let _ = (offset, len);
+        true
+    }
     /// fdatasync: the file's data and the metadata needed to read it back are durable.
     fn sync_data(&self) -> io::Result<()>;
     /// fsync: data and all metadata durable.

@@ -273,6 +273,8 @@ pub struct Store {
     poisoned: Option<String>,
     report: RecoveryReport,
     open_segments: Mutex<HashMap<u64, Arc<dyn StorageFile>>>,
+    /// Reading threads' buffers, kept between reads so that their pages are mapped once.
+    read_scratch: reader::ScratchPool,
     /// A read-only store's lease on the segments it may read (None for the writer, or when
     /// the lease could not be taken: see [`Store::reader_lease`]).
     lease: Option<lease::ReaderLease>,
@@ -442,6 +444,7 @@ impl Store {
             poisoned: None,
             report: rec.report,
             open_segments: Mutex::new(HashMap::new()),
+            read_scratch: reader::ScratchPool::default(),
             lease,
             pending_free: rec.pending_free,
             reservations: external::Reservations::default(),

@@ -6,7 +6,7 @@ use super::Store;
 use crate::crypt::{ChunkHash, Sealer};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::io::StorageFile;
+use crate::io::{ReadBuf, StorageFile};
 use crate::manifest::CheckpointInfo;
 use crate::manifest::{Manifest, MetaValue};
 use ckptstore_proto::v1 as pb;
@@ -16,6 +16,12 @@ use std::sync::{Arc, Mutex};
 
 /// Below this many bytes a verified read stays on the calling thread.
 const PARALLEL_READ_MIN_BYTES: u64 = 8 << 20;
+/// At least this many reading threads (more where there are more cores): a direct read blocks
+/// its thread on the disk, so the disk is kept busy by several reads in flight, not by the
+/// kernel's read-ahead (direct reads have none).
+const READ_THREADS: usize = 4;
+/// Chunks up to this size get [`READ_THREADS`]; larger ones one thread per core.
+const READ_THREADS_MAX_CHUNK: u64 = 64 << 20;
 /// How far ahead of the chunk being read the disk is asked to read (POSIX_FADV_WILLNEED).
 pub(super) const READ_AHEAD_BYTES: u64 = 64 << 20;
 
@@ -183,7 +189,6 @@ impl<'s> CheckpointReader<'s> {
     /// the ones this call finds intact. A damaged chunk is never recorded, so every checkpoint
     /// that uses it fails.
     pub fn verify_with(&self, seen: &mut VerifiedChunks) -> Result<()> {
-        let mut buf = Vec::new();
         let items = self
             .manifest
             .tensors
@@ -195,18 +200,38 @@ impl<'s> CheckpointReader<'s> {
                     .iter()
                     .map(|b| ("blob", &b.name, &b.chunks)),
             );
+        // Every chunk not yet seen, once, in order: read and hashed on every core like a
+        // load's chunks (`each_chunk`); the error is the first damaged one's in that order.
+        let mut todo = Vec::new();
+        let mut refs = Vec::new();
+        let mut keys = std::collections::HashSet::new();
         for (kind, name, chunks) in items {
             for (i, c) in chunks.iter().enumerate() {
-                if seen.0.contains(&chunk_key(c)) {
+                let key = chunk_key(c);
+                if seen.0.contains(&key) || !keys.insert(key) {
                     continue;
                 }
                 self.check_segment(c)?;
-                buf.resize(c.raw_len as usize, 0);
-                self.read_chunk(kind, name, i, c, &mut buf, true)?;
-                seen.0.insert(chunk_key(c));
+                todo.push((kind, name.as_str(), i));
+                refs.push(c.clone());
             }
         }
-        Ok(())
+        let r = self.each_chunk(&refs, todo, Route::Cold, |k, (kind, name, i), scratch| {
+            self.read_chunk(kind, name, i, &refs[k], None, Route::Cold, scratch, true)
+        });
+        // Chunks before the first damaged one were all read and found intact.
+        let intact = match &r {
+            Ok(()) => refs.len(),
+            Err(Error::ChunkCorrupt {
+                segment, offset, ..
+            }) => refs
+                .iter()
+                .position(|c| (c.segment, c.offset) == (*segment, *offset))
+                .unwrap_or(0),
+            Err(_) => 0,
+        };
+        seen.0.extend(refs[..intact].iter().map(chunk_key));
+        r
     }
 
     /// Reads and hashes every chunk that neither `seen` (intact) nor `bad` holds, adding each
@@ -218,7 +243,7 @@ impl<'s> CheckpointReader<'s> {
         seen: &mut VerifiedChunks,
         bad: &mut VerifiedChunks,
     ) -> (u64, Option<Error>) {
-        let mut buf = Vec::new();
+        let mut scratch = Scratch::default();
         let mut read = 0u64;
         let mut other = None;
         let items = self
@@ -242,9 +267,8 @@ impl<'s> CheckpointReader<'s> {
                     other.get_or_insert(e);
                     continue;
                 }
-                buf.resize(c.raw_len as usize, 0);
                 read += c.stored_len;
-                match self.read_chunk(kind, name, i, c, &mut buf, true) {
+                match self.read_chunk(kind, name, i, c, None, Route::Cold, &mut scratch, true) {
                     Ok(()) => seen.0.insert(key),
                     Err(_) => bad.0.insert(key),
                 };
@@ -263,6 +287,11 @@ impl<'s> CheckpointReader<'s> {
         out: &mut [u8],
         verify: bool,
     ) -> Result<()> {
+        // New memory (a fresh tensor) is zeroed and mapped by the kernel at its first touch:
+        // faulted in a chunk at a time, in one call, by the thread that fills it, so the
+        // faulting of one chunk overlaps the disk reads of others. Not in huge pages: with
+        // `defrag=madvise` a MADV_HUGEPAGE fault compacts memory, and under memory pressure
+        // that took 22-25 s per GiB here (DECISIONS "Cold reads go direct").
         let mut slices = Vec::with_capacity(chunks.len());
         let mut rest: &mut [u8] = out;
         for c in chunks {
@@ -270,12 +299,23 @@ impl<'s> CheckpointReader<'s> {
             slices.push(dst);
             rest = tail;
         }
-        self.each_chunk(chunks, slices, |i, dst, _| {
-            self.read_chunk(kind, name, i, &chunks[i], dst, verify)
+        self.each_chunk(chunks, slices, Route::Cold, |i, dst, scratch| {
+            crate::io::prefault(dst);
+            self.read_chunk(
+                kind,
+                name,
+                i,
+                &chunks[i],
+                Some(dst),
+                Route::Cold,
+                scratch,
+                verify,
+            )
         })
     }
 
-    /// Reads and hashes `chunks` without keeping their bytes: each thread reads its chunks into
+    /// Reads (through the page cache: [`Route::Cache`]) and hashes `chunks` without keeping
+    /// their bytes: each thread reads its chunks into
     /// one reused buffer and hashes them while they are in the CPU's cache. This is how a
     /// zero-copy view is verified: after it the pages are in the page cache, and the view maps
     /// them. Hashing through the map instead measured 1.3–2× the CPU time here (cold pages
@@ -287,39 +327,52 @@ impl<'s> CheckpointReader<'s> {
         name: &str,
         chunks: &[pb::ChunkRef],
     ) -> Result<()> {
-        self.each_chunk(chunks, vec![(); chunks.len()], |i, (), scratch| {
-            let c = &chunks[i];
-            scratch.resize(c.raw_len as usize, 0);
-            self.read_chunk(kind, name, i, c, scratch, true)
-        })
+        self.each_chunk(
+            chunks,
+            vec![(); chunks.len()],
+            Route::Cache,
+            |i, (), scratch| {
+                self.read_chunk(kind, name, i, &chunks[i], None, Route::Cache, scratch, true)
+            },
+        )
     }
 
     /// Runs `work(i, items[i], scratch)` for every chunk: reads of several megabytes on one
-    /// thread per core, chunk `i` on thread `i % threads`, each thread reading its chunk and
-    /// hashing it while it is still in the cache — the kernel's copy (and the first-touch
-    /// faults of new memory) and BLAKE3 spread over the cores, instead of one thread reading
-    /// while another hashes. The disk is kept busy by [`ReadAhead`] hints ahead of the chunks
-    /// being read. `scratch` is one reused buffer per thread. The error is the first
+    /// thread per core (at least [`READ_THREADS`]), chunk `i` on thread `i % threads`, each
+    /// thread reading its chunk and hashing it while it is still in the CPU's cache — copies,
+    /// the first-touch faults of new memory and BLAKE3 spread over the cores, instead of one
+    /// thread reading while another hashes. The disk is kept busy by the threads' reads in
+    /// flight and, for bytes read through the page cache, by [`ReadAhead`] hints. `scratch`
+    /// is one reused set of buffers per thread, from the store's pool. The error is the first
     /// (lowest-index) chunk's.
     #[allow(clippy::expect_used)] // a read thread does not panic
     fn each_chunk<T: Send>(
         &self,
         chunks: &[pb::ChunkRef],
         items: Vec<T>,
-        work: impl Fn(usize, T, &mut Vec<u8>) -> Result<()> + Sync,
+        route: Route,
+        work: impl Fn(usize, T, &mut Scratch) -> Result<()> + Sync,
     ) -> Result<()> {
-        let ahead = ReadAhead::new(self, chunks);
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(chunks.len());
+        let ahead = ReadAhead::new(self, chunks, route);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // Each thread holds one chunk-sized buffer: extra threads only for ordinary chunks.
+        let largest = chunks.iter().map(|c| c.stored_len.max(c.raw_len)).max();
+        let extra = largest.unwrap_or(0) <= READ_THREADS_MAX_CHUNK;
+        let threads = if extra {
+            cores.max(READ_THREADS)
+        } else {
+            cores
+        }
+        .min(chunks.len());
         let total: u64 = chunks.iter().map(|c| c.raw_len).sum();
         if threads < 2 || total < PARALLEL_READ_MIN_BYTES {
-            let mut scratch = Vec::new();
-            for (i, item) in items.into_iter().enumerate() {
+            let mut scratch = self.store.read_scratch.take();
+            let r = items.into_iter().enumerate().try_for_each(|(i, item)| {
                 ahead.advance(i);
-                work(i, item, &mut scratch)?;
-            }
-            return Ok(());
+                work(i, item, &mut scratch)
+            });
+            self.store.read_scratch.give_back(scratch);
+            return r;
         }
         let mut per_thread: Vec<Vec<(usize, T)>> = (0..threads).map(|_| Vec::new()).collect();
         for (i, item) in items.into_iter().enumerate() {
@@ -332,19 +385,23 @@ impl<'s> CheckpointReader<'s> {
                 .map(|mine| {
                     let (ahead, failed, work) = (&ahead, &failed, &work);
                     scope.spawn(move || -> Option<(usize, Error)> {
-                        let mut scratch = Vec::new();
+                        let pool = &self.store.read_scratch;
+                        let mut scratch = pool.take();
+                        let mut err = None;
                         for (i, item) in mine {
                             // A lower chunk failed: the error is that one, stop early.
                             if failed.load(Ordering::Relaxed) < i {
-                                return None;
+                                break;
                             }
                             ahead.advance(i);
                             if let Err(e) = work(i, item, &mut scratch) {
                                 failed.fetch_min(i, Ordering::Relaxed);
-                                return Some((i, e));
+                                err = Some((i, e));
+                                break;
                             }
                         }
-                        None
+                        pool.give_back(scratch);
+                        err
                     })
                 })
                 .collect();
@@ -392,52 +449,83 @@ impl<'s> CheckpointReader<'s> {
         }
     }
 
+    /// Reads chunk `index` (`c`) of `name`: its stored bytes through
+    /// [`StorageFile::read_cold`] into `scratch`, decoded if compressed, hashed (unless
+    /// `verify` is false) where they lie — in the reused buffer, still in the CPU's cache — and
+    /// copied into `out` when there is one (a verification keeps nothing).
+    #[allow(clippy::too_many_arguments)]
     fn read_chunk(
         &self,
         kind: &'static str,
         name: &str,
         index: usize,
         c: &pb::ChunkRef,
-        out: &mut [u8],
+        out: Option<&mut [u8]>,
+        route: Route,
+        scratch: &mut Scratch,
         verify: bool,
     ) -> Result<()> {
         self.check_segment(c)?;
         let corrupt = |reason: String| self.chunk_error(kind, name, index, c, reason);
         let file = self.store.segment_file(c.segment)?;
+        let plain = c.codec == pb::Codec::None as i32;
+        // An uncompressed chunk is its raw bytes; a compressed one, its stored frame (sealed:
+        // the ciphertext of those, as long).
+        let len = if plain { c.raw_len } else { c.stored_len } as usize;
+        let stored: &mut [u8] = match route {
+            Route::Cold => file.read_cold(c.offset, len, &mut scratch.read),
+            Route::Cache => {
+                let buf = scratch.read.get_mut(len);
+                file.read_at(buf, c.offset).map(|()| buf)
+            }
+        }
+        .map_err(|e| corrupt(format!("read failed: {e}")))?;
         // A sealed chunk is authenticated and decrypted in place after the read (whatever
         // `verify` says: the tag check is part of decrypting).
-        let open = |buf: &mut [u8]| match &self.sealer {
-            Some(s) if !s.open(buf, &c.nonce, &c.tag, &c.blake3, c.raw_len, c.codec) => {
+        if let Some(s) = &self.sealer {
+            if !s.open(stored, &c.nonce, &c.tag, &c.blake3, c.raw_len, c.codec) {
                 // Not the bytes committed: quarantined like a BLAKE3 mismatch.
                 self.store.suspect(c);
-                Err(corrupt(format!(
+                return Err(corrupt(format!(
                     "AES-GCM authentication failed under key id {} (damaged or altered ciphertext)",
                     s.id()
-                )))
+                )));
             }
-            _ => Ok(()),
-        };
-        if c.codec == pb::Codec::None as i32 {
-            file.read_at(out, c.offset)
-                .map_err(|e| corrupt(format!("read failed: {e}")))?;
-            open(out)?;
+        }
+        let hash = self.chunk_hash();
+        let raw: &[u8] = if plain {
+            stored
         } else {
-            // A compressed chunk: its frame (shorter than `out`, the manifest says so) is
-            // read whole, then decoded into `out`; a bad frame is a corrupt chunk.
-            let mut stored = vec![0u8; c.stored_len as usize];
-            file.read_at(&mut stored, c.offset)
-                .map_err(|e| corrupt(format!("read failed: {e}")))?;
-            open(&mut stored)?;
-            if let Err(why) = crate::codec::decode(c.codec, &stored, out, &mut Vec::new()) {
+            // A compressed chunk: its frame (shorter than the raw bytes, the manifest says
+            // so) decoded into `out`, or into the scratch when only verifying; a bad frame is
+            // a corrupt chunk.
+            let dst = match out {
+                Some(o) => o,
+                None => {
+                    scratch.decoded.resize(c.raw_len as usize, 0);
+                    &mut scratch.decoded[..]
+                }
+            };
+            if let Err(why) = crate::codec::decode(c.codec, stored, dst, &mut Vec::new()) {
                 self.store.suspect(c);
                 return Err(corrupt(why));
             }
-        }
-        if verify && self.chunk_hash().hash(out)[..] != c.blake3[..] {
+            if verify && hash.hash(dst)[..] != c.blake3[..] {
+                // The bytes on disk are not the ones committed: quarantined by the writer's
+                // next `heal` (store/quarantine.rs).
+                self.store.suspect(c);
+                return Err(corrupt("BLAKE3 mismatch".into()));
+            }
+            return Ok(());
+        };
+        if verify && hash.hash(raw)[..] != c.blake3[..] {
             // The bytes on disk are not the ones committed: quarantined by the writer's next
             // `heal` (store/quarantine.rs).
             self.store.suspect(c);
             return Err(corrupt("BLAKE3 mismatch".into()));
+        }
+        if let Some(out) = out {
+            out.copy_from_slice(raw);
         }
         Ok(())
     }
@@ -447,6 +535,57 @@ impl<'s> CheckpointReader<'s> {
         self.sealer
             .as_ref()
             .map_or(ChunkHash::Plain, |s| s.chunk_hash())
+    }
+}
+
+/// How a read brings bytes in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Route {
+    /// The fastest way for bytes that may be cold ([`StorageFile::read_cold`]: direct where
+    /// the backend can), for reads whose bytes end up in memory of their own (or nowhere).
+    Cold,
+    /// Through the page cache, hinted ahead, leaving the pages there: the verification of a
+    /// zero-copy view, whose map then reads the same pages.
+    Cache,
+}
+
+/// One reading thread's reused buffers: what it reads into (aligned for direct reads) and,
+/// when verifying a compressed chunk, what it decodes into.
+#[derive(Default)]
+pub(super) struct Scratch {
+    read: ReadBuf,
+    decoded: Vec<u8>,
+}
+
+/// A store's [`Scratch`] buffers between reads: a read's threads take one each and give it
+/// back, so a load of many tensors maps its read buffers once, not once per tensor (each
+/// mapping of a new buffer costs page faults: 3% of a cold load's samples before).
+#[derive(Default)]
+pub(super) struct ScratchPool(Mutex<Vec<Scratch>>);
+
+impl ScratchPool {
+    /// Kept at most: one per reading thread of a machine with this many cores.
+    const MAX_KEPT: usize = 16;
+    /// Buffers larger than this (a store with huge chunks) are freed, not kept: the pool
+    /// holds at most `MAX_KEPT` × this between reads.
+    const MAX_KEPT_BYTES: usize = 32 << 20;
+
+    fn take(&self) -> Scratch {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_default()
+    }
+
+    fn give_back(&self, s: Scratch) {
+        if s.read.capacity() + s.decoded.capacity() > Self::MAX_KEPT_BYTES {
+            return;
+        }
+        let mut pool = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < Self::MAX_KEPT {
+            pool.push(s);
+        }
     }
 }
 
@@ -463,10 +602,11 @@ struct ReadAhead<'r, 's> {
     starts: Vec<u64>,
     /// The next chunk to hint (`chunks.len() + 1` once the trailing hint is out too).
     next: Mutex<usize>,
+    route: Route,
 }
 
 impl<'r, 's> ReadAhead<'r, 's> {
-    fn new(reader: &'r CheckpointReader<'s>, chunks: &'r [pb::ChunkRef]) -> Self {
+    fn new(reader: &'r CheckpointReader<'s>, chunks: &'r [pb::ChunkRef], route: Route) -> Self {
         let mut at = 0;
         let starts = chunks
             .iter()
@@ -481,6 +621,7 @@ impl<'r, 's> ReadAhead<'r, 's> {
             chunks,
             starts,
             next: Mutex::new(0),
+            route,
         }
     }
 
@@ -519,7 +660,11 @@ impl<'r, 's> ReadAhead<'r, 's> {
     fn hint(&self, (segment, offset, len): (u64, u64, u64)) {
         if let Ok(f) = self.reader.store.segment_file(segment) {
             let f: &dyn StorageFile = &*f;
-            f.will_need(offset, len);
+            // Cold bytes a direct read will fetch are not wanted in the page cache: filling
+            // it is the slow part of a cold read here (`StorageFile::read_cold`).
+            if self.route == Route::Cache || f.cached(offset, len) {
+                f.will_need(offset, len);
+            }
         }
     }
 }
