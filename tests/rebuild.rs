@@ -248,3 +248,51 @@ fn rebuild_restores_shard_commits_and_reports_what_it_cannot() {
         assert_eq!(t.data, data(10 + r, 5000));
     }
 }
+
+/// Regression (issue 14 follow-up): a commit that writes no chunk — a fully deduplicated save
+/// (a frozen model saved again), or a checkpoint of no tensor — had no segment, so no trailer,
+/// and a rebuilt store silently lost it. Each now gets a segment holding only its trailer;
+/// gc and compaction leave that segment while its checkpoint lives and free it with it.
+#[test]
+fn a_fully_deduplicated_save_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path(), opts()).unwrap();
+    let frozen = data(7, 3 * CHUNK + 5);
+    let first = commit(&mut s, 1, &[("frozen", &frozen)]);
+    let again = commit(&mut s, 2, &[("frozen", &frozen)]);
+    assert_eq!(again.chunks_written, 0, "{again:?}");
+    let empty = commit(&mut s, 3, &[]);
+    let ids = [
+        first.checkpoint.id,
+        again.checkpoint.id,
+        empty.checkpoint.id,
+    ];
+    // The trailer-only segments survive gc and compaction while their checkpoints live.
+    let gc = s.gc().unwrap();
+    assert!(gc.segments_compacted.is_empty(), "{gc:?}");
+    drop(s);
+    std::fs::remove_file(dir.path().join("CURRENT")).unwrap();
+    std::fs::remove_file(live_wal_or_any(dir.path())).unwrap();
+    let (s, report) = Store::rebuild(dir.path(), opts()).unwrap();
+    assert_eq!(report.restored, ids.to_vec(), "{report:?}");
+    assert!(report.unrestorable.is_empty(), "{report:?}");
+    assert_holds(&s, ids[0], &[("frozen", &frozen)]);
+    assert_holds(&s, ids[1], &[("frozen", &frozen)]);
+    assert_holds(&s, ids[2], &[]);
+    for (id, r) in s.verify_all() {
+        r.unwrap_or_else(|e| panic!("{id}: {e}"));
+    }
+    // Deleting the deduplicated checkpoint frees its trailer-only segment with it.
+    drop(s);
+    let mut s = Store::open(dir.path(), opts()).unwrap();
+    let segs_before = std::fs::read_dir(dir.path().join("segments"))
+        .unwrap()
+        .count();
+    s.delete(ids[1]).unwrap();
+    s.gc().unwrap();
+    let segs_after = std::fs::read_dir(dir.path().join("segments"))
+        .unwrap()
+        .count();
+    assert_eq!(segs_after + 1, segs_before);
+    assert_holds(&s, ids[0], &[("frozen", &frozen)]);
+}

@@ -604,13 +604,20 @@ impl State {
         Ok(())
     }
 
-    /// Drops segments that no live checkpoint references (left by a snapshot or by commits
-    /// whose chunks were all deduplicated). Returns them.
+    /// Drops segments that no live checkpoint references nor created (left by a snapshot, by
+    /// a crash). A segment a live checkpoint created stays while it lives, even with no chunk
+    /// referenced: it holds the checkpoint's commit trailer (a commit that wrote no chunk gets
+    /// a segment holding only its trailer; docs/FORMAT.md, "Commit trailer"). Returns them.
     pub(crate) fn drop_unreferenced_segments(&mut self) -> Vec<u64> {
+        let created: BTreeSet<u64> = self
+            .checkpoints
+            .values()
+            .flat_map(|m| m.new_segments.iter().map(|s| s.id))
+            .collect();
         let dead: Vec<u64> = self
             .segments
             .iter()
-            .filter(|(_, s)| s.refs == 0)
+            .filter(|(id, s)| s.refs == 0 && !created.contains(id))
             .map(|(&id, _)| id)
             .collect();
         self.forget_segments(&dead);
