@@ -296,3 +296,32 @@ fn a_fully_deduplicated_save_is_rebuilt() {
     assert_eq!(segs_after + 1, segs_before);
     assert_holds(&s, ids[0], &[("frozen", &frozen)]);
 }
+
+/// A build from before trailer-only segments sees one as an orphan and sets it aside in
+/// lost+found/ (checked against the landed build 5936fcd). Its checkpoint reads no chunk from
+/// it: the store opens with no damage, the checkpoint verifies (it only cannot be rebuilt).
+#[test]
+fn a_trailer_only_segment_set_aside_by_an_older_build_is_not_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path(), opts()).unwrap();
+    let frozen = data(8, 2 * CHUNK);
+    commit(&mut s, 1, &[("frozen", &frozen)]);
+    let again = commit(&mut s, 2, &[("frozen", &frozen)]).checkpoint.id;
+    drop(s);
+    let segs: Vec<std::path::PathBuf> = std::fs::read_dir(dir.path().join("segments"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let trailer_only = segs
+        .iter()
+        .find(|p| std::fs::metadata(p).unwrap().len() < 8192)
+        .expect("a trailer-only segment");
+    std::fs::remove_file(trailer_only).unwrap();
+    let s = Store::open(dir.path(), opts()).unwrap();
+    let r = s.recovery_report();
+    assert!(r.damaged_segments.is_empty(), "{r:?}");
+    assert_holds(&s, again, &[("frozen", &frozen)]);
+    drop(s);
+    let s = Store::open(dir.path(), opts()).unwrap();
+    assert!(s.recovery_report().damaged_segments.is_empty());
+}
