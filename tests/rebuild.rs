@@ -325,3 +325,47 @@ fn a_trailer_only_segment_set_aside_by_an_older_build_is_not_damage() {
     let s = Store::open(dir.path(), opts()).unwrap();
     assert!(s.recovery_report().damaged_segments.is_empty());
 }
+
+/// Regression (issue 14 follow-up): the quarantine lives in the WAL, so a rebuild lost it
+/// and restored references to a rotten chunk as the trailers hold them. The rebuild now
+/// scrubs: the rotten chunk is quarantined again and healed with the fresh copy a later save
+/// wrote, and every checkpoint verifies.
+#[test]
+fn a_rebuild_finds_the_quarantine_again_and_heals() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path(), opts()).unwrap();
+    let frozen = data(21, 2 * CHUNK);
+    let a = commit(&mut s, 1, &[("frozen", &frozen)]).checkpoint.id;
+    let b = commit(&mut s, 2, &[("frozen", &frozen), ("w", &data(2, 100))])
+        .checkpoint
+        .id;
+    let (seg, off) = chunk_location(&s, a, "frozen", 0);
+    drop(s);
+    let path = segment_path(dir.path(), seg);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[off as usize + 3] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+    // Found and quarantined; the next save of the same bytes writes a fresh copy and heals.
+    let mut s = Store::open(dir.path(), opts()).unwrap();
+    assert_eq!(s.scrub().unwrap().heal.quarantined.len(), 1);
+    let c = commit(&mut s, 3, &[("frozen", &frozen)]).checkpoint.id;
+    for (id, r) in s.verify_all() {
+        r.unwrap_or_else(|e| panic!("healed, checkpoint {id}: {e}"));
+    }
+    drop(s);
+    std::fs::remove_file(dir.path().join("CURRENT")).unwrap();
+    std::fs::remove_file(live_wal_or_any(dir.path())).unwrap();
+    let (s, report) = Store::rebuild(dir.path(), opts()).unwrap();
+    assert_eq!(report.restored, vec![a, b, c], "{report:?}");
+    assert_eq!(
+        report.scrub.heal.quarantined,
+        vec![(seg, off)],
+        "{report:?}"
+    );
+    assert_eq!(report.scrub.heal.healed.len(), 1, "{report:?}");
+    assert!(report.scrub.broken.is_empty(), "{report:?}");
+    for (id, r) in s.verify_all() {
+        r.unwrap_or_else(|e| panic!("rebuilt, checkpoint {id}: {e}"));
+    }
+    assert_holds(&s, a, &[("frozen", &frozen)]);
+}
