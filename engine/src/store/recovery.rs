@@ -239,12 +239,12 @@ fn recover_once(io: &dyn Storage, dir: &Path, opts: &Options) -> Result<Recovere
             {
                 let more = wal::scan_from_within(&buf, p, header.salt, skip_unknown, &mut budget);
                 for rec in &more.records {
-                    let mut trial = state.clone();
-                    match apply_record(&mut trial, rec, &buf, &wal_path, false) {
-                        Ok(()) => {
-                            state = trial;
-                            kept_after += 1;
-                        }
+                    // No trial copy of the state: every record type is validated in full
+                    // before it changes anything (State::apply_*), so a record that does not
+                    // apply leaves the state as it was. Linear in the records, not
+                    // O(records x state) (regression: salvage_clones_no_state_per_record).
+                    match apply_record(&mut state, rec, &buf, &wal_path, false) {
+                        Ok(()) => kept_after += 1,
                         Err(_) => skipped.push(rec.offset),
                     }
                 }
