@@ -293,7 +293,13 @@ fn assert_workload_1(s: &Store, what: &str) {
     let live: Vec<(u64, u64)> = s.list().iter().map(|c| (c.id, c.step)).collect();
     assert_eq!(live, LIVE, "{what}: checkpoints");
     assert_eq!(s.pinned(), PINNED, "{what}: pins");
-    for (id, step) in LIVE {
+    assert_checkpoints(s, &LIVE, what);
+}
+
+/// Checkpoints `live` (id, step) of `s` hold what `commit_step(step)` put, bit-exact, and
+/// every chunk of the store verifies.
+fn assert_checkpoints(s: &Store, live: &[(u64, u64)], what: &str) {
+    for &(id, step) in live {
         let ck = s.checkpoint(Selector::Id(id)).unwrap();
         assert_eq!(ck.info().epoch, step / 20, "{what}: epoch of {id}");
         assert_eq!(ck.metadata(), metadata(step), "{what}: metadata of {id}");
@@ -353,6 +359,134 @@ fn copy_of(fixture: &Path) -> tempfile::TempDir {
     tmp
 }
 
+// ---------------------------------------------------------------- workload 3: sealed
+
+/// The keys of workload 3 (test keys: the fixture is public).
+const KEY_1: &str = "5eed5eed5eed5eed5eed5eed5eed5eed0123456789abcdef0123456789abcdef";
+const KEY_2: &str = "c0ffeec0ffeec0ffeec0ffeec0ffeec0fedcba9876543210fedcba9876543210";
+
+fn key(hex: &str) -> ckptstore::crypt::Key {
+    ckptstore::crypt::Key::from_hex(hex).unwrap()
+}
+
+/// Workload 3's checkpoints at the end: (id, step, sealed); 1 is plain, 2 and 4 sealed under
+/// key 1 (3 was deleted and its segments compacted), 5 under key 2.
+const LIVE_3: [(u64, u64, bool); 4] = [(1, 10, false), (2, 20, true), (4, 30, true), (5, 40, true)];
+
+/// Both keys, the second current.
+fn sealed_opts(compression: Compression) -> Options {
+    Options {
+        encryption_key: Some(key(KEY_2)),
+        old_keys: vec![key(KEY_1)],
+        ..store_opts(compression)
+    }
+}
+
+/// Writes workload 3: a plain checkpoint, then sealed ones under key 1 (compressed, and a
+/// segment compaction of sealed chunks), then under key 2 after a rotation.
+fn write_workload_3(dir: &Path) {
+    let mut s = Store::open(dir, store_opts(Compression::None)).unwrap();
+    commit_step(&mut s, 10);
+    drop(s);
+    let o = Options {
+        encryption_key: Some(key(KEY_1)),
+        ..store_opts(Compression::zstd())
+    };
+    let mut s = Store::open(dir, o).unwrap();
+    commit_step(&mut s, 20);
+    commit_step(&mut s, 25);
+    commit_step(&mut s, 30);
+    s.delete(3).unwrap();
+    s.gc().unwrap();
+    drop(s);
+    let mut s = Store::open(dir, sealed_opts(Compression::None)).unwrap();
+    commit_step(&mut s, 40);
+}
+
+/// Workload 3's checks: the feature is declared, sealed checkpoints are sealed, nothing opens
+/// without the keys, everything reads bit-exact with them.
+fn assert_workload_3(dir: &Path, s: &Store, what: &str) {
+    assert!(
+        s.features().contains(&ckptstore::features::ENCRYPTION),
+        "{what}: features {}",
+        s.features()
+    );
+    let want: Vec<(u64, u64)> = LIVE_3.iter().map(|&(id, step, _)| (id, step)).collect();
+    let live: Vec<(u64, u64)> = s.list().iter().map(|c| (c.id, c.step)).collect();
+    assert_eq!(live, want, "{what}");
+    for (id, _, sealed) in LIVE_3 {
+        let ck = s.checkpoint(Selector::Id(id)).unwrap();
+        assert_eq!(ck.is_sealed(), sealed, "{what}: checkpoint {id}");
+        // Sealed manifests carry their names, shapes and metadata in a sealed body.
+        assert_eq!(
+            !ck.manifest().sealed_body.is_empty(),
+            sealed,
+            "{what}: checkpoint {id}"
+        );
+    }
+    assert_checkpoints(s, &want, what);
+    let chain = s.verify_chain().unwrap();
+    assert_eq!(chain.unauthenticated, [1], "{what}: {chain:?}");
+    assert_eq!(chain.verified, [2, 4, 5], "{what}: {chain:?}");
+    assert_eq!(chain.breaks, [(2, 4)], "{what}: checkpoint 3 was deleted");
+    assert!(matches!(
+        Store::open(dir, Options::read_only()),
+        Err(ckptstore::Error::KeyRequired { .. })
+    ));
+}
+
+/// A workload-3 fixture: read-only with both keys, then as the writer (a commit, a WAL
+/// compaction, a reopen).
+fn check_workload_3_fixture(fixture: &Path, name: &str) {
+    let tmp = copy_of(fixture);
+    let ro = Options {
+        read_only: true,
+        ..sealed_opts(Compression::None)
+    };
+    let s = Store::open(tmp.path(), ro).unwrap();
+    assert_workload_3(tmp.path(), &s, &format!("{name} read-only"));
+    drop(s);
+    let mut s = Store::open(tmp.path(), sealed_opts(Compression::None)).unwrap();
+    commit_step(&mut s, 60);
+    s.compact_wal().unwrap();
+    drop(s);
+    let s = Store::open(tmp.path(), sealed_opts(Compression::None)).unwrap();
+    s.verify(s.latest().unwrap().id).unwrap();
+}
+
+/// A workload-3 fixture rebuilt from its segments: the trailers hold the WAL form (sealed
+/// bodies, keyed chunk ids); the rebuild needs no key for the structure, the open after it
+/// needs the keys.
+fn check_workload_3_rebuild(dir: &Path, name: &str) {
+    let (s, report) = Store::rebuild(dir, sealed_opts(Compression::None))
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    for (id, step, _) in LIVE_3 {
+        assert!(report.restored.contains(&id), "{name}: {report:?}");
+        let ck = s.checkpoint(Selector::Id(id)).unwrap();
+        assert_eq!(ck.metadata(), metadata(step), "{name}: {id}");
+        for (t, _, _, bytes) in tensors(step) {
+            assert!(ck.tensor(&t).unwrap().data == bytes, "{name}: {id}/{t}");
+        }
+    }
+    for (id, r) in s.verify_all() {
+        r.unwrap_or_else(|e| panic!("{name}: {id}: {e}"));
+    }
+}
+
+/// Workload 3 written by this build passes its checks.
+#[test]
+fn workload_3_written_now_passes_the_checks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("s");
+    write_workload_3(&dir);
+    let ro = Options {
+        read_only: true,
+        ..sealed_opts(Compression::None)
+    };
+    let s = Store::open(&dir, ro).unwrap();
+    assert_workload_3(&dir, &s, "this build");
+}
+
 #[test]
 fn every_fixture_store_opens_bit_exact() {
     let all = fixtures();
@@ -367,6 +501,10 @@ fn every_fixture_store_opens_bit_exact() {
             1 => {}
             2 => {
                 check_workload_2_fixture(&fixture, &name);
+                continue;
+            }
+            3 => {
+                check_workload_3_fixture(&fixture, &name);
                 continue;
             }
             n => panic!("{name}: unknown workload {n}"),
@@ -424,6 +562,11 @@ fn every_fixture_store_rebuilds_from_its_segments_or_is_refused() {
             rebuilt += 1;
             continue;
         }
+        if fixture_workload(&fixture) == 3 && trailers {
+            check_workload_3_rebuild(tmp.path(), &name);
+            rebuilt += 1;
+            continue;
+        }
         match Store::rebuild(tmp.path(), store_opts(Compression::None)) {
             Ok((s, report)) if trailers => {
                 let live: Vec<u64> = LIVE.iter().map(|l| l.0).collect();
@@ -466,12 +609,14 @@ fn generate_fixture_store() {
         "{} exists: fixtures are never regenerated",
         dir.display()
     );
-    // CKPTSTORE_FIXTURE_WORKLOAD=2: the quarantine workload (feature `quarantine`).
+    // CKPTSTORE_FIXTURE_WORKLOAD=2: the quarantine workload (feature `quarantine`); 3: the
+    // sealed workload (feature `encryption`).
     let workload: u32 =
         std::env::var("CKPTSTORE_FIXTURE_WORKLOAD").map_or(1, |w| w.parse().unwrap());
     match workload {
         1 => write_workload_1(&dir),
         2 => write_workload_2(&dir),
+        3 => write_workload_3(&dir),
         n => panic!("no workload {n}"),
     }
     std::fs::remove_file(dir.join(ckptstore::store::LOCK_NAME)).unwrap();
@@ -484,6 +629,15 @@ fn generate_fixture_store() {
         ),
     )
     .unwrap();
+    if workload == 3 {
+        let ro = Options {
+            read_only: true,
+            ..sealed_opts(Compression::None)
+        };
+        let s = Store::open(&dir, ro).unwrap();
+        assert_workload_3(&dir, &s, &name);
+        return;
+    }
     let s = Store::open(&dir, Options::read_only()).unwrap();
     if workload == 2 {
         assert_workload_2(&dir, &s, &name);

@@ -209,6 +209,8 @@ fn chunk(segment: u64, offset: u64, len: u64) -> pb::ChunkRef {
         raw_len: len,
         codec: pb::Codec::None as i32,
         blake3: vec![7; 32],
+        nonce: vec![],
+        tag: vec![],
     }
 }
 

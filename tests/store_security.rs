@@ -298,6 +298,21 @@ fn world_writable_store_dir_is_refused_unless_allowed() {
 }
 
 #[test]
+fn cli_allow_unsafe_dir_forces_open_of_a_world_writable_store() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("s");
+    make_store(&dir);
+    chmod(&dir, 0o777);
+    let s = dir.to_str().unwrap();
+    for cmd in ["ls", "verify"] {
+        let e = cli_support::fails(&[cmd, s]);
+        assert!(e.contains("world-writable"), "{e}");
+        cli_support::ok(&[cmd, "--allow-unsafe-dir", s]);
+    }
+    cli_support::ok(&["pin", "--allow-unsafe-dir", s, "1"]);
+}
+
+#[test]
 fn foreign_owned_store_dir_is_refused_for_a_writer_and_read_by_a_reader() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().join("s");

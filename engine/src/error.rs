@@ -283,6 +283,90 @@ pub enum Error {
         /// The checkpoint id.
         id: u64,
     },
+
+    /// The store (or this checkpoint) is encrypted and no key was supplied.
+    #[error(
+        "{what} is encrypted (key id {key_id}); supply its key (`--key-file`, \
+             CKPTSTORE_KEY_FILE or CKPTSTORE_KEY, Options::encryption_key, \
+             Store(..., encryption_key=...))"
+    )]
+    KeyRequired {
+        /// The store directory or the checkpoint.
+        what: String,
+        /// The id of the key it needs (never the key).
+        key_id: String,
+    },
+
+    /// A sealed checkpoint's commit MAC does not match its manifest: its WAL record was changed,
+    /// swapped or replayed by someone who can write the store but does not hold the key.
+    #[error(
+        "{what}: {reason}: its record was altered, swapped or replayed \
+             (tampering, not a crash); restore the store from a trusted copy"
+    )]
+    MacMismatch {
+        /// The checkpoint and store.
+        what: String,
+        /// What does not authenticate: the commit MAC, or the sealed manifest body.
+        reason: String,
+    },
+
+    /// The store no longer holds the MAC chain head a caller saw before (`Store::check_head`).
+    #[error("{what} was rolled back: {reason}")]
+    Rollback {
+        /// The store.
+        what: String,
+        /// How the head differs.
+        reason: String,
+    },
+
+    /// The keys supplied are not the one this store or checkpoint was sealed with.
+    #[error(
+        "{what} is sealed with key id {key_id}; the key(s) supplied have id(s) {supplied}: \
+             wrong key (pass the old key too after a rotation)"
+    )]
+    WrongKey {
+        /// The store directory or the checkpoint.
+        what: String,
+        /// The id of the key it needs.
+        key_id: String,
+        /// Ids of the keys supplied, comma-separated.
+        supplied: String,
+    },
+
+    /// Another writer created the bucket's next commit object first (the conditional create
+    /// of `log/<seq>` lost the race): this process is not the store's writer any more.
+    /// Nothing was overwritten; reopen the store to see the other writer's commits.
+    #[error("{url}: another writer committed sequence number {seq} first; reopen the store (one writer at a time)")]
+    WriterConflict {
+        /// The store's URL (no credentials: they never appear in a URL this crate prints).
+        url: String,
+        /// The commit sequence number both tried to create.
+        seq: u64,
+    },
+
+    /// A commit object in the bucket is damaged or from a newer build (named by the feature
+    /// this build lacks).
+    #[error("commit object {name}: {reason}")]
+    BadCommitObject {
+        /// Its key.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// A request to the object store failed (after the bounded retries, for a transient
+    /// failure). Nothing is committed by a failed publish; the next open cleans up.
+    #[error("{url}: {op} {key}: {message}")]
+    Remote {
+        /// The store's URL.
+        url: String,
+        /// The request (`put`, `get`, `list`, `delete`, `upload part`...).
+        op: &'static str,
+        /// The object key, relative to the bucket.
+        key: String,
+        /// What the server or the client said (never credentials).
+        message: String,
+    },
 }
 
 impl Error {

@@ -53,7 +53,7 @@ pub struct Feature {
 /// its kind (bits are never reused, even of a feature that is withdrawn), an entry here, its
 /// row in docs/FORMAT.md ("Feature flags"), and a fixture store that uses it
 /// (tests/fixtures/stores/).
-pub const KNOWN: &[Feature] = &[SEGMENT_COMMIT_TRAILER, QUARANTINE];
+pub const KNOWN: &[Feature] = &[SEGMENT_COMMIT_TRAILER, QUARANTINE, ENCRYPTION];
 
 /// Each commit's last new segment ends with a copy of its commit record (docs/FORMAT.md,
 /// "Commit trailer"), so `ckptstore recover --rebuild` can restore the store from its
@@ -76,6 +76,17 @@ pub const QUARANTINE: Feature = Feature {
     name: "quarantine",
     kind: FeatureKind::Incompatible,
     bit: 0,
+};
+
+/// Sealed checkpoints (docs/FORMAT.md, "Encryption"): chunks stored as AES-256-GCM ciphertext
+/// with keyed chunk ids, sealed manifest bodies, commit MACs. Incompatible: a build without it
+/// would take every sealed chunk for a BLAKE3 mismatch (the nonce, tag and key id are
+/// protobuf fields it ignores) and call the store corrupt. Turned on by the first writer
+/// opened with a key.
+pub const ENCRYPTION: Feature = Feature {
+    name: "encryption",
+    kind: FeatureKind::Incompatible,
+    bit: 1,
 };
 
 /// The features a store this build creates starts with.

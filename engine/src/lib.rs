@@ -13,6 +13,7 @@
 mod alloc;
 #[doc(hidden)]
 pub mod codec;
+pub mod crypt;
 #[doc(hidden)]
 pub mod current;
 pub mod device;
@@ -25,6 +26,7 @@ mod le;
 #[doc(hidden)]
 pub mod manifest;
 pub mod pipeline;
+pub mod remote;
 pub mod retention;
 #[doc(hidden)]
 pub mod segment;
@@ -42,8 +44,8 @@ pub use manifest::{CheckpointInfo, MetaValue};
 pub use pipeline::{Pipeline, PipelineOptions, SaveHandle, SaveReport};
 pub use retention::{KeepReason, MetricMode, RetentionPlan, RetentionPolicy};
 pub use store::{
-    CheckpointReader, ChunkLocation, CommitInfo, CompactionPlan, DeleteInfo, GcOptions, GcReport,
-    HealReport, LoadReport, LoadSpec, Options, RebuildReport, RecoveryMode, RecoveryReport,
-    ScrubReport, Selector, ShardFragment, ShardOptions, ShardWriter, SpaceStats, Store, StoreStats,
-    Tensor, TensorView, Transaction, VerifiedChunks,
+    ChainReport, CheckpointReader, ChunkLocation, CommitInfo, CompactionPlan, DeleteInfo,
+    GcOptions, GcReport, HealReport, LoadReport, LoadSpec, Options, RebuildReport, RecoveryMode,
+    RecoveryReport, ScrubReport, Selector, ShardFragment, ShardOptions, ShardWriter, SpaceStats,
+    Store, StoreStats, Tensor, TensorView, Transaction, VerifiedChunks,
 };

@@ -203,7 +203,19 @@ fn check_chunks(context: &str, name: &str, nbytes: u64, chunks: &[pb::ChunkRef])
 /// the chunks, bounded chunk lengths, unique names, sorted unique metadata keys.
 pub fn validate(m: &Manifest, context: &str) -> Result<()> {
     let mut names = HashSet::new();
-    for t in &m.tensors {
+    // A sealed manifest as the WAL holds it: names, dtypes, shapes and metadata are in its
+    // sealed body (docs/FORMAT.md, "Sealed manifests"); only the chunks are checked here.
+    let opaque = |t: &pb::TensorEntry| !m.sealed_body.is_empty() && t.dtype == 0;
+    if !m.sealed_body.is_empty() && m.key_id.is_empty() {
+        return Err(bad(context, "sealed body without a key id"));
+    }
+    for (i, t) in m.tensors.iter().enumerate().filter(|(_, t)| opaque(t)) {
+        if !t.name.is_empty() || !t.shape.is_empty() {
+            return Err(bad(context, format!("sealed tensor #{i} has clear fields")));
+        }
+        check_chunks(context, &format!("#{i}"), t.nbytes, &t.chunks)?;
+    }
+    for t in m.tensors.iter().filter(|t| !opaque(t)) {
         let dtype = DType::from_pb(t.dtype).ok_or_else(|| {
             bad(
                 context,
@@ -226,11 +238,16 @@ pub fn validate(m: &Manifest, context: &str) -> Result<()> {
     }
     names.clear();
     for b in &m.blobs {
+        if !m.sealed_body.is_empty() && b.name.is_empty() {
+            check_chunks(context, "(sealed blob)", b.nbytes, &b.chunks)?;
+            continue;
+        }
         if !names.insert(b.name.as_str()) {
             return Err(bad(context, format!("duplicate blob {:?}", b.name)));
         }
         check_chunks(context, &b.name, b.nbytes, &b.chunks)?;
     }
+    check_sealing(m, context)?;
     for w in m.metadata.windows(2) {
         if w[0].key >= w[1].key {
             return Err(bad(context, "metadata keys not sorted and unique"));
@@ -243,6 +260,45 @@ pub fn validate(m: &Manifest, context: &str) -> Result<()> {
         return Err(bad(context, "metadata value without a kind"));
     }
     Ok(())
+}
+
+/// A sealed (encrypted) checkpoint has a 16-byte key id and every chunk a 12-byte nonce and a
+/// 16-byte tag; a plain one has none of them (docs/FORMAT.md, "Encryption").
+fn check_sealing(m: &Manifest, context: &str) -> Result<()> {
+    let sealed = match m.key_id.len() {
+        0 => false,
+        crate::crypt::KEY_ID_LEN => true,
+        n => return Err(bad(context, format!("key id of {n} bytes (want 16)"))),
+    };
+    let ok = |c: &pb::ChunkRef| match sealed {
+        true => c.nonce.len() == crate::crypt::NONCE_LEN && c.tag.len() == crate::crypt::TAG_LEN,
+        false => c.nonce.is_empty() && c.tag.is_empty(),
+    };
+    let mac_ok = |b: &[u8]| b.is_empty() || (sealed && b.len() == crate::crypt::MAC_LEN);
+    if !mac_ok(&m.mac) || !mac_ok(&m.prev_mac) || (m.mac.is_empty() && !m.prev_mac.is_empty()) {
+        return Err(bad(
+            context,
+            "commit MAC fields: 32 bytes each, only in a sealed checkpoint",
+        ));
+    }
+    if let Some((name, i, _)) = named_chunks(m).find(|(_, _, c)| !ok(c)) {
+        return Err(bad(
+            context,
+            format!(
+                "{name:?} chunk {i}: nonce/tag do not match a {} checkpoint",
+                if sealed { "sealed" } else { "plain" }
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Every chunk of a manifest with its tensor's or blob's name and its index there.
+fn named_chunks(m: &Manifest) -> impl Iterator<Item = (&str, usize, &pb::ChunkRef)> {
+    let t = m.tensors.iter().map(|t| (t.name.as_str(), &t.chunks));
+    let b = m.blobs.iter().map(|b| (b.name.as_str(), &b.chunks));
+    t.chain(b)
+        .flat_map(|(n, cs)| cs.iter().enumerate().map(move |(i, c)| (n, i, c)))
 }
 
 /// Sum of the raw bytes of all tensors and blobs.
@@ -282,6 +338,8 @@ mod tests {
                     raw_len: 1 << 60,
                     codec: 0,
                     blake3: vec![0; 32],
+                    nonce: vec![],
+                    tag: vec![],
                 }],
             }],
             ..Default::default()

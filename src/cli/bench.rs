@@ -56,6 +56,10 @@ pub struct Args {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Also save and load the same bytes sealed (AES-256-GCM, a fresh key), next to the plain
+    /// save and load of the round, with the CPU time (user + sys, all threads) per GB of each.
+    #[arg(long)]
+    pub encrypt: bool,
 }
 
 /// Parses `2GiB`, `512MiB`, `64KiB`, `3GB`, `1000`.
@@ -116,6 +120,43 @@ struct Samples {
     peak_extra: Vec<u64>,
     /// Whether every cold read dropped the whole page cache.
     global_drop: bool,
+    /// `--encrypt`: (wall, CPU) seconds of the plain durable save and cold load into new
+    /// memory, and of the same sealed.
+    plain_save_cpu: Vec<f64>,
+    plain_load_cpu: Vec<f64>,
+    sealed_save: Vec<(f64, f64)>,
+    sealed_load: Vec<(f64, f64)>,
+}
+
+/// CPU seconds (user + sys, every thread) this process has used, from /proc/self/stat.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let ticks = rustix::param::clock_ticks_per_second() as f64;
+    f.iter().sum::<u64>() as f64 / ticks
+}
+
+/// Runs `f`, returning its result with the (wall, CPU) seconds it took.
+fn timed<T>(f: impl FnOnce() -> CliResult<T>) -> CliResult<(T, f64, f64)> {
+    let (t, c) = (Instant::now(), cpu_seconds());
+    let out = f()?;
+    Ok((out, t.elapsed().as_secs_f64(), cpu_seconds() - c))
+}
+
+/// `--encrypt` figures: medians of (wall, CPU) seconds.
+struct Sealed {
+    plain_save_cpu: f64,
+    plain_load_cpu: f64,
+    save: f64,
+    save_cpu: f64,
+    load: f64,
+    load_cpu: f64,
 }
 
 /// Medians of one size's samples, seconds (and the derived figures).
@@ -139,6 +180,7 @@ struct Report {
     peak_extra: u64,
     global_drop: bool,
     budget: u64,
+    sealed: Option<Sealed>,
 }
 
 fn median_opt(v: &[f64]) -> Option<f64> {
@@ -169,7 +211,26 @@ impl Report {
             peak_extra: peak[peak.len() / 2],
             global_drop: s.global_drop,
             budget,
+            sealed: (!s.sealed_save.is_empty()).then(|| {
+                let first: Vec<f64> = s.sealed_save.iter().map(|x| x.0).collect();
+                let second: Vec<f64> = s.sealed_save.iter().map(|x| x.1).collect();
+                let lw: Vec<f64> = s.sealed_load.iter().map(|x| x.0).collect();
+                let lc: Vec<f64> = s.sealed_load.iter().map(|x| x.1).collect();
+                Sealed {
+                    plain_save_cpu: median(&s.plain_save_cpu),
+                    plain_load_cpu: median(&s.plain_load_cpu),
+                    save: median(&first),
+                    save_cpu: median(&second),
+                    load: median(&lw),
+                    load_cpu: median(&lc),
+                }
+            }),
         }
+    }
+
+    /// CPU seconds per GB (10^9 bytes) of `cpu` seconds for this size.
+    fn cpu_per_gb(&self, cpu: f64) -> f64 {
+        cpu / (self.size as f64 / 1e9)
     }
 
     /// The async stall's floor: the memcpy of the state into reused memory, or, when the
@@ -229,6 +290,16 @@ impl Report {
             "load_copy_gbps": gb(self.load_copy),
             "load_copy_vs_raw_read": self.raw_read() / self.load_copy,
             "peak_extra_rss_bytes": self.peak_extra,
+            "encrypted": self.sealed.as_ref().map(|e| json!({
+                "save_gbps": gb(e.save),
+                "save_vs_plain_save": self.save / e.save,
+                "save_cpu_s_per_gb": self.cpu_per_gb(e.save_cpu),
+                "plain_save_cpu_s_per_gb": self.cpu_per_gb(e.plain_save_cpu),
+                "load_copy_gbps": gb(e.load),
+                "load_copy_vs_plain_load_copy": self.load_copy / e.load,
+                "load_copy_cpu_s_per_gb": self.cpu_per_gb(e.load_cpu),
+                "plain_load_copy_cpu_s_per_gb": self.cpu_per_gb(e.plain_load_cpu),
+            })),
         })
     }
 
@@ -325,6 +396,30 @@ impl Report {
                 format!("{:.2} of raw read", r / self.load_copy),
             ),
         ]);
+        if let Some(e) = &self.sealed {
+            rows.extend([
+                row(
+                    "store save, durable, AES-256-GCM sealed",
+                    e.save,
+                    format!(
+                        "{:.2} of the plain save; CPU {:.2} s/GB (plain {:.2})",
+                        self.save / e.save,
+                        self.cpu_per_gb(e.save_cpu),
+                        self.cpu_per_gb(e.plain_save_cpu)
+                    ),
+                ),
+                row(
+                    "store load, cold, sealed, into new memory",
+                    e.load,
+                    format!(
+                        "{:.2} of the plain load; CPU {:.2} s/GB (plain {:.2})",
+                        self.load_copy / e.load,
+                        self.cpu_per_gb(e.load_cpu),
+                        self.cpu_per_gb(e.plain_load_cpu)
+                    ),
+                ),
+            ]);
+        }
         let mut text = format!(
             "ckptstore bench: {} per run, {} rounds (medians), in {}; cold reads after {}\n\n",
             human_bytes(self.size),
@@ -494,6 +589,8 @@ fn measure(a: &Args, size: u64, work: &Path) -> CliResult<Samples> {
         s.global_drop &= bench_raw::drop_cache(files, a.cold)?;
         Ok(())
     };
+    let (mut plain_save_cpu, mut plain_load_cpu, mut sealed_save, mut sealed_load) =
+        (vec![], vec![], vec![], vec![]);
     let mut raw_w = [Vec::new(), Vec::new()];
     let mut raw_r = [Vec::new(), Vec::new()];
     let (mut memcpy, mut save, mut save_std, mut float_raw, mut float_zstd, mut zstd_ratio) =
@@ -525,8 +622,27 @@ fn measure(a: &Args, size: u64, work: &Path) -> CliResult<Samples> {
 
         msg(round, &format!("durable save ({backend})"));
         let dir = work.join(format!("sync-{round}"));
-        save.push(sync_save(&dir, &data, round, Options::default())?);
+        let (secs, _, cpu) = timed(|| sync_save(&dir, &data, round, Options::default()))?;
+        save.push(secs);
+        plain_save_cpu.push(cpu);
         bar.inc(1);
+        if a.encrypt {
+            msg(round, "durable save, sealed");
+            let sdir = work.join(format!("sealed-{round}"));
+            let sealed = Options {
+                encryption_key: Some(ckptstore::crypt::Key::generate()?),
+                ..Options::default()
+            };
+            let (_, wall, cpu) = timed(|| sync_save(&sdir, &data, round, sealed.clone()))?;
+            sealed_save.push((wall, cpu));
+            msg(round, "cold load, sealed");
+            let files = segment_files(&sdir)?;
+            let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+            cold(&refs)?;
+            let (_, wall, cpu) = timed(|| cold_load_with(&sdir, false, sealed.clone()))?;
+            sealed_load.push((wall, cpu));
+            std::fs::remove_dir_all(&sdir)?;
+        }
         if backend != IoBackend::Std {
             msg(round, "durable save (std)");
             stamp(&mut data, round, 1); // differ from the other saves' chunks
@@ -563,7 +679,9 @@ fn measure(a: &Args, size: u64, work: &Path) -> CliResult<Samples> {
         cold(&seg_refs)?;
         load.push(cold_load(&dir, true)?);
         cold(&seg_refs)?;
-        load_copy.push(cold_load(&dir, false)?);
+        let (secs, _, cpu) = timed(|| cold_load(&dir, false))?;
+        load_copy.push(secs);
+        plain_load_cpu.push(cpu);
         bar.inc(1);
         // Incremental: one 4 MiB block in ten changes, the rest is what the store holds.
         msg(round, "incremental save");
@@ -623,6 +741,10 @@ fn measure(a: &Args, size: u64, work: &Path) -> CliResult<Samples> {
         load_copy,
         peak_extra: peak,
         global_drop: s.global_drop,
+        plain_save_cpu,
+        plain_load_cpu,
+        sealed_save,
+        sealed_load,
     })
 }
 
@@ -678,8 +800,17 @@ fn memcpy_reused(data: &[u8], dst: &mut [u8]) -> f64 {
 /// view path (the segment's memory map; what the Python package's numpy loads use), else into
 /// new memory (one copy; what a load into fresh torch tensors costs): seconds.
 fn cold_load(dir: &Path, zero_copy: bool) -> CliResult<f64> {
+    cold_load_with(dir, zero_copy, Options::default())
+}
+
+/// [`cold_load`] with the options (a key) of `opts`, opened read-only.
+fn cold_load_with(dir: &Path, zero_copy: bool, opts: Options) -> CliResult<f64> {
     let t = Instant::now();
-    let store = Store::open(dir, Options::read_only())?;
+    let opts = Options {
+        read_only: true,
+        ..opts
+    };
+    let store = Store::open(dir, opts)?;
     let ck = store.checkpoint(Selector::Latest)?;
     let mut n = 0usize;
     for name in ck.tensor_names() {

@@ -3,11 +3,10 @@
 //! before its space is freed — then compact mostly-dead segments (unless `--no-compact`) and
 //! free what readers that have closed left behind. `--dry-run` only prints the plan.
 
-use super::{check_dir, emit, emit_json, fail, human_bytes, info_json, iso_time, table};
+use super::{check_dir, emit, emit_json, fail, has_store, human_bytes, info_json, iso_time, table};
 use super::{open_read_only, CliResult};
-use ckptstore::current::CURRENT_NAME;
 use ckptstore::store::LOST_FOUND_DIR;
-use ckptstore::{CheckpointInfo, GcOptions, MetricMode, Options, RetentionPolicy, Store};
+use ckptstore::{CheckpointInfo, GcOptions, MetricMode, RetentionPolicy, Store};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -140,13 +139,13 @@ pub fn run(a: Args) -> CliResult {
         open_read_only(&a.dir)?
     } else {
         check_dir(&a.dir)?;
-        if !a.dir.join(CURRENT_NAME).exists() {
+        if !has_store(&a.dir) {
             return fail(format!(
                 "{} is not a ckptstore store (no CURRENT file)",
                 a.dir.display()
             ));
         }
-        Store::open(&a.dir, Options::default())?
+        Store::open(&a.dir, super::store_options())?
     };
     if !has_policy(&a) {
         // --purge-lost-found alone (the argument group requires one of them).

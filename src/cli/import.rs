@@ -81,7 +81,7 @@ pub fn run(a: Args) -> CliResult {
     }
     let opts = Options {
         io: io.io,
-        ..Options::default()
+        ..super::store_options()
     };
     let mut store = Store::open(&a.dir, opts)?;
     // Hidden automatically when stderr is not a terminal.

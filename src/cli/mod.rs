@@ -12,17 +12,20 @@ mod inspect;
 mod ls;
 mod pin;
 mod plot;
+mod pull;
 mod recover;
+mod rekey;
 mod scrub;
 mod synth;
 mod verify;
 
+use ckptstore::crypt::Key;
 use ckptstore::{CheckpointInfo, MetaValue, Options, Selector, Store};
 use clap::{Parser, Subcommand};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -35,6 +38,56 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    access: StoreAccess,
+}
+
+/// How every subcommand opens a store: its keys and whether an unsafe directory is accepted.
+#[derive(Debug, clap::Args)]
+struct StoreAccess {
+    /// Key file of an encrypted store (32 bytes, or 64 hex digits): new checkpoints are sealed
+    /// with it and sealed ones read with it. Default: the file $CKPTSTORE_KEY_FILE names, else
+    /// the hex key in $CKPTSTORE_KEY, else none (a plain store).
+    #[arg(long, global = true, value_name = "PATH")]
+    key_file: Option<PathBuf>,
+    /// Key file of checkpoints sealed before a key rotation (read with it, never written
+    /// with); may be given several times.
+    #[arg(long, global = true, value_name = "PATH")]
+    old_key_file: Vec<PathBuf>,
+    /// Open a store directory that is world-writable or (for a writer) owned by another user,
+    /// which is refused by default (whoever can write there can plant files the store acts on).
+    #[arg(long, global = true)]
+    allow_unsafe_dir: bool,
+}
+
+/// The store options the command line chose (`--key-file`, `--old-key-file`,
+/// `--allow-unsafe-dir`), set once before the subcommand runs.
+static ACCESS: std::sync::OnceLock<Options> = std::sync::OnceLock::new();
+
+impl StoreAccess {
+    /// Loads the keys (errors name the file, never its content).
+    fn options(&self) -> CliResult<Options> {
+        let encryption_key = match &self.key_file {
+            Some(p) => Some(Key::from_file(p)?),
+            None => Key::from_env()?,
+        };
+        let old_keys = self
+            .old_key_file
+            .iter()
+            .map(|p| Key::from_file(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Options {
+            encryption_key,
+            old_keys,
+            allow_unsafe_dir: self.allow_unsafe_dir,
+            ..Options::default()
+        })
+    }
+}
+
+/// Default store options with the command line's keys and `--allow-unsafe-dir`.
+pub fn store_options() -> Options {
+    ACCESS.get().cloned().unwrap_or_default()
 }
 
 #[derive(Debug, Subcommand)]
@@ -58,6 +111,9 @@ enum Command {
     Pin(pin::Args),
     /// Unpin a checkpoint pinned with `ckptstore pin`.
     Unpin(pin::Args),
+    /// Reseal every checkpoint under the key of --key-file (after a key rotation; the old
+    /// keys given with --old-key-file), crash-safely, then free the old bytes.
+    Rekey(rekey::Args),
     /// Write one checkpoint to a file in another format (safetensors, MindSpore .ckpt).
     Export(export::Args),
     /// Commit a file in another format (safetensors, MindSpore .ckpt) to a store as a new checkpoint.
@@ -65,6 +121,9 @@ enum Command {
     /// Measure the store against this machine's limits: raw O_DIRECT write/read, memcpy,
     /// durable and async save, cold load, peak memory (one run, medians of rounds).
     Bench(bench::Args),
+    /// Copy a bucket store's newest state (s3://bucket/prefix, file:///dir) into an empty
+    /// local directory: segments, then the log, then CURRENT (a pull cut short leaves no store).
+    Pull(pull::Args),
     /// Run a synthetic training job, SIGKILL its writer mid-save, recover, verify, resume.
     Demo(demo::Args),
     /// SIGKILL a writer again and again on this file system; check every acknowledged
@@ -109,6 +168,15 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    match cli.access.options() {
+        Ok(o) => {
+            let _ = ACCESS.set(o);
+        }
+        Err(Failure(reason)) => {
+            eprintln!("ckptstore: {}", escape_controls(&reason));
+            return ExitCode::FAILURE;
+        }
+    }
     let result = match cli.command {
         Command::Ls(a) => ls::run(a),
         Command::Inspect(a) => inspect::run(a),
@@ -118,9 +186,11 @@ pub fn main() -> ExitCode {
         Command::Gc(a) => gc::run(a),
         Command::Pin(a) => pin::run(a, true),
         Command::Unpin(a) => pin::run(a, false),
+        Command::Rekey(a) => rekey::run(a),
         Command::Export(a) => export::run(a),
         Command::Import(a) => import::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Pull(a) => pull::run(a),
         Command::Demo(a) => demo::run(a),
         Command::DemoWriter(a) => demo::run_writer(a),
         Command::Crashtest(a) => crashtest::run(a),
@@ -155,9 +225,23 @@ pub fn fail<T>(reason: impl Into<String>) -> CliResult<T> {
     Err(Failure(reason.into()))
 }
 
-/// Checks that `dir` is an existing directory, so that a typo is reported as such rather
-/// than as a failed file-system call deep inside the engine.
+/// Whether `dir` is a bucket store's URL (`s3://`, `file://`) rather than a directory.
+pub fn is_url(dir: &Path) -> bool {
+    dir.to_str().is_some_and(ckptstore::remote::is_url)
+}
+
+/// Whether `dir` holds a store: a URL always may (the bucket is checked at open), a directory
+/// when it has a `CURRENT` file.
+pub fn has_store(dir: &Path) -> bool {
+    is_url(dir) || dir.join(ckptstore::current::CURRENT_NAME).exists()
+}
+
+/// Checks that `dir` is an existing directory (or a bucket URL, checked at open), so that a
+/// typo is reported as such rather than as a failed file-system call deep inside the engine.
 pub fn check_dir(dir: &Path) -> CliResult {
+    if is_url(dir) {
+        return Ok(());
+    }
     match std::fs::metadata(dir) {
         Ok(m) if m.is_dir() => Ok(()),
         Ok(_) => fail(format!("{} is not a directory", dir.display())),
@@ -171,7 +255,11 @@ pub fn check_dir(dir: &Path) -> CliResult {
 /// Opens a store read-only (no lock, no repair): works while a writer runs.
 pub fn open_read_only(dir: &Path) -> CliResult<Store> {
     check_dir(dir)?;
-    Ok(Store::open(dir, Options::read_only())?)
+    let opts = Options {
+        read_only: true,
+        ..store_options()
+    };
+    Ok(Store::open(dir, opts)?)
 }
 
 /// The checkpoint picked by an optional positional STEP and an optional `--id`.

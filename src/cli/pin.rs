@@ -1,9 +1,8 @@
 //! `ckptstore pin` / `ckptstore unpin`: a pinned checkpoint is never deleted — `gc` always
 //! keeps it and `Store::delete` refuses it — until it is unpinned. Durable when it returns.
 
-use super::{check_dir, emit, emit_json, fail, CliResult};
-use ckptstore::current::CURRENT_NAME;
-use ckptstore::{Options, Selector, Store};
+use super::{check_dir, emit, emit_json, fail, has_store, CliResult};
+use ckptstore::{Selector, Store};
 use serde_json::json;
 use std::path::PathBuf;
 
@@ -22,13 +21,13 @@ pub struct Args {
 /// Pins (`pin = true`) or unpins checkpoint `a.id`.
 pub fn run(a: Args, pin: bool) -> CliResult {
     check_dir(&a.dir)?;
-    if !a.dir.join(CURRENT_NAME).exists() {
+    if !has_store(&a.dir) {
         return fail(format!(
             "{} is not a ckptstore store (no CURRENT file)",
             a.dir.display()
         ));
     }
-    let mut store = Store::open(&a.dir, Options::default())?;
+    let mut store = Store::open(&a.dir, super::store_options())?;
     let changed = if pin {
         store.pin(a.id)?
     } else {

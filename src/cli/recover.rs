@@ -121,7 +121,7 @@ pub fn run(a: Args) -> CliResult {
     };
     let opts = Options {
         recovery_mode: mode,
-        ..Default::default()
+        ..super::store_options()
     };
     let (store, rebuilt) = if a.rebuild {
         // Only a store that does not open: a rebuild of a healthy one would drop its pins and

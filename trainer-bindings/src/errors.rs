@@ -50,6 +50,13 @@ create_exception!(
     "The checkpoint is pinned and cannot be deleted."
 );
 
+create_exception!(
+    _native,
+    EncryptionKeyError,
+    StoreError,
+    "The store (or checkpoint) is encrypted and its key was not supplied, or another key was."
+);
+
 /// Which Python class an engine error becomes. Kept apart from `PyErr` so a background save
 /// can hold its failure without the GIL and raise it in every `wait()`.
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +68,7 @@ pub enum Kind {
     Corruption,
     NotFound,
     Pinned,
+    Key,
     Value,
 }
 
@@ -87,6 +95,7 @@ impl From<Error> for Failure {
             Error::Poisoned { .. } => Kind::Poisoned,
             Error::NotFound(_) => Kind::NotFound,
             Error::Pinned { .. } => Kind::Pinned,
+            Error::KeyRequired { .. } | Error::WrongKey { .. } => Kind::Key,
             Error::InvalidArgument(_) | Error::StrictLoad { .. } | Error::TensorMismatch { .. } => {
                 Kind::Value
             }
@@ -97,7 +106,9 @@ impl From<Error> for Failure {
             | Error::ChunkCorrupt { .. }
             | Error::SegmentMissing { .. }
             | Error::CurrentMissing { .. }
-            | Error::CurrentDangling { .. } => Kind::Corruption,
+            | Error::CurrentDangling { .. }
+            | Error::MacMismatch { .. }
+            | Error::Rollback { .. } => Kind::Corruption,
             _ => Kind::Store,
         };
         Failure {
@@ -188,6 +199,7 @@ impl From<Failure> for PyErr {
             Kind::Corruption => CorruptionError::new_err(m),
             Kind::NotFound => NotFoundError::new_err(m),
             Kind::Pinned => PinnedError::new_err(m),
+            Kind::Key => EncryptionKeyError::new_err(m),
             Kind::Value => PyValueError::new_err(m),
         }
     }
@@ -207,5 +219,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CorruptionError", py.get_type::<CorruptionError>())?;
     m.add("NotFoundError", py.get_type::<NotFoundError>())?;
     m.add("PinnedError", py.get_type::<PinnedError>())?;
+    m.add("EncryptionKeyError", py.get_type::<EncryptionKeyError>())?;
     Ok(())
 }

@@ -6,6 +6,8 @@ use crate::device_bytes::{DeviceBytes, Stagers};
 use crate::errors::{self, Failure};
 use crate::host_bytes::{HostBytes, LoadTarget, MappedBytes};
 use crate::save_job::{self, Committed, InFlight, SaveHandle, SaveRequest, TensorBytes, TensorIn};
+use ckptstore_engine::crypt::Key;
+use ckptstore_engine::remote::Replication;
 use ckptstore_engine::{
     CheckpointInfo, DType, MetaValue, MetricMode, Options, Pipeline, PipelineOptions, RecoveryMode,
     RetentionPolicy, Selector, Store,
@@ -253,13 +255,35 @@ impl PyStore {
     }
 }
 
+/// A store key from Python: 32 bytes, or 64 hex digits. Errors never show it.
+#[derive(FromPyObject)]
+pub enum KeyArg {
+    #[pyo3(transparent, annotation = "bytes")]
+    Bytes(Vec<u8>),
+    #[pyo3(transparent, annotation = "str")]
+    Hex(String),
+}
+
+impl KeyArg {
+    /// The engine key (which zeroes its bytes when dropped; the Python object the caller
+    /// passed is theirs to manage).
+    fn key(self) -> PyResult<Key> {
+        match &self {
+            KeyArg::Bytes(b) => Key::from_bytes(b),
+            KeyArg::Hex(h) => Key::from_hex(h),
+        }
+        .map_err(|e| PyValueError::new_err(format!("encryption_key: {e}")))
+    }
+}
+
 #[pymethods]
 impl PyStore {
     /// Opens (creating if needed) the store in `path` and runs recovery.
     #[new]
     #[pyo3(signature = (path, *, read_only=false, chunk_size=None, segment_max_bytes=None,
                         wal_compact_min_bytes=None, recovery_mode=None, async_budget_bytes=None,
-                        mode=None, allow_unsafe_dir=false))]
+                        mode=None, allow_unsafe_dir=false, encryption_key=None,
+                        old_encryption_keys=Vec::new(), replica=None, replica_keep_last=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -272,6 +296,10 @@ impl PyStore {
         async_budget_bytes: Option<usize>,
         mode: Option<u32>,
         allow_unsafe_dir: bool,
+        encryption_key: Option<KeyArg>,
+        old_encryption_keys: Vec<KeyArg>,
+        replica: Option<String>,
+        replica_keep_last: Option<usize>,
     ) -> PyResult<Self> {
         let mut pipeline_opts = PipelineOptions::default();
         if let Some(b) = async_budget_bytes {
@@ -280,6 +308,13 @@ impl PyStore {
         let mut opts = Options {
             read_only,
             allow_unsafe_dir,
+            encryption_key: encryption_key.map(KeyArg::key).transpose()?,
+            old_keys: old_encryption_keys
+                .into_iter()
+                .map(KeyArg::key)
+                .collect::<PyResult<_>>()?,
+            replica,
+            replica_keep_last,
             ..Options::default()
         };
         if let Some(m) = mode {
@@ -557,10 +592,68 @@ impl PyStore {
         Ok(d)
     }
 
+    /// The MAC chain over sealed commits (`Store::verify_chain`): a dict of `verified`,
+    /// `unauthenticated`, `unchecked` (id lists), `breaks` (id pairs) and `head`
+    /// (`(id, mac_hex)` or None).
+    fn verify_chain<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let r = self.with_store(py, move |s| Ok(s.verify_chain()?))?;
+        let d = PyDict::new(py);
+        d.set_item("verified", r.verified)?;
+        d.set_item("unauthenticated", r.unauthenticated)?;
+        d.set_item("unchecked", r.unchecked)?;
+        d.set_item("breaks", r.breaks)?;
+        d.set_item("head", r.head)?;
+        Ok(d)
+    }
+
+    /// Reseals every checkpoint not under the store's `encryption_key` (`Store::rekey`);
+    /// returns the ids resealed.
+    fn rekey(&self, py: Python<'_>) -> PyResult<Vec<u64>> {
+        self.drain(py);
+        self.with_store(py, move |s| Ok(s.rekey(|_, _| {})?.checkpoints))
+    }
+
+    /// Raises unless the store still holds the chain head `(id, mac_hex)` seen earlier.
+    fn check_head(&self, py: Python<'_>, id: u64, mac_hex: String) -> PyResult<()> {
+        self.with_store(py, move |s| Ok(s.check_head(id, &mac_hex)?))
+    }
+
     /// Deletes checkpoint `id` durably; returns the bytes freed.
     fn delete(&self, py: Python<'_>, id: u64) -> PyResult<u64> {
         self.drain(py);
         self.with_store(py, move |s| Ok(s.delete(id)?.bytes_freed))
+    }
+
+    /// `[(id, "replicated" | "local_only")]` for every live checkpoint, oldest first.
+    fn replication(&self, py: Python<'_>) -> PyResult<Vec<(u64, &'static str)>> {
+        self.with_store(py, |s| {
+            Ok(s.replication()
+                .into_iter()
+                .map(|(id, r)| {
+                    let r = match r {
+                        Replication::Replicated => "replicated",
+                        Replication::LocalOnly => "local_only",
+                    };
+                    (id, r)
+                })
+                .collect())
+        })
+    }
+
+    /// Blocks (without the GIL) until the replica holds the current state; raises StoreError
+    /// after `timeout` seconds (None: no limit).
+    #[pyo3(signature = (timeout=None))]
+    fn wait_replicated(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<()> {
+        let t = match timeout {
+            Some(t) if !(t.is_finite() && t >= 0.0) => {
+                return Err(PyValueError::new_err(format!(
+                    "timeout {t}: a number of seconds >= 0, or None"
+                )))
+            }
+            Some(t) => Some(std::time::Duration::from_secs_f64(t)),
+            None => None,
+        };
+        self.with_store(py, move |s| Ok(s.wait_replicated(t)?))
     }
 
     fn pin(&self, py: Python<'_>, id: u64) -> PyResult<bool> {

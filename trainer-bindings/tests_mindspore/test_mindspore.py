@@ -334,6 +334,26 @@ def test_save_checkpoint_then_load_every_dtype_bit_exact(tmp_path):
     assert ours["w16"].dtype == ms.bfloat16
 
 
+def test_enc_key_aes_gcm_seals_the_store_and_dec_key_loads_it(tmp_path):
+    net = Mixed()
+    key = bytes(range(32))
+    path = tmp_path / "s" / "mixed-1_1.ckpt"
+    save_checkpoint(net, str(path), append_dict={"epoch_num": 1, "step_num": 1},
+                    enc_key=key, enc_mode="AES-GCM")
+    ms_file = tmp_path / "mixed.ckpt"
+    ms.save_checkpoint(net, str(ms_file), append_dict={"epoch_num": 1, "step_num": 1})
+    assert_same_dicts(load_checkpoint(str(path), dec_key=key), ms.load_checkpoint(str(ms_file)))
+    with pytest.raises(ckptstore.EncryptionKeyError, match="encrypted"):
+        load_checkpoint(str(path))
+    with pytest.raises(ckptstore.EncryptionKeyError, match="wrong key"):
+        load_checkpoint(str(path), dec_key=bytes(32))
+    w = net.d.asnumpy().tobytes()  # 16 bytes: 1e-300, 2.5
+    for root, _, names in os.walk(tmp_path / "s"):
+        for n in names:
+            with open(os.path.join(root, n), "rb") as f:
+                assert w not in f.read(), n
+
+
 def test_prefix_filters_and_choice_func_select_as_mindspore_does(tmp_path):
     net = Net()
     save_checkpoint(net, str(tmp_path / "s" / "x.ckpt"), append_dict={"epoch_num": 2})
@@ -387,10 +407,14 @@ def test_mindspore_file_imports_and_our_checkpoint_exports_bit_exact(tmp_path, c
 # -- bad input ---------------------------------------------------------------------------------
 
 def test_bad_input_is_a_clear_error(tmp_path):
-    with pytest.raises(NotImplementedError, match="enc_key"):
+    # enc_key: AES-256-GCM only (a 32-byte key); CBC modes and SM4 refused by name.
+    with pytest.raises(ValueError, match="32-byte key"):
         CheckpointConfig(enc_key=b"0123456789abcdef")
-    with pytest.raises(NotImplementedError, match="enc_key"):
+    with pytest.raises(ValueError, match="32-byte key"):
         ModelCheckpoint("x", str(tmp_path / "x"), MsCheckpointConfig(enc_key=b"0" * 16))
+    for mode in ("AES-CBC", "SM4-CBC"):
+        with pytest.raises(NotImplementedError, match=mode):
+            CheckpointConfig(enc_key=b"0" * 32, enc_mode=mode)
     with pytest.raises(ValueError):
         CheckpointConfig(save_checkpoint_steps=-1)  # MindSpore's own validation
     with pytest.raises(ValueError, match="reserved"):
@@ -406,8 +430,10 @@ def test_bad_input_is_a_clear_error(tmp_path):
         load_checkpoint(str(d / "two.ckpt"))
     with pytest.raises(ckptstore.NotFoundError, match="not a ckptstore store"):
         load_checkpoint(str(tmp_path / "nowhere" / "x.ckpt"))
-    with pytest.raises(NotImplementedError, match="dec_key"):
+    with pytest.raises(ValueError, match="dec_key.*32-byte key"):
         load_checkpoint(str(d / "one.ckpt"), dec_key=b"k" * 16)
+    with pytest.raises(NotImplementedError, match="SM4-CBC"):
+        load_checkpoint(str(d / "one.ckpt"), dec_key=b"k" * 32, dec_mode="SM4-CBC")
     with pytest.raises(TypeError):
         load_checkpoint(42)
 
@@ -424,7 +450,9 @@ def test_damaged_checkpoint_is_refused_by_name_and_skipped_by_latest(tmp_path):
     # flip a byte in the data of the newest segment, near its end: inside b's last chunk
     seg = max((d / "segments").iterdir(), key=lambda p: p.name)
     data = bytearray(seg.read_bytes())
-    data[len(data) - 64] ^= 0xFF
+    # (before the commit trailer that ends the segment, docs/FORMAT.md, if there is one)
+    end = data.rfind(b"CKPTTRL\0")
+    data[(end if end >= 0 else len(data)) - 64] ^= 0xFF
     seg.write_bytes(bytes(data))
     with ckptstore.Store(d, read_only=True) as s:
         a_id, b_id = [c["id"] for c in s.list()]

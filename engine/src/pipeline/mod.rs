@@ -96,6 +96,7 @@ impl Pipeline {
         }
         let chunk_size = store.options().chunk_size;
         let compression = store.options().compression;
+        let how = store.keys().chunk_hash();
         let pool = StagingPool::new(opts.budget_bytes, chunk_size)?;
         let store = Arc::new(Mutex::new(store));
         let (hash_tx, hash_rx) = crossbeam_channel::unbounded::<HashJob>();
@@ -106,7 +107,7 @@ impl Pipeline {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("ckpt-hash-{i}"))
-                    .spawn(move || worker::hash_loop(rx, compression))
+                    .spawn(move || worker::hash_loop(rx, compression, how))
                     .map_err(|e| Error::invalid(format!("cannot start a hash thread: {e}")))?,
             );
         }

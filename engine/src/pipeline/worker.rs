@@ -4,6 +4,7 @@
 use super::prefix::Prefix;
 use super::StagingBuf;
 use crate::codec::{Compression, Encoder};
+use crate::crypt::ChunkHash;
 use crate::device::Fence;
 use crate::error::{Error, Result};
 use crate::manifest::MetaValue;
@@ -63,7 +64,7 @@ impl Drop for HashJob {
     }
 }
 
-/// Hash worker: waits for each chunk's copy, hashes it, compresses it in place when the
+/// Hash worker: waits for each chunk's copy, hashes it (`how`: keyed when the store seals), compresses it in place when the
 /// store compresses (after hashing: BLAKE3 covers the raw bytes), hands it to the I/O thread.
 /// A reply nobody waits for any more (the save failed) just drops the buffer back into the
 /// pool.
@@ -71,7 +72,7 @@ impl Drop for HashJob {
 /// Compressing in place keeps the pipeline's memory bound: a worker holds one chunk-sized
 /// scratch buffer (the shuffled raw bytes) besides the pool, whatever the checkpoint size.
 #[allow(clippy::expect_used)] // the stager sets a job's buffer and fence before sending it
-pub(super) fn hash_loop(rx: Receiver<HashJob>, compression: Compression) {
+pub(super) fn hash_loop(rx: Receiver<HashJob>, compression: Compression, how: ChunkHash) {
     yield_to_the_caller();
     // Levels are checked when the store opens, so this only fails if zstd cannot allocate
     // its context; each chunk then reports the error rather than being stored differently.
@@ -80,7 +81,7 @@ pub(super) fn hash_loop(rx: Receiver<HashJob>, compression: Compression) {
         let mut buf = job.buf.take().expect("set by the stager");
         let fence = job.fence.take().expect("set by the stager");
         let out = fence.wait().and_then(|()| {
-            let hash = *blake3::hash(buf.bytes()).as_bytes();
+            let hash = how.hash(buf.bytes());
             let raw_len = buf.bytes().len();
             let mut codec = pb::Codec::None;
             if job.codec != pb::Codec::None {

@@ -7,9 +7,15 @@
 //! belong to someone else (a durable commit record, or the caller that will commit them),
 //! dropping the writer removes every file it created: a file is registered for that cleanup
 //! before its header is written, so a failed write leaves nothing behind either.
+//!
+//! A writer given a key ([`SegmentWriter::sealing`]) seals every chunk it writes: the stored
+//! bytes are encrypted with AES-256-GCM under a fresh nonce (crate::crypt) on their way to the
+//! file, and the chunk's reference carries the nonce and tag. This is the one place chunk
+//! bytes are encrypted.
 
 use super::{align_up, encode_header, file_name, header_len_for, ChunkEntry, FrameHeader};
 use super::{FRAME_ALIGN, SEGMENT_DATA_OFFSET};
+use crate::crypt::Sealer;
 use crate::error::{Error, Result};
 use crate::io::{Storage, StorageFile};
 use ckptstore_proto::v1 as pb;
@@ -65,6 +71,10 @@ pub(crate) struct SegmentWriter {
     /// An fdatasync or directory fsync failed: the kernel may have dropped dirty pages, so a
     /// store that owns this writer must be poisoned.
     sync_failed: bool,
+    /// Seals every chunk written (see the module documentation).
+    sealer: Option<Arc<Sealer>>,
+    /// The ciphertext of the chunk being sealed (reused).
+    sealed: Vec<u8>,
 }
 
 impl SegmentWriter {
@@ -76,7 +86,15 @@ impl SegmentWriter {
             open: None,
             finished: Vec::new(),
             sync_failed: false,
+            sealer: None,
+            sealed: Vec::new(),
         }
+    }
+
+    /// Seals every chunk this writer writes with `sealer` (none: plain).
+    pub(crate) fn sealing(mut self, sealer: Option<Arc<Sealer>>) -> Self {
+        self.sealer = sealer;
+        self
     }
 
     /// Whether an fdatasync or directory fsync of this writer failed.
@@ -125,6 +143,19 @@ impl SegmentWriter {
         hash: [u8; 32],
     ) -> Result<pb::ChunkRef> {
         debug_assert!(!run.is_full());
+        let seal = match &self.sealer {
+            Some(s) => {
+                self.sealed.clear();
+                self.sealed.extend_from_slice(stored);
+                Some(s.seal(&mut self.sealed, &hash, raw_len, run.codec as i32)?)
+            }
+            None => None,
+        };
+        let stored = if seal.is_some() {
+            &self.sealed[..]
+        } else {
+            stored
+        };
         let seg = self.open_segment()?;
         let mut at = run.next;
         for slice in stored.chunks(WRITEBACK_SLICE) {
@@ -147,6 +178,8 @@ impl SegmentWriter {
             raw_len,
             codec: run.codec as i32,
             blake3: hash.to_vec(),
+            nonce: seal.as_ref().map_or(Vec::new(), |s| s.nonce.to_vec()),
+            tag: seal.as_ref().map_or(Vec::new(), |s| s.tag.to_vec()),
         };
         run.next += len;
         Ok(r)

@@ -5,7 +5,9 @@
 //! (by a transaction's or a shard's segment writer) and:
 //! 1. fsyncs `segments/`, so the segment files' directory entries are durable;
 //! 2. assigns the checkpoint id and wall time, attaches the metadata, validates the manifest
-//!    and bounds the record's size;
+//!    and bounds the record's size; for a sealed checkpoint links it into the MAC chain
+//!    (crate::store::chain) and seals its body (the record holds the WAL form,
+//!    `crypt::wal_form`);
 //! 3. writes a copy of the commit record after the frames of the commit's last new segment
 //!    (the commit trailer, docs/FORMAT.md) and fdatasyncs it, so the segments alone can
 //!    rebuild the store (`Store::rebuild`);
@@ -88,8 +90,13 @@ impl Store {
             })
             .collect();
         manifest::validate(&m, context)?;
+        if let Some(sealer) = self.keys().current().filter(|_| !m.key_id.is_empty()) {
+            m.prev_mac = self.state.head_mac().unwrap_or_default();
+            m.mac = sealer.commit_mac(&m).to_vec();
+            sealer.seal_body(&mut m)?;
+        }
         let payload = pb::CommitRecord {
-            manifest: Some(m.clone()),
+            manifest: Some(crate::crypt::wal_form(&m).into_owned()),
         }
         .encode_to_vec();
         if payload.len() > wal::MAX_RECORD_LEN as usize {
@@ -125,6 +132,9 @@ impl Store {
         // A fresh copy of a quarantined chunk heals the checkpoints that reference it.
         self.heal_after_durable_write();
         self.compact_after_durable_write();
+        // The bucket tier: a replica is queued (nothing waits on the network); a bucket store
+        // (`s3://`) publishes here, and the commit is durable only once that returns.
+        self.publish_after_durable_write()?;
         Ok(info)
     }
 

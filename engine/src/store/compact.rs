@@ -14,13 +14,14 @@
 use super::free::Freed;
 use super::state::State;
 use super::{Options, Store, SEGMENTS_DIR};
+use crate::crypt::{ChunkHash, KeyId};
 use crate::error::{Error, Result};
 use crate::manifest;
 use crate::segment::{self, SegmentWriter, SEGMENT_DATA_OFFSET};
 use crate::wal::{self, RecordType};
 use ckptstore_proto::v1 as pb;
 use prost::Message;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// Segments with a live fraction at or above this are never compacted for the amplification
 /// rule alone: rewriting them would give back little for the bytes copied.
@@ -58,6 +59,19 @@ fn live_chunks(state: &State) -> BTreeMap<u64, BTreeMap<u64, pb::ChunkRef>> {
                 .or_default()
                 .entry(c.offset)
                 .or_insert_with(|| c.clone());
+        }
+    }
+    out
+}
+
+/// The key id of each sealed live chunk, by (segment, offset).
+fn sealing_keys(state: &State) -> HashMap<(u64, u64), KeyId> {
+    let mut out = HashMap::new();
+    for m in state.checkpoints.values() {
+        if let Some(id) = KeyId::from_slice(&m.key_id) {
+            for c in manifest::all_chunks(m) {
+                out.insert((c.segment, c.offset), id);
+            }
         }
     }
     out
@@ -221,6 +235,7 @@ impl Store {
         // The chunks found corrupt are quarantined now (their sources stay live).
         self.heal_after_durable_write();
         self.compact_after_durable_write();
+        self.publish_after_durable_write()?;
         Ok(Compacted {
             written: outputs.iter().map(|o| o.id).collect(),
             bytes_written: outputs.iter().map(|o| o.length).sum(),
@@ -242,6 +257,7 @@ impl Store {
         progress: &mut impl FnMut(u64, u64),
     ) -> Result<(Vec<pb::ChunkMove>, Vec<pb::SegmentInfo>, Vec<(u64, u64)>)> {
         let live = live_chunks(&self.state);
+        let sealed_by = sealing_keys(&self.state);
         let max = self.opts.segment_max_bytes;
         let total: u64 = plan
             .sources
@@ -280,17 +296,11 @@ impl Store {
                     src_file
                         .read_at(&mut buf, c.offset)
                         .map_err(|e| Error::io("read", &src_path, e))?;
-                    // BLAKE3 covers the raw bytes: a compressed chunk is decoded to check it
-                    // (its stored bytes are copied as they are).
-                    let hash = if c.codec == pb::Codec::None as i32 {
-                        *blake3::hash(&buf).as_bytes()
-                    } else {
-                        let mut raw = vec![0u8; c.raw_len as usize];
-                        match crate::codec::decode(c.codec, &buf, &mut raw, &mut Vec::new()) {
-                            Ok(()) => *blake3::hash(&raw).as_bytes(),
-                            Err(_) => [0u8; 32], // not a valid frame: corrupt below
-                        }
-                    };
+                    // The chunk id covers the raw bytes: a compressed chunk is decoded, a
+                    // sealed one decrypted (a copy) to check it; the stored bytes are copied
+                    // as they are (a sealed chunk keeps its nonce and tag).
+                    let key = sealed_by.get(&(src, c.offset));
+                    let hash = self.source_chunk_id(src, c, &buf, key)?;
                     done += c.stored_len;
                     if hash.as_slice() != c.blake3.as_slice() {
                         self.suspect(c);
@@ -325,6 +335,42 @@ impl Store {
     }
 }
 
+impl Store {
+    /// The chunk id of a compaction source chunk's stored bytes (decrypted under `key` when
+    /// it is sealed, then decoded); all zeros when the bytes do not authenticate or decode,
+    /// so the caller reports the source corrupt. A sealed chunk whose key was not supplied is
+    /// `KeyRequired` / `WrongKey`.
+    fn source_chunk_id(
+        &self,
+        src: u64,
+        c: &pb::ChunkRef,
+        stored: &[u8],
+        key: Option<&KeyId>,
+    ) -> Result<[u8; 32]> {
+        let (how, mut bytes) = match key {
+            Some(id) => {
+                let sealer = self.sealer_by_id(id, || {
+                    format!("segment {src} of {} (compaction)", self.dir.display())
+                })?;
+                let mut b = stored.to_vec();
+                if !sealer.open(&mut b, &c.nonce, &c.tag, &c.blake3, c.raw_len, c.codec) {
+                    return Ok([0u8; 32]);
+                }
+                (sealer.chunk_hash(), std::borrow::Cow::Owned(b))
+            }
+            None => (ChunkHash::Plain, std::borrow::Cow::Borrowed(stored)),
+        };
+        if c.codec != pb::Codec::None as i32 {
+            let mut raw = vec![0u8; c.raw_len as usize];
+            if crate::codec::decode(c.codec, &bytes, &mut raw, &mut Vec::new()).is_err() {
+                return Ok([0u8; 32]);
+            }
+            bytes = std::borrow::Cow::Owned(raw);
+        }
+        Ok(how.hash(&bytes))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,6 +383,8 @@ mod tests {
             raw_len: len,
             codec: 0,
             blake3: vec![0; 32],
+            nonce: vec![],
+            tag: vec![],
         }
     }
 

@@ -101,6 +101,14 @@ impl Store {
         fragments: &[ShardFragment],
     ) -> Result<CheckpointInfo> {
         self.check_writable()?;
+        if self.keys.current().is_some() {
+            // Shard writers run without the store and write plain segments: committing them
+            // into a store opened with a key would leave a plain checkpoint among sealed ones.
+            return Err(Error::invalid(
+                "sharded saves are not encrypted yet: open the store without a key to commit \
+                 shards, or save through one writer",
+            ));
+        }
         let mut m = pb::Manifest {
             step,
             epoch,

@@ -1,6 +1,7 @@
 //! The store: open (with recovery), write transactions, listing, reading, deletion,
 //! verification and WAL compaction. See docs/GUARANTEES.md for the contract.
 
+mod chain;
 mod commit;
 mod compact;
 mod external;
@@ -15,6 +16,8 @@ mod quarantine;
 mod reader;
 mod rebuild;
 mod recovery;
+mod rekey;
+mod remote_tier;
 mod select;
 mod shard;
 mod state;
@@ -23,6 +26,7 @@ mod txn;
 mod view;
 mod writer_lock;
 
+pub use chain::ChainReport;
 pub use compact::CompactionPlan;
 #[doc(hidden)]
 pub use files::{parse_wal_file_name, wal_file_name, LOCK_NAME, SEGMENTS_DIR};
@@ -34,6 +38,8 @@ pub use quarantine::{ChunkLocation, HealReport, ScrubReport};
 pub use reader::{CheckpointReader, Tensor, VerifiedChunks};
 pub use rebuild::RebuildReport;
 pub use recovery::RecoveryReport;
+pub use rekey::RekeyReport;
+pub use remote_tier::{pull, REPLICA_TOKEN_NAME};
 pub use select::{LoadReport, LoadSpec, NamePredicate};
 pub use shard::{ShardFragment, ShardOptions, ShardWriter};
 pub use txn::{CommitInfo, Transaction};
@@ -115,6 +121,31 @@ pub struct Options {
     /// instead of refusing it (`Error::UnsafeDir`). Default `false`. Symlinked `segments/` or
     /// `readers/` are refused regardless.
     pub allow_unsafe_dir: bool,
+    /// Seal (encrypt and authenticate) the chunks of every checkpoint this store writes with
+    /// this key (docs/FORMAT.md, "Encryption"). Also the key reads use. Default `None`: new
+    /// checkpoints are plain. A store holding sealed checkpoints refuses to open without a key
+    /// for them ([`Error::KeyRequired`], [`Error::WrongKey`]). The key is never stored.
+    pub encryption_key: Option<crate::crypt::Key>,
+    /// Keys of checkpoints sealed before a rotation: read with these, never written with.
+    pub old_keys: Vec<crate::crypt::Key>,
+    /// A replica bucket (`s3://bucket/prefix` or `file:///dir`): commits stay local and durable
+    /// on return, and a background replicator copies each committed state to the bucket (see
+    /// [`Store::replication`], [`Store::wait_replicated`]). Opening a directory without a store
+    /// in it pulls the bucket's newest state first. Default `None`.
+    pub replica: Option<String>,
+    /// With a replica: the bucket keeps, of the checkpoints this store deletes, those among
+    /// the newest `N` (the bucket may keep more than the local disk). Default `None`: the
+    /// bucket mirrors the local store. At least 1.
+    pub replica_keep_last: Option<usize>,
+    /// Where a bucket store (`Store::open("s3://...")`) keeps its local cache. Default `None`:
+    /// `$CKPTSTORE_CACHE_DIR`, else `$XDG_CACHE_HOME/ckptstore`, else `~/.cache/ckptstore`,
+    /// then `remote/<hash of the URL>`. One process at a time per cache.
+    pub cache_dir: Option<PathBuf>,
+    /// Retries, timeouts, part size and parts in flight of the bucket tier's requests.
+    pub remote_policy: crate::remote::RetryPolicy,
+    /// A fault injector for the bucket tier's requests (tests).
+    #[doc(hidden)]
+    pub remote_faults: Option<Arc<crate::remote::Faults>>,
 }
 
 impl Default for Options {
@@ -131,6 +162,13 @@ impl Default for Options {
             io: crate::io::default_storage(),
             file_mode: crate::io::DEFAULT_FILE_MODE,
             allow_unsafe_dir: false,
+            encryption_key: None,
+            old_keys: Vec::new(),
+            replica: None,
+            replica_keep_last: None,
+            cache_dir: None,
+            remote_policy: crate::remote::RetryPolicy::default(),
+            remote_faults: None,
         }
     }
 }
@@ -175,6 +213,9 @@ impl Options {
                  write (e.g. 0600, 0640)",
                 self.file_mode
             )));
+        }
+        if self.replica_keep_last == Some(0) {
+            return Err(Error::invalid("replica_keep_last 0: keep at least 1"));
         }
         self.compression.validate()
     }
@@ -239,6 +280,10 @@ pub struct Store {
     pending_free: BTreeMap<u64, u64>,
     /// Segment ids handed to shard writers ([`Store::reserve_segment_ids`]).
     reservations: external::Reservations,
+    /// The keys supplied ([`Options::encryption_key`], [`Options::old_keys`]).
+    keys: crate::crypt::Keyring,
+    /// The bucket tier: a replicator, or a bucket store's synchronous publisher.
+    remote: Option<remote_tier::RemoteTier>,
     /// Chunks verified reads found bad, not yet quarantined (see `quarantine.rs`).
     suspects: quarantine::Suspects,
 }
@@ -254,19 +299,102 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Refuses to open a store holding sealed checkpoints when no key supplied opens the newest
+/// of them: without a key, [`Error::KeyRequired`]; with other keys, [`Error::WrongKey`]. Older
+/// checkpoints sealed under a key not supplied fail when read (a rotation's old key may be
+/// left out to read only the new ones).
+fn check_keys(dir: &Path, state: &State, keys: &crate::crypt::Keyring) -> Result<()> {
+    let newest_sealed = state
+        .checkpoints
+        .values()
+        .rev()
+        .find_map(|m| crate::crypt::KeyId::from_slice(&m.key_id));
+    let Some(id) = newest_sealed else {
+        return Ok(());
+    };
+    let what = || format!("store {}", dir.display());
+    if keys.is_empty() {
+        return Err(Error::KeyRequired {
+            what: what(),
+            key_id: id.to_string(),
+        });
+    }
+    if keys.find(&id).is_none() {
+        return Err(Error::WrongKey {
+            what: what(),
+            key_id: id.to_string(),
+            supplied: keys.ids().join(", "),
+        });
+    }
+    Ok(())
+}
+
+/// Fills the names, dtypes, shapes and metadata of every sealed manifest whose key was
+/// supplied from its sealed body (recovery replays the WAL without keys; what it built only
+/// needs the chunks). A body that does not authenticate under its key was altered or moved
+/// (a CRC-valid record a crash cannot make): `MacMismatch`.
+fn open_sealed_bodies(dir: &Path, state: &mut State, keys: &crate::crypt::Keyring) -> Result<()> {
+    for m in state.checkpoints.values_mut() {
+        if m.sealed_body.is_empty() {
+            continue;
+        }
+        let Some(s) = crate::crypt::KeyId::from_slice(&m.key_id).and_then(|id| keys.find(&id))
+        else {
+            continue;
+        };
+        let context = format!("checkpoint {}", m.id);
+        let mut full = (**m).clone();
+        s.open_body(&mut full)
+            .map_err(|reason| Error::MacMismatch {
+                what: format!("{context} in {}", dir.display()),
+                reason,
+            })?;
+        let mut check = full.clone();
+        check.sealed_body.clear();
+        crate::manifest::validate(&check, &context)?;
+        *m = Arc::new(full);
+    }
+    Ok(())
+}
+
 /// Encoded size of the WAL record that commits `m`.
 pub(crate) fn commit_record_len(m: &Manifest) -> u64 {
     let rec = pb::CommitRecord {
-        manifest: Some(m.clone()),
+        manifest: Some(crate::crypt::wal_form(m).into_owned()),
     };
     (wal::RECORD_HEADER_LEN + rec.encoded_len()) as u64
 }
 
 impl Store {
     /// Opens the store in `dir`, creating it if absent (unless read-only), and runs recovery.
-    pub fn open(dir: impl AsRef<Path>, mut opts: Options) -> Result<Store> {
+    ///
+    /// `dir` may be a bucket URL (`s3://bucket/prefix`, `file:///dir`): the store then lives in
+    /// the bucket, with a local cache, and a commit is durable once its commit object is
+    /// created there (docs/GUARANTEES.md, "Object storage").
+    pub fn open(dir: impl AsRef<Path>, opts: Options) -> Result<Store> {
+        if let Some(url) = dir.as_ref().to_str().filter(|s| crate::remote::is_url(s)) {
+            return remote_tier::open_url(url, opts);
+        }
+        let replica = match (&opts.replica, opts.read_only) {
+            (Some(url), false) => Some(remote_tier::replica_bucket(url, &opts)?),
+            _ => None,
+        };
+        let mut store = Store::open_dir(dir.as_ref(), opts, replica.as_ref())?;
+        if let Some(bucket) = replica {
+            store.remote = Some(remote_tier::start_replica(&store, bucket)?);
+        }
+        Ok(store)
+    }
+
+    /// [`Store::open`] of a directory; with `restore_from`, an empty one is filled from that
+    /// bucket's newest state first.
+    fn open_dir(
+        dir: &Path,
+        mut opts: Options,
+        restore_from: Option<&Arc<crate::remote::Bucket>>,
+    ) -> Result<Store> {
         opts.validate()?;
-        let dir = dir.as_ref().to_path_buf();
+        let dir = dir.to_path_buf();
         perms::check_store_dir(&*opts.io, &dir, &opts)?;
         opts.io = crate::io::WithMode::wrap(opts.io.clone(), opts.file_mode);
         let io = opts.io.clone();
@@ -276,6 +404,9 @@ impl Store {
             recovery::create_store_dir(&*io, &dir)?;
             Some(writer_lock::take(&*io, &dir)?)
         };
+        if let Some(bucket) = restore_from {
+            remote_tier::restore_if_empty(&*io, &dir, bucket)?;
+        }
         // A reader takes its lease (holding everything) before it reads the WAL, and narrows
         // it after: see store/lease.rs for why that order closes the race with a deletion.
         // Only in an existing store (a read-only open never creates one); a reader that cannot
@@ -290,6 +421,11 @@ impl Store {
             _ => None,
         };
         let rec = recovery::recover(&*io, &dir, &opts)?;
+        let keys = crate::crypt::Keyring::new(opts.encryption_key.as_ref(), &opts.old_keys);
+        let mut rec = rec;
+        check_keys(&dir, &rec.state, &keys)?;
+        open_sealed_bodies(&dir, &mut rec.state, &keys)?;
+        chain::check_macs(&dir, &rec.state, &keys)?;
         if let Some(l) = &lease {
             // A failed narrowing leaves the file holding everything (its old content, or
             // bytes a writer cannot decode, which it takes as everything): the reader stays
@@ -309,8 +445,15 @@ impl Store {
             lease,
             pending_free: rec.pending_free,
             reservations: external::Reservations::default(),
+            keys,
+            remote: None,
             suspects: quarantine::Suspects::default(),
         };
+        // A writer with a key seals what it commits: the WAL declares the feature first, so
+        // that a build without it refuses the store by name instead of calling it corrupt.
+        if store.wal.is_some() && store.keys.current().is_some() {
+            store.enable_feature(&features::ENCRYPTION)?;
+        }
         // A crash between a commit and the heal it allowed leaves the heal to this open
         // (not to a strict one, which repairs nothing).
         if store.wal.is_some()
@@ -320,6 +463,43 @@ impl Store {
             store.heal()?;
         }
         Ok(store)
+    }
+
+    /// The key that opens checkpoint `m`'s chunks: `None` for a plain checkpoint; an error
+    /// naming the key id when it is sealed and its key was not supplied.
+    pub(crate) fn sealer_for(&self, m: &Manifest) -> Result<Option<Arc<crate::crypt::Sealer>>> {
+        let Some(id) = crate::crypt::KeyId::from_slice(&m.key_id) else {
+            return Ok(None);
+        };
+        self.sealer_by_id(&id, || {
+            format!("checkpoint {} in {}", m.id, self.dir.display())
+        })
+        .map(Some)
+    }
+
+    /// The supplied key with id `id`; else `KeyRequired` or `WrongKey` for `what`.
+    pub(crate) fn sealer_by_id(
+        &self,
+        id: &crate::crypt::KeyId,
+        what: impl FnOnce() -> String,
+    ) -> Result<Arc<crate::crypt::Sealer>> {
+        match self.keys.find(id) {
+            Some(s) => Ok(s.clone()),
+            None if self.keys.is_empty() => Err(Error::KeyRequired {
+                what: what(),
+                key_id: id.to_string(),
+            }),
+            None => Err(Error::WrongKey {
+                what: what(),
+                key_id: id.to_string(),
+                supplied: self.keys.ids().join(", "),
+            }),
+        }
+    }
+
+    /// The keys this store was opened with.
+    pub(crate) fn keys(&self) -> &crate::crypt::Keyring {
+        &self.keys
     }
 
     /// The lease file of a read-only store (`readers/*.lease`), which keeps the writer from
@@ -407,7 +587,7 @@ impl Store {
 
     /// Opens a checkpoint for reading.
     pub fn checkpoint(&self, sel: Selector) -> Result<CheckpointReader<'_>> {
-        Ok(CheckpointReader::new(self, self.find(sel)?.clone()))
+        CheckpointReader::new(self, self.find(sel)?.clone())
     }
 
     /// Reads and hashes every chunk of checkpoint `id`. The error names the first bad
@@ -517,6 +697,7 @@ impl Store {
             segments_pending: freed.pending,
         };
         self.compact_after_durable_write();
+        self.publish_after_durable_write()?;
         Ok(info)
     }
 
@@ -550,6 +731,7 @@ impl Store {
             return Err(self.poison(e));
         }
         self.compact_after_durable_write();
+        self.publish_after_durable_write()?;
         Ok(true)
     }
 

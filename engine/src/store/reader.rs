@@ -3,6 +3,7 @@
 //! caller opts out.
 
 use super::Store;
+use crate::crypt::{ChunkHash, Sealer};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::io::StorageFile;
@@ -47,11 +48,25 @@ fn chunk_key(c: &pb::ChunkRef) -> (u64, u64, u64, [u8; 32]) {
 pub struct CheckpointReader<'s> {
     pub(super) store: &'s Store,
     pub(super) manifest: Arc<Manifest>,
+    /// The key of a sealed checkpoint (every chunk is then decrypted and checked against its
+    /// keyed BLAKE3); `None` for a plain one.
+    pub(super) sealer: Option<Arc<Sealer>>,
 }
 
 impl<'s> CheckpointReader<'s> {
-    pub(super) fn new(store: &'s Store, manifest: Arc<Manifest>) -> Self {
-        CheckpointReader { store, manifest }
+    /// A reader of `manifest`; fails when it is sealed under a key not supplied.
+    pub(super) fn new(store: &'s Store, manifest: Arc<Manifest>) -> Result<Self> {
+        let sealer = store.sealer_for(&manifest)?;
+        Ok(CheckpointReader {
+            store,
+            manifest,
+            sealer,
+        })
+    }
+
+    /// Whether this checkpoint's chunks are encrypted (then no read is zero-copy).
+    pub fn is_sealed(&self) -> bool {
+        self.sealer.is_some()
     }
 
     /// Summary: id, step, epoch, time, counts, metadata.
@@ -389,27 +404,49 @@ impl<'s> CheckpointReader<'s> {
         self.check_segment(c)?;
         let corrupt = |reason: String| self.chunk_error(kind, name, index, c, reason);
         let file = self.store.segment_file(c.segment)?;
+        // A sealed chunk is authenticated and decrypted in place after the read (whatever
+        // `verify` says: the tag check is part of decrypting).
+        let open = |buf: &mut [u8]| match &self.sealer {
+            Some(s) if !s.open(buf, &c.nonce, &c.tag, &c.blake3, c.raw_len, c.codec) => {
+                // Not the bytes committed: quarantined like a BLAKE3 mismatch.
+                self.store.suspect(c);
+                Err(corrupt(format!(
+                    "AES-GCM authentication failed under key id {} (damaged or altered ciphertext)",
+                    s.id()
+                )))
+            }
+            _ => Ok(()),
+        };
         if c.codec == pb::Codec::None as i32 {
             file.read_at(out, c.offset)
                 .map_err(|e| corrupt(format!("read failed: {e}")))?;
+            open(out)?;
         } else {
             // A compressed chunk: its frame (shorter than `out`, the manifest says so) is
             // read whole, then decoded into `out`; a bad frame is a corrupt chunk.
             let mut stored = vec![0u8; c.stored_len as usize];
             file.read_at(&mut stored, c.offset)
                 .map_err(|e| corrupt(format!("read failed: {e}")))?;
+            open(&mut stored)?;
             if let Err(why) = crate::codec::decode(c.codec, &stored, out, &mut Vec::new()) {
                 self.store.suspect(c);
                 return Err(corrupt(why));
             }
         }
-        if verify && blake3::hash(out).as_bytes()[..] != c.blake3[..] {
+        if verify && self.chunk_hash().hash(out)[..] != c.blake3[..] {
             // The bytes on disk are not the ones committed: quarantined by the writer's next
             // `heal` (store/quarantine.rs).
             self.store.suspect(c);
             return Err(corrupt("BLAKE3 mismatch".into()));
         }
         Ok(())
+    }
+
+    /// How this checkpoint's chunk ids are computed.
+    fn chunk_hash(&self) -> ChunkHash {
+        self.sealer
+            .as_ref()
+            .map_or(ChunkHash::Plain, |s| s.chunk_hash())
     }
 }
 

@@ -82,6 +82,15 @@ impl State {
     }
 
     /// The summary of live checkpoint `m`.
+    /// The commit MAC of the newest live checkpoint that has one (the head of the MAC chain).
+    pub(crate) fn head_mac(&self) -> Option<Vec<u8>> {
+        self.checkpoints
+            .values()
+            .rev()
+            .find(|m| !m.mac.is_empty())
+            .map(|m| m.mac.clone())
+    }
+
     pub(crate) fn info(&self, m: &Manifest) -> CheckpointInfo {
         CheckpointInfo::of(m, self.pinned.contains(&m.id))
     }
@@ -641,7 +650,7 @@ impl State {
         let mut records = vec![(RecordType::Snapshot, self.snapshot().encode_to_vec())];
         for m in self.checkpoints.values() {
             let rec = pb::CommitRecord {
-                manifest: Some((**m).clone()),
+                manifest: Some(crate::crypt::wal_form(m).into_owned()),
             };
             records.push((RecordType::Commit, rec.encode_to_vec()));
         }
@@ -694,6 +703,8 @@ mod tests {
                     raw_len: 10,
                     codec: 0,
                     blake3: vec![hash; 32],
+                    nonce: vec![],
+                    tag: vec![],
                 }],
             }],
             new_segments: vec![pb::SegmentInfo {

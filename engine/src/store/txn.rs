@@ -4,6 +4,7 @@
 
 use super::{Store, SEGMENTS_DIR};
 use crate::codec::{Compression, Encoder};
+use crate::crypt::ChunkHash;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::manifest::{self, CheckpointInfo, MetaValue};
@@ -135,9 +136,10 @@ fn stage<'a>(
     }
 }
 
-/// BLAKE3 of a chunk hashed on its own (nothing else running): on all cores when it is big.
-fn hash_alone(chunk: &[u8]) -> [u8; 32] {
-    let mut h = blake3::Hasher::new();
+/// Chunk id (BLAKE3, keyed when sealing) of a chunk hashed on its own (nothing else
+/// running): on all cores when it is big.
+fn hash_alone(how: ChunkHash, chunk: &[u8]) -> [u8; 32] {
+    let mut h = how.hasher();
     if chunk.len() >= 1 << 20 {
         h.update_rayon(chunk);
     } else {
@@ -148,12 +150,18 @@ fn hash_alone(chunk: &[u8]) -> [u8; 32] {
 
 impl<'s> Transaction<'s> {
     pub(super) fn new(store: &'s mut Store, step: u64) -> Self {
-        let writer = SegmentWriter::new(store.opts.io.clone(), store.dir.join(SEGMENTS_DIR));
+        let writer = SegmentWriter::new(store.opts.io.clone(), store.dir.join(SEGMENTS_DIR))
+            .sealing(store.keys().current().cloned());
+        let key_id = store
+            .keys()
+            .current()
+            .map_or(Vec::new(), |k| k.id().0.to_vec());
         Transaction {
             store,
             started: Instant::now(),
             manifest: pb::Manifest {
                 step,
+                key_id,
                 ..Default::default()
             },
             metadata: BTreeMap::new(),
@@ -264,6 +272,7 @@ impl<'s> Transaction<'s> {
         src_path: &Path,
     ) -> Result<()> {
         let cs = self.store.opts.chunk_size as u64;
+        let how = self.store.keys().chunk_hash();
         let mut left = nbytes;
         let chunks = std::iter::from_fn(move || {
             if left == 0 {
@@ -283,7 +292,7 @@ impl<'s> Transaction<'s> {
                 return Some(Err(Error::io("read", src_path, e)));
             }
             left -= buf.len() as u64;
-            let hash = hash_alone(&buf);
+            let hash = hash_alone(how, &buf);
             Some(Ok(StagedChunk {
                 raw_len: buf.len(),
                 bytes: buf,
@@ -348,6 +357,7 @@ impl<'s> Transaction<'s> {
         let cs = self.store.opts.chunk_size;
         let compression = self.store.opts.compression;
         let codec = compression.codec_for(dtype);
+        let how = self.store.keys().chunk_hash();
         let placed = if data.len() <= cs {
             let mut enc = match self.encoder.take() {
                 Some(e) => Some(e),
@@ -355,7 +365,7 @@ impl<'s> Transaction<'s> {
             };
             let chunks = data
                 .chunks(cs)
-                .map(|c| Ok(stage(c, hash_alone(c), codec, enc.as_mut())));
+                .map(|c| Ok(stage(c, hash_alone(how, c), codec, enc.as_mut())));
             let placed = self.place_chunks(data.len(), chunks);
             self.encoder = enc;
             placed
@@ -384,7 +394,7 @@ impl<'s> Transaction<'s> {
                             }
                         };
                         for chunk in data.chunks(cs).skip(t).step_by(threads) {
-                            let hash = *blake3::hash(chunk).as_bytes();
+                            let hash = how.hash(chunk);
                             if tx
                                 .send(Ok(stage(chunk, hash, codec, enc.as_mut())))
                                 .is_err()

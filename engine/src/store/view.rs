@@ -125,6 +125,11 @@ impl CheckpointReader<'_> {
         let Some(first) = chunks.first() else {
             return Ok(None);
         };
+        // Sealed bytes on disk are ciphertext: an encrypted checkpoint is never mapped; its
+        // tensors are decrypted into memory of their own (`is_zero_copy()` says false).
+        if self.sealer.is_some() {
+            return Ok(None);
+        }
         let mut end = first.offset;
         for c in chunks {
             if c.segment != first.segment

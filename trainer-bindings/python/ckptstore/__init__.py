@@ -12,6 +12,7 @@ package converts values and calls it.
 
 from ._native import (
     CorruptionError,
+    EncryptionKeyError,
     LockedError,
     NotFoundError,
     PinnedError,
@@ -37,6 +38,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointConfig",
     "CorruptionError",
+    "EncryptionKeyError",
     "LoadResult",
     "LockedError",
     "ModelCheckpoint",

@@ -110,6 +110,14 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+_SECRET_OPTIONS = ("encryption_key", "old_encryption_keys")
+
+
+def _shown(options: dict[str, Any]) -> dict[str, Any]:
+    """Options as a message may show them: keys replaced by a placeholder."""
+    return {k: ("<redacted>" if k in _SECRET_OPTIONS else v) for k, v in options.items()}
+
+
 class Store:
     """A checkpoint store in one directory: ``Store(path, **options)`` opens it (creating it if
     needed) and runs recovery.
@@ -128,12 +136,27 @@ class Store:
     allocated by the first ``save_async``; at least one chunk), ``mode`` (0o600: permission bits
     of the files it creates, directories get the matching x bits; 0o640 shares reading with the
     group), ``allow_unsafe_dir`` (False: a world-writable store directory, or for a writer one
-    owned by another user, raises StoreError saying why).
+    owned by another user, raises StoreError saying why), ``replica`` (None; a bucket URL,
+    ``s3://bucket/prefix``: commits stay local and durable on return, a background thread
+    copies them to the bucket, see ``replication()`` and ``wait_replicated()``; an empty
+    directory is restored from the bucket's newest state first), ``replica_keep_last`` (None:
+    the bucket mirrors the local store; N: it keeps the newest N checkpoints even after the
+    local store deleted them), ``encryption_key`` (None: 32 bytes
+    or 64 hex digits; every checkpoint saved is then sealed with AES-256-GCM, and a store holding
+    sealed checkpoints raises EncryptionKeyError without it or with another key; the key is
+    never stored, logged or shown), ``old_encryption_keys`` ([]: keys of checkpoints sealed
+    before a rotation, read with, never written with).
+
+    ``path`` may itself be a bucket URL (``s3://bucket/prefix``, ``file:///dir``): the store
+    then lives in the bucket, with a local cache, and a save is durable once its commit object
+    exists there. Endpoint and credentials come from the AWS environment variables
+    (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...).
     """
 
     def __init__(self, path: PathLike, **options: Any) -> None:
         known = {"read_only", "chunk_size", "segment_max_bytes", "wal_compact_min_bytes",
-                 "recovery_mode", "async_budget_bytes", "mode", "allow_unsafe_dir"}
+                 "recovery_mode", "async_budget_bytes", "mode", "allow_unsafe_dir",
+                 "encryption_key", "old_encryption_keys", "replica", "replica_keep_last"}
         bad = sorted(set(options) - known)
         if bad:
             raise TypeError(f"Store(): unknown option(s) {bad}; known: {sorted(known)}")
@@ -143,15 +166,16 @@ class Store:
             # takes no lock: a private engine store, never shared
             shared = _Shared(_native.Store(self._path, **options), "", options)
         else:
-            key = os.path.realpath(self._path)
+            is_url = self._path.startswith(("s3://", "file://"))
+            key = self._path if is_url else os.path.realpath(self._path)
             with _OPEN_LOCK:
                 shared_or_none = _OPEN.get(key)
                 if shared_or_none is not None and not shared_or_none.native.closed:
                     if shared_or_none.options != options:
                         raise ValueError(
                             f"store {key} is already open in this process with options "
-                            f"{shared_or_none.options}; a second handle must ask for the "
-                            f"same ones, not {options}")
+                            f"{_shown(shared_or_none.options)}; a second handle must ask for "
+                            f"the same ones, not {_shown(options)}")
                     shared = shared_or_none
                     shared.refs += 1
                 else:
@@ -207,9 +231,42 @@ class Store:
         writer (not ``read_only``); runs after any queued background save has committed."""
         return self._native.scrub()
 
+    def verify_chain(self) -> dict[str, Any]:
+        """Tamper evidence of a sealed store (one opened with ``encryption_key``): every commit
+        MAC checked (a changed, swapped or replayed commit raises CorruptionError) and linked.
+        Returns ``verified``/``unauthenticated``/``unchecked`` (checkpoint ids: MAC checked, no
+        MAC, key not supplied), ``breaks`` (id pairs with commits gone between them: deleted, or
+        dropped by someone who can write the store) and ``head`` (``(id, mac_hex)``: keep it and
+        pass it to ``check_head`` later to see a rollback)."""
+        return self._native.verify_chain()
+
+    def rekey(self) -> builtins.list[int]:
+        """After a key rotation (opened with the new ``encryption_key`` and the old ones in
+        ``old_encryption_keys``): reseals every checkpoint not under the new key, crash-safely,
+        and frees the old bytes; afterwards the old keys are not needed. Returns the ids
+        resealed."""
+        return self._native.rekey()
+
+    def check_head(self, id: int, mac_hex: str) -> None:
+        """Raises CorruptionError if the store was rolled back past the chain head
+        ``(id, mac_hex)`` that ``verify_chain`` returned earlier."""
+        self._native.check_head(id, mac_hex)
+
     def delete(self, id: int) -> int:
         """Deletes checkpoint ``id`` durably; returns the bytes freed."""
         return self._native.delete(id)
+
+    def replication(self) -> dict[int, str]:
+        """Where each live checkpoint is: ``{id: "replicated" | "local_only"}``, oldest first.
+        Without ``replica=`` every one is ``"local_only"``; in a bucket store (``s3://``)
+        every one is ``"replicated"`` (a save returns only then)."""
+        return dict(self._native.replication())
+
+    def wait_replicated(self, timeout: float | None = None) -> None:
+        """Blocks until the replica holds every checkpoint committed so far (and every
+        deletion); raises StoreError after ``timeout`` seconds, with the replicator's last
+        failure. Returns at once without ``replica=``."""
+        self._native.wait_replicated(timeout)
 
     def pin(self, id: int) -> bool:
         return self._native.pin(id)

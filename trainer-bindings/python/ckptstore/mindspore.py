@@ -23,7 +23,12 @@ Differences from MindSpore, on purpose (docs/DECISIONS.md):
 - The step (the checkpoint's step and the ``step_num`` of ``append_info``) counts on across
   ``model.train(..., initial_epoch=E)`` resumes; MindSpore's ``step_num`` starts over at 0.
 - ``crc_check`` changes nothing: every chunk is BLAKE3-checked on every load anyway.
-- ``enc_key`` (encryption) is not implemented: NotImplementedError naming it.
+- ``enc_key``/``dec_key`` with ``enc_mode``/``dec_mode="AES-GCM"`` (MindSpore's default) become
+  the store's ``encryption_key``: every chunk sealed with AES-256-GCM, which takes a 32-byte key
+  (MindSpore also allows 16/24 bytes: refused here with a ValueError). ``"AES-CBC"`` and
+  ``"SM4-CBC"`` are refused by name (NotImplementedError): CBC authenticates nothing, so a
+  changed file decrypts to other weights silently, and SM4 is not implemented by the crates this
+  store relies on.
 - ``uint16``/``uint32``/``uint64``/``qint4x2`` parameters are kept as their bytes (the engine
   has no such dtypes) with their MindSpore dtype and shape in the checkpoint's metadata
   (``ckptstore.ms_dtypes``): ``load_checkpoint`` gives them back exactly, while other readers
@@ -113,7 +118,8 @@ class CheckpointConfig(_MsCheckpointConfig):
     pipeline (the step stalls only for the copy); ``crc_check`` is always on in effect (BLAKE3 of
     every chunk); ``format`` ("ckpt"/"safetensors") is the extension the checkpoint's path may
     carry; ``integrated_save`` only matters in auto-parallel mode, which this module refuses;
-    ``enc_key`` and ``remove_redundancy`` raise NotImplementedError.
+    ``enc_key`` with ``enc_mode="AES-GCM"`` seals the store's checkpoints with that 32-byte key
+    (see the module documentation); ``remove_redundancy`` raises NotImplementedError.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -121,11 +127,27 @@ class CheckpointConfig(_MsCheckpointConfig):
         _check_config(self)
 
 
-def _check_config(c: _MsCheckpointConfig) -> None:
-    if c.enc_key is not None:
+def _store_key(key: Any, mode: Any, what: str) -> bytes | None:
+    """MindSpore's ``enc_key``/``dec_key`` and ``enc_mode``/``dec_mode`` as the store's
+    ``encryption_key`` (None: a plain store). Messages never show the key."""
+    if key is None:
+        return None
+    if mode in ("AES-CBC", "SM4-CBC"):
         raise NotImplementedError(
-            "CheckpointConfig(enc_key=...): encrypted checkpoints are not implemented in "
-            "ckptstore; leave enc_key=None (the store checksums every byte, it does not encrypt)")
+            f"{what}: mode {mode!r} is refused by ckptstore: CBC authenticates nothing (a changed "
+            f"file decrypts to other weights without an error) and SM4 is not implemented; use "
+            f"\"AES-GCM\" (the default)")
+    if mode != "AES-GCM":
+        raise ValueError(f"{what}: unknown mode {mode!r}; ckptstore supports \"AES-GCM\"")
+    if not isinstance(key, (bytes, bytearray)) or len(key) != 32:
+        n = len(key) if isinstance(key, (bytes, bytearray)) else type(key).__name__
+        raise ValueError(f"{what}: ckptstore seals with AES-256-GCM and takes a 32-byte key "
+                         f"(got {n}); MindSpore's 16- and 24-byte AES keys are not accepted")
+    return bytes(key)
+
+
+def _check_config(c: _MsCheckpointConfig) -> None:
+    _store_key(c.enc_key, c.enc_mode, "CheckpointConfig(enc_key=...)")
     if getattr(c, "remove_redundancy", False):
         raise NotImplementedError(
             "CheckpointConfig(remove_redundancy=True): redundancy-free parallel saving is not "
@@ -349,7 +371,10 @@ class ModelCheckpoint(Callback):
     def store(self) -> Store:
         if self._store is None or self._store.closed:
             os.makedirs(self._directory, exist_ok=True)
-            self._store = Store(self._directory)
+            key = _store_key(self._config.enc_key, self._config.enc_mode,
+                             "CheckpointConfig(enc_key=...)")
+            self._store = Store(self._directory, **({} if key is None else
+                                                    {"encryption_key": key}))
         return self._store
 
     def _switch_directory(self, d: str) -> None:
@@ -614,10 +639,12 @@ def save_checkpoint(save_obj: Any, ckpt_file_name: str | os.PathLike[str],
     DIR the store (created if needed), NAME the checkpoint's name. The step and epoch are
     ``append_dict``'s ``step_num``/``epoch_num`` (0 without). Durable when it returns, also with
     ``async_save`` (for background saves during training use ``ModelCheckpoint``'s
-    ``async_save``). ``store=`` saves into an open Store (DIR is then ignored)."""
-    if enc_key is not None:
-        raise NotImplementedError("save_checkpoint(enc_key=...): encrypted checkpoints are not "
-                                  "implemented in ckptstore")
+    ``async_save``). ``store=`` saves into an open Store (DIR is then ignored). ``enc_key`` (32
+    bytes, ``enc_mode="AES-GCM"``) seals the checkpoint: the store's ``encryption_key``."""
+    key = _store_key(enc_key, enc_mode, "save_checkpoint(enc_key=...)")
+    if key is not None and store is not None:
+        raise ValueError("save_checkpoint: pass the key to Store(..., encryption_key=...) when "
+                         "saving into an open store, not enc_key")
     if format not in ("ckpt", "safetensors"):
         raise ValueError(f"save_checkpoint(format={format!r}): use \"ckpt\" or \"safetensors\"")
     if kwargs.get("remove_redundancy"):
@@ -637,7 +664,7 @@ def save_checkpoint(save_obj: Any, ckpt_file_name: str | os.PathLike[str],
     for k, v in (("step_num", step), ("epoch_num", epoch)):
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"append_dict {k!r} must be an int, not {type(v).__name__}")
-    s = store if store is not None else Store(d)
+    s = store if store is not None else Store(d, **_key_opts(key))
     try:
         _commit(s, _named_params(save_obj, choice_func), append, step, epoch, name, None)
     finally:
@@ -655,9 +682,14 @@ def _as_prefixes(p: str | Iterable[str] | None, what: str) -> tuple[str, ...] | 
     return t
 
 
-def _has_name(d: str, name: str) -> bool:
+def _key_opts(key: bytes | None) -> dict[str, Any]:
+    """Store options for an optional encryption key."""
+    return {} if key is None else {"encryption_key": key}
+
+
+def _has_name(d: str, name: str, key: bytes | None = None) -> bool:
     """Whether the store ``d`` holds a checkpoint called ``name``."""
-    with Store(d, read_only=True) as s:
+    with Store(d, read_only=True, **_key_opts(key)) as s:
         return any(c["metadata"].get("name") == name for c in s.list())
 
 
@@ -729,10 +761,12 @@ def load_checkpoint(ckpt_file_name: Any, net: Any = None, strict_load: bool = Fa
     with one of the prefixes, ``filter_prefix`` drops them; either overrides ``choice_func``
     (keep a name when it returns True), as in MindSpore. Every tensor is verified against its
     BLAKE3 checksum (``verify=False`` skips that); a damaged named checkpoint is a
-    CorruptionError."""
-    if dec_key is not None:
-        raise NotImplementedError("load_checkpoint(dec_key=...): encrypted checkpoints are not "
-                                  "implemented in ckptstore")
+    CorruptionError. ``dec_key`` (32 bytes, ``dec_mode="AES-GCM"``) is the key of a sealed
+    store (EncryptionKeyError without it or with another); a MindSpore file gets it as
+    MindSpore's own ``load_checkpoint`` would."""
+
+    def key() -> bytes | None:
+        return _store_key(dec_key, dec_mode, "load_checkpoint(dec_key=...)")
     if remove_redundancy:
         raise NotImplementedError("load_checkpoint(remove_redundancy=True) is not implemented")
     specify = _as_prefixes(specify_prefix, "specify_prefix")
@@ -747,19 +781,20 @@ def load_checkpoint(ckpt_file_name: Any, net: Any = None, strict_load: bool = Fa
         return not use_choice or _choose(choice_func, k)
 
     if isinstance(ckpt_file_name, Store):
+        key()  # checked (an open store has its key already)
         s, name, owned = ckpt_file_name, "latest", False
     elif isinstance(ckpt_file_name, (str, os.PathLike)):
         d, name = _split_path(ckpt_file_name)
         p = os.fspath(ckpt_file_name)
-        if not is_store(d) or (os.path.isfile(p) and not _has_name(d, name)):
+        if not is_store(d) or (os.path.isfile(p) and not _has_name(d, name, key())):
             # a MindSpore file (also one written before its directory became a store):
             # MindSpore reads it
             if os.path.isfile(p):
-                return ms.load_checkpoint(p, net, strict_load, filter_prefix, None, dec_mode,
+                return ms.load_checkpoint(p, net, strict_load, filter_prefix, dec_key, dec_mode,
                                           specify_prefix, choice_func, crc_check, False, format)
             raise CheckpointNotFoundError(f"load_checkpoint: {p!r}: {d!r} is not a ckptstore "
                                           f"store and no such file exists")
-        s, owned = Store(d, read_only=True), True
+        s, owned = Store(d, read_only=True, **_key_opts(key())), True
     else:
         raise TypeError(f"load_checkpoint: ckpt_file_name must be a path or a ckptstore.Store, "
                         f"not {type(ckpt_file_name).__name__}")

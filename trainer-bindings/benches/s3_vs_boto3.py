@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""ckptstore on S3 against boto3's transfer manager, side by side on one S3 protocol server:
+save and load GB/s of the same state, and the requests each makes per checkpoint.
+
+    python3 benches/s3_vs_boto3.py --mib 256 --rounds 3
+
+Starts moto_server on 127.0.0.1 (stopped after) unless --endpoint is given. moto is a
+functional server written in Python, not a speed reference: read the ratios, not the absolute
+figures. boto3 gets the same concurrency as ckptstore (4 parts of 16 MiB in flight) and the
+easier job: it moves one file of the state's raw bytes (no hashing, no manifest), timed for the
+transfer alone. ckptstore's save is `cs.save` into `cs.Store("s3://...")` (local cache write,
+then upload, then the commit object); its load is `cs.load` from a fresh cache (pull, then
+read and verify every chunk). Requests are counted from the server's access log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+import urllib.request
+
+import boto3
+import torch
+from boto3.s3.transfer import TransferConfig
+
+import ckptstore as cs
+
+
+def start_moto(log_path: str) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(log_path, "w")
+    proc = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=log)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise SystemExit("moto_server did not start")
+            time.sleep(0.1)
+
+
+def count_requests(log_path: str) -> int:
+    with open(log_path, errors="replace") as f:
+        return sum(1 for line in f if '" 2' in line or '" 4' in line or '" 5' in line)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mib", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--endpoint")
+    a = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="s3bench-")
+    log_path = os.path.join(work, "moto.log")
+    proc = None
+    endpoint = a.endpoint
+    if endpoint is None:
+        proc, endpoint = start_moto(log_path)
+    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true",
+                       "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_REGION": "us-east-1"})
+    try:
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/bench", method="PUT")).read()
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        cfg = TransferConfig(multipart_threshold=16 << 20, multipart_chunksize=16 << 20,
+                             max_concurrency=4, use_threads=True)
+        g = torch.Generator().manual_seed(0)
+        n = a.mib * (1 << 20) // 4 // 8
+        rows: dict[str, list[float]] = {k: [] for k in
+                                        ("cs_save", "cs_load", "boto_up", "boto_down")}
+        reqs: dict[str, list[int]] = {k: [] for k in rows}
+        for r in range(a.rounds):
+            state = {f"t{i}": torch.randn(n, generator=g) for i in range(8)}
+            nbytes = sum(t.numel() * 4 for t in state.values())
+            raw = os.path.join(work, "state.bin")
+            with open(raw, "wb") as f:
+                for t in state.values():
+                    f.write(t.numpy().tobytes())
+
+            def timed(key: str, fn) -> None:
+                before = count_requests(log_path) if proc else 0
+                t0 = time.perf_counter()
+                fn()
+                rows[key].append(nbytes / (time.perf_counter() - t0) / 1e9)
+                if proc:
+                    reqs[key].append(count_requests(log_path) - before)
+
+            url = f"s3://bench/run{r}"
+            os.environ["CKPTSTORE_CACHE_DIR"] = os.path.join(work, f"cache-w{r}")
+            with cs.Store(url) as st:
+                timed("cs_save", lambda: cs.save(st, state, step=r))
+            os.environ["CKPTSTORE_CACHE_DIR"] = os.path.join(work, f"cache-r{r}")
+
+            def load() -> None:
+                with cs.Store(url, read_only=True) as st:
+                    back = cs.load(st)
+                assert all(torch.equal(back[k], state[k]) for k in state)
+            timed("cs_load", load)
+            timed("boto_up", lambda: s3.upload_file(raw, "bench", f"boto{r}", Config=cfg))
+            timed("boto_down", lambda: s3.download_file("bench", f"boto{r}",
+                                                        os.path.join(work, "down.bin"),
+                                                        Config=cfg))
+            for d in (f"cache-w{r}", f"cache-r{r}"):
+                shutil.rmtree(os.path.join(work, d), ignore_errors=True)
+        med = {k: statistics.median(v) for k, v in rows.items()}
+        print(f"state {a.mib} MiB, {a.rounds} rounds, medians (moto on loopback: ratios only)")
+        for k in rows:
+            rq = f", {statistics.median(reqs[k]):.0f} requests" if reqs[k] else ""
+            print(f"  {k:10s} {med[k]:.3f} GB/s{rq}")
+        print(f"  save ratio ckptstore/boto3 {med['cs_save'] / med['boto_up']:.2f}x, "
+              f"load ratio {med['cs_load'] / med['boto_down']:.2f}x")
+    finally:
+        if proc:
+            proc.kill()
+            proc.wait(timeout=10)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
