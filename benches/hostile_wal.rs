@@ -14,13 +14,19 @@
 //! outcome (refused as corruption, or the tail ignored as torn) is asserted, the time measured.
 //! The outcomes are tested in `tests/bad_input_fs.rs`.
 //!
+//! And `salvage_after_early_damage`: a store of `SALVAGE_COMMITS` checkpoints (32 distinct
+//! chunks each) whose second commit record has a flipped payload byte, opened read-only with
+//! `RecoveryMode::PointInTime`: the salvage skips that record and applies every record after
+//! it (asserted: the same checkpoints every iteration). It cloned the whole state for each of them
+//! (O(records x state)); it is linear now.
+//!
 //! Run: `cargo bench --bench hostile_wal`
 
 #[allow(dead_code, reason = "this bench needs only the bench directory")]
 mod common;
 
 use ckptstore::wal::{self, WalHeader, RECORD_HEADER_LEN};
-use ckptstore::{DType, Error, Options, Store};
+use ckptstore::{DType, Error, Options, RecoveryMode, Store};
 use common::bench_root;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use std::path::{Path, PathBuf};
@@ -146,5 +152,75 @@ fn hostile_wal(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, hostile_wal);
+/// Checkpoints of the salvage case's store.
+const SALVAGE_COMMITS: u64 = 600;
+
+/// The salvage case's store: `SALVAGE_COMMITS` commits of 32 distinct 4 KiB chunks, the
+/// payload of the WAL's second record damaged.
+fn salvage_store(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir);
+    let o = Options {
+        chunk_size: 4096,
+        ..Options::default()
+    };
+    let mut s = Store::open(dir, o).expect("create store");
+    for step in 1..=SALVAGE_COMMITS {
+        let w: Vec<u8> = (0..32 * 4096u64)
+            .map(|i| (i.wrapping_mul(2654435761) ^ step.wrapping_mul(0x9e37_79b9)) as u8)
+            .collect();
+        let mut t = s.begin(step).expect("begin");
+        t.put_tensor("w", DType::U8, &[w.len() as u64], &w)
+            .expect("put");
+        t.commit().expect("commit");
+    }
+    drop(s);
+    let path = std::fs::read_dir(dir)
+        .expect("list")
+        .map(|e| e.expect("entry").path())
+        .find(|p| p.extension().is_some_and(|x| x == "wal"))
+        .expect("a WAL");
+    let mut b = std::fs::read(&path).expect("read WAL");
+    let h = WalHeader::decode(&b).expect("a WAL header");
+    let scan = wal::scan(&b, h.salt);
+    let second = scan.records[1].payload.start + 8;
+    b[second] ^= 0x55;
+    std::fs::write(&path, &b).expect("write WAL");
+}
+
+fn salvage(c: &mut Criterion) {
+    let dir = bench_root("bench-hostile-wal").join("salvage");
+    let started = Instant::now();
+    salvage_store(&dir);
+    eprintln!(
+        "prepared a {SALVAGE_COMMITS}-checkpoint store with its second record damaged in {:.1?}",
+        started.elapsed()
+    );
+    let opts = Options {
+        recovery_mode: RecoveryMode::PointInTime,
+        ..Options::read_only()
+    };
+    // The salvage's decisions are tested in tests/bad_input_fs.rs; here every iteration must
+    // reach the same ones as the first.
+    let kept = Store::open(&dir, opts.clone())
+        .expect("salvage")
+        .list()
+        .len();
+    eprintln!("salvage keeps {kept} of {SALVAGE_COMMITS} checkpoints");
+    assert!(kept as u64 > SALVAGE_COMMITS / 2);
+    let mut group = c.benchmark_group("salvage_after_early_damage");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(5));
+    group.bench_function(BenchmarkId::from_parameter(SALVAGE_COMMITS), |b| {
+        b.iter(|| {
+            let s = Store::open(&dir, opts.clone()).expect("salvage");
+            assert_eq!(s.list().len(), kept);
+        })
+    });
+    group.finish();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+criterion_group!(benches, hostile_wal, salvage);
 criterion_main!(benches);

@@ -618,8 +618,14 @@ fn empty_checkpoint_round_trips() {
     let info = t.commit().unwrap();
     assert_eq!((info.checkpoint.tensors, info.checkpoint.bytes), (0, 0));
     assert_eq!(info.bytes_written, 0);
-    // Nothing to write, so no segment was created.
-    assert!(segment_files(dir.path()).is_empty());
+    // No chunk to write: one segment holding only the commit trailer (so a rebuild restores
+    // it; docs/FORMAT.md, "Commit trailer"): a header and the trailer, no frame.
+    let segs = segment_files(dir.path());
+    assert_eq!(segs.len(), 1, "{segs:?}");
+    assert!(
+        segs.values().all(|&len| len > 4096 && len < 8192),
+        "{segs:?}"
+    );
     drop(s);
     let mut s = Store::open(dir.path(), opts()).unwrap();
     let c = s.latest_valid().unwrap().unwrap();
@@ -635,6 +641,8 @@ fn empty_checkpoint_round_trips() {
     drop(s);
     let s = Store::open(dir.path(), opts()).unwrap();
     assert!(s.list().is_empty());
+    // Freed with its checkpoint.
+    assert!(segment_files(dir.path()).is_empty());
 }
 
 #[test]

@@ -269,8 +269,16 @@ fn workload(
         let e = checkpoint_for(step, p);
         m.in_flight = InFlight::Commit(Box::new(e.clone()));
         let id = commit(store, &e)?;
-        m.acked.insert(id, e);
+        m.acked.insert(id, e.clone());
         if step % 10 != 0 {
+            retained.push_back(id);
+        }
+        if step == DEDUP_SAVE_AT {
+            // The same state saved again (a frozen model): every chunk deduplicated, so the
+            // commit writes no chunk, only a segment holding its trailer.
+            m.in_flight = InFlight::Commit(Box::new(e.clone()));
+            let id = commit(store, &e)?;
+            m.acked.insert(id, e);
             retained.push_back(id);
         }
         while retained.len() > p.keep {
@@ -296,6 +304,9 @@ fn workload(
     }
     Ok(())
 }
+
+/// The step whose state the workload saves twice: the second save is fully deduplicated.
+const DEDUP_SAVE_AT: u64 = 5;
 
 fn new_model() -> Model {
     Model {

@@ -780,12 +780,13 @@ fn workload_2_written_now_passes_the_checks() {
 
 /// A workload-2 fixture rebuilt from its segments (WAL and CURRENT removed): the rebuild
 /// restores checkpoints 1..=4 but not the quarantine (it lived in the WAL), so their rotten
-/// chunks are referenced again; a `scrub` finds and quarantines them, heals "frozen" with the
-/// copy checkpoint 4 holds, and names 1..=3 broken by "gone" until a save holds it again.
+/// chunks are referenced again; the scrub the rebuild runs finds and quarantines them, heals
+/// "frozen" with the copy checkpoint 4 holds, and names 1..=3 broken by "gone" until a save
+/// holds it again.
 fn check_workload_2_rebuild(dir: &Path, name: &str) {
     let (mut s, report) = Store::rebuild(dir, store_opts(Compression::None)).unwrap();
     assert_eq!(report.restored, [1, 2, 3, 4], "{name}: {report:?}");
-    let r = s.scrub().unwrap();
+    let r = &report.scrub;
     assert_eq!(r.heal.quarantined.len(), 2, "{name}: {r:?}");
     assert_eq!(r.heal.healed.len(), 1, "{name}: frozen healed: {r:?}");
     let broken: Vec<u64> = r.broken.iter().map(|b| b.0).collect();

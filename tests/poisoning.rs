@@ -147,26 +147,50 @@ fn sync_failure_at_each_sync_of_a_commit() {
     assert_eq!(failed_ops[3].1.extension().unwrap(), "wal");
 }
 
+/// A fully deduplicated commit writes no chunk, but a segment holding only its commit trailer
+/// (docs/FORMAT.md, "Commit trailer"): the same four syncs as any commit, each of which
+/// poisons on failure; before the WAL record, nothing is committed and nothing is left.
 #[test]
 fn sync_failure_of_a_fully_deduplicated_commit() {
-    let mem = MemIo::new();
-    let mut s = healthy_store(&mem);
-    fail_sync(&mem, 1);
-    let mut t = s.begin(2).unwrap();
-    for (name, bytes) in tensors(2) {
-        t.put_tensor(&name, ckptstore::DType::U8, &[bytes.len() as u64], &bytes)
-            .unwrap();
-    }
-    match t.commit() {
-        Err(Error::Io { op, path, .. }) => {
-            assert_eq!(op, "fdatasync");
-            assert_eq!(path.extension().unwrap(), "wal");
+    let mut failed_ops = Vec::new();
+    for n in 1.. {
+        let mem = MemIo::new();
+        let mut s = healthy_store(&mem);
+        fail_sync(&mem, n);
+        let mut t = s.begin(2).unwrap();
+        for (name, bytes) in tensors(2) {
+            t.put_tensor(&name, ckptstore::DType::U8, &[bytes.len() as u64], &bytes)
+                .unwrap();
         }
-        other => panic!("{other:?}"),
+        match t.commit() {
+            Ok(info) => {
+                assert_eq!(n, 5, "a deduplicated commit makes four syncs");
+                assert_eq!(info.chunks_written, 0);
+                assert!(s.poisoned().is_none());
+                break;
+            }
+            Err(Error::Io { op, path, source }) => {
+                assert!(source.to_string().contains("injected EIO"), "{source}");
+                failed_ops.push((op, path));
+            }
+            Err(other) => panic!("sync {n}: {other:?}"),
+        }
+        assert_poisoned(&mut s);
+        drop(s);
+        let present = reopen_and_check(&mem, &[1, 2], &[]);
+        if n < 4 {
+            assert_eq!(present, vec![1, 2], "sync {n}");
+        }
     }
-    assert_poisoned(&mut s);
-    drop(s);
-    reopen_and_check(&mem, &[1, 2], &[]);
+    let ops: Vec<&str> = failed_ops.iter().map(|(op, _)| *op).collect();
+    // The trailer-only segment, its directory entry, its trailer, the WAL record.
+    assert_eq!(
+        ops,
+        vec!["fdatasync", "fsync dir", "fdatasync", "fdatasync"]
+    );
+    assert_eq!(failed_ops[0].1.extension().unwrap(), "seg");
+    assert_eq!(failed_ops[2].1, failed_ops[0].1);
+    assert_eq!(failed_ops[3].1.extension().unwrap(), "wal");
 }
 
 #[test]

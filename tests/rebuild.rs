@@ -248,3 +248,124 @@ fn rebuild_restores_shard_commits_and_reports_what_it_cannot() {
         assert_eq!(t.data, data(10 + r, 5000));
     }
 }
+
+/// Regression (issue 14 follow-up): a commit that writes no chunk — a fully deduplicated save
+/// (a frozen model saved again), or a checkpoint of no tensor — had no segment, so no trailer,
+/// and a rebuilt store silently lost it. Each now gets a segment holding only its trailer;
+/// gc and compaction leave that segment while its checkpoint lives and free it with it.
+#[test]
+fn a_fully_deduplicated_save_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path(), opts()).unwrap();
+    let frozen = data(7, 3 * CHUNK + 5);
+    let first = commit(&mut s, 1, &[("frozen", &frozen)]);
+    let again = commit(&mut s, 2, &[("frozen", &frozen)]);
+    assert_eq!(again.chunks_written, 0, "{again:?}");
+    let empty = commit(&mut s, 3, &[]);
+    let ids = [
+        first.checkpoint.id,
+        again.checkpoint.id,
+        empty.checkpoint.id,
+    ];
+    // The trailer-only segments survive gc and compaction while their checkpoints live.
+    let gc = s.gc().unwrap();
+    assert!(gc.segments_compacted.is_empty(), "{gc:?}");
+    drop(s);
+    std::fs::remove_file(dir.path().join("CURRENT")).unwrap();
+    std::fs::remove_file(live_wal_or_any(dir.path())).unwrap();
+    let (s, report) = Store::rebuild(dir.path(), opts()).unwrap();
+    assert_eq!(report.restored, ids.to_vec(), "{report:?}");
+    assert!(report.unrestorable.is_empty(), "{report:?}");
+    assert_holds(&s, ids[0], &[("frozen", &frozen)]);
+    assert_holds(&s, ids[1], &[("frozen", &frozen)]);
+    assert_holds(&s, ids[2], &[]);
+    for (id, r) in s.verify_all() {
+        r.unwrap_or_else(|e| panic!("{id}: {e}"));
+    }
+    // Deleting the deduplicated checkpoint frees its trailer-only segment with it.
+    drop(s);
+    let mut s = Store::open(dir.path(), opts()).unwrap();
+    let segs_before = std::fs::read_dir(dir.path().join("segments"))
+        .unwrap()
+        .count();
+    s.delete(ids[1]).unwrap();
+    s.gc().unwrap();
+    let segs_after = std::fs::read_dir(dir.path().join("segments"))
+        .unwrap()
+        .count();
+    assert_eq!(segs_after + 1, segs_before);
+    assert_holds(&s, ids[0], &[("frozen", &frozen)]);
+}
+
+/// A build from before trailer-only segments sees one as an orphan and sets it aside in
+/// lost+found/ (checked against the landed build 5936fcd). Its checkpoint reads no chunk from
+/// it: the store opens with no damage, the checkpoint verifies (it only cannot be rebuilt).
+#[test]
+fn a_trailer_only_segment_set_aside_by_an_older_build_is_not_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path(), opts()).unwrap();
+    let frozen = data(8, 2 * CHUNK);
+    commit(&mut s, 1, &[("frozen", &frozen)]);
+    let again = commit(&mut s, 2, &[("frozen", &frozen)]).checkpoint.id;
+    drop(s);
+    let segs: Vec<std::path::PathBuf> = std::fs::read_dir(dir.path().join("segments"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let trailer_only = segs
+        .iter()
+        .find(|p| std::fs::metadata(p).unwrap().len() < 8192)
+        .expect("a trailer-only segment");
+    std::fs::remove_file(trailer_only).unwrap();
+    let s = Store::open(dir.path(), opts()).unwrap();
+    let r = s.recovery_report();
+    assert!(r.damaged_segments.is_empty(), "{r:?}");
+    assert_holds(&s, again, &[("frozen", &frozen)]);
+    drop(s);
+    let s = Store::open(dir.path(), opts()).unwrap();
+    assert!(s.recovery_report().damaged_segments.is_empty());
+}
+
+/// Regression (issue 14 follow-up): the quarantine lives in the WAL, so a rebuild lost it
+/// and restored references to a rotten chunk as the trailers hold them. The rebuild now
+/// scrubs: the rotten chunk is quarantined again and healed with the fresh copy a later save
+/// wrote, and every checkpoint verifies.
+#[test]
+fn a_rebuild_finds_the_quarantine_again_and_heals() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path(), opts()).unwrap();
+    let frozen = data(21, 2 * CHUNK);
+    let a = commit(&mut s, 1, &[("frozen", &frozen)]).checkpoint.id;
+    let b = commit(&mut s, 2, &[("frozen", &frozen), ("w", &data(2, 100))])
+        .checkpoint
+        .id;
+    let (seg, off) = chunk_location(&s, a, "frozen", 0);
+    drop(s);
+    let path = segment_path(dir.path(), seg);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[off as usize + 3] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+    // Found and quarantined; the next save of the same bytes writes a fresh copy and heals.
+    let mut s = Store::open(dir.path(), opts()).unwrap();
+    assert_eq!(s.scrub().unwrap().heal.quarantined.len(), 1);
+    let c = commit(&mut s, 3, &[("frozen", &frozen)]).checkpoint.id;
+    for (id, r) in s.verify_all() {
+        r.unwrap_or_else(|e| panic!("healed, checkpoint {id}: {e}"));
+    }
+    drop(s);
+    std::fs::remove_file(dir.path().join("CURRENT")).unwrap();
+    std::fs::remove_file(live_wal_or_any(dir.path())).unwrap();
+    let (s, report) = Store::rebuild(dir.path(), opts()).unwrap();
+    assert_eq!(report.restored, vec![a, b, c], "{report:?}");
+    assert_eq!(
+        report.scrub.heal.quarantined,
+        vec![(seg, off)],
+        "{report:?}"
+    );
+    assert_eq!(report.scrub.heal.healed.len(), 1, "{report:?}");
+    assert!(report.scrub.broken.is_empty(), "{report:?}");
+    for (id, r) in s.verify_all() {
+        r.unwrap_or_else(|e| panic!("rebuilt, checkpoint {id}: {e}"));
+    }
+    assert_holds(&s, a, &[("frozen", &frozen)]);
+}

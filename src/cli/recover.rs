@@ -26,7 +26,9 @@ pub struct Args {
     pub strict: bool,
     /// Rebuild the WAL from the commit trailers in the segments (the WAL or CURRENT is lost
     /// or damaged): restores every checkpoint whose trailer and chunks are present, then
-    /// verifies them all. Nothing is deleted: the old CURRENT and WAL files go to
+    /// scrubs the store (as `ckptstore scrub`: reads every chunk, quarantines the bad ones
+    /// again — the quarantine lived in the WAL — and heals what a stored copy can heal; with
+    /// --json, its report is `scrub`). Nothing is deleted: the old CURRENT and WAL files go to
     /// `lost+found/`. Pins are not restored; a deleted checkpoint whose chunks are still
     /// stored comes back (delete it again).
     #[arg(long, conflicts_with_all = ["salvage", "strict"])]
@@ -139,19 +141,17 @@ pub fn run(a: Args) -> CliResult {
         (Store::open(&a.dir, opts)?, None)
     };
     let r = store.recovery_report().clone();
-    // A rebuild verifies what it restored: the trailers are copies, the chunks are the truth.
-    let bad: Vec<(u64, String)> = match rebuilt {
-        Some(_) => store
-            .verify_all()
-            .into_iter()
-            .filter_map(|(id, r)| r.err().map(|e| (id, e.to_string())))
-            .collect(),
-        None => Vec::new(),
-    };
+    // A rebuild scrubs what it restored (the trailers are copies, the chunks are the truth;
+    // the quarantine was in the lost WAL): what stays broken is reported.
+    let bad: Vec<(u64, String)> = rebuilt
+        .as_ref()
+        .map(|rb| rb.scrub.broken.clone())
+        .unwrap_or_default();
     if a.json {
         let mut v = report_json(&r, mode_name, &store);
         if let Some(rb) = &rebuilt {
             v["rebuild"] = rebuild_json(rb);
+            v["scrub"] = super::scrub::report_json(&rb.scrub);
             v["verify_failures"] = bad
                 .iter()
                 .map(|(id, e)| json!({"id": id, "error": e}))
@@ -191,6 +191,17 @@ pub fn run(a: Args) -> CliResult {
                     format!("in lost+found/: {}", names(&rb.lost_found)),
                 );
             }
+            let h = &rb.scrub.heal;
+            line(
+                "scrub",
+                format!(
+                    "{} read; {} chunk(s) quarantined, {} healed, {} unhealed",
+                    human_bytes(rb.scrub.bytes_read),
+                    h.quarantined.len(),
+                    h.healed.len(),
+                    h.unhealed.len()
+                ),
+            );
             line(
                 "verify",
                 if bad.is_empty() {

@@ -21,7 +21,7 @@ pub struct Args {
     pub json: bool,
 }
 
-fn report_json(r: &ScrubReport) -> Value {
+pub(crate) fn report_json(r: &ScrubReport) -> Value {
     let loc = |(segment, offset): (u64, u64)| json!({ "segment": segment, "offset": offset });
     json!({
         "ok": r.broken.is_empty(),

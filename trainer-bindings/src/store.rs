@@ -545,6 +545,53 @@ impl PyStore {
         self.with_store(py, move |s| Ok(s.verify(id)?))
     }
 
+    /// Verifies every chunk of every live checkpoint, quarantines the bad ones, heals what a
+    /// stored copy can heal (`Store::scrub`). Returns what `ckptstore scrub --json` prints,
+    /// as a dict. Runs after any queued background save has committed.
+    fn scrub<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        self.drain(py);
+        let r = self.with_store(py, move |s| Ok(s.scrub()?))?;
+        let loc = |(segment, offset): (u64, u64)| -> PyResult<Bound<'py, PyDict>> {
+            let d = PyDict::new(py);
+            d.set_item("segment", segment)?;
+            d.set_item("offset", offset)?;
+            Ok(d)
+        };
+        let d = PyDict::new(py);
+        d.set_item("ok", r.broken.is_empty())?;
+        d.set_item("checkpoints", r.checkpoints)?;
+        d.set_item("bytes_read", r.bytes_read)?;
+        let quarantined = PyList::empty(py);
+        for &l in &r.heal.quarantined {
+            quarantined.append(loc(l)?)?;
+        }
+        d.set_item("quarantined", quarantined)?;
+        let healed = PyList::empty(py);
+        for &(from, (ts, to)) in &r.heal.healed {
+            let h = loc(from)?;
+            h.set_item("to_segment", ts)?;
+            h.set_item("to_offset", to)?;
+            healed.append(h)?;
+        }
+        d.set_item("healed", healed)?;
+        let unhealed = PyList::empty(py);
+        for (l, ids) in &r.heal.unhealed {
+            let u = loc(*l)?;
+            u.set_item("checkpoints", ids.clone())?;
+            unhealed.append(u)?;
+        }
+        d.set_item("unhealed", unhealed)?;
+        let broken = PyList::empty(py);
+        for (id, e) in &r.broken {
+            let b = PyDict::new(py);
+            b.set_item("id", id)?;
+            b.set_item("error", e)?;
+            broken.append(b)?;
+        }
+        d.set_item("broken", broken)?;
+        Ok(d)
+    }
+
     /// The MAC chain over sealed commits (`Store::verify_chain`): a dict of `verified`,
     /// `unauthenticated`, `unchecked` (id lists), `breaks` (id pairs) and `head`
     /// (`(id, mac_hex)` or None).

@@ -37,3 +37,36 @@ def test_a_rotten_frozen_tensor_is_healed_by_the_next_save(store_dir):
             back = cs.load(s, id=i)
             assert torch.equal(back["frozen"], frozen)
             assert torch.equal(back["w"], torch.full((4,), float(step)))
+
+
+def test_scrub_returns_the_cli_json_report_and_heals(store_dir):
+    frozen = torch.arange(8192, dtype=torch.int32)
+    with cs.Store(store_dir) as s:
+        cs.save(s, {"frozen": frozen}, step=1)
+        cs.save(s, {"frozen": frozen, "w": torch.ones(4)}, step=2)
+        clean = s.scrub()
+        assert clean["ok"] is True and clean["broken"] == []
+        assert clean["checkpoints"] == 2 and clean["bytes_read"] > 0
+        assert clean["quarantined"] == clean["healed"] == clean["unhealed"] == []
+    needle = frozen.numpy().tobytes()[4096:4160]
+    for seg in sorted((store_dir / "segments").glob("*.seg")):
+        raw = bytearray(seg.read_bytes())
+        at = raw.find(needle)
+        if at >= 0:
+            raw[at + 10] ^= 0x01
+            seg.write_bytes(bytes(raw))
+            break
+    else:
+        pytest.fail("frozen bytes not found in any segment")
+    with cs.Store(store_dir) as s:
+        r = s.scrub()
+        assert r["ok"] is False
+        assert [b["id"] for b in r["broken"]] == [1, 2]
+        assert len(r["quarantined"]) == 1 and set(r["quarantined"][0]) == {"segment", "offset"}
+        assert r["unhealed"][0]["checkpoints"] == [1, 2] and r["healed"] == []
+        # The next save of the same bytes heals; a scrub then finds every checkpoint intact.
+        cs.save(s, {"frozen": frozen}, step=3)
+        again = s.scrub()
+        assert again["ok"] is True and again["broken"] == [] and again["checkpoints"] == 3
+    with cs.Store(store_dir, read_only=True) as s:
+        assert torch.equal(cs.load(s, id=1)["frozen"], frozen)

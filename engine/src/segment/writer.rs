@@ -243,6 +243,14 @@ impl SegmentWriter {
         }
     }
 
+    /// Creates segment `id` holding no frame (its header only, committed length 4096), as
+    /// the open segment: the place of the commit trailer of a commit that wrote no chunk
+    /// (`Store::commit_manifest`). The open segment, if any, is finished first.
+    pub(crate) fn create_empty(&mut self, id: u64) -> Result<()> {
+        self.finish_open()?;
+        self.create(id)
+    }
+
     /// fdatasyncs the open segment and returns every segment written, with its final
     /// length. The directory is not fsync'ed (see [`SegmentWriter::finish`]).
     pub(crate) fn sync(&mut self) -> Result<Vec<pb::SegmentInfo>> {

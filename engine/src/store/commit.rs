@@ -22,7 +22,7 @@ use super::{Store, SEGMENTS_DIR};
 use crate::error::{Error, Result};
 use crate::features::SEGMENT_COMMIT_TRAILER;
 use crate::manifest::{self, CheckpointInfo, MetaValue};
-use crate::segment::trailer;
+use crate::segment::{trailer, SegmentWriter};
 use crate::wal::{self, RecordType};
 use ckptstore_proto::v1 as pb;
 use prost::Message;
@@ -47,6 +47,23 @@ impl Store {
         hand_over: impl FnOnce(&mut Store),
     ) -> Result<CheckpointInfo> {
         self.check_writable()?;
+        // A commit that wrote no chunk still gets a segment, holding only its trailer, so
+        // that every acknowledged checkpoint can be rebuilt (docs/FORMAT.md, "Commit
+        // trailer"). Removed if the commit fails before its commit point.
+        let mut trailer_only =
+            SegmentWriter::new(self.opts.io.clone(), self.dir.join(SEGMENTS_DIR));
+        if m.new_segments.is_empty() {
+            let created = self
+                .state
+                .allocate_segment_id()
+                .and_then(|id| trailer_only.create_empty(id))
+                .and_then(|()| trailer_only.sync());
+            match created {
+                Ok(segs) => m.new_segments = segs,
+                Err(e) if trailer_only.sync_failed() => return Err(self.poison(e)),
+                Err(e) => return Err(e),
+            }
+        }
         if !m.new_segments.is_empty() {
             let seg_dir = self.dir.join(SEGMENTS_DIR);
             if let Err(e) = self.opts.io.sync_dir(&seg_dir) {
@@ -93,6 +110,7 @@ impl Store {
             return Err(self.poison(e));
         }
         let appended = self.wal_mut()?.append_durable(RecordType::Commit, &payload);
+        trailer_only.release();
         hand_over(self);
         // The record may have reached the disk even if the append failed: the segments stay
         // (if it did, they are needed; if it did not, recovery removes them).
@@ -122,14 +140,14 @@ impl Store {
 
     /// Step 3: the commit trailer, in the new segment with the highest id (for a shard
     /// commit, a shard's segment: the committing process writes it). Before the WAL record,
-    /// so every acknowledged commit that created a segment has its trailer durable. A commit
-    /// that created no segment (every chunk deduplicated, or no chunk) has none. The first
+    /// so every acknowledged commit has its trailer durable (a commit that wrote no chunk —
+    /// every chunk deduplicated, or no chunk — got a segment of its own for it). The first
     /// commit of a store from before the trailers turns the feature on (a WAL rewrite).
     /// A failed trailer write fails the commit before its commit point (nothing committed)
     /// and, like every failed write or sync, poisons the store.
     fn write_commit_trailer(&mut self, m: &pb::Manifest, payload: &[u8]) -> Result<()> {
         let Some(seg) = m.new_segments.iter().max_by_key(|s| s.id) else {
-            return Ok(());
+            return Err(Error::invalid("a commit without a segment for its trailer"));
         };
         if !self.features.contains(&SEGMENT_COMMIT_TRAILER) {
             self.enable_feature(&SEGMENT_COMMIT_TRAILER)?;

@@ -309,6 +309,33 @@ mod tests {
         assert_eq!(decode(&huge), None);
     }
 
+    /// Regression (issue 14 item 5, "`read_all` has no cap on lease files"): a live reader's
+    /// lease file far larger than any lease this build writes — a 1 TiB sparse file — is taken
+    /// as holding everything, without reading it: reading it whole would allocate 1 TiB,
+    /// which the kernel refuses (more than memory and swap), aborting the test process, or
+    /// hang reading it. Checked on a real file system (a sparse file, flock).
+    #[test]
+    fn an_oversized_live_lease_holds_everything_and_is_not_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let io: Arc<dyn Storage> = Arc::new(crate::io::StdIo);
+        let readers = tmp.path().join(READERS_DIR);
+        std::fs::create_dir_all(&readers).unwrap();
+        let path = readers.join("77-huge.lease");
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(1 << 40).unwrap();
+        drop(f);
+        // A live reader: someone holds its lock.
+        let held = io.try_lock_existing(&path).unwrap().expect("lock");
+        let s = scan(&*io, tmp.path(), true);
+        assert!(s.all && s.live == 1, "{s:?}");
+        assert!(path.exists(), "a live lease is never removed");
+        drop(held);
+        // Its reader gone: stale, removed by the writer's scan (still without reading it).
+        let s = scan(&*io, tmp.path(), true);
+        assert!(!s.all && s.stale_removed == 1, "{s:?}");
+        assert!(!path.exists());
+    }
+
     /// A live lease is seen with what it holds; a dropped one is gone; a stale one (no lock,
     /// as a dead reader leaves it) is removed by the writer's scan and holds nothing.
     #[test]

@@ -8,8 +8,8 @@ use std::collections::BTreeSet;
 
 impl Store {
     /// After a writer's recovery, the store's directory holds exactly what its live state
-    /// needs: in `segments/`, the segment files live checkpoints reference, all of them and
-    /// nothing else; at the top, one WAL file, the one `CURRENT` names, and no temporary
+    /// needs: in `segments/`, the segment files live checkpoints reference or created (a
+    /// trailer-only segment), all of them and nothing else; at the top, one WAL file, the one `CURRENT` names, and no temporary
     /// `CURRENT`. Returns one line per thing that is not so (empty: nothing was left behind).
     /// Read through the store's I/O seam, so it checks a simulated file system too.
     #[doc(hidden)]
@@ -20,7 +20,14 @@ impl Store {
             .state
             .checkpoints
             .values()
-            .flat_map(|m| manifest::all_chunks(m).map(|c| c.segment))
+            .flat_map(|m| {
+                // A segment a live checkpoint created holds its commit trailer even when no
+                // chunk reference names it (a commit that wrote no chunk): needed too.
+                let created = m.new_segments.iter().map(|s| s.id);
+                manifest::all_chunks(m)
+                    .map(|c| c.segment)
+                    .chain(created.filter(|id| self.state.segments.contains_key(id)))
+            })
             .collect();
         let seg_dir = self.dir.join(SEGMENTS_DIR);
         let mut seg_names = io.list(&seg_dir).unwrap_or_default();

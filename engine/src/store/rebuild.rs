@@ -46,6 +46,11 @@ pub struct RebuildReport {
     pub wal_file: PathBuf,
     /// Where the old `CURRENT` and WAL files went.
     pub lost_found: Vec<PathBuf>,
+    /// The scrub run on the rebuilt store ([`Store::scrub`]): the quarantine lived in the
+    /// lost WAL, so the rotten chunks the trailers reference are found and quarantined again,
+    /// and healed where a stored copy allows; `scrub.broken` names the checkpoints that do
+    /// not verify.
+    pub scrub: super::ScrubReport,
 }
 
 /// A chunk a frame lists: where it is, and what it is.
@@ -71,7 +76,9 @@ impl Store {
     /// committed by a build with the trailers that created a segment, including deleted
     /// ones whose chunks are still stored (a rebuild may bring back a deleted checkpoint,
     /// never lose a live one); pins are not restored. Refuses, changing nothing, when no
-    /// segment carries a trailer. Run [`Store::verify_all`] after it.
+    /// segment carries a trailer. Then scrubs the rebuilt store ([`Store::scrub`]: every
+    /// chunk read, the bad ones quarantined again, healed where a stored copy allows), and
+    /// reports it in [`RebuildReport::scrub`].
     pub fn rebuild(dir: impl AsRef<Path>, opts: Options) -> Result<(Store, RebuildReport)> {
         if opts.read_only {
             return Err(Error::invalid(
@@ -86,7 +93,9 @@ impl Store {
             let _lock = writer_lock::take(&*io, &dir)?;
             rebuild_wal(&*io, &dir)?
         };
-        let store = Store::open(&dir, opts)?;
+        let mut report = report;
+        let mut store = Store::open(&dir, opts)?;
+        report.scrub = store.scrub()?;
         Ok((store, report))
     }
 }

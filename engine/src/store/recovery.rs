@@ -239,12 +239,12 @@ fn recover_once(io: &dyn Storage, dir: &Path, opts: &Options) -> Result<Recovere
             {
                 let more = wal::scan_from_within(&buf, p, header.salt, skip_unknown, &mut budget);
                 for rec in &more.records {
-                    let mut trial = state.clone();
-                    match apply_record(&mut trial, rec, &buf, &wal_path, false) {
-                        Ok(()) => {
-                            state = trial;
-                            kept_after += 1;
-                        }
+                    // No trial copy of the state: every record type is validated in full
+                    // before it changes anything (State::apply_*), so a record that does not
+                    // apply leaves the state as it was. Linear in the records, not
+                    // O(records x state) (regression: salvage_clones_no_state_per_record).
+                    match apply_record(&mut state, rec, &buf, &wal_path, false) {
+                        Ok(()) => kept_after += 1,
                         Err(_) => skipped.push(rec.offset),
                     }
                 }
@@ -599,6 +599,7 @@ fn check_segments(
             on_disk.insert(id, seg_dir.join(name));
         }
     }
+    let mut trailer_only_gone = Vec::new();
     for (&id, seg) in &state.segments {
         let problem = match on_disk.get(&id) {
             None => Some("missing".to_string()),
@@ -633,6 +634,13 @@ fn check_segments(
             },
         };
         if let Some(problem) = problem {
+            if seg.refs == 0 {
+                // No live chunk in it: it held only a commit trailer (a commit that wrote no
+                // chunk), set aside as an orphan by a build from before such segments. No
+                // checkpoint needs it to read; that checkpoint just cannot be rebuilt.
+                trailer_only_gone.push(id);
+                continue;
+            }
             if opts.recovery_mode == RecoveryMode::AbsoluteConsistency {
                 let checkpoint = state
                     .checkpoints
@@ -649,6 +657,9 @@ fn check_segments(
             report.damaged_segments.push((id, problem));
             state.damaged_segments.insert(id);
         }
+    }
+    for id in &trailer_only_gone {
+        state.segments.remove(id);
     }
     let orphans: Vec<(u64, PathBuf)> = on_disk
         .into_iter()

@@ -152,6 +152,24 @@ impl State {
         if self.checkpoints.contains_key(&m.id) {
             return Err(bad(format!("checkpoint id {} committed twice", m.id)));
         }
+        // Validated in full before anything changes, so a bad record leaves the state as it
+        // was (a salvage applies the records after the damage without a trial copy).
+        let len_of = |id: u64| {
+            self.segments
+                .get(&id)
+                .map(|s| s.len)
+                .or_else(|| m.new_segments.iter().find(|s| s.id == id).map(|s| s.length))
+        };
+        for c in manifest::all_chunks(&m) {
+            let len = len_of(c.segment)
+                .ok_or_else(|| bad(format!("chunk in unknown segment {}", c.segment)))?;
+            if c.offset + c.stored_len > len {
+                return Err(bad(format!(
+                    "chunk at {}+{} past the end of segment {} ({} bytes)",
+                    c.offset, c.stored_len, c.segment, len
+                )));
+            }
+        }
         for s in &m.new_segments {
             self.segments.entry(s.id).or_insert(SegmentState {
                 len: s.length,
@@ -160,18 +178,6 @@ impl State {
             // Saturating: ids near u64::MAX in a record must not overflow; a transaction
             // refuses to allocate past the end (see `allocate_segment_id`).
             self.next_segment_id = self.next_segment_id.max(s.id.saturating_add(1));
-        }
-        for c in manifest::all_chunks(&m) {
-            let seg = self
-                .segments
-                .get(&c.segment)
-                .ok_or_else(|| bad(format!("chunk in unknown segment {}", c.segment)))?;
-            if c.offset + c.stored_len > seg.len {
-                return Err(bad(format!(
-                    "chunk at {}+{} past the end of segment {} ({} bytes)",
-                    c.offset, c.stored_len, c.segment, seg.len
-                )));
-            }
         }
         for s in referenced_segments(&m) {
             self.segments.get_mut(&s).expect("checked above").refs += 1;
@@ -613,13 +619,20 @@ impl State {
         Ok(())
     }
 
-    /// Drops segments that no live checkpoint references (left by a snapshot or by commits
-    /// whose chunks were all deduplicated). Returns them.
+    /// Drops segments that no live checkpoint references nor created (left by a snapshot, by
+    /// a crash). A segment a live checkpoint created stays while it lives, even with no chunk
+    /// referenced: it holds the checkpoint's commit trailer (a commit that wrote no chunk gets
+    /// a segment holding only its trailer; docs/FORMAT.md, "Commit trailer"). Returns them.
     pub(crate) fn drop_unreferenced_segments(&mut self) -> Vec<u64> {
+        let created: BTreeSet<u64> = self
+            .checkpoints
+            .values()
+            .flat_map(|m| m.new_segments.iter().map(|s| s.id))
+            .collect();
         let dead: Vec<u64> = self
             .segments
             .iter()
-            .filter(|(_, s)| s.refs == 0)
+            .filter(|(id, s)| s.refs == 0 && !created.contains(id))
             .map(|(&id, _)| id)
             .collect();
         self.forget_segments(&dead);
@@ -700,6 +713,41 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    /// Regression (salvage_clones_no_state_per_record): a salvage applies the records after
+    /// the damage to the state itself, with no trial copy, so a commit that does not apply
+    /// must leave the state exactly as it was — no segment of its `new_segments` added, the
+    /// next segment id not moved (it was, before the chunk checks moved ahead).
+    #[test]
+    fn a_commit_that_does_not_apply_changes_nothing() {
+        let mut s = State::new();
+        s.apply_commit(manifest(1, 1, 9), 0, "t").unwrap();
+        let before = (
+            s.compacted_records()
+                .iter()
+                .map(|(t, b)| (*t as u8, b.clone()))
+                .collect::<Vec<_>>(),
+            s.next_segment_id,
+            s.segments.len(),
+        );
+        // Its second chunk names a segment that neither exists nor is created.
+        let mut m = manifest(2, 7, 3);
+        let mut stray = m.tensors[0].chunks[0].clone();
+        stray.segment = 99;
+        m.tensors[0].shape = vec![20];
+        m.tensors[0].nbytes = 20;
+        m.tensors[0].chunks.push(stray);
+        assert!(s.apply_commit(m, 0, "t").is_err());
+        let after = (
+            s.compacted_records()
+                .iter()
+                .map(|(t, b)| (*t as u8, b.clone()))
+                .collect::<Vec<_>>(),
+            s.next_segment_id,
+            s.segments.len(),
+        );
+        assert_eq!(after, before);
     }
 
     /// Deduplication never hands out a chunk in a damaged or freed segment, and moves to a

@@ -222,6 +222,15 @@ class Store:
     def verify(self, id: int) -> None:
         self._native.verify(id)
 
+    def scrub(self) -> dict[str, Any]:
+        """Verifies every chunk of every checkpoint, quarantines the bad ones and heals the
+        checkpoints a stored copy of the same bytes can heal (``ckptstore scrub``). Returns
+        what ``ckptstore scrub --json`` prints: ``ok``, ``checkpoints``, ``bytes_read``,
+        ``quarantined`` / ``healed`` / ``unhealed`` chunk locations and ``broken``
+        (``[{"id", "error"}]``, the checkpoints that still fail verification). Needs the
+        writer (not ``read_only``); runs after any queued background save has committed."""
+        return self._native.scrub()
+
     def verify_chain(self) -> dict[str, Any]:
         """Tamper evidence of a sealed store (one opened with ``encryption_key``): every commit
         MAC checked (a changed, swapped or replayed commit raises CorruptionError) and linked.
