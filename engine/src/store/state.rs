@@ -357,6 +357,26 @@ impl State {
             self.segments.insert(id, SegmentState { len, refs: 0 });
             self.next_segment_id = self.next_segment_id.max(id.saturating_add(1));
         }
+        for e in self.index.values_mut() {
+            if let Some(&(seg, off)) = moves.get(&(e.chunk.segment, e.chunk.offset)) {
+                e.chunk.segment = seg;
+                e.chunk.offset = off;
+            }
+        }
+        // A quarantined chunk that was moved was verified as it was copied: the copy is good.
+        self.quarantined.retain(|loc, _| !moves.contains_key(loc));
+        Ok(self.replace_manifests(rewritten, &record_bytes_of))
+    }
+
+    /// Puts each rewritten manifest (validated, its segments in the table) in place of its old
+    /// version: moves the segment references over, drops the segments left with none, and
+    /// returns them (to be freed).
+    #[allow(clippy::expect_used)] // the old manifest's segments are live, the new one's checked
+    fn replace_manifests(
+        &mut self,
+        rewritten: Vec<(Arc<Manifest>, Manifest)>,
+        record_bytes_of: &dyn Fn(&Manifest) -> u64,
+    ) -> Vec<u64> {
         let mut touched = BTreeSet::new();
         for (old, new) in &rewritten {
             for s in referenced_segments(old) {
@@ -367,14 +387,6 @@ impl State {
                 self.segments.get_mut(&s).expect("checked").refs += 1;
             }
         }
-        for e in self.index.values_mut() {
-            if let Some(&(seg, off)) = moves.get(&(e.chunk.segment, e.chunk.offset)) {
-                e.chunk.segment = seg;
-                e.chunk.offset = off;
-            }
-        }
-        // A quarantined chunk that was moved was verified as it was copied: the copy is good.
-        self.quarantined.retain(|loc, _| !moves.contains_key(loc));
         let dead: Vec<u64> = touched
             .into_iter()
             .filter(|s| self.segments.get(s).is_some_and(|seg| seg.refs == 0))
@@ -388,7 +400,7 @@ impl State {
                 + record_bytes_of(&new);
             self.checkpoints.insert(new.id, Arc::new(new));
         }
-        Ok(dead)
+        dead
     }
 
     /// Applies a Quarantine record: its bad chunks join the quarantine, then every live
@@ -484,34 +496,13 @@ impl State {
             self.quarantined.insert((c.segment, c.offset), c.clone());
         }
         self.retarget_index_off_quarantine(&r.bad);
-        let mut touched = BTreeSet::new();
-        for (old, new) in &rewritten {
-            for s in referenced_segments(old) {
-                self.segments.get_mut(&s).expect("live segment").refs -= 1;
-                touched.insert(s);
-            }
-            for s in referenced_segments(new) {
-                self.segments.get_mut(&s).expect("checked").refs += 1;
-            }
-        }
         for e in self.index.values_mut() {
             if let Some(&to) = heals.get(&(e.chunk.segment, e.chunk.offset)) {
                 e.chunk = to.clone();
             }
         }
         self.quarantined.retain(|loc, _| !heals.contains_key(loc));
-        let dead: Vec<u64> = touched
-            .into_iter()
-            .filter(|s| self.segments.get(s).is_some_and(|seg| seg.refs == 0))
-            .collect();
-        self.forget_segments(&dead);
-        for (old, mut new) in rewritten {
-            new.new_segments.retain(|s| !dead.contains(&s.id));
-            self.live_record_bytes = self.live_record_bytes.saturating_sub(record_bytes_of(&old))
-                + record_bytes_of(&new);
-            self.checkpoints.insert(new.id, Arc::new(new));
-        }
-        Ok(dead)
+        Ok(self.replace_manifests(rewritten, &record_bytes_of))
     }
 
     /// Points the index entries of newly quarantined chunks at another usable copy of the
