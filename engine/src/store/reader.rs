@@ -185,21 +185,20 @@ impl<'s> CheckpointReader<'s> {
         self.verify_with(&mut VerifiedChunks::default())
     }
 
+    /// Every tensor's and blob's chunk list, with its kind and name, in manifest order.
+    fn chunk_lists(&self) -> impl Iterator<Item = (&'static str, &String, &Vec<pb::ChunkRef>)> {
+        let tensors = self.manifest.tensors.iter();
+        let blobs = self.manifest.blobs.iter();
+        tensors
+            .map(|t| ("tensor", &t.name, &t.chunks))
+            .chain(blobs.map(|b| ("blob", &b.name, &b.chunks)))
+    }
+
     /// [`CheckpointReader::verify`], skipping chunks `seen` already holds as intact and adding
     /// the ones this call finds intact. A damaged chunk is never recorded, so every checkpoint
     /// that uses it fails.
     pub fn verify_with(&self, seen: &mut VerifiedChunks) -> Result<()> {
-        let items = self
-            .manifest
-            .tensors
-            .iter()
-            .map(|t| ("tensor", &t.name, &t.chunks))
-            .chain(
-                self.manifest
-                    .blobs
-                    .iter()
-                    .map(|b| ("blob", &b.name, &b.chunks)),
-            );
+        let items = self.chunk_lists();
         // Every chunk not yet seen, once, in order: read and hashed on every core like a
         // load's chunks (`each_chunk`); the error is the first damaged one's in that order.
         let mut todo = Vec::new();
@@ -246,17 +245,7 @@ impl<'s> CheckpointReader<'s> {
         let mut scratch = Scratch::default();
         let mut read = 0u64;
         let mut other = None;
-        let items = self
-            .manifest
-            .tensors
-            .iter()
-            .map(|t| ("tensor", &t.name, &t.chunks))
-            .chain(
-                self.manifest
-                    .blobs
-                    .iter()
-                    .map(|b| ("blob", &b.name, &b.chunks)),
-            );
+        let items = self.chunk_lists();
         for (kind, name, chunks) in items {
             for (i, c) in chunks.iter().enumerate() {
                 let key = chunk_key(c);
