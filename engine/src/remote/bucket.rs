@@ -14,6 +14,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
+use tokio::sync::{watch, Semaphore};
 
 /// Bounds of the retry loop and of the transfer buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,8 +29,8 @@ pub struct RetryPolicy {
     pub request_timeout: Duration,
     /// Multipart part size and ranged-GET size (S3's minimum part is 5 MiB). Default 16 MiB.
     pub part_size: usize,
-    /// Parts (or ranges) in flight at once per transfer: the memory budget of a transfer is
-    /// `part_size * parts_in_flight`. Default 4.
+    /// Parts (or ranges) in flight at once, over all the transfers of one [`Bucket`]: its
+    /// memory budget is `part_size * parts_in_flight`. Default 4.
     pub parts_in_flight: usize,
     /// Objects no commit object names (uploads or deletes cut short) are removed by a writer's
     /// open once older than this; a younger one may be another writer's upload in flight.
@@ -70,6 +71,34 @@ pub(crate) enum Failure {
     Permanent(String),
     Transient(String),
     Stopped,
+    /// The writer of a streamed object gave it up (its segment was removed).
+    Abandoned,
+}
+
+/// How much of an object being written is final, for a streamed upload
+/// ([`Bucket::upload_streamed`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Progress {
+    /// Bytes `[0, upto)` are final (never written again).
+    pub upto: u64,
+    /// The object's length, once known (then all of it is final).
+    pub len: Option<u64>,
+    /// The writer gave the object up: the upload stops (and is aborted).
+    pub abandoned: bool,
+}
+
+/// Waits until the bytes up to `need` are final, or the length is known; an error once the
+/// object is given up (or its writer is gone).
+async fn wait_for(rx: &mut watch::Receiver<Progress>, need: u64) -> Result<Progress, Failure> {
+    let p = rx
+        .wait_for(|p| p.abandoned || p.len.is_some() || p.upto >= need)
+        .await
+        .map(|p| *p)
+        .map_err(|_| Failure::Abandoned)?;
+    match p.abandoned {
+        true => Err(Failure::Abandoned),
+        false => Ok(p),
+    }
 }
 
 /// One store's prefix in a bucket. Cheap to share (`Arc`); safe to use from several threads.
@@ -83,6 +112,8 @@ pub struct Bucket {
     /// Set once a request was refused as stopped (cancelled, or a test's simulated death).
     stopped: AtomicBool,
     requests: AtomicU64,
+    /// The memory budget: one permit per part or range in flight.
+    budget: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for Bucket {
@@ -96,7 +127,7 @@ impl std::fmt::Debug for Bucket {
 }
 
 /// The process's runtime for object-store requests (two worker threads, started on first use).
-fn runtime() -> Result<&'static tokio::runtime::Runtime> {
+pub(super) fn runtime() -> Result<&'static tokio::runtime::Runtime> {
     static RT: OnceLock<std::result::Result<tokio::runtime::Runtime, String>> = OnceLock::new();
     RT.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()
@@ -204,6 +235,7 @@ impl Bucket {
             cancel: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             requests: AtomicU64::new(0),
+            budget: Arc::new(Semaphore::new(RetryPolicy::default().parts_in_flight)),
         }
     }
 
@@ -215,6 +247,7 @@ impl Bucket {
             parts_in_flight: policy.parts_in_flight.max(1),
             ..policy
         };
+        self.budget = Arc::new(Semaphore::new(self.policy.parts_in_flight));
         self
     }
 
@@ -268,6 +301,7 @@ impl Bucket {
                 self.policy.attempts
             ),
             Failure::Stopped => "stopped: the store is closing (or a test stopped it)".into(),
+            Failure::Abandoned => "given up: its segment was removed before it was whole".into(),
         };
         Error::Remote {
             url: self.url.to_string(),
@@ -446,53 +480,82 @@ impl Bucket {
         }
     }
 
-    /// Uploads the first `len` bytes of `file` as object `key`: one PUT up to `part_size`,
-    /// else a multipart upload with at most `parts_in_flight` parts in flight (the memory
-    /// budget). A failed part aborts that upload and the whole upload is retried (bounded);
-    /// an upload cut short never becomes visible (S3 shows an object only once completed).
+    /// Uploads the first `len` bytes of `file` as object `key` ([`Bucket::upload_streamed`]
+    /// with every byte final already).
     pub fn upload_file(&self, key: &str, file: &dyn StorageFile, len: u64) -> Result<()> {
-        let path = self.path(key);
-        let r = if len <= self.policy.part_size as u64 {
-            let mut buf = vec![0u8; len as usize];
-            file.read_at(&mut buf, 0)
-                .map_err(|e| self.error("read", key, Failure::Permanent(e.to_string())))?;
-            let payload = PutPayload::from(buf);
-            self.block_on(self.retried(|| {
-                let fut = self.store.put(&path, payload.clone());
-                async { self.attempt(fut).await.map(|_| ()) }
-            }))?
-        } else {
-            self.block_on(self.retried(|| self.multipart_once(&path, file, len)))?
-        };
-        r.map_err(|f| self.error("upload", key, f))
+        let (_tx, rx) = watch::channel(Progress {
+            upto: len,
+            len: Some(len),
+            abandoned: false,
+        });
+        self.block_on(self.upload_streamed(key, file, rx))?
     }
 
-    async fn multipart_once(
+    /// Uploads object `key` from `file` while it is being written: its bytes are read (from
+    /// the page cache, where they were just written) as `progress` says they are final. One
+    /// PUT when the object ends within `part_size`, else a multipart upload whose parts go
+    /// out as soon as they are final, within the bucket's budget of parts in flight. A failed
+    /// part aborts that upload and the whole upload is retried (bounded); an upload cut short
+    /// never becomes visible (S3 shows an object only once completed).
+    pub(crate) async fn upload_streamed(
+        &self,
+        key: &str,
+        file: &dyn StorageFile,
+        progress: watch::Receiver<Progress>,
+    ) -> Result<()> {
+        let path = self.path(key);
+        self.retried(|| {
+            let mut rx = progress.clone();
+            let path = &path;
+            async move { self.upload_once(path, file, &mut rx).await }
+        })
+        .await
+        .map_err(|f| self.error("upload", key, f))
+    }
+
+    async fn upload_once(
         &self,
         path: &ObjPath,
         file: &dyn StorageFile,
-        len: u64,
+        rx: &mut watch::Receiver<Progress>,
     ) -> std::result::Result<(), Failure> {
+        let part = self.policy.part_size as u64;
+        let read = |off: u64, end: u64| {
+            let mut buf = vec![0u8; (end - off) as usize];
+            file.read_at(&mut buf, off)
+                .map_err(|e| Failure::Permanent(format!("read: {e}")))?;
+            Ok::<_, Failure>(buf)
+        };
+        let first = wait_for(rx, part).await?;
+        if let Some(len) = first.len.filter(|&l| l <= part) {
+            let _permit = self.budget.acquire().await;
+            let payload = PutPayload::from(read(0, len)?);
+            return self.attempt(self.store.put(path, payload)).await.map(|_| ());
+        }
         let mut up = self.attempt(self.store.put_multipart(path)).await?;
         let mut in_flight = FuturesUnordered::new();
-        let part = self.policy.part_size as u64;
         let mut off = 0u64;
         let result: std::result::Result<(), Failure> = async {
-            while off < len {
-                let n = part.min(len - off);
-                let mut buf = vec![0u8; n as usize];
-                file.read_at(&mut buf, off)
-                    .map_err(|e| Failure::Permanent(format!("read: {e}")))?;
-                off += n;
-                while in_flight.len() >= self.policy.parts_in_flight {
-                    if let Some(r) = in_flight.next().await {
-                        r?;
-                    }
+            loop {
+                let p = wait_for(rx, off + part).await?;
+                let end = p.len.map_or(off + part, |l| l.min(off + part));
+                if end <= off {
+                    break;
                 }
+                // The budget bounds the parts in flight over every transfer of the bucket.
+                let permit = self
+                    .budget
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|e| Failure::Permanent(e.to_string()))?;
+                let buf = read(off, end)?;
+                off = end;
                 let slow = self.gate()?;
                 let put = up.put_part(PutPayload::from(buf));
                 let timeout = self.policy.request_timeout;
-                in_flight.push(async move {
+                in_flight.push(tokio::spawn(async move {
+                    let _permit = permit;
                     let timed = async {
                         if let Some(d) = slow {
                             tokio::time::sleep(d).await;
@@ -505,15 +568,21 @@ impl Bucket {
                         ))),
                         Ok(r) => r.map_err(classify),
                     }
-                });
+                }));
+                // Collect the parts already answered (a failure ends this attempt early).
+                while let Some(Some(r)) = futures_util::FutureExt::now_or_never(in_flight.next()) {
+                    r.map_err(|e| Failure::Permanent(format!("part task: {e}")))??;
+                }
             }
             while let Some(r) = in_flight.next().await {
-                r?;
+                r.map_err(|e| Failure::Permanent(format!("part task: {e}")))??;
             }
             Ok(())
         }
         .await;
-        drop(in_flight);
+        for h in in_flight.iter() {
+            h.abort();
+        }
         match result {
             Ok(()) => self.attempt(up.complete()).await.map(|_| ()),
             Err(Failure::Stopped) => Err(Failure::Stopped),

@@ -5,7 +5,8 @@
 //!
 //! Objects are immutable and there is no rename, so the commit point is a conditional create:
 //! - segments are objects `PREFIX/segments/<token>/<NNNNNNNN>.seg`, uploaded whole (multipart,
-//!   several parts in flight, a bounded memory budget) before anything names them;
+//!   several parts in flight, a bounded memory budget) before anything names them; a bucket
+//!   store streams them while they are written ([`Streamer`]);
 //! - each commit is an object `PREFIX/log/<seq, 20 digits>` created with create-if-absent
 //!   ([`object_store::PutMode::Create`]); it holds the whole live state (the records of a
 //!   compacted WAL) and the map of segment ids to objects, so every commit object is also the
@@ -28,6 +29,7 @@ mod publish;
 mod pull;
 mod replicator;
 mod retain;
+mod stream;
 mod url;
 
 pub use bucket::{Bucket, RetryPolicy};
@@ -37,4 +39,5 @@ pub use object::{CommitObject, SegmentObject, COMMIT_MAGIC, COMMIT_VERSION};
 pub use publish::{LocalImage, Publisher};
 pub use pull::{download_segments, latest};
 pub use replicator::{ReplicaStatus, Replication, Replicator};
+pub use stream::Streamer;
 pub use url::{is_url, RemoteUrl};

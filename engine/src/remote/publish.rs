@@ -6,6 +6,7 @@ use super::bucket::Bucket;
 use super::layout::{log_key, parse_log_key, segment_key, LOG_DIR, SEGMENTS_DIR};
 use super::object::{CommitObject, SegmentObject};
 use super::pull;
+use super::stream::Streamer;
 use crate::error::{Error, Result};
 use crate::io::Storage;
 use crate::segment;
@@ -45,6 +46,8 @@ pub struct Publisher {
     /// `Some(k)`: the bucket also keeps, of the checkpoints the local store deleted, those
     /// among the newest `k` (`replica_keep_last`). `None`: it mirrors the local store.
     keep_last: Option<usize>,
+    /// Uploads of segments made while they were written (a bucket store's transactions).
+    streamer: Option<Arc<Streamer>>,
 }
 
 impl Publisher {
@@ -90,12 +93,20 @@ impl Publisher {
             head,
             uploaded,
             keep_last: None,
+            streamer: None,
         })
     }
 
     /// Keeps up to `k` checkpoints in the bucket even when the local store keeps fewer.
     pub fn with_keep_last(mut self, k: Option<usize>) -> Self {
         self.keep_last = k;
+        self
+    }
+
+    /// Takes the segments `streamer` uploaded while they were written instead of uploading
+    /// them again (its token must be this publisher's).
+    pub fn with_streamer(mut self, streamer: Arc<Streamer>) -> Self {
+        self.streamer = Some(streamer);
         self
     }
 
@@ -134,18 +145,15 @@ impl Publisher {
                 .cloned();
             let obj = match have {
                 Some(o) => o,
-                None => {
-                    let key = segment_key(&self.token, id);
-                    let path = img.seg_dir.join(segment::file_name(id));
-                    let file = img
-                        .io
-                        .open(&path, false)
-                        .map_err(|e| Error::io("open", &path, e))?;
-                    self.bucket.upload_file(&key, &*file, len)?;
-                    let o = SegmentObject { key, len };
-                    self.uploaded.insert(id, o.clone());
-                    o
-                }
+                // Streamed while it was written, or uploaded now.
+                None => match self.streamer.as_ref().and_then(|s| s.take(id, len)) {
+                    Some(streamed) => {
+                        let o = streamed?;
+                        self.uploaded.insert(id, o.clone());
+                        o
+                    }
+                    None => self.upload(img, id, len)?,
+                },
             };
             segments.insert(id, obj);
         }
@@ -187,6 +195,20 @@ impl Publisher {
             let _ = self.drop_superseded(&old);
         }
         Ok(seq)
+    }
+
+    /// Uploads segment `id` (`len` committed bytes) from the local store.
+    fn upload(&mut self, img: &LocalImage, id: u64, len: u64) -> Result<SegmentObject> {
+        let key = segment_key(&self.token, id);
+        let path = img.seg_dir.join(segment::file_name(id));
+        let file = img
+            .io
+            .open(&path, false)
+            .map_err(|e| Error::io("open", &path, e))?;
+        self.bucket.upload_file(&key, &*file, len)?;
+        let o = SegmentObject { key, len };
+        self.uploaded.insert(id, o.clone());
+        Ok(o)
     }
 
     /// Deletes commit object `old` and its segment objects the head no longer names.

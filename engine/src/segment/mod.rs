@@ -23,6 +23,7 @@ pub mod trailer;
 mod writer;
 
 pub(crate) use writer::{Run, SegmentWriter};
+pub use writer::SegmentTap;
 
 /// Bytes reserved for the segment header; the first frame starts here.
 pub const SEGMENT_DATA_OFFSET: u64 = 4096;

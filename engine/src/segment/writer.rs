@@ -19,8 +19,23 @@ use crate::crypt::Sealer;
 use crate::error::{Error, Result};
 use crate::io::{Storage, StorageFile};
 use ckptstore_proto::v1 as pb;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// Told about the bytes of the segment files a writer writes, as they become final: the
+/// bucket store (crate::remote::Streamer) uploads them while the checkpoint is still being
+/// written. Bytes reported final are never written again; the commit trailer, past a
+/// segment's committed length, is not part of what is reported.
+pub trait SegmentTap: Send + Sync {
+    /// Segment `id` was created at `path` (its header written).
+    fn created(&self, id: u64, path: &Path);
+    /// Bytes `[0, upto)` of segment `id` are final.
+    fn final_upto(&self, id: u64, upto: u64);
+    /// Segment `id` is whole: `len` committed bytes, all final.
+    fn finished(&self, id: u64, len: u64);
+    /// Segment `id` is being removed (its writer dropped before a commit took it).
+    fn dropped(&self, id: u64);
+}
 
 /// Payload bytes written between two writeback hints.
 const WRITEBACK_SLICE: usize = 16 << 20;
@@ -75,6 +90,8 @@ pub(crate) struct SegmentWriter {
     sealer: Option<Arc<Sealer>>,
     /// The ciphertext of the chunk being sealed (reused).
     sealed: Vec<u8>,
+    /// Told as bytes become final (see [`SegmentTap`]).
+    tap: Option<Arc<dyn SegmentTap>>,
 }
 
 impl SegmentWriter {
@@ -88,7 +105,14 @@ impl SegmentWriter {
             sync_failed: false,
             sealer: None,
             sealed: Vec::new(),
+            tap: None,
         }
+    }
+
+    /// Tells `tap` about every segment this writer writes (none: nobody).
+    pub(crate) fn tapped(mut self, tap: Option<Arc<dyn SegmentTap>>) -> Self {
+        self.tap = tap;
+        self
     }
 
     /// Seals every chunk this writer writes with `sealer` (none: plain).
@@ -205,6 +229,10 @@ impl SegmentWriter {
             )?;
         }
         seg.end = end;
+        let id = seg.id;
+        if let Some(t) = &self.tap {
+            t.final_upto(id, end);
+        }
         Ok(())
     }
 
@@ -300,13 +328,21 @@ impl SegmentWriter {
         });
         seg.file
             .write_at(&encode_header(id), 0)
-            .map_err(|e| Error::io("write", &seg.path, e))
+            .map_err(|e| Error::io("write", &seg.path, e))?;
+        if let Some(t) = &self.tap {
+            t.created(id, &seg.path);
+        }
+        Ok(())
     }
 
     /// fdatasyncs the open segment and sets it aside with its final length (also when the
     /// fdatasync fails, so that the cleanup still removes it).
     fn finish_open(&mut self) -> Result<()> {
         if let Some(seg) = self.open.take() {
+            // Before the fdatasync: the upload and the disk work at once.
+            if let Some(t) = &self.tap {
+                t.finished(seg.id, seg.end);
+            }
             let synced = seg.file.sync_data();
             self.finished.push(Finished {
                 id: seg.id,
@@ -339,10 +375,16 @@ impl Drop for SegmentWriter {
         // Not released: remove what this writer created. Best effort; recovery removes any
         // segment no commit record references.
         if let Some(seg) = self.open.take() {
+            if let Some(t) = &self.tap {
+                t.dropped(seg.id);
+            }
             drop(seg.file);
             let _ = self.io.remove_file(&seg.path);
         }
         for s in self.finished.drain(..) {
+            if let Some(t) = &self.tap {
+                t.dropped(s.id);
+            }
             let _ = self.io.remove_file(&s.path);
         }
     }

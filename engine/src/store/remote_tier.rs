@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::io::Storage;
 use crate::remote::{
     self, Bucket, CommitObject, LocalImage, Publisher, RemoteUrl, ReplicaStatus, Replication,
-    Replicator,
+    Replicator, Streamer,
 };
 use crate::wal::RecordType;
 use ckptstore_proto::v1 as pb;
@@ -34,6 +34,8 @@ enum Kind {
     Sync {
         publisher: Publisher,
         marker: PathBuf,
+        /// Uploads the transactions' segments while they are written (the publisher takes them).
+        streamer: Arc<Streamer>,
     },
 }
 
@@ -112,6 +114,13 @@ pub fn pull(url: &str, dir: &Path, opts: &Options) -> Result<Option<u64>> {
     Ok(Some(obj.seq))
 }
 
+/// A random upload token (16 hex digits).
+fn fresh_token() -> Result<String> {
+    let mut raw = [0u8; 8];
+    getrandom::fill(&mut raw).map_err(|e| Error::invalid(format!("getrandom: {e}")))?;
+    Ok(raw.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// This directory's upload token: read, or created (random) on first use.
 fn token(io: &dyn Storage, path: &Path) -> Result<String> {
     if let Ok(b) = super::files::read_small(io, path, 64) {
@@ -122,9 +131,7 @@ fn token(io: &dyn Storage, path: &Path) -> Result<String> {
             }
         }
     }
-    let mut raw = [0u8; 8];
-    getrandom::fill(&mut raw).map_err(|e| Error::invalid(format!("getrandom: {e}")))?;
-    let t: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let t = fresh_token()?;
     let _ = io.remove_file(path);
     let f = io
         .create_new(path)
@@ -239,7 +246,6 @@ pub(crate) fn open_url(url: &str, opts: Options) -> Result<Store> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io("remove dir", &store_dir, e)),
         }
-        let _ = io.remove_file(&cache.join(REPLICA_TOKEN_NAME));
         super::recovery::create_store_dir(&*io, &store_dir)?;
         if let Some(h) = &head {
             restore(&*io, &store_dir, h, &bucket)?;
@@ -247,15 +253,23 @@ pub(crate) fn open_url(url: &str, opts: Options) -> Result<Store> {
         write_marker(&*io, &marker, head_seq)?;
     }
     let read_only = opts.read_only;
-    let token = token(&*io, &cache.join(REPLICA_TOKEN_NAME))?;
     let mut store = Store::open_dir(&store_dir, opts, None)?;
     if !read_only {
-        let mut publisher = Publisher::with_head(bucket, &token, head)?;
+        // A token of this open's own: the uploads of a writer that died before its local
+        // commit are never taken for segments written after the recovery (same ids).
+        let token = fresh_token()?;
+        let streamer = Arc::new(Streamer::new(bucket.clone(), &token, io.clone()));
+        let publisher = Publisher::with_head(bucket, &token, head)?.with_streamer(streamer.clone());
+        let mut publisher = publisher;
         // Leftovers of a writer that died are removed (best effort: a failure leaves them for
         // the next open, and the store works regardless).
         let _ = publisher.sweep();
         store.remote = Some(RemoteTier {
-            kind: Kind::Sync { publisher, marker },
+            kind: Kind::Sync {
+                publisher,
+                marker,
+                streamer,
+            },
             generation: 0,
         });
     }
@@ -263,6 +277,16 @@ pub(crate) fn open_url(url: &str, opts: Options) -> Result<Store> {
 }
 
 impl Store {
+    /// What a transaction's segment writer tells as it writes: a bucket store's streamer.
+    pub(crate) fn segment_tap(&self) -> Option<Arc<dyn crate::segment::SegmentTap>> {
+        match self.remote.as_ref().map(|r| &r.kind) {
+            Some(Kind::Sync { streamer, .. }) => {
+                Some(streamer.clone() as Arc<dyn crate::segment::SegmentTap>)
+            }
+            _ => None,
+        }
+    }
+
     /// The live state as the publisher takes it, as generation `generation`.
     fn image(&self, generation: u64) -> LocalImage {
         LocalImage {
@@ -299,7 +323,9 @@ impl Store {
                 rep.submit(img);
                 return Ok(());
             }
-            Kind::Sync { publisher, marker } => remove_marker(&*io, marker)
+            Kind::Sync {
+                publisher, marker, ..
+            } => remove_marker(&*io, marker)
                 .and_then(|()| publisher.publish(&img))
                 .and_then(|seq| write_marker(&*io, marker, seq)),
         };
