@@ -251,6 +251,55 @@ fn a_slow_request_times_out_and_is_retried() {
     assert!(faults.requests() > n + 1);
 }
 
+/// A bucket store uploads a checkpoint's segment while the checkpoint is being written (its
+/// parts go out before `commit` is called), and a writer that dies mid-stream commits
+/// nothing: the next open sees the previous checkpoint, whole, and no leftover.
+fn stopped_mid_stream(url: &str) {
+    let cache = tempfile::tempdir().unwrap();
+    let faults = Arc::new(Faults::new());
+    let (x, y) = (data(11, 10_000), data(12, 16 << 20)); // y: four 5 MiB parts
+    {
+        let mut s = Store::open(url, faulty(&cache.path().join("a"), &faults)).unwrap();
+        commit(&mut s, 1, &[("x", &x)]);
+        let before = faults.requests();
+        // The second part is slow: the writer is surely stopped while it is in flight.
+        faults.at(before + 3, Fault::Slow(Duration::from_millis(300)));
+        let mut t = s.begin(2).unwrap();
+        t.put_tensor("y", ckptstore::DType::U8, &[y.len() as u64], &y)
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while faults.requests() < before + 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no part uploaded before the commit (the segment is not streamed)"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        faults.stop_after(faults.requests());
+        let e = t.commit().unwrap_err();
+        assert!(matches!(e, Error::Remote { .. }), "{e}");
+    }
+    let s = Store::open(url, opts(&cache.path().join("b"))).unwrap();
+    assert_eq!(s.list().iter().map(|c| c.id).collect::<Vec<_>>(), [1]);
+    assert_holds(&s, 1, &[("x", &x)]);
+    drop(s);
+    assert_no_leftovers(url);
+}
+
+#[test]
+fn a_writer_stopped_mid_stream_commits_nothing_file() {
+    let (_d, url) = file_url();
+    stopped_mid_stream(&url);
+}
+
+#[test]
+fn a_writer_stopped_mid_stream_commits_nothing_s3() {
+    let Some(url) = s3_url("mid_stream") else {
+        return;
+    };
+    stopped_mid_stream(&url);
+}
+
 /// The writer's operations of the crash sweep, each a state of the store after it.
 type States = Vec<BTreeMap<u64, Vec<(&'static str, Vec<u8>)>>>;
 
