@@ -656,6 +656,142 @@ fn cli_commands_take_a_url() {
     assert!(!out.status.success());
 }
 
+/// Runs the CLI with `args`; its stdout, or a panic with its output when it fails.
+fn cli(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ckptstore"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{args:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// `ckptstore bench --dir URL`: save and load GB/s and requests per checkpoint, and the
+/// bench leaves nothing in the bucket.
+fn bench_on_a_url(url: &str) {
+    let out = cli(&[
+        "bench", "--dir", url, "--size", "6MiB", "--rounds", "1", "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["save_gb_s"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["load_gb_s"].as_f64().unwrap() > 0.0, "{v}");
+    // At least a segment upload and the commit object; the load lists, gets and downloads.
+    assert!(v["save_requests"].as_u64().unwrap() >= 2, "{v}");
+    assert!(v["load_requests"].as_u64().unwrap() >= 3, "{v}");
+    let b = bucket(url);
+    for dir in [remote::LOG_DIR, remote::SEGMENTS_DIR] {
+        assert!(b.list(dir).unwrap().is_empty(), "the bench left {dir}/");
+    }
+    let text = cli(&["bench", "--dir", url, "--size", "1MiB", "--rounds", "1"]);
+    assert!(text.contains("GB/s") && text.contains("requests"), "{text}");
+}
+
+#[test]
+fn cli_bench_takes_a_url_file() {
+    let (_d, url) = file_url();
+    bench_on_a_url(&url);
+}
+
+#[test]
+fn cli_bench_takes_a_url_s3() {
+    let Some(url) = s3_url("cli_bench") else {
+        return;
+    };
+    bench_on_a_url(&url);
+}
+
+/// `ckptstore recover URL`: reports the newest commit object; objects no commit names are
+/// removed once older than the grace (a superseded commit object at once), or only reported
+/// with --dry-run.
+fn recover_a_url(url: &str) {
+    let cache = tempfile::tempdir().unwrap();
+    let x = data(21, 9000);
+    {
+        let mut s = Store::open(url, opts(cache.path())).unwrap();
+        commit(&mut s, 1, &[("x", &x)]);
+        commit(&mut s, 2, &[("x", &x)]);
+    }
+    let b = bucket(url);
+    let head = remote::latest(&b).unwrap().unwrap().seq;
+    let stale_log = remote::log_key(head - 1);
+    let orphan = remote::segment_key("0123456789abcdef", 42);
+    assert!(b.put_create(&stale_log, b"old".to_vec()).unwrap());
+    assert!(b.put_create(&orphan, vec![7; 5000]).unwrap());
+    let json = |args: &[&str]| -> serde_json::Value {
+        serde_json::from_str(&cli(&[&["recover", url, "--json"], args].concat())).unwrap()
+    };
+    let unnamed = |v: &serde_json::Value| -> BTreeMap<String, (bool, bool)> {
+        v["unnamed"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| {
+                let flag = |k: &str| o[k].as_bool().unwrap();
+                (
+                    o["key"].as_str().unwrap().to_string(),
+                    (flag("removable"), flag("removed")),
+                )
+            })
+            .collect()
+    };
+    let v = json(&["--dry-run", "--grace-secs", "0"]);
+    assert_eq!(v["seq"].as_u64(), Some(head), "{v}");
+    assert_eq!(v["checkpoints"].as_u64(), Some(2), "{v}");
+    assert_eq!(
+        unnamed(&v),
+        [
+            (stale_log.clone(), (true, false)),
+            (orphan.clone(), (true, false))
+        ]
+        .into()
+    );
+    assert!(b.get(&orphan).unwrap().is_some() && b.get(&stale_log).unwrap().is_some());
+    // The default grace (an hour) keeps the young orphan: it may be an upload in flight.
+    let v = json(&[]);
+    assert_eq!(
+        unnamed(&v),
+        [(stale_log, (true, true)), (orphan.clone(), (false, false))].into()
+    );
+    let text = cli(&["recover", url, "--grace-secs", "0"]);
+    assert!(
+        text.contains(&remote::log_key(head)) && text.contains(&orphan) && text.contains("removed"),
+        "{text}"
+    );
+    assert_no_leftovers(url);
+    let s = Store::open(url, opts(&cache.path().join("again"))).unwrap();
+    assert_holds(&s, 2, &[("x", &x)]);
+    // Directory-only flags are refused on a URL, URL-only flags on a directory.
+    for args in [
+        vec!["recover", url, "--salvage"],
+        vec!["recover", cache.path().to_str().unwrap(), "--dry-run"],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ckptstore"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+    }
+}
+
+#[test]
+fn cli_recover_takes_a_url_file() {
+    let (_d, url) = file_url();
+    recover_a_url(&url);
+}
+
+#[test]
+fn cli_recover_takes_a_url_s3() {
+    let Some(url) = s3_url("cli_recover") else {
+        return;
+    };
+    recover_a_url(&url);
+}
+
 #[test]
 fn the_replica_keeps_more_with_replica_keep_last() {
     let (_d, url) = file_url();

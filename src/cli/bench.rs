@@ -32,7 +32,10 @@ resident size before it.
 
 Exit status: 0 on success; 1 with a one-line reason on stderr.")]
 pub struct Args {
-    /// Directory to benchmark in (created; what the bench writes there is removed at the end).
+    /// Directory to benchmark in (created; what the bench writes there is removed at the end),
+    /// or a bucket URL (s3://bucket/prefix, with AWS_ENDPOINT_URL / AWS_ALLOW_HTTP and the
+    /// credentials from the environment): then the bench saves and loads bucket stores under
+    /// that prefix and reports GB/s and requests per checkpoint.
     #[arg(long, default_value = "ckptstore-bench")]
     pub dir: PathBuf,
     /// Bytes per checkpoint (and for the raw figures): e.g. 2GiB, 512MiB, 1000000.
@@ -95,7 +98,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// Median of the samples (seconds).
-fn median(v: &[f64]) -> f64 {
+pub(super) fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
     s[s.len() / 2]
@@ -491,6 +494,9 @@ pub fn run(a: Args) -> CliResult {
     } else {
         a.sizes.clone()
     };
+    if super::is_url(&a.dir) {
+        return super::bench_remote::run(&a, &sizes);
+    }
     std::fs::create_dir_all(&a.dir)
         .map_err(|e| super::Failure(format!("cannot create {}: {e}", a.dir.display())))?;
     let work = a.dir.join(format!("bench-{}", std::process::id()));
@@ -794,7 +800,7 @@ fn measure(a: &Args, size: u64, work: &Path) -> CliResult<Samples> {
 
 /// Writes `(round, block, variant)` into the head of every block, so no block equals one of
 /// another round or variant (nothing deduplicates by accident).
-fn stamp(data: &mut [u8], round: usize, variant: u64) {
+pub(super) fn stamp(data: &mut [u8], round: usize, variant: u64) {
     for (k, block) in data.chunks_mut(BLOCK).enumerate() {
         let head = [round as u64, k as u64, variant];
         for (i, w) in head.iter().enumerate() {
@@ -812,14 +818,17 @@ fn segment_files(dir: &Path) -> CliResult<Vec<PathBuf>> {
 }
 
 /// Splits the data into tensors of 64 MiB (the last shorter), named like a model's layers.
-fn put_all(data: &[u8], mut put: impl FnMut(&str, &[u8]) -> ckptstore::Result<()>) -> CliResult {
+pub(super) fn put_all(
+    data: &[u8],
+    mut put: impl FnMut(&str, &[u8]) -> ckptstore::Result<()>,
+) -> CliResult {
     for (i, t) in data.chunks(64 << 20).enumerate() {
         put(&format!("layers.{i}.weight"), t)?;
     }
     Ok(())
 }
 
-fn pseudo_random(n: usize) -> Vec<u8> {
+pub(super) fn pseudo_random(n: usize) -> Vec<u8> {
     let mut out = vec![0u8; n];
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     for w in out.chunks_mut(8) {
@@ -872,7 +881,7 @@ fn cold_load_with(dir: &Path, zero_copy: bool, opts: Options) -> CliResult<f64> 
 }
 
 /// Reads one byte of every 4 KiB page of `b` (a user's first look at a loaded tensor).
-fn touch(b: &[u8]) -> usize {
+pub(super) fn touch(b: &[u8]) -> usize {
     b.iter()
         .step_by(4096)
         .map(|&x| usize::from(x))

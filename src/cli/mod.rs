@@ -4,6 +4,7 @@
 mod bench;
 mod bench_cost;
 mod bench_raw;
+mod bench_remote;
 mod crashtest;
 mod demo;
 mod export;
@@ -15,6 +16,7 @@ mod pin;
 mod plot;
 mod pull;
 mod recover;
+mod recover_remote;
 mod rekey;
 mod scrub;
 mod synth;

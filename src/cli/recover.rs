@@ -12,8 +12,17 @@ use std::path::{Path, PathBuf};
 /// Arguments of `ckptstore recover`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The store directory. It must exist: `recover` never creates a store.
+    /// The store directory (it must exist: `recover` never creates a store), or a bucket
+    /// store's URL (s3://bucket/prefix, file://...): then recovery lists its commit objects,
+    /// reports the newest, and removes the objects no commit names once older than the grace.
     pub dir: PathBuf,
+    /// A URL only: report what would be removed, remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// A URL only: objects no commit names are removed once this old (seconds; default one
+    /// hour: a younger one may be a live writer's upload in flight).
+    #[arg(long, value_name = "SECS")]
+    pub grace_secs: Option<u64>,
     /// Salvage a store whose WAL is corrupt before its end (RecoveryMode::PointInTime):
     /// skip the damaged record and keep every valid record before and after it that applies.
     /// Nothing is deleted: the WAL as it was and the segments no kept record references go
@@ -97,6 +106,12 @@ fn report_json(r: &RecoveryReport, mode: &str, store: &Store) -> Value {
 
 /// Runs recovery as the writer and prints its report.
 pub fn run(a: Args) -> CliResult {
+    if super::is_url(&a.dir) {
+        return super::recover_remote::run(&a);
+    }
+    if a.dry_run || a.grace_secs.is_some() {
+        return fail("--dry-run and --grace-secs are for a bucket store (a URL)");
+    }
     check_dir(&a.dir)?;
     if !looks_like_store(&a.dir) {
         return fail(format!(

@@ -530,7 +530,10 @@ impl Bucket {
         if let Some(len) = first.len.filter(|&l| l <= part) {
             let _permit = self.budget.acquire().await;
             let payload = PutPayload::from(read(0, len)?);
-            return self.attempt(self.store.put(path, payload)).await.map(|_| ());
+            return self
+                .attempt(self.store.put(path, payload))
+                .await
+                .map(|_| ());
         }
         let mut up = self.attempt(self.store.put_multipart(path)).await?;
         let mut in_flight = FuturesUnordered::new();

@@ -14,7 +14,7 @@ use crate::wal::RecordType;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// A local store's live state, as the publisher needs it.
 #[derive(Debug, Clone)]
@@ -230,12 +230,27 @@ impl Publisher {
     /// one may be another writer's upload in flight, and this token's own are kept for reuse).
     /// Returns the keys removed.
     pub fn sweep(&mut self) -> Result<Vec<String>> {
+        let mine = format!("{SEGMENTS_DIR}/{}/", self.token);
         let mut removed = Vec::new();
-        let head_seq = self.head_seq();
-        for o in self.bucket.list(LOG_DIR)? {
-            if parse_log_key(&o.key).is_some_and(|s| s < head_seq) {
+        for o in self.unnamed(self.bucket.policy().orphan_grace)? {
+            if o.removable && !o.key.starts_with(&mine) {
                 self.bucket.delete(&o.key)?;
                 removed.push(o.key);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Every object the newest commit object does not name, oldest commit objects first:
+    /// commit objects older than the head are always removable, segment objects once `grace`
+    /// old (a younger one may be a live writer's upload in flight).
+    pub fn unnamed(&self, grace: Duration) -> Result<Vec<Unnamed>> {
+        let mut out = Vec::new();
+        let head_seq = self.head_seq();
+        let now = SystemTime::now();
+        for o in self.bucket.list(LOG_DIR)? {
+            if parse_log_key(&o.key).is_some_and(|s| s < head_seq) {
+                out.push(Unnamed::of(o, now, true));
             }
         }
         let named: std::collections::BTreeSet<&str> = self
@@ -243,17 +258,83 @@ impl Publisher {
             .iter()
             .flat_map(|h| h.segments.values().map(|s| s.key.as_str()))
             .collect();
-        let mine = format!("{SEGMENTS_DIR}/{}/", self.token);
-        let now = SystemTime::now();
         for o in self.bucket.list(SEGMENTS_DIR)? {
-            let old = now
-                .duration_since(o.last_modified)
-                .is_ok_and(|age| age >= self.bucket.policy().orphan_grace);
-            if !named.contains(o.key.as_str()) && !o.key.starts_with(&mine) && old {
-                self.bucket.delete(&o.key)?;
-                removed.push(o.key);
+            if !named.contains(o.key.as_str()) {
+                let old = now
+                    .duration_since(o.last_modified)
+                    .is_ok_and(|age| age >= grace);
+                out.push(Unnamed::of(o, now, old));
             }
         }
-        Ok(removed)
+        Ok(out)
     }
+
+    /// `ckptstore recover URL`: the newest commit object, and what no commit names — removed
+    /// when `apply` and old enough (`grace`), else only reported. Unlike [`Publisher::sweep`]
+    /// it spares no writer's token: run it when no writer is running, or keep a grace longer
+    /// than any upload.
+    pub fn recover(&mut self, grace: Duration, apply: bool) -> Result<BucketRecovery> {
+        let mut unnamed = self.unnamed(grace)?;
+        if apply {
+            for o in unnamed.iter_mut().filter(|o| o.removable) {
+                self.bucket.delete(&o.key)?;
+                o.removed = true;
+            }
+        }
+        let head = self.head.as_ref();
+        Ok(BucketRecovery {
+            head_seq: head.map(|h| h.seq),
+            checkpoints: head.map_or(0, |h| {
+                h.records
+                    .iter()
+                    .filter(|(ty, _)| *ty == RecordType::Commit)
+                    .count()
+            }),
+            segment_objects: head.map_or(0, |h| h.segments.len()),
+            segment_bytes: head.map_or(0, |h| h.segments.values().map(|s| s.len).sum()),
+            unnamed,
+        })
+    }
+}
+
+/// An object no commit object names ([`Publisher::unnamed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unnamed {
+    /// Key relative to the store's prefix.
+    pub key: String,
+    /// Bytes.
+    pub size: u64,
+    /// Since the server last wrote it.
+    pub age: Duration,
+    /// Old enough to remove (a superseded commit object always is).
+    pub removable: bool,
+    /// Removed by this run.
+    pub removed: bool,
+}
+
+impl Unnamed {
+    fn of(o: super::bucket::Listed, now: SystemTime, removable: bool) -> Unnamed {
+        Unnamed {
+            age: now.duration_since(o.last_modified).unwrap_or_default(),
+            key: o.key,
+            size: o.size,
+            removable,
+            removed: false,
+        }
+    }
+}
+
+/// What [`Publisher::recover`] found in a bucket store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BucketRecovery {
+    /// The newest commit object's sequence number (`None`: an empty store).
+    pub head_seq: Option<u64>,
+    /// Live checkpoints it holds.
+    pub checkpoints: usize,
+    /// Segment objects it names, and their bytes.
+    pub segment_objects: usize,
+    /// Bytes of those.
+    pub segment_bytes: u64,
+    /// Objects it does not name.
+    pub unnamed: Vec<Unnamed>,
 }

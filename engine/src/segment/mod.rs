@@ -22,8 +22,8 @@ use crate::le;
 pub mod trailer;
 mod writer;
 
-pub(crate) use writer::{Run, SegmentWriter};
 pub use writer::SegmentTap;
+pub(crate) use writer::{Run, SegmentWriter};
 
 /// Bytes reserved for the segment header; the first frame starts here.
 pub const SEGMENT_DATA_OFFSET: u64 = 4096;
