@@ -380,21 +380,32 @@ impl Bucket {
     /// Fails with a clear error unless the bucket exists and this identity may list it; sent
     /// before anything is written.
     pub fn check_access(&self) -> Result<()> {
-        let key = format!("{}/", super::layout::LOG_DIR);
         self.list(super::layout::LOG_DIR)
             .map(|_| ())
-            .map_err(|e| match e {
-                Error::Remote { url, message, .. } => Error::Remote {
-                    url,
-                    op: "open",
-                    key,
-                    message: format!(
-                        "cannot list the store's commit log (does the bucket exist, and may these \
+            .map_err(Self::access_error)
+    }
+
+    /// The error of a failed listing of the commit log, said as what it most likely means
+    /// (what [`Bucket::check_access`] reports; an open that lists the log anyway maps its own
+    /// listing's error with this instead of sending one more request).
+    pub fn access_error(e: Error) -> Error {
+        match e {
+            Error::Remote {
+                url,
+                message,
+                op: "list",
+                ..
+            } => Error::Remote {
+                url,
+                op: "open",
+                key: format!("{}/", super::layout::LOG_DIR),
+                message: format!(
+                    "cannot list the store's commit log (does the bucket exist, and may these \
                      credentials read it?): {message}"
-                    ),
-                },
-                other => other,
-            })
+                ),
+            },
+            other => other,
+        }
     }
 
     /// Creates `key` holding `bytes` if no object has that name. `Ok(false)`: one exists (not
@@ -597,7 +608,9 @@ impl Bucket {
     }
 
     /// Downloads object `key` (`len` bytes) into `file` from offset 0, in ranged GETs of
-    /// `part_size`, at most `parts_in_flight` at once, each retried on its own.
+    /// `part_size`, within the bucket's budget of ranges in flight, each retried on its own and
+    /// written where it belongs as it arrives, with a writeback hint (the disk works while
+    /// later ranges arrive, so the caller's fdatasync finds little left to do).
     pub fn download_file(&self, key: &str, len: u64, file: &dyn StorageFile) -> Result<()> {
         let path = self.path(key);
         let part = self.policy.part_size as u64;
@@ -608,17 +621,19 @@ impl Bucket {
             let mut chunks = futures_util::stream::iter(ranges.into_iter().map(|r| {
                 let path = &path;
                 async move {
+                    let _permit = self.budget.acquire().await;
                     let b = self
                         .retried(|| self.attempt(self.store.get_range(path, r.clone())))
                         .await?;
-                    Ok::<_, Failure>((r.start, b))
+                    file.write_at(&b, r.start)
+                        .map_err(|e| Failure::Permanent(format!("write: {e}")))?;
+                    let _ = file.start_writeback(r.start, b.len() as u64);
+                    Ok::<_, Failure>(())
                 }
             }))
             .buffer_unordered(self.policy.parts_in_flight);
             while let Some(got) = chunks.next().await {
-                let (at, bytes) = got?;
-                file.write_at(&bytes, at)
-                    .map_err(|e| Failure::Permanent(format!("write: {e}")))?;
+                got?;
             }
             Ok(())
         })?;

@@ -40,11 +40,17 @@ enum Kind {
 }
 
 fn bucket_for(url: &RemoteUrl, opts: &Options) -> Result<Arc<Bucket>> {
+    let b = unchecked_bucket(url, opts)?;
+    b.check_access()?;
+    Ok(b)
+}
+
+/// [`bucket_for`] without the access check (for a caller that lists the commit log at once).
+fn unchecked_bucket(url: &RemoteUrl, opts: &Options) -> Result<Arc<Bucket>> {
     let mut b = Bucket::open(url)?.with_policy(opts.remote_policy);
     if let Some(f) = &opts.remote_faults {
         b = b.with_faults(f.clone());
     }
-    b.check_access()?;
     Ok(Arc::new(b))
 }
 
@@ -223,7 +229,9 @@ pub(crate) fn open_url(url: &str, opts: Options) -> Result<Store> {
         ));
     }
     let rurl: RemoteUrl = url.parse()?;
-    let bucket = bucket_for(&rurl, &opts)?;
+    let bucket = unchecked_bucket(&rurl, &opts)?;
+    // Its listing is the access check: a clear error before anything is written.
+    let head = remote::latest(&bucket).map_err(Bucket::access_error)?;
     let io = opts.io.clone();
     let cache = match &opts.cache_dir {
         Some(d) => d.clone(),
@@ -232,7 +240,6 @@ pub(crate) fn open_url(url: &str, opts: Options) -> Result<Store> {
     super::recovery::create_store_dir(&*io, &cache)?;
     let store_dir = cache.join("store");
     let marker = cache.join("SEQ");
-    let head = remote::latest(&bucket)?;
     let head_seq = head.as_ref().map_or(0, |h| h.seq);
     let cached = read_marker(&*io, &marker) == Some(head_seq)
         && io
