@@ -8,9 +8,12 @@ Starts moto_server on 127.0.0.1 (stopped after) unless --endpoint is given. moto
 functional server written in Python, not a speed reference: read the ratios, not the absolute
 figures. boto3 gets the same concurrency as ckptstore (4 parts of 16 MiB in flight) and the
 easier job: it moves one file of the state's raw bytes (no hashing, no manifest), timed for the
-transfer alone. ckptstore's save is `cs.save` into `cs.Store("s3://...")` (local cache write,
-then upload, then the commit object); its load is `cs.load` from a fresh cache (pull, then
-read and verify every chunk). Requests are counted from the server's access log.
+transfer alone. ckptstore's save is `cs.save` into `cs.Store("s3://...")` (the local cache
+write, with each segment streamed to the bucket as it is written, then the commit object);
+its load is `cs.load` from a fresh cache (pull, then read and verify every chunk). Requests
+are counted from the server's access log, and the server's CPU seconds per operation from
+/proc (moto is CPU-bound: what it spends is most of each figure). The machine may be shared:
+the ratios are the medians of each round's ratio (the two sides of a round run back to back).
 """
 
 from __future__ import annotations
@@ -56,6 +59,12 @@ def count_requests(log_path: str) -> int:
         return sum(1 for line in f if '" 2' in line or '" 4' in line or '" 5' in line)
 
 
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", type=int, default=256)
@@ -81,6 +90,7 @@ def main() -> None:
         rows: dict[str, list[float]] = {k: [] for k in
                                         ("cs_save", "cs_load", "boto_up", "boto_down")}
         reqs: dict[str, list[int]] = {k: [] for k in rows}
+        server_cpu: dict[str, list[float]] = {k: [] for k in rows}
         for r in range(a.rounds):
             state = {f"t{i}": torch.randn(n, generator=g) for i in range(8)}
             nbytes = sum(t.numel() * 4 for t in state.values())
@@ -91,11 +101,13 @@ def main() -> None:
 
             def timed(key: str, fn) -> None:
                 before = count_requests(log_path) if proc else 0
+                c0 = cpu_seconds(proc.pid) if proc else 0.0
                 t0 = time.perf_counter()
                 fn()
                 rows[key].append(nbytes / (time.perf_counter() - t0) / 1e9)
                 if proc:
                     reqs[key].append(count_requests(log_path) - before)
+                    server_cpu[key].append(cpu_seconds(proc.pid) - c0)
 
             url = f"s3://bench/run{r}"
             os.environ["CKPTSTORE_CACHE_DIR"] = os.path.join(work, f"cache-w{r}")
@@ -118,9 +130,14 @@ def main() -> None:
         print(f"state {a.mib} MiB, {a.rounds} rounds, medians (moto on loopback: ratios only)")
         for k in rows:
             rq = f", {statistics.median(reqs[k]):.0f} requests" if reqs[k] else ""
-            print(f"  {k:10s} {med[k]:.3f} GB/s{rq}")
-        print(f"  save ratio ckptstore/boto3 {med['cs_save'] / med['boto_up']:.2f}x, "
-              f"load ratio {med['cs_load'] / med['boto_down']:.2f}x")
+            sc = (f", server CPU {statistics.median(server_cpu[k]):.2f} s"
+                  if server_cpu[k] else "")
+            print(f"  {k:10s} {med[k]:.3f} GB/s{rq}{sc}")
+
+        def ratio(a: str, b: str) -> float:
+            return statistics.median(x / y for x, y in zip(rows[a], rows[b]))
+        print(f"  save ratio ckptstore/boto3 {ratio('cs_save', 'boto_up'):.2f}x, "
+              f"load ratio {ratio('cs_load', 'boto_down'):.2f}x (medians of the rounds' ratios)")
     finally:
         if proc:
             proc.kill()
