@@ -707,3 +707,274 @@ fn sigkill_of_the_cli_mid_publish() {
         assert_no_leftovers(&url);
     }
 }
+
+/// `segments/` entries that are not segment files (a fetch's temporary files).
+fn temp_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir.join("segments"))
+        .map(|r| {
+            r.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.ends_with(".seg"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A lazy restore: `pull` and a replica's restore of a lost directory send only the commit
+/// log's requests (no segment is downloaded before a read); the first read fetches what it
+/// needs and loads bit-exact; a new commit deduplicates against chunks still in the bucket
+/// (fetching nothing), and a delete frees segments that were never fetched.
+fn lazy_restore(url: &str) {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("local");
+    let ropts = |f: Option<&Arc<Faults>>| Options {
+        replica: Some(url.to_string()),
+        remote_faults: f.cloned(),
+        ..opts(&root.path().join("cache"))
+    };
+    let (w, b) = (big(), data(40, 9000));
+    {
+        let mut s = Store::open(&dir, ropts(None)).unwrap();
+        commit(&mut s, 1, &[("w", &w)]);
+        commit(&mut s, 2, &[("b", &b)]);
+        s.wait_replicated(Some(Duration::from_secs(60))).unwrap();
+    }
+    let segments = support::segment_files(&dir).len();
+    assert!(segments >= 2);
+
+    // `pull`: one list to check access, then the newest commit object (a list and a get).
+    let faults = Arc::new(Faults::new());
+    let pulled = root.path().join("pulled");
+    ckptstore::store::pull(url, &pulled, &faulty(root.path(), &faults)).unwrap();
+    assert_eq!(
+        faults.requests(),
+        3,
+        "pull sent more than the commit log's requests"
+    );
+    assert!(support::segment_files(&pulled).is_empty());
+    let ro = Options {
+        remote_faults: Some(faults.clone()),
+        remote_policy: policy(),
+        ..Options::read_only()
+    };
+    let s = Store::open(&pulled, ro).unwrap();
+    assert_eq!(
+        faults.requests(),
+        3,
+        "the open of a pulled store fetched something"
+    );
+    assert_eq!(s.segments_in_bucket().len(), segments);
+    assert_holds(&s, 2, &[("b", &b)]);
+    assert!(faults.requests() > 3);
+    assert_eq!(
+        support::segment_files(&pulled).len(),
+        1,
+        "fetched only b's segment"
+    );
+    assert_holds(&s, 1, &[("w", &w)]);
+    assert!(s.segments_in_bucket().is_empty());
+    drop(s);
+
+    // The replica restores a lost directory without downloading a segment.
+    std::fs::remove_dir_all(&dir).unwrap();
+    let mut s = Store::open(&dir, ropts(None)).unwrap();
+    assert_eq!(s.list().len(), 2);
+    assert!(support::segment_files(&dir).is_empty());
+    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+    // b's chunks are in a segment still in the bucket: deduplicated, nothing fetched.
+    let info = commit(&mut s, 3, &[("b", &b)]);
+    assert_eq!(
+        info.chunks_deduplicated,
+        b.len().div_ceil(support::CHUNK) as u64
+    );
+    assert_eq!(s.segments_in_bucket().len(), segments);
+    // Checkpoint 1's segment was never fetched: freed all the same.
+    s.delete(1).unwrap();
+    assert_eq!(s.segments_in_bucket().len(), segments - 1);
+    s.wait_replicated(Some(Duration::from_secs(60))).unwrap();
+    assert_holds(&s, 3, &[("b", &b)]);
+    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+    drop(s);
+    let s = Store::open(&dir, ropts(None)).unwrap();
+    assert_eq!(s.list().iter().map(|c| c.id).collect::<Vec<_>>(), [2, 3]);
+    assert_holds(&s, 2, &[("b", &b)]);
+    for c in s.list() {
+        s.verify(c.id).unwrap();
+    }
+    drop(s);
+    assert_no_leftovers(url);
+}
+
+#[test]
+fn lazy_restore_fetches_segments_when_read_file() {
+    let (_d, url) = file_url();
+    lazy_restore(&url);
+}
+
+#[test]
+fn lazy_restore_fetches_segments_when_read_s3() {
+    let Some(url) = s3_url("lazy_restore") else {
+        return;
+    };
+    lazy_restore(&url);
+}
+
+/// A fetch that fails (faults past the retries, the bucket gone mid-download: a crash as the
+/// bucket sees it) is a typed error, never a wrong byte, and leaves no file with the segment's
+/// name; a temporary file a killed fetch left is removed by the next writer open, which then
+/// reads bit-exact. A damaged cache file is never trusted, even by a read that skips
+/// verification.
+fn lazy_fetch_faults(url: &str) {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("local");
+    let w = big();
+    {
+        let mut s = Store::open(&dir, opts(root.path())).unwrap();
+        commit(&mut s, 1, &[("w", &w)]);
+    }
+    let rep = Options {
+        replica: Some(url.to_string()),
+        ..opts(root.path())
+    };
+    Store::open(&dir, rep)
+        .unwrap()
+        .wait_replicated(Some(Duration::from_secs(60)))
+        .unwrap();
+    let pulled = root.path().join("pulled");
+    ckptstore::store::pull(url, &pulled, &opts(root.path())).unwrap();
+    let with = |faults: &Arc<Faults>| Options {
+        remote_faults: Some(faults.clone()),
+        ..opts(root.path())
+    };
+    // Every request fails: retried, then Error::Remote.
+    let faults = Arc::new(Faults::new());
+    faults.every(Some(Fault::Error));
+    let s = Store::open(&pulled, with(&faults)).unwrap();
+    let e = s
+        .checkpoint(ckptstore::Selector::Latest)
+        .unwrap()
+        .tensor("w")
+        .map(|_| ())
+        .unwrap_err();
+    assert!(matches!(e, Error::Remote { .. }), "{e}");
+    assert!(support::segment_files(&pulled).is_empty());
+    assert!(temp_files(&pulled).is_empty(), "{:?}", temp_files(&pulled));
+    drop(s);
+    // The bucket stops answering after the first ranged GET (6 MiB in 5 MiB parts).
+    let faults = Arc::new(Faults::new());
+    faults.stop_after(1);
+    let s = Store::open(&pulled, with(&faults)).unwrap();
+    let e = s
+        .checkpoint(ckptstore::Selector::Latest)
+        .unwrap()
+        .tensor_with("w", false)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(matches!(e, Error::Remote { .. }), "{e}");
+    assert!(support::segment_files(&pulled).is_empty());
+    drop(s);
+    // What a SIGKILL mid-fetch leaves: a temporary file.
+    let seg = ckptstore::segment::file_name(1);
+    let stale = pulled.join("segments").join(format!("{seg}.fetch-1-0"));
+    std::fs::write(&stale, &w[..4096]).unwrap();
+    let s = Store::open(&pulled, opts(root.path())).unwrap();
+    assert!(temp_files(&pulled).is_empty(), "{:?}", temp_files(&pulled));
+    assert_holds(&s, 1, &[("w", &w)]);
+    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+    drop(s);
+    // A cache file damaged after its fetch: caught by every read, verifying or not.
+    let (name, _) = support::segment_files(&pulled).into_iter().next().unwrap();
+    let path = pulled.join("segments").join(name);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2; // in the payload (the frame's chunk table is at its start)
+    bytes[mid] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let s = Store::open(&pulled, Options::read_only()).unwrap();
+    let e = s
+        .checkpoint(ckptstore::Selector::Latest)
+        .unwrap()
+        .tensor_with("w", false)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(matches!(e, Error::ChunkCorrupt { .. }), "{e}");
+}
+
+#[test]
+fn lazy_fetch_faults_are_typed_errors_file() {
+    let (_d, url) = file_url();
+    lazy_fetch_faults(&url);
+}
+
+#[test]
+fn lazy_fetch_faults_are_typed_errors_s3() {
+    let Some(url) = s3_url("lazy_fetch_faults") else {
+        return;
+    };
+    lazy_fetch_faults(&url);
+}
+
+/// A real SIGKILL of `ckptstore verify` while it fetches a pulled store's segments: the next
+/// open (a writer) reads every checkpoint bit-exact and leaves nothing behind.
+#[test]
+fn sigkill_of_the_cli_mid_lazy_fetch() {
+    let (_d, url) = file_url();
+    let root = tempfile::tempdir().unwrap();
+    let local = root.path().join("local");
+    let w = data(31, 24 << 20);
+    {
+        let o = Options {
+            replica: Some(url.clone()),
+            ..opts(root.path())
+        };
+        let mut s = Store::open(&local, o).unwrap();
+        commit(&mut s, 1, &[("w", &w)]);
+        s.wait_replicated(Some(Duration::from_secs(60))).unwrap();
+    }
+    let bin = env!("CARGO_BIN_EXE_ckptstore");
+    for (i, delay_ms) in [0u64, 30, 100, 300].into_iter().enumerate() {
+        let pulled = root.path().join(format!("pulled{i}"));
+        ckptstore::store::pull(&url, &pulled, &opts(root.path())).unwrap();
+        let mut child = std::process::Command::new(bin)
+            .args(["verify", pulled.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        child.wait().unwrap();
+        let s = Store::open(&pulled, opts(root.path())).unwrap();
+        assert_holds(&s, 1, &[("w", &w)]);
+        assert!(s.leftovers().is_empty(), "{i}: {:?}", s.leftovers());
+    }
+}
+
+/// One process per bucket-store cache, enforced: a second opener of the same cache (writer or
+/// reader) gets `Error::CacheLocked` naming the holder, and opens once the first has closed.
+#[test]
+fn a_second_opener_of_a_cache_is_refused() {
+    let (_d, url) = file_url();
+    let root = tempfile::tempdir().unwrap();
+    let cache = root.path().join("cache");
+    let mut s = Store::open(&url, opts(&cache)).unwrap();
+    commit(&mut s, 1, &[("x", &[1, 2, 3])]);
+    for o in [
+        opts(&cache),
+        Options {
+            read_only: true,
+            ..opts(&cache)
+        },
+    ] {
+        match Store::open(&url, o) {
+            Err(Error::CacheLocked { path, pid, .. }) => {
+                assert_eq!(path, cache);
+                assert_eq!(pid, std::process::id().to_string());
+            }
+            other => panic!("second opener: {:?}", other.map(|_| ())),
+        }
+    }
+    // Another cache of the same bucket is another process's: fine.
+    drop(Store::open(&url, opts(&root.path().join("other"))).unwrap());
+    drop(s);
+    let s = Store::open(&url, opts(&cache)).unwrap();
+    assert_holds(&s, 1, &[("x", &[1, 2, 3])]);
+}

@@ -61,10 +61,15 @@ fn checkpoints_of(obj: &CommitObject) -> BTreeSet<u64> {
         .collect()
 }
 
-/// Writes `obj`'s state into `dir`: the segments, then a WAL holding its records, then
-/// `CURRENT` (the restore's commit point: a pull cut short leaves no store, and resumes).
+/// Writes `obj`'s state into `dir`, lazily: the list of its segment objects
+/// (`REMOTE_SEGMENTS`, store/lazy.rs), then a WAL holding its records, then `CURRENT` (the
+/// restore's commit point: a pull cut short leaves no store, and starts again). No segment is
+/// downloaded: each is fetched by the first read that needs it.
 fn restore(io: &dyn Storage, dir: &Path, obj: &CommitObject, bucket: &Bucket) -> Result<()> {
-    remote::download_segments(bucket, obj, &dir.join(super::SEGMENTS_DIR), io)?;
+    let seg_dir = dir.join(super::SEGMENTS_DIR);
+    io.create_dir_all(&seg_dir)
+        .map_err(|e| Error::io("create dir", &seg_dir, e))?;
+    super::lazy::write(io, dir, bucket.url(), &obj.segments)?;
     drop(WalWriter::create_durable(
         io,
         dir,
@@ -223,6 +228,16 @@ pub(crate) fn open_url(url: &str, opts: Options) -> Result<Store> {
         None => cache_dir(&rurl)?,
     };
     super::recovery::create_store_dir(&*io, &cache)?;
+    // One process per cache, reader or writer (either may replace a stale cache): the writer
+    // lock's mechanism on the cache directory itself, held as long as the store is open.
+    let cache_lock = super::writer_lock::take(&*io, &cache).map_err(|e| match e {
+        Error::Locked { pid, .. } => Error::CacheLocked {
+            url: rurl.to_string(),
+            path: cache.clone(),
+            pid,
+        },
+        other => other,
+    })?;
     let store_dir = cache.join("store");
     let marker = cache.join("SEQ");
     let head = remote::latest(&bucket)?;
@@ -249,6 +264,7 @@ pub(crate) fn open_url(url: &str, opts: Options) -> Result<Store> {
     let read_only = opts.read_only;
     let token = token(&*io, &cache.join(REPLICA_TOKEN_NAME))?;
     let mut store = Store::open_dir(&store_dir, opts, None)?;
+    store._cache_lock = Some(cache_lock);
     if !read_only {
         let mut publisher = Publisher::with_head(bucket, &token, head)?;
         // Leftovers of a writer that died are removed (best effort: a failure leaves them for
