@@ -892,21 +892,45 @@ fn lazy_fetch_faults(url: &str) {
     assert_holds(&s, 1, &[("w", &w)]);
     assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
     drop(s);
-    // A cache file damaged after its fetch: caught by every read, verifying or not.
+    // A cache file damaged after its fetch: caught by every read, verifying or not; the
+    // cache file is dropped (not quarantined: the bucket's copy is the store's) and the next
+    // read fetches it again.
     let (name, _) = support::segment_files(&pulled).into_iter().next().unwrap();
     let path = pulled.join("segments").join(name);
     let mut bytes = std::fs::read(&path).unwrap();
     let mid = bytes.len() / 2; // in the payload (the frame's chunk table is at its start)
     bytes[mid] ^= 1;
     std::fs::write(&path, &bytes).unwrap();
-    let s = Store::open(&pulled, Options::read_only()).unwrap();
-    let e = s
-        .checkpoint(ckptstore::Selector::Latest)
-        .unwrap()
-        .tensor_with("w", false)
-        .map(|_| ())
-        .unwrap_err();
-    assert!(matches!(e, Error::ChunkCorrupt { .. }), "{e}");
+    for read_only in [true, false] {
+        if !read_only {
+            std::fs::write(&path, &bytes).unwrap();
+        }
+        let mut s = Store::open(
+            &pulled,
+            Options {
+                read_only,
+                ..opts(root.path())
+            },
+        )
+        .unwrap();
+        let e = s
+            .checkpoint(ckptstore::Selector::Latest)
+            .unwrap()
+            .tensor_with("w", false)
+            .map(|_| ())
+            .unwrap_err();
+        assert!(matches!(e, Error::ChunkCorrupt { .. }), "{e}");
+        assert_eq!(
+            s.segments_in_bucket(),
+            [1],
+            "the damaged cache file is dropped"
+        );
+        assert_holds(&s, 1, &[("w", &w)]);
+        if !read_only {
+            s.heal().unwrap();
+            assert!(s.quarantined().is_empty());
+        }
+    }
 }
 
 #[test]

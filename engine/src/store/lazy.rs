@@ -2,7 +2,8 @@
 //! restore from a bucket (`Options::replica` on an empty directory, `ckptstore pull`, a bucket
 //! store's cache) writes the WAL and this list, not the segments; the first read that needs a
 //! segment fetches it whole into `segments/` and every chunk read from such a segment is
-//! verified against its BLAKE3, whatever the caller asked.
+//! verified against its BLAKE3, whatever the caller asked; a chunk found bad drops the cache
+//! file (the next read fetches it again) instead of quarantining the chunk.
 //!
 //! `REMOTE_SEGMENTS` (JSON, written durably before the restore's `CURRENT`, never rewritten)
 //! names the bucket and, per segment id, its object key and length. A segment it lists that is
@@ -130,9 +131,9 @@ pub(crate) struct LazySegments {
     bucket: OnceLock<Arc<Bucket>>,
     /// Not yet local: id → object.
     pending: Mutex<BTreeMap<u64, SegmentObject>>,
-    /// Every segment that came from the bucket (fetched now or by an earlier process): each
-    /// chunk read from one is verified.
-    origin: BTreeSet<u64>,
+    /// Every segment that came from the bucket (fetched now or by an earlier process), with
+    /// its object: each chunk read from one is verified, and one found bad is fetched again.
+    origin: BTreeMap<u64, SegmentObject>,
     /// One fetch at a time (reading threads asking for one segment fetch it once).
     fetching: Mutex<()>,
 }
@@ -162,16 +163,15 @@ impl LazySegments {
             .iter()
             .filter_map(|n| segment::parse_file_name(n))
             .collect();
-        let origin: BTreeSet<u64> = list
-            .segments
-            .iter()
-            .filter(|(id, s)| live.get(id) == Some(&s.len))
-            .map(|(&id, _)| id)
-            .collect();
-        let pending: BTreeMap<u64, SegmentObject> = list
+        let origin: BTreeMap<u64, SegmentObject> = list
             .segments
             .into_iter()
-            .filter(|(id, _)| origin.contains(id) && !local.contains(id))
+            .filter(|(id, s)| live.get(id) == Some(&s.len))
+            .collect();
+        let pending: BTreeMap<u64, SegmentObject> = origin
+            .iter()
+            .filter(|(id, _)| !local.contains(id))
+            .map(|(&id, s)| (id, s.clone()))
             .collect();
         if origin.is_empty() {
             return Ok(None);
@@ -195,7 +195,22 @@ impl LazySegments {
 
     /// Whether segment `id` came from the bucket (its chunks are verified on every read).
     pub(crate) fn came_from_bucket(&self, id: u64) -> bool {
-        self.origin.contains(&id)
+        self.origin.contains_key(&id)
+    }
+
+    /// Drops the local copy of segment `id` (a read found a chunk in it bad: the cache file is
+    /// damaged): the next read fetches it again. The bucket's copy is the store's; a damaged
+    /// cache file is no damage to the store, so nothing is quarantined.
+    pub(crate) fn evict(&self, io: &dyn Storage, seg_dir: &Path, id: u64) {
+        let Some(obj) = self.origin.get(&id) else {
+            return;
+        };
+        let _one = self
+            .fetching
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = io.remove_file(&seg_dir.join(segment::file_name(id)));
+        self.pending().insert(id, obj.clone());
     }
 
     /// Whether segment `id` is still only in the bucket.
