@@ -599,12 +599,23 @@ fn cli_commands_take_a_url() {
     let s = Store::open(&dir, Options::read_only()).unwrap();
     assert_eq!(s.list().len(), 1);
     assert_eq!(s.list()[0].step, 6);
+    assert!(!s.segments_in_bucket().is_empty(), "pull is lazy");
+
     // A directory is not a URL to pull from, and a store is not pulled over.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ckptstore"))
         .args(["pull", &url, dir.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(!out.status.success());
+    // --all: every segment now; the directory no longer needs the bucket.
+    let all = root.path().join("pulled-all");
+    run(&["pull", &url, all.to_str().unwrap(), "--all"]);
+    let s = Store::open(&all, Options::read_only()).unwrap();
+    assert!(s.segments_in_bucket().is_empty());
+    drop(s);
+    std::fs::remove_dir_all(_d.path()).unwrap();
+    let s = Store::open(&all, Options::read_only()).unwrap();
+    assert_holds(&s, s.list()[0].id, &[("x", &x)]);
 }
 
 #[test]
