@@ -1024,3 +1024,30 @@ fn a_second_opener_of_a_cache_is_refused() {
     let s = Store::open(&url, opts(&cache)).unwrap();
     assert_holds(&s, 1, &[("x", &[1, 2, 3])]);
 }
+
+/// A directory pulled lazily from one bucket and replicated to another: the segments still
+/// only in the first are fetched before the replicator needs them, and the second bucket ends
+/// up holding a store that reads bit-exact without the first.
+#[test]
+fn a_lazily_pulled_store_replicates_to_another_bucket() {
+    let (a, url_a) = file_url();
+    let (_b, url_b) = file_url();
+    let root = tempfile::tempdir().unwrap();
+    let w = big();
+    {
+        let mut s = Store::open(&url_a, opts(&root.path().join("ca"))).unwrap();
+        commit(&mut s, 1, &[("w", &w)]);
+    }
+    let dir = root.path().join("pulled");
+    ckptstore::store::pull(&url_a, &dir, &opts(root.path())).unwrap();
+    let o = Options {
+        replica: Some(url_b.clone()),
+        ..opts(root.path())
+    };
+    let s = Store::open(&dir, o).unwrap();
+    s.wait_replicated(Some(Duration::from_secs(60))).unwrap();
+    drop(s);
+    std::fs::remove_dir_all(a.path()).unwrap();
+    let s = Store::open(&url_b, opts(&root.path().join("cb"))).unwrap();
+    assert_holds(&s, 1, &[("w", &w)]);
+}

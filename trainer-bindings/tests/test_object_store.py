@@ -96,7 +96,10 @@ def test_replica_restores_a_lost_directory(moto, tmp_path):
     shutil.rmtree(d)
     with cs.Store(d, replica=url) as s:
         assert [c["step"] for c in s.list()] == [3, 4]
+        # Restored lazily: the manifests now, the segments when a load first needs them.
+        assert not list((d / "segments").glob("*.seg"))
         assert same(cs.load(s), state(4))
+        assert list((d / "segments").glob("*.seg"))
         cs.save(s, state(5), step=5)
         s.wait_replicated(timeout=60)
         assert s.replication()[3] == "replicated"
@@ -112,3 +115,13 @@ def test_missing_bucket_is_a_clear_error(moto, tmp_path):
     with pytest.raises(cs.StoreError):
         cs.Store(tmp_path / "never", replica="s3://no-such-bucket-py/run")
     assert not (tmp_path / "never").exists()
+
+
+def test_a_second_opener_of_a_cache_gets_locked_error(moto):
+    url = make_bucket(moto, "py-cache-lock")
+    with cs.Store(url) as s:
+        cs.save(s, state(6), step=6)
+        with pytest.raises(cs.LockedError, match="one process per cache"):
+            cs.Store(url, read_only=True)
+    with cs.Store(url, read_only=True) as s:
+        assert same(cs.load(s), state(6))

@@ -149,6 +149,18 @@ pub(crate) fn start_replica(store: &Store, bucket: Arc<Bucket>) -> Result<Remote
         Publisher::new(bucket, &token)?.with_keep_last(store.opts.replica_keep_last);
     let _ = publisher.sweep();
     let head = publisher.head().cloned();
+    // Segments a lazy restore left in another bucket (pulled from one, replicated to another)
+    // must be local to be uploaded: fetched now. Those this bucket holds stay where they are.
+    for id in store.segments_in_bucket() {
+        let len = store.state.segments.get(&id).map(|s| s.len);
+        let held = head
+            .as_ref()
+            .and_then(|h| h.segments.get(&id))
+            .is_some_and(|s| Some(s.len) == len);
+        if !held {
+            store.segment_file(id)?;
+        }
+    }
     let known = head.as_ref().map(checkpoints_of).unwrap_or_default();
     let rep = Replicator::start(publisher, known)?;
     let mut tier = RemoteTier {
