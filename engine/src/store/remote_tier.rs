@@ -37,7 +37,7 @@ enum Kind {
     },
 }
 
-fn bucket_for(url: &RemoteUrl, opts: &Options) -> Result<Arc<Bucket>> {
+pub(crate) fn bucket_for(url: &RemoteUrl, opts: &Options) -> Result<Arc<Bucket>> {
     let mut b = Bucket::open(url)?.with_policy(opts.remote_policy);
     if let Some(f) = &opts.remote_faults {
         b = b.with_faults(f.clone());
@@ -171,7 +171,7 @@ pub(crate) fn start_replica(store: &Store, bucket: Arc<Bucket>) -> Result<Remote
 
 /// The cache directory of a bucket store: `$CKPTSTORE_CACHE_DIR`, else
 /// `$XDG_CACHE_HOME/ckptstore`, else `~/.cache/ckptstore`; then `remote/<hash of the URL>`.
-fn cache_dir(url: &RemoteUrl) -> Result<PathBuf> {
+pub(crate) fn cache_dir(url: &RemoteUrl) -> Result<PathBuf> {
     let base = std::env::var_os("CKPTSTORE_CACHE_DIR")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("ckptstore")))
@@ -198,7 +198,7 @@ fn write_marker(io: &dyn Storage, path: &Path, seq: u64) -> Result<()> {
     f.sync_data().map_err(|e| Error::io("fdatasync", path, e))
 }
 
-fn remove_marker(io: &dyn Storage, path: &Path) -> Result<()> {
+pub(crate) fn remove_marker(io: &dyn Storage, path: &Path) -> Result<()> {
     match io.remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -260,6 +260,16 @@ pub(crate) fn open_url(url: &str, opts: Options) -> Result<Store> {
         });
     }
     Ok(store)
+}
+
+impl RemoteTier {
+    /// A bucket store's publisher and the marker file of its cache (`None` for a replica).
+    pub(crate) fn sync_publisher(&mut self) -> Option<(&mut Publisher, &Path)> {
+        match &mut self.kind {
+            Kind::Sync { publisher, marker } => Some((publisher, marker.as_path())),
+            Kind::Replica(_) => None,
+        }
+    }
 }
 
 impl Store {
