@@ -334,8 +334,8 @@ impl DcpRemoteView {
 
     /// The view's store directory (open it read-only).
     #[getter]
-    fn dir(&self) -> PathBuf {
-        self.dir.clone()
+    fn dir(&self) -> String {
+        self.dir.to_string_lossy().into_owned()
     }
 
     /// Downloads the segments holding the tensors and blobs `names` of checkpoint `id`;

@@ -307,8 +307,9 @@ def test_two_ranks_save_into_s3_and_load_back(moto, tmp_path, monkeypatch):
     tmp = str(tmp_path)
     mp.spawn(_s3_worker, args=(2, tmp, url), nprocs=2, join=True)
     views = [set(json.load(open(tmp_path / f"view{r}.json"))) for r in range(2)]
-    # Rank 1's own tensor lives in a segment rank 0 never fetched.
-    assert views[1] - views[0], views
+    # A rank's own tensor lives in a segment of its own, which the other rank never fetched
+    # (which rank also needs the other's depends on where DCP put the replicated "b").
+    assert min(len(v) for v in views) < len(views[0] | views[1]), views
     # Another host: both checkpoints are there, whole, and nothing else is in the bucket.
     monkeypatch.setenv("CKPTSTORE_CACHE_DIR", str(tmp_path / "host-check"))
     store = ckptstore.Store(url, read_only=True)
