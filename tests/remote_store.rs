@@ -779,7 +779,7 @@ fn sharded_save(url: &str) {
     let uploaded: Vec<_> = o0.iter().chain(&o1).cloned().collect();
     // The coordinator's own segment must be the last one (it holds the commit trailer).
     let e = s
-        .commit_external_remote(2, 0, BTreeMap::new(), &[f0.clone()], &o0)
+        .commit_external_remote(2, 0, BTreeMap::new(), std::slice::from_ref(&f0), &o0)
         .unwrap_err();
     assert!(e.to_string().contains("highest id"), "{e}");
     let info = s

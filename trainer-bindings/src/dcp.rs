@@ -159,7 +159,7 @@ impl DcpCoordinator {
                     io: Arc::clone(&s.options().io),
                 };
                 // The store's directory: for a bucket store, its cache.
-                let mut w = ShardWriter::new(s.dir().to_path_buf(), ids, o)?;
+                let mut w = ShardWriter::new(s.dir(), ids, o)?;
                 for (name, bytes) in &blobs {
                     w.put_blob(name, bytes)?;
                 }
@@ -267,8 +267,15 @@ pub fn write_shard<'py>(
 ) -> PyResult<Bound<'py, PyBytes>> {
     let ts = shard_args(tensors)?;
     let out = py.allow_threads(|| {
-        write_into(&path, start..end, chunk_size, segment_max_bytes, &ts, &blobs)
-            .map(|f| f.encode())
+        write_into(
+            &path,
+            start..end,
+            chunk_size,
+            segment_max_bytes,
+            &ts,
+            &blobs,
+        )
+        .map(|f| f.encode())
     })?;
     check_sources(py, &ts)?;
     Ok(PyBytes::new(py, &out))
@@ -296,19 +303,23 @@ pub fn write_shard_remote<'py>(
     let (frag, objs) = py.allow_threads(|| -> Result<_, Failure> {
         let opts = Options::default();
         let scratch = ckptstore_engine::store::shard_scratch(&url, &opts)?;
-        let r = write_into(&scratch, start..end, chunk_size, segment_max_bytes, &ts, &blobs)
-            .and_then(|f| {
-                let objs = ckptstore_engine::store::upload_shard(&url, &scratch, &f, &opts)?;
-                Ok((f.encode(), objs))
-            });
+        let r = write_into(
+            &scratch,
+            start..end,
+            chunk_size,
+            segment_max_bytes,
+            &ts,
+            &blobs,
+        )
+        .and_then(|f| {
+            let objs = ckptstore_engine::store::upload_shard(&url, &scratch, &f, &opts)?;
+            Ok((f.encode(), objs))
+        });
         let _ = std::fs::remove_dir_all(&scratch);
         r
     })?;
     check_sources(py, &ts)?;
-    let objs = objs
-        .into_iter()
-        .map(|(id, o)| (id, o.key, o.len))
-        .collect();
+    let objs = objs.into_iter().map(|(id, o)| (id, o.key, o.len)).collect();
     Ok((PyBytes::new(py, &frag), objs))
 }
 

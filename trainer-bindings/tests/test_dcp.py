@@ -263,7 +263,8 @@ def test_four_ranks_save_two_ranks_load_and_a_failed_rank(tmp_path):
 
 def _s3_worker(rank: int, world: int, tmp: str, url: str) -> None:
     """One "host" per rank: its own cache directory (no shared file system but the bucket).
-    Saves twice (the coordinator commits once each), then loads both back resharded."""
+    Saves twice (the coordinator commits once each), loads both back, then a save in which
+    rank 1 fails."""
     import json as _json
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -292,6 +293,15 @@ def _s3_worker(rank: int, world: int, tmp: str, url: str) -> None:
         # What this rank's view downloaded (the segments its items live in, no others).
         with open(os.path.join(tmp, f"view{rank}.json"), "w") as f:
             _json.dump(sorted(os.listdir(os.path.join(reader._view.dir, "segments"))), f)
+        # A save in which rank 1 fails after rank 0 uploaded: no commit object is created.
+        w = FailingWriter(url, fail_rank=1, step=3)
+        try:
+            dcp.save({"w": distribute_tensor(_full() + 100, mesh, [Shard(0)])}, storage_writer=w)
+        except CheckpointException as e:
+            assert "injected" in str(e), e
+        else:
+            raise AssertionError("the save did not fail")
+        w.close()
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -300,8 +310,9 @@ def _s3_worker(rank: int, world: int, tmp: str, url: str) -> None:
 
 def test_two_ranks_save_into_s3_and_load_back(moto, tmp_path, monkeypatch):
     """Issue 16: a DCP save by 2 gloo ranks into s3:// (moto_server on loopback) loads back;
-    each rank uploads its own shard from its own cache, the coordinator commits once, and each
-    loading rank downloads only the segments its plan reads."""
+    each rank uploads its own shard from its own cache, the coordinator commits once, each
+    loading rank downloads only the segments its plan reads, and a save in which a rank fails
+    commits nothing (the newest checkpoint stays step 2)."""
     from conftest import make_bucket
     url = make_bucket(moto, "dcp-two-ranks")
     tmp = str(tmp_path)
@@ -310,7 +321,7 @@ def test_two_ranks_save_into_s3_and_load_back(moto, tmp_path, monkeypatch):
     # A rank's own tensor lives in a segment of its own, which the other rank never fetched
     # (which rank also needs the other's depends on where DCP put the replicated "b").
     assert min(len(v) for v in views) < len(views[0] | views[1]), views
-    # Another host: both checkpoints are there, whole, and nothing else is in the bucket.
+    # Another host: both checkpoints are there, whole; the failed save left none.
     monkeypatch.setenv("CKPTSTORE_CACHE_DIR", str(tmp_path / "host-check"))
     store = ckptstore.Store(url, read_only=True)
     assert [c["step"] for c in store.list()] == [1, 2]

@@ -373,10 +373,10 @@ class StoreReader(StorageReader):
         if v is not None:
             v.close()
 
-    def _fetch(self, ck_id: int, names: list[str]) -> None:
+    def _fetch(self, ck_id: int | None, names: list[str]) -> None:
         """A bucket store: downloads the segments of ``names`` into this rank's view, then
         opens the view again (an open sees the segments that are there)."""
-        if self._view is None:
+        if self._view is None or ck_id is None:
             raise RuntimeError("StoreReader: read_metadata did not run on this rank")
         self._view.fetch(ck_id, sorted(set(names)))
         s, self._store = self._store, None
