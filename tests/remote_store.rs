@@ -782,6 +782,20 @@ fn sharded_save(url: &str) {
         .commit_external_remote(2, 0, BTreeMap::new(), std::slice::from_ref(&f0), &o0)
         .unwrap_err();
     assert!(e.to_string().contains("highest id"), "{e}");
+    // Names that are not an uploaded segment, or one that is not there: refused, no commit.
+    let (id, len) = (o0[0].0, o0[0].1.len);
+    let frags = [f0.clone(), mine.clone()];
+    for (key, why) in [
+        (remote::log_key(1), "not the name of an uploaded segment"),
+        (remote::segment_key("0123456789abcdef", id), "missing"),
+    ] {
+        let bad = [(id, remote::SegmentObject { key, len })];
+        let e = s
+            .commit_external_remote(2, 0, BTreeMap::new(), &frags, &bad)
+            .unwrap_err();
+        assert!(e.to_string().contains(why), "{e}");
+    }
+    assert_eq!(s.list().len(), 1);
     let info = s
         .commit_external_remote(2, 0, BTreeMap::new(), &[f0, f1, mine], &uploaded)
         .unwrap();
