@@ -333,6 +333,38 @@ def test_two_ranks_save_into_s3_and_load_back(moto, tmp_path, monkeypatch):
     store.close()
 
 
+def test_one_process_into_s3_and_a_writer_racing_the_commit(moto, tmp_path):
+    """Into s3:// in one process (no process group); then another writer (another host: a
+    cache of its own) commits between the coordinator's open and its commit: the coordinator's
+    commit object loses the create-if-absent, the save fails naming the conflict, and the other
+    writer's checkpoint is intact."""
+    from conftest import make_bucket
+    url = make_bucket(moto, "dcp-race")
+    state = _state(3)
+    dcp.save(state, storage_writer=StoreWriter(url, step=1))
+    back = _zeros_like(state)
+    dcp.load(back, storage_reader=StoreReader(url))
+    assert torch.equal(back["model"]["t"], state["model"]["t"])
+    assert back["opt"]["names"] == ["a", "b"]
+
+    class Raced(StoreWriter):
+        def finish(self, metadata, results):
+            old = os.environ["CKPTSTORE_CACHE_DIR"]
+            os.environ["CKPTSTORE_CACHE_DIR"] = str(tmp_path / "other-host")
+            try:
+                with ckptstore.Store(url) as other:
+                    ckptstore.save(other, {"x": torch.ones(2)}, step=7)
+            finally:
+                os.environ["CKPTSTORE_CACHE_DIR"] = old
+            super().finish(metadata, results)
+
+    with pytest.raises(CheckpointException, match="another writer committed"):
+        dcp.save(state, storage_writer=Raced(url, step=2))
+    with ckptstore.Store(url, read_only=True) as s:
+        assert [c["step"] for c in s.list()] == [1, 7]
+        assert torch.equal(ckptstore.load(s)["x"], torch.ones(2))
+
+
 def test_bad_input(tmp_path):
     path = tmp_path / "ck"
     # A store another writer holds: the coordinator gets the lock error, nothing is written.
