@@ -757,7 +757,8 @@ fn coordinator_part(s: &mut Store, blob: &[u8]) -> ckptstore::ShardFragment {
 
 /// A sharded save into a bucket store by "hosts" that share nothing: two ranks upload their
 /// shards, the coordinator commits once; a fresh cache reads every part bit-exact, and a
-/// rank-partial view fetches only the segments of the tensors it asks for. Then the crash
+/// rank-partial view fetches only the segments of the tensors it asks for; a writer opened
+/// with `open_shard_writer` (a cache of the state only) downloads no segment. Then the crash
 /// invariant: ranks upload and the coordinator dies before its commit — no new checkpoint is
 /// visible, the previous one loads, and the next writer's open removes the unnamed uploads.
 /// Last, a second writer commits between the coordinator's open and its commit: the
@@ -844,8 +845,41 @@ fn sharded_save(url: &str) {
         ));
     }
 
+    // The writer of sharded saves with a cache of the state only: it downloads no segment,
+    // at its first open or after its commit.
+    let own_segments = |cache: &Path| -> BTreeSet<u64> {
+        std::fs::read_dir(cache.join("store").join("segments"))
+            .unwrap()
+            .filter_map(|e| ckptstore::segment::parse_file_name(e.unwrap().file_name().to_str()?))
+            .collect()
+    };
+    let (u, v) = (data(41, 150_000), data(42, 150_000));
+    let mut s = ckptstore::store::open_shard_writer(url, opts(&c("sw"))).unwrap();
+    assert!(own_segments(&c("sw")).is_empty());
+    let r = s.reserve_segment_ids(2, 64).unwrap();
+    let (f0, o0) = rank_upload(url, &c("rank0"), r[0].clone(), "u", &u);
+    let (f1, o1) = rank_upload(url, &c("rank1"), r[1].clone(), "v", &v);
+    let mine = coordinator_part(&mut s, b"m3");
+    let uploaded: Vec<_> = o0.iter().chain(&o1).cloned().collect();
+    s.commit_external_remote(3, 0, BTreeMap::new(), &[f0, f1, mine.clone()], &uploaded)
+        .unwrap();
+    drop(s);
+    let mine_ids: BTreeSet<u64> = mine.segments().map(|(id, _)| id).collect();
+    assert_eq!(own_segments(&c("sw")), mine_ids);
+    drop(ckptstore::store::open_shard_writer(url, opts(&c("sw"))).unwrap());
+    assert_eq!(
+        own_segments(&c("sw")),
+        mine_ids,
+        "the reopen pulled nothing"
+    );
+    assert_no_leftovers(url);
+    {
+        let s = Store::open(url, opts(&c("reader3"))).unwrap();
+        assert_holds(&s, 3, &[("u", &u), ("v", &v)]);
+    }
+
     // Crash: the ranks uploaded, the coordinator died before its commit.
-    let mut s = Store::open(url, opts(&c("coord"))).unwrap();
+    let mut s = ckptstore::store::open_shard_writer(url, opts(&c("sw"))).unwrap();
     let r = s.reserve_segment_ids(2, 64).unwrap();
     let (_, o0) = rank_upload(url, &c("rank0"), r[0].clone(), "x", &data(21, 100_000));
     let (_, o1) = rank_upload(url, &c("rank1"), r[1].clone(), "y", &data(22, 100_000));
@@ -864,15 +898,19 @@ fn sharded_save(url: &str) {
             ..opts(&c("after-crash"))
         };
         let s = Store::open(url, ro).unwrap();
-        assert_eq!(s.list().iter().map(|c| c.step).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(
+            s.list().iter().map(|c| c.step).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
         assert_holds(&s, 2, &[("x", &x), ("y", &y)]);
+        assert_holds(&s, 3, &[("u", &u), ("v", &v)]);
     }
     // The next writer's open sweeps what no commit names (the grace is zero here).
     drop(Store::open(url, opts(&c("next-writer"))).unwrap());
     assert_no_leftovers(url);
 
     // Another writer commits between the coordinator's open and its commit.
-    let mut s = Store::open(url, opts(&c("coord2"))).unwrap();
+    let mut s = ckptstore::store::open_shard_writer(url, opts(&c("coord2"))).unwrap();
     let r = s.reserve_segment_ids(1, 64).unwrap();
     let (f0, o0) = rank_upload(url, &c("rank0"), r[0].clone(), "x", &data(31, 100_000));
     let mine = coordinator_part(&mut s, b"m");
@@ -882,14 +920,14 @@ fn sharded_save(url: &str) {
     let mut other = Store::open(url, o).unwrap();
     commit(&mut other, 9, &[("w", &z)]);
     let e = s
-        .commit_external_remote(3, 0, BTreeMap::new(), &[f0, mine], &o0)
+        .commit_external_remote(4, 0, BTreeMap::new(), &[f0, mine], &o0)
         .unwrap_err();
     assert!(matches!(e, Error::WriterConflict { .. }), "{e}");
     drop((s, other));
     let s = Store::open(url, opts(&c("final"))).unwrap();
     assert_eq!(
         s.list().iter().map(|c| c.step).collect::<Vec<_>>(),
-        [1, 2, 9]
+        [1, 2, 3, 9]
     );
     for ck in s.list() {
         s.verify(ck.id).unwrap();

@@ -84,7 +84,13 @@ impl DcpCoordinator {
             opts.segment_max_bytes = s;
         }
         let p = path.clone();
-        let store = errors::py(py.allow_threads(move || Store::open(&p, opts)))?;
+        let store = errors::py(
+            py.allow_threads(move || match p.to_str().filter(|s| is_url(s)) {
+                // A cache of the state only: the coordinator never downloads the ranks' segments.
+                Some(url) => ckptstore_engine::store::open_shard_writer(url, opts),
+                None => Store::open(&p, opts),
+            }),
+        )?;
         Ok(DcpCoordinator {
             dir: path,
             store: Mutex::new(Some(store)),

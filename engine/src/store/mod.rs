@@ -41,7 +41,7 @@ pub use reader::{CheckpointReader, Tensor, VerifiedChunks};
 pub use rebuild::RebuildReport;
 pub use recovery::RecoveryReport;
 pub use rekey::RekeyReport;
-pub use remote_shard::{shard_scratch, upload_shard};
+pub use remote_shard::{open_shard_writer, shard_scratch, upload_shard};
 pub use remote_tier::{pull, REPLICA_TOKEN_NAME};
 pub use remote_view::RemoteView;
 pub use select::{LoadReport, LoadSpec, NamePredicate};

@@ -11,12 +11,12 @@
 //! The object layout is the bucket layout's: rank segments are ordinary segment objects
 //! `segments/<token>/<NNNNNNNN>.seg`, so no format feature is involved.
 
-use super::remote_tier::{bucket_for, cache_dir, remove_marker};
+use super::remote_tier::{bucket_for, cache_dir, remove_marker, seed_state_only, STATE_ONLY_NAME};
 use super::shard::ShardFragment;
 use super::{Options, Store, SEGMENTS_DIR};
 use crate::error::{Error, Result};
 use crate::manifest::{CheckpointInfo, MetaValue};
-use crate::remote::{segment_key, RemoteUrl, SegmentObject};
+use crate::remote::{self, segment_key, RemoteUrl, SegmentObject};
 use crate::segment;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -69,6 +69,26 @@ pub fn upload_shard(
     Ok(out)
 }
 
+/// Opens the bucket store `url` as the writer of sharded saves whose processes upload their
+/// own segments (the DCP coordinator): its cache, `<cache>/shard-writer` (or
+/// `Options::cache_dir`), holds the newest commit object's state and this writer's own
+/// segments, and no segment is downloaded, however large the store. Its reads of other
+/// segments fail with `Error::SegmentMissing` (recovery reports them missing): read through an
+/// ordinary open of the URL, or a [`super::RemoteView`].
+pub fn open_shard_writer(url: &str, mut opts: Options) -> Result<Store> {
+    let rurl: RemoteUrl = url.parse()?;
+    let cache = match &opts.cache_dir {
+        Some(d) => d.clone(),
+        None => cache_dir(&rurl)?.join("shard-writer"),
+    };
+    let bucket = bucket_for(&rurl, &opts)?;
+    let head = remote::latest(&bucket)?;
+    // (A commit landing before the open below only makes that open pull the store whole.)
+    seed_state_only(&*opts.io, &cache, head.as_ref())?;
+    opts.cache_dir = Some(cache);
+    Store::open(url, opts)
+}
+
 /// Whether `key` is a segment object name for segment `id` (`segments/<16 hex>/<file>`).
 fn is_segment_key(key: &str, id: u64) -> bool {
     let Some(rest) = key
@@ -95,8 +115,9 @@ impl Store {
     /// commit object, created if absent: [`Error::WriterConflict`] if another writer created
     /// it first. The objects are named, not uploaded again.
     ///
-    /// The cache directory then lacks the uploaded segments: it is marked stale, and the
-    /// next open of the URL pulls the bucket's state again.
+    /// An ordinary cache directory then lacks the uploaded segments: it is marked stale, and
+    /// the next open of the URL pulls the bucket's state again. Open the writer with
+    /// [`open_shard_writer`] to keep a cache of the state only, which nothing pulls.
     pub fn commit_external_remote(
         &mut self,
         step: u64,
@@ -182,10 +203,14 @@ impl Store {
         }
         let ids: BTreeSet<u64> = objects.keys().copied().collect();
         let info = self.commit_fragments(step, epoch, metadata, fragments, &ids)?;
-        // The cache lacks the uploaded segments: the next open pulls instead of trusting it.
-        // (Should this removal fail, that open finds them missing, reports them damaged and
-        // fails the reads of this checkpoint by name; `rm -rf` of the cache repairs it.)
-        let _ = remove_marker(&*self.opts.io, &marker);
+        // An ordinary cache lacks the uploaded segments now: its next open pulls instead of
+        // trusting it. (Should this removal fail, that open finds them missing, reports them
+        // damaged and fails the reads of this checkpoint by name; `rm -rf` of the cache
+        // repairs it.) A state-only cache (`open_shard_writer`) lacks them by design.
+        let state_only = marker.with_file_name(STATE_ONLY_NAME);
+        if !self.opts.io.exists(&state_only).unwrap_or(false) {
+            let _ = remove_marker(&*self.opts.io, &marker);
+        }
         Ok(info)
     }
 }
