@@ -5,6 +5,7 @@ ranks' files are removed)."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import pickle
@@ -321,6 +322,10 @@ def test_two_ranks_save_into_s3_and_load_back(moto, tmp_path, monkeypatch):
     # A rank's own tensor lives in a segment of its own, which the other rank never fetched
     # (which rank also needs the other's depends on where DCP put the replicated "b").
     assert min(len(v) for v in views) < len(views[0] | views[1]), views
+    # The coordinator (rank 0) downloaded no segment: its cache holds its own part of each
+    # committed save (DCP's metadata, one small segment each), nothing of the ranks'.
+    own = glob.glob(str(tmp_path / "host0/remote/*/shard-writer/store/segments/*.seg"))
+    assert len(own) == 2, own
     # Another host: both checkpoints are there, whole; the failed save left none.
     monkeypatch.setenv("CKPTSTORE_CACHE_DIR", str(tmp_path / "host-check"))
     store = ckptstore.Store(url, read_only=True)
