@@ -1,7 +1,8 @@
 """torch.distributed.checkpoint through ckptstore.dcp: save/load/async_save in one process and
 in 2-4 gloo processes (DTensor row shards), resharding a 4-rank save into 2 ranks, and a rank
 that fails in write_data (nothing committed, the previous checkpoint stays the newest, the
-ranks' files are removed)."""
+ranks' files are removed); and into s3:// on moto_server (2 gloo ranks with no shared
+directory, one process with a writer racing the coordinator's commit)."""
 
 from __future__ import annotations
 
