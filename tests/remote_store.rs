@@ -947,3 +947,51 @@ fn sharded_save_by_hosts_without_a_shared_dir_s3() {
     };
     sharded_save(&url);
 }
+
+/// A sealed checkpoint's manifest hides its names from the commit object: a `RemoteView`
+/// then fetches every segment of that checkpoint (and no other's), and reads it with the key.
+#[test]
+fn a_view_of_a_sealed_checkpoint_fetches_all_its_segments() {
+    let (_d, url) = file_url();
+    let cache = tempfile::tempdir().unwrap();
+    let key = || {
+        ckptstore::crypt::Key::from_hex(
+            "6b3a1f0e9d8c7b6a5948372615040312f1e2d3c4b5a69788796a5b4c3d2e1f00",
+        )
+        .unwrap()
+    };
+    let sealed = |dir: &Path| Options {
+        encryption_key: Some(key()),
+        ..opts(dir)
+    };
+    let (a, b) = (data(51, 50_000), data(52, 60_000));
+    {
+        let mut s = Store::open(&url, sealed(&cache.path().join("w"))).unwrap();
+        commit(&mut s, 1, &[("a", &a)]);
+        commit(&mut s, 2, &[("b", &b)]);
+    }
+    let view = ckptstore::RemoteView::open(&url, &opts(&cache.path().join("v"))).unwrap();
+    let need = view.fetch(2, &["b".to_string()]).unwrap();
+    assert!(!need.is_empty());
+    // The names cannot be matched: the same segments whatever is asked for.
+    assert_eq!(view.fetch(2, &[]).unwrap(), need);
+    let have: BTreeSet<u64> = std::fs::read_dir(view.dir().join("segments"))
+        .unwrap()
+        .filter_map(|e| ckptstore::segment::parse_file_name(e.unwrap().file_name().to_str()?))
+        .collect();
+    assert_eq!(have, need.iter().copied().collect());
+    let s = Store::open(
+        view.dir(),
+        Options {
+            read_only: true,
+            ..sealed(&cache.path().join("v"))
+        },
+    )
+    .unwrap();
+    assert_holds(&s, 2, &[("b", &b)]);
+    let e = s
+        .checkpoint(ckptstore::Selector::Id(1))
+        .and_then(|ck| ck.tensor("a"))
+        .unwrap_err();
+    assert!(matches!(e, Error::SegmentMissing { .. }), "{e}");
+}
