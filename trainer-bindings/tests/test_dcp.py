@@ -371,6 +371,44 @@ def test_one_process_into_s3_and_a_writer_racing_the_commit(moto, tmp_path):
         assert torch.equal(ckptstore.load(s)["x"], torch.ones(2))
 
 
+def test_coordinator_killed_after_the_ranks_uploaded_s3(moto, tmp_path):
+    """SIGKILL of the coordinator after the rank uploaded its shard, before the commit: the
+    uploads are in the bucket, no commit object names them, the previous checkpoint stays the
+    newest and loads."""
+    import signal
+
+    import boto3
+    from conftest import make_bucket, run_py
+    url = make_bucket(moto, "dcp-kill")
+    state = _state(4)
+    dcp.save(state, storage_writer=StoreWriter(url, step=1))
+    s3 = boto3.client("s3", endpoint_url=moto)
+
+    def keys(prefix: str) -> set[str]:
+        got = s3.list_objects_v2(Bucket="dcp-kill", Prefix=prefix).get("Contents", [])
+        return {o["Key"] for o in got}
+
+    logs, segs = keys("run/log/"), keys("run/segments/")
+    r = run_py("""
+        import os, signal, sys, torch
+        import torch.distributed.checkpoint as dcp
+        from ckptstore.dcp import StoreWriter
+        class Killed(StoreWriter):
+            def finish(self, metadata, results):
+                assert any(getattr(wr.storage_data, "uploaded", None)
+                           for wrs in results for wr in wrs)
+                os.kill(os.getpid(), signal.SIGKILL)
+        dcp.save({"w": torch.ones(5000)}, storage_writer=Killed(sys.argv[1], step=2))
+        """, url)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert keys("run/log/") == logs and keys("run/segments/") > segs
+    with ckptstore.Store(url, read_only=True) as s:
+        assert [c["step"] for c in s.list()] == [1]
+    back = _zeros_like(state)
+    dcp.load(back, storage_reader=StoreReader(url))
+    assert torch.equal(back["model"]["w"], state["model"]["w"])
+
+
 def test_bad_input(tmp_path):
     path = tmp_path / "ck"
     # A store another writer holds: the coordinator gets the lock error, nothing is written.
