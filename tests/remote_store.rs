@@ -709,7 +709,7 @@ fn sigkill_of_the_cli_mid_publish() {
 }
 
 /// One rank of a sharded save on a host of its own: its shard written into a scratch
-/// directory of its own cache, uploaded, the directory removed.
+/// directory of its own cache, uploaded, the directory removed (on drop).
 fn rank_upload(
     url: &str,
     cache: &Path,
@@ -720,7 +720,7 @@ fn rank_upload(
     let o = opts(cache);
     let scratch = ckptstore::store::shard_scratch(url, &o).unwrap();
     let mut w = ckptstore::ShardWriter::new(
-        &scratch,
+        scratch.path(),
         ids,
         ckptstore::ShardOptions {
             chunk_size: support::CHUNK,
@@ -732,8 +732,10 @@ fn rank_upload(
     w.put_tensor(name, ckptstore::DType::U8, &[bytes.len() as u64], bytes)
         .unwrap();
     let frag = w.finish().unwrap();
-    let objs = ckptstore::store::upload_shard(url, &scratch, &frag, &o).unwrap();
-    std::fs::remove_dir_all(&scratch).unwrap();
+    let objs = ckptstore::store::upload_shard(url, scratch.path(), &frag, &o).unwrap();
+    let dir = scratch.path().to_path_buf();
+    drop(scratch);
+    assert!(!dir.exists(), "the scratch directory is removed");
     (frag, objs)
 }
 

@@ -309,8 +309,9 @@ pub fn write_shard_remote<'py>(
     let (frag, objs) = py.allow_threads(|| -> Result<_, Failure> {
         let opts = Options::default();
         let scratch = ckptstore_engine::store::shard_scratch(&url, &opts)?;
-        let r = write_into(
-            &scratch,
+        // Removed when dropped, whatever happens (a killed process's by a later one).
+        write_into(
+            scratch.path(),
             start..end,
             chunk_size,
             segment_max_bytes,
@@ -318,11 +319,9 @@ pub fn write_shard_remote<'py>(
             &blobs,
         )
         .and_then(|f| {
-            let objs = ckptstore_engine::store::upload_shard(&url, &scratch, &f, &opts)?;
+            let objs = ckptstore_engine::store::upload_shard(&url, scratch.path(), &f, &opts)?;
             Ok((f.encode(), objs))
-        });
-        let _ = std::fs::remove_dir_all(&scratch);
-        r
+        })
     })?;
     check_sources(py, &ts)?;
     let objs = objs.into_iter().map(|(id, o)| (id, o.key, o.len)).collect();
@@ -368,14 +367,6 @@ impl DcpRemoteView {
 
     /// Removes the view's directory.
     fn close(&self) {
-        if lock(&self.view).take().is_some() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
-impl Drop for DcpRemoteView {
-    fn drop(&mut self) {
-        self.close();
+        drop(lock(&self.view).take());
     }
 }

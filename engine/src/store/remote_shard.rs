@@ -12,6 +12,7 @@
 //! `segments/<token>/<NNNNNNNN>.seg`, so no format feature is involved.
 
 use super::remote_tier::{bucket_for, cache_dir, remove_marker, seed_state_only, STATE_ONLY_NAME};
+use super::scratch::{random_hex, Scratch};
 use super::shard::ShardFragment;
 use super::{Options, Store, SEGMENTS_DIR};
 use crate::error::{Error, Result};
@@ -21,26 +22,19 @@ use crate::segment;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-/// A fresh random token (16 hex digits): the directory of one upload's objects.
-pub(super) fn random_hex() -> Result<String> {
-    let mut raw = [0u8; 8];
-    getrandom::fill(&mut raw).map_err(|e| Error::invalid(format!("getrandom: {e}")))?;
-    Ok(raw.iter().map(|b| format!("{b:02x}")).collect())
-}
-
 /// A new, empty scratch store directory for one shard of the bucket store `url` (with its
 /// `segments/`), under the cache directory (`Options::cache_dir`, else
-/// `$CKPTSTORE_CACHE_DIR`, ...): `<cache>/shards/<random>`. The caller removes it after
-/// [`upload_shard`].
-pub fn shard_scratch(url: &str, opts: &Options) -> Result<PathBuf> {
+/// `$CKPTSTORE_CACHE_DIR`, ...): `<cache>/shards/<random>`, removed when dropped (after
+/// [`upload_shard`]); a killed writer's is removed by a later one ([`Scratch`]).
+pub fn shard_scratch(url: &str, opts: &Options) -> Result<Scratch> {
     let rurl: RemoteUrl = url.parse()?;
     let base = match &opts.cache_dir {
         Some(d) => d.clone(),
         None => cache_dir(&rurl)?,
     };
-    let dir = base.join("shards").join(random_hex()?);
-    super::recovery::create_store_dir(&*opts.io, &dir.join(SEGMENTS_DIR))?;
-    Ok(dir)
+    let scratch = Scratch::create(&opts.io, &base.join("shards"))?;
+    super::recovery::create_store_dir(&*opts.io, &scratch.path().join(SEGMENTS_DIR))?;
+    Ok(scratch)
 }
 
 /// Uploads the segments `fragment` names, from `dir/segments/`, to the bucket store `url`, as

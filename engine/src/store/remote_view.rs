@@ -5,8 +5,8 @@
 //! reported missing (`Error::SegmentMissing`) by name, never read as something else.
 
 use super::files::{switch_current_atomically, WalWriter};
-use super::remote_shard::random_hex;
 use super::remote_tier::{bucket_for, cache_dir};
+use super::scratch::Scratch;
 use super::{Options, SEGMENTS_DIR};
 use crate::error::{Error, Result};
 use crate::io::Storage;
@@ -16,13 +16,13 @@ use crate::wal::RecordType;
 use ckptstore_proto::v1 as pb;
 use prost::Message;
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 /// A local view of a bucket store's newest state, fetching segments on demand.
 pub struct RemoteView {
     bucket: Arc<Bucket>,
-    dir: PathBuf,
+    dir: Scratch,
     head: Option<CommitObject>,
     io: Arc<dyn Storage>,
 }
@@ -31,7 +31,7 @@ impl std::fmt::Debug for RemoteView {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RemoteView")
             .field("url", &self.bucket.url().to_string())
-            .field("dir", &self.dir)
+            .field("dir", &self.dir.path())
             .field("seq", &self.seq())
             .finish()
     }
@@ -41,7 +41,8 @@ impl RemoteView {
     /// Reads the newest commit object of the bucket store `url` (one LIST and one GET) and
     /// writes its state into a new directory `<cache>/views/<random>` (the cache as for a
     /// bucket store: `Options::cache_dir`, else `$CKPTSTORE_CACHE_DIR`, ...), without any
-    /// segment. The caller removes the directory when done ([`RemoteView::dir`]).
+    /// segment. The directory is removed when the view is dropped (a killed process's, by a
+    /// later view: [`Scratch`]).
     pub fn open(url: &str, opts: &Options) -> Result<RemoteView> {
         let rurl: RemoteUrl = url.parse()?;
         let bucket = bucket_for(&rurl, opts)?;
@@ -49,21 +50,19 @@ impl RemoteView {
             Some(d) => d.clone(),
             None => cache_dir(&rurl)?,
         };
-        let dir = base.join("views").join(random_hex()?);
         let io = opts.io.clone();
-        super::recovery::create_store_dir(&*io, &dir)?;
+        let scratch = Scratch::create(&io, &base.join("views"))?;
+        let dir = scratch.path();
         let head = remote::latest(&bucket)?;
         let (features, records) = match &head {
             Some(h) => (h.features, h.records.clone()),
             None => (crate::features::FeatureSet::EMPTY, Vec::new()),
         };
-        drop(WalWriter::create_durable(
-            &*io, &dir, 1, features, &records,
-        )?);
-        switch_current_atomically(&*io, &dir, 1)?;
+        drop(WalWriter::create_durable(&*io, dir, 1, features, &records)?);
+        switch_current_atomically(&*io, dir, 1)?;
         Ok(RemoteView {
             bucket,
-            dir,
+            dir: scratch,
             head,
             io,
         })
@@ -71,7 +70,7 @@ impl RemoteView {
 
     /// The view's directory (a store: open it read-only).
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.dir.path()
     }
 
     /// The sequence number of the commit object it shows (0: an empty store).
@@ -125,7 +124,8 @@ impl RemoteView {
                 .collect(),
             ..head.clone()
         };
-        remote::download_segments(&self.bucket, &part, &self.dir.join(SEGMENTS_DIR), &*self.io)?;
+        let seg_dir = self.dir.path().join(SEGMENTS_DIR);
+        remote::download_segments(&self.bucket, &part, &seg_dir, &*self.io)?;
         Ok(needed.into_iter().collect())
     }
 }
