@@ -719,6 +719,296 @@ fn sigkill_of_the_cli_mid_publish() {
     }
 }
 
+/// One rank of a sharded save on a host of its own: its shard written into a scratch
+/// directory of its own cache, uploaded, the directory removed (on drop).
+fn rank_upload(
+    url: &str,
+    cache: &Path,
+    ids: std::ops::Range<u64>,
+    name: &str,
+    bytes: &[u8],
+) -> (ckptstore::ShardFragment, Vec<(u64, remote::SegmentObject)>) {
+    let o = opts(cache);
+    let scratch = ckptstore::store::shard_scratch(url, &o).unwrap();
+    let mut w = ckptstore::ShardWriter::new(
+        scratch.path(),
+        ids,
+        ckptstore::ShardOptions {
+            chunk_size: support::CHUNK,
+            segment_max_bytes: 1 << 20,
+            io: o.io.clone(),
+        },
+    )
+    .unwrap();
+    w.put_tensor(name, ckptstore::DType::U8, &[bytes.len() as u64], bytes)
+        .unwrap();
+    let frag = w.finish().unwrap();
+    let objs = ckptstore::store::upload_shard(url, scratch.path(), &frag, &o).unwrap();
+    let dir = scratch.path().to_path_buf();
+    drop(scratch);
+    assert!(!dir.exists(), "the scratch directory is removed");
+    (frag, objs)
+}
+
+/// The coordinator's own part (DCP's metadata): written into its cache, last reserved.
+fn coordinator_part(s: &mut Store, blob: &[u8]) -> ckptstore::ShardFragment {
+    let ids = s.reserve_segment_ids(1, 16).unwrap().remove(0);
+    let o = s.options();
+    let mut w = ckptstore::ShardWriter::new(
+        s.dir(),
+        ids,
+        ckptstore::ShardOptions {
+            chunk_size: o.chunk_size,
+            segment_max_bytes: o.segment_max_bytes,
+            io: o.io.clone(),
+        },
+    )
+    .unwrap();
+    w.put_blob("meta", blob).unwrap();
+    w.finish().unwrap()
+}
+
+/// A sharded save into a bucket store by "hosts" that share nothing: two ranks upload their
+/// shards, the coordinator commits once; a fresh cache reads every part bit-exact, and a
+/// rank-partial view fetches only the segments of the tensors it asks for; a writer opened
+/// with `open_shard_writer` (a cache of the state only) downloads no segment. Then the crash
+/// invariant: ranks upload and the coordinator dies before its commit — no new checkpoint is
+/// visible, the previous one loads, and the next writer's open removes the unnamed uploads.
+/// Last, a second writer commits between the coordinator's open and its commit: the
+/// coordinator gets `WriterConflict` and nothing is overwritten.
+fn sharded_save(url: &str) {
+    let cache = tempfile::tempdir().unwrap();
+    let c = |n: &str| cache.path().join(n);
+    let (x, y, z) = (data(11, 300_000), data(12, 200_000), data(13, 5000));
+    let mut s = Store::open(url, opts(&c("coord"))).unwrap();
+    commit(&mut s, 1, &[("z", &z)]);
+    let r = s.reserve_segment_ids(2, 64).unwrap();
+    let (f0, o0) = rank_upload(url, &c("rank0"), r[0].clone(), "x", &x);
+    let (f1, o1) = rank_upload(url, &c("rank1"), r[1].clone(), "y", &y);
+    assert!(o0
+        .iter()
+        .chain(&o1)
+        .all(|(_, o)| o.key.starts_with("segments/")));
+    let mine = coordinator_part(&mut s, b"dcp-metadata");
+    let uploaded: Vec<_> = o0.iter().chain(&o1).cloned().collect();
+    // The coordinator's own segment must be the last one (it holds the commit trailer).
+    let e = s
+        .commit_external_remote(2, 0, BTreeMap::new(), std::slice::from_ref(&f0), &o0)
+        .unwrap_err();
+    assert!(e.to_string().contains("highest id"), "{e}");
+    // Names that are not an uploaded segment, or one that is not there: refused, no commit.
+    let (id, len) = (o0[0].0, o0[0].1.len);
+    let frags = [f0.clone(), mine.clone()];
+    for (key, why) in [
+        (remote::log_key(1), "not the name of an uploaded segment"),
+        (remote::segment_key("0123456789abcdef", id), "missing"),
+    ] {
+        let bad = [(id, remote::SegmentObject { key, len })];
+        let e = s
+            .commit_external_remote(2, 0, BTreeMap::new(), &frags, &bad)
+            .unwrap_err();
+        assert!(e.to_string().contains(why), "{e}");
+    }
+    assert_eq!(s.list().len(), 1);
+    let info = s
+        .commit_external_remote(2, 0, BTreeMap::new(), &[f0, f1, mine], &uploaded)
+        .unwrap();
+    assert_eq!(info.step, 2);
+    drop(s);
+    assert_no_leftovers(url);
+    {
+        let other = Store::open(url, opts(&c("reader"))).unwrap();
+        assert_holds(&other, 1, &[("z", &z)]);
+        assert_holds(&other, 2, &[("x", &x), ("y", &y)]);
+        assert_eq!(
+            other
+                .checkpoint(ckptstore::Selector::Id(2))
+                .unwrap()
+                .blob("meta")
+                .unwrap(),
+            b"dcp-metadata"
+        );
+    }
+    // A rank's view: only the segments of "y".
+    let view = ckptstore::RemoteView::open(url, &opts(&c("view"))).unwrap();
+    let need = view.fetch(2, &["y".to_string()]).unwrap();
+    let have: Vec<u64> = std::fs::read_dir(view.dir().join("segments"))
+        .unwrap()
+        .filter_map(|e| ckptstore::segment::parse_file_name(e.unwrap().file_name().to_str()?))
+        .collect();
+    assert_eq!(
+        have.iter().copied().collect::<BTreeSet<_>>(),
+        need.iter().copied().collect()
+    );
+    assert!(!need.is_empty() && need.iter().all(|id| r[1].contains(id)));
+    {
+        let v = Store::open(
+            view.dir(),
+            Options {
+                read_only: true,
+                ..opts(&c("view"))
+            },
+        )
+        .unwrap();
+        let ck = v.checkpoint(ckptstore::Selector::Id(2)).unwrap();
+        assert_eq!(ck.tensor("y").unwrap().data, y);
+        assert!(matches!(
+            ck.tensor("x").unwrap_err(),
+            Error::SegmentMissing { .. }
+        ));
+    }
+
+    // The writer of sharded saves with a cache of the state only: it downloads no segment,
+    // at its first open or after its commit.
+    let own_segments = |cache: &Path| -> BTreeSet<u64> {
+        std::fs::read_dir(cache.join("store").join("segments"))
+            .unwrap()
+            .filter_map(|e| ckptstore::segment::parse_file_name(e.unwrap().file_name().to_str()?))
+            .collect()
+    };
+    let (u, v) = (data(41, 150_000), data(42, 150_000));
+    let mut s = ckptstore::store::open_shard_writer(url, opts(&c("sw"))).unwrap();
+    assert!(own_segments(&c("sw")).is_empty());
+    let r = s.reserve_segment_ids(2, 64).unwrap();
+    let (f0, o0) = rank_upload(url, &c("rank0"), r[0].clone(), "u", &u);
+    let (f1, o1) = rank_upload(url, &c("rank1"), r[1].clone(), "v", &v);
+    let mine = coordinator_part(&mut s, b"m3");
+    let uploaded: Vec<_> = o0.iter().chain(&o1).cloned().collect();
+    s.commit_external_remote(3, 0, BTreeMap::new(), &[f0, f1, mine.clone()], &uploaded)
+        .unwrap();
+    drop(s);
+    let mine_ids: BTreeSet<u64> = mine.segments().map(|(id, _)| id).collect();
+    assert_eq!(own_segments(&c("sw")), mine_ids);
+    drop(ckptstore::store::open_shard_writer(url, opts(&c("sw"))).unwrap());
+    assert_eq!(
+        own_segments(&c("sw")),
+        mine_ids,
+        "the reopen pulled nothing"
+    );
+    assert_no_leftovers(url);
+    {
+        let s = Store::open(url, opts(&c("reader3"))).unwrap();
+        assert_holds(&s, 3, &[("u", &u), ("v", &v)]);
+    }
+
+    // Crash: the ranks uploaded, the coordinator died before its commit.
+    let mut s = ckptstore::store::open_shard_writer(url, opts(&c("sw"))).unwrap();
+    let r = s.reserve_segment_ids(2, 64).unwrap();
+    let (_, o0) = rank_upload(url, &c("rank0"), r[0].clone(), "x", &data(21, 100_000));
+    let (_, o1) = rank_upload(url, &c("rank1"), r[1].clone(), "y", &data(22, 100_000));
+    std::mem::forget(s); // killed: no abort, no cleanup
+    let b = bucket(url);
+    let listed: BTreeSet<String> = b
+        .list(remote::SEGMENTS_DIR)
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert!(o0.iter().chain(&o1).all(|(_, o)| listed.contains(&o.key)));
+    {
+        let ro = Options {
+            read_only: true,
+            ..opts(&c("after-crash"))
+        };
+        let s = Store::open(url, ro).unwrap();
+        assert_eq!(
+            s.list().iter().map(|c| c.step).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+        assert_holds(&s, 2, &[("x", &x), ("y", &y)]);
+        assert_holds(&s, 3, &[("u", &u), ("v", &v)]);
+    }
+    // The next writer's open sweeps what no commit names (the grace is zero here).
+    drop(Store::open(url, opts(&c("next-writer"))).unwrap());
+    assert_no_leftovers(url);
+
+    // Another writer commits between the coordinator's open and its commit.
+    let mut s = ckptstore::store::open_shard_writer(url, opts(&c("coord2"))).unwrap();
+    let r = s.reserve_segment_ids(1, 64).unwrap();
+    let (f0, o0) = rank_upload(url, &c("rank0"), r[0].clone(), "x", &data(31, 100_000));
+    let mine = coordinator_part(&mut s, b"m");
+    // (with the default grace: a zero one would sweep the rank's upload in flight)
+    let mut o = opts(&c("other"));
+    o.remote_policy.orphan_grace = Duration::from_secs(3600);
+    let mut other = Store::open(url, o).unwrap();
+    commit(&mut other, 9, &[("w", &z)]);
+    let e = s
+        .commit_external_remote(4, 0, BTreeMap::new(), &[f0, mine], &o0)
+        .unwrap_err();
+    assert!(matches!(e, Error::WriterConflict { .. }), "{e}");
+    drop((s, other));
+    let s = Store::open(url, opts(&c("final"))).unwrap();
+    assert_eq!(
+        s.list().iter().map(|c| c.step).collect::<Vec<_>>(),
+        [1, 2, 3, 9]
+    );
+    for ck in s.list() {
+        s.verify(ck.id).unwrap();
+    }
+}
+
+#[test]
+fn sharded_save_by_hosts_without_a_shared_dir_file() {
+    let (_d, url) = file_url();
+    sharded_save(&url);
+}
+
+#[test]
+fn sharded_save_by_hosts_without_a_shared_dir_s3() {
+    let Some(url) = s3_url("sharded_save") else {
+        return;
+    };
+    sharded_save(&url);
+}
+
+/// A sealed checkpoint's manifest hides its names from the commit object: a `RemoteView`
+/// then fetches every segment of that checkpoint (and no other's), and reads it with the key.
+#[test]
+fn a_view_of_a_sealed_checkpoint_fetches_all_its_segments() {
+    let (_d, url) = file_url();
+    let cache = tempfile::tempdir().unwrap();
+    let key = || {
+        ckptstore::crypt::Key::from_hex(
+            "6b3a1f0e9d8c7b6a5948372615040312f1e2d3c4b5a69788796a5b4c3d2e1f00",
+        )
+        .unwrap()
+    };
+    let sealed = |dir: &Path| Options {
+        encryption_key: Some(key()),
+        ..opts(dir)
+    };
+    let (a, b) = (data(51, 50_000), data(52, 60_000));
+    {
+        let mut s = Store::open(&url, sealed(&cache.path().join("w"))).unwrap();
+        commit(&mut s, 1, &[("a", &a)]);
+        commit(&mut s, 2, &[("b", &b)]);
+    }
+    let view = ckptstore::RemoteView::open(&url, &opts(&cache.path().join("v"))).unwrap();
+    let need = view.fetch(2, &["b".to_string()]).unwrap();
+    assert!(!need.is_empty());
+    // The names cannot be matched: the same segments whatever is asked for.
+    assert_eq!(view.fetch(2, &[]).unwrap(), need);
+    let have: BTreeSet<u64> = std::fs::read_dir(view.dir().join("segments"))
+        .unwrap()
+        .filter_map(|e| ckptstore::segment::parse_file_name(e.unwrap().file_name().to_str()?))
+        .collect();
+    assert_eq!(have, need.iter().copied().collect());
+    let s = Store::open(
+        view.dir(),
+        Options {
+            read_only: true,
+            ..sealed(&cache.path().join("v"))
+        },
+    )
+    .unwrap();
+    assert_holds(&s, 2, &[("b", &b)]);
+    let e = s
+        .checkpoint(ckptstore::Selector::Id(1))
+        .and_then(|ck| ck.tensor("a"))
+        .unwrap_err();
+    assert!(matches!(e, Error::SegmentMissing { .. }), "{e}");
+}
+
 /// `segments/` entries that are not segment files (a fetch's temporary files).
 fn temp_files(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir.join("segments"))

@@ -36,6 +36,6 @@ pub use faults::{Fault, Faults};
 pub use layout::{log_key, parse_log_key, segment_key, LOG_DIR, SEGMENTS_DIR};
 pub use object::{CommitObject, SegmentObject, COMMIT_MAGIC, COMMIT_VERSION};
 pub use publish::{LocalImage, Publisher};
-pub use pull::latest;
+pub use pull::{download_segments, latest};
 pub use replicator::{ReplicaStatus, Replication, Replicator};
 pub use url::{is_url, RemoteUrl};

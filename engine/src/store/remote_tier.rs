@@ -37,7 +37,7 @@ enum Kind {
     },
 }
 
-fn bucket_for(url: &RemoteUrl, opts: &Options) -> Result<Arc<Bucket>> {
+pub(crate) fn bucket_for(url: &RemoteUrl, opts: &Options) -> Result<Arc<Bucket>> {
     let mut b = Bucket::open(url)?.with_policy(opts.remote_policy);
     if let Some(f) = &opts.remote_faults {
         b = b.with_faults(f.clone());
@@ -188,7 +188,7 @@ pub(crate) fn start_replica(store: &Store, bucket: Arc<Bucket>) -> Result<Remote
 
 /// The cache directory of a bucket store: `$CKPTSTORE_CACHE_DIR`, else
 /// `$XDG_CACHE_HOME/ckptstore`, else `~/.cache/ckptstore`; then `remote/<hash of the URL>`.
-fn cache_dir(url: &RemoteUrl) -> Result<PathBuf> {
+pub(crate) fn cache_dir(url: &RemoteUrl) -> Result<PathBuf> {
     let base = std::env::var_os("CKPTSTORE_CACHE_DIR")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("ckptstore")))
@@ -215,7 +215,7 @@ fn write_marker(io: &dyn Storage, path: &Path, seq: u64) -> Result<()> {
     f.sync_data().map_err(|e| Error::io("fdatasync", path, e))
 }
 
-fn remove_marker(io: &dyn Storage, path: &Path) -> Result<()> {
+pub(crate) fn remove_marker(io: &dyn Storage, path: &Path) -> Result<()> {
     match io.remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -288,6 +288,63 @@ pub(crate) fn open_url(url: &str, opts: Options) -> Result<Store> {
         });
     }
     Ok(store)
+}
+
+/// The file marking a bucket store's cache that holds its state but not its segments (the
+/// writer of sharded saves: `remote_shard::open_shard_writer`).
+pub(crate) const STATE_ONLY_NAME: &str = "STATE_ONLY";
+
+/// Makes `cache` (a bucket store's cache directory) hold `head`'s state, its records as WAL
+/// file 1, without downloading any segment, unless it holds exactly that already; marks it
+/// state-only. `open_url` then takes it as current.
+pub(crate) fn seed_state_only(
+    io: &dyn Storage,
+    cache: &Path,
+    head: Option<&CommitObject>,
+) -> Result<()> {
+    super::recovery::create_store_dir(io, cache)?;
+    let (store_dir, marker) = (cache.join("store"), cache.join("SEQ"));
+    let flag = cache.join(STATE_ONLY_NAME);
+    let seq = head.map_or(0, |h| h.seq);
+    if read_marker(io, &marker) == Some(seq)
+        && io.exists(&flag).unwrap_or(false)
+        && io
+            .exists(&store_dir.join(crate::current::CURRENT_NAME))
+            .unwrap_or(false)
+    {
+        return Ok(());
+    }
+    remove_marker(io, &marker)?;
+    match std::fs::remove_dir_all(&store_dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io("remove dir", &store_dir, e)),
+    }
+    super::recovery::create_store_dir(io, &store_dir)?;
+    if let Some(h) = head {
+        drop(WalWriter::create_durable(
+            io, &store_dir, 1, h.features, &h.records,
+        )?);
+        switch_current_atomically(io, &store_dir, 1)?;
+    }
+    if !io.exists(&flag).unwrap_or(false) {
+        let f = io
+            .create_new(&flag)
+            .map_err(|e| Error::io("create", &flag, e))?;
+        f.sync_data()
+            .map_err(|e| Error::io("fdatasync", &flag, e))?;
+    }
+    write_marker(io, &marker, seq)
+}
+
+impl RemoteTier {
+    /// A bucket store's publisher and the marker file of its cache (`None` for a replica).
+    pub(crate) fn sync_publisher(&mut self) -> Option<(&mut Publisher, &Path)> {
+        match &mut self.kind {
+            Kind::Sync { publisher, marker } => Some((publisher, marker.as_path())),
+            Kind::Replica(_) => None,
+        }
+    }
 }
 
 impl Store {
