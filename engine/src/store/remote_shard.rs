@@ -77,7 +77,8 @@ pub fn open_shard_writer(url: &str, mut opts: Options) -> Result<Store> {
     };
     let bucket = bucket_for(&rurl, &opts)?;
     let head = remote::latest(&bucket)?;
-    // (A commit landing before the open below only makes that open pull the store whole.)
+    // (A commit landing before the open below only makes that open restore the cache again,
+    // lazily: no segment is fetched until read.)
     seed_state_only(&*opts.io, &cache, head.as_ref())?;
     opts.cache_dir = Some(cache);
     Store::open(url, opts)
