@@ -22,6 +22,7 @@
 //! rest of the engine stays synchronous.
 
 mod bucket;
+pub mod cloud;
 mod faults;
 mod layout;
 mod object;
