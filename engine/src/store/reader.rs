@@ -335,7 +335,7 @@ impl<'s> CheckpointReader<'s> {
     /// is one reused set of buffers per thread, from the store's pool. The error is the first
     /// (lowest-index) chunk's.
     #[allow(clippy::expect_used)] // a read thread does not panic
-    fn each_chunk<T: Send>(
+    pub(super) fn each_chunk<T: Send>(
         &self,
         chunks: &[pb::ChunkRef],
         items: Vec<T>,
@@ -405,7 +405,7 @@ impl<'s> CheckpointReader<'s> {
         }
     }
 
-    fn chunk_error(
+    pub(super) fn chunk_error(
         &self,
         kind: &'static str,
         name: &str,
@@ -520,7 +520,7 @@ impl<'s> CheckpointReader<'s> {
     }
 
     /// How this checkpoint's chunk ids are computed.
-    fn chunk_hash(&self) -> ChunkHash {
+    pub(super) fn chunk_hash(&self) -> ChunkHash {
         self.sealer
             .as_ref()
             .map_or(ChunkHash::Plain, |s| s.chunk_hash())
