@@ -264,7 +264,9 @@ impl CheckpointReader<'_> {
                     Ok(None) => file.read_at(&mut part[..need], at),
                     Err(e) => Err(e),
                 };
-                read.map_err(|e| self.chunk_error("tensor", name, i, c, format!("read failed: {e}")))?;
+                read.map_err(|e| {
+                    self.chunk_error("tensor", name, i, c, format!("read failed: {e}"))
+                })?;
                 let from = (c.offset.max(at) - at) as usize;
                 let to = (owned_end(i) - at) as usize;
                 if to > from {
