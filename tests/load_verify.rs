@@ -354,6 +354,10 @@ fn cold_view_reads_direct_and_returns_the_saved_bytes() {
     assert_eq!(v.is_mapped(), !takes_o_direct(dir.path()), "cold: direct");
     assert!(v.data() == &w[..], "cold view bytes");
     assert!(ck.tensor_view("lead").unwrap().data() == &data(20, 777)[..]);
+    // `tensor_map` keeps the map, cold or not (Python's load(mmap=True) maps its pages).
+    make_cold(dir.path());
+    let m = ck.tensor_map("w", true).unwrap();
+    assert!(m.is_mapped() && m.data() == &w[..], "tensor_map: the map");
     drop(ck);
     drop(s);
     assert!(v.data() == &w[..], "a read view outlives its store");

@@ -221,7 +221,8 @@ impl MappedBytes {
 
 #[pymethods]
 impl MappedBytes {
-    /// Whether the bytes are the segment's map itself (no copy was made).
+    /// Whether no copy was made: the bytes are the segment's map itself, or (cold chunks)
+    /// the memory the disk read them into directly.
     #[getter]
     fn zero_copy(&self) -> bool {
         self.view.is_zero_copy()

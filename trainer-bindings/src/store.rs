@@ -498,14 +498,26 @@ impl PyStore {
         })
     }
 
-    /// A tensor's bytes: the segment's map where the engine can (zero-copy), else one copy;
-    /// BLAKE3-verified unless `verify=False`.
-    #[pyo3(signature = (id, name, *, verify=true))]
-    fn tensor(&self, py: Python<'_>, id: u64, name: String, verify: bool) -> PyResult<MappedBytes> {
+    /// A tensor's bytes without a copy where the engine can (the segment's map, or for cold
+    /// chunks memory the disk read them into directly), else one copy; BLAKE3-verified unless
+    /// `verify=False`. `mapped=True`: the segment's map wherever the engine can map the
+    /// tensor, cold or not (for `load(mmap=True)`, which maps the same file pages privately).
+    #[pyo3(signature = (id, name, *, verify=true, mapped=false))]
+    fn tensor(
+        &self,
+        py: Python<'_>,
+        id: u64,
+        name: String,
+        verify: bool,
+        mapped: bool,
+    ) -> PyResult<MappedBytes> {
         self.with_store(py, move |s| {
-            let v = s
-                .checkpoint(Selector::Id(id))?
-                .tensor_view_with(&name, verify)?;
+            let ck = s.checkpoint(Selector::Id(id))?;
+            let v = if mapped {
+                ck.tensor_map(&name, verify)?
+            } else {
+                ck.tensor_view_with(&name, verify)?
+            };
             Ok(MappedBytes::new(v))
         })
     }

@@ -112,11 +112,24 @@ impl CheckpointReader<'_> {
     /// Like [`CheckpointReader::tensor_view`]; `verify = false` skips the BLAKE3 check (a
     /// trusted fast path: the view is then returned without touching its pages).
     pub fn tensor_view_with(&self, name: &str, verify: bool) -> Result<TensorView> {
+        self.view(name, verify, true)
+    }
+
+    /// Like [`CheckpointReader::tensor_view_with`], but a run that can be mapped is always
+    /// served from the segment's map ([`TensorView::is_mapped`]), cold or not (verified through
+    /// the page cache): for callers that need the file's pages themselves — a private
+    /// copy-on-write map of the same bytes (Python's `load(mmap=True)`), paging on demand.
+    pub fn tensor_map(&self, name: &str, verify: bool) -> Result<TensorView> {
+        self.view(name, verify, false)
+    }
+
+    /// A view; `direct`: cold runs are read direct into memory of their own.
+    fn view(&self, name: &str, verify: bool, direct: bool) -> Result<TensorView> {
         let t = self.tensor_entry(name)?;
         self.check_segments(&t.chunks)?;
         let dtype = crate::manifest::tensor_dtype(t)?;
         if let Some((map, range)) = self.mapped_run(&t.chunks)? {
-            if verify {
+            if verify && direct {
                 if let Some((buf, range)) = self.read_run_direct(&t.name, &t.chunks)? {
                     return Ok(TensorView {
                         dtype,

@@ -377,7 +377,7 @@ class Checkpoint:
             if self._progress is not None:
                 self._progress.add(t.numel() * t.element_size())
             return t
-        mb = self._store._native.tensor(self.id, name, verify=self.verify)
+        mb = self._store._native.tensor(self.id, name, verify=self.verify, mapped=self.mmap)
         if self._progress is not None:
             self._progress.add(len(mb))
         if self.mmap:
