@@ -62,9 +62,11 @@ fn checkpoints_of(obj: &CommitObject) -> BTreeSet<u64> {
 }
 
 /// Writes `obj`'s state into `dir`, lazily: the list of its segment objects
-/// (`REMOTE_SEGMENTS`, store/lazy.rs), then a WAL holding its records, then `CURRENT` (the
-/// restore's commit point: a pull cut short leaves no store, and starts again). No segment is
-/// downloaded: each is fetched by the first read that needs it.
+/// (`REMOTE_SEGMENTS`, store/lazy.rs), then a WAL holding its records whose header declares
+/// the `lazy-segments` feature, then `CURRENT` (the restore's commit point: a pull cut short
+/// leaves no store, and starts again; no crash leaves a store without the feature and
+/// segments in the bucket, so no build without it opens one). No segment is downloaded: each
+/// is fetched by the first read that needs it.
 fn restore(io: &dyn Storage, dir: &Path, obj: &CommitObject, bucket: &Bucket) -> Result<()> {
     let seg_dir = dir.join(super::SEGMENTS_DIR);
     io.create_dir_all(&seg_dir)
@@ -74,7 +76,7 @@ fn restore(io: &dyn Storage, dir: &Path, obj: &CommitObject, bucket: &Bucket) ->
         io,
         dir,
         1,
-        obj.features,
+        obj.features.with(&crate::features::LAZY_SEGMENTS),
         &obj.records,
     )?);
     switch_current_atomically(io, dir, 1)
@@ -351,7 +353,9 @@ impl Store {
     /// The live state as the publisher takes it, as generation `generation`.
     fn image(&self, generation: u64) -> LocalImage {
         LocalImage {
-            features: self.features,
+            // The bucket holds every segment of its state: a lazy restore's feature is this
+            // directory's, never the bucket's.
+            features: self.features.without(&crate::features::LAZY_SEGMENTS),
             generation,
             records: self.state.compacted_records(),
             segments: self
