@@ -1403,10 +1403,20 @@ fn lazy_restore_declares_lazy_segments_until_every_segment_is_local() {
     assert!(s.features().contains(&LAZY_SEGMENTS));
     assert_holds(&s, 2, &[("b", &b)]);
     drop(s);
+    // The cache file of b's segment (fetched by that read) rots: `fetch_all` verifies every
+    // fetched chunk before the directory stops being a cache of the bucket, and fetches it
+    // again.
+    let (name, _) = support::segment_files(&p).into_iter().next().unwrap();
+    let seg = p.join("segments").join(name);
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&seg, &bytes).unwrap();
     let mut s = Store::open(&p, opts(&root.path().join("cache"))).unwrap();
     assert!(!s.segments_in_bucket().is_empty());
     assert!(s.features().contains(&LAZY_SEGMENTS), "a segment is still remote");
     s.fetch_all().unwrap();
+    assert_ne!(std::fs::read(&seg).unwrap(), bytes, "the rotten cache file stayed");
     assert!(!s.features().contains(&LAZY_SEGMENTS));
     assert!(!wal_features(&p).contains(&LAZY_SEGMENTS));
     assert!(!list.exists(), "REMOTE_SEGMENTS outlived the feature");
