@@ -1432,7 +1432,8 @@ fn lazy_restore_declares_lazy_segments_until_every_segment_is_local() {
 }
 
 /// A directory the build before the feature restored lazily (`REMOTE_SEGMENTS`, segments in
-/// the bucket, no feature bit): it opens, and its first writer open declares the feature.
+/// the bucket, no feature bit): it opens, and its first writer open declares the feature; a
+/// replica of it to another bucket publishes a state without the feature.
 #[test]
 fn lazy_restore_of_a_build_before_the_feature_gets_it_at_a_writer_open() {
     use ckptstore::features::LAZY_SEGMENTS;
@@ -1459,6 +1460,20 @@ fn lazy_restore_of_a_build_before_the_feature_gets_it_at_a_writer_open() {
     assert!(s.features().contains(&LAZY_SEGMENTS));
     drop(s);
     assert!(wal_features(&p).contains(&LAZY_SEGMENTS));
+    // Replicated to another bucket: the feature is the directory's, never a bucket's.
+    let (_other, other) = file_url();
+    let s = Store::open(
+        &p,
+        Options {
+            replica: Some(other.clone()),
+            ..opts(&root.path().join("cache"))
+        },
+    )
+    .unwrap();
+    s.wait_replicated(Some(Duration::from_secs(60))).unwrap();
+    assert!(s.features().contains(&LAZY_SEGMENTS));
+    let head = remote::latest(&bucket(&other)).unwrap().unwrap();
+    assert!(!head.features.contains(&LAZY_SEGMENTS), "{}", head.features);
 }
 
 /// The clear of `lazy-segments` (`fetch_all` of a writer: each fetch, the WAL rewritten

@@ -353,9 +353,7 @@ impl Store {
     /// The live state as the publisher takes it, as generation `generation`.
     fn image(&self, generation: u64) -> LocalImage {
         LocalImage {
-            // The bucket holds every segment of its state: a lazy restore's feature is this
-            // directory's, never the bucket's.
-            features: self.features.without(&crate::features::LAZY_SEGMENTS),
+            features: self.features,
             generation,
             records: self.state.compacted_records(),
             segments: self
