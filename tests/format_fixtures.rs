@@ -884,8 +884,7 @@ fn write_workload_4(dir: &Path) {
 /// Points the `REMOTE_SEGMENTS` of the lazily restored `store` at `url`.
 fn set_lazy_url(store: &Path, url: &str) {
     let path = store.join(ckptstore::store::REMOTE_SEGMENTS_NAME);
-    let mut v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     v["url"] = serde_json::Value::String(url.to_string());
     std::fs::write(&path, v.to_string()).unwrap();
 }

@@ -1414,9 +1414,16 @@ fn lazy_restore_declares_lazy_segments_until_every_segment_is_local() {
     std::fs::write(&seg, &bytes).unwrap();
     let mut s = Store::open(&p, opts(&root.path().join("cache"))).unwrap();
     assert!(!s.segments_in_bucket().is_empty());
-    assert!(s.features().contains(&LAZY_SEGMENTS), "a segment is still remote");
+    assert!(
+        s.features().contains(&LAZY_SEGMENTS),
+        "a segment is still remote"
+    );
     s.fetch_all().unwrap();
-    assert_ne!(std::fs::read(&seg).unwrap(), bytes, "the rotten cache file stayed");
+    assert_ne!(
+        std::fs::read(&seg).unwrap(),
+        bytes,
+        "the rotten cache file stayed"
+    );
     assert!(!s.features().contains(&LAZY_SEGMENTS));
     assert!(!wal_features(&p).contains(&LAZY_SEGMENTS));
     assert!(!list.exists(), "REMOTE_SEGMENTS outlived the feature");
@@ -1502,7 +1509,10 @@ fn lazy_segments_clear_survives_a_crash_at_every_sync() {
     let probe = base.fork();
     clear(&probe).unwrap();
     let syncs = probe.sync_count();
-    assert!(syncs >= 5, "fetches, WAL rewrite, CURRENT, list removal: {syncs}");
+    assert!(
+        syncs >= 5,
+        "fetches, WAL rewrite, CURRENT, list removal: {syncs}"
+    );
     let list = Path::new(P).join(ckptstore::store::REMOTE_SEGMENTS_NAME);
     let mut states = BTreeSet::new();
     for n in 1..=syncs {
@@ -1537,5 +1547,8 @@ fn lazy_segments_clear_survives_a_crash_at_every_sync() {
         }
     }
     assert!(states.contains(&(true, true)), "{states:?}");
-    assert!(states.contains(&(false, true)), "no crash between the rewrite and the removal");
+    assert!(
+        states.contains(&(false, true)),
+        "no crash between the rewrite and the removal"
+    );
 }

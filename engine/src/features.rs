@@ -53,7 +53,12 @@ pub struct Feature {
 /// its kind (bits are never reused, even of a feature that is withdrawn), an entry here, its
 /// row in docs/FORMAT.md ("Feature flags"), and a fixture store that uses it
 /// (tests/fixtures/stores/).
-pub const KNOWN: &[Feature] = &[SEGMENT_COMMIT_TRAILER, QUARANTINE, ENCRYPTION, LAZY_SEGMENTS];
+pub const KNOWN: &[Feature] = &[
+    SEGMENT_COMMIT_TRAILER,
+    QUARANTINE,
+    ENCRYPTION,
+    LAZY_SEGMENTS,
+];
 
 /// Each commit's last new segment ends with a copy of its commit record (docs/FORMAT.md,
 /// "Commit trailer"), so `ckptstore recover --rebuild` can restore the store from its
@@ -320,6 +325,9 @@ mod tests {
         assert_eq!(refused.to_string(), "lazy-segments");
         // This build opens it; once cleared, so does the older one.
         assert_eq!(lazy.blocking(true), None);
-        assert_eq!(lazy.without(&LAZY_SEGMENTS).blocking_in(&older, false), None);
+        assert_eq!(
+            lazy.without(&LAZY_SEGMENTS).blocking_in(&older, false),
+            None
+        );
     }
 }

@@ -322,7 +322,10 @@ impl super::Store {
     /// `lazy-segments`; a store a build before the feature restored lazily gets it now.
     pub(crate) fn declare_lazy(&mut self) -> Result<()> {
         use crate::features::LAZY_SEGMENTS;
-        let in_bucket = self.lazy.as_ref().is_some_and(|l| !l.pending_ids().is_empty());
+        let in_bucket = self
+            .lazy
+            .as_ref()
+            .is_some_and(|l| !l.pending_ids().is_empty());
         if in_bucket && !self.features.contains(&LAZY_SEGMENTS) {
             self.rewrite_wal(self.features.with(&LAZY_SEGMENTS))?;
         }
@@ -351,7 +354,11 @@ impl super::Store {
     pub(crate) fn clear_lazy(&mut self) -> Result<()> {
         use crate::features::LAZY_SEGMENTS;
         self.check_writable()?;
-        if self.lazy.as_ref().is_some_and(|l| !l.pending_ids().is_empty()) {
+        if self
+            .lazy
+            .as_ref()
+            .is_some_and(|l| !l.pending_ids().is_empty())
+        {
             return Err(Error::invalid(
                 "a segment is still in the bucket: the lazy-segments feature stays",
             ));
