@@ -129,6 +129,10 @@ impl CheckpointReader<'_> {
         self.check_segments(&t.chunks)?;
         let dtype = crate::manifest::tensor_dtype(t)?;
         if let Some((map, range)) = self.mapped_run(&t.chunks)? {
+            let verify = verify
+                || self
+                    .store
+                    .always_verify(t.chunks.first().map_or(0, |c| c.segment));
             if verify && direct {
                 if let Some((buf, range)) = self.read_run_direct(&t.name, &t.chunks)? {
                     return Ok(TensorView {
@@ -137,6 +141,8 @@ impl CheckpointReader<'_> {
                         data: ViewData::Read { buf, range },
                     });
                 }
+            }
+            if verify {
                 self.verify_mapped(&t.name, &t.chunks, &map, range.start)?;
             }
             return Ok(TensorView {
