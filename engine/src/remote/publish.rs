@@ -109,6 +109,12 @@ impl Publisher {
         self.head.as_ref().map_or(0, |h| h.seq)
     }
 
+    /// Takes segment `id` as uploaded already, as `obj` (a shard another process uploaded):
+    /// the next [`Publisher::publish`] names it without uploading it.
+    pub fn adopt(&mut self, id: u64, obj: SegmentObject) {
+        self.uploaded.insert(id, obj);
+    }
+
     /// The bucket.
     pub fn bucket(&self) -> &Arc<Bucket> {
         &self.bucket
