@@ -519,3 +519,71 @@ fn cold_view_falls_back_to_buffered_reads_when_direct_ones_are_refused() {
         other => panic!("{other:?}"),
     }
 }
+
+/// `tensors_into` reads several tensors on one set of threads: every one bit-exact (a
+/// zero-size one, one below a chunk, several chunks long), a wrong destination length refused
+/// before a byte is read, and a damaged chunk named by its own tensor and index, not by the
+/// position of the chunk among all the tensors' chunks.
+#[test]
+fn tensors_into_reads_many_tensors_and_names_the_damaged_one() {
+    let chunk_size = 1 << 20;
+    let opts = || ckptstore::Options {
+        chunk_size,
+        ..opts()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let a = data(1, 3 * chunk_size + 5);
+    let b = data(2, 100);
+    let c = data(3, 6 * chunk_size + 77);
+    let mut s = Store::open(dir.path(), opts()).unwrap();
+    let mut t = s.begin(1).unwrap();
+    t.put_tensor("a", DType::U8, &[a.len() as u64], &a).unwrap();
+    t.put_tensor("empty", DType::F32, &[0], &[]).unwrap();
+    t.put_tensor("b", DType::U8, &[b.len() as u64], &b).unwrap();
+    t.put_tensor("c", DType::U8, &[c.len() as u64], &c).unwrap();
+    t.commit().unwrap();
+    drop(s);
+    let s = Store::open(dir.path(), opts()).unwrap();
+    let ck = s.checkpoint(Selector::Latest).unwrap();
+    let (mut oa, mut oe, mut ob, mut oc) = (
+        vec![0u8; a.len()],
+        Vec::<u8>::new(),
+        vec![0u8; b.len()],
+        vec![0u8; c.len()],
+    );
+    ck.tensors_into(
+        vec![
+            ("c", &mut oc[..]),
+            ("a", &mut oa[..]),
+            ("empty", &mut oe[..]),
+            ("b", &mut ob[..]),
+        ],
+        true,
+    )
+    .unwrap();
+    assert!(oa == a && ob == b && oc == c && oe.is_empty());
+    let mut short = vec![0u8; b.len() - 1];
+    let mut oa2 = vec![0u8; a.len()];
+    let e = ck
+        .tensors_into(vec![("a", &mut oa2[..]), ("b", &mut short[..])], true)
+        .unwrap_err();
+    assert!(e.to_string().contains("destination"), "{e}");
+    assert!(
+        oa2.iter().all(|&x| x == 0),
+        "nothing read before the lengths are checked"
+    );
+    // Damage chunk 4 of "c".
+    let cref = ck.manifest().tensors[3].chunks[4].clone();
+    drop(ck);
+    drop(s);
+    flip(dir.path(), cref.segment, cref.offset + 9);
+    let s = Store::open(dir.path(), opts()).unwrap();
+    let ck = s.checkpoint(Selector::Latest).unwrap();
+    let mut oc = vec![0u8; c.len()];
+    match ck.tensors_into(vec![("a", &mut oa[..]), ("c", &mut oc[..])], true) {
+        Err(Error::ChunkCorrupt { name, chunk, .. }) => {
+            assert_eq!((name.as_str(), chunk), ("c", 4))
+        }
+        other => panic!("tensors_into gave {other:?}"),
+    }
+}

@@ -544,6 +544,37 @@ impl PyStore {
         })
     }
 
+    /// Reads several tensors straight into `targets`, `[(name, (owner, address, nbytes))]` of
+    /// fresh contiguous CPU tensors the caller allocated and holds (as `read_into`), in one
+    /// engine call: the chunks of all of them on one set of reading threads, so the disk never
+    /// waits at a tensor's end and each new tensor's pages are faulted in by the thread that
+    /// fills them, overlapping the other threads' reads. GIL released for the whole read.
+    /// Targets that overlap are refused before any is written.
+    #[pyo3(signature = (id, targets, *, verify=true))]
+    fn read_many(
+        &self,
+        py: Python<'_>,
+        id: u64,
+        targets: Vec<(String, Bound<'_, PyAny>)>,
+        verify: bool,
+    ) -> PyResult<()> {
+        let mut ts = Vec::with_capacity(targets.len());
+        for (name, dst) in targets {
+            let t = LoadTarget::from_py(&name, &dst)?;
+            ts.push((name, t));
+        }
+        LoadTarget::check_disjoint(&ts).map_err(PyValueError::new_err)?;
+        let ts = &mut ts;
+        self.with_store(py, move |s| {
+            let outs = ts
+                .iter_mut()
+                .map(|(n, t)| (n.as_str(), t.as_mut_slice()))
+                .collect();
+            s.checkpoint(Selector::Id(id))?.tensors_into(outs, verify)?;
+            Ok(())
+        })
+    }
+
     /// A blob's bytes (always verified).
     fn blob<'py>(&self, py: Python<'py>, id: u64, name: String) -> PyResult<Bound<'py, PyBytes>> {
         let b = self.with_store(py, move |s| {
