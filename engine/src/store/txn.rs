@@ -151,7 +151,8 @@ fn hash_alone(how: ChunkHash, chunk: &[u8]) -> [u8; 32] {
 impl<'s> Transaction<'s> {
     pub(super) fn new(store: &'s mut Store, step: u64) -> Self {
         let writer = SegmentWriter::new(store.opts.io.clone(), store.dir.join(SEGMENTS_DIR))
-            .sealing(store.keys().current().cloned());
+            .sealing(store.keys().current().cloned())
+            .aligning_payloads();
         let key_id = store
             .keys()
             .current()
