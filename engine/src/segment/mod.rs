@@ -137,41 +137,19 @@ pub(crate) fn header_len_for(n: usize) -> u64 {
     align_up((FRAME_FIXED_LEN + CHUNK_ENTRY_LEN * n) as u64)
 }
 
-/// The O_DIRECT alignment a payload is padded to ([`payload_aligned_header_len`]): the
-/// header block's size, so frames written from page-aligned memory go straight to the disk.
-pub(crate) const DIRECT_ALIGN: u64 = SEGMENT_DATA_OFFSET;
-
-/// [`header_len_for`] `n` chunks, padded so that the payload of a frame starting at `start`
-/// begins on a [`DIRECT_ALIGN`] boundary (the format allows any multiple of 64 at least the
-/// minimum: the padding is table room nobody uses). Without it the payload of a frame starts
-/// a few KiB past a page boundary, and every O_DIRECT write of it — each chunk of a run shares
-/// the shift — went through a bounce buffer: one more memcpy of the whole checkpoint on the
-/// I/O thread, competing on two cores with the caller's copy and the hashing (issue 13).
-/// Unpadded where the padding would pass the format's cap on a header.
-pub(crate) fn payload_aligned_header_len(start: u64, n: usize) -> u64 {
-    let min = header_len_for(n);
-    let padded = (start + min).next_multiple_of(DIRECT_ALIGN) - start;
-    if start.is_multiple_of(FRAME_ALIGN) && padded <= MAX_FRAME_HEADER_LEN {
-        padded
-    } else {
-        min
-    }
-}
-
 /// Most chunks one frame's table lists (the format's cap on a frame header).
 pub(crate) const MAX_FRAME_CHUNKS: usize = 65_536;
 
 /// How many chunks of a run fit in a frame starting at `end` of a segment of at most `max`
 /// bytes: the run covers chunks `k..` of `total` bytes cut in chunks of `cs`, and a frame
 /// lists at most `MAX_FRAME_CHUNKS` of them (its header grows with each).
-/// The header is counted padded ([`payload_aligned_header_len`]), as the transaction writes it.
 pub(crate) fn frame_capacity(end: u64, max: u64, total: usize, cs: usize, k: usize) -> usize {
     let limit = (total.div_ceil(cs) - k).min(MAX_FRAME_CHUNKS);
     let mut payload = 0u64;
     let mut n = 0;
     while n < limit {
         payload += (total - (k + n) * cs).min(cs) as u64;
-        if end + align_up(payload_aligned_header_len(end, n + 1) + payload) > max {
+        if end + align_up(header_len_for(n + 1) + payload) > max {
             break;
         }
         n += 1;
@@ -383,35 +361,6 @@ mod tests {
 
     /// A writer may reserve table space it then does not use; the header length says where
     /// the payload starts, and decoding keeps it.
-    /// Regression (issue 13): payloads started a few KiB past a page boundary, so every
-    /// O_DIRECT write of a run went through a bounce copy.
-    #[test]
-    fn regression_padded_headers_start_payloads_page_aligned_and_stay_valid() {
-        for start in [4096u64, 4096 + 64, 4096 + 4032, 1 << 20, (1 << 20) + 3136] {
-            for n in [1usize, 2, 64, 85, 1000] {
-                let h = payload_aligned_header_len(start, n);
-                assert!((start + h).is_multiple_of(DIRECT_ALIGN), "{start} {n} {h}");
-                assert!(h >= header_len_for(n) && h.is_multiple_of(FRAME_ALIGN));
-                // A header padded this way decodes (the format's rule on h).
-                let entry = ChunkEntry {
-                    blake3: [7; 32],
-                    stored_len: 9,
-                    raw_len: 9,
-                };
-                let mut f = FrameHeader::new(0, 1, vec![entry; n]);
-                f.header_len = h;
-                assert_eq!(FrameHeader::decode(&f.encode()), Ok(Ok(f.clone())));
-            }
-        }
-        // Near the format's cap the header is left unpadded.
-        let n = MAX_FRAME_CHUNKS;
-        assert_eq!(payload_aligned_header_len(4096 + 64, n), header_len_for(n));
-        // A frame's capacity counts the padding, so the frame fits the segment's limit: three
-        // 4 KiB chunks fit in 12 480 bytes behind an unpadded header, two behind a padded one.
-        let start = 4096 + 64;
-        assert_eq!(frame_capacity(start, start + 12_480, 1 << 20, 4096, 0), 2);
-    }
-
     #[test]
     fn reserved_table_space_round_trips() {
         let mut f = FrameHeader::new(

@@ -13,10 +13,7 @@
 //! file, and the chunk's reference carries the nonce and tag. This is the one place chunk
 //! bytes are encrypted.
 
-use super::{
-    align_up, encode_header, file_name, header_len_for, payload_aligned_header_len, ChunkEntry,
-    FrameHeader,
-};
+use super::{align_up, encode_header, file_name, header_len_for, ChunkEntry, FrameHeader};
 use super::{FRAME_ALIGN, SEGMENT_DATA_OFFSET};
 use crate::crypt::Sealer;
 use crate::error::{Error, Result};
@@ -78,8 +75,6 @@ pub(crate) struct SegmentWriter {
     sealer: Option<Arc<Sealer>>,
     /// The ciphertext of the chunk being sealed (reused).
     sealed: Vec<u8>,
-    /// Pad frame headers so payloads start page-aligned ([`Self::aligning_payloads`]).
-    align_payloads: bool,
 }
 
 impl SegmentWriter {
@@ -93,17 +88,7 @@ impl SegmentWriter {
             sync_failed: false,
             sealer: None,
             sealed: Vec::new(),
-            align_payloads: false,
         }
-    }
-
-    /// Pads each frame's header so its payload starts on a 4096-byte boundary
-    /// ([`super::payload_aligned_header_len`]): chunks written from page-aligned memory (the
-    /// staging pool) then go to the disk without a bounce copy. The caller's `capacity`
-    /// function must count the padding ([`super::frame_capacity`] does).
-    pub(crate) fn aligning_payloads(mut self) -> Self {
-        self.align_payloads = true;
-        self
     }
 
     /// Seals every chunk this writer writes with `sealer` (none: plain).
@@ -135,11 +120,7 @@ impl SegmentWriter {
             cap = capacity(SEGMENT_DATA_OFFSET).max(1);
         }
         let start = self.open_segment()?.end;
-        let header_len = if self.align_payloads {
-            payload_aligned_header_len(start, cap)
-        } else {
-            header_len_for(cap)
-        };
+        let header_len = header_len_for(cap);
         Ok(Run {
             start,
             header_len,

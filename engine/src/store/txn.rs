@@ -151,8 +151,7 @@ fn hash_alone(how: ChunkHash, chunk: &[u8]) -> [u8; 32] {
 impl<'s> Transaction<'s> {
     pub(super) fn new(store: &'s mut Store, step: u64) -> Self {
         let writer = SegmentWriter::new(store.opts.io.clone(), store.dir.join(SEGMENTS_DIR))
-            .sealing(store.keys().current().cloned())
-            .aligning_payloads();
+            .sealing(store.keys().current().cloned());
         let key_id = store
             .keys()
             .current()
