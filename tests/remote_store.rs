@@ -599,12 +599,23 @@ fn cli_commands_take_a_url() {
     let s = Store::open(&dir, Options::read_only()).unwrap();
     assert_eq!(s.list().len(), 1);
     assert_eq!(s.list()[0].step, 6);
+    assert!(!s.segments_in_bucket().is_empty(), "pull is lazy");
+
     // A directory is not a URL to pull from, and a store is not pulled over.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ckptstore"))
         .args(["pull", &url, dir.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(!out.status.success());
+    // --all: every segment now; the directory no longer needs the bucket.
+    let all = root.path().join("pulled-all");
+    run(&["pull", &url, all.to_str().unwrap(), "--all"]);
+    let s = Store::open(&all, Options::read_only()).unwrap();
+    assert!(s.segments_in_bucket().is_empty());
+    drop(s);
+    std::fs::remove_dir_all(_d.path()).unwrap();
+    let s = Store::open(&all, Options::read_only()).unwrap();
+    assert_holds(&s, s.list()[0].id, &[("x", &x)]);
 }
 
 #[test]
@@ -706,4 +717,838 @@ fn sigkill_of_the_cli_mid_publish() {
         drop(s);
         assert_no_leftovers(&url);
     }
+}
+
+/// One rank of a sharded save on a host of its own: its shard written into a scratch
+/// directory of its own cache, uploaded, the directory removed (on drop).
+fn rank_upload(
+    url: &str,
+    cache: &Path,
+    ids: std::ops::Range<u64>,
+    name: &str,
+    bytes: &[u8],
+) -> (ckptstore::ShardFragment, Vec<(u64, remote::SegmentObject)>) {
+    let o = opts(cache);
+    let scratch = ckptstore::store::shard_scratch(url, &o).unwrap();
+    let mut w = ckptstore::ShardWriter::new(
+        scratch.path(),
+        ids,
+        ckptstore::ShardOptions {
+            chunk_size: support::CHUNK,
+            segment_max_bytes: 1 << 20,
+            io: o.io.clone(),
+        },
+    )
+    .unwrap();
+    w.put_tensor(name, ckptstore::DType::U8, &[bytes.len() as u64], bytes)
+        .unwrap();
+    let frag = w.finish().unwrap();
+    let objs = ckptstore::store::upload_shard(url, scratch.path(), &frag, &o).unwrap();
+    let dir = scratch.path().to_path_buf();
+    drop(scratch);
+    assert!(!dir.exists(), "the scratch directory is removed");
+    (frag, objs)
+}
+
+/// The coordinator's own part (DCP's metadata): written into its cache, last reserved.
+fn coordinator_part(s: &mut Store, blob: &[u8]) -> ckptstore::ShardFragment {
+    let ids = s.reserve_segment_ids(1, 16).unwrap().remove(0);
+    let o = s.options();
+    let mut w = ckptstore::ShardWriter::new(
+        s.dir(),
+        ids,
+        ckptstore::ShardOptions {
+            chunk_size: o.chunk_size,
+            segment_max_bytes: o.segment_max_bytes,
+            io: o.io.clone(),
+        },
+    )
+    .unwrap();
+    w.put_blob("meta", blob).unwrap();
+    w.finish().unwrap()
+}
+
+/// A sharded save into a bucket store by "hosts" that share nothing: two ranks upload their
+/// shards, the coordinator commits once; a fresh cache reads every part bit-exact, and a
+/// rank-partial view fetches only the segments of the tensors it asks for; a writer opened
+/// with `open_shard_writer` (a cache of the state only) downloads no segment. Then the crash
+/// invariant: ranks upload and the coordinator dies before its commit — no new checkpoint is
+/// visible, the previous one loads, and the next writer's open removes the unnamed uploads.
+/// Last, a second writer commits between the coordinator's open and its commit: the
+/// coordinator gets `WriterConflict` and nothing is overwritten.
+fn sharded_save(url: &str) {
+    let cache = tempfile::tempdir().unwrap();
+    let c = |n: &str| cache.path().join(n);
+    let (x, y, z) = (data(11, 300_000), data(12, 200_000), data(13, 5000));
+    let mut s = Store::open(url, opts(&c("coord"))).unwrap();
+    commit(&mut s, 1, &[("z", &z)]);
+    let r = s.reserve_segment_ids(2, 64).unwrap();
+    let (f0, o0) = rank_upload(url, &c("rank0"), r[0].clone(), "x", &x);
+    let (f1, o1) = rank_upload(url, &c("rank1"), r[1].clone(), "y", &y);
+    assert!(o0
+        .iter()
+        .chain(&o1)
+        .all(|(_, o)| o.key.starts_with("segments/")));
+    let mine = coordinator_part(&mut s, b"dcp-metadata");
+    let uploaded: Vec<_> = o0.iter().chain(&o1).cloned().collect();
+    // The coordinator's own segment must be the last one (it holds the commit trailer).
+    let e = s
+        .commit_external_remote(2, 0, BTreeMap::new(), std::slice::from_ref(&f0), &o0)
+        .unwrap_err();
+    assert!(e.to_string().contains("highest id"), "{e}");
+    // Names that are not an uploaded segment, or one that is not there: refused, no commit.
+    let (id, len) = (o0[0].0, o0[0].1.len);
+    let frags = [f0.clone(), mine.clone()];
+    for (key, why) in [
+        (remote::log_key(1), "not the name of an uploaded segment"),
+        (remote::segment_key("0123456789abcdef", id), "missing"),
+    ] {
+        let bad = [(id, remote::SegmentObject { key, len })];
+        let e = s
+            .commit_external_remote(2, 0, BTreeMap::new(), &frags, &bad)
+            .unwrap_err();
+        assert!(e.to_string().contains(why), "{e}");
+    }
+    assert_eq!(s.list().len(), 1);
+    let info = s
+        .commit_external_remote(2, 0, BTreeMap::new(), &[f0, f1, mine], &uploaded)
+        .unwrap();
+    assert_eq!(info.step, 2);
+    drop(s);
+    assert_no_leftovers(url);
+    {
+        let other = Store::open(url, opts(&c("reader"))).unwrap();
+        assert_holds(&other, 1, &[("z", &z)]);
+        assert_holds(&other, 2, &[("x", &x), ("y", &y)]);
+        assert_eq!(
+            other
+                .checkpoint(ckptstore::Selector::Id(2))
+                .unwrap()
+                .blob("meta")
+                .unwrap(),
+            b"dcp-metadata"
+        );
+    }
+    // A rank's view: only the segments of "y".
+    let view = ckptstore::RemoteView::open(url, &opts(&c("view"))).unwrap();
+    let need = view.fetch(2, &["y".to_string()]).unwrap();
+    let have: Vec<u64> = std::fs::read_dir(view.dir().join("segments"))
+        .unwrap()
+        .filter_map(|e| ckptstore::segment::parse_file_name(e.unwrap().file_name().to_str()?))
+        .collect();
+    assert_eq!(
+        have.iter().copied().collect::<BTreeSet<_>>(),
+        need.iter().copied().collect()
+    );
+    assert!(!need.is_empty() && need.iter().all(|id| r[1].contains(id)));
+    {
+        let v = Store::open(
+            view.dir(),
+            Options {
+                read_only: true,
+                ..opts(&c("view"))
+            },
+        )
+        .unwrap();
+        let ck = v.checkpoint(ckptstore::Selector::Id(2)).unwrap();
+        assert_eq!(ck.tensor("y").unwrap().data, y);
+        assert!(matches!(
+            ck.tensor("x").unwrap_err(),
+            Error::SegmentMissing { .. }
+        ));
+    }
+
+    // The writer of sharded saves with a cache of the state only: it downloads no segment,
+    // at its first open or after its commit.
+    let own_segments = |cache: &Path| -> BTreeSet<u64> {
+        std::fs::read_dir(cache.join("store").join("segments"))
+            .unwrap()
+            .filter_map(|e| ckptstore::segment::parse_file_name(e.unwrap().file_name().to_str()?))
+            .collect()
+    };
+    let (u, v) = (data(41, 150_000), data(42, 150_000));
+    let mut s = ckptstore::store::open_shard_writer(url, opts(&c("sw"))).unwrap();
+    assert!(own_segments(&c("sw")).is_empty());
+    let r = s.reserve_segment_ids(2, 64).unwrap();
+    let (f0, o0) = rank_upload(url, &c("rank0"), r[0].clone(), "u", &u);
+    let (f1, o1) = rank_upload(url, &c("rank1"), r[1].clone(), "v", &v);
+    let mine = coordinator_part(&mut s, b"m3");
+    let uploaded: Vec<_> = o0.iter().chain(&o1).cloned().collect();
+    s.commit_external_remote(3, 0, BTreeMap::new(), &[f0, f1, mine.clone()], &uploaded)
+        .unwrap();
+    drop(s);
+    let mine_ids: BTreeSet<u64> = mine.segments().map(|(id, _)| id).collect();
+    assert_eq!(own_segments(&c("sw")), mine_ids);
+    drop(ckptstore::store::open_shard_writer(url, opts(&c("sw"))).unwrap());
+    assert_eq!(
+        own_segments(&c("sw")),
+        mine_ids,
+        "the reopen pulled nothing"
+    );
+    assert_no_leftovers(url);
+    {
+        let s = Store::open(url, opts(&c("reader3"))).unwrap();
+        assert_holds(&s, 3, &[("u", &u), ("v", &v)]);
+    }
+
+    // Crash: the ranks uploaded, the coordinator died before its commit.
+    let mut s = ckptstore::store::open_shard_writer(url, opts(&c("sw"))).unwrap();
+    let r = s.reserve_segment_ids(2, 64).unwrap();
+    let (_, o0) = rank_upload(url, &c("rank0"), r[0].clone(), "x", &data(21, 100_000));
+    let (_, o1) = rank_upload(url, &c("rank1"), r[1].clone(), "y", &data(22, 100_000));
+    std::mem::forget(s); // killed: no abort, no cleanup
+    let b = bucket(url);
+    let listed: BTreeSet<String> = b
+        .list(remote::SEGMENTS_DIR)
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert!(o0.iter().chain(&o1).all(|(_, o)| listed.contains(&o.key)));
+    {
+        let ro = Options {
+            read_only: true,
+            ..opts(&c("after-crash"))
+        };
+        let s = Store::open(url, ro).unwrap();
+        assert_eq!(
+            s.list().iter().map(|c| c.step).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+        assert_holds(&s, 2, &[("x", &x), ("y", &y)]);
+        assert_holds(&s, 3, &[("u", &u), ("v", &v)]);
+    }
+    // The next writer's open sweeps what no commit names (the grace is zero here).
+    drop(Store::open(url, opts(&c("next-writer"))).unwrap());
+    assert_no_leftovers(url);
+
+    // Another writer commits between the coordinator's open and its commit.
+    let mut s = ckptstore::store::open_shard_writer(url, opts(&c("coord2"))).unwrap();
+    let r = s.reserve_segment_ids(1, 64).unwrap();
+    let (f0, o0) = rank_upload(url, &c("rank0"), r[0].clone(), "x", &data(31, 100_000));
+    let mine = coordinator_part(&mut s, b"m");
+    // (with the default grace: a zero one would sweep the rank's upload in flight)
+    let mut o = opts(&c("other"));
+    o.remote_policy.orphan_grace = Duration::from_secs(3600);
+    let mut other = Store::open(url, o).unwrap();
+    commit(&mut other, 9, &[("w", &z)]);
+    let e = s
+        .commit_external_remote(4, 0, BTreeMap::new(), &[f0, mine], &o0)
+        .unwrap_err();
+    assert!(matches!(e, Error::WriterConflict { .. }), "{e}");
+    drop((s, other));
+    let s = Store::open(url, opts(&c("final"))).unwrap();
+    assert_eq!(
+        s.list().iter().map(|c| c.step).collect::<Vec<_>>(),
+        [1, 2, 3, 9]
+    );
+    for ck in s.list() {
+        s.verify(ck.id).unwrap();
+    }
+}
+
+#[test]
+fn sharded_save_by_hosts_without_a_shared_dir_file() {
+    let (_d, url) = file_url();
+    sharded_save(&url);
+}
+
+#[test]
+fn sharded_save_by_hosts_without_a_shared_dir_s3() {
+    let Some(url) = s3_url("sharded_save") else {
+        return;
+    };
+    sharded_save(&url);
+}
+
+/// A sealed checkpoint's manifest hides its names from the commit object: a `RemoteView`
+/// then fetches every segment of that checkpoint (and no other's), and reads it with the key.
+#[test]
+fn a_view_of_a_sealed_checkpoint_fetches_all_its_segments() {
+    let (_d, url) = file_url();
+    let cache = tempfile::tempdir().unwrap();
+    let key = || {
+        ckptstore::crypt::Key::from_hex(
+            "6b3a1f0e9d8c7b6a5948372615040312f1e2d3c4b5a69788796a5b4c3d2e1f00",
+        )
+        .unwrap()
+    };
+    let sealed = |dir: &Path| Options {
+        encryption_key: Some(key()),
+        ..opts(dir)
+    };
+    let (a, b) = (data(51, 50_000), data(52, 60_000));
+    {
+        let mut s = Store::open(&url, sealed(&cache.path().join("w"))).unwrap();
+        commit(&mut s, 1, &[("a", &a)]);
+        commit(&mut s, 2, &[("b", &b)]);
+    }
+    let view = ckptstore::RemoteView::open(&url, &opts(&cache.path().join("v"))).unwrap();
+    let need = view.fetch(2, &["b".to_string()]).unwrap();
+    assert!(!need.is_empty());
+    // The names cannot be matched: the same segments whatever is asked for.
+    assert_eq!(view.fetch(2, &[]).unwrap(), need);
+    let have: BTreeSet<u64> = std::fs::read_dir(view.dir().join("segments"))
+        .unwrap()
+        .filter_map(|e| ckptstore::segment::parse_file_name(e.unwrap().file_name().to_str()?))
+        .collect();
+    assert_eq!(have, need.iter().copied().collect());
+    let s = Store::open(
+        view.dir(),
+        Options {
+            read_only: true,
+            ..sealed(&cache.path().join("v"))
+        },
+    )
+    .unwrap();
+    assert_holds(&s, 2, &[("b", &b)]);
+    let e = s
+        .checkpoint(ckptstore::Selector::Id(1))
+        .and_then(|ck| ck.tensor("a"))
+        .unwrap_err();
+    assert!(matches!(e, Error::SegmentMissing { .. }), "{e}");
+}
+
+/// `segments/` entries that are not segment files (a fetch's temporary files).
+fn temp_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir.join("segments"))
+        .map(|r| {
+            r.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.ends_with(".seg"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A lazy restore: `pull` and a replica's restore of a lost directory send only the commit
+/// log's requests (no segment is downloaded before a read); the first read fetches what it
+/// needs and loads bit-exact; a new commit deduplicates against chunks still in the bucket
+/// (fetching nothing), gc does not download a segment to compact it, and a delete frees a
+/// segment that was never fetched.
+fn lazy_restore(url: &str) {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("local");
+    let ropts = || Options {
+        replica: Some(url.to_string()),
+        ..opts(&root.path().join("cache"))
+    };
+    let (w, b) = (big(), data(40, 9000));
+    {
+        let mut s = Store::open(&dir, ropts()).unwrap();
+        commit(&mut s, 1, &[("w", &w), ("b", &b)]);
+        // Wholly deduplicated: its segment holds only its commit trailer.
+        commit(&mut s, 2, &[("b", &b)]);
+        s.wait_replicated(Some(Duration::from_secs(60))).unwrap();
+    }
+    assert_eq!(support::segment_files(&dir).len(), 2);
+
+    // `pull`: one list to check access, then the newest commit object (a list and a get).
+    let faults = Arc::new(Faults::new());
+    let pulled = root.path().join("pulled");
+    ckptstore::store::pull(url, &pulled, &faulty(root.path(), &faults)).unwrap();
+    assert_eq!(
+        faults.requests(),
+        3,
+        "pull sent more than the commit log's requests"
+    );
+    assert!(support::segment_files(&pulled).is_empty());
+    let ro = Options {
+        remote_faults: Some(faults.clone()),
+        remote_policy: policy(),
+        ..Options::read_only()
+    };
+    let mut s = Store::open(&pulled, ro).unwrap();
+    assert_eq!(
+        faults.requests(),
+        3,
+        "the open of a pulled store fetched something"
+    );
+    assert_eq!(s.segments_in_bucket().len(), 2);
+    assert_holds(&s, 2, &[("b", &b)]);
+    assert!(faults.requests() > 3);
+    assert_eq!(
+        support::segment_files(&pulled).len(),
+        1,
+        "fetched b's segment only"
+    );
+    assert_holds(&s, 1, &[("w", &w), ("b", &b)]);
+    assert_eq!(
+        s.segments_in_bucket().len(),
+        1,
+        "the trailer-only one is never read"
+    );
+    s.fetch_all().unwrap();
+    assert!(s.segments_in_bucket().is_empty());
+    assert_eq!(support::segment_files(&pulled).len(), 2);
+    drop(s);
+
+    // The replica restores a lost directory without downloading a segment.
+    std::fs::remove_dir_all(&dir).unwrap();
+    let mut s = Store::open(&dir, ropts()).unwrap();
+    assert_eq!(s.list().len(), 2);
+    assert!(support::segment_files(&dir).is_empty());
+    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+    // b's chunks are in a segment still in the bucket: deduplicated, nothing fetched.
+    let info = commit(&mut s, 3, &[("b", &b)]);
+    assert_eq!(
+        info.chunks_deduplicated,
+        b.len().div_ceil(support::CHUNK) as u64
+    );
+    assert_eq!(s.segments_in_bucket().len(), 2);
+    // w is dead, b lives on: segment 1 is mostly dead, but gc does not download it.
+    s.delete(1).unwrap();
+    s.gc().unwrap();
+    assert_eq!(s.segments_in_bucket().len(), 2);
+    // Checkpoint 2's trailer-only segment was never fetched: freed all the same.
+    s.delete(2).unwrap();
+    assert_eq!(s.segments_in_bucket().len(), 1);
+    s.wait_replicated(Some(Duration::from_secs(60))).unwrap();
+    assert_holds(&s, 3, &[("b", &b)]);
+    assert!(s.segments_in_bucket().is_empty());
+    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+    drop(s);
+    let s = Store::open(&dir, ropts()).unwrap();
+    assert_eq!(s.list().iter().map(|c| c.id).collect::<Vec<_>>(), [3]);
+    for c in s.list() {
+        s.verify(c.id).unwrap();
+    }
+    drop(s);
+    assert_no_leftovers(url);
+}
+
+#[test]
+fn lazy_restore_fetches_segments_when_read_file() {
+    let (_d, url) = file_url();
+    lazy_restore(&url);
+}
+
+#[test]
+fn lazy_restore_fetches_segments_when_read_s3() {
+    let Some(url) = s3_url("lazy_restore") else {
+        return;
+    };
+    lazy_restore(&url);
+}
+
+/// A fetch that fails (faults past the retries, the bucket gone mid-download: a crash as the
+/// bucket sees it) is a typed error, never a wrong byte, and leaves no file with the segment's
+/// name; a temporary file a killed fetch left is removed by the next writer open, which then
+/// reads bit-exact. A damaged cache file is never trusted, even by a read that skips
+/// verification.
+fn lazy_fetch_faults(url: &str) {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("local");
+    let w = big();
+    {
+        let mut s = Store::open(&dir, opts(root.path())).unwrap();
+        commit(&mut s, 1, &[("w", &w)]);
+    }
+    let rep = Options {
+        replica: Some(url.to_string()),
+        ..opts(root.path())
+    };
+    Store::open(&dir, rep)
+        .unwrap()
+        .wait_replicated(Some(Duration::from_secs(60)))
+        .unwrap();
+    let pulled = root.path().join("pulled");
+    ckptstore::store::pull(url, &pulled, &opts(root.path())).unwrap();
+    let with = |faults: &Arc<Faults>| Options {
+        remote_faults: Some(faults.clone()),
+        ..opts(root.path())
+    };
+    // Every request fails: retried, then Error::Remote.
+    let faults = Arc::new(Faults::new());
+    faults.every(Some(Fault::Error));
+    let s = Store::open(&pulled, with(&faults)).unwrap();
+    let e = s
+        .checkpoint(ckptstore::Selector::Latest)
+        .unwrap()
+        .tensor("w")
+        .map(|_| ())
+        .unwrap_err();
+    assert!(matches!(e, Error::Remote { .. }), "{e}");
+    assert!(support::segment_files(&pulled).is_empty());
+    assert!(temp_files(&pulled).is_empty(), "{:?}", temp_files(&pulled));
+    drop(s);
+    // The bucket stops answering after the first ranged GET (6 MiB in 5 MiB parts).
+    let faults = Arc::new(Faults::new());
+    faults.stop_after(1);
+    let s = Store::open(&pulled, with(&faults)).unwrap();
+    let e = s
+        .checkpoint(ckptstore::Selector::Latest)
+        .unwrap()
+        .tensor_with("w", false)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(matches!(e, Error::Remote { .. }), "{e}");
+    assert!(support::segment_files(&pulled).is_empty());
+    drop(s);
+    // What a SIGKILL mid-fetch leaves: a temporary file.
+    let seg = ckptstore::segment::file_name(1);
+    let stale = pulled.join("segments").join(format!("{seg}.fetch-1-0"));
+    std::fs::write(&stale, &w[..4096]).unwrap();
+    let s = Store::open(&pulled, opts(root.path())).unwrap();
+    assert!(temp_files(&pulled).is_empty(), "{:?}", temp_files(&pulled));
+    assert_holds(&s, 1, &[("w", &w)]);
+    assert!(s.leftovers().is_empty(), "{:?}", s.leftovers());
+    drop(s);
+    // A cache file damaged after its fetch: caught by every read, verifying or not; the
+    // cache file is dropped (not quarantined: the bucket's copy is the store's) and the next
+    // read fetches it again.
+    let (name, _) = support::segment_files(&pulled).into_iter().next().unwrap();
+    let path = pulled.join("segments").join(name);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2; // in the payload (the frame's chunk table is at its start)
+    bytes[mid] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    for read_only in [true, false] {
+        if !read_only {
+            std::fs::write(&path, &bytes).unwrap();
+        }
+        let mut s = Store::open(
+            &pulled,
+            Options {
+                read_only,
+                ..opts(root.path())
+            },
+        )
+        .unwrap();
+        let e = s
+            .checkpoint(ckptstore::Selector::Latest)
+            .unwrap()
+            .tensor_with("w", false)
+            .map(|_| ())
+            .unwrap_err();
+        assert!(matches!(e, Error::ChunkCorrupt { .. }), "{e}");
+        assert_eq!(
+            s.segments_in_bucket(),
+            [1],
+            "the damaged cache file is dropped"
+        );
+        assert_holds(&s, 1, &[("w", &w)]);
+        if !read_only {
+            s.heal().unwrap();
+            assert!(s.quarantined().is_empty());
+        }
+    }
+}
+
+#[test]
+fn lazy_fetch_faults_are_typed_errors_file() {
+    let (_d, url) = file_url();
+    lazy_fetch_faults(&url);
+}
+
+#[test]
+fn lazy_fetch_faults_are_typed_errors_s3() {
+    let Some(url) = s3_url("lazy_fetch_faults") else {
+        return;
+    };
+    lazy_fetch_faults(&url);
+}
+
+/// A real SIGKILL of `ckptstore verify` while it fetches a pulled store's segments: the next
+/// open (a writer) reads every checkpoint bit-exact and leaves nothing behind.
+#[test]
+fn sigkill_of_the_cli_mid_lazy_fetch() {
+    let (_d, url) = file_url();
+    let root = tempfile::tempdir().unwrap();
+    let local = root.path().join("local");
+    let w = data(31, 24 << 20);
+    {
+        let o = Options {
+            replica: Some(url.clone()),
+            ..opts(root.path())
+        };
+        let mut s = Store::open(&local, o).unwrap();
+        commit(&mut s, 1, &[("w", &w)]);
+        s.wait_replicated(Some(Duration::from_secs(60))).unwrap();
+    }
+    let bin = env!("CARGO_BIN_EXE_ckptstore");
+    for (i, delay_ms) in [0u64, 30, 100, 300].into_iter().enumerate() {
+        let pulled = root.path().join(format!("pulled{i}"));
+        ckptstore::store::pull(&url, &pulled, &opts(root.path())).unwrap();
+        let mut child = std::process::Command::new(bin)
+            .args(["verify", pulled.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        child.wait().unwrap();
+        let s = Store::open(&pulled, opts(root.path())).unwrap();
+        assert_holds(&s, 1, &[("w", &w)]);
+        assert!(s.leftovers().is_empty(), "{i}: {:?}", s.leftovers());
+    }
+}
+
+/// One process per bucket-store cache, enforced: a second opener of the same cache (writer or
+/// reader) gets `Error::CacheLocked` naming the holder, and opens once the first has closed.
+#[test]
+fn a_second_opener_of_a_cache_is_refused() {
+    let (_d, url) = file_url();
+    let root = tempfile::tempdir().unwrap();
+    let cache = root.path().join("cache");
+    let mut s = Store::open(&url, opts(&cache)).unwrap();
+    commit(&mut s, 1, &[("x", &[1, 2, 3])]);
+    for o in [
+        opts(&cache),
+        Options {
+            read_only: true,
+            ..opts(&cache)
+        },
+    ] {
+        match Store::open(&url, o) {
+            Err(Error::CacheLocked { path, pid, .. }) => {
+                assert_eq!(path, cache);
+                assert_eq!(pid, std::process::id().to_string());
+            }
+            other => panic!("second opener: {:?}", other.map(|_| ())),
+        }
+    }
+    // Another cache of the same bucket is another process's: fine.
+    drop(Store::open(&url, opts(&root.path().join("other"))).unwrap());
+    drop(s);
+    let s = Store::open(&url, opts(&cache)).unwrap();
+    assert_holds(&s, 1, &[("x", &[1, 2, 3])]);
+}
+
+/// A directory pulled lazily from one bucket and replicated to another: the segments still
+/// only in the first are fetched before the replicator needs them, and the second bucket ends
+/// up holding a store that reads bit-exact without the first.
+#[test]
+fn a_lazily_pulled_store_replicates_to_another_bucket() {
+    let (a, url_a) = file_url();
+    let (_b, url_b) = file_url();
+    let root = tempfile::tempdir().unwrap();
+    let w = big();
+    {
+        let mut s = Store::open(&url_a, opts(&root.path().join("ca"))).unwrap();
+        commit(&mut s, 1, &[("w", &w)]);
+    }
+    let dir = root.path().join("pulled");
+    ckptstore::store::pull(&url_a, &dir, &opts(root.path())).unwrap();
+    let o = Options {
+        replica: Some(url_b.clone()),
+        ..opts(root.path())
+    };
+    let s = Store::open(&dir, o).unwrap();
+    s.wait_replicated(Some(Duration::from_secs(60))).unwrap();
+    drop(s);
+    std::fs::remove_dir_all(a.path()).unwrap();
+    let s = Store::open(&url_b, opts(&root.path().join("cb"))).unwrap();
+    assert_holds(&s, 1, &[("w", &w)]);
+}
+
+// ---------------------------------------------------------------- lazy-segments feature
+
+/// A source store replicated to a fresh `file://` bucket with two checkpoints, `a` (several
+/// chunks) and `b`; returns the bucket's guard, its URL and the two tensors.
+fn lazy_source(root: &Path) -> (tempfile::TempDir, String, Vec<u8>, Vec<u8>) {
+    let (d, url) = file_url();
+    let (a, b) = (data(71, 3 * support::CHUNK + 5), data(72, 9000));
+    let mut s = Store::open(
+        root.join("source"),
+        Options {
+            replica: Some(url.clone()),
+            ..opts(&root.join("cache"))
+        },
+    )
+    .unwrap();
+    commit(&mut s, 1, &[("a", &a)]);
+    commit(&mut s, 2, &[("b", &b)]);
+    s.wait_replicated(Some(Duration::from_secs(60))).unwrap();
+    (d, url, a, b)
+}
+
+fn wal_features(dir: &Path) -> ckptstore::features::FeatureSet {
+    let header = std::fs::read(support::live_wal(dir)).unwrap();
+    ckptstore::wal::WalHeader::decode(&header).unwrap().features
+}
+
+/// A lazily restored directory declares the incompatible feature `lazy-segments` in its WAL
+/// header (a build without it refuses the store instead of taking segments still in the
+/// bucket for missing ones and resuming from an older checkpoint); the bucket's state never
+/// declares it; a reader and a writer with a segment still in the bucket keep it;
+/// `fetch_all` clears it and removes `REMOTE_SEGMENTS`: an ordinary store, that opens and
+/// reads bit-exact with the bucket gone.
+#[test]
+fn lazy_restore_declares_lazy_segments_until_every_segment_is_local() {
+    use ckptstore::features::{FeatureSet, KNOWN, LAZY_SEGMENTS};
+    let root = tempfile::tempdir().unwrap();
+    let (bucket_dir, url, a, b) = lazy_source(root.path());
+    let head = remote::latest(&bucket(&url)).unwrap().unwrap();
+    assert!(!head.features.contains(&LAZY_SEGMENTS), "{}", head.features);
+
+    let p = root.path().join("pulled");
+    let list = p.join(ckptstore::store::REMOTE_SEGMENTS_NAME);
+    ckptstore::store::pull(&url, &p, &opts(&root.path().join("cache"))).unwrap();
+    let features = wal_features(&p);
+    assert!(features.contains(&LAZY_SEGMENTS), "{features}");
+    assert!(list.exists());
+    // What a build with every feature but this one does with the directory: refuse it.
+    let older: Vec<_> = KNOWN
+        .iter()
+        .copied()
+        .filter(|f| *f != LAZY_SEGMENTS)
+        .collect();
+    assert_eq!(
+        features.blocking_in(&older, true),
+        Some(FeatureSet::EMPTY.with(&LAZY_SEGMENTS))
+    );
+
+    let s = Store::open(&p, Options::read_only()).unwrap();
+    assert!(s.features().contains(&LAZY_SEGMENTS));
+    assert_holds(&s, 2, &[("b", &b)]);
+    drop(s);
+    // The cache file of b's segment (fetched by that read) rots: `fetch_all` verifies every
+    // fetched chunk before the directory stops being a cache of the bucket, and fetches it
+    // again.
+    let (name, _) = support::segment_files(&p).into_iter().next().unwrap();
+    let seg = p.join("segments").join(name);
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&seg, &bytes).unwrap();
+    let mut s = Store::open(&p, opts(&root.path().join("cache"))).unwrap();
+    assert!(!s.segments_in_bucket().is_empty());
+    assert!(
+        s.features().contains(&LAZY_SEGMENTS),
+        "a segment is still remote"
+    );
+    s.fetch_all().unwrap();
+    assert_ne!(
+        std::fs::read(&seg).unwrap(),
+        bytes,
+        "the rotten cache file stayed"
+    );
+    assert!(!s.features().contains(&LAZY_SEGMENTS));
+    assert!(!wal_features(&p).contains(&LAZY_SEGMENTS));
+    assert!(!list.exists(), "REMOTE_SEGMENTS outlived the feature");
+    assert_eq!(wal_features(&p).blocking_in(&older, false), None);
+    drop(s);
+    drop(bucket_dir);
+    let s = Store::open(&p, Options::read_only()).unwrap();
+    assert_holds(&s, 1, &[("a", &a)]);
+    assert_holds(&s, 2, &[("b", &b)]);
+    for (id, r) in s.verify_all() {
+        r.unwrap_or_else(|e| panic!("{id}: {e}"));
+    }
+}
+
+/// A directory the build before the feature restored lazily (`REMOTE_SEGMENTS`, segments in
+/// the bucket, no feature bit): it opens, and its first writer open declares the feature; a
+/// replica of it to another bucket publishes a state without the feature.
+#[test]
+fn lazy_restore_of_a_build_before_the_feature_gets_it_at_a_writer_open() {
+    use ckptstore::features::LAZY_SEGMENTS;
+    let root = tempfile::tempdir().unwrap();
+    let (_bucket, url, _a, b) = lazy_source(root.path());
+    let p = root.path().join("pulled");
+    ckptstore::store::pull(&url, &p, &opts(&root.path().join("cache"))).unwrap();
+    let wal = support::live_wal(&p);
+    let mut bytes = std::fs::read(&wal).unwrap();
+    let h = ckptstore::wal::WalHeader::decode(&bytes).unwrap();
+    let h = ckptstore::wal::WalHeader {
+        features: h.features.without(&LAZY_SEGMENTS),
+        ..h
+    };
+    bytes[..ckptstore::wal::WAL_HEADER_LEN].copy_from_slice(&h.encode());
+    std::fs::write(&wal, bytes).unwrap();
+
+    let s = Store::open(&p, Options::read_only()).unwrap();
+    assert!(!s.features().contains(&LAZY_SEGMENTS));
+    assert_holds(&s, 2, &[("b", &b)]);
+    drop(s);
+    let s = Store::open(&p, opts(&root.path().join("cache"))).unwrap();
+    assert!(!s.segments_in_bucket().is_empty());
+    assert!(s.features().contains(&LAZY_SEGMENTS));
+    drop(s);
+    assert!(wal_features(&p).contains(&LAZY_SEGMENTS));
+    // Replicated to another bucket: the feature is the directory's, never a bucket's.
+    let (_other, other) = file_url();
+    let s = Store::open(
+        &p,
+        Options {
+            replica: Some(other.clone()),
+            ..opts(&root.path().join("cache"))
+        },
+    )
+    .unwrap();
+    s.wait_replicated(Some(Duration::from_secs(60))).unwrap();
+    assert!(s.features().contains(&LAZY_SEGMENTS));
+    let head = remote::latest(&bucket(&other)).unwrap().unwrap();
+    assert!(!head.features.contains(&LAZY_SEGMENTS), "{}", head.features);
+}
+
+/// The clear of `lazy-segments` (`fetch_all` of a writer: each fetch, the WAL rewritten
+/// without the feature, `CURRENT` switched, `REMOTE_SEGMENTS` removed) cut by a power loss at
+/// every sync, in every crash mode: the directory is the lazy store (feature and list) or
+/// the ordinary one (no feature, nothing in the bucket), never a store without the feature
+/// whose segments are in the bucket; it opens and reads bit-exact, and the next writer's
+/// `fetch_all` finishes the clear.
+#[test]
+fn lazy_segments_clear_survives_a_crash_at_every_sync() {
+    use ckptstore::features::LAZY_SEGMENTS;
+    use ckptstore::io::{CrashMode, SimIo, Storage};
+    const P: &str = "/pulled";
+    let root = tempfile::tempdir().unwrap();
+    let (_bucket, url, a, b) = lazy_source(root.path());
+    let sim_opts = |sim: &SimIo, read_only: bool| Options {
+        io: Arc::new(sim.clone()),
+        read_only,
+        ..opts(&root.path().join("cache"))
+    };
+    let base = SimIo::new();
+    ckptstore::store::pull(&url, Path::new(P), &sim_opts(&base, false)).unwrap();
+    let clear = |sim: &SimIo| -> ckptstore::Result<()> {
+        Store::open(P, sim_opts(sim, false))?.fetch_all()
+    };
+    let probe = base.fork();
+    clear(&probe).unwrap();
+    let syncs = probe.sync_count();
+    assert!(
+        syncs >= 5,
+        "fetches, WAL rewrite, CURRENT, list removal: {syncs}"
+    );
+    let list = Path::new(P).join(ckptstore::store::REMOTE_SEGMENTS_NAME);
+    let mut states = BTreeSet::new();
+    for n in 1..=syncs {
+        for (mi, mode) in CrashMode::ALL.into_iter().enumerate() {
+            let case = format!("crash at sync #{n}, mode {mode}");
+            let f = base.fork();
+            f.crash_at_sync(n);
+            assert!(clear(&f).is_err(), "{case}: did not stop at the crash");
+            let img = f.crash_image(mode, n * 31 + mi as u64);
+            let s = Store::open(P, sim_opts(&img.fork(), true)).unwrap();
+            let lazy = s.features().contains(&LAZY_SEGMENTS);
+            let listed = img.exists(&list).unwrap();
+            assert!(listed || !lazy, "{case}: the feature without its list");
+            assert!(
+                lazy || s.segments_in_bucket().is_empty(),
+                "{case}: segments in the bucket, no feature"
+            );
+            states.insert((lazy, listed));
+            assert_eq!(s.list().len(), 2, "{case}");
+            assert_holds(&s, 1, &[("a", &a)]);
+            assert_holds(&s, 2, &[("b", &b)]);
+            drop(s);
+            let mut s = Store::open(P, sim_opts(&img, false)).unwrap();
+            s.fetch_all().unwrap();
+            assert!(!s.features().contains(&LAZY_SEGMENTS), "{case}");
+            drop(s);
+            assert!(!img.exists(&list).unwrap(), "{case}");
+            let s = Store::open(P, sim_opts(&img, true)).unwrap();
+            assert!(s.segments_in_bucket().is_empty(), "{case}");
+            assert_holds(&s, 1, &[("a", &a)]);
+            assert_holds(&s, 2, &[("b", &b)]);
+        }
+    }
+    assert!(states.contains(&(true, true)), "{states:?}");
+    assert!(
+        states.contains(&(false, true)),
+        "no crash between the rewrite and the removal"
+    );
 }

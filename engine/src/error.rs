@@ -354,6 +354,20 @@ pub enum Error {
         reason: String,
     },
 
+    /// Another process has a bucket store's local cache open (one process per cache).
+    #[error(
+        "the local cache {path} of {url} is in use by another process (pid {pid}): one process \
+         per cache; give this one its own (Options::cache_dir, CKPTSTORE_CACHE_DIR)"
+    )]
+    CacheLocked {
+        /// The store's URL.
+        url: String,
+        /// The cache directory.
+        path: PathBuf,
+        /// The pid written by the holder, if readable.
+        pid: String,
+    },
+
     /// A request to the object store failed (after the bounded retries, for a transient
     /// failure). Nothing is committed by a failed publish; the next open cleans up.
     #[error("{url}: {op} {key}: {message}")]

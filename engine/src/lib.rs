@@ -46,6 +46,6 @@ pub use retention::{KeepReason, MetricMode, RetentionPlan, RetentionPolicy};
 pub use store::{
     ChainReport, CheckpointReader, ChunkLocation, CommitInfo, CompactionPlan, DeleteInfo,
     GcOptions, GcReport, HealReport, LoadReport, LoadSpec, Options, RebuildReport, RecoveryMode,
-    RecoveryReport, ScrubReport, Selector, ShardFragment, ShardOptions, ShardWriter, SpaceStats,
-    Store, StoreStats, Tensor, TensorView, Transaction, VerifiedChunks,
+    RecoveryReport, RemoteView, ScrubReport, Selector, ShardFragment, ShardOptions, ShardWriter,
+    SpaceStats, Store, StoreStats, Tensor, TensorView, Transaction, VerifiedChunks,
 };

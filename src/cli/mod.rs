@@ -122,8 +122,8 @@ enum Command {
     /// Measure the store against this machine's limits: raw O_DIRECT write/read, memcpy,
     /// durable and async save, cold load, peak memory (one run, medians of rounds).
     Bench(bench::Args),
-    /// Copy a bucket store's newest state (s3://bucket/prefix, file:///dir) into an empty
-    /// local directory: segments, then the log, then CURRENT (a pull cut short leaves no store).
+    /// Restore a bucket store's newest state (s3://, gs://, az:// or file:///dir) into an empty
+    /// local directory, lazily: the log now, each segment when first read (--all: now).
     Pull(pull::Args),
     /// Run a synthetic training job, SIGKILL its writer mid-save, recover, verify, resume.
     Demo(demo::Args),
@@ -226,7 +226,8 @@ pub fn fail<T>(reason: impl Into<String>) -> CliResult<T> {
     Err(Failure(reason.into()))
 }
 
-/// Whether `dir` is a bucket store's URL (`s3://`, `file://`) rather than a directory.
+/// Whether `dir` is a bucket store's URL (`s3://`, `gs://`, `az://`, `file://`) rather than a
+/// directory.
 pub fn is_url(dir: &Path) -> bool {
     dir.to_str().is_some_and(ckptstore::remote::is_url)
 }

@@ -90,7 +90,7 @@ impl From<Error> for Failure {
             }
         }
         let kind = match &e {
-            Error::Locked { .. } => Kind::Locked,
+            Error::Locked { .. } | Error::CacheLocked { .. } => Kind::Locked,
             Error::ReadOnly { .. } => Kind::ReadOnly,
             Error::Poisoned { .. } => Kind::Poisoned,
             Error::NotFound(_) => Kind::NotFound,

@@ -19,6 +19,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<host_bytes::MappedBytes>()?;
     m.add_class::<dcp::DcpCoordinator>()?;
     m.add_function(wrap_pyfunction!(dcp::write_shard, m)?)?;
+    m.add_function(wrap_pyfunction!(dcp::write_shard_remote, m)?)?;
+    m.add_class::<dcp::DcpRemoteView>()?;
     m.add_function(wrap_pyfunction!(device_bytes::cuda_staging, m)?)?;
     errors::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -1,7 +1,11 @@
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import textwrap
+import time
+import urllib.request
 
 import pytest
 
@@ -41,3 +45,57 @@ def doc_code(relpath: str, heading: str) -> str:
     text = open(path, encoding="utf-8").read()
     start = text.index("\n" + heading + "\n")
     return re.search(r"```python\n(.*?)```", text[start:], re.S).group(1)
+
+
+# A real S3 protocol server for the bucket-store tests (test_object_store.py, test_dcp.py):
+# moto_server on 127.0.0.1, started once per test module that asks for it and stopped after;
+# skipped without it unless CKPTSTORE_REQUIRE_MOTO=1 (CI), where it fails instead.
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory):
+    exe = shutil.which("moto_server")
+    if exe is None:
+        if os.environ.get("CKPTSTORE_REQUIRE_MOTO") == "1":
+            pytest.fail("CKPTSTORE_REQUIRE_MOTO=1 but moto_server is not on PATH")
+        pytest.skip("moto_server not on PATH (pip install 'moto[server]')")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "moto_server did not start in 30 s"
+                time.sleep(0.1)
+        endpoint = f"http://127.0.0.1:{port}"
+        env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true",
+               "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
+               "AWS_REGION": "us-east-1",
+               "CKPTSTORE_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        yield endpoint
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def make_bucket(endpoint: str, name: str) -> str:
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{name}", method="PUT"),
+                           timeout=10).read()
+    return f"s3://{name}/run"
+
+
+def make_bucket(endpoint: str, name: str) -> str:
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{name}", method="PUT"),
+                           timeout=10).read()
+    return f"s3://{name}/run"

@@ -1,10 +1,12 @@
 """torch.distributed.checkpoint through ckptstore.dcp: save/load/async_save in one process and
 in 2-4 gloo processes (DTensor row shards), resharding a 4-rank save into 2 ranks, and a rank
 that fails in write_data (nothing committed, the previous checkpoint stays the newest, the
-ranks' files are removed)."""
+ranks' files are removed); and into s3:// on moto_server (2 gloo ranks with no shared
+directory, one process with a writer racing the coordinator's commit)."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import pickle
@@ -259,6 +261,152 @@ def test_four_ranks_save_two_ranks_load_and_a_failed_rank(tmp_path):
     assert [c["step"] for c in store.list()] == [10, 11]
     assert _segments(path) == before
     store.close()
+
+
+def _s3_worker(rank: int, world: int, tmp: str, url: str) -> None:
+    """One "host" per rank: its own cache directory (no shared file system but the bucket).
+    Saves twice (the coordinator commits once each), loads both back, then a save in which
+    rank 1 fails."""
+    import json as _json
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    os.environ["CKPTSTORE_CACHE_DIR"] = os.path.join(tmp, f"host{rank}")
+    _init(tmp, "pg_s3", rank, world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        for step in (1, 2):
+            state = {"w": distribute_tensor(_full() * step, mesh, [Shard(0)]),
+                     "b": torch.full((3,), 0.5 * step),
+                     f"own{rank}": torch.full((2000,), float(rank + step)),
+                     "opt": {"lr": 0.25 * step}}
+            dcp.save(state, storage_writer=StoreWriter(url, step=step))
+        dist.barrier()
+        for step in (1, 2):
+            state = {"w": distribute_tensor(torch.zeros(16, 6), mesh, [Shard(0)]),
+                     "b": torch.zeros(3), f"own{rank}": torch.zeros(2000), "opt": {"lr": 0.0}}
+            reader = StoreReader(url, step=step)
+            dcp.load(state, storage_reader=reader)
+            rows = 16 // world
+            assert torch.equal(state["w"].to_local(),
+                               (_full() * step)[rank * rows:(rank + 1) * rows])
+            assert torch.equal(state["b"], torch.full((3,), 0.5 * step))
+            assert torch.equal(state[f"own{rank}"], torch.full((2000,), float(rank + step)))
+            assert state["opt"]["lr"] == 0.25 * step
+        # What this rank's view downloaded (the segments its items live in, no others).
+        with open(os.path.join(tmp, f"view{rank}.json"), "w") as f:
+            _json.dump(sorted(os.listdir(os.path.join(reader._view.dir, "segments"))), f)
+        # A save in which rank 1 fails after rank 0 uploaded: no commit object is created.
+        w = FailingWriter(url, fail_rank=1, step=3)
+        try:
+            dcp.save({"w": distribute_tensor(_full() + 100, mesh, [Shard(0)])}, storage_writer=w)
+        except CheckpointException as e:
+            assert "injected" in str(e), e
+        else:
+            raise AssertionError("the save did not fail")
+        w.close()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    _exit_rank()
+
+
+def test_two_ranks_save_into_s3_and_load_back(moto, tmp_path, monkeypatch):
+    """Issue 16: a DCP save by 2 gloo ranks into s3:// (moto_server on loopback) loads back;
+    each rank uploads its own shard from its own cache, the coordinator commits once, each
+    loading rank downloads only the segments its plan reads, and a save in which a rank fails
+    commits nothing (the newest checkpoint stays step 2)."""
+    from conftest import make_bucket
+    url = make_bucket(moto, "dcp-two-ranks")
+    tmp = str(tmp_path)
+    mp.spawn(_s3_worker, args=(2, tmp, url), nprocs=2, join=True)
+    views = [set(json.load(open(tmp_path / f"view{r}.json"))) for r in range(2)]
+    # A rank's own tensor lives in a segment of its own, which the other rank never fetched
+    # (which rank also needs the other's depends on where DCP put the replicated "b").
+    assert min(len(v) for v in views) < len(views[0] | views[1]), views
+    # The coordinator (rank 0) downloaded no segment: its cache holds its own part of each
+    # committed save (DCP's metadata, one small segment each), nothing of the ranks'.
+    own = glob.glob(str(tmp_path / "host0/remote/*/shard-writer/store/segments/*.seg"))
+    assert len(own) == 2, own
+    # Another host: both checkpoints are there, whole; the failed save left none.
+    monkeypatch.setenv("CKPTSTORE_CACHE_DIR", str(tmp_path / "host-check"))
+    store = ckptstore.Store(url, read_only=True)
+    assert [c["step"] for c in store.list()] == [1, 2]
+    ck = store.open(2)
+    assert {"w", "w@8,0", "b", "own0", "own1", METADATA_BLOB} <= set(ck.keys()) | set(
+        ck.blob_names())
+    for c in store.list():
+        store.verify(c["id"])
+    store.close()
+
+
+def test_one_process_into_s3_and_a_writer_racing_the_commit(moto, tmp_path):
+    """Into s3:// in one process (no process group); then another writer (another host: a
+    cache of its own) commits between the coordinator's open and its commit: the coordinator's
+    commit object loses the create-if-absent, the save fails naming the conflict, and the other
+    writer's checkpoint is intact."""
+    from conftest import make_bucket
+    url = make_bucket(moto, "dcp-race")
+    state = _state(3)
+    dcp.save(state, storage_writer=StoreWriter(url, step=1))
+    back = _zeros_like(state)
+    dcp.load(back, storage_reader=StoreReader(url))
+    assert torch.equal(back["model"]["t"], state["model"]["t"])
+    assert back["opt"]["names"] == ["a", "b"]
+
+    class Raced(StoreWriter):
+        def finish(self, metadata, results):
+            old = os.environ["CKPTSTORE_CACHE_DIR"]
+            os.environ["CKPTSTORE_CACHE_DIR"] = str(tmp_path / "other-host")
+            try:
+                with ckptstore.Store(url) as other:
+                    ckptstore.save(other, {"x": torch.ones(2)}, step=7)
+            finally:
+                os.environ["CKPTSTORE_CACHE_DIR"] = old
+            super().finish(metadata, results)
+
+    with pytest.raises(CheckpointException, match="another writer committed"):
+        dcp.save(state, storage_writer=Raced(url, step=2))
+    with ckptstore.Store(url, read_only=True) as s:
+        assert [c["step"] for c in s.list()] == [1, 7]
+        assert torch.equal(ckptstore.load(s)["x"], torch.ones(2))
+
+
+def test_coordinator_killed_after_the_ranks_uploaded_s3(moto, tmp_path):
+    """SIGKILL of the coordinator after the rank uploaded its shard, before the commit: the
+    uploads are in the bucket, no commit object names them, the previous checkpoint stays the
+    newest and loads."""
+    import signal
+
+    import boto3
+    from conftest import make_bucket, run_py
+    url = make_bucket(moto, "dcp-kill")
+    state = _state(4)
+    dcp.save(state, storage_writer=StoreWriter(url, step=1))
+    s3 = boto3.client("s3", endpoint_url=moto)
+
+    def keys(prefix: str) -> set[str]:
+        got = s3.list_objects_v2(Bucket="dcp-kill", Prefix=prefix).get("Contents", [])
+        return {o["Key"] for o in got}
+
+    logs, segs = keys("run/log/"), keys("run/segments/")
+    r = run_py("""
+        import os, signal, sys, torch
+        import torch.distributed.checkpoint as dcp
+        from ckptstore.dcp import StoreWriter
+        class Killed(StoreWriter):
+            def finish(self, metadata, results):
+                assert any(getattr(wr.storage_data, "uploaded", None)
+                           for wrs in results for wr in wrs)
+                os.kill(os.getpid(), signal.SIGKILL)
+        dcp.save({"w": torch.ones(5000)}, storage_writer=Killed(sys.argv[1], step=2))
+        """, url)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert keys("run/log/") == logs and keys("run/segments/") > segs
+    with ckptstore.Store(url, read_only=True) as s:
+        assert [c["step"] for c in s.list()] == [1]
+    back = _zeros_like(state)
+    dcp.load(back, storage_reader=StoreReader(url))
+    assert torch.equal(back["model"]["w"], state["model"]["w"])
 
 
 def test_bad_input(tmp_path):

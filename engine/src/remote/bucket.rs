@@ -120,6 +120,10 @@ pub(crate) fn scrub(msg: String) -> String {
         "AWS_SESSION_TOKEN",
         "GOOGLE_SERVICE_ACCOUNT_KEY",
         "AZURE_STORAGE_ACCOUNT_KEY",
+        "AZURE_STORAGE_ACCESS_KEY",
+        "AZURE_STORAGE_CLIENT_SECRET",
+        "AZURE_STORAGE_SAS_KEY",
+        "AZURE_STORAGE_TOKEN",
     ] {
         if let Ok(v) = std::env::var(var) {
             if v.len() >= 4 {
@@ -128,6 +132,16 @@ pub(crate) fn scrub(msg: String) -> String {
         }
     }
     msg
+}
+
+/// A client that could not be configured (the message already scrubbed).
+fn configure(url: &RemoteUrl, message: String) -> Error {
+    Error::Remote {
+        url: url.to_string(),
+        op: "configure",
+        key: String::new(),
+        message,
+    }
 }
 
 fn classify(e: object_store::Error) -> Failure {
@@ -149,7 +163,8 @@ fn classify(e: object_store::Error) -> Failure {
 impl Bucket {
     /// Connects to `url`: S3 from the usual environment (`AWS_ENDPOINT_URL`, `AWS_REGION`,
     /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_ALLOW_HTTP`
-    /// for a loopback test server), or a local directory for `file://`. Sends nothing; see
+    /// for a loopback test server), GCS and Azure from `GOOGLE_*` and `AZURE_*`
+    /// ([`super::cloud`]), or a local directory for `file://`. Sends nothing; see
     /// [`Bucket::check_access`].
     pub fn open(url: &RemoteUrl) -> Result<Bucket> {
         let (store, prefix): (Arc<dyn ObjectStore>, String) = match url {
@@ -174,6 +189,21 @@ impl Bucket {
                     message: scrub(e.to_string()),
                 })?;
                 (Arc::new(s), prefix.clone())
+            }
+            RemoteUrl::Gcs { bucket, prefix } => {
+                let vars = super::cloud::env_vars();
+                let s = super::cloud::gcs(&vars, bucket).map_err(|m| configure(url, m))?;
+                (s, prefix.clone())
+            }
+            RemoteUrl::Azure {
+                account,
+                container,
+                prefix,
+            } => {
+                let vars = super::cloud::env_vars();
+                let s = super::cloud::azure(&vars, account.as_deref(), container)
+                    .map_err(|m| configure(url, m))?;
+                (s, prefix.clone())
             }
             RemoteUrl::File { root } => {
                 let s =

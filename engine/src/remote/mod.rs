@@ -21,6 +21,7 @@
 //! rest of the engine stays synchronous.
 
 mod bucket;
+pub mod cloud;
 mod faults;
 mod layout;
 mod object;

@@ -1,4 +1,5 @@
-//! Reading a bucket store: its newest commit object, and its segments into a local directory.
+//! Reading a bucket store: its newest commit object, and segments into a local directory (a
+//! `RemoteView`'s; a restore fetches each when first read instead: store/lazy.rs).
 
 use super::bucket::Bucket;
 use super::layout::{parse_log_key, LOG_DIR};

@@ -108,8 +108,10 @@ fn rewritten_len(chunks: &[pb::ChunkRef]) -> u64 {
 /// Picks the segments to compact: every one whose live content, rewritten, would take less
 /// than `compact_live_fraction` of its data bytes; then, while the segments would still take
 /// more than `max_space_amplification` times the live bytes, the emptiest of the rest (below
-/// a live fraction of 0.9). Segments recovery found damaged are never touched.
-pub(crate) fn plan(state: &State, opts: &Options) -> CompactionPlan {
+/// a live fraction of 0.9). Segments recovery found damaged are never touched, nor those in
+/// `remote` (still in the bucket after a lazy restore: compacting them would download them to
+/// reclaim no local space).
+pub(crate) fn plan(state: &State, opts: &Options, remote: &[u64]) -> CompactionPlan {
     let live = live_chunks(state);
     let live_bytes: u64 = live
         .values()
@@ -122,7 +124,10 @@ pub(crate) fn plan(state: &State, opts: &Options) -> CompactionPlan {
         let Some(chunks) = live.get(&id) else {
             continue;
         };
-        if state.damaged_segments.contains(&id) || seg.len <= SEGMENT_DATA_OFFSET {
+        if state.damaged_segments.contains(&id)
+            || remote.contains(&id)
+            || seg.len <= SEGMENT_DATA_OFFSET
+        {
             continue;
         }
         let chunks: Vec<pb::ChunkRef> = chunks.values().cloned().collect();

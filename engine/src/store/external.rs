@@ -100,6 +100,19 @@ impl Store {
         metadata: BTreeMap<String, MetaValue>,
         fragments: &[ShardFragment],
     ) -> Result<CheckpointInfo> {
+        self.commit_fragments(step, epoch, metadata, fragments, &BTreeSet::new())
+    }
+
+    /// [`Store::commit_external`], where the segments in `uploaded` are not in this store's
+    /// directory but objects in its bucket (checked there by the caller, `remote_shard.rs`).
+    pub(super) fn commit_fragments(
+        &mut self,
+        step: u64,
+        epoch: u64,
+        metadata: BTreeMap<String, MetaValue>,
+        fragments: &[ShardFragment],
+        uploaded: &BTreeSet<u64>,
+    ) -> Result<CheckpointInfo> {
         self.check_writable()?;
         if self.keys.current().is_some() {
             // Shard writers run without the store and write plain segments: committing them
@@ -125,7 +138,7 @@ impl Store {
                         s.id
                     )));
                 }
-                self.check_external_segment(s)?;
+                self.check_external_segment(s, uploaded.contains(&s.id))?;
                 m.new_segments.push(*s);
             }
         }
@@ -145,7 +158,7 @@ impl Store {
         })
     }
 
-    fn check_external_segment(&self, s: &pb::SegmentInfo) -> Result<()> {
+    fn check_external_segment(&self, s: &pb::SegmentInfo, uploaded: bool) -> Result<()> {
         let path = self.segment_path(s.id);
         if !self.reservations.contains(s.id) {
             return Err(Error::invalid(format!(
@@ -159,6 +172,9 @@ impl Store {
                 "segment {} is already part of the store",
                 s.id
             )));
+        }
+        if uploaded {
+            return Ok(());
         }
         let missing = |problem: String| Error::SegmentMissing {
             path: path.clone(),

@@ -20,6 +20,9 @@ impl Store {
     pub(super) fn free_segments(&mut self, dead: impl IntoIterator<Item = (u64, u64)>) -> Freed {
         for (s, len) in dead {
             self.open_segments().remove(&s);
+            if let Some(l) = &self.lazy {
+                l.forget(s);
+            }
             self.pending_free.insert(s, len);
         }
         let mut out = Freed::default();

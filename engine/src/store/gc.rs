@@ -118,7 +118,7 @@ impl Store {
 
     /// What compaction would do now (changes nothing; works on a read-only store).
     pub fn plan_compaction(&self) -> CompactionPlan {
-        super::compact::plan(&self.state, &self.opts)
+        super::compact::plan(&self.state, &self.opts, &self.segments_in_bucket())
     }
 
     /// What compaction would do after checkpoints `deleting` were deleted (the dry run of a
@@ -128,7 +128,7 @@ impl Store {
         for &id in deleting {
             state.apply_delete(id, super::commit_record_len);
         }
-        super::compact::plan(&state, &self.opts)
+        super::compact::plan(&state, &self.opts, &self.segments_in_bucket())
     }
 
     /// Garbage collection with default [`GcOptions`]: frees segments whose readers have

@@ -54,7 +54,12 @@ impl Store {
                 "after recovery, segment file(s) {orphans:?} are referenced by no live checkpoint"
             ));
         }
-        let missing: Vec<u64> = referenced.difference(&on_disk).copied().collect();
+        let in_bucket: BTreeSet<u64> = self.segments_in_bucket().into_iter().collect();
+        let missing: Vec<u64> = referenced
+            .difference(&on_disk)
+            .filter(|id| !in_bucket.contains(id))
+            .copied()
+            .collect();
         if !missing.is_empty() {
             out.push(format!(
                 "after recovery, live checkpoints reference segment(s) {missing:?}, which are \

@@ -8,6 +8,7 @@ mod external;
 mod files;
 mod free;
 mod gc;
+mod lazy;
 mod lease;
 mod leftovers;
 mod lost_found;
@@ -17,7 +18,10 @@ mod reader;
 mod rebuild;
 mod recovery;
 mod rekey;
+mod remote_shard;
 mod remote_tier;
+mod remote_view;
+mod scratch;
 mod select;
 mod shard;
 mod state;
@@ -31,6 +35,7 @@ pub use compact::CompactionPlan;
 #[doc(hidden)]
 pub use files::{parse_wal_file_name, wal_file_name, LOCK_NAME, SEGMENTS_DIR};
 pub use gc::{GcOptions, GcReport, SpaceStats};
+pub use lazy::REMOTE_SEGMENTS_NAME;
 #[doc(hidden)]
 pub use lease::READERS_DIR;
 pub use lost_found::{PurgeReport, LOST_FOUND_DIR};
@@ -39,7 +44,10 @@ pub use reader::{CheckpointReader, Tensor, VerifiedChunks};
 pub use rebuild::RebuildReport;
 pub use recovery::RecoveryReport;
 pub use rekey::RekeyReport;
+pub use remote_shard::{open_shard_writer, shard_scratch, upload_shard};
 pub use remote_tier::{pull, REPLICA_TOKEN_NAME};
+pub use remote_view::RemoteView;
+pub use scratch::Scratch;
 pub use select::{LoadReport, LoadSpec, NamePredicate};
 pub use shard::{ShardFragment, ShardOptions, ShardWriter};
 pub use txn::{CommitInfo, Transaction};
@@ -139,7 +147,8 @@ pub struct Options {
     pub replica_keep_last: Option<usize>,
     /// Where a bucket store (`Store::open("s3://...")`) keeps its local cache. Default `None`:
     /// `$CKPTSTORE_CACHE_DIR`, else `$XDG_CACHE_HOME/ckptstore`, else `~/.cache/ckptstore`,
-    /// then `remote/<hash of the URL>`. One process at a time per cache.
+    /// then `remote/<hash of the URL>`. One process at a time per cache: a second opener, reader
+    /// or writer, gets [`Error::CacheLocked`].
     pub cache_dir: Option<PathBuf>,
     /// Retries, timeouts, part size and parts in flight of the bucket tier's requests.
     pub remote_policy: crate::remote::RetryPolicy,
@@ -288,6 +297,10 @@ pub struct Store {
     remote: Option<remote_tier::RemoteTier>,
     /// Chunks verified reads found bad, not yet quarantined (see `quarantine.rs`).
     suspects: quarantine::Suspects,
+    /// Segments a lazy restore left in the bucket, fetched when first read (`lazy.rs`).
+    lazy: Option<lazy::LazySegments>,
+    /// A bucket store's hold on its local cache (one process per cache).
+    _cache_lock: Option<writer_lock::WriterLock>,
 }
 
 impl std::fmt::Debug for Store {
@@ -434,6 +447,13 @@ impl Store {
             // protected, it only holds more space until it closes. Never dropped for it.
             let _ = l.hold(rec.state.segments.keys().copied());
         }
+        let live: BTreeMap<u64, u64> = rec
+            .state
+            .segments
+            .iter()
+            .map(|(&id, s)| (id, s.len))
+            .collect();
+        let lazy = lazy::LazySegments::open(&*io, &dir, &live, &opts)?;
         let mut store = Store {
             dir,
             opts,
@@ -451,11 +471,18 @@ impl Store {
             keys,
             remote: None,
             suspects: quarantine::Suspects::default(),
+            lazy,
+            _cache_lock: None,
         };
         // A writer with a key seals what it commits: the WAL declares the feature first, so
         // that a build without it refuses the store by name instead of calling it corrupt.
         if store.wal.is_some() && store.keys.current().is_some() {
             store.enable_feature(&features::ENCRYPTION)?;
+        }
+        // A lazy restore's feature: declared while a segment is in the bucket (also in a
+        // store a build before the feature restored lazily).
+        if store.wal.is_some() {
+            store.declare_lazy()?;
         }
         // A crash between a commit and the heal it allowed leaves the heal to this open
         // (not to a strict one, which repairs nothing).
@@ -904,14 +931,58 @@ impl Store {
             return Ok(f.clone());
         }
         let path = self.segment_path(id);
-        let f: Arc<dyn StorageFile> = Arc::from(
-            self.opts
-                .io
-                .open(&path, false)
-                .map_err(|e| Error::io("open", &path, e))?,
-        );
+        let io = &*self.opts.io;
+        let f = match (io.open(&path, false), &self.lazy) {
+            (Err(e), Some(lazy))
+                if e.kind() == std::io::ErrorKind::NotFound && lazy.is_pending(id) =>
+            {
+                // Still in the bucket (a lazy restore): fetched whole, then opened.
+                lazy.fetch(io, &self.dir.join(SEGMENTS_DIR), id)?;
+                io.open(&path, false)
+            }
+            (r, _) => r,
+        };
+        let f: Arc<dyn StorageFile> = Arc::from(f.map_err(|e| Error::io("open", &path, e))?);
         self.open_segments().insert(id, f.clone());
         Ok(f)
+    }
+
+    /// Whether chunks of segment `id` are verified on every read whatever the caller asked:
+    /// those of a segment fetched from the bucket by a lazy restore (a cache file is never
+    /// trusted without its checksum).
+    pub(crate) fn always_verify(&self, id: u64) -> bool {
+        self.lazy.as_ref().is_some_and(|l| l.came_from_bucket(id))
+    }
+
+    /// Segments a lazy restore left in the bucket that no read has fetched yet, by id.
+    pub fn segments_in_bucket(&self) -> Vec<u64> {
+        self.lazy
+            .as_ref()
+            .map_or_else(Vec::new, |l| l.pending_ids())
+    }
+
+    /// Fetches every segment a lazy restore left in the bucket (what a read would fetch when
+    /// it needs it): afterwards the directory holds the whole store. A writer then makes it an
+    /// ordinary store that no longer needs the bucket: every live checkpoint verified (a
+    /// fetched cache file found bad is fetched again, once), the `lazy-segments` feature
+    /// cleared, `REMOTE_SEGMENTS` removed (docs/DECISIONS.md, "Lazy restore"). A read-only
+    /// store only fetches.
+    pub fn fetch_all(&mut self) -> Result<()> {
+        let mut again = true;
+        loop {
+            for id in self.segments_in_bucket() {
+                self.segment_file(id)?;
+            }
+            if self.wal.is_none() || !self.has_lazy_state()? {
+                return Ok(());
+            }
+            match self.verify_all().into_iter().find_map(|(_, r)| r.err()) {
+                None => return self.clear_lazy(),
+                // A damaged cache file is dropped by the read that found it: fetched again.
+                Some(_) if again && !self.segments_in_bucket().is_empty() => again = false,
+                Some(e) => return Err(e),
+            }
+        }
     }
 
     /// The cache of open segment files. A panic while it was held cannot leave it half

@@ -66,7 +66,18 @@ impl HealReport {
 
 impl Store {
     /// Notes chunk `c` as found bad by a verified read (recorded by the next [`Store::heal`]).
+    /// A chunk of a segment fetched from the bucket (a lazy restore's cache) is not suspected:
+    /// the cache file is dropped instead, and the next read fetches the bucket's copy again.
     pub(crate) fn suspect(&self, c: &pb::ChunkRef) {
+        if let Some(lazy) = self.lazy.as_ref().filter(|l| l.came_from_bucket(c.segment)) {
+            self.open_segments().remove(&c.segment);
+            lazy.evict(
+                &*self.opts.io,
+                &self.dir.join(super::SEGMENTS_DIR),
+                c.segment,
+            );
+            return;
+        }
         self.suspects
             .lock()
             .entry((c.segment, c.offset))

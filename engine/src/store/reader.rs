@@ -455,6 +455,7 @@ impl<'s> CheckpointReader<'s> {
         verify: bool,
     ) -> Result<()> {
         self.check_segment(c)?;
+        let verify = verify || self.store.always_verify(c.segment);
         let corrupt = |reason: String| self.chunk_error(kind, name, index, c, reason);
         let file = self.store.segment_file(c.segment)?;
         let plain = c.codec == pb::Codec::None as i32;

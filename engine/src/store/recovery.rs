@@ -600,8 +600,11 @@ fn check_segments(
         }
     }
     let mut trailer_only_gone = Vec::new();
+    // Segments a lazy restore left in the bucket are fetched when read, not damaged.
+    let in_bucket = super::lazy::listed_lengths(io, dir)?;
     for (&id, seg) in &state.segments {
         let problem = match on_disk.get(&id) {
+            None if in_bucket.get(&id) == Some(&seg.len) => None,
             None => Some("missing".to_string()),
             // Not a regular file (a directory, FIFO or symlink in its place, refused by the
             // backend: io::private_fs): damaged, like a missing one.

@@ -37,7 +37,7 @@ enum Kind {
     },
 }
 
-fn bucket_for(url: &RemoteUrl, opts: &Options) -> Result<Arc<Bucket>> {
+pub(crate) fn bucket_for(url: &RemoteUrl, opts: &Options) -> Result<Arc<Bucket>> {
     let mut b = Bucket::open(url)?.with_policy(opts.remote_policy);
     if let Some(f) = &opts.remote_faults {
         b = b.with_faults(f.clone());
@@ -61,15 +61,22 @@ fn checkpoints_of(obj: &CommitObject) -> BTreeSet<u64> {
         .collect()
 }
 
-/// Writes `obj`'s state into `dir`: the segments, then a WAL holding its records, then
-/// `CURRENT` (the restore's commit point: a pull cut short leaves no store, and resumes).
+/// Writes `obj`'s state into `dir`, lazily: the list of its segment objects
+/// (`REMOTE_SEGMENTS`, store/lazy.rs), then a WAL holding its records whose header declares
+/// the `lazy-segments` feature, then `CURRENT` (the restore's commit point: a pull cut short
+/// leaves no store, and starts again; no crash leaves a store without the feature and
+/// segments in the bucket, so no build without it opens one). No segment is downloaded: each
+/// is fetched by the first read that needs it.
 fn restore(io: &dyn Storage, dir: &Path, obj: &CommitObject, bucket: &Bucket) -> Result<()> {
-    remote::download_segments(bucket, obj, &dir.join(super::SEGMENTS_DIR), io)?;
+    let seg_dir = dir.join(super::SEGMENTS_DIR);
+    io.create_dir_all(&seg_dir)
+        .map_err(|e| Error::io("create dir", &seg_dir, e))?;
+    super::lazy::write(io, dir, bucket.url(), &obj.segments)?;
     drop(WalWriter::create_durable(
         io,
         dir,
         1,
-        obj.features,
+        obj.features.with(&crate::features::LAZY_SEGMENTS),
         &obj.records,
     )?);
     switch_current_atomically(io, dir, 1)
@@ -144,6 +151,18 @@ pub(crate) fn start_replica(store: &Store, bucket: Arc<Bucket>) -> Result<Remote
         Publisher::new(bucket, &token)?.with_keep_last(store.opts.replica_keep_last);
     let _ = publisher.sweep();
     let head = publisher.head().cloned();
+    // Segments a lazy restore left in another bucket (pulled from one, replicated to another)
+    // must be local to be uploaded: fetched now. Those this bucket holds stay where they are.
+    for id in store.segments_in_bucket() {
+        let len = store.state.segments.get(&id).map(|s| s.len);
+        let held = head
+            .as_ref()
+            .and_then(|h| h.segments.get(&id))
+            .is_some_and(|s| Some(s.len) == len);
+        if !held {
+            store.segment_file(id)?;
+        }
+    }
     let known = head.as_ref().map(checkpoints_of).unwrap_or_default();
     let rep = Replicator::start(publisher, known)?;
     let mut tier = RemoteTier {
@@ -171,7 +190,7 @@ pub(crate) fn start_replica(store: &Store, bucket: Arc<Bucket>) -> Result<Remote
 
 /// The cache directory of a bucket store: `$CKPTSTORE_CACHE_DIR`, else
 /// `$XDG_CACHE_HOME/ckptstore`, else `~/.cache/ckptstore`; then `remote/<hash of the URL>`.
-fn cache_dir(url: &RemoteUrl) -> Result<PathBuf> {
+pub(crate) fn cache_dir(url: &RemoteUrl) -> Result<PathBuf> {
     let base = std::env::var_os("CKPTSTORE_CACHE_DIR")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("ckptstore")))
@@ -198,7 +217,7 @@ fn write_marker(io: &dyn Storage, path: &Path, seq: u64) -> Result<()> {
     f.sync_data().map_err(|e| Error::io("fdatasync", path, e))
 }
 
-fn remove_marker(io: &dyn Storage, path: &Path) -> Result<()> {
+pub(crate) fn remove_marker(io: &dyn Storage, path: &Path) -> Result<()> {
     match io.remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -223,6 +242,16 @@ pub(crate) fn open_url(url: &str, opts: Options) -> Result<Store> {
         None => cache_dir(&rurl)?,
     };
     super::recovery::create_store_dir(&*io, &cache)?;
+    // One process per cache, reader or writer (either may replace a stale cache): the writer
+    // lock's mechanism on the cache directory itself, held as long as the store is open.
+    let cache_lock = super::writer_lock::take(&*io, &cache).map_err(|e| match e {
+        Error::Locked { pid, .. } => Error::CacheLocked {
+            url: rurl.to_string(),
+            path: cache.clone(),
+            pid,
+        },
+        other => other,
+    })?;
     let store_dir = cache.join("store");
     let marker = cache.join("SEQ");
     let head = remote::latest(&bucket)?;
@@ -249,6 +278,7 @@ pub(crate) fn open_url(url: &str, opts: Options) -> Result<Store> {
     let read_only = opts.read_only;
     let token = token(&*io, &cache.join(REPLICA_TOKEN_NAME))?;
     let mut store = Store::open_dir(&store_dir, opts, None)?;
+    store._cache_lock = Some(cache_lock);
     if !read_only {
         let mut publisher = Publisher::with_head(bucket, &token, head)?;
         // Leftovers of a writer that died are removed (best effort: a failure leaves them for
@@ -260,6 +290,63 @@ pub(crate) fn open_url(url: &str, opts: Options) -> Result<Store> {
         });
     }
     Ok(store)
+}
+
+/// The file marking a bucket store's cache that holds its state but not its segments (the
+/// writer of sharded saves: `remote_shard::open_shard_writer`).
+pub(crate) const STATE_ONLY_NAME: &str = "STATE_ONLY";
+
+/// Makes `cache` (a bucket store's cache directory) hold `head`'s state, its records as WAL
+/// file 1, without downloading any segment, unless it holds exactly that already; marks it
+/// state-only. `open_url` then takes it as current.
+pub(crate) fn seed_state_only(
+    io: &dyn Storage,
+    cache: &Path,
+    head: Option<&CommitObject>,
+) -> Result<()> {
+    super::recovery::create_store_dir(io, cache)?;
+    let (store_dir, marker) = (cache.join("store"), cache.join("SEQ"));
+    let flag = cache.join(STATE_ONLY_NAME);
+    let seq = head.map_or(0, |h| h.seq);
+    if read_marker(io, &marker) == Some(seq)
+        && io.exists(&flag).unwrap_or(false)
+        && io
+            .exists(&store_dir.join(crate::current::CURRENT_NAME))
+            .unwrap_or(false)
+    {
+        return Ok(());
+    }
+    remove_marker(io, &marker)?;
+    match std::fs::remove_dir_all(&store_dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io("remove dir", &store_dir, e)),
+    }
+    super::recovery::create_store_dir(io, &store_dir)?;
+    if let Some(h) = head {
+        drop(WalWriter::create_durable(
+            io, &store_dir, 1, h.features, &h.records,
+        )?);
+        switch_current_atomically(io, &store_dir, 1)?;
+    }
+    if !io.exists(&flag).unwrap_or(false) {
+        let f = io
+            .create_new(&flag)
+            .map_err(|e| Error::io("create", &flag, e))?;
+        f.sync_data()
+            .map_err(|e| Error::io("fdatasync", &flag, e))?;
+    }
+    write_marker(io, &marker, seq)
+}
+
+impl RemoteTier {
+    /// A bucket store's publisher and the marker file of its cache (`None` for a replica).
+    pub(crate) fn sync_publisher(&mut self) -> Option<(&mut Publisher, &Path)> {
+        match &mut self.kind {
+            Kind::Sync { publisher, marker } => Some((publisher, marker.as_path())),
+            Kind::Replica(_) => None,
+        }
+    }
 }
 
 impl Store {

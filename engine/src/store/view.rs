@@ -99,7 +99,11 @@ impl CheckpointReader<'_> {
         self.check_segments(&t.chunks)?;
         let dtype = crate::manifest::tensor_dtype(t)?;
         if let Some((map, range)) = self.mapped_run(&t.chunks)? {
-            if verify {
+            if verify
+                || self
+                    .store
+                    .always_verify(t.chunks.first().map_or(0, |c| c.segment))
+            {
                 self.verify_mapped(&t.name, &t.chunks, &map, range.start)?;
             }
             return Ok(TensorView {

@@ -16,6 +16,17 @@ means ``finish`` is never called: nothing is committed, and what the ranks wrote
 when the writer is reset, closed or collected (or, if the process dies, by the next open's
 recovery).
 
+Into a bucket store (``StoreWriter("s3://bucket/prefix")``) no shared mount is needed: the
+coordinator's store is the bucket store (a local cache, docs/PYTHON.md); each rank writes its
+shard into a scratch directory of its own host's cache, uploads its segments as objects under
+a random token of its own (two ranks never write one name) and reports the object names in
+its ``WriteResult``; ``finish`` commits everything with ONE commit object, created if absent
+(a writer that got there first fails the save with a ``StoreError`` naming the conflict,
+nothing overwritten). A save that never commits leaves objects no commit names: readers
+ignore them and a writer's open removes them after the orphan grace. Loading from a bucket
+store, each rank reads the newest commit object into a view in its own cache and downloads
+only the segments holding the items its plan reads.
+
 Names in the store: a tensor item is stored under its fully qualified name (``fqn``) when it
 is the whole tensor, else as ``fqn@o0,o1,..`` (its chunk's offsets); bytes items (pickled
 objects DCP writes itself) as blobs ``dcp/bytes/<fqn>``; DCP's ``Metadata`` as the blob
@@ -122,9 +133,17 @@ class _RankResult(StoredItem):
     """A rank's first WriteResult also carries its shard fragment (engine bytes)."""
 
     fragment: bytes | None = None
+    # Bucket stores: the (segment id, object key, length) of the segments the rank uploaded.
+    uploaded: tuple[tuple[int, str, int], ...] | None = None
+
+
+def _is_url(path: Any) -> bool:
+    return isinstance(path, str) and path.startswith(("s3://", "file://"))
 
 
 def _is_store(path: Any) -> bool:
+    if _is_url(path):
+        return True  # a bucket store (an empty one is a store with no checkpoint)
     try:
         p = os.fspath(path)
     except TypeError:
@@ -261,13 +280,20 @@ class StoreWriter(StorageWriter):
         if not placed:
             fut.set_result([])
             return fut
-        fragment = _native.write_shard(target.path, target.start, target.end,
-                                       target.chunk_size, target.segment_max_bytes,
-                                       tensors, blobs)
+        uploaded: tuple[tuple[int, str, int], ...] | None = None
+        if _is_url(target.path):
+            fragment, objs = _native.write_shard_remote(
+                target.path, target.start, target.end, target.chunk_size,
+                target.segment_max_bytes, tensors, blobs)
+            uploaded = tuple((int(i), str(k), int(n)) for i, k, n in objs)
+        else:
+            fragment = _native.write_shard(target.path, target.start, target.end,
+                                           target.chunk_size, target.segment_max_bytes,
+                                           tensors, blobs)
         results = []
         for k, (index, where, nbytes) in enumerate(placed):
-            sd = dataclasses.replace(_RankResult(**vars(where)), fragment=fragment) \
-                if k == 0 else where
+            sd = dataclasses.replace(_RankResult(**vars(where)), fragment=fragment,
+                                     uploaded=uploaded) if k == 0 else where
             results.append(WriteResult(index=index, size_in_bytes=nbytes, storage_data=sd))
         fut.set_result(results)
         return fut
@@ -277,12 +303,14 @@ class StoreWriter(StorageWriter):
         if coord is None:
             raise RuntimeError("StoreWriter.finish on a writer that did not plan this save")
         fragments = []
+        uploaded: list[tuple[int, str, int]] = []
         storage_md: dict[MetadataIndex, StoredItem] = {}
         for wrs in results:
             for wr in wrs:
                 sd = wr.storage_data
                 if isinstance(sd, _RankResult) and sd.fragment is not None:
                     fragments.append(sd.fragment)
+                    uploaded.extend(sd.uploaded or ())
                 storage_md[wr.index] = StoredItem(sd.name, sd.blob, sd.raw_dtype, sd.raw_shape)
         metadata.storage_data = storage_md
         encoded = _encode_metadata(metadata)
@@ -291,7 +319,7 @@ class StoreWriter(StorageWriter):
         try:
             self.last_commit = coord.commit(self._step_now, fragments,
                                             [(METADATA_BLOB, encoded)], epoch=self.epoch,
-                                            metadata=meta)
+                                            metadata=meta, uploaded=uploaded)
         finally:
             self.close()
 
@@ -321,12 +349,14 @@ class StoreReader(StorageReader):
         self.allow_pickle = allow_pickle
         self.load_id = str(uuid.uuid4())
         self._store: Any = None
+        self._view: Any = None  # a bucket store: this rank's partial view (DcpRemoteView)
         self._ck_id: int | None = None
         self.storage_data: dict[MetadataIndex, StoredItem] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         d = self.__dict__.copy()
         d["_store"] = None
+        d["_view"] = None
         return d
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
@@ -339,6 +369,19 @@ class StoreReader(StorageReader):
         s, self._store = self._store, None
         if s is not None:
             s.close()
+        v, self._view = self._view, None
+        if v is not None:
+            v.close()
+
+    def _fetch(self, ck_id: int | None, names: list[str]) -> None:
+        """A bucket store: downloads the segments of ``names`` into this rank's view, then
+        opens the view again (an open sees the segments that are there)."""
+        if self._view is None or ck_id is None:
+            raise RuntimeError("StoreReader: read_metadata did not run on this rank")
+        self._view.fetch(ck_id, sorted(set(names)))
+        s, self._store = self._store, None
+        if s is not None:
+            s.close()
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
@@ -347,14 +390,24 @@ class StoreReader(StorageReader):
     def _open(self) -> Any:
         if self._store is None:
             from ._store import Store
+            if _is_url(self.path):
+                if self._view is None:
+                    self._view = _native.DcpRemoteView(self.path)
+                self._store = Store(self._view.dir, read_only=True)
+                return self._store
             if not _is_store(self.path):
                 raise FileNotFoundError(f"{self.path} is not a ckptstore store")
             self._store = Store(self.path, read_only=True)
         return self._store
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if _is_url(self.path):
+            self._close()  # a fresh view of the newest commit object
         s = self._open()
         info = s.info(self.step, id=self.id)  # NotFoundError names what is missing
+        if _is_url(self.path):
+            self._fetch(info["id"], [METADATA_BLOB])
+            s = self._open()
         ck = s.open(id=info["id"], framework="numpy", verify=self.verify)
         if METADATA_BLOB not in ck.blob_names():
             raise ValueError(f"checkpoint {info['id']} (step {info['step']}) in {self.path} "
@@ -383,9 +436,11 @@ class StoreReader(StorageReader):
             raise RuntimeError(
                 f"this rank read checkpoint {self._ck_id}, the coordinator {want}: a save "
                 f"committed in between; pass step= to StoreReader")
+        ck_id = self._ck_id if want is None else want
+        if _is_url(self.path):
+            self._fetch(ck_id, [self.storage_data[r.storage_index].name for r in plan.items])
         s = self._open()
-        ck = s.open(id=self._ck_id if want is None else want, framework="numpy",
-                     verify=self.verify)
+        ck = s.open(id=ck_id, framework="numpy", verify=self.verify)
         stored: dict[str, tuple[np.ndarray, str]] = {}
         for req in plan.items:
             where = self.storage_data[req.storage_index]
