@@ -507,6 +507,10 @@ fn every_fixture_store_opens_bit_exact() {
                 check_workload_3_fixture(&fixture, &name);
                 continue;
             }
+            4 => {
+                check_workload_4_fixture(&fixture, &name);
+                continue;
+            }
             n => panic!("{name}: unknown workload {n}"),
         }
         // Read-only first (changes nothing), then as the writer (recovery may repair).
@@ -543,6 +547,11 @@ fn every_fixture_store_rebuilds_from_its_segments_or_is_refused() {
     let mut rebuilt = 0;
     for fixture in fixtures() {
         let name = fixture.file_name().unwrap().to_string_lossy().to_string();
+        if fixture_workload(&fixture) == 4 {
+            // A lazily restored directory: its segments are in its bucket, not in it (its
+            // check rebuilds nothing; its bucket's state came from a store with trailers).
+            continue;
+        }
         let header = std::fs::read(support::live_wal(&fixture)).unwrap();
         let trailers = WalHeader::decode(&header)
             .unwrap()
@@ -610,16 +619,26 @@ fn generate_fixture_store() {
         dir.display()
     );
     // CKPTSTORE_FIXTURE_WORKLOAD=2: the quarantine workload (feature `quarantine`); 3: the
-    // sealed workload (feature `encryption`).
+    // sealed workload (feature `encryption`); 4: a lazy restore and its bucket (feature
+    // `lazy-segments`).
     let workload: u32 =
         std::env::var("CKPTSTORE_FIXTURE_WORKLOAD").map_or(1, |w| w.parse().unwrap());
     match workload {
         1 => write_workload_1(&dir),
         2 => write_workload_2(&dir),
         3 => write_workload_3(&dir),
+        4 => write_workload_4(&dir),
         n => panic!("no workload {n}"),
     }
-    std::fs::remove_file(dir.join(ckptstore::store::LOCK_NAME)).unwrap();
+    let store_dir = match workload {
+        4 => dir.join(LAZY_STORE),
+        _ => dir.clone(),
+    };
+    match std::fs::remove_file(store_dir.join(ckptstore::store::LOCK_NAME)) {
+        // A pull and a read-only open take no writer lock (workload 4).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && workload == 4 => {}
+        r => r.unwrap(),
+    }
     std::fs::write(
         dir.join(FIXTURE_NOTE),
         format!(
@@ -629,6 +648,12 @@ fn generate_fixture_store() {
         ),
     )
     .unwrap();
+    if workload == 4 {
+        let tmp = copy_of_lazy(&dir);
+        let s = Store::open(tmp.path().join(LAZY_STORE), Options::read_only()).unwrap();
+        assert_workload_4(&s, &name);
+        return;
+    }
     if workload == 3 {
         let ro = Options {
             read_only: true,
@@ -795,4 +820,175 @@ fn check_workload_2_rebuild(dir: &Path, name: &str) {
     for (id, r) in s.verify_all() {
         r.unwrap_or_else(|e| panic!("{name}: rebuilt and healed, checkpoint {id}: {e}"));
     }
+}
+
+// ---------------------------------------------------------------- workload 4: lazy restore
+
+/// Workload 4's directory layout: the lazily restored store, and the `file://` bucket it was
+/// restored from (its segment objects; the fixture is self-contained).
+const LAZY_STORE: &str = "store";
+const LAZY_BUCKET: &str = "bucket";
+/// The URL the checked-in `REMOTE_SEGMENTS` names (the generator's bucket path, absolute,
+/// replaced): a check points it at its copy of `bucket/` first ([`copy_of_lazy`]).
+const LAZY_URL_PLACEHOLDER: &str = "file:///ckptstore-fixture/lazy/bucket";
+
+/// Workload 4's checkpoint at `step` (1..=3): "w" (one chunk, new every step), "frozen" (one
+/// chunk, the same at every step: deduplicated). Small: the fixture holds its bucket too.
+fn tensors_4(step: u64) -> Vec<(&'static str, Vec<u8>)> {
+    vec![("w", noise(400 + step, 1500)), ("frozen", noise(499, 600))]
+}
+
+fn commit_4(s: &mut Store, step: u64) {
+    let mut t = s.begin(step).unwrap();
+    for (k, v) in metadata(step) {
+        t.set_metadata(k, v);
+    }
+    for (name, bytes) in tensors_4(step) {
+        t.put_tensor(name, DType::U8, &[bytes.len() as u64], &bytes)
+            .unwrap();
+    }
+    t.commit().unwrap();
+}
+
+/// Writes workload 4 into `dir`: a store (in a temporary directory) replicated to the bucket
+/// `dir/bucket` with checkpoints of steps 1..=3; `ckptstore pull` of it into `dir/store` (the
+/// WAL and `REMOTE_SEGMENTS`, no segment); a read of step 2's "w", which fetches one segment,
+/// so that the fixture holds a fetched segment and segments still in the bucket. The list's
+/// absolute bucket URL is then replaced by [`LAZY_URL_PLACEHOLDER`].
+fn write_workload_4(dir: &Path) {
+    let src = tempfile::tempdir().unwrap();
+    let bucket = dir.join(LAZY_BUCKET);
+    std::fs::create_dir_all(&bucket).unwrap();
+    let url = format!("file://{}", bucket.display());
+    let opts = Options {
+        replica: Some(url.clone()),
+        cache_dir: Some(src.path().join("cache")),
+        ..store_opts(Compression::None)
+    };
+    let mut s = Store::open(src.path().join("source"), opts).unwrap();
+    for step in 1..=3 {
+        commit_4(&mut s, step);
+    }
+    s.wait_replicated(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    drop(s);
+    let store = dir.join(LAZY_STORE);
+    ckptstore::store::pull(&url, &store, &store_opts(Compression::None)).unwrap();
+    let s = Store::open(&store, Options::read_only()).unwrap();
+    let ck = s.checkpoint(Selector::Step(2)).unwrap();
+    assert!(ck.tensor("w").unwrap().data == tensors_4(2)[0].1);
+    drop(s);
+    set_lazy_url(&store, LAZY_URL_PLACEHOLDER);
+}
+
+/// Points the `REMOTE_SEGMENTS` of the lazily restored `store` at `url`.
+fn set_lazy_url(store: &Path, url: &str) {
+    let path = store.join(ckptstore::store::REMOTE_SEGMENTS_NAME);
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    v["url"] = serde_json::Value::String(url.to_string());
+    std::fs::write(&path, v.to_string()).unwrap();
+}
+
+/// A private copy of a workload-4 fixture, its list pointed at the copy of its bucket.
+fn copy_of_lazy(fixture: &Path) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    support::copy_tree(fixture, tmp.path());
+    let store = tmp.path().join(LAZY_STORE);
+    for d in [store.clone(), store.join(SEGMENTS_DIR)] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    let bucket = tmp.path().join(LAZY_BUCKET);
+    set_lazy_url(&store, &format!("file://{}", bucket.display()));
+    tmp
+}
+
+/// Workload 4's checkpoints, (id, step): all three live.
+const LIVE_4: [(u64, u64); 3] = [(1, 1), (2, 2), (3, 3)];
+
+fn assert_workload_4(s: &Store, what: &str) {
+    let ids: Vec<(u64, u64)> = s.list().iter().map(|c| (c.id, c.step)).collect();
+    assert_eq!(ids, LIVE_4, "{what}");
+    for (id, step) in LIVE_4 {
+        let ck = s.checkpoint(Selector::Id(id)).unwrap();
+        assert_eq!(ck.metadata(), metadata(step), "{what}: {id}");
+        for (t, bytes) in tensors_4(step) {
+            assert!(ck.tensor(t).unwrap().data == bytes, "{what}: {id}/{t}");
+        }
+    }
+    for (id, r) in s.verify_all() {
+        r.unwrap_or_else(|e| panic!("{what}: checkpoint {id} does not verify: {e}"));
+    }
+}
+
+/// A lazily restored fixture: its header declares `lazy-segments` and its list names
+/// segments that are not in the directory; a reader fetches them from the fixture's bucket
+/// and reads every checkpoint bit-exact; a writer commits (deduplicating against a chunk
+/// still in the bucket), `fetch_all` makes it an ordinary store (feature cleared, list
+/// removed), which reads bit-exact with the bucket gone.
+fn check_workload_4_fixture(fixture: &Path, name: &str) {
+    use ckptstore::features::LAZY_SEGMENTS;
+    let store = fixture.join(LAZY_STORE);
+    let header = std::fs::read(support::live_wal(&store)).unwrap();
+    let features = WalHeader::decode(&header).unwrap().features;
+    assert!(features.contains(&LAZY_SEGMENTS), "{name}: {features}");
+    let listed = std::fs::read_to_string(store.join(ckptstore::store::REMOTE_SEGMENTS_NAME))
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert!(listed.contains(LAZY_URL_PLACEHOLDER), "{name}: {listed}");
+    let local = support::segment_files(&store).len();
+    assert!(local >= 1, "{name}: a fetched segment");
+
+    let tmp = copy_of_lazy(fixture);
+    let dir = tmp.path().join(LAZY_STORE);
+    let s = Store::open(&dir, Options::read_only()).unwrap();
+    assert!(
+        s.segments_in_bucket().len() >= 2,
+        "{name}: segments still in the bucket: {:?}",
+        s.segments_in_bucket()
+    );
+    assert!(s.features().contains(&LAZY_SEGMENTS), "{name}");
+    assert_workload_4(&s, &format!("{name} read-only"));
+    drop(s);
+    // A fresh copy, as the writer: a commit before anything is fetched.
+    let tmp = copy_of_lazy(fixture);
+    let dir = tmp.path().join(LAZY_STORE);
+    let mut s = Store::open(&dir, store_opts(Compression::None)).unwrap();
+    assert!(s.features().contains(&LAZY_SEGMENTS), "{name}");
+    let info = {
+        let mut t = s.begin(4).unwrap();
+        let frozen = &tensors_4(1)[1].1;
+        t.put_tensor("frozen", DType::U8, &[frozen.len() as u64], frozen)
+            .unwrap();
+        t.commit().unwrap()
+    };
+    assert_eq!(info.chunks_deduplicated, 1, "{name}: {info:?}");
+    s.fetch_all().unwrap();
+    assert!(!s.features().contains(&LAZY_SEGMENTS), "{name}");
+    drop(s);
+    assert!(!dir.join(ckptstore::store::REMOTE_SEGMENTS_NAME).exists());
+    std::fs::remove_dir_all(tmp.path().join(LAZY_BUCKET)).unwrap();
+    let s = Store::open(&dir, Options::read_only()).unwrap();
+    assert!(s.segments_in_bucket().is_empty(), "{name}");
+    assert_eq!(s.list().len(), LIVE_4.len() + 1, "{name}");
+    let last = s.checkpoint(Selector::Step(4)).unwrap();
+    assert!(last.tensor("frozen").unwrap().data == tensors_4(4)[1].1);
+    for (id, step) in LIVE_4 {
+        let ck = s.checkpoint(Selector::Id(id)).unwrap();
+        for (t, bytes) in tensors_4(step) {
+            assert!(ck.tensor(t).unwrap().data == bytes, "{name}: {id}/{t}");
+        }
+    }
+    for (id, r) in s.verify_all() {
+        r.unwrap_or_else(|e| panic!("{name}: checkpoint {id} does not verify: {e}"));
+    }
+}
+
+/// Workload 4 written by this build passes its checks.
+#[test]
+fn workload_4_written_now_passes_the_checks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("lazy");
+    write_workload_4(&dir);
+    std::fs::write(dir.join(FIXTURE_NOTE), "workload 4\n").unwrap();
+    check_workload_4_fixture(&dir, "this build");
 }

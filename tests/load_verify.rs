@@ -292,3 +292,298 @@ fn damaged_chunk_is_named_when_read_cold() {
         other => panic!("verify gave {other:?}"),
     }
 }
+
+/// Whether the file system of `dir` takes O_DIRECT opens (ext4 and xfs do; tmpfs does not).
+fn takes_o_direct(dir: &std::path::Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let p = dir.join("o_direct_probe");
+    std::fs::write(&p, [0u8; 4096]).unwrap();
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+        .open(&p)
+        .is_ok();
+    std::fs::remove_file(&p).unwrap();
+    ok
+}
+
+/// One tensor of odd length after a short one (so its chunks start off any 4 KiB boundary),
+/// committed, then the store reopened read-only with `io`; returns the tensor and its chunks.
+fn odd_run(
+    dir: &std::path::Path,
+    io: Option<std::sync::Arc<dyn ckptstore::io::Storage>>,
+) -> (Vec<u8>, Vec<ckptstore::proto::v1::ChunkRef>, Store) {
+    let chunk_size = 1 << 20;
+    let w = data(21, 10 * chunk_size + 4097);
+    let mut s = Store::open(
+        dir,
+        ckptstore::Options {
+            chunk_size,
+            ..opts()
+        },
+    )
+    .unwrap();
+    let mut t = s.begin(1).unwrap();
+    t.put_tensor("lead", DType::U8, &[777], &data(20, 777))
+        .unwrap();
+    t.put_tensor("w", DType::U8, &[w.len() as u64], &w).unwrap();
+    t.commit().unwrap();
+    let chunks = s.checkpoint(Selector::Latest).unwrap().manifest().tensors[1]
+        .chunks
+        .clone();
+    assert!(chunks.iter().any(|c| c.offset % 4096 != 0), "offsets");
+    drop(s);
+    let mut ro = ckptstore::Options::read_only();
+    if let Some(io) = io {
+        ro.io = io;
+    }
+    (w, chunks, Store::open(dir, ro).unwrap())
+}
+
+/// A verified view of cold chunks is read from the disk straight into memory of its own (no
+/// map, no page cache) where the file system takes O_DIRECT: the same bytes, at unaligned
+/// offsets, still zero-copy; the same view of cached chunks is the segment's map.
+#[test]
+fn cold_view_reads_direct_and_returns_the_saved_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (w, _, s) = odd_run(dir.path(), None);
+    let ck = s.checkpoint(Selector::Latest).unwrap();
+    make_cold(dir.path());
+    let v = ck.tensor_view("w").unwrap();
+    assert!(v.is_zero_copy());
+    assert_eq!(v.is_mapped(), !takes_o_direct(dir.path()), "cold: direct");
+    assert!(v.data() == &w[..], "cold view bytes");
+    assert!(ck.tensor_view("lead").unwrap().data() == &data(20, 777)[..]);
+    // `tensor_map` keeps the map, cold or not (Python's load(mmap=True) maps its pages).
+    make_cold(dir.path());
+    let m = ck.tensor_map("w", true).unwrap();
+    assert!(m.is_mapped() && m.data() == &w[..], "tensor_map: the map");
+    drop(ck);
+    drop(s);
+    assert!(v.data() == &w[..], "a read view outlives its store");
+    // Cached now (read through the page cache): the map.
+    let s = Store::open(dir.path(), ckptstore::Options::read_only()).unwrap();
+    let ck = s.checkpoint(Selector::Latest).unwrap();
+    for path in walk(&dir.path().join("segments")) {
+        std::fs::read(path).unwrap();
+    }
+    let v = ck.tensor_view("w").unwrap();
+    assert!(v.is_mapped() && v.data() == &w[..], "cached: mapped");
+}
+
+/// A damaged chunk of a cold view is named: one damaged in its middle, and one damaged in its
+/// last bytes — those lie in the next chunk's aligned part of the view's buffer, and are
+/// hashed from there after every part is in.
+#[test]
+fn cold_view_names_a_damaged_chunk() {
+    for (k, at_end) in [(3usize, false), (5, true), (10, true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, chunks, s) = odd_run(dir.path(), None);
+        drop(s);
+        let c = &chunks[k];
+        let at = if at_end {
+            c.offset + c.stored_len - 1
+        } else {
+            c.offset + 4095
+        };
+        flip(dir.path(), c.segment, at);
+        let s = Store::open(dir.path(), ckptstore::Options::read_only()).unwrap();
+        let ck = s.checkpoint(Selector::Latest).unwrap();
+        make_cold(dir.path());
+        match ck.tensor_view("w") {
+            Err(Error::ChunkCorrupt {
+                name,
+                chunk,
+                offset,
+                ..
+            }) => assert_eq!((name.as_str(), chunk, offset), ("w", k, c.offset)),
+            other => panic!("chunk {k}: {other:?}"),
+        }
+    }
+}
+
+/// Storage on the real file system whose files claim their bytes are cold but refuse every
+/// direct read (as a file system that takes an O_DIRECT open and then refuses its reads).
+#[derive(Debug)]
+struct RefusesDirect(ckptstore::io::StdIo);
+struct RefusingFile(Box<dyn ckptstore::io::StorageFile>);
+
+impl ckptstore::io::Storage for RefusesDirect {
+    fn create_dir_all(&self, p: &std::path::Path) -> std::io::Result<()> {
+        self.0.create_dir_all(p)
+    }
+    fn create_new(
+        &self,
+        p: &std::path::Path,
+    ) -> std::io::Result<Box<dyn ckptstore::io::StorageFile>> {
+        self.0.create_new(p)
+    }
+    fn open(
+        &self,
+        p: &std::path::Path,
+        write: bool,
+    ) -> std::io::Result<Box<dyn ckptstore::io::StorageFile>> {
+        Ok(Box::new(RefusingFile(self.0.open(p, write)?)))
+    }
+    fn rename(&self, a: &std::path::Path, b: &std::path::Path) -> std::io::Result<()> {
+        self.0.rename(a, b)
+    }
+    fn remove_file(&self, p: &std::path::Path) -> std::io::Result<()> {
+        self.0.remove_file(p)
+    }
+    fn sync_dir(&self, p: &std::path::Path) -> std::io::Result<()> {
+        self.0.sync_dir(p)
+    }
+    fn list(&self, d: &std::path::Path) -> std::io::Result<Vec<String>> {
+        self.0.list(d)
+    }
+    fn exists(&self, p: &std::path::Path) -> std::io::Result<bool> {
+        self.0.exists(p)
+    }
+    fn try_lock(
+        &self,
+        p: &std::path::Path,
+    ) -> std::io::Result<Option<Box<dyn ckptstore::io::StorageFile>>> {
+        self.0.try_lock(p)
+    }
+    fn try_lock_existing(
+        &self,
+        p: &std::path::Path,
+    ) -> std::io::Result<Option<Box<dyn ckptstore::io::StorageFile>>> {
+        self.0.try_lock_existing(p)
+    }
+    fn dir_status(&self, p: &std::path::Path) -> std::io::Result<Option<ckptstore::io::DirStatus>> {
+        self.0.dir_status(p)
+    }
+}
+
+impl ckptstore::io::StorageFile for RefusingFile {
+    fn write_at(&self, b: &[u8], o: u64) -> std::io::Result<()> {
+        self.0.write_at(b, o)
+    }
+    fn read_at(&self, b: &mut [u8], o: u64) -> std::io::Result<()> {
+        self.0.read_at(b, o)
+    }
+    fn cached(&self, _: u64, _: u64) -> bool {
+        false
+    }
+    fn read_direct(&self, _: u64, _: &mut [u8]) -> std::io::Result<Option<usize>> {
+        Ok(None)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.0.sync_data()
+    }
+    fn sync_all(&self) -> std::io::Result<()> {
+        self.0.sync_all()
+    }
+    fn allocate(&self, l: u64) -> std::io::Result<()> {
+        self.0.allocate(l)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+    fn set_len(&self, l: u64) -> std::io::Result<()> {
+        self.0.set_len(l)
+    }
+    fn map(&self) -> std::io::Result<Option<std::sync::Arc<ckptstore::io::MappedFile>>> {
+        self.0.map()
+    }
+}
+
+/// Where the direct reads of a cold view are refused, its parts are read buffered into the
+/// same buffer: the same bytes, and a damaged chunk is still named.
+#[test]
+fn cold_view_falls_back_to_buffered_reads_when_direct_ones_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let io = || -> Option<std::sync::Arc<dyn ckptstore::io::Storage>> {
+        Some(std::sync::Arc::new(RefusesDirect(ckptstore::io::StdIo)))
+    };
+    let (w, chunks, s) = odd_run(dir.path(), io());
+    let ck = s.checkpoint(Selector::Latest).unwrap();
+    let v = ck.tensor_view("w").unwrap();
+    assert!(
+        v.is_zero_copy() && !v.is_mapped(),
+        "read into its own memory"
+    );
+    assert!(v.data() == &w[..]);
+    drop(ck);
+    drop(s);
+    let c = &chunks[6];
+    flip(dir.path(), c.segment, c.offset + c.stored_len - 2);
+    let mut ro = ckptstore::Options::read_only();
+    ro.io = io().unwrap();
+    let s = Store::open(dir.path(), ro).unwrap();
+    let ck = s.checkpoint(Selector::Latest).unwrap();
+    match ck.tensor_view("w") {
+        Err(Error::ChunkCorrupt { chunk, .. }) => assert_eq!(chunk, 6),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// `tensors_into` reads several tensors on one set of threads: every one bit-exact (a
+/// zero-size one, one below a chunk, several chunks long), a wrong destination length refused
+/// before a byte is read, and a damaged chunk named by its own tensor and index, not by the
+/// position of the chunk among all the tensors' chunks.
+#[test]
+fn tensors_into_reads_many_tensors_and_names_the_damaged_one() {
+    let chunk_size = 1 << 20;
+    let opts = || ckptstore::Options {
+        chunk_size,
+        ..opts()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let a = data(1, 3 * chunk_size + 5);
+    let b = data(2, 100);
+    let c = data(3, 6 * chunk_size + 77);
+    let mut s = Store::open(dir.path(), opts()).unwrap();
+    let mut t = s.begin(1).unwrap();
+    t.put_tensor("a", DType::U8, &[a.len() as u64], &a).unwrap();
+    t.put_tensor("empty", DType::F32, &[0], &[]).unwrap();
+    t.put_tensor("b", DType::U8, &[b.len() as u64], &b).unwrap();
+    t.put_tensor("c", DType::U8, &[c.len() as u64], &c).unwrap();
+    t.commit().unwrap();
+    drop(s);
+    let s = Store::open(dir.path(), opts()).unwrap();
+    let ck = s.checkpoint(Selector::Latest).unwrap();
+    let (mut oa, mut oe, mut ob, mut oc) = (
+        vec![0u8; a.len()],
+        Vec::<u8>::new(),
+        vec![0u8; b.len()],
+        vec![0u8; c.len()],
+    );
+    ck.tensors_into(
+        vec![
+            ("c", &mut oc[..]),
+            ("a", &mut oa[..]),
+            ("empty", &mut oe[..]),
+            ("b", &mut ob[..]),
+        ],
+        true,
+    )
+    .unwrap();
+    assert!(oa == a && ob == b && oc == c && oe.is_empty());
+    let mut short = vec![0u8; b.len() - 1];
+    let mut oa2 = vec![0u8; a.len()];
+    let e = ck
+        .tensors_into(vec![("a", &mut oa2[..]), ("b", &mut short[..])], true)
+        .unwrap_err();
+    assert!(e.to_string().contains("destination"), "{e}");
+    assert!(
+        oa2.iter().all(|&x| x == 0),
+        "nothing read before the lengths are checked"
+    );
+    // Damage chunk 4 of "c".
+    let cref = ck.manifest().tensors[3].chunks[4].clone();
+    drop(ck);
+    drop(s);
+    flip(dir.path(), cref.segment, cref.offset + 9);
+    let s = Store::open(dir.path(), opts()).unwrap();
+    let ck = s.checkpoint(Selector::Latest).unwrap();
+    let mut oc = vec![0u8; c.len()];
+    match ck.tensors_into(vec![("a", &mut oa[..]), ("c", &mut oc[..])], true) {
+        Err(Error::ChunkCorrupt { name, chunk, .. }) => {
+            assert_eq!((name.as_str(), chunk), ("c", 4))
+        }
+        other => panic!("tensors_into gave {other:?}"),
+    }
+}

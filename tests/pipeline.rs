@@ -349,3 +349,58 @@ fn pipeline_threads_run_nicer_than_the_caller() {
     }
     drop(p.close());
 }
+
+/// A host source that copies slowly and records, at each chunk, how many staging buffers are
+/// handed out.
+struct SlowSource<'a> {
+    bytes: &'a [u8],
+    pool: ckptstore::staging::StagingPool,
+    in_use: std::sync::Mutex<Vec<usize>>,
+}
+
+impl ckptstore::device::Source for SlowSource<'_> {
+    fn len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    fn stage(
+        &self,
+        offset: u64,
+        len: usize,
+        buf: &mut ckptstore::staging::StagingBuf,
+    ) -> ckptstore::Result<ckptstore::device::Fence> {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        self.in_use.lock().unwrap().push(self.pool.in_use());
+        let at = offset as usize;
+        buf.fill(len).copy_from_slice(&self.bytes[at..at + len]);
+        Ok(ckptstore::device::Fence::Ready)
+    }
+}
+
+/// Copy first, hash later (issue 13): while the caller copies a tensor into staging buffers,
+/// no chunk of it is hashed, so none is written and no buffer returns to the pool (on two
+/// cores a hashing worker would take a core from the copy, the caller's stall). Without the
+/// gate the first batch's chunks are hashed and written during the slow copies of the next.
+#[test]
+fn hash_workers_wait_while_the_caller_copies() {
+    let mem = MemIo::new();
+    let mut p = Pipeline::new(mem_store(&mem), small_pool(32)).unwrap();
+    let bytes = data(77, 24 * CHUNK);
+    let src = SlowSource {
+        bytes: &bytes,
+        pool: p.pool().clone(),
+        in_use: std::sync::Mutex::new(Vec::new()),
+    };
+    let mut s = p.begin(1).unwrap();
+    s.put_tensor_from("w", DType::U8, &[bytes.len() as u64], &src)
+        .unwrap();
+    let h = s.submit().unwrap();
+    let seen = src.in_use.into_inner().unwrap();
+    // Chunks are staged in batches of up to 8 buffers: at the k-th copy, k rounded up to the
+    // batch are held, and none was given back.
+    let held: Vec<usize> = (0..seen.len()).map(|k| (k / 8 + 1) * 8).collect();
+    assert_eq!(seen, held, "buffers returned while the caller was copying");
+    let c = h.wait().unwrap();
+    let store = p.close();
+    assert_holds(&store, c.commit.checkpoint.id, &[("w", &bytes[..])]);
+}

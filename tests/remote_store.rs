@@ -1242,7 +1242,7 @@ fn lazy_restore(url: &str) {
         remote_policy: policy(),
         ..Options::read_only()
     };
-    let s = Store::open(&pulled, ro).unwrap();
+    let mut s = Store::open(&pulled, ro).unwrap();
     assert_eq!(
         faults.requests(),
         3,
@@ -1525,4 +1525,215 @@ fn a_lazily_pulled_store_replicates_to_another_bucket() {
     std::fs::remove_dir_all(a.path()).unwrap();
     let s = Store::open(&url_b, opts(&root.path().join("cb"))).unwrap();
     assert_holds(&s, 1, &[("w", &w)]);
+}
+
+// ---------------------------------------------------------------- lazy-segments feature
+
+/// A source store replicated to a fresh `file://` bucket with two checkpoints, `a` (several
+/// chunks) and `b`; returns the bucket's guard, its URL and the two tensors.
+fn lazy_source(root: &Path) -> (tempfile::TempDir, String, Vec<u8>, Vec<u8>) {
+    let (d, url) = file_url();
+    let (a, b) = (data(71, 3 * support::CHUNK + 5), data(72, 9000));
+    let mut s = Store::open(
+        root.join("source"),
+        Options {
+            replica: Some(url.clone()),
+            ..opts(&root.join("cache"))
+        },
+    )
+    .unwrap();
+    commit(&mut s, 1, &[("a", &a)]);
+    commit(&mut s, 2, &[("b", &b)]);
+    s.wait_replicated(Some(Duration::from_secs(60))).unwrap();
+    (d, url, a, b)
+}
+
+fn wal_features(dir: &Path) -> ckptstore::features::FeatureSet {
+    let header = std::fs::read(support::live_wal(dir)).unwrap();
+    ckptstore::wal::WalHeader::decode(&header).unwrap().features
+}
+
+/// A lazily restored directory declares the incompatible feature `lazy-segments` in its WAL
+/// header (a build without it refuses the store instead of taking segments still in the
+/// bucket for missing ones and resuming from an older checkpoint); the bucket's state never
+/// declares it; a reader and a writer with a segment still in the bucket keep it;
+/// `fetch_all` clears it and removes `REMOTE_SEGMENTS`: an ordinary store, that opens and
+/// reads bit-exact with the bucket gone.
+#[test]
+fn lazy_restore_declares_lazy_segments_until_every_segment_is_local() {
+    use ckptstore::features::{FeatureSet, KNOWN, LAZY_SEGMENTS};
+    let root = tempfile::tempdir().unwrap();
+    let (bucket_dir, url, a, b) = lazy_source(root.path());
+    let head = remote::latest(&bucket(&url)).unwrap().unwrap();
+    assert!(!head.features.contains(&LAZY_SEGMENTS), "{}", head.features);
+
+    let p = root.path().join("pulled");
+    let list = p.join(ckptstore::store::REMOTE_SEGMENTS_NAME);
+    ckptstore::store::pull(&url, &p, &opts(&root.path().join("cache"))).unwrap();
+    let features = wal_features(&p);
+    assert!(features.contains(&LAZY_SEGMENTS), "{features}");
+    assert!(list.exists());
+    // What a build with every feature but this one does with the directory: refuse it.
+    let older: Vec<_> = KNOWN
+        .iter()
+        .copied()
+        .filter(|f| *f != LAZY_SEGMENTS)
+        .collect();
+    assert_eq!(
+        features.blocking_in(&older, true),
+        Some(FeatureSet::EMPTY.with(&LAZY_SEGMENTS))
+    );
+
+    let s = Store::open(&p, Options::read_only()).unwrap();
+    assert!(s.features().contains(&LAZY_SEGMENTS));
+    assert_holds(&s, 2, &[("b", &b)]);
+    drop(s);
+    // The cache file of b's segment (fetched by that read) rots: `fetch_all` verifies every
+    // fetched chunk before the directory stops being a cache of the bucket, and fetches it
+    // again.
+    let (name, _) = support::segment_files(&p).into_iter().next().unwrap();
+    let seg = p.join("segments").join(name);
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&seg, &bytes).unwrap();
+    let mut s = Store::open(&p, opts(&root.path().join("cache"))).unwrap();
+    assert!(!s.segments_in_bucket().is_empty());
+    assert!(
+        s.features().contains(&LAZY_SEGMENTS),
+        "a segment is still remote"
+    );
+    s.fetch_all().unwrap();
+    assert_ne!(
+        std::fs::read(&seg).unwrap(),
+        bytes,
+        "the rotten cache file stayed"
+    );
+    assert!(!s.features().contains(&LAZY_SEGMENTS));
+    assert!(!wal_features(&p).contains(&LAZY_SEGMENTS));
+    assert!(!list.exists(), "REMOTE_SEGMENTS outlived the feature");
+    assert_eq!(wal_features(&p).blocking_in(&older, false), None);
+    drop(s);
+    drop(bucket_dir);
+    let s = Store::open(&p, Options::read_only()).unwrap();
+    assert_holds(&s, 1, &[("a", &a)]);
+    assert_holds(&s, 2, &[("b", &b)]);
+    for (id, r) in s.verify_all() {
+        r.unwrap_or_else(|e| panic!("{id}: {e}"));
+    }
+}
+
+/// A directory the build before the feature restored lazily (`REMOTE_SEGMENTS`, segments in
+/// the bucket, no feature bit): it opens, and its first writer open declares the feature; a
+/// replica of it to another bucket publishes a state without the feature.
+#[test]
+fn lazy_restore_of_a_build_before_the_feature_gets_it_at_a_writer_open() {
+    use ckptstore::features::LAZY_SEGMENTS;
+    let root = tempfile::tempdir().unwrap();
+    let (_bucket, url, _a, b) = lazy_source(root.path());
+    let p = root.path().join("pulled");
+    ckptstore::store::pull(&url, &p, &opts(&root.path().join("cache"))).unwrap();
+    let wal = support::live_wal(&p);
+    let mut bytes = std::fs::read(&wal).unwrap();
+    let h = ckptstore::wal::WalHeader::decode(&bytes).unwrap();
+    let h = ckptstore::wal::WalHeader {
+        features: h.features.without(&LAZY_SEGMENTS),
+        ..h
+    };
+    bytes[..ckptstore::wal::WAL_HEADER_LEN].copy_from_slice(&h.encode());
+    std::fs::write(&wal, bytes).unwrap();
+
+    let s = Store::open(&p, Options::read_only()).unwrap();
+    assert!(!s.features().contains(&LAZY_SEGMENTS));
+    assert_holds(&s, 2, &[("b", &b)]);
+    drop(s);
+    let s = Store::open(&p, opts(&root.path().join("cache"))).unwrap();
+    assert!(!s.segments_in_bucket().is_empty());
+    assert!(s.features().contains(&LAZY_SEGMENTS));
+    drop(s);
+    assert!(wal_features(&p).contains(&LAZY_SEGMENTS));
+    // Replicated to another bucket: the feature is the directory's, never a bucket's.
+    let (_other, other) = file_url();
+    let s = Store::open(
+        &p,
+        Options {
+            replica: Some(other.clone()),
+            ..opts(&root.path().join("cache"))
+        },
+    )
+    .unwrap();
+    s.wait_replicated(Some(Duration::from_secs(60))).unwrap();
+    assert!(s.features().contains(&LAZY_SEGMENTS));
+    let head = remote::latest(&bucket(&other)).unwrap().unwrap();
+    assert!(!head.features.contains(&LAZY_SEGMENTS), "{}", head.features);
+}
+
+/// The clear of `lazy-segments` (`fetch_all` of a writer: each fetch, the WAL rewritten
+/// without the feature, `CURRENT` switched, `REMOTE_SEGMENTS` removed) cut by a power loss at
+/// every sync, in every crash mode: the directory is the lazy store (feature and list) or
+/// the ordinary one (no feature, nothing in the bucket), never a store without the feature
+/// whose segments are in the bucket; it opens and reads bit-exact, and the next writer's
+/// `fetch_all` finishes the clear.
+#[test]
+fn lazy_segments_clear_survives_a_crash_at_every_sync() {
+    use ckptstore::features::LAZY_SEGMENTS;
+    use ckptstore::io::{CrashMode, SimIo, Storage};
+    const P: &str = "/pulled";
+    let root = tempfile::tempdir().unwrap();
+    let (_bucket, url, a, b) = lazy_source(root.path());
+    let sim_opts = |sim: &SimIo, read_only: bool| Options {
+        io: Arc::new(sim.clone()),
+        read_only,
+        ..opts(&root.path().join("cache"))
+    };
+    let base = SimIo::new();
+    ckptstore::store::pull(&url, Path::new(P), &sim_opts(&base, false)).unwrap();
+    let clear = |sim: &SimIo| -> ckptstore::Result<()> {
+        Store::open(P, sim_opts(sim, false))?.fetch_all()
+    };
+    let probe = base.fork();
+    clear(&probe).unwrap();
+    let syncs = probe.sync_count();
+    assert!(
+        syncs >= 5,
+        "fetches, WAL rewrite, CURRENT, list removal: {syncs}"
+    );
+    let list = Path::new(P).join(ckptstore::store::REMOTE_SEGMENTS_NAME);
+    let mut states = BTreeSet::new();
+    for n in 1..=syncs {
+        for (mi, mode) in CrashMode::ALL.into_iter().enumerate() {
+            let case = format!("crash at sync #{n}, mode {mode}");
+            let f = base.fork();
+            f.crash_at_sync(n);
+            assert!(clear(&f).is_err(), "{case}: did not stop at the crash");
+            let img = f.crash_image(mode, n * 31 + mi as u64);
+            let s = Store::open(P, sim_opts(&img.fork(), true)).unwrap();
+            let lazy = s.features().contains(&LAZY_SEGMENTS);
+            let listed = img.exists(&list).unwrap();
+            assert!(listed || !lazy, "{case}: the feature without its list");
+            assert!(
+                lazy || s.segments_in_bucket().is_empty(),
+                "{case}: segments in the bucket, no feature"
+            );
+            states.insert((lazy, listed));
+            assert_eq!(s.list().len(), 2, "{case}");
+            assert_holds(&s, 1, &[("a", &a)]);
+            assert_holds(&s, 2, &[("b", &b)]);
+            drop(s);
+            let mut s = Store::open(P, sim_opts(&img, false)).unwrap();
+            s.fetch_all().unwrap();
+            assert!(!s.features().contains(&LAZY_SEGMENTS), "{case}");
+            drop(s);
+            assert!(!img.exists(&list).unwrap(), "{case}");
+            let s = Store::open(P, sim_opts(&img, true)).unwrap();
+            assert!(s.segments_in_bucket().is_empty(), "{case}");
+            assert_holds(&s, 1, &[("a", &a)]);
+            assert_holds(&s, 2, &[("b", &b)]);
+        }
+    }
+    assert!(states.contains(&(true, true)), "{states:?}");
+    assert!(
+        states.contains(&(false, true)),
+        "no crash between the rewrite and the removal"
+    );
 }

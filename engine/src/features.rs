@@ -53,7 +53,12 @@ pub struct Feature {
 /// its kind (bits are never reused, even of a feature that is withdrawn), an entry here, its
 /// row in docs/FORMAT.md ("Feature flags"), and a fixture store that uses it
 /// (tests/fixtures/stores/).
-pub const KNOWN: &[Feature] = &[SEGMENT_COMMIT_TRAILER, QUARANTINE, ENCRYPTION];
+pub const KNOWN: &[Feature] = &[
+    SEGMENT_COMMIT_TRAILER,
+    QUARANTINE,
+    ENCRYPTION,
+    LAZY_SEGMENTS,
+];
 
 /// Each commit's last new segment ends with a copy of its commit record (docs/FORMAT.md,
 /// "Commit trailer"), so `ckptstore recover --rebuild` can restore the store from its
@@ -87,6 +92,20 @@ pub const ENCRYPTION: Feature = Feature {
     name: "encryption",
     kind: FeatureKind::Incompatible,
     bit: 1,
+};
+
+/// A lazy restore (docs/DECISIONS.md, "Lazy restore"): segments listed in `REMOTE_SEGMENTS`
+/// are still in the bucket, fetched by the first read that needs them. Incompatible: a build
+/// without it would take every segment not yet fetched for a missing one, skip the newest
+/// checkpoints as damaged and resume from an older one (and its retention or gc would act on
+/// that wrong view). Set in the WAL header a restore writes before its `CURRENT`; cleared (the
+/// header rewritten first, `REMOTE_SEGMENTS` removed after) by a writer once every segment the
+/// live checkpoints need is local (`Store::fetch_all`, `ckptstore pull --all`, or the next
+/// writer open). Never published to a bucket: a bucket's state holds its segments.
+pub const LAZY_SEGMENTS: Feature = Feature {
+    name: "lazy-segments",
+    kind: FeatureKind::Incompatible,
+    bit: 2,
 };
 
 /// The features a store this build creates starts with.
@@ -139,6 +158,12 @@ impl FeatureSet {
     /// This set with `f` added.
     pub fn with(mut self, f: &Feature) -> FeatureSet {
         *self.mask_mut(f.kind) |= 1 << f.bit;
+        self
+    }
+
+    /// This set with `f` removed.
+    pub fn without(mut self, f: &Feature) -> FeatureSet {
+        *self.mask_mut(f.kind) &= !(1 << f.bit);
         self
     }
 
@@ -199,7 +224,13 @@ impl FeatureSet {
     /// its unknown read-only-compatible bits too. `None`: the open may go on (unknown
     /// compatible bits never stop it).
     pub fn blocking(&self, read_only: bool) -> Option<FeatureSet> {
-        let u = self.unknown();
+        self.blocking_in(KNOWN, read_only)
+    }
+
+    /// [`FeatureSet::blocking`] for a build whose registry is `known` (an older build's: what
+    /// it would refuse).
+    pub fn blocking_in(&self, known: &[Feature], read_only: bool) -> Option<FeatureSet> {
+        let u = self.unknown_in(known);
         let b = FeatureSet {
             compat: 0,
             ro_compat: if read_only { 0 } else { u.ro_compat },
@@ -272,5 +303,31 @@ mod tests {
         assert_eq!(ro.blocking(false), Some(ro));
         assert!(ro.may_hold_unknown_records());
         assert!(!FeatureSet::EMPTY.may_hold_unknown_records());
+        assert_eq!(s.without(&A), FeatureSet::EMPTY.with(&B));
+        assert_eq!(s.without(&A).without(&A), FeatureSet::EMPTY.with(&B));
+    }
+
+    /// A lazily restored store's header is refused, even read-only, by a build that has every
+    /// feature but `lazy-segments` (the build that introduced lazy restore without a bit, and
+    /// every one before it): that build would take segments still in the bucket for missing
+    /// ones and resume from an older checkpoint.
+    #[test]
+    fn a_build_without_lazy_segments_refuses_a_lazily_restored_store() {
+        let older: Vec<Feature> = KNOWN
+            .iter()
+            .copied()
+            .filter(|f| *f != LAZY_SEGMENTS)
+            .collect();
+        let lazy = NEW_STORE.with(&LAZY_SEGMENTS);
+        let refused = FeatureSet::EMPTY.with(&LAZY_SEGMENTS);
+        assert_eq!(lazy.blocking_in(&older, true), Some(refused));
+        assert_eq!(lazy.blocking_in(&older, false), Some(refused));
+        assert_eq!(refused.to_string(), "lazy-segments");
+        // This build opens it; once cleared, so does the older one.
+        assert_eq!(lazy.blocking(true), None);
+        assert_eq!(
+            lazy.without(&LAZY_SEGMENTS).blocking_in(&older, false),
+            None
+        );
     }
 }

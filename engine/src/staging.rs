@@ -114,14 +114,14 @@ impl StagingPool {
     #[allow(clippy::expect_used)] // the pool owns a sender, so the channel never disconnects
     pub fn acquire(&self) -> (StagingBuf, Duration) {
         let t = Instant::now();
-        let map = match self.shared.free_rx.try_recv() {
-            Ok(m) => m,
-            Err(_) => self
-                .shared
-                .free_rx
-                .recv()
-                .expect("the pool owns a sender, so the channel never disconnects"),
-        };
+        if let Some(buf) = self.try_acquire() {
+            return (buf, t.elapsed());
+        }
+        let map = self
+            .shared
+            .free_rx
+            .recv()
+            .expect("the pool owns a sender, so the channel never disconnects");
         self.shared.in_use.fetch_add(1, Ordering::SeqCst);
         (
             StagingBuf {
@@ -131,6 +131,17 @@ impl StagingPool {
             },
             t.elapsed(),
         )
+    }
+
+    /// Takes a buffer if one is free, without waiting.
+    pub fn try_acquire(&self) -> Option<StagingBuf> {
+        let map = self.shared.free_rx.try_recv().ok()?;
+        self.shared.in_use.fetch_add(1, Ordering::SeqCst);
+        Some(StagingBuf {
+            map: Some(map),
+            len: 0,
+            pool: self.shared.clone(),
+        })
     }
 
     /// Calls `f` with each buffer's memory once, while no buffer is handed out (CUDA host

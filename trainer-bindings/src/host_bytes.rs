@@ -188,6 +188,25 @@ impl LoadTarget {
         })
     }
 
+    /// `Err(why)` if two of `targets` share a byte: each becomes a `&mut` slice, and two
+    /// aliasing ones would be undefined behaviour, so overlapping targets are refused before
+    /// any is written.
+    pub fn check_disjoint(targets: &[(String, LoadTarget)]) -> Result<(), String> {
+        let mut spans: Vec<(usize, usize, &str)> = targets
+            .iter()
+            .filter(|(_, t)| t.len != 0)
+            .map(|(n, t)| (t.addr, t.addr.saturating_add(t.len), n.as_str()))
+            .collect();
+        spans.sort_unstable();
+        match spans.windows(2).find(|w| w[1].0 < w[0].1) {
+            Some(w) => Err(format!(
+                "load targets of tensors {:?} and {:?} overlap",
+                w[0].2, w[1].2
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// The destination bytes.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         if self.len == 0 {
@@ -221,7 +240,8 @@ impl MappedBytes {
 
 #[pymethods]
 impl MappedBytes {
-    /// Whether the bytes are the segment's map itself (no copy was made).
+    /// Whether no copy was made: the bytes are the segment's map itself, or (cold chunks)
+    /// the memory the disk read them into directly.
     #[getter]
     fn zero_copy(&self) -> bool {
         self.view.is_zero_copy()

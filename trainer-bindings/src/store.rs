@@ -498,14 +498,26 @@ impl PyStore {
         })
     }
 
-    /// A tensor's bytes: the segment's map where the engine can (zero-copy), else one copy;
-    /// BLAKE3-verified unless `verify=False`.
-    #[pyo3(signature = (id, name, *, verify=true))]
-    fn tensor(&self, py: Python<'_>, id: u64, name: String, verify: bool) -> PyResult<MappedBytes> {
+    /// A tensor's bytes without a copy where the engine can (the segment's map, or for cold
+    /// chunks memory the disk read them into directly), else one copy; BLAKE3-verified unless
+    /// `verify=False`. `mapped=True`: the segment's map wherever the engine can map the
+    /// tensor, cold or not (for `load(mmap=True)`, which maps the same file pages privately).
+    #[pyo3(signature = (id, name, *, verify=true, mapped=false))]
+    fn tensor(
+        &self,
+        py: Python<'_>,
+        id: u64,
+        name: String,
+        verify: bool,
+        mapped: bool,
+    ) -> PyResult<MappedBytes> {
         self.with_store(py, move |s| {
-            let v = s
-                .checkpoint(Selector::Id(id))?
-                .tensor_view_with(&name, verify)?;
+            let ck = s.checkpoint(Selector::Id(id))?;
+            let v = if mapped {
+                ck.tensor_map(&name, verify)?
+            } else {
+                ck.tensor_view_with(&name, verify)?
+            };
             Ok(MappedBytes::new(v))
         })
     }
@@ -528,6 +540,37 @@ impl PyStore {
         self.with_store(py, move |s| {
             s.checkpoint(Selector::Id(id))?
                 .tensor_into(&name, out.as_mut_slice(), verify)?;
+            Ok(())
+        })
+    }
+
+    /// Reads several tensors straight into `targets`, `[(name, (owner, address, nbytes))]` of
+    /// fresh contiguous CPU tensors the caller allocated and holds (as `read_into`), in one
+    /// engine call: the chunks of all of them on one set of reading threads, so the disk never
+    /// waits at a tensor's end and each new tensor's pages are faulted in by the thread that
+    /// fills them, overlapping the other threads' reads. GIL released for the whole read.
+    /// Targets that overlap are refused before any is written.
+    #[pyo3(signature = (id, targets, *, verify=true))]
+    fn read_many(
+        &self,
+        py: Python<'_>,
+        id: u64,
+        targets: Vec<(String, Bound<'_, PyAny>)>,
+        verify: bool,
+    ) -> PyResult<()> {
+        let mut ts = Vec::with_capacity(targets.len());
+        for (name, dst) in targets {
+            let t = LoadTarget::from_py(&name, &dst)?;
+            ts.push((name, t));
+        }
+        LoadTarget::check_disjoint(&ts).map_err(PyValueError::new_err)?;
+        let ts = &mut ts;
+        self.with_store(py, move |s| {
+            let outs = ts
+                .iter_mut()
+                .map(|(n, t)| (n.as_str(), t.as_mut_slice()))
+                .collect();
+            s.checkpoint(Selector::Id(id))?.tensors_into(outs, verify)?;
             Ok(())
         })
     }

@@ -23,6 +23,11 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 /// device asks of O_DIRECT memory here (`statx` reports 512 or 4 for virtio and NVMe).
 const BUF_ALIGN: usize = 4096;
 
+/// The alignment a reader lays direct reads into its own memory out on ([`ViewBuf`]): file
+/// offsets and addresses that are multiples of it (a file system that needs more refuses
+/// them, and the reader reads those bytes buffered).
+pub const DIRECT_ALIGN: u64 = BUF_ALIGN as u64;
+
 /// A buffer aligned for O_DIRECT (an anonymous map, so page-aligned and zeroed by the kernel
 /// without a memset pass), grown on demand and reused: its pages are mapped when it is made,
 /// so a direct read into it faults nothing. One per reading thread, kept between reads.
@@ -180,6 +185,73 @@ impl DirectReader {
         }
         let from = (offset - start) as usize;
         Ok(&b[from..from + len])
+    }
+}
+
+impl DirectReader {
+    /// Reads directly into `dst` the bytes of the file from `offset` (no bounce buffer: the
+    /// disk's DMA lands in `dst`). `Ok(None)` when `offset`, `dst`'s address or its length is
+    /// not aligned as this file's direct reads need (the caller reads another way); else
+    /// `Ok(Some(n))`, the bytes read — fewer than `dst.len()` only where the file ends first.
+    /// `InvalidInput` (EINVAL) when the file system refuses this direct read after all.
+    pub(crate) fn read_into(&self, offset: u64, dst: &mut [u8]) -> io::Result<Option<usize>> {
+        let a = self.align as usize;
+        if !offset.is_multiple_of(self.align)
+            || !(dst.as_ptr() as usize).is_multiple_of(BUF_ALIGN)
+            || !dst.len().is_multiple_of(a)
+        {
+            return Ok(None);
+        }
+        let mut done = 0usize;
+        while done < dst.len() {
+            match self.file.read_at(&mut dst[done..], offset + done as u64) {
+                Ok(0) => break,
+                // A short read ends at the file's end: the next read would be unaligned.
+                Ok(n) if !(done + n).is_multiple_of(a) => {
+                    done += n;
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Some(done))
+    }
+}
+
+/// The memory of a tensor view read from the disk rather than mapped: one anonymous map
+/// (page-aligned, so direct reads can land in it), filled once by the reading threads and
+/// read-only from then on. Its pages are faulted in by the thread that reads each part
+/// ([`prefault`]), so the faulting overlaps the other threads' reads.
+pub struct ViewBuf {
+    map: memmap2::MmapMut,
+}
+
+impl std::fmt::Debug for ViewBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ViewBuf")
+            .field("len", &self.map.len())
+            .finish()
+    }
+}
+
+impl ViewBuf {
+    /// `len` bytes of new anonymous memory (zeros, not yet faulted in). Like any allocation
+    /// that fails, a refused map is an error the caller reports (`TooLarge`).
+    pub fn new(len: usize) -> io::Result<Self> {
+        let map = memmap2::MmapOptions::new().len(len.max(1)).map_anon()?;
+        Ok(ViewBuf { map })
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.map
+    }
+
+    /// The bytes, writable (while the buffer is being filled).
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.map
     }
 }
 

@@ -14,7 +14,7 @@ mod std_io;
 mod uring;
 mod with_mode;
 
-pub use direct_read::{prefault, ReadBuf};
+pub use direct_read::{prefault, ReadBuf, ViewBuf, DIRECT_ALIGN};
 pub use mem::{MemFaults, MemIo};
 pub use mmap::MappedFile;
 pub use private_fs::{DirStatus, DEFAULT_FILE_MODE};
@@ -110,6 +110,15 @@ pub trait StorageFile: Send + Sync {
         let buf = scratch.get_mut(len);
         self.read_at(buf, offset)?;
         Ok(buf)
+    }
+    /// Reads `dst.len()` bytes at `offset` directly into `dst`, bypassing the page cache,
+    /// where the backend reads direct and `offset`, `dst`'s address and length are aligned
+    /// for it: `Ok(Some(n))`, `n` short of `dst.len()` only where the file ends first.
+    /// `Ok(None)`: not this way (no direct reads here, refused, or unaligned) — the caller
+    /// reads with [`StorageFile::read_at`]. Default: `Ok(None)`.
+    fn read_direct(&self, offset: u64, dst: &mut [u8]) -> io::Result<Option<usize>> {
+        let _ = (offset, dst);
+        Ok(None)
     }
     /// Whether `len` bytes from `offset` are best read through the page cache (a map, a
     /// pread): true for a backend without direct reads (the default) and for bytes already

@@ -178,6 +178,20 @@ impl StorageFile for StdFile {
         Ok(buf)
     }
 
+    fn read_direct(&self, offset: u64, dst: &mut [u8]) -> io::Result<Option<usize>> {
+        let Some(d) = self.direct() else {
+            return Ok(None);
+        };
+        match d.read_into(offset, dst) {
+            // Refused after all (an alignment statx did not tell): buffered from now on.
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+                self.direct_refused.store(true, Ordering::Relaxed);
+                Ok(None)
+            }
+            r => r,
+        }
+    }
+
     fn cached(&self, offset: u64, len: u64) -> bool {
         self.direct().is_none() || self.resident(offset, len)
     }

@@ -17,6 +17,7 @@
 //! the failure fail too (`Error::EarlierSaveFailed`), and a failure whose handle was dropped
 //! unread is reported by the next `begin` (see `prefix.rs`).
 
+mod gate;
 mod handle;
 mod prefix;
 mod worker;
@@ -75,6 +76,8 @@ pub struct Pipeline {
     hash_tx: Option<Sender<HashJob>>,
     threads: Vec<JoinHandle<()>>,
     prefix: prefix::Prefix,
+    /// Held closed while the caller copies: the hash workers wait (copy first, hash later).
+    gate: Arc<gate::CopyGate>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -102,12 +105,14 @@ impl Pipeline {
         let (hash_tx, hash_rx) = crossbeam_channel::unbounded::<HashJob>();
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded::<Job>();
         let mut threads = Vec::new();
+        let gate = Arc::new(gate::CopyGate::default());
         for i in 0..opts.hash_workers {
             let rx = hash_rx.clone();
+            let gate = gate.clone();
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("ckpt-hash-{i}"))
-                    .spawn(move || worker::hash_loop(rx, compression, how))
+                    .spawn(move || worker::hash_loop(rx, &gate, compression, how))
                     .map_err(|e| Error::invalid(format!("cannot start a hash thread: {e}")))?,
             );
         }
@@ -132,6 +137,7 @@ impl Pipeline {
             hash_tx: Some(hash_tx),
             threads,
             prefix,
+            gate,
         })
     }
 
@@ -385,6 +391,10 @@ impl Save<'_> {
         // is copied on several cores). A batch never holds more buffers than the pool has:
         // every other buffer belongs to a chunk already queued, which the I/O thread frees.
         let batch = COPY_BATCH.min(self.pipeline.pool.info().buffers) as u64;
+        // Copy first, hash later: the hash workers wait while this copies, except while it
+        // waits for a buffer (which only they and the I/O thread can free).
+        let gate = self.pipeline.gate.clone();
+        let mut copying = gate.close();
         let mut k = 0;
         while k < n {
             let b = batch.min(n - k);
@@ -392,7 +402,11 @@ impl Save<'_> {
             let mut ranges = Vec::with_capacity(b as usize);
             for j in k..k + b {
                 let off = j * cs;
-                let (buf, waited) = self.pipeline.pool.acquire();
+                let pool = &self.pipeline.pool;
+                let (buf, waited) = match pool.try_acquire() {
+                    Some(buf) => (buf, Duration::ZERO),
+                    None => copying.opened_for(|| pool.acquire()),
+                };
                 self.pool_wait += waited;
                 bufs.push(buf);
                 ranges.push((off, (total - off).min(cs) as usize));
@@ -417,6 +431,7 @@ impl Save<'_> {
             }
             k += b;
         }
+        drop(copying);
         src.finish_snapshot()?;
         self.bytes += total;
         Ok(())

@@ -1,6 +1,7 @@
 //! The pipeline's threads: hash workers (which also compress, when the store compresses) and
 //! the one I/O thread.
 
+use super::gate::CopyGate;
 use super::prefix::Prefix;
 use super::StagingBuf;
 use crate::codec::{Compression, Encoder};
@@ -72,12 +73,18 @@ impl Drop for HashJob {
 /// Compressing in place keeps the pipeline's memory bound: a worker holds one chunk-sized
 /// scratch buffer (the shuffled raw bytes) besides the pool, whatever the checkpoint size.
 #[allow(clippy::expect_used)] // the stager sets a job's buffer and fence before sending it
-pub(super) fn hash_loop(rx: Receiver<HashJob>, compression: Compression, how: ChunkHash) {
+pub(super) fn hash_loop(
+    rx: Receiver<HashJob>,
+    gate: &CopyGate,
+    compression: Compression,
+    how: ChunkHash,
+) {
     yield_to_the_caller();
     // Levels are checked when the store opens, so this only fails if zstd cannot allocate
     // its context; each chunk then reports the error rather than being stored differently.
     let mut encoder = Encoder::for_compression(compression);
     for mut job in rx {
+        gate.wait_open();
         let mut buf = job.buf.take().expect("set by the stager");
         let fence = job.fence.take().expect("set by the stager");
         let out = fence.wait().and_then(|()| {

@@ -164,11 +164,13 @@ impl Publisher {
             segments.insert(id, obj);
         }
         // Segment objects hold committed bytes only, not the commit trailer past them: a store
-        // pulled from the bucket has none, so it must not claim them.
-        let features = crate::features::FeatureSet {
-            compat: img.features.compat & !(1 << crate::features::SEGMENT_COMMIT_TRAILER.bit),
-            ..img.features
-        };
+        // pulled from the bucket has none, so it must not claim them. And the bucket holds
+        // every segment of its state: a lazy restore's feature is the directory's, never the
+        // bucket's (a pull sets it again).
+        let features = img
+            .features
+            .without(&crate::features::SEGMENT_COMMIT_TRAILER)
+            .without(&crate::features::LAZY_SEGMENTS);
         let obj = CommitObject {
             seq,
             features,

@@ -6,7 +6,11 @@
 //! file (the next read fetches it again) instead of quarantining the chunk.
 //!
 //! `REMOTE_SEGMENTS` (JSON, written durably before the restore's `CURRENT`, never rewritten)
-//! names the bucket and, per segment id, its object key and length. A segment it lists that is
+//! names the bucket and, per segment id, its object key and length. While a segment it lists
+//! is only in the bucket, the WAL header declares the incompatible feature `lazy-segments`
+//! (features.rs), so that no build without it opens the directory; a writer that finds every
+//! listed segment the live state needs local clears the feature (the WAL rewritten, `CURRENT`
+//! switched) and only then removes the list ([`super::Store::settle_lazy`]). A segment it lists that is
 //! missing locally is not damaged: recovery skips it, dedup may reference its chunks, deletes
 //! and retention free it like any other (unlinking nothing), and gc leaves it alone until read.
 //! A fetch writes `<segment>.fetch-<pid>-<n>`, fdatasyncs it, checks its header, renames it to
@@ -310,5 +314,68 @@ impl LazySegments {
             .map_err(|e| Error::io("rename", path, e))?;
         let dir = path.parent().unwrap_or(Path::new("."));
         io.sync_dir(dir).map_err(|e| Error::io("fsync dir", dir, e))
+    }
+}
+
+impl super::Store {
+    /// A writer open's step: while a segment is only in the bucket, the WAL header must declare
+    /// `lazy-segments`; a store a build before the feature restored lazily gets it now.
+    pub(crate) fn declare_lazy(&mut self) -> Result<()> {
+        use crate::features::LAZY_SEGMENTS;
+        let in_bucket = self
+            .lazy
+            .as_ref()
+            .is_some_and(|l| !l.pending_ids().is_empty());
+        if in_bucket && !self.features.contains(&LAZY_SEGMENTS) {
+            self.rewrite_wal(self.features.with(&LAZY_SEGMENTS))?;
+        }
+        Ok(())
+    }
+
+    /// Whether the directory still has any of a lazy restore's state: the feature, the list.
+    pub(crate) fn has_lazy_state(&self) -> Result<bool> {
+        let list = self.dir.join(REMOTE_SEGMENTS_NAME);
+        Ok(self.lazy.is_some()
+            || self.features.contains(&crate::features::LAZY_SEGMENTS)
+            || self
+                .opts
+                .io
+                .exists(&list)
+                .map_err(|e| Error::io("stat", &list, e))?)
+    }
+
+    /// Makes a lazily restored directory an ordinary store, once nothing is left in the
+    /// bucket (`fetch_all` of a writer, after every fetched chunk verified): the header is
+    /// rewritten without `lazy-segments` (a new WAL, `CURRENT` switched, both durable), and
+    /// only then is `REMOTE_SEGMENTS` removed and the directory fsync'ed. A crash before the
+    /// rewrite leaves the lazy store, whole; a crash between the two an ordinary store with a
+    /// stale list (nothing in it pending: its segments are only always verified), removed by
+    /// the next `fetch_all`.
+    pub(crate) fn clear_lazy(&mut self) -> Result<()> {
+        use crate::features::LAZY_SEGMENTS;
+        self.check_writable()?;
+        if self
+            .lazy
+            .as_ref()
+            .is_some_and(|l| !l.pending_ids().is_empty())
+        {
+            return Err(Error::invalid(
+                "a segment is still in the bucket: the lazy-segments feature stays",
+            ));
+        }
+        if self.features.contains(&LAZY_SEGMENTS) {
+            self.rewrite_wal(self.features.without(&LAZY_SEGMENTS))?;
+        }
+        let io = self.opts.io.clone();
+        let list = self.dir.join(REMOTE_SEGMENTS_NAME);
+        match io.remove_file(&list) {
+            Ok(()) => io
+                .sync_dir(&self.dir)
+                .map_err(|e| Error::io("fsync dir", &self.dir, e))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("remove", &list, e)),
+        }
+        self.lazy = None;
+        Ok(())
     }
 }

@@ -479,6 +479,11 @@ impl Store {
         if store.wal.is_some() && store.keys.current().is_some() {
             store.enable_feature(&features::ENCRYPTION)?;
         }
+        // A lazy restore's feature: declared while a segment is in the bucket (also in a
+        // store a build before the feature restored lazily).
+        if store.wal.is_some() {
+            store.declare_lazy()?;
+        }
         // A crash between a commit and the heal it allowed leaves the heal to this open
         // (not to a strict one, which repairs nothing).
         if store.wal.is_some()
@@ -957,12 +962,27 @@ impl Store {
     }
 
     /// Fetches every segment a lazy restore left in the bucket (what a read would fetch when
-    /// it needs it): afterwards the directory holds the whole store.
-    pub fn fetch_all(&self) -> Result<()> {
-        for id in self.segments_in_bucket() {
-            self.segment_file(id)?;
+    /// it needs it): afterwards the directory holds the whole store. A writer then makes it an
+    /// ordinary store that no longer needs the bucket: every live checkpoint verified (a
+    /// fetched cache file found bad is fetched again, once), the `lazy-segments` feature
+    /// cleared, `REMOTE_SEGMENTS` removed (docs/DECISIONS.md, "Lazy restore"). A read-only
+    /// store only fetches.
+    pub fn fetch_all(&mut self) -> Result<()> {
+        let mut again = true;
+        loop {
+            for id in self.segments_in_bucket() {
+                self.segment_file(id)?;
+            }
+            if self.wal.is_none() || !self.has_lazy_state()? {
+                return Ok(());
+            }
+            match self.verify_all().into_iter().find_map(|(_, r)| r.err()) {
+                None => return self.clear_lazy(),
+                // A damaged cache file is dropped by the read that found it: fetched again.
+                Some(_) if again && !self.segments_in_bucket().is_empty() => again = false,
+                Some(e) => return Err(e),
+            }
         }
-        Ok(())
     }
 
     /// The cache of open segment files. A panic while it was held cannot leave it half

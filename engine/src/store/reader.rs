@@ -161,6 +161,52 @@ impl<'s> CheckpointReader<'s> {
         self.read_chunks("tensor", &t.name, &t.chunks, out, verify)
     }
 
+    /// [`CheckpointReader::tensor_into`] for several tensors at once: `(name, out)` pairs,
+    /// each `out` exactly its tensor's byte length. The chunks of all of them are read on one
+    /// set of threads (see [`CheckpointReader::each_chunk`]), so the disk stays busy across
+    /// tensor boundaries instead of draining at the end of every tensor, and a tensor smaller
+    /// than a parallel read is not read on the calling thread alone. Every length is checked
+    /// before the first byte is read; the error of a bad chunk names its tensor and index. On
+    /// an error the outputs hold partial bytes.
+    pub fn tensors_into(&self, outs: Vec<(&str, &mut [u8])>, verify: bool) -> Result<()> {
+        let mut chunks = Vec::new();
+        let mut items = Vec::new();
+        for (name, out) in outs {
+            let t = self.tensor_entry(name)?;
+            if out.len() as u64 != t.nbytes {
+                return Err(Error::invalid(format!(
+                    "tensor {name:?} holds {} bytes; the destination has {}",
+                    t.nbytes,
+                    out.len()
+                )));
+            }
+            self.check_segments(&t.chunks)?;
+            let mut rest: &mut [u8] = out;
+            for (i, c) in t.chunks.iter().enumerate() {
+                let (dst, tail) = std::mem::take(&mut rest).split_at_mut(c.raw_len as usize);
+                rest = tail;
+                chunks.push(c.clone());
+                items.push((t.name.as_str(), i, dst));
+            }
+        }
+        self.each_chunk(&chunks, items, Route::Cold, |k, (name, i, dst), scratch| {
+            // (as in read_chunks: the new memory faulted in a chunk at a time, by the thread
+            // that fills it, overlapping the other threads' disk reads)
+            crate::io::prefault(dst);
+            let c = &chunks[k];
+            self.read_chunk(
+                "tensor",
+                name,
+                i,
+                c,
+                Some(dst),
+                Route::Cold,
+                scratch,
+                verify,
+            )
+        })
+    }
+
     /// Reads a blob, verifying every chunk.
     pub fn blob(&self, name: &str) -> Result<Vec<u8>> {
         let b = self
@@ -335,7 +381,7 @@ impl<'s> CheckpointReader<'s> {
     /// is one reused set of buffers per thread, from the store's pool. The error is the first
     /// (lowest-index) chunk's.
     #[allow(clippy::expect_used)] // a read thread does not panic
-    fn each_chunk<T: Send>(
+    pub(super) fn each_chunk<T: Send>(
         &self,
         chunks: &[pb::ChunkRef],
         items: Vec<T>,
@@ -405,7 +451,7 @@ impl<'s> CheckpointReader<'s> {
         }
     }
 
-    fn chunk_error(
+    pub(super) fn chunk_error(
         &self,
         kind: &'static str,
         name: &str,
@@ -521,7 +567,7 @@ impl<'s> CheckpointReader<'s> {
     }
 
     /// How this checkpoint's chunk ids are computed.
-    fn chunk_hash(&self) -> ChunkHash {
+    pub(super) fn chunk_hash(&self) -> ChunkHash {
         self.sealer
             .as_ref()
             .map_or(ChunkHash::Plain, |s| s.chunk_hash())

@@ -70,9 +70,11 @@ fn checkpoints_of(obj: &CommitObject) -> BTreeSet<u64> {
 }
 
 /// Writes `obj`'s state into `dir`, lazily: the list of its segment objects
-/// (`REMOTE_SEGMENTS`, store/lazy.rs), then a WAL holding its records, then `CURRENT` (the
-/// restore's commit point: a pull cut short leaves no store, and starts again). No segment is
-/// downloaded: each is fetched by the first read that needs it.
+/// (`REMOTE_SEGMENTS`, store/lazy.rs), then a WAL holding its records whose header declares
+/// the `lazy-segments` feature, then `CURRENT` (the restore's commit point: a pull cut short
+/// leaves no store, and starts again; no crash leaves a store without the feature and
+/// segments in the bucket, so no build without it opens one). No segment is downloaded: each
+/// is fetched by the first read that needs it.
 fn restore(io: &dyn Storage, dir: &Path, obj: &CommitObject, bucket: &Bucket) -> Result<()> {
     let seg_dir = dir.join(super::SEGMENTS_DIR);
     io.create_dir_all(&seg_dir)
@@ -82,7 +84,7 @@ fn restore(io: &dyn Storage, dir: &Path, obj: &CommitObject, bucket: &Bucket) ->
         io,
         dir,
         1,
-        obj.features,
+        obj.features.with(&crate::features::LAZY_SEGMENTS),
         &obj.records,
     )?);
     switch_current_atomically(io, dir, 1)

@@ -377,7 +377,7 @@ class Checkpoint:
             if self._progress is not None:
                 self._progress.add(t.numel() * t.element_size())
             return t
-        mb = self._store._native.tensor(self.id, name, verify=self.verify)
+        mb = self._store._native.tensor(self.id, name, verify=self.verify, mapped=self.mmap)
         if self._progress is not None:
             self._progress.add(len(mb))
         if self.mmap:
@@ -389,6 +389,16 @@ class Checkpoint:
             return self._copier(device).tensor(storage, _tensors.torch_dtype(mb.dtype),
                                                mb.shape)
         return _tensors.to_torch(storage, mb.dtype, device)
+
+    def _torch_batch(self, fw: str, device: Any) -> _tensors.TorchBatch | None:
+        """The batch that reads this load's torch CPU tensors in one engine call, or None
+        where tensors are read one by one (numpy, mmap, another device)."""
+        if fw != "torch" or self.mmap or str(device) != "cpu":
+            return None
+        prog = self._progress
+        return _tensors.TorchBatch(self._store._native, self.id, self.verify,
+                                   None if prog is None else _PROGRESS_STEP_BYTES,
+                                   None if prog is None else prog.add)
 
     def _copier(self, device: Any) -> _cuda.DeviceCopier:
         """The pinned-buffer ring of this checkpoint's loads onto ``device``."""
@@ -427,10 +437,13 @@ class Checkpoint:
         if framework is None and str(device) != "cpu":
             framework = "torch"
         blobs = self.blob_names()
+        # torch CPU tensors: allocated as the tree is rebuilt, read together at the end
+        batch = self._torch_batch("torch", device)
         if _tree.TREE_BLOB not in blobs:
             fw = framework or "torch"
-            out: dict[str, Any] = {n: self.get_tensor(n, framework=fw, device=device)
-                                   for n in self.keys()}
+            out: dict[str, Any] = {n: self._tensor(n, fw, device, batch) for n in self.keys()}
+            if batch is not None:
+                batch.fill()
             out.update((b, self.get_blob(b)) for b in blobs)
             return out
 
@@ -440,9 +453,19 @@ class Checkpoint:
             if "as" in node:
                 return _tensors.from_raw(self._storage(node["tensor"]), node["as"],
                                          node["shape"], fw, device)
-            return self.get_tensor(node["tensor"], framework=fw, device=device)
+            return self._tensor(node["tensor"], fw, device, batch)
 
-        return _tree.decode(self.get_blob(_tree.TREE_BLOB), tensor, self.get_blob)
+        state = _tree.decode(self.get_blob(_tree.TREE_BLOB), tensor, self.get_blob)
+        if batch is not None:
+            batch.fill()
+        return state
+
+    def _tensor(self, name: str, fw: str, device: Any, batch: _tensors.TorchBatch | None) -> Any:
+        """``get_tensor``, or for a torch CPU tensor with ``batch``, its new tensor to be
+        filled by ``batch.fill()``."""
+        if batch is not None and fw == "torch":
+            return batch.add(name)
+        return self.get_tensor(name, framework=fw, device=device)
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -452,6 +475,11 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint(id={self.id}, step={self.step}, epoch={self.epoch})"
+
+
+# With a progress report, a batched torch load reads this many bytes per engine call, so the
+# report moves; without one it reads everything in one call.
+_PROGRESS_STEP_BYTES = 256 << 20
 
 
 def _check_framework(fw: str) -> None:
@@ -639,7 +667,11 @@ def _select(ck: Checkpoint, prefix: Any, filt: Any, strict: bool, device: Any) -
               if (not keep or any(n.startswith(p) for p in keep))
               and not any(n.startswith(p) for p in drop)
               and (not callable(filt) or filt(n))]
-    return {n: ck.get_tensor(n, device=device) for n in picked}
+    batch = ck._torch_batch(ck.framework or "torch", device)
+    out = {n: ck._tensor(n, ck.framework or "torch", device, batch) for n in picked}
+    if batch is not None:
+        batch.fill()
+    return out
 
 
 def load_into(module: Any, store: Store | PathLike, step: int | None = None, *,
