@@ -4,6 +4,7 @@
 //! [`Faults`] injector sees every request (tests stop a writer between any two).
 
 use super::faults::{Fault, Faults, Verdict};
+use super::secrets::scrub;
 use super::url::RemoteUrl;
 use crate::error::{Error, Result};
 use crate::io::StorageFile;
@@ -139,30 +140,6 @@ pub(super) fn runtime() -> Result<&'static tokio::runtime::Runtime> {
     })
     .as_ref()
     .map_err(|e| Error::invalid(format!("cannot start the object-store runtime: {e}")))
-}
-
-/// Replaces the values of credential environment variables in `msg` (a server's error body
-/// may echo the access key id): credentials never reach an error, a log or a `Debug`.
-pub(crate) fn scrub(msg: String) -> String {
-    let mut msg = msg;
-    for var in [
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_SESSION_TOKEN",
-        "GOOGLE_SERVICE_ACCOUNT_KEY",
-        "AZURE_STORAGE_ACCOUNT_KEY",
-        "AZURE_STORAGE_ACCESS_KEY",
-        "AZURE_STORAGE_CLIENT_SECRET",
-        "AZURE_STORAGE_SAS_KEY",
-        "AZURE_STORAGE_TOKEN",
-    ] {
-        if let Ok(v) = std::env::var(var) {
-            if v.len() >= 4 {
-                msg = msg.replace(&v, "***");
-            }
-        }
-    }
-    msg
 }
 
 /// A client that could not be configured (the message already scrubbed).

@@ -48,7 +48,7 @@ fn scrub(vars: &[(String, String)], msg: String) -> String {
             msg = msg.replace(v.as_str(), "***");
         }
     }
-    super::bucket::scrub(msg)
+    super::secrets::scrub(msg)
 }
 
 /// A GCS client for `bucket`, configured from the `GOOGLE_*` variables of `vars`.

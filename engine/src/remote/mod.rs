@@ -30,6 +30,7 @@ mod publish;
 mod pull;
 mod replicator;
 mod retain;
+mod secrets;
 mod stream;
 mod url;
 
