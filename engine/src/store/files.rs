@@ -55,16 +55,34 @@ pub(crate) fn read_small(io: &dyn Storage, path: &Path, max: u64) -> Result<Vec<
     Ok(buf)
 }
 
-/// Replaces `CURRENT` atomically so that it names WAL file `wal_number`: write a temp file,
-/// fdatasync it, rename it over `CURRENT`, fsync the directory. A crash at any point leaves
-/// either the old pointer or the new one.
+/// Replaces `CURRENT` atomically so that it names WAL file `wal_number`. A crash at any point
+/// leaves either the old pointer or the new one.
 pub(crate) fn switch_current_atomically(
     io: &dyn Storage,
     dir: &Path,
     wal_number: u64,
 ) -> Result<()> {
-    let tmp = dir.join(current::CURRENT_TMP_NAME);
-    let dst = dir.join(current::CURRENT_NAME);
+    replace_file_atomically(
+        io,
+        dir,
+        current::CURRENT_NAME,
+        current::CURRENT_TMP_NAME,
+        &current::encode(wal_number),
+    )
+}
+
+/// Replaces the small file `dir/name` atomically with `bytes`: write the temp file `tmp_name`
+/// (a stale one from a crash is removed first), fdatasync it, rename it over `name`, fsync the
+/// directory. A crash at any point leaves either the old file (or none) or the new one.
+pub(crate) fn replace_file_atomically(
+    io: &dyn Storage,
+    dir: &Path,
+    name: &str,
+    tmp_name: &str,
+    bytes: &[u8],
+) -> Result<()> {
+    let tmp = dir.join(tmp_name);
+    let dst = dir.join(name);
     match io.remove_file(&tmp) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -73,7 +91,7 @@ pub(crate) fn switch_current_atomically(
     let f = io
         .create_new(&tmp)
         .map_err(|e| Error::io("create", &tmp, e))?;
-    f.write_at(&current::encode(wal_number), 0)
+    f.write_at(bytes, 0)
         .map_err(|e| Error::io("write", &tmp, e))?;
     f.sync_data().map_err(|e| Error::io("fdatasync", &tmp, e))?;
     drop(f);

@@ -60,23 +60,13 @@ pub(crate) fn write(
         .collect();
     let doc = serde_json::json!({"version": VERSION, "url": url.to_string(), "segments": list});
     let bytes = doc.to_string().into_bytes();
-    let path = dir.join(REMOTE_SEGMENTS_NAME);
-    let tmp = dir.join(format!("{REMOTE_SEGMENTS_NAME}.tmp"));
-    match io.remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io("remove", &tmp, e)),
-    }
-    let f = io
-        .create_new(&tmp)
-        .map_err(|e| Error::io("create", &tmp, e))?;
-    f.write_at(&bytes, 0)
-        .map_err(|e| Error::io("write", &tmp, e))?;
-    f.sync_data().map_err(|e| Error::io("fdatasync", &tmp, e))?;
-    drop(f);
-    io.rename(&tmp, &path)
-        .map_err(|e| Error::io("rename", &path, e))?;
-    io.sync_dir(dir).map_err(|e| Error::io("fsync dir", dir, e))
+    super::files::replace_file_atomically(
+        io,
+        dir,
+        REMOTE_SEGMENTS_NAME,
+        &format!("{REMOTE_SEGMENTS_NAME}.tmp"),
+        &bytes,
+    )
 }
 
 /// The list in `dir`; `None` when there is none (a store never restored lazily).
