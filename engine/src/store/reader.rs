@@ -119,6 +119,20 @@ impl<'s> CheckpointReader<'s> {
             })
     }
 
+    /// The entry of tensor `name` for a read into a destination of `len` bytes: refused unless
+    /// `len` is exactly the tensor's byte length, and unless its segments are there.
+    fn destination_entry(&self, name: &str, len: usize) -> Result<&pb::TensorEntry> {
+        let t = self.tensor_entry(name)?;
+        if len as u64 != t.nbytes {
+            return Err(Error::invalid(format!(
+                "tensor {name:?} holds {} bytes; the destination has {len}",
+                t.nbytes
+            )));
+        }
+        self.check_segments(&t.chunks)?;
+        Ok(t)
+    }
+
     /// Dtype and shape of a tensor, without reading it.
     pub fn tensor_meta(&self, name: &str) -> Result<(DType, Vec<u64>)> {
         let t = self.tensor_entry(name)?;
@@ -149,15 +163,7 @@ impl<'s> CheckpointReader<'s> {
     /// into memory the caller owns needs (a fresh framework tensor, a reused buffer). Every
     /// chunk is verified unless `verify` is false. On an error `out` holds partial bytes.
     pub fn tensor_into(&self, name: &str, out: &mut [u8], verify: bool) -> Result<()> {
-        let t = self.tensor_entry(name)?;
-        if out.len() as u64 != t.nbytes {
-            return Err(Error::invalid(format!(
-                "tensor {name:?} holds {} bytes; the destination has {}",
-                t.nbytes,
-                out.len()
-            )));
-        }
-        self.check_segments(&t.chunks)?;
+        let t = self.destination_entry(name, out.len())?;
         self.read_chunks("tensor", &t.name, &t.chunks, out, verify)
     }
 
@@ -172,15 +178,7 @@ impl<'s> CheckpointReader<'s> {
         let mut chunks = Vec::new();
         let mut items = Vec::new();
         for (name, out) in outs {
-            let t = self.tensor_entry(name)?;
-            if out.len() as u64 != t.nbytes {
-                return Err(Error::invalid(format!(
-                    "tensor {name:?} holds {} bytes; the destination has {}",
-                    t.nbytes,
-                    out.len()
-                )));
-            }
-            self.check_segments(&t.chunks)?;
+            let t = self.destination_entry(name, out.len())?;
             let mut rest: &mut [u8] = out;
             for (i, c) in t.chunks.iter().enumerate() {
                 let (dst, tail) = std::mem::take(&mut rest).split_at_mut(c.raw_len as usize);
