@@ -73,10 +73,8 @@ impl Store {
             };
             if ranges.iter().any(|r| r.contains(&id)) && !self.state.segments.contains_key(&id) {
                 let path = seg_dir.join(name);
-                match io.remove_file(&path) {
-                    Ok(()) => removed.push(path),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(Error::io("remove", &path, e)),
+                if super::files::remove_if_present(&*io, &path)? {
+                    removed.push(path);
                 }
             }
         }

@@ -71,6 +71,28 @@ pub(crate) fn switch_current_atomically(
     )
 }
 
+/// Removes `path` if it is there: `true` if it was removed, `false` if there was none.
+pub(crate) fn remove_if_present(io: &dyn Storage, path: &Path) -> Result<bool> {
+    match io.remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::io("remove", path, e)),
+    }
+}
+
+/// Installs `records` as the store's state in `dir`: WAL file 1 declaring `features`, made
+/// durable, then `CURRENT` switched to it — the commit point of a store made from a bucket's
+/// commit object (a crash before it leaves no store there).
+pub(crate) fn install_wal(
+    io: &dyn Storage,
+    dir: &Path,
+    features: FeatureSet,
+    records: &[(RecordType, Vec<u8>)],
+) -> Result<()> {
+    drop(WalWriter::create_durable(io, dir, 1, features, records)?);
+    switch_current_atomically(io, dir, 1)
+}
+
 /// Replaces the small file `dir/name` atomically with `bytes`: write the temp file `tmp_name`
 /// (a stale one from a crash is removed first), fdatasync it, rename it over `name`, fsync the
 /// directory. A crash at any point leaves either the old file (or none) or the new one.
@@ -83,11 +105,7 @@ pub(crate) fn replace_file_atomically(
 ) -> Result<()> {
     let tmp = dir.join(tmp_name);
     let dst = dir.join(name);
-    match io.remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io("remove", &tmp, e)),
-    }
+    remove_if_present(io, &tmp)?;
     let f = io
         .create_new(&tmp)
         .map_err(|e| Error::io("create", &tmp, e))?;
@@ -122,11 +140,7 @@ impl WalWriter {
         records: &[(RecordType, Vec<u8>)],
     ) -> Result<Self> {
         let path = dir.join(wal_file_name(number));
-        match io.remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io("remove", &path, e)),
-        }
+        remove_if_present(io, &path)?;
         let salt = random_salt();
         let header = WalHeader {
             salt,

@@ -358,12 +358,9 @@ impl super::Store {
         }
         let io = self.opts.io.clone();
         let list = self.dir.join(REMOTE_SEGMENTS_NAME);
-        match io.remove_file(&list) {
-            Ok(()) => io
-                .sync_dir(&self.dir)
-                .map_err(|e| Error::io("fsync dir", &self.dir, e))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io("remove", &list, e)),
+        if super::files::remove_if_present(&*io, &list)? {
+            io.sync_dir(&self.dir)
+                .map_err(|e| Error::io("fsync dir", &self.dir, e))?;
         }
         self.lazy = None;
         Ok(())

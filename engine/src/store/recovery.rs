@@ -725,11 +725,7 @@ fn remove_leftovers(
             let path = dir.join(&name);
             if name == current::CURRENT_TMP_NAME {
                 // A copy of a pointer, never the only copy of anything.
-                match io.remove_file(&path) {
-                    Ok(()) => {}
-                    Err(e) if not_found(&e) => {}
-                    Err(e) => return Err(Error::io("remove", &path, e)),
-                }
+                super::files::remove_if_present(io, &path)?;
             } else {
                 let why = format!(
                     "WAL file {name}: CURRENT names {} (left by a WAL compaction)",

@@ -2,7 +2,7 @@
 //! publisher after every durable write, the replica's restore of an empty directory, and the
 //! bucket store (`Store::open("s3://...")`): a local cache published synchronously.
 
-use super::files::{switch_current_atomically, WalWriter};
+use super::files::install_wal;
 use super::{Options, Store};
 use crate::error::{Error, Result};
 use crate::io::Storage;
@@ -80,14 +80,12 @@ fn restore(io: &dyn Storage, dir: &Path, obj: &CommitObject, bucket: &Bucket) ->
     io.create_dir_all(&seg_dir)
         .map_err(|e| Error::io("create dir", &seg_dir, e))?;
     super::lazy::write(io, dir, bucket.url(), &obj.segments)?;
-    drop(WalWriter::create_durable(
+    install_wal(
         io,
         dir,
-        1,
         obj.features.with(&crate::features::LAZY_SEGMENTS),
         &obj.records,
-    )?);
-    switch_current_atomically(io, dir, 1)
+    )
 }
 
 /// A replica's restore: when `dir` holds no store (no `CURRENT`), fill it from the bucket's
@@ -231,11 +229,7 @@ fn write_marker(io: &dyn Storage, path: &Path, seq: u64) -> Result<()> {
 }
 
 pub(crate) fn remove_marker(io: &dyn Storage, path: &Path) -> Result<()> {
-    match io.remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io("remove", path, e)),
-    }
+    super::files::remove_if_present(io, path).map(drop)
 }
 
 /// `Store::open` of a bucket URL: the cache is brought to the bucket's newest commit object
@@ -345,10 +339,7 @@ pub(crate) fn seed_state_only(
     }
     super::recovery::create_store_dir(io, &store_dir)?;
     if let Some(h) = head {
-        drop(WalWriter::create_durable(
-            io, &store_dir, 1, h.features, &h.records,
-        )?);
-        switch_current_atomically(io, &store_dir, 1)?;
+        install_wal(io, &store_dir, h.features, &h.records)?;
     }
     if !io.exists(&flag).unwrap_or(false) {
         let f = io

@@ -4,7 +4,7 @@
 //! Opened read-only as a directory, the view reads what it fetched; a segment not fetched is
 //! reported missing (`Error::SegmentMissing`) by name, never read as something else.
 
-use super::files::{switch_current_atomically, WalWriter};
+use super::files::install_wal;
 use super::remote_tier::{bucket_for, cache_dir};
 use super::scratch::Scratch;
 use super::{Options, SEGMENTS_DIR};
@@ -58,8 +58,7 @@ impl RemoteView {
             Some(h) => (h.features, h.records.clone()),
             None => (crate::features::FeatureSet::EMPTY, Vec::new()),
         };
-        drop(WalWriter::create_durable(&*io, dir, 1, features, &records)?);
-        switch_current_atomically(&*io, dir, 1)?;
+        install_wal(&*io, dir, features, &records)?;
         Ok(RemoteView {
             bucket,
             dir: scratch,
