@@ -587,3 +587,161 @@ fn tensors_into_reads_many_tensors_and_names_the_damaged_one() {
         other => panic!("tensors_into gave {other:?}"),
     }
 }
+
+/// A store of a short tensor (so later chunks start off any 4 KiB boundary), an empty one and
+/// two multi-chunk tensors of odd lengths; returns the saved bytes by name.
+fn owned_store(
+    dir: &std::path::Path,
+    io: Option<std::sync::Arc<dyn ckptstore::io::Storage>>,
+) -> (Vec<(&'static str, Vec<u8>)>, Store) {
+    let chunk_size = 1 << 20;
+    let opts = || ckptstore::Options {
+        chunk_size,
+        ..opts()
+    };
+    let tensors = vec![
+        ("lead", data(30, 777)),
+        ("a", data(31, 3 * chunk_size + 5)),
+        ("empty", Vec::new()),
+        ("c", data(32, 6 * chunk_size + 77)),
+    ];
+    let mut s = Store::open(dir, opts()).unwrap();
+    let mut t = s.begin(1).unwrap();
+    for (n, b) in &tensors {
+        t.put_tensor(n, DType::U8, &[b.len() as u64], b).unwrap();
+    }
+    t.commit().unwrap();
+    drop(s);
+    let mut ro = ckptstore::Options::read_only();
+    if let Some(io) = io {
+        ro.io = io;
+    }
+    (tensors, Store::open(dir, ro).unwrap())
+}
+
+/// `tensors_owned` (the Python torch load): cold runs of at least a MiB are read direct into
+/// memory of their own (zero-copy, writable, outliving the store), the rest copied into owned
+/// memory; every tensor bit-exact, never a segment's map, cold or cached.
+#[test]
+fn tensors_owned_reads_cold_runs_direct_and_the_rest_by_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tensors, s) = owned_store(dir.path(), None);
+    let names: Vec<&str> = tensors.iter().map(|(n, _)| *n).collect();
+    let ck = s.checkpoint(Selector::Latest).unwrap();
+    make_cold(dir.path());
+    let mut views = ck.tensors_owned(&names, true).unwrap();
+    let direct = takes_o_direct(dir.path());
+    for ((n, want), v) in tensors.iter().zip(&views) {
+        assert!(v.data() == &want[..], "{n}: bytes");
+        assert!(!v.is_mapped(), "{n}: never the map");
+        let big = want.len() as u64 >= ckptstore::DIRECT_LOAD_MIN_BYTES;
+        assert_eq!(v.is_zero_copy(), big && direct, "{n}: read in place");
+    }
+    // Cached now: every one copied, none mapped.
+    for path in walk(&dir.path().join("segments")) {
+        std::fs::read(path).unwrap();
+    }
+    for (v, (n, want)) in ck.tensors_owned(&names, true).unwrap().iter().zip(&tensors) {
+        assert!(
+            v.data() == &want[..] && !v.is_zero_copy(),
+            "{n}: cached, copied"
+        );
+    }
+    drop(ck);
+    drop(s);
+    // Writable, and alive after the store is gone.
+    for v in &mut views {
+        if let Some(b) = v.bytes_mut().unwrap().first_mut() {
+            *b ^= 1;
+        }
+    }
+    for ((n, want), v) in tensors.iter().zip(&views) {
+        let mut want = want.clone();
+        if let Some(b) = want.first_mut() {
+            *b ^= 1;
+        }
+        assert!(
+            v.data() == &want[..],
+            "{n}: written, after the store closed"
+        );
+    }
+}
+
+/// A damaged chunk of a `tensors_owned` load is named by its tensor and index — the first one
+/// in the order asked, whether it was found by a reading thread (a copied tensor) or after the
+/// reads (the tail of a chunk read in place lies in the next chunk's part) — and where direct
+/// reads are refused the same load reads buffered into the same memory.
+#[test]
+fn tensors_owned_names_the_first_damaged_chunk() {
+    let io = || -> Option<std::sync::Arc<dyn ckptstore::io::Storage>> {
+        Some(std::sync::Arc::new(RefusesDirect(ckptstore::io::StdIo)))
+    };
+    for refuse in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let (tensors, s) = owned_store(dir.path(), if refuse { io() } else { None });
+        let names: Vec<&str> = tensors.iter().map(|(n, _)| *n).collect();
+        let m = s.checkpoint(Selector::Latest).unwrap().manifest().clone();
+        let views = s
+            .checkpoint(Selector::Latest)
+            .unwrap()
+            .tensors_owned(&names, true)
+            .unwrap();
+        for ((n, want), v) in tensors.iter().zip(&views) {
+            assert!(v.data() == &want[..], "{n}: bytes (refused: {refuse})");
+        }
+        drop(s);
+        let chunk = |t: usize, k: usize| m.tensors[t].chunks[k].clone();
+        // Last byte of a's chunk 1 (in chunk 2's part), middle of c's chunk 4, lead's byte 9.
+        let cases: Vec<(Vec<(usize, usize, bool)>, (&str, usize))> = vec![
+            (vec![(3, 4, false), (1, 1, true)], ("a", 1)),
+            (vec![(3, 4, true)], ("c", 4)),
+            (vec![(3, 2, false), (0, 0, false)], ("lead", 0)),
+        ];
+        for (damage, want) in cases {
+            let d2 = tempfile::tempdir().unwrap();
+            for e in std::fs::read_dir(dir.path()).unwrap() {
+                copy_tree(&e.unwrap().path(), d2.path());
+            }
+            for &(t, k, at_end) in &damage {
+                let c = chunk(t, k);
+                let at = if at_end {
+                    c.offset + c.stored_len - 1
+                } else {
+                    c.offset + 9
+                };
+                flip(d2.path(), c.segment, at);
+            }
+            let mut ro = ckptstore::Options::read_only();
+            if refuse {
+                ro.io = io().unwrap();
+            }
+            let s = Store::open(d2.path(), ro).unwrap();
+            make_cold(d2.path());
+            match s
+                .checkpoint(Selector::Latest)
+                .unwrap()
+                .tensors_owned(&names, true)
+            {
+                Err(Error::ChunkCorrupt { name, chunk, .. }) => {
+                    assert_eq!((name.as_str(), chunk), want, "refused: {refuse}")
+                }
+                other => panic!("{damage:?}: {:?}", other.map(|v| v.len())),
+            }
+            // verify = false hands the damaged bytes out.
+            let v = s.checkpoint(Selector::Latest).unwrap();
+            assert!(v.tensors_owned(&names, false).is_ok());
+        }
+    }
+}
+
+fn copy_tree(src: &std::path::Path, dst_dir: &std::path::Path) {
+    let dst = dst_dir.join(src.file_name().unwrap());
+    if src.is_dir() {
+        std::fs::create_dir_all(&dst).unwrap();
+        for e in std::fs::read_dir(src).unwrap() {
+            copy_tree(&e.unwrap().path(), &dst);
+        }
+    } else {
+        std::fs::copy(src, &dst).unwrap();
+    }
+}

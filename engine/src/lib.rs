@@ -48,4 +48,5 @@ pub use store::{
     GcOptions, GcReport, HealReport, LoadReport, LoadSpec, Options, RebuildReport, RecoveryMode,
     RecoveryReport, RemoteView, ScrubReport, Selector, ShardFragment, ShardOptions, ShardWriter,
     SpaceStats, Store, StoreStats, Tensor, TensorView, Transaction, VerifiedChunks,
+    DIRECT_LOAD_MIN_BYTES,
 };

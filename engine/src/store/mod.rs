@@ -4,6 +4,7 @@
 mod chain;
 mod commit;
 mod compact;
+mod direct_run;
 mod external;
 mod files;
 mod free;
@@ -12,6 +13,7 @@ mod lazy;
 mod lease;
 mod leftovers;
 mod lost_found;
+mod owned_load;
 mod perms;
 mod quarantine;
 mod reader;
@@ -39,6 +41,7 @@ pub use lazy::REMOTE_SEGMENTS_NAME;
 #[doc(hidden)]
 pub use lease::READERS_DIR;
 pub use lost_found::{PurgeReport, LOST_FOUND_DIR};
+pub use owned_load::DIRECT_LOAD_MIN_BYTES;
 pub use quarantine::{ChunkLocation, HealReport, ScrubReport};
 pub use reader::{CheckpointReader, Tensor, VerifiedChunks};
 pub use rebuild::RebuildReport;

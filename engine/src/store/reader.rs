@@ -487,7 +487,7 @@ impl<'s> CheckpointReader<'s> {
     /// `verify` is false) where they lie — in the reused buffer, still in the CPU's cache — and
     /// copied into `out` when there is one (a verification keeps nothing).
     #[allow(clippy::too_many_arguments)]
-    fn read_chunk(
+    pub(super) fn read_chunk(
         &self,
         kind: &'static str,
         name: &str,

@@ -10,10 +10,11 @@
 //! that does not map such as `MemIo`/`SimIo`) falls back to the owned read path of
 //! [`CheckpointReader::tensor_with`].
 
-use super::reader::{CheckpointReader, Tensor};
+use super::direct_run::DirectRun;
+use super::reader::{CheckpointReader, Route, Tensor};
 use crate::dtype::DType;
 use crate::error::Result;
-use crate::io::{MappedFile, ViewBuf, DIRECT_ALIGN};
+use crate::io::{MappedFile, ViewBuf};
 use ckptstore_proto::v1 as pb;
 use std::ops::Range;
 use std::sync::Arc;
@@ -73,6 +74,36 @@ impl TensorView {
     /// cache, or the view was not verified).
     pub fn is_mapped(&self) -> bool {
         matches!(self.data, ViewData::Mapped { .. })
+    }
+
+    /// A view over memory a direct read filled (`range` of `buf`).
+    pub(super) fn read(
+        dtype: DType,
+        shape: Vec<u64>,
+        buf: Arc<ViewBuf>,
+        range: Range<usize>,
+    ) -> Self {
+        let data = ViewData::Read { buf, range };
+        TensorView { dtype, shape, data }
+    }
+
+    /// A view owning its bytes.
+    pub(super) fn owned(dtype: DType, shape: Vec<u64>, data: Vec<u8>) -> Self {
+        let data = ViewData::Owned(data);
+        TensorView { dtype, shape, data }
+    }
+
+    /// The bytes, writable, where this view is their only holder: owned bytes, or memory a
+    /// direct read filled that no clone of the view shares. `None` for a segment's map
+    /// (read-only, shared with the page cache) or shared memory.
+    pub fn bytes_mut(&mut self) -> Option<&mut [u8]> {
+        match &mut self.data {
+            ViewData::Owned(v) => Some(v),
+            ViewData::Read { buf, range } => {
+                Arc::get_mut(buf).map(|b| &mut b.as_mut_slice()[range.clone()])
+            }
+            ViewData::Mapped { .. } => None,
+        }
     }
 
     /// An owned [`Tensor`] (copies the bytes of a zero-copy view).
@@ -161,7 +192,7 @@ impl CheckpointReader<'_> {
 
     /// The map and byte range of `chunks` if they are uncompressed, in one segment, back to
     /// back, and that segment's backend maps it (covering the whole range); else `None`.
-    fn mapped_run(
+    pub(super) fn mapped_run(
         &self,
         chunks: &[pb::ChunkRef],
     ) -> Result<Option<(Arc<MappedFile>, Range<usize>)>> {
@@ -215,107 +246,26 @@ impl CheckpointReader<'_> {
     }
 
     /// A verified run (see [`CheckpointReader::mapped_run`]) whose bytes are not all in the
-    /// page cache, read directly from the disk into one new buffer: `Ok(None)` where they are
-    /// cached or the backend reads no other way than through the cache (the map is then as
-    /// fast, and shares the cache's pages).
-    ///
-    /// The buffer covers the run's [`DIRECT_ALIGN`]-aligned span; it is cut at the aligned
-    /// offset at or below each chunk's start into one part per chunk, and each reading thread
-    /// (see `CheckpointReader::each_chunk`) faults in its part in one call, reads it directly
-    /// into place (buffered where the file system refuses) and hashes the bytes of its chunk
-    /// that lie in it while they are fresh. The few bytes of a chunk that lie in the next part
-    /// (less than one aligned block) are hashed after every part is in, from the buffer: what
-    /// is verified is exactly what the view returns. A bad chunk is named like any other.
+    /// page cache, read directly from the disk into one new buffer ([`DirectRun`]): `Ok(None)`
+    /// where they are cached or the backend reads no other way than through the cache (the
+    /// map is then as fast, and shares the cache's pages). A bad chunk is named like any
+    /// other.
     fn read_run_direct(
         &self,
         name: &str,
         chunks: &[pb::ChunkRef],
     ) -> Result<Option<(Arc<ViewBuf>, Range<usize>)>> {
-        let (Some(first), Some(last)) = (chunks.first(), chunks.last()) else {
+        let Some(mut run) = DirectRun::plan(self, name, chunks, true)? else {
             return Ok(None);
-        };
-        let file = self.store.segment_file(first.segment)?;
-        let (begin, end) = (first.offset, last.offset + last.stored_len);
-        if file.cached(begin, end - begin) {
-            return Ok(None);
-        }
-        let a = DIRECT_ALIGN;
-        let span_start = begin - begin % a;
-        let span_end = end.div_ceil(a) * a;
-        // Part i: [bounds[i], bounds[i + 1]) of the file (possibly empty for a chunk shorter
-        // than a block).
-        let mut bounds: Vec<u64> = chunks.iter().map(|c| c.offset - c.offset % a).collect();
-        bounds[0] = span_start;
-        bounds.push(span_end);
-        let len = usize::try_from(span_end - span_start).map_err(|_| too_large(name, end))?;
-        let mut buf = ViewBuf::new(len).map_err(|_| too_large(name, end - begin))?;
-        let hash = self.chunk_hash();
-        let mut hashers: Vec<blake3::Hasher> = chunks.iter().map(|_| hash.hasher()).collect();
-        // Where chunk i's bytes stop being in part i (its tail lies in part i + 1).
-        let owned_end = |i: usize| -> u64 {
-            let c = &chunks[i];
-            bounds[i + 1].clamp(c.offset, c.offset + c.stored_len)
         };
         {
-            let mut parts = Vec::with_capacity(chunks.len());
-            let mut rest = buf.as_mut_slice();
-            for i in 0..chunks.len() {
-                let n = (bounds[i + 1] - bounds[i]) as usize;
-                let (part, tail) = std::mem::take(&mut rest).split_at_mut(n);
-                parts.push(part);
-                rest = tail;
-            }
-            let items: Vec<_> = parts.into_iter().zip(hashers.iter_mut()).collect();
-            let route = super::reader::Route::Cold;
-            self.each_chunk(chunks, items, route, |i, (part, hasher), _scratch| {
-                let c = &chunks[i];
-                let at = bounds[i];
-                // Bytes of the file this part must hold: all of it, but for the last part
-                // only up to the run's end (the file may end within the block).
-                let need = (end.min(bounds[i + 1]) - at) as usize;
-                crate::io::prefault(part);
-                let read = match file.read_direct(at, part) {
-                    Ok(Some(n)) if n >= need => Ok(()),
-                    Ok(Some(_)) => Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "read past the end of the file",
-                    )),
-                    Ok(None) => file.read_at(&mut part[..need], at),
-                    Err(e) => Err(e),
-                };
-                read.map_err(|e| {
-                    self.chunk_error("tensor", name, i, c, format!("read failed: {e}"))
-                })?;
-                let from = (c.offset.max(at) - at) as usize;
-                let to = (owned_end(i) - at) as usize;
-                if to > from {
-                    hasher.update(&part[from..to]);
-                }
-                Ok(())
+            let (layout, parts) = run.parts();
+            self.each_chunk(chunks, parts, Route::Cold, |i, part, _scratch| {
+                layout.read_part(self, i, part)
             })?;
         }
-        let bytes = buf.as_slice();
-        for (i, (c, mut hasher)) in chunks.iter().zip(hashers).enumerate() {
-            let (from, to) = (owned_end(i), c.offset + c.stored_len);
-            if to > from {
-                hasher.update(&bytes[(from - span_start) as usize..(to - span_start) as usize]);
-            }
-            if hasher.finalize().as_bytes()[..] != c.blake3[..] {
-                // The bytes on disk are not the ones committed: quarantined by the writer's
-                // next `heal` (store/quarantine.rs).
-                self.store.suspect(c);
-                return Err(self.chunk_error("tensor", name, i, c, "BLAKE3 mismatch".into()));
-            }
-        }
-        let range = (begin - span_start) as usize..(end - span_start) as usize;
-        Ok(Some((Arc::new(buf), range)))
-    }
-}
-
-/// The error for a view too large to allocate.
-fn too_large(name: &str, bytes: u64) -> crate::error::Error {
-    crate::error::Error::TooLarge {
-        what: format!("view of tensor {name:?}"),
-        bytes,
+        let complete = run.check(self, |_| true)?;
+        debug_assert!(complete);
+        Ok(Some(run.into_buf()))
     }
 }
