@@ -315,3 +315,102 @@ impl MappedBytes {
     // SAFETY: nothing was allocated per export; CPython drops `view.obj` itself.
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
 }
+
+/// A loaded tensor's bytes in memory of their own, exported to Python through the buffer
+/// protocol, **writable**: what a torch load hands to `torch.frombuffer` as the new tensor's
+/// storage, kept alive by the tensor (the buffer export references this object). Either the
+/// memory a direct read filled in place (`zero_copy`: the disk's DMA and BLAKE3 were the only
+/// things to touch it) or the engine's one owned copy; never a segment's map.
+#[pyclass(module = "ckptstore._native", frozen)]
+pub struct OwnedBytes {
+    /// Holds the memory; never read through again on the Rust side (Python writes to it).
+    _view: TensorView,
+    zero_copy: bool,
+    addr: usize,
+    len: usize,
+}
+
+impl OwnedBytes {
+    /// `None` where the view does not hold its bytes alone (a map, or shared memory).
+    pub fn new(mut view: TensorView) -> Option<Self> {
+        let zero_copy = view.is_zero_copy();
+        let bytes = view.bytes_mut()?;
+        let (addr, len) = (bytes.as_mut_ptr() as usize, bytes.len());
+        Some(OwnedBytes {
+            _view: view,
+            zero_copy,
+            addr,
+            len,
+        })
+    }
+}
+
+#[pymethods]
+impl OwnedBytes {
+    /// Whether the disk read the bytes into this memory directly (no CPU copy).
+    #[getter]
+    fn zero_copy(&self) -> bool {
+        self.zero_copy
+    }
+
+    fn __len__(&self) -> usize {
+        self.len
+    }
+
+    #[allow(unsafe_code)]
+    // SAFETY (of the whole method): `view` points at a valid Py_buffer (checked non-null)
+    // that CPython hands us to fill. The exported memory is `len` bytes at `addr`, taken from
+    // `TensorView::bytes_mut` — memory that view alone holds (owned, or a direct-read buffer
+    // no clone shares) and that stays allocated and unmoved while this object lives (the class
+    // is frozen, the view is never touched again on the Rust side, so no Rust reference to it
+    // exists while Python writes). `view.obj` takes a strong reference to this object that
+    // CPython releases with the buffer. Writable exports are allowed: the memory is this
+    // load's own, shared with no file and no other tensor.
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
+        if view.is_null() {
+            return Err(PyBufferError::new_err("null Py_buffer"));
+        }
+        let this = slf.get();
+        // A zero-length export still needs a valid, non-null pointer.
+        let buf = if this.len == 0 {
+            std::ptr::NonNull::<u8>::dangling().as_ptr() as usize
+        } else {
+            this.addr
+        };
+        // SAFETY: see the method comment; every field written is part of Py_buffer.
+        unsafe {
+            (*view).obj = slf.clone().into_any().into_ptr();
+            (*view).buf = buf as *mut c_void;
+            (*view).len = this.len as ffi::Py_ssize_t;
+            (*view).readonly = 0;
+            (*view).itemsize = 1;
+            (*view).format = if flags & ffi::PyBUF_FORMAT == ffi::PyBUF_FORMAT {
+                c"B".as_ptr() as *mut _
+            } else {
+                std::ptr::null_mut()
+            };
+            (*view).ndim = 1;
+            (*view).shape = if flags & ffi::PyBUF_ND == ffi::PyBUF_ND {
+                &mut (*view).len
+            } else {
+                std::ptr::null_mut()
+            };
+            (*view).strides = if flags & ffi::PyBUF_STRIDES == ffi::PyBUF_STRIDES {
+                &mut (*view).itemsize
+            } else {
+                std::ptr::null_mut()
+            };
+            (*view).suboffsets = std::ptr::null_mut();
+            (*view).internal = std::ptr::null_mut();
+        }
+        Ok(())
+    }
+
+    #[allow(unsafe_code)]
+    // SAFETY: nothing was allocated per export; CPython drops `view.obj` itself.
+    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
+}

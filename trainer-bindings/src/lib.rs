@@ -17,6 +17,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<store::PyStore>()?;
     m.add_class::<save_job::SaveHandle>()?;
     m.add_class::<host_bytes::MappedBytes>()?;
+    m.add_class::<host_bytes::OwnedBytes>()?;
     m.add_class::<dcp::DcpCoordinator>()?;
     m.add_function(wrap_pyfunction!(dcp::write_shard, m)?)?;
     m.add_function(wrap_pyfunction!(dcp::write_shard_remote, m)?)?;

@@ -4,7 +4,7 @@
 
 use crate::device_bytes::{DeviceBytes, Stagers};
 use crate::errors::{self, Failure};
-use crate::host_bytes::{HostBytes, LoadTarget, MappedBytes};
+use crate::host_bytes::{HostBytes, LoadTarget, MappedBytes, OwnedBytes};
 use crate::save_job::{self, Committed, InFlight, SaveHandle, SaveRequest, TensorBytes, TensorIn};
 use ckptstore_engine::crypt::Key;
 use ckptstore_engine::remote::Replication;
@@ -573,6 +573,35 @@ impl PyStore {
             s.checkpoint(Selector::Id(id))?.tensors_into(outs, verify)?;
             Ok(())
         })
+    }
+
+    /// Reads the tensors `names` into memory of their own, in one engine call (GIL released):
+    /// one writable byte buffer each, for `torch.frombuffer` — the new tensors' storage. A cold
+    /// uncompressed tensor of a MiB or more is read O_DIRECT straight into its buffer (no
+    /// bounce copy, no page cache: `zero_copy`); the others are copied once from the read
+    /// buffer (cached, compressed, sealed, small). Every chunk of all of them is read on one
+    /// set of threads, BLAKE3-verified unless `verify=False`; the error names the first bad
+    /// chunk in the order of `names`.
+    #[pyo3(signature = (id, names, *, verify=true))]
+    fn load_many(
+        &self,
+        py: Python<'_>,
+        id: u64,
+        names: Vec<String>,
+        verify: bool,
+    ) -> PyResult<Vec<OwnedBytes>> {
+        let views = self.with_store(py, move |s| {
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            Ok(s.checkpoint(Selector::Id(id))?.tensors_owned(&names, verify)?)
+        })?;
+        views
+            .into_iter()
+            .map(|v| {
+                OwnedBytes::new(v).ok_or_else(|| {
+                    pyo3::exceptions::PyRuntimeError::new_err("a loaded tensor's memory is shared")
+                })
+            })
+            .collect()
     }
 
     /// A blob's bytes (always verified).

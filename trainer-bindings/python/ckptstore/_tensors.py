@@ -214,43 +214,57 @@ def to_torch(storage: np.ndarray, engine_dtype: str, device: Any = "cpu") -> Any
 
 
 def read_torch(native: Any, id: int, name: str, verify: bool, device: Any = "cpu") -> Any:
-    """A stored tensor read straight into a new torch tensor: the one copy is the engine's read
-    into the tensor's memory (chunks on every core, hashed as they land, the disk read ahead),
-    not a read into the page cache and then a copy."""
-    torch = require_torch("framework=\"torch\"")
-    engine_dtype, shape = native.tensor_meta(id, name)
-    t = torch.empty(tuple(shape), dtype=getattr(torch, _ENGINE_TO_TORCH[engine_dtype]))
-    native.read_into(id, name, (t, t.data_ptr(), t.numel() * t.element_size()), verify=verify)
+    """A stored tensor read into a new torch tensor (see ``TorchBatch``: read in place where
+    the bytes are cold, else one copy)."""
+    batch = TorchBatch(native, id, verify)
+    t = batch.add(name)
+    batch.fill()
     return t if str(device) == "cpu" else t.to(device)
 
 
-class TorchBatch:
-    """Torch tensors of one checkpoint, allocated as they are asked for and read all together
-    by ``fill()``: one engine call (``read_many``, GIL released) reads the chunks of every
-    tensor on one set of threads, straight into the new tensors' memory — the one copy of a
-    torch load — so the disk is never idle at a tensor's end, and each new tensor's pages are
-    faulted in by the thread that fills them, overlapping the other threads' reads. Reading
-    tensor by tensor left the disk idle at every tensor boundary and read the small ones on
-    one thread (docs/DECISIONS.md, "Python loads read the whole state in one call").
+def _over_bytes(buf: Any, dtype: Any, shape: tuple[int, ...]) -> Any:
+    """A torch tensor of ``dtype`` and ``shape`` whose storage is the writable buffer ``buf``
+    (no copy; the tensor keeps ``buf`` alive)."""
+    torch = require_torch("framework=\"torch\"")
+    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape)
 
-    ``flush_bytes``: fill whenever this many bytes are pending (for a progress bar that
-    moves); None fills once, at the end."""
+
+class TorchBatch:
+    """Torch tensors of one checkpoint, handed out as they are asked for and read all together
+    by ``fill()``: one engine call (``load_many``, GIL released) reads the chunks of every
+    tensor on one set of threads, so the disk is never idle at a tensor's end. Each tensor's
+    storage is memory of its own that the engine filled: for a cold uncompressed tensor of a
+    MiB or more, the memory the disk read it into (O_DIRECT, in place: no bounce copy, each
+    byte touched by the disk's DMA and BLAKE3 only); for the rest, the engine's one copy
+    (docs/DECISIONS.md, "Torch loads keep the memory the disk read into").
+
+    ``add`` returns an empty placeholder of the right dtype; ``fill`` points it at the loaded
+    storage (``Tensor.set_``), so a tensor placed in a tree before the fill is the one the
+    caller gets. ``flush_bytes``: fill whenever this many bytes are pending (for a progress bar
+    that moves); None fills once, at the end."""
 
     def __init__(self, native: Any, id: int, verify: bool, flush_bytes: int | None = None,
                  on_filled: Any = None):
         self._native, self._id, self._verify = native, id, verify
         self._flush, self._on_filled = flush_bytes, on_filled
-        self._targets: list[tuple[str, tuple[Any, int, int]]] = []
+        self._targets: list[tuple[str, Any, tuple[int, ...], int]] = []
         self._pending = 0
 
     def add(self, name: str) -> Any:
-        """A new CPU tensor for stored tensor ``name``; its bytes arrive by ``fill()``."""
+        """A torch tensor for stored tensor ``name``; its shape and bytes arrive by ``fill()``."""
         torch = require_torch("framework=\"torch\"")
         engine_dtype, shape = self._native.tensor_meta(self._id, name)
-        t = torch.empty(tuple(shape), dtype=getattr(torch, _ENGINE_TO_TORCH[engine_dtype]))
-        n = t.numel() * t.element_size()
-        self._targets.append((name, (t, t.data_ptr(), n)))
-        self._pending += n
+        dtype = getattr(torch, _ENGINE_TO_TORCH[engine_dtype])
+        shape = tuple(shape)
+        t = torch.empty(0, dtype=dtype)
+        n = t.element_size()
+        for d in shape:
+            n *= d
+        if n == 0:
+            t = torch.empty(shape, dtype=dtype)  # nothing to read, nothing allocated
+        else:
+            self._targets.append((name, t, shape, n))
+            self._pending += n
         if self._flush is not None and self._pending >= self._flush:
             self.fill()
         return t
@@ -262,7 +276,10 @@ class TorchBatch:
             return
         targets, n = self._targets, self._pending
         self._targets, self._pending = [], 0
-        self._native.read_many(self._id, targets, verify=self._verify)
+        bufs = self._native.load_many(self._id, [name for name, _, _, _ in targets],
+                                      verify=self._verify)
+        for (_, t, shape, _), buf in zip(targets, bufs):
+            t.set_(_over_bytes(buf, t.dtype, shape))
         if self._on_filled is not None:
             self._on_filled(n)
 
