@@ -253,9 +253,9 @@ class TorchBatch:
     def add(self, name: str) -> Any:
         """A torch tensor for stored tensor ``name``; its shape and bytes arrive by ``fill()``."""
         torch = require_torch("framework=\"torch\"")
-        engine_dtype, shape = self._native.tensor_meta(self._id, name)
+        engine_dtype, stored_shape = self._native.tensor_meta(self._id, name)
         dtype = getattr(torch, _ENGINE_TO_TORCH[engine_dtype])
-        shape = tuple(shape)
+        shape = tuple(stored_shape)
         t = torch.empty(0, dtype=dtype)
         n = t.element_size()
         for d in shape:
