@@ -692,7 +692,9 @@ fn tensors_owned_names_the_first_damaged_chunk() {
         drop(s);
         let chunk = |t: usize, k: usize| m.tensors[t].chunks[k].clone();
         // Last byte of a's chunk 1 (in chunk 2's part), middle of c's chunk 4, lead's byte 9.
-        let cases: Vec<(Vec<(usize, usize, bool)>, (&str, usize))> = vec![
+        // (damaged (tensor, chunk, at its last byte) list, the (tensor, chunk) named)
+        type Case = (Vec<(usize, usize, bool)>, (&'static str, usize));
+        let cases: Vec<Case> = vec![
             (vec![(3, 4, false), (1, 1, true)], ("a", 1)),
             (vec![(3, 4, true)], ("c", 4)),
             (vec![(3, 2, false), (0, 0, false)], ("lead", 0)),
