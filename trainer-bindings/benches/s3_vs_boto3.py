@@ -12,8 +12,13 @@ transfer alone. ckptstore's save is `cs.save` into `cs.Store("s3://...")` (the l
 write, with each segment streamed to the bucket as it is written, then the commit object);
 its load is `cs.load` from a fresh cache (pull, then read and verify every chunk). Requests
 are counted from the server's access log, and the server's CPU seconds per operation from
-/proc (moto is CPU-bound: what it spends is most of each figure). The machine may be shared:
-the ratios are the medians of each round's ratio (the two sides of a round run back to back).
+/proc (moto is CPU-bound: what it spends is most of each figure), the client's (this
+process: ckptstore's threads, boto3's threads) from os.times. The machine may be shared: the
+ratios are the medians of each round's ratio (the two sides of a round run back to back,
+alternately first). moto keeps objects in memory (unless --moto-disk): by default it spills
+every object over 5 MiB to a temporary file on the local disk, where on one machine it
+competes with the client's own durable writes (ckptstore's cache), which no remote server's
+storage does.
 """
 
 from __future__ import annotations
@@ -36,13 +41,18 @@ from boto3.s3.transfer import TransferConfig
 import ckptstore as cs
 
 
-def start_moto(log_path: str) -> tuple[subprocess.Popen, str]:
+def start_moto(log_path: str, spill: bool = True) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(log_path, "w")
+    env = dict(os.environ)
+    if not spill:
+        # moto keeps an object over ~5 MiB in a temporary file on this machine's disk, the
+        # disk the client's own writes go to; a remote server's storage is not the client's.
+        env["MOTO_S3_DEFAULT_KEY_BUFFER_SIZE"] = str(1 << 40)
     proc = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=log)
+                            stdout=log, stderr=log, env=env)
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -77,13 +87,16 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--endpoint")
+    ap.add_argument("--moto-disk", action="store_true",
+                    help="let moto spill objects to temporary files on the local disk (its "
+                    "default), where they compete with the client's own writes")
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix="s3bench-")
     log_path = os.path.join(work, "moto.log")
     proc = None
     endpoint = a.endpoint
     if endpoint is None:
-        proc, endpoint = start_moto(log_path)
+        proc, endpoint = start_moto(log_path, spill=a.moto_disk)
     os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true",
                        "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                        "AWS_REGION": "us-east-1"})
@@ -147,6 +160,10 @@ def main() -> None:
                 side()
             for d in (f"cache-w{r}", f"cache-r{r}"):
                 shutil.rmtree(os.path.join(work, d), ignore_errors=True)
+            # The round's objects go (untimed): the server's memory stays flat over rounds.
+            listed = s3.list_objects_v2(Bucket="bench", Prefix=f"run{r}/").get("Contents", [])
+            for key in [o["Key"] for o in listed] + [f"boto{r}"]:
+                s3.delete_object(Bucket="bench", Key=key)
         med = {k: statistics.median(v) for k, v in rows.items()}
         print(f"state {a.mib} MiB, {a.rounds} rounds, medians (moto on loopback: ratios only)")
         for k in rows:
