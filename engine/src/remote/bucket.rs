@@ -723,4 +723,46 @@ mod tests {
             got.len()
         );
     }
+
+    /// A ranged GET that fails is retried on its own and the file is bit-exact; ranged GETs
+    /// that keep failing end the download with a typed error after the bounded attempts.
+    #[test]
+    fn a_failed_range_is_retried_then_a_typed_error() {
+        let part = 5 << 20;
+        let faults = Arc::new(super::super::Faults::new());
+        let policy = RetryPolicy {
+            part_size: part,
+            backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(1),
+            ..Default::default()
+        };
+        let url: RemoteUrl = "s3://b/p".parse().unwrap();
+        let b = Bucket::from_store(url, Arc::new(InMemory::new()), "p".into())
+            .with_policy(policy)
+            .with_faults(faults.clone());
+        let io = crate::io::default_storage();
+        let dir = tempfile::tempdir().unwrap();
+        let bytes: Vec<u8> = (0..3 * part + 1000).map(|i| (i * 13 % 241) as u8).collect();
+        let src = dir.path().join("src");
+        std::fs::write(&src, &bytes).unwrap();
+        let f = io.open(&src, false).unwrap();
+        b.upload_file("obj", &*f, bytes.len() as u64).unwrap();
+        let n = faults.requests();
+        faults.at(n + 2, Fault::Error); // the second range's first attempt
+        let dst = dir.path().join("dst");
+        let g = io.create_new(&dst).unwrap();
+        b.download_file("obj", bytes.len() as u64, &*g).unwrap();
+        assert_eq!(faults.requests(), n + 4, "three ranges and one retry");
+        g.sync_all().unwrap();
+        drop(g);
+        assert!(std::fs::read(&dst).unwrap() == bytes, "not bit-exact");
+        faults.every(Some(Fault::Error));
+        let h = io.create_new(&dir.path().join("dst2")).unwrap();
+        let e = b.download_file("obj", bytes.len() as u64, &*h).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            matches!(e, Error::Remote { op: "download", .. }) && msg.contains("gave up after 4"),
+            "{msg}"
+        );
+    }
 }
