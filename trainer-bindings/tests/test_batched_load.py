@@ -200,7 +200,8 @@ def test_cold_torch_load_names_the_damaged_chunk(store_dir):
     seg.write_bytes(bytes(data))
     _cold(store_dir)
     with cs.Store(store_dir, read_only=True) as st:
-        with pytest.raises(cs.CorruptionError, match="BLAKE3") as e:
+        with pytest.raises(cs.CorruptionError, match="BLAKE3") as e, \
+                pytest.warns(UserWarning, match="damaged"):
             cs.load(st)
         assert "'f32'" in str(e.value) or '"f32"' in str(e.value), str(e.value)
         _cold(store_dir)
