@@ -592,7 +592,8 @@ impl PyStore {
     ) -> PyResult<Vec<OwnedBytes>> {
         let views = self.with_store(py, move |s| {
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
-            Ok(s.checkpoint(Selector::Id(id))?.tensors_owned(&names, verify)?)
+            Ok(s.checkpoint(Selector::Id(id))?
+                .tensors_owned(&names, verify)?)
         })?;
         views
             .into_iter()
