@@ -33,7 +33,8 @@ enum Slot<'c> {
 enum Item<'a> {
     /// (the run's layout among the batch's, the chunk's index in its run, its part)
     Part(usize, usize, Part<'a>),
-    Copy(&'a mut [u8]),
+    /// (its tensor's name, its index in the tensor, where its raw bytes go)
+    Copy(&'a str, usize, &'a mut [u8]),
 }
 
 impl CheckpointReader<'_> {
@@ -93,7 +94,6 @@ impl CheckpointReader<'_> {
         let mut firsts = Vec::with_capacity(slots.len());
         let mut items = Vec::new();
         let mut layouts = Vec::new();
-        let mut names = Vec::new();
         for ((t, _), slot) in entries.iter().zip(slots.iter_mut()) {
             firsts.push(chunks.len());
             chunks.extend(t.chunks.iter().cloned());
@@ -108,7 +108,6 @@ impl CheckpointReader<'_> {
                             .enumerate()
                             .map(|(i, p)| Item::Part(l, i, p)),
                     );
-                    names.extend((0..t.chunks.len()).map(|_| ("", 0)));
                 }
                 Slot::Owned(v) => {
                     let mut rest: &mut [u8] = v;
@@ -116,8 +115,7 @@ impl CheckpointReader<'_> {
                         let (dst, tail) =
                             std::mem::take(&mut rest).split_at_mut(c.raw_len as usize);
                         rest = tail;
-                        items.push(Item::Copy(dst));
-                        names.push((t.name.as_str(), i));
+                        items.push(Item::Copy(t.name.as_str(), i, dst));
                     }
                 }
             }
@@ -127,11 +125,10 @@ impl CheckpointReader<'_> {
         let r = self.each_chunk(&chunks, items, Route::Cold, |k, item, scratch| {
             let r = match item {
                 Item::Part(l, i, part) => layouts[l].read_part(self, i, part),
-                Item::Copy(dst) => {
+                Item::Copy(name, i, dst) => {
                     // New memory faulted in by the thread that fills it, in one call,
                     // overlapping the other threads' reads (as `read_chunks`).
                     crate::io::prefault(dst);
-                    let (name, i) = names[k];
                     let c = &chunks[k];
                     self.read_chunk(
                         "tensor",
