@@ -68,7 +68,7 @@ fn assert_no_leftovers(url: &str) {
 }
 
 fn big() -> Vec<u8> {
-    data(1, (6 << 20) + 123) // more than one 5 MiB part
+    data(1, (7 << 20) + 123) // more than 1¼ parts of 5 MiB: a multipart upload
 }
 
 fn round_trip(url: &str) {
