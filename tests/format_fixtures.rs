@@ -511,6 +511,10 @@ fn every_fixture_store_opens_bit_exact() {
                 check_workload_4_fixture(&fixture, &name);
                 continue;
             }
+            5 => {
+                check_workload_5_fixture(&fixture, &name);
+                continue;
+            }
             n => panic!("{name}: unknown workload {n}"),
         }
         // Read-only first (changes nothing), then as the writer (recovery may repair).
@@ -571,6 +575,11 @@ fn every_fixture_store_rebuilds_from_its_segments_or_is_refused() {
             rebuilt += 1;
             continue;
         }
+        if fixture_workload(&fixture) == 5 {
+            check_workload_5_rebuild(tmp.path(), &name);
+            rebuilt += 1;
+            continue;
+        }
         if fixture_workload(&fixture) == 3 && trailers {
             check_workload_3_rebuild(tmp.path(), &name);
             rebuilt += 1;
@@ -620,7 +629,8 @@ fn generate_fixture_store() {
     );
     // CKPTSTORE_FIXTURE_WORKLOAD=2: the quarantine workload (feature `quarantine`); 3: the
     // sealed workload (feature `encryption`); 4: a lazy restore and its bucket (feature
-    // `lazy-segments`).
+    // `lazy-segments`); 5: frame headers padded so payloads start on a page (no feature:
+    // every build reads them).
     let workload: u32 =
         std::env::var("CKPTSTORE_FIXTURE_WORKLOAD").map_or(1, |w| w.parse().unwrap());
     match workload {
@@ -628,6 +638,7 @@ fn generate_fixture_store() {
         2 => write_workload_2(&dir),
         3 => write_workload_3(&dir),
         4 => write_workload_4(&dir),
+        5 => write_workload_5(&dir),
         n => panic!("no workload {n}"),
     }
     let store_dir = match workload {
@@ -664,6 +675,10 @@ fn generate_fixture_store() {
         return;
     }
     let s = Store::open(&dir, Options::read_only()).unwrap();
+    if workload == 5 {
+        assert_workload_5(&s, &name);
+        return;
+    }
     if workload == 2 {
         assert_workload_2(&dir, &s, &name);
         return;
@@ -991,4 +1006,121 @@ fn workload_4_written_now_passes_the_checks() {
     write_workload_4(&dir);
     std::fs::write(dir.join(FIXTURE_NOTE), "workload 4\n").unwrap();
     check_workload_4_fixture(&dir, "this build");
+}
+
+// ---------------------------------------------------------------- workload 5: padded frames
+
+/// Workload 5's checkpoints at the end: (id, step).
+const LIVE_5: [(u64, u64); 2] = [(1, 1), (2, 2)];
+
+/// The tensors of workload 5's checkpoint `step`: raw runs of at least 64 KiB, whose frame
+/// headers are padded so that their payload starts on a page (segment::PAD_MIN_RUN_BYTES,
+/// issue 13), next to a small raw run and a compressed one, which are not padded. "frozen"
+/// is deduplicated by step 2; "paged" changes.
+fn tensors_5(step: u64) -> Vec<Tensor> {
+    let paged = 16 * CHUNK + 100;
+    vec![
+        (
+            "paged".into(),
+            DType::U8,
+            vec![paged as u64],
+            noise(50 + step, paged),
+        ),
+        (
+            "frozen".into(),
+            DType::U8,
+            vec![16 * CHUNK as u64],
+            noise(60, 16 * CHUNK),
+        ),
+        (
+            "small".into(),
+            DType::U8,
+            vec![3000],
+            noise(70 + step, 3000),
+        ),
+        (
+            "z".into(),
+            DType::F32,
+            vec![CHUNK as u64],
+            values(DType::F32, step, CHUNK),
+        ),
+    ]
+}
+
+fn commit_5(s: &mut Store, step: u64) {
+    let mut t = s.begin(step).unwrap();
+    t.set_metadata("step", step as i64);
+    for (name, d, shape, bytes) in tensors_5(step) {
+        t.put_tensor(&name, d, &shape, &bytes).unwrap();
+    }
+    t.commit().unwrap();
+}
+
+/// Writes workload 5: two checkpoints with padded frames, compressing where it pays.
+fn write_workload_5(dir: &Path) {
+    let mut s = Store::open(dir, store_opts(Compression::zstd())).unwrap();
+    for (_, step) in LIVE_5 {
+        commit_5(&mut s, step);
+    }
+}
+
+/// Workload 5's checks: every checkpoint bit-exact and verified, and the fixture still has
+/// what it is there for — payloads of the large raw runs on a page, the others not.
+fn assert_workload_5(s: &Store, what: &str) {
+    let live: Vec<(u64, u64)> = s.list().iter().map(|c| (c.id, c.step)).collect();
+    assert_eq!(live, LIVE_5, "{what}: checkpoints");
+    for (id, step) in LIVE_5 {
+        let ck = s.checkpoint(Selector::Id(id)).unwrap();
+        for (name, d, shape, bytes) in tensors_5(step) {
+            let t = ck.tensor(&name).unwrap();
+            assert_eq!((t.dtype, &t.shape), (d, &shape), "{what}: {id}/{name}");
+            assert!(
+                t.data == bytes,
+                "{what}: checkpoint {id} tensor {name} differs"
+            );
+            let first = &ck.manifest().tensors.iter().find(|t| t.name == name);
+            let c = &first.unwrap().chunks[0];
+            let padded = matches!(name.as_str(), "paged" | "frozen");
+            assert_eq!(c.offset % 4096 == 0, padded, "{what}: {id}/{name} at {c:?}");
+        }
+    }
+    for (id, r) in s.verify_all() {
+        r.unwrap_or_else(|e| panic!("{what}: checkpoint {id} does not verify: {e}"));
+    }
+}
+
+/// A workload-5 fixture: read-only, then as the writer (a commit, a WAL compaction, a
+/// reopen).
+fn check_workload_5_fixture(fixture: &Path, name: &str) {
+    let tmp = copy_of(fixture);
+    let s = Store::open(tmp.path(), Options::read_only()).unwrap();
+    assert_workload_5(&s, &format!("{name} read-only"));
+    drop(s);
+    let mut s = Store::open(tmp.path(), store_opts(Compression::None)).unwrap();
+    assert_workload_5(&s, &format!("{name} writer"));
+    commit_5(&mut s, 3);
+    s.compact_wal().unwrap();
+    drop(s);
+    let s = Store::open(tmp.path(), Options::read_only()).unwrap();
+    assert_eq!(s.list().len(), LIVE_5.len() + 1, "{name}");
+    s.verify(s.latest().unwrap().id).unwrap();
+}
+
+/// A workload-5 fixture rebuilt from its segments: every checkpoint, bit-exact.
+fn check_workload_5_rebuild(dir: &Path, name: &str) {
+    let (s, report) = Store::rebuild(dir, store_opts(Compression::None))
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let ids: Vec<u64> = LIVE_5.iter().map(|l| l.0).collect();
+    assert_eq!(report.restored, ids, "{name}: {report:?}");
+    assert_workload_5(&s, &format!("{name} rebuilt"));
+}
+
+/// Workload 5 written by this build passes its checks.
+#[test]
+fn workload_5_written_now_passes_the_checks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("s");
+    write_workload_5(&dir);
+    let s = Store::open(&dir, Options::read_only()).unwrap();
+    assert_workload_5(&s, "this build");
 }

@@ -44,14 +44,32 @@ fn refs(t: &[(String, Vec<u8>)]) -> Vec<(&str, &[u8])> {
 }
 
 fn submit(p: &mut Pipeline, step: u64, t: &[(String, Vec<u8>)]) -> ckptstore::SaveHandle {
-    let mut s = p.begin(step).unwrap();
+    try_submit(p, step, t).unwrap()
+}
+
+/// Begins save `step` and stages `t`. `Err` when the save fails while it is being staged:
+/// when the I/O thread has already failed it (for an earlier save's failure, say), the
+/// `put_tensor` or `submit` staging it returns that error instead of its handle — which of
+/// the two depends on thread timing (docs/GUARANTEES.md).
+fn try_submit(
+    p: &mut Pipeline,
+    step: u64,
+    t: &[(String, Vec<u8>)],
+) -> ckptstore::Result<ckptstore::SaveHandle> {
+    let mut s = p.begin(step)?;
     s.set_epoch(step / 10);
     s.set_metadata("lr", 0.5f64);
     for (name, bytes) in t {
-        s.put_tensor(name, DType::U8, &[bytes.len() as u64], bytes)
-            .unwrap();
+        s.put_tensor(name, DType::U8, &[bytes.len() as u64], bytes)?;
     }
-    s.submit().unwrap()
+    s.submit()
+}
+
+/// A save's outcome, wherever it surfaced: from its staging or from its handle.
+fn outcome(
+    staged: ckptstore::Result<ckptstore::SaveHandle>,
+) -> ckptstore::Result<ckptstore::SaveReport> {
+    staged.and_then(|h| h.wait())
 }
 
 #[test]
@@ -187,9 +205,14 @@ fn a_full_disk_with_three_saves_in_flight_fails_each_and_keeps_earlier_checkpoin
     mem.faults
         .enospc_after_bytes
         .store(5 * CHUNK as i64, SeqCst);
-    let handles: Vec<_> = (2..=4).map(|s| submit(&mut p, s, &tensors(s))).collect();
-    for (i, h) in handles.into_iter().enumerate() {
-        let e = h.wait().expect_err("the disk is full");
+    // Each fails for the full disk (save 2 by itself, 3 and 4 naming save 2's failure),
+    // through its handle or, when the I/O thread failed it while it was still being staged,
+    // through its staging.
+    let staged: Vec<_> = (2..=4)
+        .map(|s| try_submit(&mut p, s, &tensors(s)))
+        .collect();
+    for (i, r) in staged.into_iter().enumerate() {
+        let e = outcome(r).expect_err("the disk is full");
         assert!(e.to_string().contains("space"), "save {i}: {e}");
     }
     assert_eq!(p.pool().in_use(), 0, "a staging buffer leaked");
@@ -220,13 +243,34 @@ fn close_waits_for_saves_in_flight() {
     }
 }
 
-/// A tensor source whose copy fails when waited on (a device DMA error): the save fails in
-/// the pipeline's threads, after submit, without poisoning the store.
-struct FailingCopy(usize);
+/// Opened once by the test; until then the fences of a [`FailingCopy`] wait.
+#[derive(Clone, Default)]
+struct Latch(Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+
+impl Latch {
+    fn open(&self) {
+        *self.0 .0.lock().unwrap() = true;
+        self.0 .1.notify_all();
+    }
+
+    fn wait(&self) {
+        let mut open = self.0 .0.lock().unwrap();
+        while !*open {
+            open = self.0 .1.wait(open).unwrap();
+        }
+    }
+}
+
+/// A tensor source whose copy fails when waited on (a device DMA error), once `fail` is
+/// opened: the save fails in the pipeline's threads, after submit, without poisoning the store.
+struct FailingCopy {
+    len: usize,
+    fail: Latch,
+}
 
 impl ckptstore::device::Source for FailingCopy {
     fn len(&self) -> u64 {
-        self.0 as u64
+        self.len as u64
     }
     fn stage(
         &self,
@@ -235,17 +279,30 @@ impl ckptstore::device::Source for FailingCopy {
         buf: &mut ckptstore::pipeline::StagingBuf,
     ) -> ckptstore::Result<ckptstore::device::Fence> {
         buf.fill(len);
-        Ok(ckptstore::device::Fence::Pending(Box::new(|| {
+        let fail = self.fail.clone();
+        Ok(ckptstore::device::Fence::Pending(Box::new(move || {
+            fail.wait();
             Err(Error::Device("injected copy failure".into()))
         })))
     }
 }
 
+/// Stages and submits a save whose copy fails, and only then lets the copy fail: the failure
+/// reaches its handle. (A copy failing at once could beat `submit` to the I/O thread, which
+/// would then fail the save while it is still being staged, and `submit` would return the
+/// error instead of a handle.)
 fn submit_failing(p: &mut Pipeline, step: u64) -> ckptstore::SaveHandle {
+    let fail = Latch::default();
+    let src = FailingCopy {
+        len: 3 * CHUNK,
+        fail: fail.clone(),
+    };
     let mut s = p.begin(step).unwrap();
-    s.put_tensor_from("w", DType::U8, &[3 * CHUNK as u64], &FailingCopy(3 * CHUNK))
+    s.put_tensor_from("w", DType::U8, &[3 * CHUNK as u64], &src)
         .unwrap();
-    s.submit().unwrap()
+    let h = s.submit().unwrap();
+    fail.open();
+    h
 }
 
 /// Issue 14, item 5: "saves form a prefix" held only for crashes: when save N failed without
@@ -257,8 +314,9 @@ fn a_non_poisoning_failure_of_save_n_keeps_save_n_plus_1_from_committing() {
     let mut p = Pipeline::new(mem_store(&mem), small_pool(40)).unwrap();
     let first = submit(&mut p, 1, &tensors(1)).wait().unwrap();
     let h2 = submit_failing(&mut p, 2);
-    let h3 = submit(&mut p, 3, &tensors(3));
-    match h3.wait() {
+    // Save 3 fails naming save 2's failure, through its handle or (the I/O thread having
+    // refused it first) through its staging.
+    match outcome(try_submit(&mut p, 3, &tensors(3))) {
         Err(Error::EarlierSaveFailed { step, cause }) => {
             assert_eq!(step, 2);
             assert!(cause.contains("injected copy failure"), "{cause}");
@@ -278,6 +336,61 @@ fn a_non_poisoning_failure_of_save_n_keeps_save_n_plus_1_from_committing() {
         vec![first.commit.checkpoint.id, fourth.commit.checkpoint.id]
     );
     assert_holds(&store, fourth.commit.checkpoint.id, &refs(&tensors(4)));
+}
+
+/// Regression (ciguard, CI timing): the tests above took every save's failure from its
+/// handle, but when the I/O thread fails save N while save N+1 is still being staged, N+1's
+/// `put_tensor` returns the failure (`EarlierSaveFailed`) and `submit` is never reached —
+/// which of the two happens depends on thread timing. Forced here: save 3 is staged only
+/// after save 2 has failed, so the I/O thread refuses it during staging. The staging error
+/// names save 2's failure, and the caller has then seen it: the next save commits without
+/// save 2's handle having been read (before the fix it failed too, for the same failure).
+#[test]
+fn regression_a_save_refused_while_staged_names_the_failure_and_counts_as_seen() {
+    let mem = MemIo::new();
+    let mut p = Pipeline::new(mem_store(&mem), small_pool(40)).unwrap();
+    let first = submit(&mut p, 1, &tensors(1)).wait().unwrap();
+    let h2 = submit_failing(&mut p, 2);
+    let mut third = p.begin(3).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !h2.is_done() {
+        assert!(std::time::Instant::now() < deadline, "save 2 never failed");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // The I/O thread takes save 3 right after save 2 failed and refuses it; staging sees that
+    // as soon as it has happened.
+    let mut k = 0;
+    let e = loop {
+        match third.put_tensor(&format!("t{k}"), DType::U8, &[4], &[1, 2, 3, 4]) {
+            Ok(()) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "save 3 was never refused"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                k += 1;
+            }
+            Err(e) => break e,
+        }
+    };
+    match &e {
+        Error::EarlierSaveFailed { step: 2, cause } => {
+            assert!(cause.contains("injected copy failure"), "{cause}")
+        }
+        other => panic!("save 3's staging must name save 2's failure: {other:?}"),
+    }
+    drop(third);
+    // Seen through save 3's staging: save 4 commits, save 2's handle still unread.
+    let fourth = submit(&mut p, 4, &tensors(4)).wait().unwrap();
+    let e = h2.wait().expect_err("the copy failed");
+    assert!(e.to_string().contains("injected copy failure"), "{e}");
+    assert_eq!(p.pool().in_use(), 0, "a staging buffer leaked");
+    let store = p.close();
+    let ids: Vec<u64> = store.list().iter().map(|c| c.id).collect();
+    assert_eq!(
+        ids,
+        vec![first.commit.checkpoint.id, fourth.commit.checkpoint.id]
+    );
 }
 
 /// Issue 14, item 5: the error of a failed save whose handle was dropped unread was lost.

@@ -241,13 +241,14 @@ fn a_slow_request_times_out_and_is_retried() {
     o.remote_policy.request_timeout = Duration::from_millis(200);
     let mut s = Store::open(&url, o).unwrap();
     let n = faults.requests();
-    faults.at(n + 1, Fault::Slow(Duration::from_secs(5)));
+    // Far slower than the timeout, so that the commit finishing before the slow request
+    // would have proves it was abandoned, however slowly this machine runs the rest (with
+    // 5 s, a commit that took 5 s on a loaded machine would have failed the test).
+    let slow = Duration::from_secs(60);
+    faults.at(n + 1, Fault::Slow(slow));
     let t0 = std::time::Instant::now();
     commit(&mut s, 1, &[("x", &[1, 2, 3])]);
-    assert!(
-        t0.elapsed() < Duration::from_secs(5),
-        "the slow request was not abandoned"
-    );
+    assert!(t0.elapsed() < slow, "the slow request was not abandoned");
     assert!(faults.requests() > n + 1);
 }
 

@@ -189,6 +189,57 @@ fn frames_and_end(
     (out, at as u64)
 }
 
+/// A raw run of at least 64 KiB has its frame header padded so that its payload starts on a
+/// page (O_DIRECT writes it from page-aligned memory with no bounce copy; docs/FORMAT.md,
+/// "Frames"); smaller runs and compressed ones are not padded (the space would be wasted).
+/// Every padded frame is still listed by the walk, and every chunk reads back.
+#[test]
+fn large_raw_runs_start_on_a_page_and_small_runs_are_not_padded() {
+    use ckptstore::segment::{PAD_MIN_RUN_BYTES, PAYLOAD_ALIGN};
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::open(dir.path(), small_chunks()).unwrap();
+    let small = bytes(1, 3 * 4096 + 5);
+    let large = bytes(2, PAD_MIN_RUN_BYTES as usize + 4096 + 9);
+    let after = bytes(3, 100);
+    let mut t = s.begin(1).unwrap();
+    for (name, b) in [("small", &small), ("large", &large), ("after", &after)] {
+        t.put_tensor(name, DType::U8, &[b.len() as u64], b).unwrap();
+    }
+    let id = t.commit().unwrap().checkpoint.id;
+    let ck = s.checkpoint(Selector::Id(id)).unwrap();
+    let first = |name: &str| {
+        ck.manifest()
+            .tensors
+            .iter()
+            .find(|t| t.name == name)
+            .unwrap()
+            .chunks[0]
+            .offset
+    };
+    // Every chunk of the large run starts on a page (4 KiB chunks, contiguous).
+    for c in &ck
+        .manifest()
+        .tensors
+        .iter()
+        .find(|t| t.name == "large")
+        .unwrap()
+        .chunks
+    {
+        assert!(c.offset.is_multiple_of(PAYLOAD_ALIGN), "{c:?}");
+    }
+    // Three frames, walked from their headers; only the large run's payload is on a page
+    // (padded), the others start where their smallest header ends.
+    let seg = ck.manifest().new_segments[0].id;
+    let frames = frames_of(&dir.path().join("segments").join(format!("{seg:08}.seg")));
+    let starts: Vec<u64> = frames.iter().map(|f| f.0).collect();
+    assert_eq!(starts, vec![first("small"), first("large"), first("after")]);
+    assert!(!first("small").is_multiple_of(PAYLOAD_ALIGN));
+    assert!(!first("after").is_multiple_of(PAYLOAD_ALIGN));
+    assert_eq!(ck.tensor("small").unwrap().data, small);
+    assert_eq!(ck.tensor("large").unwrap().data, large);
+    assert_eq!(ck.tensor("after").unwrap().data, after);
+}
+
 /// A tensor written in one run is one contiguous byte range (the zero-copy read path relies
 /// on it), and the frames on disk describe exactly the chunks the manifest references.
 #[test]

@@ -39,12 +39,16 @@ pub fn moto() -> Option<&'static str> {
                 .local_addr()
                 .unwrap()
                 .port();
+            // The server's output, to say why it did not start; removed once this binary has
+            // exited and the server is stopped (kept if the server died first).
+            let log = std::env::temp_dir().join(format!("ckptstore-moto-{port}.log"));
             // A watchdog shell stops the server once this test binary has exited.
             let script = format!(
-                "moto_server -H 127.0.0.1 -p {port} >/dev/null 2>&1 & m=$!; \
+                "moto_server -H 127.0.0.1 -p {port} >'{log}' 2>&1 & m=$!; \
                  while kill -0 {pid} 2>/dev/null && kill -0 $m 2>/dev/null; do sleep 1; done; \
-                 kill $m 2>/dev/null",
-                pid = std::process::id()
+                 kill -0 {pid} 2>/dev/null && exit 1; kill $m 2>/dev/null; wait $m; rm -f '{log}'",
+                pid = std::process::id(),
+                log = log.display()
             );
             let mut watchdog = Command::new("sh")
                 .args(["-c", &script])
@@ -52,13 +56,26 @@ pub fn moto() -> Option<&'static str> {
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("start moto_server");
-            // Reaped when it exits (after the server, once this binary is gone or it died).
-            std::thread::spawn(move || watchdog.wait());
             let deadline = Instant::now() + Duration::from_secs(30);
             while TcpStream::connect(("127.0.0.1", port)).is_err() {
-                assert!(Instant::now() < deadline, "moto_server did not listen within 30 s");
+                // The watchdog ends as soon as the server has: say why, at once.
+                let ended = watchdog.try_wait().ok().flatten().is_some();
+                let tail = || std::fs::read_to_string(&log).unwrap_or_default();
+                assert!(
+                    !ended,
+                    "moto_server exited before it listened ({}):\n{}",
+                    log.display(),
+                    tail()
+                );
+                assert!(
+                    Instant::now() < deadline,
+                    "moto_server did not listen within 30 s:\n{}",
+                    tail()
+                );
                 std::thread::sleep(Duration::from_millis(100));
             }
+            // Reaped when it exits (after the server, once this binary is gone or it died).
+            std::thread::spawn(move || watchdog.wait());
             let endpoint = format!("http://127.0.0.1:{port}");
             // Set once, before any client reads them (every S3 test calls this first).
             std::env::set_var("AWS_ENDPOINT_URL", &endpoint);

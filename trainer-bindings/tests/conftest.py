@@ -60,8 +60,11 @@ def moto(tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Its output goes to a log, quoted if it does not start (a fresh machine may lack a part).
+    log_path = tmp_path_factory.mktemp("moto") / "moto_server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -69,7 +72,9 @@ def moto(tmp_path_factory):
                 socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
                 break
             except OSError:
-                assert time.monotonic() < deadline, "moto_server did not start in 30 s"
+                why = log_path.read_text(errors="replace")
+                assert proc.poll() is None, f"moto_server exited ({proc.returncode}):\n{why}"
+                assert time.monotonic() < deadline, f"moto_server did not start in 30 s:\n{why}"
                 time.sleep(0.1)
         endpoint = f"http://127.0.0.1:{port}"
         env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true",
@@ -87,12 +92,6 @@ def moto(tmp_path_factory):
     finally:
         proc.kill()
         proc.wait(timeout=10)
-
-
-def make_bucket(endpoint: str, name: str) -> str:
-    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{name}", method="PUT"),
-                           timeout=10).read()
-    return f"s3://{name}/run"
 
 
 def make_bucket(endpoint: str, name: str) -> str:

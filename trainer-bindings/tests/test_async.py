@@ -38,12 +38,18 @@ def test_save_async_error_is_raised_by_wait(store_dir):
     # The segments directory becomes a file: creating the next segment fails (even as root).
     shutil.rmtree(store_dir / "segments")
     (store_dir / "segments").write_bytes(b"")
-    h = cs.save_async(s, {"w": torch.full((10,), 2.0)}, step=2)
-    with pytest.raises(cs.StoreError):
-        h.wait()
-    with pytest.raises(cs.StoreError):
-        h.wait()  # raised again, not lost
-    assert h.done()
+    try:
+        h = cs.save_async(s, {"w": torch.full((10,), 2.0)}, step=2)
+    except cs.StoreError:
+        # The engine's threads failed the save before save_async had queued its commit (thread
+        # timing): then save_async raises it, and there is no handle (docs/GUARANTEES.md).
+        h = None
+    if h is not None:
+        with pytest.raises(cs.StoreError):
+            h.wait()
+        with pytest.raises(cs.StoreError):
+            h.wait()  # raised again, not lost
+        assert h.done()
     assert [c["step"] for c in s.list()] == [1]
 
 

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
@@ -60,15 +59,35 @@ def test_step_trigger_retention_names_and_append_info(store_dir, async_save):
         assert cs.load(s)["w"][0].item() == 9
 
 
-def test_seconds_trigger(store_dir):
-    cfg = cs.CheckpointConfig(save_checkpoint_steps=None, save_checkpoint_seconds=0.2,
+class FakeClock:
+    """``time.monotonic`` for ``ckptstore._callback``: moves only when the test says, so a
+    seconds trigger does not depend on how fast this machine runs the steps."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_seconds_trigger(store_dir, monkeypatch):
+    """Regression (ciguard): with the real clock, a pause of 0.2 s between two steps (a loaded
+    CI machine) would make step 1 or step 3 save too; the clock moves only where the test says."""
+    import ckptstore._callback as callback
+    clock = FakeClock()
+    monkeypatch.setattr(callback, "time", clock)
+    cfg = cs.CheckpointConfig(save_checkpoint_steps=None, save_checkpoint_seconds=0.25,
                               keep_checkpoint_max=100)
     with cs.ModelCheckpoint(prefix="p", directory=store_dir, config=cfg) as cb:
+        clock.now += 0.125
         assert not cb.step_end(1, 0, {"x": torch.ones(1)})
-        time.sleep(0.25)
+        clock.now += 0.25
         assert cb.step_end(2, 0, {"x": torch.ones(1)})
+        clock.now += 0.125  # counted from the end of the save at step 2
         assert not cb.step_end(3, 0, {"x": torch.ones(1)})
-        assert [c["step"] for c in cb.store.list()] == [2]
+        clock.now += 0.25
+        assert cb.step_end(4, 0, {"x": torch.ones(1)})
+        assert [c["step"] for c in cb.store.list()] == [2, 4]
 
 
 def test_exception_save_is_a_breakpoint_checkpoint(store_dir):

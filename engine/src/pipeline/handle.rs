@@ -16,7 +16,9 @@ pub struct SaveReport {
     pub stall: Duration,
     /// Part of `stall` spent waiting for a free staging buffer (the pool was empty).
     pub pool_wait: Duration,
-    /// From `begin` to the commit record being durable.
+    /// From `begin` to the commit record being durable, or to the return of `submit` if
+    /// that came later (the I/O thread can make a save durable while the caller, descheduled,
+    /// has not yet returned from `submit`): never less than `stall`.
     pub time_to_durable: Duration,
     /// Bytes staged (tensor and blob bytes of the checkpoint).
     pub bytes_staged: u64,
@@ -35,6 +37,8 @@ pub struct SaveHandle {
     /// `None` once `wait` has taken the result.
     done: Option<Receiver<(Result<CommitInfo>, Instant)>>,
     started: Instant,
+    /// When `submit` returned (every stall interval lies between `started` and this).
+    submitted: Instant,
     stall: Duration,
     pool_wait: Duration,
     bytes: u64,
@@ -55,6 +59,7 @@ impl SaveHandle {
             prefix,
             done: Some(done),
             started,
+            submitted: Instant::now(),
             stall,
             pool_wait,
             bytes,
@@ -89,7 +94,7 @@ impl SaveHandle {
             commit,
             stall: self.stall,
             pool_wait: self.pool_wait,
-            time_to_durable: at.saturating_duration_since(self.started),
+            time_to_durable: time_to_durable(self.started, self.submitted, at),
             bytes_staged: self.bytes,
         })
     }
@@ -102,5 +107,35 @@ impl Drop for SaveHandle {
             self.prefix
                 .dropped(self.seq, || done.try_recv().ok().map(|(r, _)| r.is_ok()));
         }
+    }
+}
+
+/// [`SaveReport::time_to_durable`]: from `started` to the later of `durable` and `submitted`.
+fn time_to_durable(started: Instant, submitted: Instant, durable: Instant) -> Duration {
+    durable.max(submitted).saturating_duration_since(started)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression (ciguard, CI timing): `stall <= time_to_durable` (tests/pipeline.rs,
+    /// test_async.py) failed when the I/O thread made the save durable while the caller,
+    /// descheduled right after queuing the commit, had not yet returned from `submit`: the
+    /// stall then ran past the durable instant.
+    #[test]
+    fn regression_durable_before_submit_returned_is_not_shorter_than_the_stall() {
+        let ms = Duration::from_millis;
+        let started = Instant::now();
+        // Staged for 7 ms, submit returned at 8 ms, durable already at 5 ms.
+        let stall = ms(7);
+        let t = time_to_durable(started, started + ms(8), started + ms(5));
+        assert_eq!(t, ms(8));
+        assert!(stall <= t);
+        // The usual order: durable after submit returned.
+        assert_eq!(
+            time_to_durable(started, started + ms(8), started + ms(20)),
+            ms(20)
+        );
     }
 }

@@ -445,10 +445,18 @@ impl Save<'_> {
         }
     }
 
-    /// The I/O thread dropped this save's queue: it failed. Its error comes from the handle.
+    /// The I/O thread dropped this save's queue: it failed, and its result, taken here, is
+    /// the error the staging call returns (this save never gets a handle).
     fn io_stopped(&mut self) -> Error {
         match self.done.as_ref().and_then(|d| d.try_recv().ok()) {
-            Some((Err(e), _)) => e,
+            Some((Err(e), _)) => {
+                // The caller sees the failure now, as through a handle's `wait`: saves begun
+                // from here on run again. (Else the next save, begun after the caller was
+                // told, would still fail for it — or not, had the failure reached a handle:
+                // the outcome would hang on thread timing.)
+                self.pipeline.prefix.seen();
+                e
+            }
             _ => Error::invalid("the pipeline's I/O thread has stopped"),
         }
     }

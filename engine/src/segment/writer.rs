@@ -13,7 +13,7 @@
 //! file, and the chunk's reference carries the nonce and tag. This is the one place chunk
 //! bytes are encrypted.
 
-use super::{align_up, encode_header, file_name, header_len_for, ChunkEntry, FrameHeader};
+use super::{align_up, encode_header, file_name, pads, ChunkEntry, FrameAt, FrameHeader};
 use super::{FRAME_ALIGN, SEGMENT_DATA_OFFSET};
 use crate::crypt::Sealer;
 use crate::error::{Error, Result};
@@ -126,25 +126,30 @@ impl SegmentWriter {
         self.sync_failed
     }
 
-    /// Starts a frame for a run of chunks of `codec`. `capacity(end)` says how many of the
-    /// run's chunks fit in a frame starting at `end` of a segment; when none fit in the open
-    /// segment, it is finished (fdatasync'ed) and a new one created with the id `next_id`
-    /// gives, which takes at least one chunk even if it overflows the caller's size limit.
-    /// The frame reserves table room for that many chunks.
+    /// Starts a frame for a run of chunks of `codec` that may hold up to `run_bytes` payload
+    /// bytes (the rest of its tensor; what decides whether its header is padded so that its
+    /// payload starts on a page, [`super::pads`]). `capacity(at)` says how many of the run's
+    /// chunks fit in a frame at `at` of a segment; when none fit in the open segment, it is
+    /// finished (fdatasync'ed) and a new one created with the id `next_id` gives, which takes
+    /// at least one chunk even if it overflows the caller's size limit. The frame reserves
+    /// table room for that many chunks.
     pub(crate) fn begin_run(
         &mut self,
         codec: pb::Codec,
-        capacity: impl Fn(u64) -> usize,
+        run_bytes: u64,
+        capacity: impl Fn(FrameAt) -> usize,
         next_id: impl FnOnce() -> Result<u64>,
     ) -> Result<Run> {
-        let mut cap = self.open.as_ref().map_or(0, |s| capacity(s.end));
+        let pad = pads(codec as u8, run_bytes);
+        let at = |start| FrameAt { start, pad };
+        let mut cap = self.open.as_ref().map_or(0, |s| capacity(at(s.end)));
         if cap == 0 {
             self.finish_open()?;
             self.create(next_id()?)?;
-            cap = capacity(SEGMENT_DATA_OFFSET).max(1);
+            cap = capacity(at(SEGMENT_DATA_OFFSET)).max(1);
         }
         let start = self.open_segment()?.end;
-        let header_len = header_len_for(cap);
+        let header_len = at(start).header_len(cap);
         Ok(Run {
             start,
             header_len,
@@ -238,13 +243,14 @@ impl SegmentWriter {
 
     /// Writes one chunk as the next of `run`: the run is ended first when its table is full
     /// or its codec is not `codec`, and begun ([`SegmentWriter::begin_run`], with
-    /// `capacity` and `next_id`) when there is none.
-    #[allow(clippy::too_many_arguments)] // the chunk (3) and how a run begins (3)
+    /// `run_bytes`, `capacity` and `next_id`) when there is none.
+    #[allow(clippy::too_many_arguments)] // the chunk (3) and how a run begins (4)
     pub(crate) fn append(
         &mut self,
         run: &mut Option<Run>,
         codec: pb::Codec,
-        capacity: impl Fn(u64) -> usize,
+        run_bytes: u64,
+        capacity: impl Fn(FrameAt) -> usize,
         next_id: impl FnOnce() -> Result<u64>,
         stored: &[u8],
         raw_len: u64,
@@ -258,7 +264,7 @@ impl SegmentWriter {
         }
         let r = match run {
             Some(r) => r,
-            None => run.insert(self.begin_run(codec, capacity, next_id)?),
+            None => run.insert(self.begin_run(codec, run_bytes, capacity, next_id)?),
         };
         self.write_chunk(r, stored, raw_len, hash)
     }

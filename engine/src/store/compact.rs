@@ -21,7 +21,7 @@ use crate::segment::{self, SegmentWriter, SEGMENT_DATA_OFFSET};
 use crate::wal::{self, RecordType};
 use ckptstore_proto::v1 as pb;
 use prost::Message;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Segments with a live fraction at or above this are never compacted for the amplification
 /// rule alone: rewriting them would give back little for the bytes copied.
@@ -64,6 +64,21 @@ fn live_chunks(state: &State) -> BTreeMap<u64, BTreeMap<u64, pb::ChunkRef>> {
     out
 }
 
+/// The segments that hold a live checkpoint's commit trailer: the highest id of each one's
+/// `new_segments` (docs/FORMAT.md, "Commit trailer"). Compaction never picks them: freeing one
+/// would free the trailer with it, and a rebuild could no longer restore that checkpoint
+/// (compaction writes no trailer of its own). Every chunk of such a segment is live (its
+/// checkpoint wrote them), so it was only ever a candidate when its frames hold bytes a copy
+/// would not — table room reserved and not used, padding ahead of a payload: the rebuild
+/// sweep lost acknowledged checkpoints that way once headers were padded (issue 13).
+fn trailer_segments(state: &State) -> BTreeSet<u64> {
+    state
+        .checkpoints
+        .values()
+        .filter_map(|m| m.new_segments.iter().map(|s| s.id).max())
+        .collect()
+}
+
 /// The key id of each sealed live chunk, by (segment, offset).
 fn sealing_keys(state: &State) -> HashMap<(u64, u64), KeyId> {
     let mut out = HashMap::new();
@@ -95,9 +110,18 @@ fn runs(chunks: &[pb::ChunkRef]) -> Vec<&[pb::ChunkRef]> {
     out
 }
 
+fn payload_len(run: &[pb::ChunkRef]) -> u64 {
+    run.iter().map(|c| c.stored_len).sum()
+}
+
+/// Whether the copy of `run` has its header padded (segment::pads).
+fn pads(run: &[pb::ChunkRef]) -> bool {
+    segment::pads(run[0].codec as u8, payload_len(run))
+}
+
+/// The most bytes the copy of `run` takes (its padding depends on where it lands).
 fn frame_len(run: &[pb::ChunkRef]) -> u64 {
-    let payload: u64 = run.iter().map(|c| c.stored_len).sum();
-    segment::align_up(segment::header_len_for(run.len()) + payload)
+    segment::frame_len_at_most(pads(run), run.len(), payload_len(run))
 }
 
 /// Bytes `chunks` take when copied (frames of their runs, no segment header).
@@ -110,9 +134,11 @@ fn rewritten_len(chunks: &[pb::ChunkRef]) -> u64 {
 /// more than `max_space_amplification` times the live bytes, the emptiest of the rest (below
 /// a live fraction of 0.9). Segments recovery found damaged are never touched, nor those in
 /// `remote` (still in the bucket after a lazy restore: compacting them would download them to
-/// reclaim no local space).
+/// reclaim no local space), nor those holding a live checkpoint's commit trailer
+/// ([`trailer_segments`]).
 pub(crate) fn plan(state: &State, opts: &Options, remote: &[u64]) -> CompactionPlan {
     let live = live_chunks(state);
+    let trailers = trailer_segments(state);
     let live_bytes: u64 = live
         .values()
         .flat_map(|c| c.values())
@@ -126,6 +152,7 @@ pub(crate) fn plan(state: &State, opts: &Options, remote: &[u64]) -> CompactionP
         };
         if state.damaged_segments.contains(&id)
             || remote.contains(&id)
+            || trailers.contains(&id)
             || seg.len <= SEGMENT_DATA_OFFSET
         {
             continue;
@@ -282,14 +309,14 @@ impl Store {
             let src_file = self.segment_file(src)?;
             let src_path = self.segment_path(src);
             for run in runs(&chunks) {
-                let flen = frame_len(run);
+                let payload = payload_len(run);
                 let codec = pb::Codec::try_from(run[0].codec)
                     .map_err(|_| Error::invalid(format!("unknown codec {}", run[0].codec)))?;
                 // The run is copied as one frame: into the open output if it fits there (or
                 // the output is empty), else into a new one. The frame begins at the run's
                 // first chunk that verifies (none: no frame).
-                let fits = |end: u64| {
-                    if end == SEGMENT_DATA_OFFSET || end + flen <= max {
+                let fits = |at: segment::FrameAt| {
+                    if at.start == SEGMENT_DATA_OFFSET || at.end(run.len(), payload) <= max {
                         run.len()
                     } else {
                         0
@@ -315,9 +342,9 @@ impl Store {
                     }
                     let f = match frame.as_mut() {
                         Some(f) => f,
-                        None => frame.insert(
-                            writer.begin_run(codec, fits, || self.state.allocate_segment_id())?,
-                        ),
+                        None => frame.insert(writer.begin_run(codec, payload, fits, || {
+                            self.state.allocate_segment_id()
+                        })?),
                     };
                     let to = writer.write_chunk(f, &buf, c.raw_len, hash)?;
                     moves.push(pb::ChunkMove {

@@ -148,17 +148,14 @@ impl Store {
                             .map_err(|_| Error::invalid(format!("unknown codec {}", c.codec)))?;
                         let len = stored.len() as u64;
                         let mut run = None;
-                        let fits = |end: u64| {
-                            usize::from(
-                                end == SEGMENT_DATA_OFFSET
-                                    || end + segment::align_up(segment::header_len_for(1) + len)
-                                        <= max,
-                            )
+                        let fits = |at: segment::FrameAt| {
+                            usize::from(at.start == SEGMENT_DATA_OFFSET || at.end(1, len) <= max)
                         };
                         let state = &mut self.state;
                         let r = writer.append(
                             &mut run,
                             codec,
+                            len,
                             fits,
                             || state.allocate_segment_id(),
                             &stored,

@@ -258,7 +258,8 @@ impl ShardWriter {
             let r = self.writer.append(
                 &mut run,
                 pb::Codec::None,
-                |end| segment::frame_capacity(end, max, total, cs, k),
+                segment::run_bytes(total, cs, k),
+                |at| segment::frame_capacity(at, max, total, cs, k),
                 || next_shard_id(&mut self.next_id, &self.ids),
                 chunk,
                 chunk.len() as u64,

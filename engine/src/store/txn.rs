@@ -532,7 +532,8 @@ impl<'s> Transaction<'s> {
             let r = self.writer.append(
                 &mut run,
                 chunk.codec,
-                |end| segment::frame_capacity(end, max, total, cs, k),
+                segment::run_bytes(total, cs, k),
+                |at| segment::frame_capacity(at, max, total, cs, k),
                 || self.store.state.allocate_segment_id(),
                 stored,
                 chunk.raw_len as u64,

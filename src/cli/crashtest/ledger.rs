@@ -193,6 +193,8 @@ impl Run<'_> {
                 self.ledger.deleted.insert(id);
             }
             (Some("compact-begin"), _, _) => *phase = Phase::Compaction,
+            // The reorder fault's writer: its later save is durable, it waits for the kill.
+            (Some("parked"), _, _) => {}
             (Some("compact"), _, _) => {
                 *phase = self.phase_after_ack();
                 self.tally.explicit_compactions += 1;

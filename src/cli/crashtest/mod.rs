@@ -227,6 +227,7 @@ pub fn run(a: Args) -> CliResult {
     let mut handed_on = false;
     let mut failed_at: Option<(u64, Phase)> = None;
     let lie = a.inject_fault == Some(Fault::Lie);
+    let reorder = a.inject_fault == Some(Fault::Reorder);
     let corrupt_at = a.kills / 2;
     let mut corrupted = false;
 
@@ -234,7 +235,12 @@ pub fn run(a: Args) -> CliResult {
         if !run.violations.is_empty() {
             break;
         }
-        let delay = if handed_on {
+        let delay = if reorder {
+            // Killed once its later save is durable (the `parked` line), whatever the
+            // machine's speed: aimed by the estimates below, the kills of a loaded machine
+            // all landed before it, and the fault went unnoticed. Bounded all the same.
+            30.0
+        } else if handed_on {
             let lo = timing.opening * 0.7;
             let hi = timing.opened * 1.3 + 0.000_5;
             lo + rng.unit() * (hi - lo)
@@ -243,7 +249,7 @@ pub fn run(a: Args) -> CliResult {
         } else {
             timing.opened + rng.unit() * 6.0 * timing.period
         };
-        let delay = Duration::from_secs_f64(delay.clamp(0.0, 5.0));
+        let delay = Duration::from_secs_f64(delay.clamp(0.0, if reorder { 30.0 } else { 5.0 }));
 
         // Spawn a writer, kill it after `delay`.
         let spawned = Instant::now();
@@ -259,7 +265,7 @@ pub fn run(a: Args) -> CliResult {
         if a.asynchronous {
             cmd.args(["--in-flight", &a.in_flight.to_string()]);
         }
-        if a.inject_fault == Some(Fault::Reorder) {
+        if reorder {
             cmd.arg("--reorder");
         }
         let mut child = cmd
@@ -310,7 +316,12 @@ pub fn run(a: Args) -> CliResult {
                 break;
             }
             match rx.recv_timeout(deadline - now) {
-                Ok((at, line)) => handle(&mut run, at, &line, &mut phase),
+                Ok((at, line)) => {
+                    handle(&mut run, at, &line, &mut phase);
+                    if line == "parked" {
+                        break;
+                    }
+                }
                 Err(_) => break, // the deadline, or the writer closed its stdout (exited)
             }
         }

@@ -150,6 +150,10 @@ fn run_async(a: WriterArgs, k: usize) -> CliResult {
         let later = Content::of(a.seed, step + 1);
         tell(format!("begin {}", step + 1))?;
         later.save_async(&mut p)?.wait()?;
+        // Not an acknowledgement (the checker must find the later save by itself): it tells
+        // the parent the save is durable, so that the kill lands after it however slowly
+        // this machine runs the save.
+        tell("parked".into())?;
         loop {
             std::thread::park();
         }
