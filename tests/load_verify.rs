@@ -313,7 +313,9 @@ fn odd_run(
     dir: &std::path::Path,
     io: Option<std::sync::Arc<dyn ckptstore::io::Storage>>,
 ) -> (Vec<u8>, Vec<ckptstore::proto::v1::ChunkRef>, Store) {
-    let chunk_size = 1 << 20;
+    // Not a multiple of 4 KiB: with payloads padded to 4 KiB file offsets (segment writer), the
+    // chunks after the first still start off any 4 KiB boundary.
+    let chunk_size = (1 << 20) + 100;
     let w = data(21, 10 * chunk_size + 4097);
     let mut s = Store::open(
         dir,
@@ -594,7 +596,7 @@ fn owned_store(
     dir: &std::path::Path,
     io: Option<std::sync::Arc<dyn ckptstore::io::Storage>>,
 ) -> (Vec<(&'static str, Vec<u8>)>, Store) {
-    let chunk_size = 1 << 20;
+    let chunk_size = (1 << 20) + 100; // chunks off 4 KiB even in a padded payload
     let opts = || ckptstore::Options {
         chunk_size,
         ..opts()
