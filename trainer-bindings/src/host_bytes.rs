@@ -282,32 +282,18 @@ impl MappedBytes {
             ));
         }
         let data = slf.get().view.data();
-        // SAFETY: see the method comment; every field written is part of Py_buffer.
+        let obj = slf.clone().into_any().into_ptr();
+        // SAFETY: see the method comment.
         unsafe {
-            (*view).obj = slf.clone().into_any().into_ptr();
-            (*view).buf = data.as_ptr() as *mut c_void;
-            (*view).len = data.len() as ffi::Py_ssize_t;
-            (*view).readonly = 1;
-            (*view).itemsize = 1;
-            (*view).format = if flags & ffi::PyBUF_FORMAT == ffi::PyBUF_FORMAT {
-                c"B".as_ptr() as *mut _
-            } else {
-                std::ptr::null_mut()
-            };
-            (*view).ndim = 1;
-            (*view).shape = if flags & ffi::PyBUF_ND == ffi::PyBUF_ND {
-                &mut (*view).len
-            } else {
-                std::ptr::null_mut()
-            };
-            (*view).strides = if flags & ffi::PyBUF_STRIDES == ffi::PyBUF_STRIDES {
-                &mut (*view).itemsize
-            } else {
-                std::ptr::null_mut()
-            };
-            (*view).suboffsets = std::ptr::null_mut();
-            (*view).internal = std::ptr::null_mut();
-        }
+            fill_bytes_buffer(
+                view,
+                obj,
+                data.as_ptr() as *mut c_void,
+                data.len(),
+                true,
+                flags,
+            )
+        };
         Ok(())
     }
 
@@ -381,36 +367,59 @@ impl OwnedBytes {
         } else {
             this.addr
         };
-        // SAFETY: see the method comment; every field written is part of Py_buffer.
-        unsafe {
-            (*view).obj = slf.clone().into_any().into_ptr();
-            (*view).buf = buf as *mut c_void;
-            (*view).len = this.len as ffi::Py_ssize_t;
-            (*view).readonly = 0;
-            (*view).itemsize = 1;
-            (*view).format = if flags & ffi::PyBUF_FORMAT == ffi::PyBUF_FORMAT {
-                c"B".as_ptr() as *mut _
-            } else {
-                std::ptr::null_mut()
-            };
-            (*view).ndim = 1;
-            (*view).shape = if flags & ffi::PyBUF_ND == ffi::PyBUF_ND {
-                &mut (*view).len
-            } else {
-                std::ptr::null_mut()
-            };
-            (*view).strides = if flags & ffi::PyBUF_STRIDES == ffi::PyBUF_STRIDES {
-                &mut (*view).itemsize
-            } else {
-                std::ptr::null_mut()
-            };
-            (*view).suboffsets = std::ptr::null_mut();
-            (*view).internal = std::ptr::null_mut();
-        }
+        let obj = slf.clone().into_any().into_ptr();
+        // SAFETY: see the method comment.
+        unsafe { fill_bytes_buffer(view, obj, buf as *mut c_void, this.len, false, flags) };
         Ok(())
     }
 
     #[allow(unsafe_code)]
     // SAFETY: nothing was allocated per export; CPython drops `view.obj` itself.
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
+}
+
+/// Fills a one-dimensional, unsigned-byte `Py_buffer` export of `len` bytes at `buf`, owned by
+/// `obj` (a new strong reference, which CPython releases with the buffer); `format`, `shape`
+/// and `strides` only where `flags` asks for them. One implementation for the read-only
+/// checkpoint bytes and the writable loaded tensors.
+///
+/// # Safety
+/// `view` is a valid, non-null `Py_buffer` CPython handed to `__getbuffer__`; `buf..buf+len`
+/// stays valid and unmoved while `obj` lives (and is writable where `readonly` is false).
+#[allow(unsafe_code)]
+unsafe fn fill_bytes_buffer(
+    view: *mut ffi::Py_buffer,
+    obj: *mut ffi::PyObject,
+    buf: *mut c_void,
+    len: usize,
+    readonly: bool,
+    flags: c_int,
+) {
+    // SAFETY: the caller's contract above; every field written is part of Py_buffer, and the
+    // shape and strides point into the same Py_buffer, which CPython keeps for the export.
+    unsafe {
+        (*view).obj = obj;
+        (*view).buf = buf;
+        (*view).len = len as ffi::Py_ssize_t;
+        (*view).readonly = c_int::from(readonly);
+        (*view).itemsize = 1;
+        (*view).format = if flags & ffi::PyBUF_FORMAT == ffi::PyBUF_FORMAT {
+            c"B".as_ptr() as *mut _
+        } else {
+            std::ptr::null_mut()
+        };
+        (*view).ndim = 1;
+        (*view).shape = if flags & ffi::PyBUF_ND == ffi::PyBUF_ND {
+            &mut (*view).len
+        } else {
+            std::ptr::null_mut()
+        };
+        (*view).strides = if flags & ffi::PyBUF_STRIDES == ffi::PyBUF_STRIDES {
+            &mut (*view).itemsize
+        } else {
+            std::ptr::null_mut()
+        };
+        (*view).suboffsets = std::ptr::null_mut();
+        (*view).internal = std::ptr::null_mut();
+    }
 }
