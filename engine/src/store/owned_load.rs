@@ -109,15 +109,12 @@ impl CheckpointReader<'_> {
                             .map(|(i, p)| Item::Part(l, i, p)),
                     );
                 }
-                Slot::Owned(v) => {
-                    let mut rest: &mut [u8] = v;
-                    for (i, c) in t.chunks.iter().enumerate() {
-                        let (dst, tail) =
-                            std::mem::take(&mut rest).split_at_mut(c.raw_len as usize);
-                        rest = tail;
-                        items.push(Item::Copy(t.name.as_str(), i, dst));
-                    }
-                }
+                Slot::Owned(v) => items.extend(
+                    super::reader::split_per_chunk(v, &t.chunks)
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, dst)| Item::Copy(t.name.as_str(), i, dst)),
+                ),
             }
         }
         let done: Vec<AtomicBool> = chunks.iter().map(|_| AtomicBool::new(false)).collect();
@@ -126,20 +123,7 @@ impl CheckpointReader<'_> {
             let r = match item {
                 Item::Part(l, i, part) => layouts[l].read_part(self, i, part),
                 Item::Copy(name, i, dst) => {
-                    // New memory faulted in by the thread that fills it, in one call,
-                    // overlapping the other threads' reads (as `read_chunks`).
-                    crate::io::prefault(dst);
-                    let c = &chunks[k];
-                    self.read_chunk(
-                        "tensor",
-                        name,
-                        i,
-                        c,
-                        Some(dst),
-                        Route::Cold,
-                        scratch,
-                        verify,
-                    )
+                    self.read_chunk_into_new("tensor", name, i, &chunks[k], dst, scratch, verify)
                 }
             };
             match &r {

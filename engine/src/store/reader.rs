@@ -179,29 +179,17 @@ impl<'s> CheckpointReader<'s> {
         let mut items = Vec::new();
         for (name, out) in outs {
             let t = self.destination_entry(name, out.len())?;
-            let mut rest: &mut [u8] = out;
-            for (i, c) in t.chunks.iter().enumerate() {
-                let (dst, tail) = std::mem::take(&mut rest).split_at_mut(c.raw_len as usize);
-                rest = tail;
-                chunks.push(c.clone());
-                items.push((t.name.as_str(), i, dst));
-            }
+            let slices = split_per_chunk(out, &t.chunks);
+            chunks.extend(t.chunks.iter().cloned());
+            items.extend(
+                slices
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, dst)| (t.name.as_str(), i, dst)),
+            );
         }
         self.each_chunk(&chunks, items, Route::Cold, |k, (name, i, dst), scratch| {
-            // (as in read_chunks: the new memory faulted in a chunk at a time, by the thread
-            // that fills it, overlapping the other threads' disk reads)
-            crate::io::prefault(dst);
-            let c = &chunks[k];
-            self.read_chunk(
-                "tensor",
-                name,
-                i,
-                c,
-                Some(dst),
-                Route::Cold,
-                scratch,
-                verify,
-            )
+            self.read_chunk_into_new("tensor", name, i, &chunks[k], dst, scratch, verify)
         })
     }
 
@@ -320,31 +308,40 @@ impl<'s> CheckpointReader<'s> {
         out: &mut [u8],
         verify: bool,
     ) -> Result<()> {
-        // New memory (a fresh tensor) is zeroed and mapped by the kernel at its first touch:
-        // faulted in a chunk at a time, in one call, by the thread that fills it, so the
-        // faulting of one chunk overlaps the disk reads of others. Not in huge pages: with
-        // `defrag=madvise` a MADV_HUGEPAGE fault compacts memory, and under memory pressure
-        // that took 22-25 s per GiB here (DECISIONS "Cold reads go direct").
-        let mut slices = Vec::with_capacity(chunks.len());
-        let mut rest: &mut [u8] = out;
-        for c in chunks {
-            let (dst, tail) = std::mem::take(&mut rest).split_at_mut(c.raw_len as usize);
-            slices.push(dst);
-            rest = tail;
-        }
+        let slices = split_per_chunk(out, chunks);
         self.each_chunk(chunks, slices, Route::Cold, |i, dst, scratch| {
-            crate::io::prefault(dst);
-            self.read_chunk(
-                kind,
-                name,
-                i,
-                &chunks[i],
-                Some(dst),
-                Route::Cold,
-                scratch,
-                verify,
-            )
+            self.read_chunk_into_new(kind, name, i, &chunks[i], dst, scratch, verify)
         })
+    }
+
+    /// Reads chunk `index` of `name` cold into `dst`, new memory. New memory (a fresh tensor)
+    /// is zeroed and mapped by the kernel at its first touch: it is faulted in a chunk at a
+    /// time, in one call, by the thread that fills it, so the faulting of one chunk overlaps
+    /// the disk reads of others. Not in huge pages: with `defrag=madvise` a MADV_HUGEPAGE
+    /// fault compacts memory, and under memory pressure that took 22-25 s per GiB here
+    /// (DECISIONS "Cold reads go direct").
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn read_chunk_into_new(
+        &self,
+        kind: &'static str,
+        name: &str,
+        index: usize,
+        c: &pb::ChunkRef,
+        dst: &mut [u8],
+        scratch: &mut Scratch,
+        verify: bool,
+    ) -> Result<()> {
+        crate::io::prefault(dst);
+        self.read_chunk(
+            kind,
+            name,
+            index,
+            c,
+            Some(dst),
+            Route::Cold,
+            scratch,
+            verify,
+        )
     }
 
     /// Reads (through the page cache: [`Route::Cache`]) and hashes `chunks` without keeping
@@ -701,4 +698,17 @@ impl<'r, 's> ReadAhead<'r, 's> {
             }
         }
     }
+}
+
+/// `out` cut into one slice per chunk, each the chunk's raw length, in order (the chunks'
+/// raw lengths add up to `out`'s length: checked by the callers).
+pub(super) fn split_per_chunk<'a>(out: &'a mut [u8], chunks: &[pb::ChunkRef]) -> Vec<&'a mut [u8]> {
+    let mut slices = Vec::with_capacity(chunks.len());
+    let mut rest = out;
+    for c in chunks {
+        let (dst, tail) = std::mem::take(&mut rest).split_at_mut(c.raw_len as usize);
+        slices.push(dst);
+        rest = tail;
+    }
+    slices
 }
