@@ -29,8 +29,9 @@ const BUF_ALIGN: usize = 4096;
 pub const DIRECT_ALIGN: u64 = BUF_ALIGN as u64;
 
 /// A buffer aligned for O_DIRECT (an anonymous map, so page-aligned and zeroed by the kernel
-/// without a memset pass), grown on demand and reused: its pages are mapped when it is made,
-/// so a direct read into it faults nothing. One per reading thread, kept between reads.
+/// without a memset pass), grown on demand and reused: its pages are mapped when it is made
+/// (huge pages where the kernel has them free, [`super::huge`]), so a direct read into it
+/// faults nothing. One per reading thread, kept between reads.
 #[derive(Default)]
 pub struct ReadBuf {
     map: Option<memmap2::MmapMut>,
@@ -62,11 +63,14 @@ impl ReadBuf {
             // Round up to 1 MiB so chunks of slightly different sizes reuse one buffer.
             let cap = len.div_ceil(1 << 20) << 20;
             #[allow(clippy::expect_used)] // as an allocation failure
-            let map = memmap2::MmapOptions::new()
+            let mut map = memmap2::MmapOptions::new()
                 .len(cap)
-                .populate()
                 .map_anon()
                 .expect("mapping a read buffer");
+            // In huge pages where free: a direct read into it is then one request, not four
+            // (io/huge.rs).
+            super::huge::advise(&mut map);
+            prefault(&mut map);
             self.map = Some(map);
         }
         match self.map.as_mut() {

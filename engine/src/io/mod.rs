@@ -5,6 +5,7 @@
 //! Errors here are plain `std::io::Error`; the layers above attach the path and operation.
 
 mod direct_read;
+pub mod huge;
 mod mem;
 mod mmap;
 pub mod private_fs;
