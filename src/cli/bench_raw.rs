@@ -39,12 +39,18 @@ pub fn drop_cache(files: &[&Path], how: Cold) -> CliResult<bool> {
     Ok(false)
 }
 
-/// A page-aligned, pre-faulted buffer of one block (O_DIRECT needs aligned memory).
-fn aligned_block() -> CliResult<memmap2::MmapMut> {
-    Ok(memmap2::MmapOptions::new()
-        .len(BLOCK)
-        .populate()
-        .map_anon()?)
+/// A page-aligned, pre-faulted buffer of one block (O_DIRECT needs aligned memory). `huge`:
+/// in huge pages where the kernel has them free, as the store's own read buffers are
+/// (`ckptstore::io::huge`): a read into them is one request per block, not four, so the read
+/// limit is the disk's best. Writes keep 4 KiB pages: the store writes from the caller's
+/// memory, which is in 4 KiB pages.
+fn aligned_block(huge: bool) -> CliResult<memmap2::MmapMut> {
+    let mut map = memmap2::MmapOptions::new().len(BLOCK).map_anon()?;
+    if huge {
+        ckptstore::io::huge::advise(&mut map);
+    }
+    ckptstore::io::prefault(&mut map);
+    Ok(map)
 }
 
 /// O_DIRECT open; `None` where the file system refuses O_DIRECT (tmpfs).
@@ -69,7 +75,7 @@ fn open_buffered(path: &Path, flags: OFlags) -> CliResult<std::os::fd::OwnedFd> 
 /// seconds. `direct`: O_DIRECT (`None` if the file system refuses it), else through the page
 /// cache.
 pub fn write(path: &Path, data: &[u8], direct: bool) -> CliResult<Option<f64>> {
-    let mut block = aligned_block()?;
+    let mut block = aligned_block(false)?;
     let _ = std::fs::remove_file(path);
     let t = Instant::now();
     let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC;
@@ -100,9 +106,9 @@ pub fn write(path: &Path, data: &[u8], direct: bool) -> CliResult<Option<f64>> {
 
 /// Reads the file (made cold by the caller) sequentially in blocks into a reused buffer:
 /// seconds. `direct`: O_DIRECT (`None` if refused), else through the page cache (kernel
-/// readahead).
-pub fn read(path: &Path, size: u64, direct: bool) -> CliResult<Option<f64>> {
-    let mut block = aligned_block()?;
+/// readahead). `huge`: the buffer in huge pages where free ([`aligned_block`]).
+pub fn read(path: &Path, size: u64, direct: bool, huge: bool) -> CliResult<Option<f64>> {
+    let mut block = aligned_block(huge)?;
     let t = Instant::now();
     let fd = if direct {
         match open_direct(path, OFlags::RDONLY)? {
