@@ -15,6 +15,7 @@ mod leftovers;
 mod lost_found;
 mod owned_load;
 mod perms;
+mod prefetch;
 mod quarantine;
 mod reader;
 mod rebuild;

@@ -188,7 +188,7 @@ impl<'s> CheckpointReader<'s> {
                     .map(|(i, dst)| (t.name.as_str(), i, dst)),
             );
         }
-        self.each_chunk(&chunks, items, Route::Cold, |k, (name, i, dst), scratch| {
+        self.each_chunk_ahead(&chunks, items, |k, (name, i, dst), scratch| {
             self.read_chunk_into_new("tensor", name, i, &chunks[k], dst, scratch, verify)
         })
     }
@@ -247,7 +247,7 @@ impl<'s> CheckpointReader<'s> {
                 refs.push(c.clone());
             }
         }
-        let r = self.each_chunk(&refs, todo, Route::Cold, |k, (kind, name, i), scratch| {
+        let r = self.each_chunk_ahead(&refs, todo, |k, (kind, name, i), scratch| {
             self.read_chunk(kind, name, i, &refs[k], None, Route::Cold, scratch, true)
         });
         // Chunks before the first damaged one were all read and found intact.
@@ -309,7 +309,7 @@ impl<'s> CheckpointReader<'s> {
         verify: bool,
     ) -> Result<()> {
         let slices = split_per_chunk(out, chunks);
-        self.each_chunk(chunks, slices, Route::Cold, |i, dst, scratch| {
+        self.each_chunk_ahead(chunks, slices, |i, dst, scratch| {
             self.read_chunk_into_new(kind, name, i, &chunks[i], dst, scratch, verify)
         })
     }
@@ -503,9 +503,13 @@ impl<'s> CheckpointReader<'s> {
         // An uncompressed chunk is its raw bytes; a compressed one, its stored frame (sealed:
         // the ciphertext of those, as long).
         let len = if plain { c.raw_len } else { c.stored_len } as usize;
-        let stored: &mut [u8] = match route {
-            Route::Cold => file.read_cold(c.offset, len, &mut scratch.read),
-            Route::Cache => {
+        let ahead = scratch.ready.take().filter(|r| {
+            (r.segment, r.offset, r.len) == (c.segment, c.offset, len) && route == Route::Cold
+        });
+        let stored: &mut [u8] = match (route, ahead) {
+            (_, Some(r)) => Ok(&mut scratch.read.get_mut(r.at + len)[r.at..]),
+            (Route::Cold, None) => file.read_cold(c.offset, len, &mut scratch.read),
+            (Route::Cache, None) => {
                 let buf = scratch.read.get_mut(len);
                 file.read_at(buf, c.offset).map(|()| buf)
             }
@@ -561,6 +565,29 @@ impl<'s> CheckpointReader<'s> {
         Ok(())
     }
 
+    /// Reads chunk `c`'s stored bytes cold into `s` for a later [`CheckpointReader::read_chunk`]
+    /// of it on another thread (store/prefetch.rs). A read that fails leaves nothing ready:
+    /// the later read tries again and reports the error.
+    pub(super) fn read_ahead(&self, c: &pb::ChunkRef, s: &mut Scratch) {
+        s.ready = None;
+        let plain = c.codec == pb::Codec::None as i32;
+        let len = if plain { c.raw_len } else { c.stored_len } as usize;
+        let Ok(file) = self.store.segment_file(c.segment) else {
+            return;
+        };
+        let Ok(bytes) = file.read_cold(c.offset, len, &mut s.read) else {
+            return;
+        };
+        let start = bytes.as_ptr() as usize;
+        let at = start - s.read.get_mut(len).as_ptr() as usize;
+        s.ready = Some(Ready {
+            segment: c.segment,
+            offset: c.offset,
+            len,
+            at,
+        });
+    }
+
     /// How this checkpoint's chunk ids are computed.
     pub(super) fn chunk_hash(&self) -> ChunkHash {
         self.sealer
@@ -586,6 +613,17 @@ pub(super) enum Route {
 pub(super) struct Scratch {
     read: ReadBuf,
     decoded: Vec<u8>,
+    /// Which chunk's bytes `read` holds, read ahead ([`CheckpointReader::read_ahead`]).
+    ready: Option<Ready>,
+}
+
+/// A chunk's stored bytes read ahead into a [`Scratch`]: `read[at..at + len]`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Ready {
+    segment: u64,
+    offset: u64,
+    len: usize,
+    at: usize,
 }
 
 /// A store's [`Scratch`] buffers between reads: a read's threads take one each and give it
@@ -601,7 +639,7 @@ impl ScratchPool {
     /// holds at most `MAX_KEPT` × this between reads.
     const MAX_KEPT_BYTES: usize = 32 << 20;
 
-    fn take(&self) -> Scratch {
+    pub(super) fn take(&self) -> Scratch {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -609,7 +647,7 @@ impl ScratchPool {
             .unwrap_or_default()
     }
 
-    fn give_back(&self, s: Scratch) {
+    pub(super) fn give_back(&self, s: Scratch) {
         if s.read.capacity() + s.decoded.capacity() > Self::MAX_KEPT_BYTES {
             return;
         }
