@@ -420,9 +420,11 @@ fn cold_view_names_a_damaged_chunk() {
 
 /// Storage on the real file system whose files claim their bytes are cold but refuse every
 /// direct read (as a file system that takes an O_DIRECT open and then refuses its reads).
+/// It also notes the offset of every read of a MiB or more its files serve (chunk reads).
 #[derive(Debug)]
-struct RefusesDirect(ckptstore::io::StdIo);
-struct RefusingFile(Box<dyn ckptstore::io::StorageFile>);
+struct RefusesDirect(ckptstore::io::StdIo, Reads);
+struct RefusingFile(Box<dyn ckptstore::io::StorageFile>, Reads);
+type Reads = std::sync::Arc<std::sync::Mutex<Vec<u64>>>;
 
 impl ckptstore::io::Storage for RefusesDirect {
     fn create_dir_all(&self, p: &std::path::Path) -> std::io::Result<()> {
@@ -439,7 +441,10 @@ impl ckptstore::io::Storage for RefusesDirect {
         p: &std::path::Path,
         write: bool,
     ) -> std::io::Result<Box<dyn ckptstore::io::StorageFile>> {
-        Ok(Box::new(RefusingFile(self.0.open(p, write)?)))
+        Ok(Box::new(RefusingFile(
+            self.0.open(p, write)?,
+            self.1.clone(),
+        )))
     }
     fn rename(&self, a: &std::path::Path, b: &std::path::Path) -> std::io::Result<()> {
         self.0.rename(a, b)
@@ -478,6 +483,9 @@ impl ckptstore::io::StorageFile for RefusingFile {
         self.0.write_at(b, o)
     }
     fn read_at(&self, b: &mut [u8], o: u64) -> std::io::Result<()> {
+        if b.len() >= 1 << 20 {
+            self.1.lock().unwrap().push(o);
+        }
         self.0.read_at(b, o)
     }
     fn cached(&self, _: u64, _: u64) -> bool {
@@ -512,7 +520,10 @@ impl ckptstore::io::StorageFile for RefusingFile {
 fn cold_view_falls_back_to_buffered_reads_when_direct_ones_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let io = || -> Option<std::sync::Arc<dyn ckptstore::io::Storage>> {
-        Some(std::sync::Arc::new(RefusesDirect(ckptstore::io::StdIo)))
+        Some(std::sync::Arc::new(RefusesDirect(
+            ckptstore::io::StdIo,
+            Reads::default(),
+        )))
     };
     let (w, chunks, s) = odd_run(dir.path(), io());
     let ck = s.checkpoint(Selector::Latest).unwrap();
@@ -702,7 +713,10 @@ fn tensors_owned_reads_cold_runs_direct_and_the_rest_by_copy_at(scale: usize) {
 #[test]
 fn tensors_owned_names_the_first_damaged_chunk() {
     let io = || -> Option<std::sync::Arc<dyn ckptstore::io::Storage>> {
-        Some(std::sync::Arc::new(RefusesDirect(ckptstore::io::StdIo)))
+        Some(std::sync::Arc::new(RefusesDirect(
+            ckptstore::io::StdIo,
+            Reads::default(),
+        )))
     };
     for (refuse, scale) in [(false, 1), (true, 1), (false, 2), (true, 2)] {
         let dir = tempfile::tempdir().unwrap();
@@ -774,4 +788,74 @@ fn copy_tree(src: &std::path::Path, dst_dir: &std::path::Path) {
     } else {
         std::fs::copy(src, &dst).unwrap();
     }
+}
+
+/// A load that reads every tensor in order, one call each, reads the next tensor's first
+/// chunks during the call before, so the disk does not drain between calls
+/// (store/prefetch.rs): every chunk is still read once, and a damaged chunk read that way is
+/// named by the call that hands its tensor out.
+#[test]
+fn sequential_tensor_reads_read_the_next_tensor_ahead_and_still_verify_it() {
+    let chunk_size = 2 << 20;
+    let opts = || ckptstore::Options {
+        chunk_size,
+        ..opts()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let tensors: Vec<Vec<u8>> = (0..3).map(|k| data(40 + k, 8 * chunk_size + 11)).collect();
+    let mut s = Store::open(dir.path(), opts()).unwrap();
+    let mut t = s.begin(1).unwrap();
+    for (k, b) in tensors.iter().enumerate() {
+        t.put_tensor(&format!("t{k}"), DType::U8, &[b.len() as u64], b)
+            .unwrap();
+    }
+    t.commit().unwrap();
+    let m = s.checkpoint(Selector::Latest).unwrap().manifest().clone();
+    drop(s);
+
+    let reads = Reads::default();
+    let mut ro = ckptstore::Options::read_only();
+    ro.io = std::sync::Arc::new(RefusesDirect(ckptstore::io::StdIo, reads.clone()));
+    let s = Store::open(dir.path(), ro).unwrap();
+    let ck = s.checkpoint(Selector::Latest).unwrap();
+    assert!(ck.tensor("t0").unwrap().data == tensors[0]);
+    let next = m.tensors[1].chunks[0].offset;
+    assert!(
+        reads.lock().unwrap().contains(&next),
+        "t1's first chunk is read during t0's call"
+    );
+    assert!(ck.tensor("t1").unwrap().data == tensors[1]);
+    assert!(ck.tensor("t2").unwrap().data == tensors[2]);
+    let mut seen = reads.lock().unwrap().clone();
+    seen.sort_unstable();
+    let mut want: Vec<u64> = m
+        .tensors
+        .iter()
+        .flat_map(|t| t.chunks.iter())
+        .filter(|c| c.stored_len >= 1 << 20)
+        .map(|c| c.offset)
+        .collect();
+    want.sort_unstable();
+    assert_eq!(seen, want, "every chunk of a MiB or more read exactly once");
+
+    // t1's chunks 0 and 3 damaged: chunk 0 is read ahead by t0's call, and named by t1's.
+    let copy = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(dir.path()).unwrap() {
+        copy_tree(&e.unwrap().path(), copy.path());
+    }
+    for k in [3, 0] {
+        let c = &m.tensors[1].chunks[k];
+        flip(copy.path(), c.segment, c.offset + 7);
+    }
+    let s = Store::open(copy.path(), ckptstore::Options::read_only()).unwrap();
+    make_cold(copy.path());
+    let ck = s.checkpoint(Selector::Latest).unwrap();
+    assert!(ck.tensor("t0").unwrap().data == tensors[0]);
+    match ck.tensor("t1") {
+        Err(Error::ChunkCorrupt { name, chunk, .. }) => {
+            assert_eq!((name.as_str(), chunk), ("t1", 0))
+        }
+        other => panic!("t1: {:?}", other.map(|t| t.data.len())),
+    }
+    assert!(ck.tensor("t2").unwrap().data == tensors[2]);
 }

@@ -152,7 +152,7 @@ impl CheckpointReader<'_> {
         let r = if direct {
             self.each_chunk(&chunks, items, Route::Cold, each)
         } else {
-            self.each_chunk_ahead(&chunks, items, each)
+            self.each_chunk_ahead(&chunks, &[], items, each)
         };
         let failed = failed.load(Ordering::Relaxed);
         // The direct runs' chunks are checked after the reads (their tails lie in the next

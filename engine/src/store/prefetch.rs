@@ -19,7 +19,9 @@ use super::reader::{CheckpointReader, Route, Scratch};
 use crate::error::{Error, Result};
 use ckptstore_proto::v1 as pb;
 use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 /// Threads that only read: three reads in flight kept this disk busy 95–98 % of a load
 /// (two: 85–92 %; four: no better).
@@ -44,9 +46,15 @@ impl CheckpointReader<'_> {
     /// [`CheckpointReader::each_chunk`] for cold reads whose `work` reads chunk `i` through
     /// [`CheckpointReader::read_chunk`] (which takes the bytes read ahead from its scratch):
     /// the same results and errors, with the reads run ahead (module comment).
+    ///
+    /// `next`: chunks a caller expects to read next (the next tensor of a sequential load):
+    /// the first [`AHEAD`] of them are read too, once every chunk of this call is claimed, and
+    /// left ready in the store's buffer pool for the call that reads them, so the disk does
+    /// not drain between two calls.
     pub(super) fn each_chunk_ahead<T: Send>(
         &self,
         chunks: &[pb::ChunkRef],
+        next: &[pb::ChunkRef],
         items: Vec<T>,
         work: impl Fn(usize, T, &mut Scratch) -> Result<()> + Sync,
     ) -> Result<()> {
@@ -57,14 +65,41 @@ impl CheckpointReader<'_> {
             .map_or(1, |n| n.get())
             .min(chunks.len());
         let n = chunks.len();
+        let trailing = next
+            .iter()
+            .take(AHEAD)
+            .take_while(|c| c.stored_len.max(c.raw_len) <= MAX_CHUNK)
+            .count();
         let buffers = workers + AHEAD;
-        let (free_tx, free_rx) = bounded::<Scratch>(buffers + READERS);
-        for _ in 0..buffers {
-            let _ = free_tx.send(self.store.read_scratch.take());
-        }
-        // Slot i holds chunk i's buffer once read.
+        let (free_tx, free_rx) = bounded::<Scratch>(buffers + READERS + AHEAD);
+        // Slot i holds chunk i's buffer once read: already, for the chunks an earlier call
+        // read ahead.
         let (slot_tx, slot_rx): (Vec<Sender<Scratch>>, Vec<Receiver<Scratch>>) =
             (0..n).map(|_| bounded(1)).unzip();
+        let index: HashMap<(u64, u64), usize> = chunks
+            .iter()
+            .enumerate()
+            .map(|(i, c)| ((c.segment, c.offset), i))
+            .collect();
+        let mut filled = vec![false; n];
+        let mut fresh = 0;
+        for s in self.store.read_scratch.take_all() {
+            match s.ready_for().and_then(|k| index.get(&k)) {
+                Some(&i) if !filled[i] => {
+                    filled[i] = true;
+                    let _ = slot_tx[i].send(s);
+                }
+                _ if fresh < buffers => {
+                    fresh += 1;
+                    let _ = free_tx.send(s.unready());
+                }
+                _ => self.store.read_scratch.give_back(s.unready()),
+            }
+        }
+        for _ in fresh..buffers {
+            let _ = free_tx.send(Scratch::default());
+        }
+        let left = Mutex::new(Vec::new());
         let (todo_tx, todo_rx) = unbounded();
         for item in items.into_iter().enumerate() {
             let _ = todo_tx.send(item);
@@ -77,14 +112,25 @@ impl CheckpointReader<'_> {
             for _ in 0..READERS {
                 let (free_tx, free_rx, slot_tx) = (&free_tx, &free_rx, &slot_tx);
                 let (stop_rx, next_read, failed) = (&stop_rx, &next_read, &failed);
+                let (filled, left) = (&filled, &left);
                 scope.spawn(move || loop {
                     // A buffer first, then a chunk: a claimed chunk is always sent on.
                     let mut s = select! {
                         recv(free_rx) -> s => match s { Ok(s) => s, Err(_) => break },
                         recv(stop_rx) -> _ => break,
                     };
-                    let i = next_read.fetch_add(1, Ordering::Relaxed);
+                    // The next chunk not already read (the buffer stays in hand meanwhile).
+                    let mut i = next_read.fetch_add(1, Ordering::Relaxed);
+                    while i < n && filled[i] {
+                        i = next_read.fetch_add(1, Ordering::Relaxed);
+                    }
                     if i >= n {
+                        // Every chunk of this call is claimed: read the next call's first.
+                        if i < n + trailing && failed.load(Ordering::Relaxed) == usize::MAX {
+                            self.read_ahead(&next[i - n], &mut s);
+                            left.lock().unwrap_or_else(|e| e.into_inner()).push(s);
+                            continue;
+                        }
                         let _ = free_tx.send(s);
                         break;
                     }
@@ -131,13 +177,16 @@ impl CheckpointReader<'_> {
             drop(stop_tx);
             first
         });
-        // Every buffer back to the store's pool: the free ones and any read for a chunk
-        // no worker took (after an error).
+        // Every buffer back to the store's pool: the free ones, any read for a chunk no
+        // worker took (after an error), and last the next call's, read ahead.
         drop(free_tx);
         for s in free_rx
             .try_iter()
             .chain(slot_rx.iter().filter_map(|r| r.try_recv().ok()))
         {
+            self.store.read_scratch.give_back(s.unready());
+        }
+        for s in left.into_inner().unwrap_or_else(|e| e.into_inner()) {
             self.store.read_scratch.give_back(s);
         }
         match first_err {

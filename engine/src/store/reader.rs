@@ -11,7 +11,7 @@ use crate::manifest::CheckpointInfo;
 use crate::manifest::{Manifest, MetaValue};
 use ckptstore_proto::v1 as pb;
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Below this many bytes a verified read stays on the calling thread.
@@ -57,6 +57,10 @@ pub struct CheckpointReader<'s> {
     /// The key of a sealed checkpoint (every chunk is then decrypted and checked against its
     /// keyed BLAKE3); `None` for a plain one.
     pub(super) sealer: Option<Arc<Sealer>>,
+    /// The manifest index of the tensor the last single-tensor read read (`usize::MAX`:
+    /// none yet): a read of the one after it is part of a sequential load, and reads the
+    /// next tensor's first chunks ahead ([`CheckpointReader::next_in_order`]).
+    last_tensor: AtomicUsize,
 }
 
 impl<'s> CheckpointReader<'s> {
@@ -67,6 +71,7 @@ impl<'s> CheckpointReader<'s> {
             store,
             manifest,
             sealer,
+            last_tensor: AtomicUsize::new(usize::MAX),
         })
     }
 
@@ -188,7 +193,7 @@ impl<'s> CheckpointReader<'s> {
                     .map(|(i, dst)| (t.name.as_str(), i, dst)),
             );
         }
-        self.each_chunk_ahead(&chunks, items, |k, (name, i, dst), scratch| {
+        self.each_chunk_ahead(&chunks, &[], items, |k, (name, i, dst), scratch| {
             self.read_chunk_into_new("tensor", name, i, &chunks[k], dst, scratch, verify)
         })
     }
@@ -247,7 +252,7 @@ impl<'s> CheckpointReader<'s> {
                 refs.push(c.clone());
             }
         }
-        let r = self.each_chunk_ahead(&refs, todo, |k, (kind, name, i), scratch| {
+        let r = self.each_chunk_ahead(&refs, &[], todo, |k, (kind, name, i), scratch| {
             self.read_chunk(kind, name, i, &refs[k], None, Route::Cold, scratch, true)
         });
         // Chunks before the first damaged one were all read and found intact.
@@ -309,9 +314,29 @@ impl<'s> CheckpointReader<'s> {
         verify: bool,
     ) -> Result<()> {
         let slices = split_per_chunk(out, chunks);
-        self.each_chunk_ahead(chunks, slices, |i, dst, scratch| {
+        let next = self.next_in_order(kind, name);
+        self.each_chunk_ahead(chunks, next, slices, |i, dst, scratch| {
             self.read_chunk_into_new(kind, name, i, &chunks[i], dst, scratch, verify)
         })
+    }
+
+    /// The chunks of the tensor after `name` in the manifest when this read of `name` follows
+    /// a read of the tensor before it (a load of every tensor in order, one call each), so
+    /// that they are read while this one finishes; else none.
+    fn next_in_order(&self, kind: &str, name: &str) -> &[pb::ChunkRef] {
+        let tensors = &self.manifest.tensors;
+        let Some(k) = tensors
+            .iter()
+            .position(|t| t.name == name)
+            .filter(|_| kind == "tensor")
+        else {
+            return &[];
+        };
+        let before = self.last_tensor.swap(k, Ordering::Relaxed);
+        match tensors.get(k + 1) {
+            Some(t) if before.wrapping_add(1) == k => &t.chunks,
+            _ => &[],
+        }
     }
 
     /// Reads chunk `index` of `name` cold into `dst`, new memory. New memory (a fresh tensor)
@@ -617,6 +642,19 @@ pub(super) struct Scratch {
     ready: Option<Ready>,
 }
 
+impl Scratch {
+    /// The (segment, offset) of the chunk whose bytes this holds, read ahead.
+    pub(super) fn ready_for(&self) -> Option<(u64, u64)> {
+        self.ready.map(|r| (r.segment, r.offset))
+    }
+
+    /// This, holding no chunk.
+    pub(super) fn unready(mut self) -> Self {
+        self.ready = None;
+        self
+    }
+}
+
 /// A chunk's stored bytes read ahead into a [`Scratch`]: `read[at..at + len]`.
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Ready {
@@ -638,6 +676,12 @@ impl ScratchPool {
     /// Buffers larger than this (a store with huge chunks) are freed, not kept: the pool
     /// holds at most `MAX_KEPT` × this between reads.
     const MAX_KEPT_BYTES: usize = 32 << 20;
+
+    /// Every buffer kept (a read that runs ahead looks for the chunks an earlier one read
+    /// for it).
+    pub(super) fn take_all(&self) -> Vec<Scratch> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
 
     pub(super) fn take(&self) -> Scratch {
         self.0
