@@ -466,6 +466,7 @@ fn bench_measures_every_figure_and_cleans_up() {
         "raw_read_gbps",
         "raw_read_buffered_gbps",
         "load_copy_gbps",
+        "load_batch_gbps",
         "memcpy_gbps",
         "save_gbps",
         "save_async_durable_gbps",
@@ -543,7 +544,7 @@ fn bench_measures_every_figure_and_cleans_up() {
     assert_eq!(sizes, [4 << 20, 8 << 20]);
     let chart = std::fs::read_to_string(&svg).unwrap();
     assert!(chart.starts_with("<svg"), "{chart}");
-    assert_eq!(chart.matches("<polyline").count(), 6, "{chart}");
+    assert_eq!(chart.matches("<polyline").count(), 7, "{chart}");
     std::fs::remove_file(&svg).unwrap();
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }

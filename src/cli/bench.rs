@@ -125,9 +125,11 @@ struct Samples {
     async_durable: Vec<f64>,
     load: Vec<f64>,
     load_copy: Vec<f64>,
+    /// Every tensor in one call (`tensors_owned`: what the Python package's `load` does).
+    load_batch: Vec<f64>,
     peak_extra: Vec<u64>,
     /// What the durable save, the std save and the two cold loads cost (see `bench_cost`).
-    costs: [Vec<Cost>; 4],
+    costs: [Vec<Cost>; 5],
     /// Whether every cold read dropped the whole page cache.
     global_drop: bool,
     /// `--encrypt`: (wall, CPU) seconds of the plain durable save and cold load into new
@@ -157,11 +159,12 @@ struct Sealed {
 }
 
 /// The steps whose cost is shown, in `Samples::costs` order.
-const COSTED: [&str; 4] = [
+const COSTED: [&str; 5] = [
     "durable save",
     "durable save (std)",
     "cold load, zero-copy",
     "cold load, new memory",
+    "cold load, one call",
 ];
 
 /// Medians of one size's samples, seconds (and the derived figures).
@@ -183,8 +186,9 @@ struct Report {
     durable: f64,
     load: f64,
     load_copy: f64,
+    load_batch: f64,
     peak_extra: u64,
-    costs: [Cost; 4],
+    costs: [Cost; 5],
     global_drop: bool,
     budget: u64,
     sealed: Option<Sealed>,
@@ -216,6 +220,7 @@ impl Report {
             durable: median(&s.async_durable),
             load: median(&s.load),
             load_copy: median(&s.load_copy),
+            load_batch: median(&s.load_batch),
             peak_extra: peak[peak.len() / 2],
             costs: s.costs.each_ref().map(|c| Cost::median(c)),
             global_drop: s.global_drop,
@@ -272,6 +277,8 @@ impl Report {
         let gb = |s: f64| self.gb(s);
         let mut v = self.json_main(rounds, budget, dir);
         v["raw_read_direct_4k_pages_gbps"] = json!(self.raw_read_direct_small.map(gb));
+        v["load_batch_gbps"] = json!(gb(self.load_batch));
+        v["load_batch_vs_raw_read"] = json!(self.raw_read() / self.load_batch);
         v
     }
 
@@ -428,6 +435,11 @@ impl Report {
                 self.load_copy,
                 format!("{:.2} of raw read", r / self.load_copy),
             ),
+            row(
+                "store load, cold, verified, all in one call",
+                self.load_batch,
+                format!("{:.2} of raw read", r / self.load_batch),
+            ),
         ]);
         if let Some(e) = &self.sealed {
             rows.extend([
@@ -583,6 +595,7 @@ fn plot(reports: &[Report]) -> String {
         line("save async, durable", false, &|r| r.durable),
         line("load, cold, zero-copy", false, &|r| r.load),
         line("load, cold, new memory", false, &|r| r.load_copy),
+        line("load, cold, all in one call", false, &|r| r.load_batch),
     ];
     line_chart(
         "ckptstore bench: GB/s against checkpoint size",
@@ -663,7 +676,8 @@ fn measure(a: &Args, size: u64, work: &Path) -> CliResult<Samples> {
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     let (mut load, mut load_copy, mut incremental, mut stall, mut durable, mut peak) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
-    let mut costs: [Vec<Cost>; 4] = Default::default();
+    let mut load_batch = vec![];
+    let mut costs: [Vec<Cost>; 5] = Default::default();
     for round in 0..a.rounds {
         // Every chunk differs from every earlier round's: nothing deduplicates.
         stamp(&mut data, round, 0);
@@ -763,6 +777,10 @@ fn measure(a: &Args, size: u64, work: &Path) -> CliResult<Samples> {
         load_copy.push(secs?);
         plain_load_cpu.push(cost.user + cost.sys);
         costs[3].push(cost);
+        cold(&seg_refs)?;
+        let (secs, cost) = costed(|| cold_load_batch(&dir));
+        load_batch.push(secs?);
+        costs[4].push(cost);
         bar.inc(1);
         // Incremental: one 4 MiB block in ten changes, the rest is what the store holds.
         msg(round, "incremental save");
@@ -821,6 +839,7 @@ fn measure(a: &Args, size: u64, work: &Path) -> CliResult<Samples> {
         async_durable: durable,
         load,
         load_copy,
+        load_batch,
         peak_extra: peak,
         costs,
         global_drop: s.global_drop,
@@ -909,6 +928,23 @@ fn cold_load_with(dir: &Path, zero_copy: bool, opts: Options) -> CliResult<f64> 
             touch(&ck.tensor(name)?.data)
         };
     }
+    std::hint::black_box(n);
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// Opens the (cold) store read-only and reads every tensor verified into memory of its own in
+/// one call (`tensors_owned`, the Python package's `load`), one byte of every page read
+/// after: seconds.
+fn cold_load_batch(dir: &Path) -> CliResult<f64> {
+    let t = Instant::now();
+    let store = Store::open(dir, Options::read_only())?;
+    let ck = store.checkpoint(Selector::Latest)?;
+    let names = ck.tensor_names();
+    let n: usize = ck
+        .tensors_owned(&names, true)?
+        .iter()
+        .map(|v| touch(v.data()))
+        .sum();
     std::hint::black_box(n);
     Ok(t.elapsed().as_secs_f64())
 }
