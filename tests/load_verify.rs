@@ -837,6 +837,21 @@ fn sequential_tensor_reads_read_the_next_tensor_ahead_and_still_verify_it() {
         .collect();
     want.sort_unstable();
     assert_eq!(seen, want, "every chunk of a MiB or more read exactly once");
+    drop(ck);
+    drop(s);
+
+    // Views of cold runs this large are read the same way, and copied (not zero-copy).
+    let s = Store::open(dir.path(), ckptstore::Options::read_only()).unwrap();
+    make_cold(dir.path());
+    let ck = s.checkpoint(Selector::Latest).unwrap();
+    for (k, want) in tensors.iter().enumerate() {
+        let v = ck.tensor_view(&format!("t{k}")).unwrap();
+        assert!(v.data() == &want[..], "t{k}");
+        assert!(
+            !v.is_mapped() && !v.is_zero_copy(),
+            "t{k}: read ahead, copied"
+        );
+    }
 
     // t1's chunks 0 and 3 damaged: chunk 0 is read ahead by t0's call, and named by t1's.
     let copy = tempfile::tempdir().unwrap();
@@ -856,6 +871,15 @@ fn sequential_tensor_reads_read_the_next_tensor_ahead_and_still_verify_it() {
             assert_eq!((name.as_str(), chunk), ("t1", 0))
         }
         other => panic!("t1: {:?}", other.map(|t| t.data.len())),
+    }
+    make_cold(copy.path());
+    let ck = s.checkpoint(Selector::Latest).unwrap();
+    assert!(ck.tensor_view("t0").unwrap().data() == &tensors[0][..]);
+    match ck.tensor_view("t1") {
+        Err(Error::ChunkCorrupt { name, chunk, .. }) => {
+            assert_eq!((name.as_str(), chunk), ("t1", 0))
+        }
+        other => panic!("t1 view: {:?}", other.map(|v| v.data().len())),
     }
     assert!(ck.tensor("t2").unwrap().data == tensors[2]);
 }
