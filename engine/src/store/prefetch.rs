@@ -177,17 +177,18 @@ impl CheckpointReader<'_> {
             drop(stop_tx);
             first
         });
-        // Every buffer back to the store's pool: the free ones, any read for a chunk no
-        // worker took (after an error), and last the next call's, read ahead.
+        // Every buffer back to the store's pool: first the next call's, read ahead (the pool
+        // keeps a bounded number), then the free ones and any read for a chunk no worker took
+        // (after an error).
+        for s in left.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            self.store.read_scratch.give_back(s);
+        }
         drop(free_tx);
         for s in free_rx
             .try_iter()
             .chain(slot_rx.iter().filter_map(|r| r.try_recv().ok()))
         {
             self.store.read_scratch.give_back(s.unready());
-        }
-        for s in left.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            self.store.read_scratch.give_back(s);
         }
         match first_err {
             Some((_, e)) => Err(e),
