@@ -290,7 +290,7 @@ pub(crate) fn resident(map: &[u8], offset: usize, len: usize) -> bool {
 /// already there are untouched (their contents stay). Refused (an older kernel), the copy
 /// faults them in as before.
 pub fn prefault(dst: &mut [u8]) {
-    if let Some((p, n)) = inner_pages(dst) {
+    if let Some((p, n)) = aligned_inside(dst, rustix::param::page_size()) {
         #[allow(unsafe_code)]
         // SAFETY: `p..p+n` lies inside `dst`, memory we hold exclusively and writably;
         // MADV_POPULATE_WRITE maps its pages as a write would, without changing a byte of a
@@ -299,12 +299,14 @@ pub fn prefault(dst: &mut [u8]) {
     }
 }
 
-/// The page-aligned range inside `dst`, if it holds a whole page.
-fn inner_pages(dst: &mut [u8]) -> Option<(*mut std::ffi::c_void, usize)> {
-    let page = rustix::param::page_size();
+/// The `align`-aligned range inside `dst` (a page, a huge page), if it holds a whole one.
+pub(super) fn aligned_inside(
+    dst: &mut [u8],
+    align: usize,
+) -> Option<(*mut std::ffi::c_void, usize)> {
     let addr = dst.as_mut_ptr() as usize;
-    let start = addr.div_ceil(page) * page;
-    let end = (addr + dst.len()) / page * page;
+    let start = addr.div_ceil(align) * align;
+    let end = (addr + dst.len()) / align * align;
     (end > start).then(|| (start as *mut std::ffi::c_void, end - start))
 }
 

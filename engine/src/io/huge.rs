@@ -27,6 +27,7 @@
 //!
 //! Like the other I/O modules this one is allowed `unsafe` (`madvise` on memory we hold).
 
+use super::direct_read::aligned_inside;
 use std::sync::OnceLock;
 
 /// The huge page size this module advises for (x86-64 and arm64 with 4 KiB base pages).
@@ -88,19 +89,11 @@ fn room_for(need: u64, free: Option<u64>) -> bool {
     free.is_some_and(|free| free >= need.saturating_add(RESERVE_BLOCKS))
 }
 
-/// The [`HUGE`]-aligned inside of `dst`, if it holds a whole huge page.
-fn inner(dst: &mut [u8]) -> Option<(*mut std::ffi::c_void, usize)> {
-    let addr = dst.as_mut_ptr() as usize;
-    let start = addr.div_ceil(HUGE) * HUGE;
-    let end = (addr + dst.len()) / HUGE * HUGE;
-    (end > start).then(|| (start as *mut std::ffi::c_void, end - start))
-}
-
 /// Asks for huge pages for the aligned inside of `dst` (memory not yet faulted in, about to
 /// be) when they are free (see the module comment); otherwise does nothing. `true` when
 /// advised. Pages already mapped are not changed.
 pub fn advise(dst: &mut [u8]) -> bool {
-    inner(dst).is_some_and(|(p, n)| advise_span(p as usize, n))
+    aligned_inside(dst, HUGE).is_some_and(|(p, n)| advise_span(p as usize, n))
 }
 
 /// [`advise`] of the aligned span `start..start + n`.
@@ -162,10 +155,11 @@ mod tests {
             .len(3 * HUGE)
             .map_anon()
             .expect("map");
-        let (p, n) = inner(&mut m[..]).expect("a 6 MiB map holds an aligned 2 MiB page");
+        let (p, n) =
+            aligned_inside(&mut m[..], HUGE).expect("a 6 MiB map holds an aligned 2 MiB page");
         assert_eq!(p as usize % HUGE, 0);
         assert!((HUGE..=3 * HUGE).contains(&n));
-        assert!(inner(&mut m[..HUGE - 4096]).is_none());
+        assert!(aligned_inside(&mut m[..HUGE - 4096], HUGE).is_none());
         // Advised or not (that depends on the machine), the bytes read the same.
         m[7] = 9;
         advise(&mut m[..]);

@@ -59,11 +59,11 @@ impl<'c> DirectRun<'c> {
         let (Some(first), Some(last)) = (chunks.first(), chunks.last()) else {
             return Ok(None);
         };
-        let file = reader.store.segment_file(first.segment)?;
-        let (begin, end) = (first.offset, last.offset + last.stored_len);
-        if file.cached(begin, end - begin) {
+        if reader.cached(chunks)? {
             return Ok(None);
         }
+        let file = reader.store.segment_file(first.segment)?;
+        let (begin, end) = (first.offset, last.offset + last.stored_len);
         let a = DIRECT_ALIGN;
         let span_start = begin - begin % a;
         let span_end = end.div_ceil(a) * a;

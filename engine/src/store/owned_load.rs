@@ -57,11 +57,7 @@ impl CheckpointReader<'_> {
         }
         // A batch large enough to run its reads ahead is read that way, every tensor copied
         // out of the read buffers: faster here than reading in place (module comment).
-        let all: Vec<pb::ChunkRef> = entries
-            .iter()
-            .flat_map(|(t, _)| t.chunks.iter().cloned())
-            .collect();
-        let ahead = super::prefetch::runs_ahead(&all);
+        let ahead = super::prefetch::runs_ahead(entries.iter().flat_map(|(t, _)| &t.chunks));
         let mut slots = Vec::with_capacity(entries.len());
         for (t, _) in &entries {
             let seg = t.chunks.first().map_or(0, |c| c.segment);

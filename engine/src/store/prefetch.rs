@@ -36,10 +36,14 @@ const MAX_CHUNK: u64 = 16 << 20;
 
 /// Whether a cold read of `chunks` runs its reads ahead ([`CheckpointReader::each_chunk_ahead`]):
 /// enough bytes to keep a disk busy, none too large to hold a few of in memory.
-pub(super) fn runs_ahead(chunks: &[pb::ChunkRef]) -> bool {
-    let total: u64 = chunks.iter().map(|c| c.stored_len).sum();
-    let largest = chunks.iter().map(|c| c.stored_len.max(c.raw_len)).max();
-    total >= MIN_BYTES && chunks.len() >= 2 && largest.unwrap_or(0) <= MAX_CHUNK
+pub(super) fn runs_ahead<'c>(chunks: impl IntoIterator<Item = &'c pb::ChunkRef>) -> bool {
+    let (mut total, mut count, mut largest) = (0u64, 0usize, 0u64);
+    for c in chunks {
+        total += c.stored_len;
+        count += 1;
+        largest = largest.max(c.stored_len.max(c.raw_len));
+    }
+    total >= MIN_BYTES && count >= 2 && largest <= MAX_CHUNK
 }
 
 impl CheckpointReader<'_> {

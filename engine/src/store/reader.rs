@@ -525,9 +525,7 @@ impl<'s> CheckpointReader<'s> {
         let corrupt = |reason: String| self.chunk_error(kind, name, index, c, reason);
         let file = self.store.segment_file(c.segment)?;
         let plain = c.codec == pb::Codec::None as i32;
-        // An uncompressed chunk is its raw bytes; a compressed one, its stored frame (sealed:
-        // the ciphertext of those, as long).
-        let len = if plain { c.raw_len } else { c.stored_len } as usize;
+        let len = stored_read_len(c);
         let ahead = scratch.ready.take().filter(|r| {
             (r.segment, r.offset, r.len) == (c.segment, c.offset, len) && route == Route::Cold
         });
@@ -595,8 +593,7 @@ impl<'s> CheckpointReader<'s> {
     /// the later read tries again and reports the error.
     pub(super) fn read_ahead(&self, c: &pb::ChunkRef, s: &mut Scratch) {
         s.ready = None;
-        let plain = c.codec == pb::Codec::None as i32;
-        let len = if plain { c.raw_len } else { c.stored_len } as usize;
+        let len = stored_read_len(c);
         let Ok(file) = self.store.segment_file(c.segment) else {
             return;
         };
@@ -640,6 +637,13 @@ pub(super) struct Scratch {
     decoded: Vec<u8>,
     /// Which chunk's bytes `read` holds, read ahead ([`CheckpointReader::read_ahead`]).
     ready: Option<Ready>,
+}
+
+/// The bytes a read of chunk `c` takes from its segment: an uncompressed chunk is its raw
+/// bytes; a compressed one, its stored frame (sealed: the ciphertext of those, as long).
+fn stored_read_len(c: &pb::ChunkRef) -> usize {
+    let plain = c.codec == pb::Codec::None as i32;
+    (if plain { c.raw_len } else { c.stored_len }) as usize
 }
 
 impl Scratch {

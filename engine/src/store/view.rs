@@ -210,7 +210,7 @@ impl CheckpointReader<'_> {
 
     /// Whether every page of a run (see [`CheckpointReader::mapped_run`]) is in the page
     /// cache, or its backend reads no other way than through it.
-    fn cached(&self, chunks: &[pb::ChunkRef]) -> Result<bool> {
+    pub(super) fn cached(&self, chunks: &[pb::ChunkRef]) -> Result<bool> {
         let (Some(first), Some(last)) = (chunks.first(), chunks.last()) else {
             return Ok(true);
         };
