@@ -290,24 +290,13 @@ pub(crate) fn resident(map: &[u8], offset: usize, len: usize) -> bool {
 /// already there are untouched (their contents stay). Refused (an older kernel), the copy
 /// faults them in as before.
 pub fn prefault(dst: &mut [u8]) {
-    if let Some((p, n)) = aligned_inside(dst, rustix::param::page_size()) {
+    if let Some((p, n)) = super::huge::aligned_inside(dst, rustix::param::page_size()) {
         #[allow(unsafe_code)]
         // SAFETY: `p..p+n` lies inside `dst`, memory we hold exclusively and writably;
         // MADV_POPULATE_WRITE maps its pages as a write would, without changing a byte of a
         // page already mapped (new anonymous pages read as zeros, as before).
         let _ = unsafe { rustix::mm::madvise(p, n, rustix::mm::Advice::LinuxPopulateWrite) };
     }
-}
-
-/// The `align`-aligned range inside `dst` (a page, a huge page), if it holds a whole one.
-pub(super) fn aligned_inside(
-    dst: &mut [u8],
-    align: usize,
-) -> Option<(*mut std::ffi::c_void, usize)> {
-    let addr = dst.as_mut_ptr() as usize;
-    let start = addr.div_ceil(align) * align;
-    let end = (addr + dst.len()) / align * align;
-    (end > start).then(|| (start as *mut std::ffi::c_void, end - start))
 }
 
 #[cfg(test)]

@@ -27,7 +27,6 @@
 //!
 //! Like the other I/O modules this one is allowed `unsafe` (`madvise` on memory we hold).
 
-use super::direct_read::aligned_inside;
 use std::sync::OnceLock;
 
 /// The huge page size this module advises for (x86-64 and arm64 with 4 KiB base pages).
@@ -87,6 +86,17 @@ fn parse_buddyinfo(text: &str) -> Option<u64> {
 /// [`RESERVE_BLOCKS`] more (no answer from the kernel: no).
 fn room_for(need: u64, free: Option<u64>) -> bool {
     free.is_some_and(|free| free >= need.saturating_add(RESERVE_BLOCKS))
+}
+
+/// The `align`-aligned range inside `dst` (a page, a huge page), if it holds a whole one.
+pub(super) fn aligned_inside(
+    dst: &mut [u8],
+    align: usize,
+) -> Option<(*mut std::ffi::c_void, usize)> {
+    let addr = dst.as_mut_ptr() as usize;
+    let start = addr.div_ceil(align) * align;
+    let end = (addr + dst.len()) / align * align;
+    (end > start).then(|| (start as *mut std::ffi::c_void, end - start))
 }
 
 /// Asks for huge pages for the aligned inside of `dst` (memory not yet faulted in, about to
