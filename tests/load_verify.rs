@@ -883,3 +883,66 @@ fn sequential_tensor_reads_read_the_next_tensor_ahead_and_still_verify_it() {
     }
     assert!(ck.tensor("t2").unwrap().data == tensors[2]);
 }
+
+/// A cold view of 16 MiB or more is read ahead and copied into memory of its own, and that
+/// memory, once the view is dropped, serves the next view of a similar size (io/view_pool.rs):
+/// a later view must hold exactly its own bytes — none of the earlier view's, none written
+/// into it by its holder — and a damaged chunk of it is still named.
+#[test]
+fn a_dropped_views_memory_serves_the_next_view_with_only_its_own_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunk_size = 2 << 20;
+    let (a, b, c) = (
+        data(41, 24 << 20),
+        data(42, (20 << 20) + 4097),
+        data(43, 21 << 20),
+    );
+    let opts = || ckptstore::Options {
+        chunk_size,
+        ..opts()
+    };
+    let mut s = Store::open(dir.path(), opts()).unwrap();
+    let mut t = s.begin(1).unwrap();
+    for (name, bytes) in [("a", &a), ("b", &b), ("c", &c)] {
+        t.put_tensor(name, DType::U8, &[bytes.len() as u64], bytes)
+            .unwrap();
+    }
+    t.commit().unwrap();
+    let c_chunks = s.checkpoint(Selector::Latest).unwrap().manifest().tensors[2]
+        .chunks
+        .clone();
+    drop(s);
+    flip(dir.path(), c_chunks[4].segment, c_chunks[4].offset + 99);
+    let s = Store::open(dir.path(), ckptstore::Options::read_only()).unwrap();
+    let ck = s.checkpoint(Selector::Latest).unwrap();
+    let direct = takes_o_direct(dir.path());
+    for round in 0..3 {
+        make_cold(dir.path());
+        let mut va = ck.tensor_view("a").unwrap();
+        assert!(va.data() == &a[..], "round {round}: a");
+        assert_eq!(va.is_zero_copy(), !direct, "cold and large: copied");
+        // The holder writes into its memory (it is the only holder) before letting it go.
+        va.bytes_mut()
+            .expect("the only holder may write")
+            .fill(0xee);
+        drop(va);
+        let vb = ck.tensor_view("b").unwrap();
+        assert_eq!(vb.data().len(), b.len());
+        assert!(
+            vb.data() == &b[..],
+            "round {round}: b holds its own bytes only"
+        );
+        drop(vb);
+        match ck.tensor_view("c") {
+            Err(Error::ChunkCorrupt { name, chunk, .. }) => {
+                assert_eq!((name.as_str(), chunk), ("c", 4), "round {round}")
+            }
+            other => panic!("round {round}: c gave {other:?}"),
+        }
+        let vb = ck.tensor_view("b").unwrap();
+        assert!(
+            vb.data() == &b[..],
+            "round {round}: b after a refused view of c"
+        );
+    }
+}

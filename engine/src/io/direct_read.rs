@@ -227,35 +227,51 @@ impl DirectReader {
 /// The memory of a tensor view read from the disk rather than mapped: one anonymous map
 /// (page-aligned, so direct reads can land in it), filled once by the reading threads and
 /// read-only from then on. Its pages are faulted in by the thread that reads each part
-/// ([`prefault`]), so the faulting overlaps the other threads' reads.
+/// ([`prefault`]), so the faulting overlaps the other threads' reads. Dropped, its memory is
+/// kept for the next view of a similar size (`view_pool`), whose pages are then mapped
+/// already.
 pub struct ViewBuf {
-    map: memmap2::MmapMut,
+    map: Option<memmap2::MmapMut>,
 }
 
 impl std::fmt::Debug for ViewBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ViewBuf")
-            .field("len", &self.map.len())
+            .field("len", &self.as_slice().len())
             .finish()
     }
 }
 
 impl ViewBuf {
-    /// `len` bytes of new anonymous memory (zeros, not yet faulted in). Like any allocation
-    /// that fails, a refused map is an error the caller reports (`TooLarge`).
+    /// At least `len` bytes, page-aligned: the memory of a dropped view that fits, else new
+    /// anonymous memory (not yet faulted in). Its contents are unspecified (zeros or an
+    /// earlier view's bytes): the caller overwrites every byte it hands out. Like any
+    /// allocation that fails, a refused map is an error the caller reports (`TooLarge`).
     pub fn new(len: usize) -> io::Result<Self> {
-        let map = memmap2::MmapOptions::new().len(len.max(1)).map_anon()?;
-        Ok(ViewBuf { map })
+        if let Some(map) = super::view_pool::take(len) {
+            return Ok(ViewBuf { map: Some(map) });
+        }
+        let cap = super::view_pool::capacity_for(len);
+        let map = memmap2::MmapOptions::new().len(cap).map_anon()?;
+        Ok(ViewBuf { map: Some(map) })
     }
 
-    /// The bytes.
+    /// The bytes (at least the length asked for).
     pub fn as_slice(&self) -> &[u8] {
-        &self.map
+        self.map.as_deref().unwrap_or_default()
     }
 
     /// The bytes, writable (while the buffer is being filled).
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.map
+        self.map.as_deref_mut().unwrap_or_default()
+    }
+}
+
+impl Drop for ViewBuf {
+    fn drop(&mut self) {
+        if let Some(map) = self.map.take() {
+            super::view_pool::give(map);
+        }
     }
 }
 
@@ -325,5 +341,23 @@ mod tests {
         prefault(&mut v);
         assert_eq!(v[12345], 9);
         assert_eq!(v.iter().map(|&b| b as u64).sum::<u64>(), 9);
+    }
+
+    #[test]
+    fn a_dropped_view_buffer_serves_the_next_one_of_a_similar_size() {
+        // An odd size no other test here asks for, so the kept buffer is this test's.
+        let page = rustix::param::page_size();
+        let mut a = ViewBuf::new(37 * page + 11).unwrap();
+        assert_eq!(a.as_slice().len(), 38 * page);
+        a.as_mut_slice()[5] = 7;
+        let at = a.as_slice().as_ptr();
+        drop(a);
+        let b = ViewBuf::new(30 * page).unwrap();
+        assert_eq!(
+            b.as_slice().as_ptr(),
+            at,
+            "the dropped buffer was not reused"
+        );
+        assert!(b.as_slice().len() >= 30 * page);
     }
 }

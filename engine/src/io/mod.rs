@@ -13,6 +13,7 @@ mod sim;
 mod std_io;
 #[cfg(target_os = "linux")]
 mod uring;
+mod view_pool;
 mod with_mode;
 
 pub use direct_read::{prefault, ReadBuf, ViewBuf, DIRECT_ALIGN};

@@ -204,7 +204,7 @@ impl Layout<'_> {
 }
 
 /// The error for a view too large to allocate.
-fn too_large(name: &str, bytes: u64) -> Error {
+pub(super) fn too_large(name: &str, bytes: u64) -> Error {
     Error::TooLarge {
         what: format!("view of tensor {name:?}"),
         bytes,

@@ -305,7 +305,7 @@ impl<'s> CheckpointReader<'s> {
 
     /// Reads `chunks` into `out` (their raw bytes, back to back), verified unless `verify` is
     /// false; see [`CheckpointReader::each_chunk`] for the threads.
-    fn read_chunks(
+    pub(super) fn read_chunks(
         &self,
         kind: &'static str,
         name: &str,

@@ -10,7 +10,7 @@
 //! that does not map such as `MemIo`/`SimIo`) falls back to the owned read path of
 //! [`CheckpointReader::tensor_with`].
 
-use super::direct_run::DirectRun;
+use super::direct_run::{too_large, DirectRun};
 use super::reader::{CheckpointReader, Route, Tensor};
 use crate::dtype::DType;
 use crate::error::Result;
@@ -41,6 +41,12 @@ enum ViewData {
         buf: Arc<ViewBuf>,
         range: Range<usize>,
     },
+    /// A cold run read ahead and copied once into memory of its own (the memory of a dropped
+    /// view where one fits: `io::view_pool`).
+    Copied {
+        buf: Arc<ViewBuf>,
+        len: usize,
+    },
     Owned(Vec<u8>),
 }
 
@@ -60,6 +66,7 @@ impl TensorView {
         match &self.data {
             ViewData::Mapped { map, range } => &map.as_slice()[range.clone()],
             ViewData::Read { buf, range } => &buf.as_slice()[range.clone()],
+            ViewData::Copied { buf, len } => &buf.as_slice()[..*len],
             ViewData::Owned(v) => v,
         }
     }
@@ -102,6 +109,9 @@ impl TensorView {
             ViewData::Read { buf, range } => {
                 Arc::get_mut(buf).map(|b| &mut b.as_mut_slice()[range.clone()])
             }
+            ViewData::Copied { buf, len } => {
+                Arc::get_mut(buf).map(|b| &mut b.as_mut_slice()[..*len])
+            }
             ViewData::Mapped { .. } => None,
         }
     }
@@ -112,6 +122,7 @@ impl TensorView {
             ViewData::Owned(v) => v,
             ViewData::Mapped { map, range } => map.as_slice()[range].to_vec(),
             ViewData::Read { buf, range } => buf.as_slice()[range].to_vec(),
+            ViewData::Copied { buf, len } => buf.as_slice()[..len].to_vec(),
         };
         Tensor {
             dtype: self.dtype,
@@ -174,12 +185,19 @@ impl CheckpointReader<'_> {
             {
                 // Cold and large: read with the reads run ahead and copied once into memory
                 // of its own, faster than in place (DECISIONS "Cold reads run ahead of the
-                // hashing"); not zero-copy.
-                let owned = self.tensor_with(name, verify)?;
+                // hashing"); not zero-copy. The memory is a dropped view's where one fits
+                // (DECISIONS "A dropped view's memory serves the next view").
+                let len = usize::try_from(t.nbytes).map_err(|_| too_large(&t.name, t.nbytes))?;
+                let mut buf = ViewBuf::new(len).map_err(|_| too_large(&t.name, t.nbytes))?;
+                let out = &mut buf.as_mut_slice()[..len];
+                self.read_chunks("tensor", &t.name, &t.chunks, out, verify)?;
                 return Ok(TensorView {
                     dtype,
                     shape: t.shape.clone(),
-                    data: ViewData::Owned(owned.data),
+                    data: ViewData::Copied {
+                        buf: Arc::new(buf),
+                        len,
+                    },
                 });
             }
             if verify && direct {
