@@ -885,7 +885,7 @@ fn sequential_tensor_reads_read_the_next_tensor_ahead_and_still_verify_it() {
 }
 
 /// A cold view of 16 MiB or more is read ahead and copied into memory of its own, and that
-/// memory, once the view is dropped, serves the next view of a similar size (io/view_pool.rs):
+/// memory, once the view is dropped, serves the next view of a similar size (io/recycle.rs):
 /// a later view must hold exactly its own bytes — none of the earlier view's, none written
 /// into it by its holder — and a damaged chunk of it is still named.
 #[test]

@@ -13,6 +13,7 @@
 //! Like `mmap.rs` and the io_uring module, this module is allowed `unsafe` (`madvise` and
 //! `mincore` on memory we hold); each block says why it is sound.
 
+use super::recycle::Kind;
 use rustix::fs::{AtFlags, OFlags, StatxFlags};
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -31,16 +32,25 @@ pub const DIRECT_ALIGN: u64 = BUF_ALIGN as u64;
 /// A buffer aligned for O_DIRECT (an anonymous map, so page-aligned and zeroed by the kernel
 /// without a memset pass), grown on demand and reused: its pages are mapped when it is made
 /// (huge pages where the kernel has them free, [`super::huge`]), so a direct read into it
-/// faults nothing. One per reading thread, kept between reads.
+/// faults nothing. One per reading thread, kept between reads; dropped, its memory is kept
+/// for the next read buffer (`io::recycle`: a store opened after this one's reads maps none).
 #[derive(Default)]
 pub struct ReadBuf {
     map: Option<memmap2::MmapMut>,
 }
 
+impl Drop for ReadBuf {
+    fn drop(&mut self) {
+        if let Some(map) = self.map.take() {
+            super::recycle::give(Kind::Read, map);
+        }
+    }
+}
+
 impl std::fmt::Debug for ReadBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReadBuf")
-            .field("cap", &self.map.as_ref().map_or(0, |m| m.len()))
+            .field("cap", &self.capacity())
             .finish()
     }
 }
@@ -58,19 +68,25 @@ impl ReadBuf {
         if len == 0 {
             return &mut [];
         }
-        if self.map.as_ref().is_none_or(|m| m.len() < len) {
-            self.map = None;
+        if self.capacity() < len {
+            if let Some(old) = self.map.take() {
+                super::recycle::give(Kind::Read, old);
+            }
             // Round up to 1 MiB so chunks of slightly different sizes reuse one buffer.
             let cap = len.div_ceil(1 << 20) << 20;
-            #[allow(clippy::expect_used)] // as an allocation failure
-            let mut map = memmap2::MmapOptions::new()
-                .len(cap)
-                .map_anon()
-                .expect("mapping a read buffer");
-            // In huge pages where free: a direct read into it is then one request, not four
-            // (io/huge.rs).
-            super::huge::advise(&mut map);
-            prefault(&mut map);
+            // A closed store's buffer where one fits: mapped (and advised) already.
+            let map = super::recycle::take(Kind::Read, cap).unwrap_or_else(|| {
+                #[allow(clippy::expect_used)] // as an allocation failure
+                let mut map = memmap2::MmapOptions::new()
+                    .len(cap)
+                    .map_anon()
+                    .expect("mapping a read buffer");
+                // In huge pages where free: a direct read into it is then one request, not
+                // four (io/huge.rs).
+                super::huge::advise(&mut map);
+                prefault(&mut map);
+                map
+            });
             self.map = Some(map);
         }
         match self.map.as_mut() {
@@ -228,7 +244,7 @@ impl DirectReader {
 /// (page-aligned, so direct reads can land in it), filled once by the reading threads and
 /// read-only from then on. Its pages are faulted in by the thread that reads each part
 /// ([`prefault`]), so the faulting overlaps the other threads' reads. Dropped, its memory is
-/// kept for the next view of a similar size (`view_pool`), whose pages are then mapped
+/// kept for the next view of a similar size (`io::recycle`), whose pages are then mapped
 /// already.
 pub struct ViewBuf {
     map: Option<memmap2::MmapMut>,
@@ -248,10 +264,10 @@ impl ViewBuf {
     /// earlier view's bytes): the caller overwrites every byte it hands out. Like any
     /// allocation that fails, a refused map is an error the caller reports (`TooLarge`).
     pub fn new(len: usize) -> io::Result<Self> {
-        if let Some(map) = super::view_pool::take(len) {
+        if let Some(map) = super::recycle::take(Kind::View, len) {
             return Ok(ViewBuf { map: Some(map) });
         }
-        let cap = super::view_pool::capacity_for(len);
+        let cap = super::recycle::capacity_for(len);
         let map = memmap2::MmapOptions::new().len(cap).map_anon()?;
         Ok(ViewBuf { map: Some(map) })
     }
@@ -270,7 +286,7 @@ impl ViewBuf {
 impl Drop for ViewBuf {
     fn drop(&mut self) {
         if let Some(map) = self.map.take() {
-            super::view_pool::give(map);
+            super::recycle::give(Kind::View, map);
         }
     }
 }

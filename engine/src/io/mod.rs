@@ -9,11 +9,11 @@ pub mod huge;
 mod mem;
 mod mmap;
 pub mod private_fs;
+mod recycle;
 mod sim;
 mod std_io;
 #[cfg(target_os = "linux")]
 mod uring;
-mod view_pool;
 mod with_mode;
 
 pub use direct_read::{prefault, ReadBuf, ViewBuf, DIRECT_ALIGN};

@@ -42,7 +42,7 @@ enum ViewData {
         range: Range<usize>,
     },
     /// A cold run read ahead and copied once into memory of its own (the memory of a dropped
-    /// view where one fits: `io::view_pool`).
+    /// view where one fits: `io::recycle`).
     Copied {
         buf: Arc<ViewBuf>,
         len: usize,

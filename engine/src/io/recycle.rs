@@ -1,4 +1,5 @@
-//! The memory of dropped tensor views, kept for the next view of a similar size.
+//! Memory kept for reuse: the buffers of dropped tensor views, for the next view of a similar
+//! size, and the read buffers of closed stores, for the next store's reads.
 //!
 //! Why (docs/DECISIONS.md, "A dropped view's memory serves the next view"): a load that takes
 //! one tensor view at a time and lets it go (copy it to the GPU, into an optimizer, to another
@@ -7,7 +8,11 @@
 //! charges every page, and memory the balloon has handed back to the host costs the host's
 //! first touch too. A view's buffer that is dropped is therefore kept here (a few, bounded in
 //! bytes) and handed to the next view that fits it: its pages are already mapped, so the
-//! bytes land in memory that faults nothing.
+//! bytes land in memory that faults nothing. Read buffers ([`super::ReadBuf`], huge pages
+//! where free) are kept the same way when a store closes: a process that opens a store per
+//! load (`ckptstore bench`, a job that reopens to resume) maps and faults them once.
+//! The two kinds are never mixed: a read buffer is advised huge pages, a view's memory not
+//! (io/huge.rs says why).
 //!
 //! Kept memory is given back soon: a buffer unused for [`IDLE`] is unmapped by a small thread
 //! that runs only while something is kept, so a process that loaded its state and moved on
@@ -19,8 +24,15 @@
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// Buffers kept at most.
-const KEEP: usize = 8;
+/// Buffers kept at most (of both kinds together).
+const KEEP: usize = 16;
+
+/// What a kept buffer was: memory of a tensor view, or a read buffer.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Kind {
+    View,
+    Read,
+}
 
 /// How long a kept buffer waits for a taker before it is unmapped.
 pub const IDLE: Duration = Duration::from_secs(2);
@@ -65,8 +77,8 @@ fn fits(cap: usize, len: usize) -> bool {
 
 #[derive(Default)]
 struct Pool {
-    /// Oldest first, each with when it was given.
-    kept: Vec<(memmap2::MmapMut, Instant)>,
+    /// Oldest first, each with its kind and when it was given.
+    kept: Vec<(Kind, memmap2::MmapMut, Instant)>,
     bytes: usize,
     /// Whether the thread that unmaps idle buffers runs.
     reaping: bool,
@@ -77,17 +89,20 @@ fn pool() -> &'static Mutex<Pool> {
     POOL.get_or_init(Mutex::default)
 }
 
-/// A kept buffer for `len` bytes (the smallest that fits), or `None`. Its contents are
-/// whatever it held: the taker overwrites what it hands out.
-pub(super) fn take(len: usize) -> Option<memmap2::MmapMut> {
-    pool().lock().unwrap_or_else(|e| e.into_inner()).take(len)
+/// A kept buffer of `kind` for `len` bytes (the smallest that fits), or `None`. Its contents
+/// are whatever it held: the taker overwrites what it hands out.
+pub(super) fn take(kind: Kind, len: usize) -> Option<memmap2::MmapMut> {
+    pool()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take(kind, len)
 }
 
 /// Keeps `map` for a later [`take`] if there is room (else it is unmapped here), and makes sure
 /// the thread that unmaps idle buffers runs.
-pub(super) fn give(map: memmap2::MmapMut) {
+pub(super) fn give(kind: Kind, map: memmap2::MmapMut) {
     let mut p = pool().lock().unwrap_or_else(|e| e.into_inner());
-    p.give(map, limit(), Instant::now());
+    p.give(kind, map, limit(), Instant::now());
     if !p.kept.is_empty() && !p.reaping {
         // Without a thread (a process at its thread limit) the buffer is simply not kept.
         let spawned = std::thread::Builder::new()
@@ -117,39 +132,40 @@ fn reap() {
 }
 
 impl Pool {
-    fn take(&mut self, len: usize) -> Option<memmap2::MmapMut> {
+    fn take(&mut self, kind: Kind, len: usize) -> Option<memmap2::MmapMut> {
         let best = self
             .kept
             .iter()
             .enumerate()
-            .filter(|(_, (m, _))| fits(m.len(), len))
-            .min_by_key(|(_, (m, _))| m.len())
+            .filter(|(_, (k, m, _))| *k == kind && fits(m.len(), len))
+            .min_by_key(|(_, (_, m, _))| m.len())
             .map(|(i, _)| i)?;
-        let (map, _) = self.kept.remove(best);
+        let (_, map, _) = self.kept.remove(best);
         self.bytes -= map.len();
         Some(map)
     }
 
     /// Keeps `map`; the oldest kept buffers make room for it (at most [`KEEP`] of them and
     /// `limit` bytes in all). A buffer over `limit` is not kept.
-    fn give(&mut self, map: memmap2::MmapMut, limit: usize, now: Instant) {
+    fn give(&mut self, kind: Kind, map: memmap2::MmapMut, limit: usize, now: Instant) {
         if map.len() > limit {
             return;
         }
         while !self.kept.is_empty() && (self.kept.len() >= KEEP || self.bytes + map.len() > limit) {
-            let (old, _) = self.kept.remove(0);
+            let (_, old, _) = self.kept.remove(0);
             self.bytes -= old.len();
         }
         self.bytes += map.len();
-        self.kept.push((map, now));
+        self.kept.push((kind, map, now));
     }
 
     /// Unmaps the buffers kept for [`IDLE`] or longer at `now`.
     fn drop_idle(&mut self, now: Instant) {
         let before = self.kept.len();
-        self.kept.retain(|(_, at)| now.duration_since(*at) < IDLE);
+        self.kept
+            .retain(|(_, _, at)| now.duration_since(*at) < IDLE);
         if self.kept.len() != before {
-            self.bytes = self.kept.iter().map(|(m, _)| m.len()).sum();
+            self.bytes = self.kept.iter().map(|(_, m, _)| m.len()).sum();
         }
     }
 }
@@ -201,18 +217,32 @@ mod tests {
         let mut p = Pool::default();
         let (big, small) = (map(8), map(5));
         let small_at = small.as_ptr();
-        p.give(big, usize::MAX, Instant::now());
-        p.give(small, usize::MAX, Instant::now());
+        p.give(Kind::View, big, usize::MAX, Instant::now());
+        p.give(Kind::View, small, usize::MAX, Instant::now());
+        let read = map(5);
+        let read_at = read.as_ptr();
+        p.give(Kind::Read, read, usize::MAX, Instant::now());
+        let got = p.take(Kind::Read, 5 * page).expect("the read buffer");
+        assert_eq!(got.as_ptr(), read_at, "kinds are not mixed");
         assert_eq!(p.bytes, 13 * page);
-        let got = p.take(4 * page + 1).expect("a kept buffer fits");
+        let got = p
+            .take(Kind::View, 4 * page + 1)
+            .expect("a kept buffer fits");
         assert_eq!(got.as_ptr(), small_at);
         assert_eq!(p.bytes, 8 * page);
-        assert!(p.take(9 * page).is_none(), "nothing kept is large enough");
         assert!(
-            p.take(page).is_none(),
-            "the 8-page buffer is too large for one page"
+            p.take(Kind::View, 9 * page).is_none(),
+            "none is large enough"
         );
-        assert!(p.take(8 * page).is_some());
+        assert!(
+            p.take(Kind::View, page).is_none(),
+            "8 pages are too many for one"
+        );
+        assert!(
+            p.take(Kind::Read, 8 * page).is_none(),
+            "no read buffer is kept"
+        );
+        assert!(p.take(Kind::View, 8 * page).is_some());
         assert_eq!((p.kept.len(), p.bytes), (0, 0));
     }
 
@@ -223,23 +253,23 @@ mod tests {
         let first = map(4);
         let first_at = first.as_ptr();
         let now = Instant::now();
-        p.give(first, 10 * page, now);
-        p.give(map(4), 10 * page, now);
-        p.give(map(4), 10 * page, now);
+        p.give(Kind::View, first, 10 * page, now);
+        p.give(Kind::View, map(4), 10 * page, now);
+        p.give(Kind::View, map(4), 10 * page, now);
         assert_eq!(
             (p.kept.len(), p.bytes),
             (2, 8 * page),
             "the byte limit holds"
         );
         assert!(
-            p.kept.iter().all(|(m, _)| m.as_ptr() != first_at),
+            p.kept.iter().all(|(_, m, _)| m.as_ptr() != first_at),
             "the oldest went"
         );
-        p.give(map(11), 10 * page, now);
+        p.give(Kind::View, map(11), 10 * page, now);
         assert_eq!(p.kept.len(), 2, "a buffer over the limit is not kept");
         let mut q = Pool::default();
         for _ in 0..KEEP + 3 {
-            q.give(map(1), usize::MAX, now);
+            q.give(Kind::Read, map(1), usize::MAX, now);
         }
         assert_eq!(q.kept.len(), KEEP);
     }
@@ -249,8 +279,8 @@ mod tests {
         let page = rustix::param::page_size();
         let mut p = Pool::default();
         let t0 = Instant::now();
-        p.give(map(3), usize::MAX, t0);
-        p.give(map(2), usize::MAX, t0 + Duration::from_secs(1));
+        p.give(Kind::View, map(3), usize::MAX, t0);
+        p.give(Kind::Read, map(2), usize::MAX, t0 + Duration::from_secs(1));
         p.drop_idle(t0 + IDLE - Duration::from_millis(1));
         assert_eq!((p.kept.len(), p.bytes), (2, 5 * page));
         p.drop_idle(t0 + IDLE);
