@@ -23,27 +23,60 @@ echo "== building fuzz targets"
 cargo fuzz build --sanitizer none
 echo "   built in $(($(date +%s) - start)) s"
 
-summary=""
-for t in $targets; do
-    work="target/corpus-work/$t"
+# Targets run side by side, one per core (CKPT_FUZZ_JOBS to change): libFuzzer is single-
+# threaded, so each target still gets a core of its own for its SECONDS, and the stage takes
+# SECONDS x targets / cores of wall time instead of SECONDS x targets.
+jobs="${CKPT_FUZZ_JOBS:-$(nproc 2>/dev/null || echo 1)}"
+
+# Runs target $1 and writes its summary line to target/fuzz-$1.line (exit status: libFuzzer's).
+fuzz_one() {
+    local t="$1"
+    local work="target/corpus-work/$t"
+    local log="target/fuzz-$t.log"
+    rm -f "target/fuzz-$t.line"
     mkdir -p "$work" "corpus/$t" "artifacts/$t"
-    log="target/fuzz-$t.log"
-    echo "== fuzz $t for ${secs} s"
     # -rss_limit_mb: no input may make a target allocate without bound. -timeout: no hang.
-    if ! cargo fuzz run --sanitizer none "$t" "$work" "corpus/$t" -- \
+    cargo fuzz run --sanitizer none "$t" "$work" "corpus/$t" -- \
         -max_total_time="$secs" -rss_limit_mb=2048 -timeout=30 -print_final_stats=1 \
-        >"$log" 2>&1; then
-        tail -n 60 "$log"
-        echo "FAIL: fuzz target $t crashed; input in fuzz/artifacts/$t/" >&2
-        echo "reproduce: (cd fuzz && cargo fuzz run --sanitizer none $t artifacts/$t/<file>)" >&2
-        exit 1
-    fi
+        >"$log" 2>&1 || return 1
+    local execs rate corpus
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
     rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -n 1)
     corpus=$(find "$work" "corpus/$t" -type f | wc -l)
-    line=$(printf '%-16s %12s execs %10s exec/s  corpus %s' "$t" "$execs" "$rate" "$corpus")
-    echo "   $line"
-    summary="$summary$line"$'\n'
+    printf '%-16s %12s execs %10s exec/s  corpus %s\n' "$t" "$execs" "$rate" "$corpus" \
+        >"target/fuzz-$t.line"
+}
+
+# Each wave holds up to $jobs targets; every target of a wave is waited for, and the first
+# that failed stops the run with its log's tail and how to reproduce it.
+set -- $targets
+while [ $# -gt 0 ]; do
+    wave=()
+    pids=()
+    while [ $# -gt 0 ] && [ ${#wave[@]} -lt "$jobs" ]; do
+        echo "== fuzz $1 for ${secs} s"
+        fuzz_one "$1" &
+        pids+=($!)
+        wave+=("$1")
+        shift
+    done
+    failed=""
+    for i in "${!wave[@]}"; do
+        if ! wait "${pids[$i]}"; then
+            failed="${failed:-${wave[$i]}}"
+        fi
+    done
+    for t in "${wave[@]}"; do
+        [ -f "target/fuzz-$t.line" ] && echo "   $(cat "target/fuzz-$t.line")"
+    done
+    if [ -n "$failed" ]; then
+        tail -n 60 "target/fuzz-$failed.log"
+        echo "FAIL: fuzz target $failed crashed; input in fuzz/artifacts/$failed/" >&2
+        echo "reproduce: (cd fuzz && cargo fuzz run --sanitizer none $failed artifacts/$failed/<file>)" >&2
+        exit 1
+    fi
 done
 echo "== fuzzing passed ($(($(date +%s) - start)) s in all)"
-printf '%s' "$summary"
+for t in $targets; do
+    cat "target/fuzz-$t.line"
+done
