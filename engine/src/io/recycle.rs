@@ -7,12 +7,12 @@
 //! cost more than reading and hashing the bytes on the 2-core VM — the kernel zeroes and
 //! charges every page, and memory the balloon has handed back to the host costs the host's
 //! first touch too. A view's buffer that is dropped is therefore kept here (a few, bounded in
-//! bytes) and handed to the next view that fits it: its pages are already mapped, so the
-//! bytes land in memory that faults nothing. Read buffers ([`super::ReadBuf`], huge pages
-//! where free) are kept the same way when a store closes: a process that opens a store per
-//! load (`ckptstore bench`, a job that reopens to resume) maps and faults them once.
-//! The two kinds are never mixed: a read buffer is advised huge pages, a view's memory not
-//! (io/huge.rs says why).
+//! bytes) and handed to the next view that fits it (at most an eighth larger): its pages are
+//! already mapped, so the bytes land in memory that faults nothing. Read buffers
+//! ([`super::ReadBuf`], huge pages where free) are kept the same way when a store closes: a
+//! process that opens a store per load (`ckptstore bench`, a job that reopens to resume) maps
+//! and faults them once. The two kinds are never mixed: a read buffer is advised huge pages,
+//! a view's memory not (io/huge.rs says why).
 //!
 //! Kept memory is given back soon: a buffer unused for [`IDLE`] is unmapped by a small thread
 //! that runs only while something is kept, so a process that loaded its state and moved on
@@ -58,21 +58,17 @@ fn mem_total(meminfo: &str) -> Option<u64> {
     kib.checked_mul(1024)
 }
 
-/// The capacity a new buffer of `len` bytes is made with: whole pages, and for anything of a
-/// huge page or more whole huge pages, so tensors of nearly the same size share buffers.
+/// The capacity a new buffer of `len` bytes is made with: whole pages.
 pub(super) fn capacity_for(len: usize) -> usize {
-    let unit = if len >= super::huge::HUGE {
-        super::huge::HUGE
-    } else {
-        rustix::param::page_size()
-    };
-    len.max(1).div_ceil(unit) * unit
+    let page = rustix::param::page_size();
+    len.max(1).div_ceil(page) * page
 }
 
-/// Whether a kept buffer of `cap` bytes may serve a view of `len` bytes: large enough, and
-/// not more than twice what a new one would get (a small view does not pin a large buffer).
+/// Whether a kept buffer of `cap` bytes may serve a view of `len` bytes: large enough, and at
+/// most an eighth larger (whole pages). A view may be held for as long as its caller likes (a
+/// loaded tensor's storage), so it must not pin much more memory than its bytes.
 fn fits(cap: usize, len: usize) -> bool {
-    cap >= len && cap <= capacity_for(len).saturating_mul(2)
+    cap >= len && cap <= capacity_for(len + len / 8)
 }
 
 #[derive(Default)]
@@ -183,26 +179,19 @@ mod tests {
     }
 
     #[test]
-    fn capacities_round_to_pages_and_huge_pages() {
+    fn capacities_are_whole_pages() {
         let page = rustix::param::page_size();
         assert_eq!(capacity_for(0), page);
         assert_eq!(capacity_for(page + 1), 2 * page);
-        assert_eq!(
-            capacity_for(super::super::huge::HUGE + 1),
-            2 * super::super::huge::HUGE
-        );
+        assert_eq!(capacity_for(64 << 20), 64 << 20);
     }
 
     #[test]
-    fn a_buffer_serves_views_up_to_twice_smaller_but_no_larger() {
+    fn a_buffer_serves_views_at_most_an_eighth_smaller() {
         let mib = 1 << 20;
         assert!(fits(64 * mib, 64 * mib));
-        assert!(fits(64 * mib, 33 * mib));
-        assert!(
-            fits(64 * mib, 31 * mib),
-            "twice the 32 MiB a new one would get"
-        );
-        assert!(!fits(64 * mib, 30 * mib));
+        assert!(fits(64 * mib, 57 * mib), "57 MiB + 1/8 = 64.1 MiB");
+        assert!(!fits(64 * mib, 56 * mib), "56 MiB + 1/8 = 63 MiB");
         assert!(!fits(64 * mib, 64 * mib + 1));
     }
 
