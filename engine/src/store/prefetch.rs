@@ -23,12 +23,17 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-/// Threads that only read: three reads in flight kept this disk busy 95–98 % of a load
-/// (two: 85–92 %; four: no better).
-const READERS: usize = 3;
-/// Buffers beyond one per worker: room for every reader's read in flight and one ready. More
-/// measured slower (each load's store maps its buffers anew).
-const AHEAD: usize = 4;
+/// Threads that only read. Two, not three: on the 2-core VM the device's time per request
+/// grows with the number of distinct buffers reads land in (a raw read rotating over 1, 2, 3,
+/// 4, 6 huge-page buffers: 0.82–0.92, 0.85–0.90, 0.87–0.96, 0.97–1.08, 1.12–1.17 s for
+/// 2.15 GB), so fewer readers and buffers read faster (DECISIONS "A dropped view's memory
+/// serves the next view", last paragraph).
+const READERS: usize = 2;
+/// Buffers beyond one per worker, and chunks of the next tensor read ahead across calls.
+/// Per-tensor views of 2.15 GB: 0.95–1.10 s (median 1.03) with 2 readers and 2 ahead against
+/// 1.06–1.19 s (median 1.14) with 3 and 4, alternating in one sitting; one call for every
+/// tensor the same either way (0.89–1.00 s).
+const AHEAD: usize = 2;
 /// Below this many bytes a read runs as before ([`CheckpointReader::each_chunk`]).
 const MIN_BYTES: u64 = 16 << 20;
 /// Chunks larger than this are read as before: the buffers ahead would hold too much.
