@@ -98,11 +98,11 @@ pub(super) fn take(kind: Kind, len: usize) -> Option<memmap2::MmapMut> {
 /// the thread that unmaps idle buffers runs.
 pub(super) fn give(kind: Kind, map: memmap2::MmapMut) {
     let mut p = pool().lock().unwrap_or_else(|e| e.into_inner());
-    p.give(kind, map, limit(), Instant::now());
+    let unkept = p.give(kind, map, limit(), Instant::now());
     if !p.kept.is_empty() && !p.reaping {
         // Without a thread (a process at its thread limit) the buffer is simply not kept.
         let spawned = std::thread::Builder::new()
-            .name("ckptstore-view-pool".into())
+            .name("ckptstore-recycle".into())
             .spawn(reap);
         if spawned.is_ok() {
             p.reaping = true;
@@ -111,6 +111,9 @@ pub(super) fn give(kind: Kind, map: memmap2::MmapMut) {
             p.bytes = 0;
         }
     }
+    drop(p);
+    // Unmapped after the lock is let go: other views' take and give do not wait for it.
+    drop(unkept);
 }
 
 /// The reaping thread: every [`IDLE`], unmaps what waited that long; ends when nothing is kept
@@ -119,9 +122,14 @@ fn reap() {
     loop {
         std::thread::sleep(IDLE);
         let mut p = pool().lock().unwrap_or_else(|e| e.into_inner());
-        p.drop_idle(Instant::now());
-        if p.kept.is_empty() {
+        let idle = p.drop_idle(Instant::now());
+        let done = p.kept.is_empty();
+        if done {
             p.reaping = false;
+        }
+        drop(p);
+        drop(idle);
+        if done {
             return;
         }
     }
@@ -142,27 +150,37 @@ impl Pool {
     }
 
     /// Keeps `map`; the oldest kept buffers make room for it (at most [`KEEP`] of them and
-    /// `limit` bytes in all). A buffer over `limit` is not kept.
-    fn give(&mut self, kind: Kind, map: memmap2::MmapMut, limit: usize, now: Instant) {
+    /// `limit` bytes in all). A buffer over `limit` is not kept. Returns what is not kept, for
+    /// the caller to unmap once it has let the lock go.
+    fn give(
+        &mut self,
+        kind: Kind,
+        map: memmap2::MmapMut,
+        limit: usize,
+        now: Instant,
+    ) -> Vec<memmap2::MmapMut> {
         if map.len() > limit {
-            return;
+            return vec![map];
         }
+        let mut unkept = Vec::new();
         while !self.kept.is_empty() && (self.kept.len() >= KEEP || self.bytes + map.len() > limit) {
             let (_, old, _) = self.kept.remove(0);
             self.bytes -= old.len();
+            unkept.push(old);
         }
         self.bytes += map.len();
         self.kept.push((kind, map, now));
+        unkept
     }
 
-    /// Unmaps the buffers kept for [`IDLE`] or longer at `now`.
-    fn drop_idle(&mut self, now: Instant) {
-        let before = self.kept.len();
-        self.kept
-            .retain(|(_, _, at)| now.duration_since(*at) < IDLE);
-        if self.kept.len() != before {
-            self.bytes = self.kept.iter().map(|(_, m, _)| m.len()).sum();
-        }
+    /// Takes out the buffers kept for [`IDLE`] or longer at `now` (for the caller to unmap).
+    fn drop_idle(&mut self, now: Instant) -> Vec<memmap2::MmapMut> {
+        let (idle, kept) = std::mem::take(&mut self.kept)
+            .into_iter()
+            .partition(|(_, _, at)| now.duration_since(*at) >= IDLE);
+        self.kept = kept;
+        self.bytes = self.kept.iter().map(|(_, m, _)| m.len()).sum();
+        idle.into_iter().map(|(_, m, _)| m).collect()
     }
 }
 
