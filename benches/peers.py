@@ -8,6 +8,14 @@ cold (every file's pages dropped with posix_fadvise(DONTNEED) after the save); p
 interleaved (every method once per round, in a rotating order) and medians reported, as GB/s
 (10^9 bytes/s of state) and ratios to safetensors and to dd.
 
+Before each load the script waits ``--settle`` seconds (default 5) after dropping the cache.
+On a VM whose balloon reports free memory to the host (the 2-core development VM:
+``page_reporting``, 2 s delay) memory freed in the last seconds is still backed by the host and
+faults in up to ten times faster than memory freed earlier: without the wait, a loader that
+follows its own buffered save (safetensors, torch.save: the dropped page cache) or another
+method's large free gets warm memory and the next one cold, and the order decides the ranking.
+After the wait every loader gets cold memory, as a job resumed in a new process does.
+
 Peak extra RSS of the async saves is sampled every 2 ms (RSS above the level before the call).
 
 Two load figures per method: ``load`` is the call alone; ``load+touch`` the call plus reading
@@ -56,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--async-budget-mib", type=int, default=256,
                    help="ckptstore save_async staging budget (default 256 MiB)")
     p.add_argument("--no-load", action="store_true", help="skip the cold loads")
+    p.add_argument("--settle", type=float, default=SETTLE_S,
+                   help="seconds to wait after dropping the cache, before each load (default "
+                   f"{SETTLE_S:g}: every loader then starts from the same, cold, memory; see the "
+                   "module comment)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--plot", default=None,
                    help="also write an SVG chart of save and load GB/s against size")
@@ -66,8 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--size {a.size!r}: GiB as a number, or several comma-separated")
     if not a.sizes or min(a.sizes) <= 0 or a.rounds < 1:
         p.error("--size must be > 0 and --rounds >= 1")
+    if a.settle < 0:
+        p.error("--settle must be >= 0")
     return a
 
+
+SETTLE_S = 5.0
 
 METHODS = ["dd_direct", "torch_save", "safetensors", "dcp", "dcp_async", "ckptstore",
            "ckptstore_async"]
@@ -342,8 +358,10 @@ def run(args: argparse.Namespace, size: float) -> dict[str, Any]:
                 base = m.removesuffix("_async")
                 if not args.no_load and m in LOAD:
                     drop_cache(d)
+                    time.sleep(args.settle)
                     res[base].setdefault("load", []).append(LOAD[base](state, d))
                     drop_cache(d)
+                    time.sleep(args.settle)
                     res[base].setdefault("load_touched", []).append(
                         LOAD[base](state, d, touched=True))
                 shutil.rmtree(d, ignore_errors=True)
