@@ -159,6 +159,12 @@ def drop_cache(root: str) -> None:
                 os.close(fd)
 
 
+def make_cold(root: str, settle: float) -> None:
+    """Drops root's pages, then waits ``settle`` seconds (module comment: equal memory)."""
+    drop_cache(root)
+    time.sleep(settle)
+
+
 def rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -357,11 +363,9 @@ def run(args: argparse.Namespace, size: float) -> dict[str, Any]:
                     res[m].setdefault(k, []).append(v)
                 base = m.removesuffix("_async")
                 if not args.no_load and m in LOAD:
-                    drop_cache(d)
-                    time.sleep(args.settle)
+                    make_cold(d, args.settle)
                     res[base].setdefault("load", []).append(LOAD[base](state, d))
-                    drop_cache(d)
-                    time.sleep(args.settle)
+                    make_cold(d, args.settle)
                     res[base].setdefault("load_touched", []).append(
                         LOAD[base](state, d, touched=True))
                 shutil.rmtree(d, ignore_errors=True)

@@ -886,8 +886,9 @@ fn sequential_tensor_reads_read_the_next_tensor_ahead_and_still_verify_it() {
 
 /// A cold view of 16 MiB or more is read ahead and copied into memory of its own, and that
 /// memory, once the view is dropped, serves the next view of a similar size (io/recycle.rs;
-/// the sizes here let a's buffer serve b and c): a later view must hold exactly its own bytes — none of the earlier view's, none written
-/// into it by its holder — and a damaged chunk of it is still named.
+/// the sizes here let a's buffer serve b and c): a later view must hold exactly its own bytes
+/// — none of the earlier view's, none written into it by its holder — and a damaged chunk of
+/// it is still named.
 #[test]
 fn a_dropped_views_memory_serves_the_next_view_with_only_its_own_bytes() {
     let dir = tempfile::tempdir().unwrap();
