@@ -791,20 +791,27 @@ fn copy_tree(src: &std::path::Path, dst_dir: &std::path::Path) {
     }
 }
 
-/// A load that reads every tensor in order, one call each, reads the next tensor's first
-/// chunks during the call before, so the disk does not drain between calls
-/// (store/prefetch.rs): every chunk is still read once, and a damaged chunk read that way is
-/// named by the call that hands its tensor out.
-#[test]
-fn sequential_tensor_reads_read_the_next_tensor_ahead_and_still_verify_it() {
+/// A store of `n` tensors `t0`, `t1`, … of 8 chunks of 2 MiB and `extra` bytes each, one
+/// checkpoint: its directory, the tensors' bytes and the manifest.
+fn in_order_store(
+    n: u64,
+    seed: u64,
+    extra: usize,
+) -> (
+    tempfile::TempDir,
+    Vec<Vec<u8>>,
+    ckptstore::manifest::Manifest,
+) {
     let chunk_size = 2 << 20;
-    let opts = || ckptstore::Options {
+    let opts = ckptstore::Options {
         chunk_size,
         ..opts()
     };
     let dir = tempfile::tempdir().unwrap();
-    let tensors: Vec<Vec<u8>> = (0..3).map(|k| data(40 + k, 8 * chunk_size + 11)).collect();
-    let mut s = Store::open(dir.path(), opts()).unwrap();
+    let tensors: Vec<Vec<u8>> = (0..n)
+        .map(|k| data(seed + k, 8 * chunk_size + extra))
+        .collect();
+    let mut s = Store::open(dir.path(), opts).unwrap();
     let mut t = s.begin(1).unwrap();
     for (k, b) in tensors.iter().enumerate() {
         t.put_tensor(&format!("t{k}"), DType::U8, &[b.len() as u64], b)
@@ -812,12 +819,25 @@ fn sequential_tensor_reads_read_the_next_tensor_ahead_and_still_verify_it() {
     }
     t.commit().unwrap();
     let m = s.checkpoint(Selector::Latest).unwrap().manifest().clone();
-    drop(s);
+    (dir, tensors, m)
+}
 
+/// The store at `dir`, read-only, through [`RefusesDirect`]: with the list of its chunk reads.
+fn open_counting_reads(dir: &std::path::Path) -> (Store, Reads) {
     let reads = Reads::default();
     let mut ro = ckptstore::Options::read_only();
     ro.io = std::sync::Arc::new(RefusesDirect(ckptstore::io::StdIo, reads.clone()));
-    let s = Store::open(dir.path(), ro).unwrap();
+    (Store::open(dir, ro).unwrap(), reads)
+}
+
+/// A load that reads every tensor in order, one call each, reads the next tensor's first
+/// chunks during the call before, so the disk does not drain between calls
+/// (store/prefetch.rs): every chunk is still read once, and a damaged chunk read that way is
+/// named by the call that hands its tensor out.
+#[test]
+fn sequential_tensor_reads_read_the_next_tensor_ahead_and_still_verify_it() {
+    let (dir, tensors, m) = in_order_store(3, 40, 11);
+    let (s, reads) = open_counting_reads(dir.path());
     let ck = s.checkpoint(Selector::Latest).unwrap();
     assert!(ck.tensor("t0").unwrap().data == tensors[0]);
     let next = m.tensors[1].chunks[0].offset;
@@ -892,26 +912,8 @@ fn sequential_tensor_reads_read_the_next_tensor_ahead_and_still_verify_it() {
 /// the device serves reads more slowly the more distinct memory they land in.
 #[test]
 fn buffers_read_ahead_for_the_next_call_count_against_the_bound() {
-    let chunk_size = 2 << 20;
-    let opts = || ckptstore::Options {
-        chunk_size,
-        ..opts()
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let tensors: Vec<Vec<u8>> = (0..6).map(|k| data(60 + k, 8 * chunk_size + 5)).collect();
-    let mut s = Store::open(dir.path(), opts()).unwrap();
-    let mut t = s.begin(1).unwrap();
-    for (k, b) in tensors.iter().enumerate() {
-        t.put_tensor(&format!("t{k}"), DType::U8, &[b.len() as u64], b)
-            .unwrap();
-    }
-    t.commit().unwrap();
-    drop(s);
-
-    let reads = Reads::default();
-    let mut ro = ckptstore::Options::read_only();
-    ro.io = std::sync::Arc::new(RefusesDirect(ckptstore::io::StdIo, reads.clone()));
-    let s = Store::open(dir.path(), ro).unwrap();
+    let (dir, tensors, _) = in_order_store(6, 60, 5);
+    let (s, reads) = open_counting_reads(dir.path());
     let ck = s.checkpoint(Selector::Latest).unwrap();
     for (k, want) in tensors.iter().enumerate() {
         assert!(ck.tensor(&format!("t{k}")).unwrap().data == *want, "t{k}");
